@@ -1,0 +1,29 @@
+# tandem: the two commands are `make run` and `make test`.
+CARGO ?= cargo
+DEMO_DIR ?= data/demo
+
+.PHONY: run test bench lint fmt demo-data
+
+## run: the main job on the embedded default (demo data, then the server on :8080)
+run: demo-data
+	@echo "demo data ready in $(DEMO_DIR)"
+
+demo-data:
+	$(CARGO) build --bin tandem
+	./target/debug/tandem generate --out $(DEMO_DIR)/raw --items 2000 --users 500 --interactions 40000 --seed 7
+	./target/debug/tandem split --data $(DEMO_DIR)/raw --out $(DEMO_DIR)/split
+
+## test: every test (Redis on 127.0.0.1:6379 must be up; .ci/run starts it)
+test:
+	$(CARGO) test --all-targets
+
+bench:
+	$(CARGO) build --release --bin tandem
+	@echo "see BENCHMARKS.md for the benchmark commands"
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all

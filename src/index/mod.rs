@@ -1,0 +1,94 @@
+//! The vector index: item vectors plus the payload that filters need, searched by ANN under a
+//! domain [`Filter`]. Backends: `edge` (qdrant-edge, in-process), `qdrant` (a Qdrant server
+//! over gRPC) and `exact` (brute force, the recall oracle). Only this module knows Qdrant's
+//! types.
+//!
+//! Collections are versioned: an index command or a model activation writes a new version,
+//! then switches the serving alias to it, so readers never see a half-built collection.
+
+use crate::domain::{Filter, ItemId};
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+/// The payload stored with each vector.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Payload {
+    pub item_id: ItemId,
+    pub categories: Vec<String>,
+    pub available: bool,
+    pub price: Option<f32>,
+    /// Unix seconds.
+    pub created_at: Option<i64>,
+    pub title: String,
+    /// Training interaction count (or a live counter), used by rerank and cold-start priors.
+    pub popularity: f32,
+}
+
+/// A vector with its payload, ready to upsert.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IndexPoint {
+    pub vector: Vec<f32>,
+    pub payload: Payload,
+}
+
+/// A partial payload update: the fields that are `Some` are set.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PayloadPatch {
+    pub available: Option<bool>,
+    pub price: Option<f32>,
+    pub popularity: Option<f32>,
+}
+
+/// One search result. `score` is cosine similarity (higher is closer).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hit {
+    pub score: f32,
+    pub payload: Payload,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error("vector has {got} dimensions, the collection has {want}")]
+    WrongDim { want: usize, got: usize },
+    #[error("vector for item {item} has a non-finite component")]
+    NonFinite { item: String },
+    #[error("empty batch")]
+    EmptyBatch,
+    #[error("collection version {0:?} not found")]
+    UnknownVersion(String),
+    #[error("no collection is live yet (run `tandem index` first)")]
+    NoActiveVersion,
+    #[error("invalid collection version name {0:?}: use letters, digits, '-', '_' and '.'")]
+    BadVersionName(String),
+    #[error("index backend unavailable: {0}")]
+    Unavailable(String),
+    #[error("index backend error: {0}")]
+    Backend(String),
+}
+
+/// What every backend does. Methods without a `version` act on the live (aliased) collection.
+#[async_trait]
+pub trait VectorIndex: Send + Sync {
+    /// Upserts into the live collection; visible to search when this returns.
+    async fn upsert(&self, points: Vec<IndexPoint>) -> Result<(), IndexError>;
+    async fn delete(&self, ids: &[ItemId]) -> Result<(), IndexError>;
+    async fn set_payload(&self, id: &ItemId, patch: &PayloadPatch) -> Result<(), IndexError>;
+    /// The `k` nearest items that pass `filter`, best first.
+    async fn search(&self, vector: &[f32], filter: &Filter, k: usize)
+        -> Result<Vec<Hit>, IndexError>;
+    /// The stored vectors of the given items; unknown ids are absent from the result.
+    async fn fetch(&self, ids: &[ItemId]) -> Result<Vec<(Payload, Vec<f32>)>, IndexError>;
+    async fn count(&self) -> Result<usize, IndexError>;
+
+    /// Creates an empty collection version with vectors of `dim` dimensions.
+    async fn create_version(&self, version: &str, dim: usize) -> Result<(), IndexError>;
+    /// Upserts into a (not yet live) version.
+    async fn upsert_into(&self, version: &str, points: Vec<IndexPoint>) -> Result<(), IndexError>;
+    /// Blocks until the version is searchable at full speed (HNSW built), then returns.
+    async fn finalize_version(&self, version: &str) -> Result<(), IndexError>;
+    /// Atomically points the serving alias at `version`.
+    async fn switch_to(&self, version: &str) -> Result<(), IndexError>;
+    async fn drop_version(&self, version: &str) -> Result<(), IndexError>;
+    /// All versions, and which one is live.
+    async fn versions(&self) -> Result<(Vec<String>, Option<String>), IndexError>;
+}

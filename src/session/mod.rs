@@ -1,0 +1,86 @@
+//! What users just did: the durable event log, recent interactions per user and session,
+//! long-term history, trending counters and the candidate cache. Backends: `memory` (the
+//! default, with an append-only log file) and `redis`. Nothing here knows HTTP.
+
+use crate::domain::{EventType, ItemId, SessionId, UserId};
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// A validated event. Validation (type, ids, uuid, timestamp bounds) happens when it is built
+/// from wire input; see `session::event`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub event_id: uuid::Uuid,
+    pub user_id: Option<UserId>,
+    pub session_id: Option<SessionId>,
+    pub item_id: ItemId,
+    #[serde(rename = "type")]
+    pub event_type: EventType,
+    pub value: Option<f32>,
+    /// Unix milliseconds.
+    pub timestamp_ms: i64,
+    pub variant: Option<String>,
+    pub context: Option<serde_json::Value>,
+    /// Item categories, filled in by the server from the catalog, for per-category trending.
+    #[serde(default)]
+    pub categories: Vec<String>,
+}
+
+/// One entry of a recent-interaction list or history, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecentItem {
+    pub item_id: ItemId,
+    pub event_type: EventType,
+    pub timestamp_ms: i64,
+}
+
+/// Whose activity to read.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Actor {
+    User(UserId),
+    Session(SessionId),
+}
+
+/// Result of appending a batch: how many were new, how many were resent duplicates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppendOutcome {
+    pub accepted: usize,
+    pub duplicates: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The backend did not answer within its budget; callers degrade instead of failing.
+    #[error("session store unavailable: {0}")]
+    Unavailable(String),
+    #[error("session store error: {0}")]
+    Backend(String),
+    #[error("event log {file}: {reason}")]
+    Log { file: String, reason: String },
+}
+
+#[async_trait]
+pub trait SessionStore: Send + Sync {
+    /// Appends events durably (idempotent on `event_id`), then updates recent lists, history
+    /// and trending. When this returns Ok the events are durable.
+    async fn append(&self, events: &[Event]) -> Result<AppendOutcome, SessionError>;
+    /// Events from the log with `from_ms <= timestamp < to_ms`, in log order.
+    async fn read_log(&self, from_ms: i64, to_ms: i64) -> Result<Vec<Event>, SessionError>;
+    /// Recent interactions of a user or session, newest first, at most `limit`.
+    async fn recent(&self, actor: &Actor, limit: usize) -> Result<Vec<RecentItem>, SessionError>;
+    /// Long-term history of a user (bounded), newest first.
+    async fn history(&self, user: &UserId, limit: usize) -> Result<Vec<RecentItem>, SessionError>;
+    /// Seeds a user's history directly (onboarding), without going through the event log.
+    async fn seed_history(&self, user: &UserId, items: &[RecentItem]) -> Result<(), SessionError>;
+    /// Top trending items with decayed scores, globally or in one category.
+    async fn trending(
+        &self,
+        category: Option<&str>,
+        k: usize,
+    ) -> Result<Vec<(ItemId, f64)>, SessionError>;
+    async fn cache_get(&self, key: &str) -> Result<Option<Vec<u8>>, SessionError>;
+    async fn cache_set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), SessionError>;
+    /// A cheap round trip, for readiness.
+    async fn ping(&self) -> Result<(), SessionError>;
+}
