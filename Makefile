@@ -2,7 +2,7 @@
 CARGO ?= cargo
 DEMO_DIR ?= data/demo
 
-.PHONY: run test bench lint fmt demo-data
+.PHONY: run test bench lint fmt demo-data check-split
 
 ## run: the main job on the embedded default (demo data, then the server on :8080)
 run: demo-data
@@ -27,3 +27,7 @@ lint:
 
 fmt:
 	$(CARGO) fmt --all
+
+## check-split: tandem's split of ml-latest-small equals the shared one (needs ../shared; not in CI)
+check-split:
+	scripts/check-split.sh
