@@ -27,3 +27,9 @@ lint:
 
 fmt:
 	$(CARGO) fmt --all
+
+## index: ANN benchmarks of the vector index (release build; serialized by the bench lock)
+.PHONY: bench-ann
+bench-ann:
+	$(CARGO) build --release --bin tandem
+	flock /tmp/tandem-bench.lock ./target/release/tandem bench ann --items 100000 --dim 64 --queries 1000 --filter-selectivity 0.1
