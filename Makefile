@@ -31,3 +31,9 @@ fmt:
 ## check-split: tandem's split of ml-latest-small equals the shared one (needs ../shared; not in CI)
 check-split:
 	scripts/check-split.sh
+
+## index: ANN benchmarks of the vector index (release build; serialized by the bench lock)
+.PHONY: bench-ann
+bench-ann:
+	$(CARGO) build --release --bin tandem
+	flock /tmp/tandem-bench.lock ./target/release/tandem bench ann --items 100000 --dim 64 --queries 1000 --filter-selectivity 0.1

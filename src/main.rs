@@ -1,3 +1,4 @@
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +29,39 @@ enum Command {
     /// Split a dataset with the evaluation protocol: train, test, onboarding for new users,
     /// and a validation split of train.
     Split(SplitArgs),
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// ANN search on generated clustered vectors: build time, latency, recall against exact
+    /// search, upsert visibility and memory, printed as one JSON line.
+    Ann {
+        /// Items in the generated catalog.
+        #[arg(long, default_value_t = 100_000)]
+        items: usize,
+        /// Vector dimension.
+        #[arg(long, default_value_t = 64)]
+        dim: usize,
+        /// Queries timed (each run unfiltered and, with --filter-selectivity, filtered).
+        #[arg(long, default_value_t = 1_000)]
+        queries: usize,
+        /// Fraction of items a filtered query keeps, as whole categories (e.g. 0.1, 0.01).
+        #[arg(long)]
+        filter_selectivity: Option<f64>,
+        /// Backend: edge (embedded), qdrant or exact.
+        #[arg(long, default_value = "edge")]
+        backend: String,
+        /// Directory for the edge collections (default: a fresh temp dir, removed after).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -133,7 +167,7 @@ fn one_line(e: &anyhow::Error) -> String {
 fn run(cli: Cli) -> anyhow::Result<()> {
     // Validated at start-up even by commands that use little of it, so that a bad setting
     // fails before any work is done.
-    let _settings = Settings::load(cli.config.as_deref())?;
+    let settings = Settings::load(cli.config.as_deref())?;
     match cli.command {
         Command::Import(ImportSource::Movielens(args)) => {
             let s = movielens::import(&args.src, &args.out)?;
@@ -181,7 +215,64 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 args.out.display()
             );
         }
+        Command::Bench {
+            what:
+                BenchCommand::Ann {
+                    items,
+                    dim,
+                    queries,
+                    filter_selectivity,
+                    backend,
+                    dir,
+                    seed,
+                },
+        } => bench_ann(
+            settings,
+            tandem::index::bench::AnnBenchParams {
+                items,
+                dim,
+                queries,
+                filter_selectivity,
+                seed,
+            },
+            &backend,
+            dir,
+        )?,
     }
+    Ok(())
+}
+
+fn bench_ann(
+    mut settings: Settings,
+    params: tandem::index::bench::AnnBenchParams,
+    backend: &str,
+    dir: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use tandem::config::IndexBackend;
+    settings.index.backend = match backend {
+        "edge" | "embedded" => IndexBackend::Embedded,
+        "qdrant" => IndexBackend::Qdrant,
+        "exact" => IndexBackend::Exact,
+        other => anyhow::bail!("--backend {other:?}: expected edge, qdrant or exact"),
+    };
+    // Never touch the serving alias: the bench gets its own collection name.
+    settings.index.collection = format!("tandem_bench_{}", uuid::Uuid::new_v4().simple());
+    let temp = dir.is_none();
+    let dir = dir.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("tandem-bench-{}", uuid::Uuid::new_v4()))
+    });
+    let rt = tokio::runtime::Runtime::new()?;
+    let report = rt.block_on(async {
+        let index = tandem::index::open(&settings, &dir)
+            .await
+            .with_context(|| format!("opening the {backend} index"))?;
+        let report = tandem::index::bench::run(index.as_ref(), backend, &params).await?;
+        anyhow::Ok(report)
+    });
+    if temp {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    println!("{}", serde_json::to_string(&report?)?);
     Ok(())
 }
 
