@@ -2,7 +2,7 @@
 CARGO ?= cargo
 DEMO_DIR ?= data/demo
 
-.PHONY: run test bench lint fmt demo-data
+.PHONY: run test bench lint fmt demo-data bench-session
 
 ## run: the main job on the embedded default (demo data, then the server on :8080)
 run: demo-data
@@ -27,3 +27,8 @@ lint:
 
 fmt:
 	$(CARGO) fmt --all
+
+## bench-session: session store benchmark (Redis ingest + no-loss check, read latency, outage); needs Redis on :6379
+bench-session:
+	$(CARGO) build --release --example session_bench
+	flock /tmp/tandem-bench.lock ./target/release/examples/session_bench
