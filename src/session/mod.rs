@@ -10,7 +10,7 @@ pub mod redis;
 
 pub use event::{validate_batch, EventError, EventInput, EventLimits, TimestampInput};
 pub use memory::MemoryStore;
-pub use redis::RedisStore;
+pub use self::redis::RedisStore;
 
 use crate::config::{SessionBackend, SessionSettings, Settings};
 use crate::domain::{EventType, ItemId, SessionId, UserId};
