@@ -8,9 +8,9 @@ pub mod log;
 pub mod memory;
 pub mod redis;
 
+pub use self::redis::RedisStore;
 pub use event::{validate_batch, EventError, EventInput, EventLimits, TimestampInput};
 pub use memory::MemoryStore;
-pub use self::redis::RedisStore;
 
 use crate::config::{SessionBackend, SessionSettings, Settings};
 use crate::domain::{EventType, ItemId, SessionId, UserId};
