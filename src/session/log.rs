@@ -310,7 +310,7 @@ fn scan(
         f(&payload)?;
         records += 1;
         pos += 8 + len as u64;
-        if records % 1_000_000 == 0 {
+        if records.is_multiple_of(1_000_000) {
             tracing::info!(file = %path.display(), records, "reading event log");
         }
     };

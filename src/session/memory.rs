@@ -302,7 +302,7 @@ impl SessionStore for MemoryStore {
                 }
             }
             st.appends += 1;
-            if st.appends % 4096 == 0 {
+            if st.appends.is_multiple_of(4096) {
                 st.sweep(now);
             }
             let outcome = AppendOutcome {
