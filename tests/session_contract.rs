@@ -874,3 +874,62 @@ async fn timed<T>(
     let r = f.await.map(|_| ());
     (what, r, start.elapsed())
 }
+
+#[test]
+fn session_settings_come_from_env_and_bad_ones_name_the_field() {
+    let env = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let s = Settings::load_from(
+        None,
+        env(&[
+            ("TANDEM_SESSION__EVENT_WEIGHTS__VIEW", "0.5"),
+            ("TANDEM_SESSION__SESSION_RECENT_TTL_SECS", "60"),
+            ("TANDEM_SESSION__MAX_BATCH", "10"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(s.session.event_weights.view, 0.5);
+    assert_eq!(s.session.session_recent_ttl_secs, 60.0);
+    let limits = session::EventLimits::from(&s.session);
+    assert_eq!(limits.max_batch, 10);
+    assert_eq!(limits.max_future_ms, 3_600_000);
+
+    for (var, value, field) in [
+        ("TANDEM_SESSION__RECENT_CAP", "0", "session.recent_cap"),
+        ("TANDEM_SESSION__EVENT_WEIGHTS__CLICK", "-1", "session.event_weights.click"),
+        ("TANDEM_SESSION__TRENDING_HALF_LIFE_SECS", "0", "session.trending_half_life_secs"),
+    ] {
+        let err = Settings::load_from(None, env(&[(var, value)])).unwrap_err();
+        assert!(err.to_string().contains(&format!("`{field}`")), "{var}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn a_batch_from_the_wire_is_validated_with_the_configured_limit() {
+    let json = r#"[
+        {"user_id": "u1", "item_id": "i1", "type": "click", "timestamp": "2023-11-14T22:13:20Z"},
+        {"session_id": "s1", "item_id": "i2", "type": "purchase", "value": 2, "event_id": "5f0c6f1e-8a53-4c7e-9f53-2b8f5b8f8d11"},
+        {"user_id": "u1", "item_id": "i3", "type": "wishlist"}
+    ]"#;
+    let inputs: Vec<session::EventInput> = serde_json::from_str(json).unwrap();
+    let limits = session::EventLimits::default();
+    let err = session::validate_batch(inputs.clone(), now_ms(), &limits).unwrap_err();
+    assert_eq!(err.field(), "events[2].type");
+    assert!(err.to_string().contains("wishlist"), "{err}");
+
+    let ok = session::validate_batch(inputs[..2].to_vec(), now_ms(), &limits).unwrap();
+    assert_eq!(ok[0].timestamp_ms, 1_700_000_000_000);
+    assert_eq!(ok[1].event_id.to_string(), "5f0c6f1e-8a53-4c7e-9f53-2b8f5b8f8d11");
+    assert_eq!(ok[1].value, Some(2.0));
+
+    let small = session::EventLimits {
+        max_batch: 1,
+        ..limits
+    };
+    let err = session::validate_batch(inputs, now_ms(), &small).unwrap_err();
+    assert!(matches!(err, session::EventError::BatchTooLarge { len: 3, max: 1, .. }));
+}

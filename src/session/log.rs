@@ -111,6 +111,13 @@ impl EventLog {
             file.seek(SeekFrom::Start(0))
                 .map_err(|e| LogError::io(path, e))?;
             file.write_all(MAGIC).map_err(|e| LogError::io(path, e))?;
+            file.sync_all().map_err(|e| LogError::io(path, e))?;
+            // A new file's directory entry is only durable once the directory is synced.
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| LogError::io(path, format!("syncing its directory: {e}")))?;
+            }
         } else if scan.valid_len < file_len {
             recovery.truncated_bytes = file_len - scan.valid_len;
             tracing::warn!(
