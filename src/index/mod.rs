@@ -74,8 +74,12 @@ pub trait VectorIndex: Send + Sync {
     async fn delete(&self, ids: &[ItemId]) -> Result<(), IndexError>;
     async fn set_payload(&self, id: &ItemId, patch: &PayloadPatch) -> Result<(), IndexError>;
     /// The `k` nearest items that pass `filter`, best first.
-    async fn search(&self, vector: &[f32], filter: &Filter, k: usize)
-        -> Result<Vec<Hit>, IndexError>;
+    async fn search(
+        &self,
+        vector: &[f32],
+        filter: &Filter,
+        k: usize,
+    ) -> Result<Vec<Hit>, IndexError>;
     /// The stored vectors of the given items; unknown ids are absent from the result.
     async fn fetch(&self, ids: &[ItemId]) -> Result<Vec<(Payload, Vec<f32>)>, IndexError>;
     async fn count(&self) -> Result<usize, IndexError>;
