@@ -36,6 +36,9 @@ enum Command {
     /// Score a checkpoint on a split directory with the offline protocol (trains one first
     /// when --model is not given).
     Eval(EvalArgs),
+    /// Write the event log as `interactions.csv` in the common format, to retrain on live
+    /// traffic.
+    ExportEvents(ExportEventsArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -249,6 +252,16 @@ struct SplitArgs {
     out: PathBuf,
 }
 
+#[derive(Args)]
+struct ExportEventsArgs {
+    /// Directory to write `interactions.csv` into (created if missing).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Only events at or after this time: unix seconds, unix milliseconds or RFC 3339.
+    #[arg(long, value_name = "TIME")]
+    since: Option<String>,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
@@ -336,6 +349,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 s.seconds
             );
         }
+        Command::ExportEvents(args) => export_events(&settings, &args)?,
         Command::Split(args) => {
             let s = split::split(&args.data, &args.out)?;
             println!(
@@ -418,6 +432,23 @@ fn bench_ann(
         let _ = std::fs::remove_dir_all(&dir);
     }
     println!("{}", serde_json::to_string(&report?)?);
+fn export_events(settings: &Settings, args: &ExportEventsArgs) -> anyhow::Result<()> {
+    let since_ms = match &args.since {
+        Some(s) => {
+            tandem::session::event::parse_time(s).map_err(|e| anyhow::anyhow!("--since: {e}"))?
+        }
+        None => i64::MIN,
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    let summary = runtime.block_on(tandem::session::export::export_events(
+        settings, &args.out, since_ms,
+    ))?;
+    println!(
+        "wrote {} interactions to {} ({} zero-weight events such as impressions left out)",
+        thousands(summary.written as u64),
+        args.out.join("interactions.csv").display(),
+        thousands(summary.skipped_zero_weight as u64)
+    );
     Ok(())
 }
 
