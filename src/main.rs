@@ -175,7 +175,6 @@ fn set_threads(n: usize) {
         .build_global();
 }
 
-
 #[derive(Subcommand)]
 enum BenchCommand {
     /// ANN search on generated clustered vectors: build time, latency, recall against exact
@@ -432,6 +431,9 @@ fn bench_ann(
         let _ = std::fs::remove_dir_all(&dir);
     }
     println!("{}", serde_json::to_string(&report?)?);
+    Ok(())
+}
+
 fn export_events(settings: &Settings, args: &ExportEventsArgs) -> anyhow::Result<()> {
     let since_ms = match &args.since {
         Some(s) => {
@@ -464,7 +466,6 @@ fn thousands(n: u64) -> String {
     }
     out
 }
-
 
 fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     let cfg = args.hp.config();
