@@ -52,6 +52,25 @@ pub struct Settings {
     pub session: SessionSettings,
     pub server: ServerSettings,
     pub rerank: RerankSettings,
+    /// The model registry (`[registry]`).
+    pub registry: RegistrySettings,
+    /// A/B experiments (`[[experiments]]`); `PUT /admin/experiments` replaces them at run time.
+    pub experiments: Vec<crate::experiment::Experiment>,
+}
+
+/// `[registry]`: registered checkpoints under `<data_dir>/models/`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistrySettings {
+    /// Registered versions kept; older ones are deleted with their index collections (the
+    /// active version and the rollback target are always kept). At least 2.
+    pub keep_last: usize,
+}
+
+impl Default for RegistrySettings {
+    fn default() -> Self {
+        RegistrySettings { keep_last: 5 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -156,6 +175,8 @@ impl Default for Settings {
             session: SessionSettings::default(),
             server: ServerSettings::default(),
             rerank: RerankSettings::default(),
+            registry: RegistrySettings::default(),
+            experiments: Vec::new(),
         }
     }
 }
@@ -314,7 +335,7 @@ impl RerankWeights {
         session_window: 10,
     };
 
-    fn validate(&self, at: &str) -> Result<(), ConfigError> {
+    pub fn validate(&self, at: &str) -> Result<(), ConfigError> {
         let fields = [
             ("ann", self.ann),
             ("session_max", self.session_max),
@@ -467,6 +488,18 @@ impl Settings {
         for (name, w) in &self.rerank.0 {
             w.validate(&format!("rerank.{name}"))?;
         }
+        if self.registry.keep_last < 2 {
+            return Err(invalid(
+                "registry.keep_last",
+                "must be at least 2 (the active version and its rollback target)".into(),
+            ));
+        }
+        crate::experiment::validate(&self.experiments).map_err(|e| match e {
+            crate::experiment::ExperimentError::Invalid { field, reason } => {
+                ConfigError::Invalid { field, reason }
+            }
+            other => invalid("experiments", other.to_string()),
+        })?;
         self.session.validate()?;
         Ok(())
     }
