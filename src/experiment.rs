@@ -492,7 +492,12 @@ pub fn wilson(successes: u64, trials: u64) -> Rate {
     let half = z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt() / denom;
     Rate {
         value: Some(successes as f64 / n),
-        ci_low: (center - half).max(0.0),
+        // Exactly 0 at p = 0 (the formula leaves a rounding residue).
+        ci_low: if successes == 0 {
+            0.0
+        } else {
+            (center - half).max(0.0)
+        },
         ci_high: (center + half).min(1.0),
     }
 }

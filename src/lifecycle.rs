@@ -17,7 +17,7 @@ use crate::registry::{ModelRecord, ModelStatus, Progress, Registry, RegistryErro
 use arc_swap::ArcSwap;
 use indicatif::{ProgressBar, ProgressDrawTarget};
 use parking_lot::Mutex;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -51,7 +51,7 @@ pub enum LifecycleError {
 }
 
 /// What `activate` did.
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ActivateOutcome {
     /// The catalog is being embedded in the background; watch `GET /admin/models`.

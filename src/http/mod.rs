@@ -1,0 +1,3 @@
+//! The HTTP layer. Only this module (and `main`) knows axum.
+
+pub mod admin;
