@@ -65,7 +65,10 @@ pub fn router(state: AdminState) -> Router {
         .route("/models/{version}/activate", post(activate))
         .route("/experiments", get(list_experiments).put(put_experiments))
         .route("/experiments/{name}", get(experiment_report))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authorize,
+        ))
         .with_state(state)
 }
 
@@ -305,7 +308,9 @@ impl IntoResponse for AdminError {
         let message = if status.is_server_error() {
             tracing::error!(error = %self, "admin request failed");
             match status {
-                StatusCode::SERVICE_UNAVAILABLE => "a dependency is unavailable; retry shortly".to_string(),
+                StatusCode::SERVICE_UNAVAILABLE => {
+                    "a dependency is unavailable; retry shortly".to_string()
+                }
                 _ => "internal error".to_string(),
             }
         } else {
