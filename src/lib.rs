@@ -14,6 +14,8 @@ pub mod catalog;
 pub mod config;
 pub mod data;
 pub mod domain;
+pub mod http;
 pub mod index;
+pub mod pipeline;
 pub mod rerank;
 pub mod session;
