@@ -24,6 +24,7 @@ pub mod http;
 pub mod index;
 pub mod lifecycle;
 pub mod model;
+pub mod pipeline;
 pub mod registry;
 pub mod rerank;
 pub mod session;

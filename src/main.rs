@@ -22,6 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the HTTP API (recommendations, similar items, catalog, events, onboarding, admin).
+    Serve(ServeArgs),
     /// Convert a public dataset into tandem's common format (items.csv, interactions.csv).
     #[command(subcommand)]
     Import(ImportSource),
@@ -176,6 +178,20 @@ fn set_threads(n: usize) {
     let _ = rayon::ThreadPoolBuilder::new()
         .num_threads(n)
         .build_global();
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address to listen on (overrides `bind`).
+    #[arg(long)]
+    bind: Option<String>,
+    /// Checkpoint directory to serve (overrides `model_path`).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Data dir whose items file is the catalog (overrides `server.catalog_dir`); indexed at
+    /// start-up when the index is empty.
+    #[arg(long)]
+    catalog: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -361,6 +377,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     // fails before any work is done.
     let settings = Settings::load(cli.config.as_deref())?;
     match cli.command {
+        Command::Serve(args) => serve(settings, args)?,
         Command::Import(ImportSource::Movielens(args)) => {
             let s = movielens::import(&args.src, &args.out)?;
             println!(
@@ -476,6 +493,50 @@ fn bench_ann(
     }
     println!("{}", serde_json::to_string(&report?)?);
     Ok(())
+}
+
+fn serve(mut settings: Settings, args: ServeArgs) -> anyhow::Result<()> {
+    if let Some(b) = args.bind {
+        settings.bind = b;
+    }
+    if let Some(m) = args.model {
+        settings.model_path = m;
+    }
+    if let Some(c) = args.catalog {
+        settings.server.catalog_dir = c;
+    }
+    settings.validate()?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&settings.bind)
+            .await
+            .map_err(|e| anyhow::anyhow!("binding {}: {e}", settings.bind))?;
+        tandem::http::serve(listener, settings, shutdown_signal()).await?;
+        anyhow::Ok(())
+    })
+}
+
+/// Completes on Ctrl-C or SIGTERM, so the server drains in-flight requests before exiting.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
 }
 
 fn models(args: ModelsArgs) -> anyhow::Result<()> {
