@@ -900,11 +900,22 @@ fn session_settings_come_from_env_and_bad_ones_name_the_field() {
 
     for (var, value, field) in [
         ("TANDEM_SESSION__RECENT_CAP", "0", "session.recent_cap"),
-        ("TANDEM_SESSION__EVENT_WEIGHTS__CLICK", "-1", "session.event_weights.click"),
-        ("TANDEM_SESSION__TRENDING_HALF_LIFE_SECS", "0", "session.trending_half_life_secs"),
+        (
+            "TANDEM_SESSION__EVENT_WEIGHTS__CLICK",
+            "-1",
+            "session.event_weights.click",
+        ),
+        (
+            "TANDEM_SESSION__TRENDING_HALF_LIFE_SECS",
+            "0",
+            "session.trending_half_life_secs",
+        ),
     ] {
         let err = Settings::load_from(None, env(&[(var, value)])).unwrap_err();
-        assert!(err.to_string().contains(&format!("`{field}`")), "{var}: {err}");
+        assert!(
+            err.to_string().contains(&format!("`{field}`")),
+            "{var}: {err}"
+        );
     }
 }
 
@@ -923,7 +934,10 @@ async fn a_batch_from_the_wire_is_validated_with_the_configured_limit() {
 
     let ok = session::validate_batch(inputs[..2].to_vec(), now_ms(), &limits).unwrap();
     assert_eq!(ok[0].timestamp_ms, 1_700_000_000_000);
-    assert_eq!(ok[1].event_id.to_string(), "5f0c6f1e-8a53-4c7e-9f53-2b8f5b8f8d11");
+    assert_eq!(
+        ok[1].event_id.to_string(),
+        "5f0c6f1e-8a53-4c7e-9f53-2b8f5b8f8d11"
+    );
     assert_eq!(ok[1].value, Some(2.0));
 
     let small = session::EventLimits {
@@ -931,5 +945,8 @@ async fn a_batch_from_the_wire_is_validated_with_the_configured_limit() {
         ..limits
     };
     let err = session::validate_batch(inputs, now_ms(), &small).unwrap_err();
-    assert!(matches!(err, session::EventError::BatchTooLarge { len: 3, max: 1, .. }));
+    assert!(matches!(
+        err,
+        session::EventError::BatchTooLarge { len: 3, max: 1, .. }
+    ));
 }
