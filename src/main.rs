@@ -201,9 +201,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn export_events(settings: &Settings, args: &ExportEventsArgs) -> anyhow::Result<()> {
     let since_ms = match &args.since {
-        Some(s) => {
-            tandem::session::event::parse_time(s).map_err(|e| anyhow::anyhow!("--since: {e}"))?
-        }
+        Some(s) => tandem::session::event::parse_time(s).map_err(|e| match e {
+            tandem::session::EventError::Invalid { reason, .. } => {
+                anyhow::anyhow!("--since: {reason}")
+            }
+            other => anyhow::anyhow!("--since: {other}"),
+        })?,
         None => i64::MIN,
     };
     let runtime = tokio::runtime::Runtime::new()?;
