@@ -28,6 +28,9 @@ enum Command {
     /// Split a dataset with the evaluation protocol: train, test, onboarding for new users,
     /// and a validation split of train.
     Split(SplitArgs),
+    /// Write the event log as `interactions.csv` in the common format, to retrain on live
+    /// traffic.
+    ExportEvents(ExportEventsArgs),
 }
 
 #[derive(Subcommand)]
@@ -76,6 +79,16 @@ struct SplitArgs {
     /// stats.json (created if missing).
     #[arg(long, env = "TANDEM_SPLIT_OUT", value_name = "DIR")]
     out: PathBuf,
+}
+
+#[derive(Args)]
+struct ExportEventsArgs {
+    /// Directory to write `interactions.csv` into (created if missing).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Only events at or after this time: unix seconds, unix milliseconds or RFC 3339.
+    #[arg(long, value_name = "TIME")]
+    since: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -133,7 +146,7 @@ fn one_line(e: &anyhow::Error) -> String {
 fn run(cli: Cli) -> anyhow::Result<()> {
     // Validated at start-up even by commands that use little of it, so that a bad setting
     // fails before any work is done.
-    let _settings = Settings::load(cli.config.as_deref())?;
+    let settings = Settings::load(cli.config.as_deref())?;
     match cli.command {
         Command::Import(ImportSource::Movielens(args)) => {
             let s = movielens::import(&args.src, &args.out)?;
@@ -165,6 +178,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 s.seconds
             );
         }
+        Command::ExportEvents(args) => export_events(&settings, &args)?,
         Command::Split(args) => {
             let s = split::split(&args.data, &args.out)?;
             println!(
@@ -182,6 +196,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+fn export_events(settings: &Settings, args: &ExportEventsArgs) -> anyhow::Result<()> {
+    let since_ms = match &args.since {
+        Some(s) => tandem::session::event::parse_time(s).map_err(|e| match e {
+            tandem::session::EventError::Invalid { reason, .. } => {
+                anyhow::anyhow!("--since: {reason}")
+            }
+            other => anyhow::anyhow!("--since: {other}"),
+        })?,
+        None => i64::MIN,
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    let summary = runtime.block_on(tandem::session::export::export_events(
+        settings, &args.out, since_ms,
+    ))?;
+    println!(
+        "wrote {} interactions to {} ({} zero-weight events such as impressions left out)",
+        thousands(summary.written as u64),
+        args.out.join("interactions.csv").display(),
+        thousands(summary.skipped_zero_weight as u64)
+    );
     Ok(())
 }
 
