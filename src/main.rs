@@ -33,9 +33,9 @@ enum BenchCommand {
         /// Queries timed (each run unfiltered and, with --filter-selectivity, filtered).
         #[arg(long, default_value_t = 1_000)]
         queries: usize,
-        /// Fraction of items a filtered query keeps, as whole categories (e.g. 0.1, 0.01).
-        #[arg(long)]
-        filter_selectivity: Option<f64>,
+        /// Fractions of items a filtered query keeps, as whole categories (e.g. 0.1,0.01).
+        #[arg(long, value_delimiter = ',')]
+        filter_selectivity: Vec<f64>,
         /// Backend: edge (embedded), qdrant or exact.
         #[arg(long, default_value = "edge")]
         backend: String,
