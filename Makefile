@@ -2,7 +2,7 @@
 CARGO ?= cargo
 DEMO_DIR ?= data/demo
 
-.PHONY: run test bench lint fmt demo-data
+.PHONY: run test bench lint fmt demo-data check-split
 
 ## run: the main job on the embedded default (demo data, then the server on :8080)
 run: demo-data
@@ -32,4 +32,8 @@ fmt:
 .PHONY: bench-ann
 bench-ann:
 	$(CARGO) build --release --bin tandem
-	flock /tmp/tandem-bench.lock ./target/release/tandem bench ann --items 100000 --dim 64 --queries 1000 --filter-selectivity 0.1
+	flock /tmp/tandem-bench.lock ./target/release/tandem bench ann --items 100000 --dim 64 --queries 1000 --filter-selectivity 0.1,0.01
+
+## check-split: tandem's split of ml-latest-small equals the shared one (needs ../shared; not in CI)
+check-split:
+	scripts/check-split.sh

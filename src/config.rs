@@ -136,7 +136,11 @@ impl Settings {
             let Some(key) = var.strip_prefix("TANDEM_") else {
                 continue;
             };
-            let path: Vec<String> = key.to_ascii_lowercase().split("__").map(String::from).collect();
+            let path: Vec<String> = key
+                .to_ascii_lowercase()
+                .split("__")
+                .map(String::from)
+                .collect();
             if !Self::is_known_key(&path) {
                 continue; // other TANDEM_* variables (TANDEM_ADMIN_KEY, TANDEM_LOG_FORMAT) are not settings
             }
@@ -180,7 +184,10 @@ impl Settings {
         {
             return Err(invalid(
                 "index.qdrant_url",
-                format!("{:?} must start with http:// or https://", self.index.qdrant_url),
+                format!(
+                    "{:?} must start with http:// or https://",
+                    self.index.qdrant_url
+                ),
             ));
         }
         if self.index.shard_number == 0 || self.index.replication_factor == 0 {
@@ -194,7 +201,10 @@ impl Settings {
         {
             return Err(invalid(
                 "session.redis_url",
-                format!("{:?} must start with redis:// or rediss://", self.session.redis_url),
+                format!(
+                    "{:?} must start with redis:// or rediss://",
+                    self.session.redis_url
+                ),
             ));
         }
         Ok(())
@@ -237,7 +247,11 @@ mod tests {
     fn env_overrides_file() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("tandem.toml");
-        std::fs::write(&f, "bind = \"127.0.0.1:9000\"\n[index]\nbackend = \"qdrant\"\n").unwrap();
+        std::fs::write(
+            &f,
+            "bind = \"127.0.0.1:9000\"\n[index]\nbackend = \"qdrant\"\n",
+        )
+        .unwrap();
         let s = Settings::load_from(
             Some(&f),
             env(&[

@@ -89,7 +89,8 @@ string_id!(
 );
 
 /// Namespace for UUID v5 point ids, so that an item id maps to the same Qdrant point everywhere.
-const POINT_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x7a6e_d3c1_4b9f_4e0a_9c55_1d2e_3f40_5a61);
+const POINT_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x7a6e_d3c1_4b9f_4e0a_9c55_1d2e_3f40_5a61);
 
 /// The stable Qdrant point id (UUID v5) of an item.
 pub fn point_id(item: &ItemId) -> uuid::Uuid {

@@ -1,95 +1,231 @@
-use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
+use std::process::ExitCode;
+use tandem::config::Settings;
+use tandem::data::{movielens, split, synthetic};
+use tracing_subscriber::EnvFilter;
 
 /// tandem: a recommendation service (two-tower model, Qdrant ANN, session-aware re-ranking).
 #[derive(Parser)]
 #[command(name = "tandem", version, about)]
 struct Cli {
+    /// A TOML settings file; `TANDEM_*` environment variables override it.
+    #[arg(long, global = true, env = "TANDEM_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Convert a public dataset into tandem's common format (items.csv, interactions.csv).
+    #[command(subcommand)]
+    Import(ImportSource),
+    /// Write a synthetic catalog and interaction log with learnable structure (categories,
+    /// power-law popularity, user tastes, drifting sessions), deterministic for a seed.
+    Generate(GenerateArgs),
+    /// Split a dataset with the evaluation protocol: train, test, onboarding for new users,
+    /// and a validation split of train.
+    Split(SplitArgs),
     /// Benchmarks.
-    Bench {
-        #[command(subcommand)]
-        what: BenchCommand,
-    },
+    #[command(subcommand)]
+    Bench(BenchCommand),
 }
 
 #[derive(Subcommand)]
 enum BenchCommand {
     /// ANN search on generated clustered vectors: build time, latency, recall against exact
     /// search, upsert visibility and memory, printed as one JSON line.
-    Ann {
-        /// Items in the generated catalog.
-        #[arg(long, default_value_t = 100_000)]
-        items: usize,
-        /// Vector dimension.
-        #[arg(long, default_value_t = 64)]
-        dim: usize,
-        /// Queries timed (each run unfiltered and, with --filter-selectivity, filtered).
-        #[arg(long, default_value_t = 1_000)]
-        queries: usize,
-        /// Fractions of items a filtered query keeps, as whole categories (e.g. 0.1,0.01).
-        #[arg(long, value_delimiter = ',')]
-        filter_selectivity: Vec<f64>,
-        /// Backend: edge (embedded), qdrant or exact.
-        #[arg(long, default_value = "edge")]
-        backend: String,
-        /// Directory for the edge collections (default: a fresh temp dir, removed after).
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
-    },
+    Ann(BenchAnnArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+#[derive(Args)]
+struct BenchAnnArgs {
+    /// Items in the generated catalog.
+    #[arg(long, default_value_t = 100_000)]
+    items: usize,
+    /// Vector dimension.
+    #[arg(long, default_value_t = 64)]
+    dim: usize,
+    /// Queries timed (each run unfiltered and once per --filter-selectivity).
+    #[arg(long, default_value_t = 1_000)]
+    queries: usize,
+    /// Fractions of items a filtered query keeps, as whole categories (e.g. 0.1,0.01).
+    #[arg(long, value_delimiter = ',')]
+    filter_selectivity: Vec<f64>,
+    /// Backend: edge (embedded), qdrant or exact.
+    #[arg(long, default_value = "edge")]
+    backend: String,
+    /// Directory for the edge collections (default: a fresh temp dir, removed after).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Random seed of the generated catalog and queries.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+#[derive(Subcommand)]
+enum ImportSource {
+    /// Import MovieLens: ml-100k (u.data, u.item, u.user) or ml-latest-small / ml-25m
+    /// (ratings.csv, movies.csv, tags.csv). Genres become categories, tags become item tags,
+    /// the year in the title becomes `year`.
+    Movielens(MovielensArgs),
+}
+
+#[derive(Args)]
+struct MovielensArgs {
+    /// The unpacked MovieLens directory.
+    #[arg(long, env = "TANDEM_IMPORT_SRC", value_name = "DIR")]
+    src: PathBuf,
+    /// Where to write items.csv and interactions.csv (created if missing).
+    #[arg(long, env = "TANDEM_IMPORT_OUT", value_name = "DIR")]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Where to write items.csv, interactions.csv and generate.json (created if missing).
+    #[arg(long, env = "TANDEM_GENERATE_OUT", value_name = "DIR")]
+    out: PathBuf,
+    /// Number of catalog items.
+    #[arg(long, env = "TANDEM_GENERATE_ITEMS", default_value_t = 10_000)]
+    items: u64,
+    /// Number of users; each gets at least one interaction.
+    #[arg(long, env = "TANDEM_GENERATE_USERS", default_value_t = 2_000)]
+    users: u64,
+    /// Exact number of interactions to write (at least --users).
+    #[arg(long, env = "TANDEM_GENERATE_INTERACTIONS", default_value_t = 100_000)]
+    interactions: u64,
+    /// Random seed; the same seed gives the same bytes.
+    #[arg(long, env = "TANDEM_GENERATE_SEED", default_value_t = 42)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct SplitArgs {
+    /// A directory with items.{csv,jsonl} and interactions.{csv,jsonl}.
+    #[arg(long, env = "TANDEM_SPLIT_DATA", value_name = "DIR")]
+    data: PathBuf,
+    /// Where to write train.csv, test.csv, onboard.csv, onboard_test.csv, val/, items and
+    /// stats.json (created if missing).
+    #[arg(long, env = "TANDEM_SPLIT_OUT", value_name = "DIR")]
+    out: PathBuf,
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Bench {
-            what:
-                BenchCommand::Ann {
-                    items,
-                    dim,
-                    queries,
-                    filter_selectivity,
-                    backend,
-                    dir,
-                    seed,
-                },
-        } => bench_ann(
-            tandem::index::bench::AnnBenchParams {
-                items,
-                dim,
-                queries,
-                filter_selectivity,
-                seed,
-            },
-            &backend,
-            dir,
-        ),
+    init_logging();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
     }
 }
 
-fn bench_ann(
-    params: tandem::index::bench::AnnBenchParams,
-    backend: &str,
-    dir: Option<PathBuf>,
-) -> anyhow::Result<()> {
-    use tandem::config::{IndexBackend, Settings};
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,qdrant_edge=error".into()),
-        )
-        .init();
-    let mut settings = Settings::load(None)?;
-    settings.index.backend = match backend {
+/// Logs to stderr, `info` unless `RUST_LOG` says otherwise; JSON when `TANDEM_LOG_FORMAT=json`.
+fn init_logging() {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        // qdrant-edge warns "Feature flags not initialized!" on every operation; it means
+        // nothing to a tandem user.
+        .add_directive(
+            "qdrant_edge::common::flags=error"
+                .parse()
+                .expect("valid directive"),
+        );
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let json = std::env::var("TANDEM_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
+    // A second init (there is none in the binary) would only fail to install; ignore it.
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// The error and its causes on one line, skipping a cause whose text the line already holds
+/// (the data errors print their source themselves).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.replace('\n', " ")
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    // Validated at start-up even by commands that use little of it, so that a bad setting
+    // fails before any work is done.
+    let settings = Settings::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Import(ImportSource::Movielens(args)) => {
+            let s = movielens::import(&args.src, &args.out)?;
+            println!(
+                "imported {} interactions, {} users, {} items ({} rated, {} tagged) into {}",
+                thousands(s.interactions),
+                thousands(s.users),
+                thousands(s.items),
+                thousands(s.items_rated),
+                thousands(s.items_tagged),
+                args.out.display()
+            );
+        }
+        Command::Generate(args) => {
+            let cfg = synthetic::GenerateConfig {
+                items: args.items,
+                users: args.users,
+                interactions: args.interactions,
+                seed: args.seed,
+            };
+            let s = synthetic::generate(&cfg, &args.out)?;
+            println!(
+                "generated {} interactions, {} users, {} items (seed {}) into {} in {:.1}s",
+                thousands(cfg.interactions),
+                thousands(cfg.users),
+                thousands(cfg.items),
+                cfg.seed,
+                args.out.display(),
+                s.seconds
+            );
+        }
+        Command::Split(args) => {
+            let s = split::split(&args.data, &args.out)?;
+            println!(
+                "split {} interactions: train {}, test {} ({} users), onboard {} + onboard_test {} ({} new users), val {} + {}, into {}",
+                thousands(s.interactions),
+                thousands(s.train_rows),
+                thousands(s.test_rows),
+                thousands(s.test_users),
+                thousands(s.onboard_rows),
+                thousands(s.onboard_test_rows),
+                thousands(s.new_users_scored),
+                thousands(s.val_train_rows),
+                thousands(s.val_test_rows),
+                args.out.display()
+            );
+        }
+        Command::Bench(BenchCommand::Ann(args)) => bench_ann(settings, args)?,
+    }
+    Ok(())
+}
+
+/// `tandem bench ann`: prints one JSON line (see `tandem::index::bench`).
+fn bench_ann(mut settings: Settings, args: BenchAnnArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use tandem::config::IndexBackend;
+    settings.index.backend = match args.backend.as_str() {
         "edge" | "embedded" => IndexBackend::Embedded,
         "qdrant" => IndexBackend::Qdrant,
         "exact" => IndexBackend::Exact,
@@ -97,16 +233,22 @@ fn bench_ann(
     };
     // Never touch the serving alias: the bench gets its own collection name.
     settings.index.collection = format!("tandem_bench_{}", uuid::Uuid::new_v4().simple());
-    let temp = dir.is_none();
-    let dir = dir.unwrap_or_else(|| {
+    let temp = args.dir.is_none();
+    let dir = args.dir.clone().unwrap_or_else(|| {
         std::env::temp_dir().join(format!("tandem-bench-{}", uuid::Uuid::new_v4()))
     });
-    let rt = tokio::runtime::Runtime::new()?;
-    let report = rt.block_on(async {
+    let params = tandem::index::bench::AnnBenchParams {
+        items: args.items,
+        dim: args.dim,
+        queries: args.queries,
+        filter_selectivity: args.filter_selectivity,
+        seed: args.seed,
+    };
+    let report = tokio::runtime::Runtime::new()?.block_on(async {
         let index = tandem::index::open(&settings, &dir)
             .await
-            .with_context(|| format!("opening the {backend} index"))?;
-        let report = tandem::index::bench::run(index.as_ref(), backend, &params).await?;
+            .with_context(|| format!("opening the {} index", args.backend))?;
+        let report = tandem::index::bench::run(index.as_ref(), &args.backend, &params).await?;
         anyhow::Ok(report)
     });
     if temp {
@@ -114,4 +256,17 @@ fn bench_ann(
     }
     println!("{}", serde_json::to_string(&report?)?);
     Ok(())
+}
+
+/// `100836` as `100,836`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }

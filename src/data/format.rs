@@ -78,7 +78,7 @@ pub fn find_file(dir: &Path, stem: &str) -> Result<PathBuf, DataError> {
 }
 
 /// Reads a CSV file with a checked header, handing each row to `parse` as a lookup by column.
-struct CsvTable {
+pub(crate) struct CsvTable {
     file: PathBuf,
     reader: csv::Reader<File>,
     /// Column index by name, for required and optional columns.
@@ -86,7 +86,7 @@ struct CsvTable {
 }
 
 impl CsvTable {
-    fn open(
+    pub(crate) fn open(
         file: &Path,
         required: &[&'static str],
         optional: &[&'static str],
@@ -150,7 +150,7 @@ impl CsvTable {
     }
 
     /// Calls `f` for each row with a [`Row`] accessor.
-    fn for_each(
+    pub(crate) fn for_each(
         mut self,
         mut f: impl FnMut(&Row<'_>) -> Result<(), DataError>,
     ) -> Result<(), DataError> {
@@ -196,7 +196,7 @@ fn csv_error(file: &Path, e: csv::Error) -> DataError {
     }
 }
 
-struct Row<'a> {
+pub(crate) struct Row<'a> {
     file: &'a Path,
     line: u64,
     record: &'a csv::StringRecord,
@@ -204,7 +204,7 @@ struct Row<'a> {
 }
 
 impl Row<'_> {
-    fn err(&self, field: &str, reason: impl Into<String>) -> DataError {
+    pub(crate) fn err(&self, field: &str, reason: impl Into<String>) -> DataError {
         DataError::Field {
             file: self.file.to_path_buf(),
             line: self.line,
@@ -214,24 +214,32 @@ impl Row<'_> {
     }
 
     /// The raw value of a column, `None` when the column is absent or the field is empty.
-    fn get(&self, name: &str) -> Option<&str> {
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
         let idx = self.columns.iter().find(|(n, _)| *n == name)?.1?;
         let v = self.record.get(idx)?.trim();
         (!v.is_empty()).then_some(v)
     }
 
-    fn required(&self, name: &str) -> Result<&str, DataError> {
+    pub(crate) fn required(&self, name: &str) -> Result<&str, DataError> {
         self.get(name).ok_or_else(|| self.err(name, "is empty"))
     }
 
-    fn text(&self, name: &str) -> String {
-        let idx = self.columns.iter().find(|(n, _)| *n == name).and_then(|c| c.1);
+    pub(crate) fn text(&self, name: &str) -> String {
+        let idx = self
+            .columns
+            .iter()
+            .find(|(n, _)| *n == name)
+            .and_then(|c| c.1);
         idx.and_then(|i| self.record.get(i))
             .unwrap_or("")
             .to_string()
     }
 
-    fn parse<T: std::str::FromStr>(&self, name: &str, what: &str) -> Result<Option<T>, DataError> {
+    pub(crate) fn parse<T: std::str::FromStr>(
+        &self,
+        name: &str,
+        what: &str,
+    ) -> Result<Option<T>, DataError> {
         match self.get(name) {
             None => Ok(None),
             Some(v) => v
@@ -241,7 +249,7 @@ impl Row<'_> {
         }
     }
 
-    fn list(&self, name: &str) -> Vec<String> {
+    pub(crate) fn list(&self, name: &str) -> Vec<String> {
         split_list(self.get(name).unwrap_or(""))
     }
 }
@@ -256,8 +264,8 @@ pub fn split_list(s: &str) -> Vec<String> {
 }
 
 fn parse_item_row(row: &Row<'_>) -> Result<Item, DataError> {
-    let item_id = ItemId::parse(row.required("item_id")?)
-        .map_err(|e| row.err("item_id", e.to_string()))?;
+    let item_id =
+        ItemId::parse(row.required("item_id")?).map_err(|e| row.err("item_id", e.to_string()))?;
     let price: Option<f32> = row.parse("price", "a number")?;
     if let Some(p) = price {
         if !p.is_finite() || p < 0.0 {
@@ -285,10 +293,10 @@ fn parse_item_row(row: &Row<'_>) -> Result<Item, DataError> {
 }
 
 fn parse_interaction_row(row: &Row<'_>) -> Result<Interaction, DataError> {
-    let user_id = UserId::parse(row.required("user_id")?)
-        .map_err(|e| row.err("user_id", e.to_string()))?;
-    let item_id = ItemId::parse(row.required("item_id")?)
-        .map_err(|e| row.err("item_id", e.to_string()))?;
+    let user_id =
+        UserId::parse(row.required("user_id")?).map_err(|e| row.err("user_id", e.to_string()))?;
+    let item_id =
+        ItemId::parse(row.required("item_id")?).map_err(|e| row.err("item_id", e.to_string()))?;
     let rating: f32 = row
         .parse("rating", "a number")?
         .ok_or_else(|| row.err("rating", "is empty"))?;
@@ -548,7 +556,10 @@ mod tests {
         };
         let f = dir.path().join("interactions.csv");
         write_interactions(&f, std::slice::from_ref(&row), true).unwrap();
-        assert_eq!(std::fs::read_to_string(&f).unwrap().lines().nth(1).unwrap(), "u1,\"i,1\",4.0,99,purchase");
+        assert_eq!(
+            std::fs::read_to_string(&f).unwrap().lines().nth(1).unwrap(),
+            "u1,\"i,1\",4.0,99,purchase"
+        );
         assert_eq!(read_interactions(&f).unwrap(), vec![row]);
     }
 
@@ -557,13 +568,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let cases = [
-            ("user_id,item_id,timestamp\n1,2,3\n", "missing column `rating`"),
-            ("user_id,item_id,rating,timestamp\n1,2,4.0,5\n1,2,good,5\n", ":3: field `rating`: \"good\" is not a number"),
-            ("user_id,item_id,rating,rating,timestamp\n1,2,3,4,5\n", "duplicate column `rating`"),
-            ("user_id\titem_id\trating\ttimestamp\n1\t2\t3\t4\n", "tab-separated"),
+            (
+                "user_id,item_id,timestamp\n1,2,3\n",
+                "missing column `rating`",
+            ),
+            (
+                "user_id,item_id,rating,timestamp\n1,2,4.0,5\n1,2,good,5\n",
+                ":3: field `rating`: \"good\" is not a number",
+            ),
+            (
+                "user_id,item_id,rating,rating,timestamp\n1,2,3,4,5\n",
+                "duplicate column `rating`",
+            ),
+            (
+                "user_id\titem_id\trating\ttimestamp\n1\t2\t3\t4\n",
+                "tab-separated",
+            ),
             ("", "the file is empty"),
-            ("user_id,item_id,rating,timestamp\n1,2,3\n", ":2: has 3 fields, the header has 4"),
-            ("user_id,item_id,rating,timestamp\n1,2,3,4,clickk\n", "has 5 fields"),
+            (
+                "user_id,item_id,rating,timestamp\n1,2,3\n",
+                ":2: has 3 fields, the header has 4",
+            ),
+            (
+                "user_id,item_id,rating,timestamp\n1,2,3,4,clickk\n",
+                "has 5 fields",
+            ),
         ];
         for (i, (body, want)) in cases.iter().enumerate() {
             let f = write(d, &format!("bad{i}.csv"), body);
@@ -571,9 +600,16 @@ mod tests {
             assert!(err.contains(&format!("bad{i}.csv")), "{err}");
             assert!(err.contains(want), "case {i}: {err:?} lacks {want:?}");
         }
-        let f = write(d, "ev.csv", "user_id,item_id,rating,timestamp,event_type\n1,2,3,4,clickk\n");
+        let f = write(
+            d,
+            "ev.csv",
+            "user_id,item_id,rating,timestamp,event_type\n1,2,3,4,clickk\n",
+        );
         let err = read_interactions(&f).unwrap_err().to_string();
-        assert!(err.contains(":2: field `event_type`: unknown event type"), "{err}");
+        assert!(
+            err.contains(":2: field `event_type`: unknown event type"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -585,6 +621,9 @@ mod tests {
             "{\"item_id\":\"1\",\"title\":\"t\",\"genres\":[\"A\"]}\n\n{\"item_id\":\"2\",\"title\":\"u\"}\n",
         );
         let err = read_items(&f).unwrap_err().to_string();
-        assert!(err.contains("items.jsonl:3") && err.contains("genres"), "{err}");
+        assert!(
+            err.contains("items.jsonl:3") && err.contains("genres"),
+            "{err}"
+        );
     }
 }
