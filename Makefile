@@ -28,6 +28,12 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
+## index: ANN benchmarks of the vector index (release build; serialized by the bench lock)
+.PHONY: bench-ann
+bench-ann:
+	$(CARGO) build --release --bin tandem
+	flock /tmp/tandem-bench.lock ./target/release/tandem bench ann --items 100000 --dim 64 --queries 1000 --filter-selectivity 0.1,0.01
+
 ## check-split: tandem's split of ml-latest-small equals the shared one (needs ../shared; not in CI)
 check-split:
 	scripts/check-split.sh

@@ -31,6 +31,41 @@ enum Command {
     /// Write the event log as `interactions.csv` in the common format, to retrain on live
     /// traffic.
     ExportEvents(ExportEventsArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// ANN search on generated clustered vectors: build time, latency, recall against exact
+    /// search, upsert visibility and memory, printed as one JSON line.
+    Ann(BenchAnnArgs),
+}
+
+#[derive(Args)]
+struct BenchAnnArgs {
+    /// Items in the generated catalog.
+    #[arg(long, default_value_t = 100_000)]
+    items: usize,
+    /// Vector dimension.
+    #[arg(long, default_value_t = 64)]
+    dim: usize,
+    /// Queries timed (each run unfiltered and once per --filter-selectivity).
+    #[arg(long, default_value_t = 1_000)]
+    queries: usize,
+    /// Fractions of items a filtered query keeps, as whole categories (e.g. 0.1,0.01).
+    #[arg(long, value_delimiter = ',')]
+    filter_selectivity: Vec<f64>,
+    /// Backend: edge (embedded), qdrant or exact.
+    #[arg(long, default_value = "edge")]
+    backend: String,
+    /// Directory for the edge collections (default: a fresh temp dir, removed after).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Random seed of the generated catalog and queries.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
 }
 
 #[derive(Subcommand)]
@@ -195,6 +230,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 args.out.display()
             );
         }
+        Command::Bench(BenchCommand::Ann(args)) => bench_ann(settings, args)?,
     }
     Ok(())
 }
@@ -219,6 +255,43 @@ fn export_events(settings: &Settings, args: &ExportEventsArgs) -> anyhow::Result
         args.out.join("interactions.csv").display(),
         thousands(summary.skipped_zero_weight as u64)
     );
+    Ok(())
+}
+
+/// `tandem bench ann`: prints one JSON line (see `tandem::index::bench`).
+fn bench_ann(mut settings: Settings, args: BenchAnnArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use tandem::config::IndexBackend;
+    settings.index.backend = match args.backend.as_str() {
+        "edge" | "embedded" => IndexBackend::Embedded,
+        "qdrant" => IndexBackend::Qdrant,
+        "exact" => IndexBackend::Exact,
+        other => anyhow::bail!("--backend {other:?}: expected edge, qdrant or exact"),
+    };
+    // Never touch the serving alias: the bench gets its own collection name.
+    settings.index.collection = format!("tandem_bench_{}", uuid::Uuid::new_v4().simple());
+    let temp = args.dir.is_none();
+    let dir = args.dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("tandem-bench-{}", uuid::Uuid::new_v4()))
+    });
+    let params = tandem::index::bench::AnnBenchParams {
+        items: args.items,
+        dim: args.dim,
+        queries: args.queries,
+        filter_selectivity: args.filter_selectivity,
+        seed: args.seed,
+    };
+    let report = tokio::runtime::Runtime::new()?.block_on(async {
+        let index = tandem::index::open(&settings, &dir)
+            .await
+            .with_context(|| format!("opening the {} index", args.backend))?;
+        let report = tandem::index::bench::run(index.as_ref(), &args.backend, &params).await?;
+        anyhow::Ok(report)
+    });
+    if temp {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    println!("{}", serde_json::to_string(&report?)?);
     Ok(())
 }
 
