@@ -27,3 +27,8 @@ lint:
 
 fmt:
 	$(CARGO) fmt --all
+
+## model: the shipped demo checkpoint, reproducible from the demo data (seed 7)
+.PHONY: demo-model
+demo-model: demo-data
+	./target/debug/tandem train --data $(DEMO_DIR)/raw --out models/demo --seed 7 --threads 2
