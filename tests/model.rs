@@ -56,7 +56,9 @@ fn planted_split(dir: &Path) -> Split {
         while seen.len() < EVENTS_PER_USER {
             let i = if rng.below(100) < 85 {
                 // min of two draws skews to popular items inside the category
-                let k = rng.below(ITEMS_PER_CATEGORY).min(rng.below(ITEMS_PER_CATEGORY));
+                let k = rng
+                    .below(ITEMS_PER_CATEGORY)
+                    .min(rng.below(ITEMS_PER_CATEGORY));
                 k * CATEGORIES + fav
             } else {
                 rng.below(items.len())
@@ -160,8 +162,12 @@ fn trained_model_beats_popularity_on_held_out_rows() {
     );
     assert!(model["ndcg@10"] > pop["ndcg@10"]);
     // Known items are never recommended.
-    let known: HashSet<(&UserId, &ItemId)> =
-        f.split.train.iter().map(|r| (&r.user_id, &r.item_id)).collect();
+    let known: HashSet<(&UserId, &ItemId)> = f
+        .split
+        .train
+        .iter()
+        .map(|r| (&r.user_id, &r.item_id))
+        .collect();
     for (u, l) in &lists {
         assert_eq!(l.len(), eval::MAX_K);
         assert!(l.iter().all(|i| !known.contains(&(u, i))));
@@ -226,9 +232,7 @@ fn similarity_by_category(f: &Fixture, v: &[f32]) -> Vec<f32> {
 }
 
 fn argmax(v: &[f32]) -> usize {
-    (0..v.len())
-        .max_by(|&a, &b| v[a].total_cmp(&v[b]))
-        .unwrap()
+    (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap()
 }
 
 #[test]
@@ -243,7 +247,11 @@ fn cold_items_and_new_users_land_near_their_category() {
         let v = &f.model.embed_items(std::slice::from_ref(&it)).unwrap()[0];
         assert!(v.iter().all(|x| x.is_finite()));
         let sims = similarity_by_category(f, v);
-        assert_eq!(argmax(&sims), c, "new item of Cat{c}: similarities {sims:?}");
+        assert_eq!(
+            argmax(&sims),
+            c,
+            "new item of Cat{c}: similarities {sims:?}"
+        );
 
         // A user with 3 interactions and no training history.
         let picks: Vec<&Item> = (0..3)
@@ -258,7 +266,11 @@ fn cold_items_and_new_users_land_near_their_category() {
             .collect();
         let u = f.model.embed_user(&history).unwrap();
         let sims = similarity_by_category(f, &u);
-        assert_eq!(argmax(&sims), c, "new user of Cat{c}: similarities {sims:?}");
+        assert_eq!(
+            argmax(&sims),
+            c,
+            "new user of Cat{c}: similarities {sims:?}"
+        );
     }
     // An empty history is allowed and gives a usable vector.
     let empty = f.model.embed_user(&[]).unwrap();
@@ -287,7 +299,10 @@ fn broken_checkpoints_fail_with_errors_that_name_the_problem() {
     let text = std::fs::read_to_string(&mpath).unwrap();
     std::fs::write(&mpath, text.replace("\"dim\": 32", "\"dim\": 48")).unwrap();
     let err = load_err(dir.path());
-    assert!(err.contains("dims mismatch") && err.contains("item_tower.fc2"), "{err}");
+    assert!(
+        err.contains("dims mismatch") && err.contains("item_tower.fc2"),
+        "{err}"
+    );
 
     // unknown format version
     std::fs::write(
@@ -296,7 +311,10 @@ fn broken_checkpoints_fail_with_errors_that_name_the_problem() {
     )
     .unwrap();
     let err = load_err(dir.path());
-    assert!(err.contains("unknown checkpoint format version 99"), "{err}");
+    assert!(
+        err.contains("unknown checkpoint format version 99"),
+        "{err}"
+    );
     std::fs::write(&mpath, &text).unwrap();
 
     // missing tensor: rewrite the file without one
@@ -316,12 +334,18 @@ fn broken_checkpoints_fail_with_errors_that_name_the_problem() {
     let bytes = std::fs::read(&wpath).unwrap();
     std::fs::write(&wpath, &bytes[..bytes.len() / 2]).unwrap();
     let err = load_err(dir.path());
-    assert!(err.contains("corrupt or truncated") && err.contains("model.safetensors"), "{err}");
+    assert!(
+        err.contains("corrupt or truncated") && err.contains("model.safetensors"),
+        "{err}"
+    );
 
     // a missing file is named
     std::fs::remove_file(dir.path().join("manifest.json")).unwrap();
     let err = load_err(dir.path());
-    assert!(err.contains("manifest.json") && err.contains("no such file"), "{err}");
+    assert!(
+        err.contains("manifest.json") && err.contains("no such file"),
+        "{err}"
+    );
     assert!(matches!(
         TwoTower::load(dir.path()),
         Err(ModelError::MissingFile { .. })
@@ -356,10 +380,18 @@ fn write_split(split: &Split, dir: &Path) {
     }
     write_interactions(&dir.join("onboard.csv"), &onboard, false).unwrap();
     write_interactions(&dir.join("onboard_test.csv"), &onboard_test, false).unwrap();
-    write_interactions(&dir.join("val/train.csv"), &split.train[..split.train.len() / 2], false)
-        .unwrap();
-    write_interactions(&dir.join("val/test.csv"), &split.train[split.train.len() / 2..], false)
-        .unwrap();
+    write_interactions(
+        &dir.join("val/train.csv"),
+        &split.train[..split.train.len() / 2],
+        false,
+    )
+    .unwrap();
+    write_interactions(
+        &dir.join("val/test.csv"),
+        &split.train[split.train.len() / 2..],
+        false,
+    )
+    .unwrap();
 }
 
 #[test]
@@ -382,7 +414,11 @@ fn eval_cli_scores_a_checkpoint_and_names_a_missing_split_file() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The CLI prints the same numbers the library computes.
     let json: std::collections::BTreeMap<String, f64> =
         serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
@@ -406,7 +442,10 @@ fn eval_cli_scores_a_checkpoint_and_names_a_missing_split_file() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("onboard_test.csv") && stderr.contains("missing"), "{stderr}");
+    assert!(
+        stderr.contains("onboard_test.csv") && stderr.contains("missing"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -432,7 +471,8 @@ fn metrics_match_the_protocol_on_a_hand_checked_split() {
         test: vec![mk("1", "a"), mk("1", "b"), mk("2", "c")],
         onboard_test: vec![],
     };
-    let ids = |v: &[&str]| -> Vec<ItemId> { v.iter().map(|s| ItemId::parse(*s).unwrap()).collect() };
+    let ids =
+        |v: &[&str]| -> Vec<ItemId> { v.iter().map(|s| ItemId::parse(*s).unwrap()).collect() };
     let lists: HashMap<UserId, Vec<ItemId>> = [
         (UserId::parse("1").unwrap(), ids(&["b", "c", "e"])),
         (UserId::parse("2").unwrap(), ids(&["b", "d", "c"])),
