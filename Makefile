@@ -42,3 +42,8 @@ check-split:
 bench-session:
 	$(CARGO) build --release --example session_bench
 	flock /tmp/tandem-bench.lock ./target/release/examples/session_bench
+
+## model: the shipped demo checkpoint, reproducible from the demo data (seed 7)
+.PHONY: demo-model
+demo-model: demo-data
+	./target/debug/tandem train --data $(DEMO_DIR)/raw --out models/demo --seed 7 --threads 2

@@ -6,9 +6,13 @@
 //! - [`data`]: the common file format, MovieLens import, the synthetic generator, the split.
 //! - [`index`]: the `VectorIndex` trait and its backends (edge, qdrant, exact).
 //! - [`session`]: the `SessionStore` trait: event log, recent activity, trending, cache.
+//! - [`model`]: the two-tower model (candle): featurization, towers, training, checkpoints.
+//! - [`eval`]: the offline protocol's metrics, identical to `score.py`, and `tandem eval`.
 
 pub mod config;
 pub mod data;
 pub mod domain;
+pub mod eval;
 pub mod index;
+pub mod model;
 pub mod session;
