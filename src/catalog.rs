@@ -351,8 +351,8 @@ mod tests {
         assert!(j.read().unwrap().is_empty());
         let a = entry("a", "x", 1.0).item;
         let b = entry("b", "y", 1.0).item;
-        j.append(&[a.clone()]).unwrap();
-        j.append(&[b.clone()]).unwrap();
+        j.append(std::slice::from_ref(&a)).unwrap();
+        j.append(std::slice::from_ref(&b)).unwrap();
         assert_eq!(j.read().unwrap(), vec![a.clone(), b.clone()]);
         // A crash in the middle of an append leaves half a line.
         use std::io::Write;
@@ -365,7 +365,7 @@ mod tests {
         // A fresh writer (after the restart) cuts the torn tail before appending.
         let j = CatalogJournal::new(path.clone());
         let c = entry("c", "z", 1.0).item;
-        j.append(&[c.clone()]).unwrap();
+        j.append(std::slice::from_ref(&c)).unwrap();
         assert_eq!(j.read().unwrap(), vec![a, b, c]);
         // Damage anywhere else is reported with the line.
         std::fs::write(&path, "not json\n{}\n").unwrap();
