@@ -2,7 +2,7 @@
 CARGO ?= cargo
 DEMO_DIR ?= data/demo
 
-.PHONY: run test bench lint fmt demo-data bench-serve
+.PHONY: run test bench lint fmt demo-data check-split bench-session bench-serve
 
 ## run: the full demo on the embedded default: the demo catalog (generated if absent), indexed
 ## with the shipped models/demo checkpoint into the embedded Qdrant under data/ (at the first
@@ -29,6 +29,15 @@ lint:
 
 fmt:
 	$(CARGO) fmt --all
+
+## check-split: tandem's split of ml-latest-small equals the shared one (needs ../shared; not in CI)
+check-split:
+	scripts/check-split.sh
+
+## bench-session: session store benchmark (Redis ingest + no-loss check, read latency, outage); needs Redis on :6379
+bench-session:
+	$(CARGO) build --release --example session_bench
+	flock /tmp/tandem-bench.lock ./target/release/examples/session_bench
 
 ## bench-serve: the serving load test at 1M items (release build, under the benchmark lock):
 ## generates the catalog once, indexes it, then runs tandem-load against `tandem serve`, once

@@ -78,7 +78,7 @@ pub fn find_file(dir: &Path, stem: &str) -> Result<PathBuf, DataError> {
 }
 
 /// Reads a CSV file with a checked header, handing each row to `parse` as a lookup by column.
-struct CsvTable {
+pub(crate) struct CsvTable {
     file: PathBuf,
     reader: csv::Reader<File>,
     /// Column index by name, for required and optional columns.
@@ -86,7 +86,7 @@ struct CsvTable {
 }
 
 impl CsvTable {
-    fn open(
+    pub(crate) fn open(
         file: &Path,
         required: &[&'static str],
         optional: &[&'static str],
@@ -150,7 +150,7 @@ impl CsvTable {
     }
 
     /// Calls `f` for each row with a [`Row`] accessor.
-    fn for_each(
+    pub(crate) fn for_each(
         mut self,
         mut f: impl FnMut(&Row<'_>) -> Result<(), DataError>,
     ) -> Result<(), DataError> {
@@ -196,7 +196,7 @@ fn csv_error(file: &Path, e: csv::Error) -> DataError {
     }
 }
 
-struct Row<'a> {
+pub(crate) struct Row<'a> {
     file: &'a Path,
     line: u64,
     record: &'a csv::StringRecord,
@@ -204,7 +204,7 @@ struct Row<'a> {
 }
 
 impl Row<'_> {
-    fn err(&self, field: &str, reason: impl Into<String>) -> DataError {
+    pub(crate) fn err(&self, field: &str, reason: impl Into<String>) -> DataError {
         DataError::Field {
             file: self.file.to_path_buf(),
             line: self.line,
@@ -214,17 +214,17 @@ impl Row<'_> {
     }
 
     /// The raw value of a column, `None` when the column is absent or the field is empty.
-    fn get(&self, name: &str) -> Option<&str> {
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
         let idx = self.columns.iter().find(|(n, _)| *n == name)?.1?;
         let v = self.record.get(idx)?.trim();
         (!v.is_empty()).then_some(v)
     }
 
-    fn required(&self, name: &str) -> Result<&str, DataError> {
+    pub(crate) fn required(&self, name: &str) -> Result<&str, DataError> {
         self.get(name).ok_or_else(|| self.err(name, "is empty"))
     }
 
-    fn text(&self, name: &str) -> String {
+    pub(crate) fn text(&self, name: &str) -> String {
         let idx = self
             .columns
             .iter()
@@ -235,7 +235,11 @@ impl Row<'_> {
             .to_string()
     }
 
-    fn parse<T: std::str::FromStr>(&self, name: &str, what: &str) -> Result<Option<T>, DataError> {
+    pub(crate) fn parse<T: std::str::FromStr>(
+        &self,
+        name: &str,
+        what: &str,
+    ) -> Result<Option<T>, DataError> {
         match self.get(name) {
             None => Ok(None),
             Some(v) => v
@@ -245,7 +249,7 @@ impl Row<'_> {
         }
     }
 
-    fn list(&self, name: &str) -> Vec<String> {
+    pub(crate) fn list(&self, name: &str) -> Vec<String> {
         split_list(self.get(name).unwrap_or(""))
     }
 }

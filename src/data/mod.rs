@@ -2,12 +2,16 @@
 //! generator, and the evaluation split.
 
 pub mod format;
+pub mod movielens;
+pub mod split;
+pub mod synthetic;
 
 pub use format::{
     find_file, for_each_interaction, for_each_item, read_interactions, read_items, DataError,
 };
 
 use crate::domain::{Interaction, Item};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::path::Path;
@@ -80,4 +84,30 @@ impl Dataset {
             interactions: read_interactions(&find_file(dir, "interactions")?)?,
         })
     }
+}
+
+/// A progress bar on stderr for `len` units of `what`. It draws only on a terminal; logs and
+/// tests stay clean.
+pub(crate) fn progress_bar(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr_with_hz(4));
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {human_pos}/{human_len} ({per_sec}, eta {eta})",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// A counter on stderr for work of unknown length.
+pub(crate) fn progress_spinner(what: &str) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr_with_hz(4));
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg}: {human_pos} ({per_sec})")
+            .expect("valid template"),
+    );
+    bar.set_message(what.to_string());
+    bar
 }
