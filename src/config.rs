@@ -50,6 +50,8 @@ pub struct Settings {
     pub model_path: PathBuf,
     pub index: IndexSettings,
     pub session: SessionSettings,
+    pub server: ServerSettings,
+    pub rerank: RerankSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -81,6 +83,8 @@ impl Default for Settings {
             model_path: PathBuf::from("models/demo"),
             index: IndexSettings::default(),
             session: SessionSettings::default(),
+            server: ServerSettings::default(),
+            rerank: RerankSettings::default(),
         }
     }
 }
@@ -104,6 +108,157 @@ impl Default for SessionSettings {
             redis_url: "redis://127.0.0.1:6379".into(),
             key_prefix: "tandem".into(),
         }
+    }
+}
+
+/// The HTTP server and the online pipeline (`tandem serve`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSettings {
+    /// The catalog (`items.{csv,jsonl}` in the common format) the server keeps in memory and,
+    /// when the index is empty, embeds and indexes at start-up. Empty: the catalog comes from
+    /// the index alone.
+    pub catalog_dir: PathBuf,
+    /// Largest accepted request body; larger bodies get 413.
+    pub max_body_bytes: usize,
+    /// Requests served at once; the next one gets 429 instead of queueing without bound.
+    pub max_concurrency: usize,
+    /// Whole-request budget; a slower request gets 503.
+    pub request_timeout_ms: u64,
+    /// Candidates fetched from the index before re-ranking.
+    pub k_candidates: usize,
+    /// How long a user's candidate list stays in the cache. The key also holds the model
+    /// version, the filter and the user's latest activity, so the TTL only bounds how long a
+    /// newly added item can be missing from a cached list.
+    pub cache_ttl_ms: u64,
+    /// Recent interactions (session and user) read per request.
+    pub recent_limit: usize,
+    /// Long-term history read per request, pooled by the user tower.
+    pub history_limit: usize,
+    /// How long the in-process trending snapshot is reused before the store is asked again.
+    pub trending_refresh_ms: u64,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            catalog_dir: PathBuf::new(),
+            max_body_bytes: 1 << 20,
+            max_concurrency: 512,
+            request_timeout_ms: 2_000,
+            k_candidates: 200,
+            cache_ttl_ms: 30_000,
+            recent_limit: 20,
+            history_limit: 50,
+            trending_refresh_ms: 2_000,
+        }
+    }
+}
+
+/// Re-rank weights per experiment variant: `[rerank.control]` is the default arm and
+/// `[rerank.NAME]` adds another. A variant table's missing keys take the built-in defaults,
+/// not control's values, so every arm reads complete on its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RerankSettings(pub std::collections::BTreeMap<String, RerankWeights>);
+
+/// The variant every request gets unless an experiment assigns another.
+pub const CONTROL_VARIANT: &str = "control";
+
+impl Default for RerankSettings {
+    fn default() -> Self {
+        RerankSettings([(CONTROL_VARIANT.to_string(), RerankWeights::default())].into())
+    }
+}
+
+impl RerankSettings {
+    /// The weights of a variant; a variant without its own table gets control's.
+    pub fn for_variant(&self, variant: &str) -> &RerankWeights {
+        self.0
+            .get(variant)
+            .or_else(|| self.0.get(CONTROL_VARIANT))
+            .unwrap_or(&DEFAULT_WEIGHTS)
+    }
+}
+
+static DEFAULT_WEIGHTS: RerankWeights = RerankWeights::DEFAULT;
+
+/// The blend of the re-ranker (see `rerank.rs` for what each component measures).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RerankWeights {
+    /// The ANN (user vector to item) cosine similarity.
+    pub ann: f32,
+    /// Max cosine similarity to the session's recent items.
+    pub session_max: f32,
+    /// Mean cosine similarity to the session's recent items.
+    pub session_mean: f32,
+    /// Share of the session (recency weighted) in the candidate's categories.
+    pub category_affinity: f32,
+    /// Trending score, normalised to 0..=1.
+    pub trending: f32,
+    /// exp(-age / freshness_half_life_days * ln 2).
+    pub freshness: f32,
+    pub freshness_half_life_days: f32,
+    /// Subtracted from items the user viewed or clicked recently.
+    pub viewed_penalty: f32,
+    /// MMR trade-off: 1.0 is pure relevance, lower values favour diversity.
+    pub mmr_lambda: f32,
+    /// How many of the newest session/history items the session components look at.
+    pub session_window: usize,
+}
+
+impl Default for RerankWeights {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+impl RerankWeights {
+    pub const DEFAULT: RerankWeights = RerankWeights {
+        ann: 1.0,
+        session_max: 0.3,
+        session_mean: 0.2,
+        category_affinity: 0.2,
+        trending: 0.1,
+        freshness: 0.05,
+        freshness_half_life_days: 30.0,
+        viewed_penalty: 0.3,
+        mmr_lambda: 0.85,
+        session_window: 10,
+    };
+
+    fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        let fields = [
+            ("ann", self.ann),
+            ("session_max", self.session_max),
+            ("session_mean", self.session_mean),
+            ("category_affinity", self.category_affinity),
+            ("trending", self.trending),
+            ("freshness", self.freshness),
+            ("viewed_penalty", self.viewed_penalty),
+        ];
+        for (name, w) in fields {
+            if !w.is_finite() || w < 0.0 {
+                return Err(ConfigError::Invalid {
+                    field: format!("{at}.{name}"),
+                    reason: format!("{w} must be a finite number >= 0"),
+                });
+            }
+        }
+        if !(self.freshness_half_life_days.is_finite() && self.freshness_half_life_days > 0.0) {
+            return Err(ConfigError::Invalid {
+                field: format!("{at}.freshness_half_life_days"),
+                reason: "must be > 0".into(),
+            });
+        }
+        if !(0.0..=1.0).contains(&self.mmr_lambda) {
+            return Err(ConfigError::Invalid {
+                field: format!("{at}.mmr_lambda"),
+                reason: format!("{} must be within 0..=1", self.mmr_lambda),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -206,6 +361,25 @@ impl Settings {
                     self.session.redis_url
                 ),
             ));
+        }
+        let server = &self.server;
+        for (field, v) in [
+            ("server.max_body_bytes", server.max_body_bytes),
+            ("server.max_concurrency", server.max_concurrency),
+            ("server.k_candidates", server.k_candidates),
+        ] {
+            if v == 0 {
+                return Err(invalid(field, "must be at least 1".into()));
+            }
+        }
+        if server.request_timeout_ms == 0 {
+            return Err(invalid(
+                "server.request_timeout_ms",
+                "must be at least 1".into(),
+            ));
+        }
+        for (name, w) in &self.rerank.0 {
+            w.validate(&format!("rerank.{name}"))?;
         }
         Ok(())
     }

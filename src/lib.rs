@@ -6,9 +6,14 @@
 //! - [`data`]: the common file format, MovieLens import, the synthetic generator, the split.
 //! - [`index`]: the `VectorIndex` trait and its backends (edge, qdrant, exact).
 //! - [`session`]: the `SessionStore` trait: event log, recent activity, trending, cache.
+//! - [`catalog`], [`rerank`], [`pipeline`], [`http`]: serving. The in-memory catalog, the
+//!   re-ranker (a pure function), the online flow (`Recommender`), and the axum API with
+//!   `http::serve`, the one entry point of `tandem serve` and the API tests.
 
+pub mod catalog;
 pub mod config;
 pub mod data;
 pub mod domain;
 pub mod index;
+pub mod rerank;
 pub mod session;
