@@ -9,11 +9,16 @@
 //! - [`catalog`], [`rerank`], [`pipeline`], [`http`]: serving. The in-memory catalog, the
 //!   re-ranker (a pure function), the online flow (`Recommender`), and the axum API with
 //!   `http::serve`, the one entry point of `tandem serve` and the API tests.
+//! - [`telemetry`], [`degrade`]: operations. Logs, `/metrics` and its metric names; time
+//!   budgets and circuit breakers that turn a slow or absent Redis or Qdrant into a degraded
+//!   answer instead of an error.
 
 pub mod catalog;
 pub mod config;
 pub mod data;
+pub mod degrade;
 pub mod domain;
 pub mod index;
 pub mod rerank;
 pub mod session;
+pub mod telemetry;
