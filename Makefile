@@ -31,3 +31,13 @@ fmt:
 ## check-split: tandem's split of ml-latest-small equals the shared one (needs ../shared; not in CI)
 check-split:
 	scripts/check-split.sh
+
+## --- operations (issue 8) ---
+.PHONY: fuzz-api check-compose
+## fuzz-api: schemathesis against /openapi.json of a local server (FUZZ_EXAMPLES per operation)
+fuzz-api:
+	scripts/fuzz-api.sh
+
+## check-compose: compose.yaml parses and holds the deployment's facts (no Docker engine needed)
+check-compose:
+	python3 deploy/check-compose.py compose.yaml
