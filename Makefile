@@ -2,7 +2,7 @@
 CARGO ?= cargo
 DEMO_DIR ?= data/demo
 
-.PHONY: run test bench lint fmt demo-data check-split
+.PHONY: run test bench lint fmt demo-data check-split bench-session
 
 ## run: the main job on the embedded default (demo data, then the server on :8080)
 run: demo-data
@@ -31,6 +31,16 @@ fmt:
 ## check-split: tandem's split of ml-latest-small equals the shared one (needs ../shared; not in CI)
 check-split:
 	scripts/check-split.sh
+
+## index: ANN benchmarks of the vector index (release build; serialized by the bench lock)
+.PHONY: bench-ann
+bench-ann:
+	$(CARGO) build --release --bin tandem
+	flock /tmp/tandem-bench.lock ./target/release/tandem bench ann --items 100000 --dim 64 --queries 1000 --filter-selectivity 0.1
+## bench-session: session store benchmark (Redis ingest + no-loss check, read latency, outage); needs Redis on :6379
+bench-session:
+	$(CARGO) build --release --example session_bench
+	flock /tmp/tandem-bench.lock ./target/release/examples/session_bench
 
 ## --- operations (issue 8) ---
 .PHONY: fuzz-api check-compose

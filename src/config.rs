@@ -73,6 +73,77 @@ pub struct SessionSettings {
     pub redis_url: String,
     /// Prefix of every Redis key, one per deployment.
     pub key_prefix: String,
+    /// The memory backend's event log file; empty means `<data_dir>/events.log`.
+    pub log_path: PathBuf,
+    /// Most entries kept in a user's or session's recent list.
+    pub recent_cap: usize,
+    /// Seconds a user's recent list lives after its last event.
+    pub user_recent_ttl_secs: f64,
+    /// Seconds an anonymous session's recent list lives after its last event.
+    pub session_recent_ttl_secs: f64,
+    /// Most entries kept in a user's long-term history (no TTL).
+    pub history_cap: usize,
+    /// Half-life of trending counters, in seconds.
+    pub trending_half_life_secs: f64,
+    /// Width of one trending time bucket, in seconds.
+    pub trending_bucket_secs: u64,
+    /// How many buckets trending looks back over; older ones are dropped.
+    pub trending_buckets: u32,
+    /// Seconds an `event_id` is remembered for idempotency.
+    pub idempotency_ttl_secs: u64,
+    /// Most events accepted in one batch.
+    pub max_batch: usize,
+    /// Seconds a timestamp may be ahead of the server clock.
+    pub max_future_secs: u64,
+    /// Approximate most entries kept in the Redis event stream (XADD MAXLEN ~).
+    pub stream_maxlen: u64,
+    /// Budget of every Redis call, in milliseconds; past it the call fails as unavailable.
+    pub redis_timeout_ms: u64,
+    /// Most entries in the memory backend's candidate cache.
+    pub cache_max_entries: usize,
+    /// Weight of each event type in trending, and whether it enters recent lists and history
+    /// at all (weight 0: logged only).
+    pub event_weights: EventWeights,
+}
+
+/// How much each event type counts. Impressions count 0 by default: being shown an item says
+/// nothing about wanting it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventWeights {
+    pub view: f64,
+    pub click: f64,
+    pub add_to_cart: f64,
+    pub purchase: f64,
+    pub rating: f64,
+    pub impression: f64,
+}
+
+impl Default for EventWeights {
+    fn default() -> Self {
+        EventWeights {
+            view: 1.0,
+            click: 2.0,
+            add_to_cart: 4.0,
+            purchase: 8.0,
+            rating: 3.0,
+            impression: 0.0,
+        }
+    }
+}
+
+impl EventWeights {
+    pub fn get(&self, t: crate::domain::EventType) -> f64 {
+        use crate::domain::EventType::*;
+        match t {
+            View => self.view,
+            Click => self.click,
+            AddToCart => self.add_to_cart,
+            Purchase => self.purchase,
+            Rating => self.rating,
+            Impression => self.impression,
+        }
+    }
 }
 
 impl Default for Settings {
@@ -107,6 +178,21 @@ impl Default for SessionSettings {
             backend: SessionBackend::Memory,
             redis_url: "redis://127.0.0.1:6379".into(),
             key_prefix: "tandem".into(),
+            log_path: PathBuf::new(),
+            recent_cap: 50,
+            user_recent_ttl_secs: 7.0 * 86400.0,
+            session_recent_ttl_secs: 1800.0,
+            history_cap: 500,
+            trending_half_life_secs: 6.0 * 3600.0,
+            trending_bucket_secs: 3600,
+            trending_buckets: 72,
+            idempotency_ttl_secs: 7 * 86400,
+            max_batch: 1000,
+            max_future_secs: 3600,
+            stream_maxlen: 10_000_000,
+            redis_timeout_ms: 200,
+            cache_max_entries: 100_000,
+            event_weights: EventWeights::default(),
         }
     }
 }
@@ -412,6 +498,84 @@ impl Settings {
         }
         for (name, w) in &self.rerank.0 {
             w.validate(&format!("rerank.{name}"))?;
+        }
+        self.session.validate()?;
+        Ok(())
+    }
+}
+
+impl SessionSettings {
+    /// The memory backend's log file under `data_dir` unless set.
+    pub fn log_file(&self, data_dir: &Path) -> PathBuf {
+        if self.log_path.as_os_str().is_empty() {
+            data_dir.join("events.log")
+        } else {
+            self.log_path.clone()
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &str, reason: &str| {
+            Err(ConfigError::Invalid {
+                field: format!("session.{field}"),
+                reason: reason.into(),
+            })
+        };
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        if self.recent_cap == 0 {
+            return invalid("recent_cap", "must be at least 1");
+        }
+        if self.history_cap == 0 {
+            return invalid("history_cap", "must be at least 1");
+        }
+        if !positive(self.user_recent_ttl_secs) {
+            return invalid(
+                "user_recent_ttl_secs",
+                "must be a positive number of seconds",
+            );
+        }
+        if !positive(self.session_recent_ttl_secs) {
+            return invalid(
+                "session_recent_ttl_secs",
+                "must be a positive number of seconds",
+            );
+        }
+        if !positive(self.trending_half_life_secs) {
+            return invalid(
+                "trending_half_life_secs",
+                "must be a positive number of seconds",
+            );
+        }
+        if self.trending_bucket_secs == 0 || self.trending_buckets == 0 {
+            return invalid(
+                "trending_bucket_secs",
+                "buckets and their width must be at least 1",
+            );
+        }
+        if self.max_batch == 0 {
+            return invalid("max_batch", "must be at least 1");
+        }
+        if self.redis_timeout_ms == 0 {
+            return invalid("redis_timeout_ms", "must be at least 1");
+        }
+        if self.stream_maxlen == 0 {
+            return invalid("stream_maxlen", "must be at least 1");
+        }
+        let w = self.event_weights;
+        for (name, v) in [
+            ("view", w.view),
+            ("click", w.click),
+            ("add_to_cart", w.add_to_cart),
+            ("purchase", w.purchase),
+            ("rating", w.rating),
+            ("impression", w.impression),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return Err(ConfigError::Invalid {
+                    field: format!("session.event_weights.{name}"),
+                    reason: format!("{v} is not a non-negative number"),
+                });
+            }
         }
         Ok(())
     }
