@@ -38,6 +38,8 @@ enum Command {
     /// Write the event log as `interactions.csv` in the common format, to retrain on live
     /// traffic.
     ExportEvents(ExportEventsArgs),
+    /// Serve the HTTP API (recommendations, similar items, catalog, events, onboarding).
+    Serve(ServeArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -260,6 +262,20 @@ struct ExportEventsArgs {
     since: Option<String>,
 }
 
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address to listen on (overrides `bind`).
+    #[arg(long)]
+    bind: Option<String>,
+    /// Checkpoint directory to serve (overrides `model_path`).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Data dir whose items file is the catalog (overrides `server.catalog_dir`); indexed at
+    /// start-up when the index is empty.
+    #[arg(long)]
+    catalog: Option<PathBuf>,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tandem::telemetry::init_logging();
@@ -270,6 +286,50 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn serve(mut settings: Settings, args: ServeArgs) -> anyhow::Result<()> {
+    if let Some(b) = args.bind {
+        settings.bind = b;
+    }
+    if let Some(m) = args.model {
+        settings.model_path = m;
+    }
+    if let Some(c) = args.catalog {
+        settings.server.catalog_dir = c;
+    }
+    settings.validate()?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&settings.bind)
+            .await
+            .map_err(|e| anyhow::anyhow!("binding {}: {e}", settings.bind))?;
+        tandem::http::serve(listener, settings, shutdown_signal()).await?;
+        anyhow::Ok(())
+    })
+}
+
+/// Completes on Ctrl-C or SIGTERM, so the server drains in-flight requests before exiting.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
 }
 
 /// The error and its causes on one line, skipping a cause whose text the line already holds
@@ -325,6 +385,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::ExportEvents(args) => export_events(&settings, &args)?,
+        Command::Serve(args) => serve(settings, args)?,
         Command::Split(args) => {
             let s = split::split(&args.data, &args.out)?;
             println!(

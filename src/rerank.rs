@@ -14,7 +14,7 @@
 use crate::catalog::CatalogEntry;
 use crate::config::RerankWeights;
 use crate::domain::{EventType, ItemId};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -54,7 +54,7 @@ pub struct Candidate {
 }
 
 /// The unweighted components of a score, returned with `explain=true`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Components {
     pub ann: f32,
     pub session_max: f32,
