@@ -30,6 +30,11 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
+## model: the shipped demo checkpoint, reproducible from the demo data (seed 7)
+.PHONY: demo-model
+demo-model: demo-data
+	./target/debug/tandem train --data $(DEMO_DIR)/raw --out models/demo --seed 7 --threads 2
+
 ## bench-serve: the serving load test at 1M items (release build, under the benchmark lock):
 ## generates the catalog once, indexes it, then runs tandem-load against `tandem serve`, once
 ## with the memory session store and once with Redis. Numbers go to BENCHMARKS-serving.md.
