@@ -9,6 +9,7 @@
 //! | `tandem_http_request_duration_seconds` | histogram | `route`, `method`, `status` |
 //! | `tandem_http_rejected_total` | counter | `reason` (`overload`, `timeout`, `body_too_large`) |
 //! | `tandem_stage_seconds` | histogram | `stage` (`read_session`, `user_vector`, `fetch_candidates`, `rerank`, ..) |
+//! | `tandem_pipeline_seconds` | histogram | `kind` (`recommend`, `similar`, `trending`, ..) |
 //! | `tandem_candidate_cache_total` | counter | `result` (`hit`, `miss`) |
 //! | `tandem_events_total` | counter | `outcome` (`accepted`, `duplicate`, `rejected`, `unavailable`) |
 //! | `tandem_model_active` | gauge | `version` (1 for the live model, 0 for the ones before) |
@@ -28,6 +29,7 @@ pub const HTTP_REQUESTS: &str = "tandem_http_requests_total";
 pub const HTTP_DURATION: &str = "tandem_http_request_duration_seconds";
 pub const HTTP_REJECTED: &str = "tandem_http_rejected_total";
 pub const STAGE_SECONDS: &str = "tandem_stage_seconds";
+pub const PIPELINE_SECONDS: &str = "tandem_pipeline_seconds";
 pub const CANDIDATE_CACHE: &str = "tandem_candidate_cache_total";
 pub const EVENTS: &str = "tandem_events_total";
 pub const MODEL_ACTIVE: &str = "tandem_model_active";
@@ -124,6 +126,11 @@ pub fn record_rejection(why: Rejection) {
 /// The duration of one pipeline stage.
 pub fn record_stage(stage: &'static str, elapsed: Duration) {
     metrics::histogram!(STAGE_SECONDS, "stage" => stage).record(elapsed.as_secs_f64());
+}
+
+/// The whole pipeline of one request, by kind.
+pub fn record_pipeline(kind: &'static str, elapsed: Duration) {
+    metrics::histogram!(PIPELINE_SECONDS, "kind" => kind).record(elapsed.as_secs_f64());
 }
 
 pub fn record_cache(hit: bool) {

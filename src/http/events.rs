@@ -9,7 +9,8 @@ use crate::session::event::{self, EventError, EventInput, EventLimits};
 use crate::session::Event;
 
 pub fn parse_events(s: &AppState, body: &[u8]) -> Result<Vec<Event>, AppError> {
-    let limits = EventLimits::default();
+    // `session.max_batch` and `session.max_future_secs` from the settings.
+    let limits = EventLimits::from(&s.settings.session);
     let now = event::now_ms();
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     let mut events = if first == Some(&b'[') {

@@ -3,6 +3,7 @@
 use crate::catalog::{Catalog, CatalogError};
 use crate::config::{Settings, CONTROL_VARIANT};
 use crate::data::DataError;
+use crate::degrade::{Budgets, GuardedIndex, GuardedSession};
 use crate::domain::{Item, ItemId, SessionId, UserId};
 use crate::index::{IndexError, IndexPoint, Payload, VectorIndex};
 use crate::model::{ModelError, TwoTower};
@@ -67,8 +68,22 @@ impl AppState {
             source: Box::new(e),
         })?;
         tracing::info!(version = model.version(), dim = model.dim(), "model loaded");
-        let index = crate::index::open(&settings, &settings.data_dir).await?;
-        let sessions = crate::session::open(&settings).await?;
+        crate::telemetry::set_model_version(model.version());
+        // Budgets and circuit breakers in front of both dependencies: a slow or absent Redis
+        // or Qdrant then degrades answers instead of failing or stalling them.
+        let index: Arc<dyn VectorIndex> = Arc::new(GuardedIndex::new(
+            crate::index::open(&settings, &settings.data_dir).await?,
+            // Index writes (item upserts) may take longer than a read; they get the whole
+            // request's budget.
+            Budgets {
+                write: std::time::Duration::from_millis(settings.server.request_timeout_ms),
+                ..guard_budgets(&settings, settings.server.index_budget_ms)
+            },
+        ));
+        let sessions: Arc<dyn SessionStore> = Arc::new(GuardedSession::new(
+            crate::session::open(&settings).await?,
+            guard_budgets(&settings, settings.server.session_budget_ms),
+        ));
         let items = read_catalog(&settings.server.catalog_dir)?;
         if !items.is_empty() && index_is_empty(index.as_ref()).await? {
             index_catalog(index.as_ref(), &model, &items, &settings.server.catalog_dir).await?;
@@ -141,6 +156,16 @@ impl AppState {
     }
 }
 
+fn guard_budgets(settings: &Settings, read_ms: u64) -> Budgets {
+    let ms = std::time::Duration::from_millis;
+    let server = &settings.server;
+    Budgets {
+        read: ms(read_ms),
+        write: ms(server.write_budget_ms),
+        cooldown: ms(server.breaker_cooldown_ms),
+    }
+}
+
 fn read_catalog(dir: &Path) -> Result<Vec<Item>, ServeError> {
     if dir.as_os_str().is_empty() {
         tracing::warn!("server.catalog_dir is not set: the catalog starts empty; add items with POST /v1/items");
@@ -173,12 +198,10 @@ async fn index_catalog(
     let popularity = count_interactions(dir)?;
     let mut points = Vec::with_capacity(items.len());
     for (n, chunk) in items.chunks(EMBED_BATCH).enumerate() {
-        let vectors = model
-            .embed_items(chunk)
-            .map_err(|e| ServeError::Model {
-                path: model.version().to_string(),
-                source: Box::new(e),
-            })?;
+        let vectors = model.embed_items(chunk).map_err(|e| ServeError::Model {
+            path: model.version().to_string(),
+            source: Box::new(e),
+        })?;
         for (item, vector) in chunk.iter().zip(vectors) {
             points.push(IndexPoint {
                 vector,
