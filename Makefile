@@ -2,7 +2,7 @@
 CARGO ?= cargo
 DEMO_DIR ?= data/demo
 
-.PHONY: run test bench lint fmt demo-data check-split bench-session bench-serve
+.PHONY: run test bench lint fmt demo-data check-split bench-session
 
 ## run: the full demo on the embedded default: the demo catalog (generated if absent), indexed
 ## with the shipped models/demo checkpoint into the embedded Qdrant under data/ (at the first
@@ -30,6 +30,21 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
+## index: ANN benchmarks of the vector index (release build; serialized by the bench lock)
+.PHONY: bench-ann
+bench-ann:
+	$(CARGO) build --release --bin tandem
+	flock /tmp/tandem-bench.lock ./target/release/tandem bench ann --items 100000 --dim 64 --queries 1000 --filter-selectivity 0.1,0.01
+
+## check-split: tandem's split of ml-latest-small equals the shared one (needs ../shared; not in CI)
+check-split:
+	scripts/check-split.sh
+
+## bench-session: session store benchmark (Redis ingest + no-loss check, read latency, outage); needs Redis on :6379
+bench-session:
+	$(CARGO) build --release --example session_bench
+	flock /tmp/tandem-bench.lock ./target/release/examples/session_bench
+
 ## model: the shipped demo checkpoint, reproducible from the demo data (seed 7)
 .PHONY: demo-model
 demo-model: demo-data
@@ -41,23 +56,10 @@ demo-model: demo-data
 BENCH_DIR ?= data/bench-1m
 BENCH_SECS ?= 30
 BENCH_CONN ?= 8
+.PHONY: bench-serve
 bench-serve:
 	$(CARGO) build --release --bin tandem --bin tandem-load
 	flock /tmp/tandem-bench.lock load-tests/bench-serve.sh $(BENCH_DIR) $(BENCH_SECS) $(BENCH_CONN)
-
-## check-split: tandem's split of ml-latest-small equals the shared one (needs ../shared; not in CI)
-check-split:
-	scripts/check-split.sh
-
-## index: ANN benchmarks of the vector index (release build; serialized by the bench lock)
-.PHONY: bench-ann
-bench-ann:
-	$(CARGO) build --release --bin tandem
-	flock /tmp/tandem-bench.lock ./target/release/tandem bench ann --items 100000 --dim 64 --queries 1000 --filter-selectivity 0.1
-## bench-session: session store benchmark (Redis ingest + no-loss check, read latency, outage); needs Redis on :6379
-bench-session:
-	$(CARGO) build --release --example session_bench
-	flock /tmp/tandem-bench.lock ./target/release/examples/session_bench
 
 ## --- operations (issue 8) ---
 .PHONY: fuzz-api check-compose
