@@ -41,21 +41,22 @@ enum Command {
     /// Score a checkpoint on a split directory with the offline protocol (trains one first
     /// when --model is not given).
     Eval(EvalArgs),
-    /// Serve the HTTP API (recommendations, similar items, catalog, events, onboarding).
+    /// Serve the HTTP API (recommendations, similar items, catalog, events, onboarding) until
+    /// Ctrl-C or SIGTERM, then drain the requests in flight.
     Serve(ServeArgs),
 }
 
 #[derive(Args)]
 struct ServeArgs {
     /// Address to listen on (overrides `bind`).
-    #[arg(long)]
+    #[arg(long, env = "TANDEM_BIND", value_name = "HOST:PORT")]
     bind: Option<String>,
     /// Checkpoint directory to serve (overrides `model_path`).
-    #[arg(long)]
+    #[arg(long, value_name = "DIR")]
     model: Option<PathBuf>,
-    /// Data dir whose items file is the catalog (overrides `server.catalog_dir`); indexed at
-    /// start-up when the index is empty.
-    #[arg(long)]
+    /// Data dir whose items file is the catalog (overrides `server.catalog_dir`); it is
+    /// embedded and indexed at start-up when the index is empty.
+    #[arg(long, value_name = "DIR")]
     catalog: Option<PathBuf>,
 }
 
