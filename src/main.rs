@@ -1,9 +1,9 @@
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tandem::config::Settings;
 use tandem::data::{movielens, split, synthetic};
-use anyhow::Context;
 use tandem::eval::{self, On, Split};
 use tandem::model::{self, TrainConfig, TwoTower};
 
@@ -480,7 +480,6 @@ struct EvalArgs {
     hp: HyperArgs,
 }
 
-
 /// Sizes the CPU thread pools before any kernel runs: candle's gemm reads
 /// RAYON_NUM_THREADS, and the rayon global pool runs the rest.
 fn set_threads(n: usize) {
@@ -491,8 +490,6 @@ fn set_threads(n: usize) {
         .num_threads(n)
         .build_global();
 }
-
-
 
 fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     let cfg = args.hp.config();
@@ -583,4 +580,3 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
-
