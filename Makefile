@@ -2,7 +2,7 @@
 CARGO ?= cargo
 DEMO_DIR ?= data/demo
 
-.PHONY: run test bench lint fmt demo-data check-split bench-session bench-serve
+.PHONY: run test bench lint fmt demo-data check-split bench-session
 
 ## run: the full demo on the embedded default: the demo catalog (generated if absent), indexed
 ## with the shipped models/demo checkpoint into the embedded Qdrant under data/ (at the first
@@ -45,12 +45,14 @@ bench-session:
 	$(CARGO) build --release --example session_bench
 	flock /tmp/tandem-bench.lock ./target/release/examples/session_bench
 
+
 ## bench-serve: the serving load test at 1M items (release build, under the benchmark lock):
 ## generates the catalog once, indexes it, then runs tandem-load against `tandem serve`, once
 ## with the memory session store and once with Redis. Numbers go to BENCHMARKS-serving.md.
 BENCH_DIR ?= data/bench-1m
 BENCH_SECS ?= 30
 BENCH_CONN ?= 8
+.PHONY: bench-serve
 bench-serve:
 	$(CARGO) build --release --bin tandem --bin tandem-load
 	flock /tmp/tandem-bench.lock load-tests/bench-serve.sh $(BENCH_DIR) $(BENCH_SECS) $(BENCH_CONN)
@@ -67,3 +69,13 @@ bench-lifecycle:
 .PHONY: demo-model
 demo-model: demo-data
 	./target/debug/tandem train --data $(DEMO_DIR)/raw --out models/demo --seed 7 --threads 2
+
+## --- operations (issue 8) ---
+.PHONY: fuzz-api check-compose
+## fuzz-api: schemathesis against /openapi.json of a local server (FUZZ_EXAMPLES per operation)
+fuzz-api:
+	scripts/fuzz-api.sh
+
+## check-compose: compose.yaml parses and holds the deployment's facts (no Docker engine needed)
+check-compose:
+	python3 deploy/check-compose.py compose.yaml

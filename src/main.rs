@@ -6,7 +6,6 @@ use tandem::config::Settings;
 use tandem::data::{movielens, split, synthetic};
 use tandem::eval::{self, On, Split};
 use tandem::model::{self, TrainConfig, TwoTower};
-use tracing_subscriber::EnvFilter;
 
 /// tandem: a recommendation service (two-tower model, Qdrant ANN, session-aware re-ranking).
 #[derive(Parser)]
@@ -196,7 +195,7 @@ struct ExportEventsArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    tandem::telemetry::init_logging();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -206,27 +205,48 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs to stderr, `info` unless `RUST_LOG` says otherwise; JSON when `TANDEM_LOG_FORMAT=json`.
-fn init_logging() {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info"))
-        // qdrant-edge warns "Feature flags not initialized!" on every operation; it means
-        // nothing to a tandem user.
-        .add_directive(
-            "qdrant_edge::common::flags=error"
-                .parse()
-                .expect("valid directive"),
-        );
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let json = std::env::var("TANDEM_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
-    // A second init (there is none in the binary) would only fail to install; ignore it.
-    let _ = if json {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
+fn serve(mut settings: Settings, args: ServeArgs) -> anyhow::Result<()> {
+    if let Some(b) = args.bind {
+        settings.bind = b;
+    }
+    if let Some(m) = args.model {
+        settings.model_path = m;
+    }
+    if let Some(c) = args.catalog {
+        settings.server.catalog_dir = c;
+    }
+    settings.validate()?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&settings.bind)
+            .await
+            .map_err(|e| anyhow::anyhow!("binding {}: {e}", settings.bind))?;
+        tandem::http::serve(listener, settings, shutdown_signal()).await?;
+        anyhow::Ok(())
+    })
+}
+
+/// Completes on Ctrl-C or SIGTERM, so the server drains in-flight requests before exiting.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
     };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
 }
 
 /// The error and its causes on one line, skipping a cause whose text the line already holds
@@ -311,50 +331,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn serve(mut settings: Settings, args: ServeArgs) -> anyhow::Result<()> {
-    if let Some(b) = args.bind {
-        settings.bind = b;
-    }
-    if let Some(m) = args.model {
-        settings.model_path = m;
-    }
-    if let Some(c) = args.catalog {
-        settings.server.catalog_dir = c;
-    }
-    settings.validate()?;
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(&settings.bind)
-            .await
-            .map_err(|e| anyhow::anyhow!("binding {}: {e}", settings.bind))?;
-        tandem::http::serve(listener, settings, shutdown_signal()).await?;
-        anyhow::Ok(())
-    })
-}
-
-/// Completes on Ctrl-C or SIGTERM, so the server drains in-flight requests before exiting.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
-    tracing::info!("shutting down");
 }
 
 fn models(args: ModelsArgs) -> anyhow::Result<()> {
