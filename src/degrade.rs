@@ -264,6 +264,21 @@ impl SessionStore for GuardedSession {
             ))),
         }
     }
+
+    async fn incr_counters(&self, key: &str, deltas: &[(String, i64)]) -> Result<(), SessionError> {
+        // Experiment counts: a write, off the request path (attribution runs in a task).
+        self.write("increment counters", self.inner.incr_counters(key, deltas))
+            .await
+    }
+
+    async fn read_counters(
+        &self,
+        key: &str,
+    ) -> Result<std::collections::HashMap<String, i64>, SessionError> {
+        // Read by the admin report, not on the request path.
+        self.write("read counters", self.inner.read_counters(key))
+            .await
+    }
 }
 
 /// The vector index behind a breaker, with the read budget on searches and fetches. Version
@@ -444,6 +459,15 @@ mod tests {
         }
         async fn ping(&self) -> Result<(), SessionError> {
             self.answer(()).await
+        }
+        async fn incr_counters(&self, _: &str, _: &[(String, i64)]) -> Result<(), SessionError> {
+            self.answer(()).await
+        }
+        async fn read_counters(
+            &self,
+            _: &str,
+        ) -> Result<std::collections::HashMap<String, i64>, SessionError> {
+            self.answer(Default::default()).await
         }
     }
 

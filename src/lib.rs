@@ -11,6 +11,8 @@
 //! - [`catalog`], [`rerank`], [`pipeline`], [`http`]: serving. The in-memory catalog, the
 //!   re-ranker (a pure function), the online flow (`Recommender`), and the axum API with
 //!   `http::serve`, the one entry point of `tandem serve` and the API tests.
+//! - [`registry`], [`lifecycle`], [`experiment`]: registered checkpoints, zero-downtime
+//!   activation and rollback, A/B experiments; driven by the admin API (`http::admin`).
 //! - [`telemetry`], [`degrade`]: operations. Logs, `/metrics` and its metric names; time
 //!   budgets and circuit breakers that turn a slow or absent Redis or Qdrant into a degraded
 //!   answer instead of an error.
@@ -21,10 +23,13 @@ pub mod data;
 pub mod degrade;
 pub mod domain;
 pub mod eval;
+pub mod experiment;
 pub mod http;
 pub mod index;
+pub mod lifecycle;
 pub mod model;
 pub mod pipeline;
+pub mod registry;
 pub mod rerank;
 pub mod session;
 pub mod telemetry;
