@@ -45,7 +45,6 @@ bench-session:
 	$(CARGO) build --release --example session_bench
 	flock /tmp/tandem-bench.lock ./target/release/examples/session_bench
 
-
 ## bench-serve: the serving load test at 1M items (release build, under the benchmark lock):
 ## generates the catalog once, indexes it, then runs tandem-load against `tandem serve`, once
 ## with the memory session store and once with Redis. Numbers go to BENCHMARKS-serving.md.

@@ -31,6 +31,8 @@ cleanup() {
 trap cleanup EXIT
 
 "$BIN" generate --out "$WORK/catalog" --items 300 --users 60 --interactions 3000 --seed 3 >/dev/null
+# A tiny model trained here, so the run needs nothing but this repo.
+"$BIN" train --data "$WORK/catalog" --out "$WORK/model" --epochs 1 --dim 16 --hidden 32 >/dev/null 2>&1
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 BASE="http://127.0.0.1:$PORT"
 
@@ -38,6 +40,7 @@ BASE="http://127.0.0.1:$PORT"
 # is raised so that schemathesis' workers never see a 429 they would count as noise.
 TANDEM_BIND="127.0.0.1:$PORT" \
 TANDEM_DATA_DIR="$WORK/data" \
+TANDEM_MODEL_PATH="$WORK/model" \
 TANDEM_SERVER__CATALOG_DIR="$WORK/catalog" \
 TANDEM_SESSION__BACKEND=memory \
 RUST_LOG=${RUST_LOG:-warn} \

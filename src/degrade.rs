@@ -266,6 +266,7 @@ impl SessionStore for GuardedSession {
     }
 
     async fn incr_counters(&self, key: &str, deltas: &[(String, i64)]) -> Result<(), SessionError> {
+        // Experiment counts: a write, off the request path (attribution runs in a task).
         self.write("increment counters", self.inner.incr_counters(key, deltas))
             .await
     }
@@ -274,7 +275,8 @@ impl SessionStore for GuardedSession {
         &self,
         key: &str,
     ) -> Result<std::collections::HashMap<String, i64>, SessionError> {
-        self.read("read counters", self.inner.read_counters(key))
+        // Read by the admin report, not on the request path.
+        self.write("read counters", self.inner.read_counters(key))
             .await
     }
 }

@@ -15,7 +15,10 @@
 //! | `tandem_model_active` | gauge | `version` (1 for the live model, 0 for the ones before) |
 //! | `tandem_degraded_total` | counter | `cause` (`session`, `index`, `cache`, `trending`, `model`) |
 //! | `tandem_dependency_up` | gauge | `dependency` (`session`, `index`): 0 while its breaker is open |
-//! | `tandem_variant_events_total` | counter | `experiment`, `variant`, `kind` (`impression`, `click`, ..) |
+//!
+//! Per-variant experiment counters (`tandem_experiment_{impressions,clicks,purchases}_total`,
+//! `tandem_experiment_latency_seconds`) are recorded by `experiment::export_metrics` into the
+//! same recorder.
 //!
 //! Without an installed recorder (unit tests, CLI commands) every call is a cheap no-op.
 
@@ -35,7 +38,6 @@ pub const EVENTS: &str = "tandem_events_total";
 pub const MODEL_ACTIVE: &str = "tandem_model_active";
 pub const DEGRADED: &str = "tandem_degraded_total";
 pub const DEPENDENCY_UP: &str = "tandem_dependency_up";
-pub const VARIANT_EVENTS: &str = "tandem_variant_events_total";
 
 /// Latency buckets in seconds: fine below 5 ms where the serving targets sit, coarse up to the
 /// request timeout.
@@ -180,17 +182,6 @@ pub fn set_dependency_up(dependency: &'static str, up: bool) {
     metrics::gauge!(DEPENDENCY_UP, "dependency" => dependency).set(if up { 1.0 } else { 0.0 });
 }
 
-/// The seam for experiments: one impression, click or conversion attributed to a variant.
-pub fn record_variant_event(experiment: &str, variant: &str, kind: &str) {
-    metrics::counter!(
-        VARIANT_EVENTS,
-        "experiment" => experiment.to_string(),
-        "variant" => variant.to_string(),
-        "kind" => kind.to_string()
-    )
-    .increment(1);
-}
-
 /// Logs to stderr, `info` unless `RUST_LOG` says otherwise; JSON lines when
 /// `TANDEM_LOG_FORMAT=json`. Span fields (the request span carries `request_id`) appear on
 /// every line logged inside the span, in both formats.
@@ -244,7 +235,6 @@ mod tests {
         set_model_version("m-2");
         record_degraded("session");
         set_dependency_up("session", false);
-        record_variant_event("exp-a", "treatment", "click");
 
         let text = render();
         for line in [
@@ -259,7 +249,6 @@ mod tests {
             r#"tandem_model_active{version="m-2"} 1"#,
             r#"tandem_degraded_total{cause="session"} 1"#,
             r#"tandem_dependency_up{dependency="session"} 0"#,
-            r#"tandem_variant_events_total{experiment="exp-a",variant="treatment",kind="click"} 1"#,
         ] {
             assert!(text.contains(line), "missing {line} in:\n{text}");
         }

@@ -897,3 +897,64 @@ fn url_escape(s: &str) -> String {
         })
         .collect()
 }
+
+/// SIGTERM while a request is in flight: the listener closes, the in-flight request still
+/// completes (its events acknowledged and in the log), and the process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_and_exits_zero() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fx = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut server = Server::start(&data, &[("TANDEM_SESSION__BACKEND", "memory".into())]).await;
+    let (id, event) = click("drain-user", &fx.item_ids[0]);
+    let body = serde_json::to_vec(&event).unwrap();
+
+    // A request whose body is still arriving when the signal comes.
+    let addr = server.base.trim_start_matches("http://").to_string();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(&body[..5]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // No new connections once draining...
+    assert!(
+        server
+            .http
+            .get(server.url("/healthz"))
+            .send()
+            .await
+            .is_err(),
+        "still accepting after SIGTERM"
+    );
+    // ...but the one in flight finishes and is acknowledged.
+    conn.write_all(&body[5..]).await.unwrap();
+    let mut response = String::new();
+    conn.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 202"), "{response}");
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "no exit 15 s after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(0), "{}", server.log_text());
+    let logged =
+        tandem::session::MemoryStore::read_log_file(&data.join("events.log"), i64::MIN, i64::MAX)
+            .unwrap();
+    assert!(logged.iter().any(|e| e.event_id.to_string() == id));
+}

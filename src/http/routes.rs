@@ -217,7 +217,11 @@ pub async fn upsert_items(
 /// One item as the catalog holds it.
 #[utoipa::path(get, path = "/v1/items/{item_id}", tag = "catalog",
     params(("item_id" = String, Path)),
-    responses((status = 200, body = ItemView), (status = 404, body = ErrorBody)))]
+    responses(
+        (status = 200, body = ItemView),
+        (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody),
+    ))]
 pub async fn get_item(
     State(s): State<AppState>,
     ApiPath(item_id): ApiPath<String>,
@@ -282,7 +286,11 @@ pub async fn patch_item(
 /// Removes an item from the index and the catalog.
 #[utoipa::path(delete, path = "/v1/items/{item_id}", tag = "catalog",
     params(("item_id" = String, Path)),
-    responses((status = 204, description = "deleted"), (status = 404, body = ErrorBody)))]
+    responses(
+        (status = 204, description = "deleted"),
+        (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody),
+    ))]
 pub async fn delete_item(
     State(s): State<AppState>,
     ApiPath(item_id): ApiPath<String>,
