@@ -30,6 +30,12 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
+## index: ANN benchmarks of the vector index (release build; serialized by the bench lock)
+.PHONY: bench-ann
+bench-ann:
+	$(CARGO) build --release --bin tandem
+	flock /tmp/tandem-bench.lock ./target/release/tandem bench ann --items 100000 --dim 64 --queries 1000 --filter-selectivity 0.1,0.01
+
 ## check-split: tandem's split of ml-latest-small equals the shared one (needs ../shared; not in CI)
 check-split:
 	scripts/check-split.sh
@@ -38,6 +44,11 @@ check-split:
 bench-session:
 	$(CARGO) build --release --example session_bench
 	flock /tmp/tandem-bench.lock ./target/release/examples/session_bench
+
+## model: the shipped demo checkpoint, reproducible from the demo data (seed 7)
+.PHONY: demo-model
+demo-model: demo-data
+	./target/debug/tandem train --data $(DEMO_DIR)/raw --out models/demo --seed 7 --threads 2
 
 ## bench-serve: the serving load test at 1M items (release build, under the benchmark lock):
 ## generates the catalog once, indexes it, then runs tandem-load against `tandem serve`, once

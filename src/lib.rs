@@ -6,6 +6,8 @@
 //! - [`data`]: the common file format, MovieLens import, the synthetic generator, the split.
 //! - [`index`]: the `VectorIndex` trait and its backends (edge, qdrant, exact).
 //! - [`session`]: the `SessionStore` trait: event log, recent activity, trending, cache.
+//! - [`model`]: the two-tower model (candle): featurization, towers, training, checkpoints.
+//! - [`eval`]: the offline protocol's metrics, identical to `score.py`, and `tandem eval`.
 //! - [`catalog`], [`rerank`], [`pipeline`], [`http`]: serving. The in-memory catalog, the
 //!   re-ranker (a pure function), the online flow (`Recommender`), and the axum API with
 //!   `http::serve`, the one entry point of `tandem serve` and the API tests.
@@ -14,8 +16,10 @@ pub mod catalog;
 pub mod config;
 pub mod data;
 pub mod domain;
+pub mod eval;
 pub mod http;
 pub mod index;
+pub mod model;
 pub mod pipeline;
 pub mod rerank;
 pub mod session;
