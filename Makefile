@@ -45,11 +45,6 @@ bench-session:
 	$(CARGO) build --release --example session_bench
 	flock /tmp/tandem-bench.lock ./target/release/examples/session_bench
 
-## model: the shipped demo checkpoint, reproducible from the demo data (seed 7)
-.PHONY: demo-model
-demo-model: demo-data
-	./target/debug/tandem train --data $(DEMO_DIR)/raw --out models/demo --seed 7 --threads 2
-
 ## bench-serve: the serving load test at 1M items (release build, under the benchmark lock):
 ## generates the catalog once, indexes it, then runs tandem-load against `tandem serve`, once
 ## with the memory session store and once with Redis. Numbers go to BENCHMARKS-serving.md.
@@ -59,3 +54,16 @@ BENCH_CONN ?= 8
 bench-serve:
 	$(CARGO) build --release --bin tandem --bin tandem-load
 	flock /tmp/tandem-bench.lock load-tests/bench-serve.sh $(BENCH_DIR) $(BENCH_SECS) $(BENCH_CONN)
+
+## bench-lifecycle: activate and roll back a model under steady recommendation traffic
+## (release build, under the benchmark lock). Numbers go to BENCHMARKS-lifecycle.md.
+LIFECYCLE_ITEMS ?= 100000
+LIFECYCLE_RATE ?= 200
+bench-lifecycle:
+	$(CARGO) build --release --bin tandem --example lifecycle_bench
+	flock /tmp/tandem-bench.lock load-tests/lifecycle-bench.sh data/bench-lifecycle $(LIFECYCLE_ITEMS) $(LIFECYCLE_RATE) 15
+
+## model: the shipped demo checkpoint, reproducible from the demo data (seed 7)
+.PHONY: demo-model
+demo-model: demo-data
+	./target/debug/tandem train --data $(DEMO_DIR)/raw --out models/demo --seed 7 --threads 2

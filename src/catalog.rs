@@ -133,6 +133,11 @@ impl Catalog {
         self.items.read().values().next().cloned()
     }
 
+    /// Every entry, as of now (model activation embeds this snapshot).
+    pub fn entries(&self) -> Vec<Arc<CatalogEntry>> {
+        self.items.read().values().cloned().collect()
+    }
+
     pub fn get(&self, id: &ItemId) -> Option<Arc<CatalogEntry>> {
         self.items.read().get(id).cloned()
     }

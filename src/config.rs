@@ -52,6 +52,42 @@ pub struct Settings {
     pub session: SessionSettings,
     pub server: ServerSettings,
     pub rerank: RerankSettings,
+    /// The model registry (`[registry]`).
+    pub registry: RegistrySettings,
+    /// A/B experiments (`[[experiments]]`); `PUT /admin/experiments` replaces them at run time.
+    pub experiments: Vec<crate::experiment::Experiment>,
+    /// The admin API key, from `TANDEM_ADMIN_KEY` only (never from the file, never printed).
+    #[serde(skip)]
+    pub admin_key: AdminKey,
+}
+
+/// A secret that `Debug` does not print.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct AdminKey(pub Option<String>);
+
+impl std::fmt::Debug for AdminKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Some(***)"
+        } else {
+            "None"
+        })
+    }
+}
+
+/// `[registry]`: registered checkpoints under `<data_dir>/models/`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistrySettings {
+    /// Registered versions kept; older ones are deleted with their index collections (the
+    /// active version and the rollback target are always kept). At least 2.
+    pub keep_last: usize,
+}
+
+impl Default for RegistrySettings {
+    fn default() -> Self {
+        RegistrySettings { keep_last: 5 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -156,6 +192,9 @@ impl Default for Settings {
             session: SessionSettings::default(),
             server: ServerSettings::default(),
             rerank: RerankSettings::default(),
+            registry: RegistrySettings::default(),
+            experiments: Vec::new(),
+            admin_key: AdminKey::default(),
         }
     }
 }
@@ -314,7 +353,7 @@ impl RerankWeights {
         session_window: 10,
     };
 
-    fn validate(&self, at: &str) -> Result<(), ConfigError> {
+    pub fn validate(&self, at: &str) -> Result<(), ConfigError> {
         let fields = [
             ("ann", self.ann),
             ("session_max", self.session_max),
@@ -373,10 +412,15 @@ impl Settings {
             }
             None => toml::Table::new(),
         };
+        let mut admin_key = None;
         for (var, value) in env {
             let Some(key) = var.strip_prefix("TANDEM_") else {
                 continue;
             };
+            if key == "ADMIN_KEY" {
+                admin_key = Some(value).filter(|v| !v.is_empty());
+                continue;
+            }
             let path: Vec<String> = key
                 .to_ascii_lowercase()
                 .split("__")
@@ -387,13 +431,14 @@ impl Settings {
             }
             set_path(&mut doc, &path, &value);
         }
-        let settings: Settings =
+        let mut settings: Settings =
             toml::Value::Table(doc)
                 .try_into()
                 .map_err(|e: toml::de::Error| ConfigError::Invalid {
                     field: "config".into(),
                     reason: e.message().to_string(),
                 })?;
+        settings.admin_key = AdminKey(admin_key);
         settings.validate()?;
         Ok(settings)
     }
@@ -467,6 +512,18 @@ impl Settings {
         for (name, w) in &self.rerank.0 {
             w.validate(&format!("rerank.{name}"))?;
         }
+        if self.registry.keep_last < 2 {
+            return Err(invalid(
+                "registry.keep_last",
+                "must be at least 2 (the active version and its rollback target)".into(),
+            ));
+        }
+        crate::experiment::validate(&self.experiments).map_err(|e| match e {
+            crate::experiment::ExperimentError::Invalid { field, reason } => {
+                ConfigError::Invalid { field, reason }
+            }
+            other => invalid("experiments", other.to_string()),
+        })?;
         self.session.validate()?;
         Ok(())
     }

@@ -11,15 +11,20 @@
 //! - [`catalog`], [`rerank`], [`pipeline`], [`http`]: serving. The in-memory catalog, the
 //!   re-ranker (a pure function), the online flow (`Recommender`), and the axum API with
 //!   `http::serve`, the one entry point of `tandem serve` and the API tests.
+//! - [`registry`], [`lifecycle`], [`experiment`]: registered checkpoints, zero-downtime
+//!   activation and rollback, A/B experiments; driven by the admin API (`http::admin`).
 
 pub mod catalog;
 pub mod config;
 pub mod data;
 pub mod domain;
 pub mod eval;
+pub mod experiment;
 pub mod http;
 pub mod index;
+pub mod lifecycle;
 pub mod model;
 pub mod pipeline;
+pub mod registry;
 pub mod rerank;
 pub mod session;

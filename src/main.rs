@@ -22,6 +22,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the HTTP API (recommendations, similar items, catalog, events, onboarding) until
+    /// Ctrl-C or SIGTERM, then drain the requests in flight.
+    Serve(ServeArgs),
     /// Convert a public dataset into tandem's common format (items.csv, interactions.csv).
     #[command(subcommand)]
     Import(ImportSource),
@@ -34,9 +37,6 @@ enum Command {
     /// Write the event log as `interactions.csv` in the common format, to retrain on live
     /// traffic.
     ExportEvents(ExportEventsArgs),
-    /// Serve the HTTP API (recommendations, similar items, catalog, events, onboarding) until
-    /// Ctrl-C or SIGTERM, then drain the requests in flight.
-    Serve(ServeArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -45,6 +45,9 @@ enum Command {
     /// Score a checkpoint on a split directory with the offline protocol (trains one first
     /// when --model is not given).
     Eval(EvalArgs),
+    /// Manage model versions on a running server over its admin API (for scripts and CI):
+    /// list, register, activate, rollback.
+    Models(ModelsArgs),
 }
 
 #[derive(Args)]
@@ -59,6 +62,46 @@ struct ServeArgs {
     /// embedded and indexed at start-up when the index is empty.
     #[arg(long, value_name = "DIR")]
     catalog: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ModelsArgs {
+    /// The server's base URL.
+    #[arg(
+        long,
+        env = "TANDEM_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    url: String,
+    /// The admin key (the server's TANDEM_ADMIN_KEY).
+    #[arg(long, env = "TANDEM_ADMIN_KEY", hide_env_values = true, global = true)]
+    api_key: Option<String>,
+    #[command(subcommand)]
+    action: ModelsAction,
+}
+
+#[derive(Subcommand)]
+enum ModelsAction {
+    /// Registered versions with status, metrics and activation progress (JSON).
+    List,
+    /// Validate a checkpoint directory (a path on the server) and register it.
+    Register {
+        /// Checkpoint directory holding model.safetensors and manifest.json.
+        path: String,
+    },
+    /// Embed the catalog with a version's item tower and switch to it.
+    Activate {
+        version: String,
+        /// Return at once instead of waiting until the version serves.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout_secs: u64,
+    },
+    /// Go back to the previously active version (instant, no re-embedding).
+    Rollback,
 }
 
 #[derive(Subcommand)]
@@ -238,8 +281,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 s.seconds
             );
         }
-        Command::ExportEvents(args) => export_events(&settings, &args)?,
         Command::Serve(args) => serve(settings, args)?,
+        Command::ExportEvents(args) => export_events(&settings, &args)?,
+        Command::Models(args) => models(args)?,
         Command::Split(args) => {
             let s = split::split(&args.data, &args.out)?;
             println!(
@@ -311,6 +355,49 @@ async fn shutdown_signal() {
         _ = term => {},
     }
     tracing::info!("shutting down");
+}
+
+fn models(args: ModelsArgs) -> anyhow::Result<()> {
+    use tandem::http::admin_client::AdminClient;
+    let client = AdminClient::new(&args.url, args.api_key);
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let out = match args.action {
+            ModelsAction::List => serde_json::to_value(client.list().await?)?,
+            ModelsAction::Register { path } => serde_json::to_value(client.register(&path).await?)?,
+            ModelsAction::Activate {
+                version,
+                no_wait,
+                timeout_secs,
+            } => {
+                let started = client.activate(&version).await?;
+                if no_wait {
+                    serde_json::to_value(started)?
+                } else {
+                    let mut last = String::new();
+                    let record = client
+                        .wait_active(
+                            &version,
+                            std::time::Duration::from_secs(timeout_secs),
+                            |m| {
+                                if let Some(p) = &m.progress {
+                                    let line = format!("{}: {}/{}", p.phase, p.done, p.total);
+                                    if line != last {
+                                        eprintln!("{version} {line}");
+                                        last = line;
+                                    }
+                                }
+                            },
+                        )
+                        .await?;
+                    serde_json::to_value(record)?
+                }
+            }
+            ModelsAction::Rollback => serde_json::to_value(client.rollback().await?)?,
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        anyhow::Ok(())
+    })
 }
 
 fn export_events(settings: &Settings, args: &ExportEventsArgs) -> anyhow::Result<()> {

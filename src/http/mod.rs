@@ -2,6 +2,8 @@
 //! knows axum. [`serve`] is the one entry point: `main` and every integration test start the
 //! server the same way, with a listener the caller bound and a shutdown future it owns.
 
+pub mod admin;
+pub mod admin_client;
 pub mod error;
 mod events;
 pub mod extract;
@@ -77,6 +79,14 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(routes::readyz))
         .route("/metrics", get(routes::metrics))
         .route("/openapi.json", get(openapi::serve_openapi))
+        .nest(
+            "/admin",
+            admin::router(admin::AdminState::new(
+                state.lifecycle.clone(),
+                state.experiments.clone(),
+                state.settings.admin_key.0.as_deref(),
+            )),
+        )
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard))

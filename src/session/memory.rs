@@ -61,6 +61,9 @@ struct State {
     /// Category (None: global) -> bucket -> item -> weighted count.
     trending: HashMap<Option<String>, BTreeMap<i64, HashMap<ItemId, f64>>>,
     cache: HashMap<String, (Vec<u8>, i64)>,
+    /// Named counter hashes (experiment counts). Not in the event log: they are aggregates
+    /// that start again from zero with the process, like the cache.
+    counters: HashMap<String, HashMap<String, i64>>,
     appends: u64,
 }
 
@@ -433,6 +436,26 @@ impl SessionStore for MemoryStore {
         st.cache
             .insert(key.to_string(), (value.to_vec(), now + ttl_ms));
         Ok(())
+    }
+
+    async fn incr_counters(&self, key: &str, deltas: &[(String, i64)]) -> Result<(), SessionError> {
+        let mut st = self.state.lock();
+        let hash = st.counters.entry(key.to_string()).or_default();
+        for (field, by) in deltas {
+            let c = hash.entry(field.clone()).or_insert(0);
+            *c = c.saturating_add(*by);
+        }
+        Ok(())
+    }
+
+    async fn read_counters(&self, key: &str) -> Result<HashMap<String, i64>, SessionError> {
+        Ok(self
+            .state
+            .lock()
+            .counters
+            .get(key)
+            .cloned()
+            .unwrap_or_default())
     }
 
     async fn ping(&self) -> Result<(), SessionError> {

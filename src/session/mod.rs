@@ -120,4 +120,12 @@ pub trait SessionStore: Send + Sync {
     async fn cache_set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), SessionError>;
     /// A cheap round trip, for readiness.
     async fn ping(&self) -> Result<(), SessionError>;
+    /// Adds each delta to a named counter of the hash `key` (creating both as needed). Shared
+    /// by every replica, so experiment counts add up across the fleet.
+    async fn incr_counters(&self, key: &str, deltas: &[(String, i64)]) -> Result<(), SessionError>;
+    /// Every counter of the hash `key`; empty when it was never written.
+    async fn read_counters(
+        &self,
+        key: &str,
+    ) -> Result<std::collections::HashMap<String, i64>, SessionError>;
 }

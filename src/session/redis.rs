@@ -534,6 +534,36 @@ impl SessionStore for RedisStore {
         .await
     }
 
+    async fn incr_counters(&self, key: &str, deltas: &[(String, i64)]) -> Result<(), SessionError> {
+        if deltas.is_empty() {
+            return Ok(());
+        }
+        let key = self.key(&format!("counters:{key}"));
+        self.bounded("add to counters", async {
+            let mut con = self.manager().await?;
+            // One round trip for the whole batch; HINCRBY is atomic per field, so replicas
+            // adding at the same time never lose a count.
+            let mut pipe = redis::pipe();
+            for (field, by) in deltas {
+                pipe.cmd("HINCRBY").arg(&key).arg(field).arg(*by).ignore();
+            }
+            pipe.query_async::<()>(&mut con).await
+        })
+        .await
+    }
+
+    async fn read_counters(
+        &self,
+        key: &str,
+    ) -> Result<std::collections::HashMap<String, i64>, SessionError> {
+        let key = self.key(&format!("counters:{key}"));
+        self.bounded("read counters", async {
+            let mut con = self.manager().await?;
+            redis::cmd("HGETALL").arg(&key).query_async(&mut con).await
+        })
+        .await
+    }
+
     async fn ping(&self) -> Result<(), SessionError> {
         self.bounded("ping", async {
             let mut con = self.manager().await?;
