@@ -2,16 +2,18 @@
 CARGO ?= cargo
 DEMO_DIR ?= data/demo
 
-.PHONY: run test bench lint fmt demo-data check-split test-ui
+.PHONY: run test bench lint fmt demo-data check-split bench-session bench-serve test-ui
 
-## run: the main job on the embedded default (demo data, then the server on :8080)
+## run: the full demo on the embedded default: the demo catalog (generated if absent), indexed
+## with the shipped models/demo checkpoint into the embedded Qdrant under data/ (at the first
+## start, when the index is empty), and the server on :8080
 run: demo-data
-	@echo "demo data ready in $(DEMO_DIR)"
+	./target/debug/tandem serve --catalog $(DEMO_DIR)/raw --model models/demo --bind 0.0.0.0:8080
 
 demo-data:
 	$(CARGO) build --bin tandem
-	./target/debug/tandem generate --out $(DEMO_DIR)/raw --items 2000 --users 500 --interactions 40000 --seed 7
-	./target/debug/tandem split --data $(DEMO_DIR)/raw --out $(DEMO_DIR)/split
+	test -f $(DEMO_DIR)/raw/items.csv || ./target/debug/tandem generate --out $(DEMO_DIR)/raw --items 2000 --users 500 --interactions 40000 --seed 7
+	test -f $(DEMO_DIR)/split/train.csv || ./target/debug/tandem split --data $(DEMO_DIR)/raw --out $(DEMO_DIR)/split
 
 ## test: every test (Redis on 127.0.0.1:6379 must be up; .ci/run starts it)
 test: test-ui
@@ -38,3 +40,23 @@ fmt:
 ## check-split: tandem's split of ml-latest-small equals the shared one (needs ../shared; not in CI)
 check-split:
 	scripts/check-split.sh
+
+## index: ANN benchmarks of the vector index (release build; serialized by the bench lock)
+.PHONY: bench-ann
+bench-ann:
+	$(CARGO) build --release --bin tandem
+	flock /tmp/tandem-bench.lock ./target/release/tandem bench ann --items 100000 --dim 64 --queries 1000 --filter-selectivity 0.1
+## bench-session: session store benchmark (Redis ingest + no-loss check, read latency, outage); needs Redis on :6379
+bench-session:
+	$(CARGO) build --release --example session_bench
+	flock /tmp/tandem-bench.lock ./target/release/examples/session_bench
+
+## bench-serve: the serving load test at 1M items (release build, under the benchmark lock):
+## generates the catalog once, indexes it, then runs tandem-load against `tandem serve`, once
+## with the memory session store and once with Redis. Numbers go to BENCHMARKS-serving.md.
+BENCH_DIR ?= data/bench-1m
+BENCH_SECS ?= 30
+BENCH_CONN ?= 8
+bench-serve:
+	$(CARGO) build --release --bin tandem --bin tandem-load
+	flock /tmp/tandem-bench.lock load-tests/bench-serve.sh $(BENCH_DIR) $(BENCH_SECS) $(BENCH_CONN)

@@ -50,6 +50,27 @@ pub struct Settings {
     pub model_path: PathBuf,
     pub index: IndexSettings,
     pub session: SessionSettings,
+    pub server: ServerSettings,
+    pub rerank: RerankSettings,
+    /// The model registry (`[registry]`).
+    pub registry: RegistrySettings,
+    /// A/B experiments (`[[experiments]]`); `PUT /admin/experiments` replaces them at run time.
+    pub experiments: Vec<crate::experiment::Experiment>,
+}
+
+/// `[registry]`: registered checkpoints under `<data_dir>/models/`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistrySettings {
+    /// Registered versions kept; older ones are deleted with their index collections (the
+    /// active version and the rollback target are always kept). At least 2.
+    pub keep_last: usize,
+}
+
+impl Default for RegistrySettings {
+    fn default() -> Self {
+        RegistrySettings { keep_last: 5 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,6 +92,77 @@ pub struct SessionSettings {
     pub redis_url: String,
     /// Prefix of every Redis key, one per deployment.
     pub key_prefix: String,
+    /// The memory backend's event log file; empty means `<data_dir>/events.log`.
+    pub log_path: PathBuf,
+    /// Most entries kept in a user's or session's recent list.
+    pub recent_cap: usize,
+    /// Seconds a user's recent list lives after its last event.
+    pub user_recent_ttl_secs: f64,
+    /// Seconds an anonymous session's recent list lives after its last event.
+    pub session_recent_ttl_secs: f64,
+    /// Most entries kept in a user's long-term history (no TTL).
+    pub history_cap: usize,
+    /// Half-life of trending counters, in seconds.
+    pub trending_half_life_secs: f64,
+    /// Width of one trending time bucket, in seconds.
+    pub trending_bucket_secs: u64,
+    /// How many buckets trending looks back over; older ones are dropped.
+    pub trending_buckets: u32,
+    /// Seconds an `event_id` is remembered for idempotency.
+    pub idempotency_ttl_secs: u64,
+    /// Most events accepted in one batch.
+    pub max_batch: usize,
+    /// Seconds a timestamp may be ahead of the server clock.
+    pub max_future_secs: u64,
+    /// Approximate most entries kept in the Redis event stream (XADD MAXLEN ~).
+    pub stream_maxlen: u64,
+    /// Budget of every Redis call, in milliseconds; past it the call fails as unavailable.
+    pub redis_timeout_ms: u64,
+    /// Most entries in the memory backend's candidate cache.
+    pub cache_max_entries: usize,
+    /// Weight of each event type in trending, and whether it enters recent lists and history
+    /// at all (weight 0: logged only).
+    pub event_weights: EventWeights,
+}
+
+/// How much each event type counts. Impressions count 0 by default: being shown an item says
+/// nothing about wanting it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventWeights {
+    pub view: f64,
+    pub click: f64,
+    pub add_to_cart: f64,
+    pub purchase: f64,
+    pub rating: f64,
+    pub impression: f64,
+}
+
+impl Default for EventWeights {
+    fn default() -> Self {
+        EventWeights {
+            view: 1.0,
+            click: 2.0,
+            add_to_cart: 4.0,
+            purchase: 8.0,
+            rating: 3.0,
+            impression: 0.0,
+        }
+    }
+}
+
+impl EventWeights {
+    pub fn get(&self, t: crate::domain::EventType) -> f64 {
+        use crate::domain::EventType::*;
+        match t {
+            View => self.view,
+            Click => self.click,
+            AddToCart => self.add_to_cart,
+            Purchase => self.purchase,
+            Rating => self.rating,
+            Impression => self.impression,
+        }
+    }
 }
 
 impl Default for Settings {
@@ -81,6 +173,10 @@ impl Default for Settings {
             model_path: PathBuf::from("models/demo"),
             index: IndexSettings::default(),
             session: SessionSettings::default(),
+            server: ServerSettings::default(),
+            rerank: RerankSettings::default(),
+            registry: RegistrySettings::default(),
+            experiments: Vec::new(),
         }
     }
 }
@@ -103,7 +199,173 @@ impl Default for SessionSettings {
             backend: SessionBackend::Memory,
             redis_url: "redis://127.0.0.1:6379".into(),
             key_prefix: "tandem".into(),
+            log_path: PathBuf::new(),
+            recent_cap: 50,
+            user_recent_ttl_secs: 7.0 * 86400.0,
+            session_recent_ttl_secs: 1800.0,
+            history_cap: 500,
+            trending_half_life_secs: 6.0 * 3600.0,
+            trending_bucket_secs: 3600,
+            trending_buckets: 72,
+            idempotency_ttl_secs: 7 * 86400,
+            max_batch: 1000,
+            max_future_secs: 3600,
+            stream_maxlen: 10_000_000,
+            redis_timeout_ms: 200,
+            cache_max_entries: 100_000,
+            event_weights: EventWeights::default(),
         }
+    }
+}
+
+/// The HTTP server and the online pipeline (`tandem serve`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSettings {
+    /// The catalog (`items.{csv,jsonl}` in the common format) the server keeps in memory and,
+    /// when the index is empty, embeds and indexes at start-up. Empty: the catalog comes from
+    /// the index alone.
+    pub catalog_dir: PathBuf,
+    /// Largest accepted request body; larger bodies get 413.
+    pub max_body_bytes: usize,
+    /// Requests served at once; the next one gets 429 instead of queueing without bound.
+    pub max_concurrency: usize,
+    /// Whole-request budget; a slower request gets 503.
+    pub request_timeout_ms: u64,
+    /// Candidates fetched from the index before re-ranking.
+    pub k_candidates: usize,
+    /// How long a user's candidate list stays in the cache. The key also holds the model
+    /// version, the filter and the user's latest activity, so the TTL only bounds how long a
+    /// newly added item can be missing from a cached list.
+    pub cache_ttl_ms: u64,
+    /// Recent interactions (session and user) read per request.
+    pub recent_limit: usize,
+    /// Long-term history read per request, pooled by the user tower.
+    pub history_limit: usize,
+    /// How long the in-process trending snapshot is reused before the store is asked again.
+    pub trending_refresh_ms: u64,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            catalog_dir: PathBuf::new(),
+            max_body_bytes: 1 << 20,
+            max_concurrency: 512,
+            request_timeout_ms: 2_000,
+            k_candidates: 200,
+            cache_ttl_ms: 30_000,
+            recent_limit: 20,
+            history_limit: 50,
+            trending_refresh_ms: 2_000,
+        }
+    }
+}
+
+/// Re-rank weights per experiment variant: `[rerank.control]` is the default arm and
+/// `[rerank.NAME]` adds another. A variant table's missing keys take the built-in defaults,
+/// not control's values, so every arm reads complete on its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RerankSettings(pub std::collections::BTreeMap<String, RerankWeights>);
+
+/// The variant every request gets unless an experiment assigns another.
+pub const CONTROL_VARIANT: &str = "control";
+
+impl Default for RerankSettings {
+    fn default() -> Self {
+        RerankSettings([(CONTROL_VARIANT.to_string(), RerankWeights::default())].into())
+    }
+}
+
+impl RerankSettings {
+    /// The weights of a variant; a variant without its own table gets control's.
+    pub fn for_variant(&self, variant: &str) -> &RerankWeights {
+        self.0
+            .get(variant)
+            .or_else(|| self.0.get(CONTROL_VARIANT))
+            .unwrap_or(&DEFAULT_WEIGHTS)
+    }
+}
+
+static DEFAULT_WEIGHTS: RerankWeights = RerankWeights::DEFAULT;
+
+/// The blend of the re-ranker (see `rerank.rs` for what each component measures).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RerankWeights {
+    /// The ANN (user vector to item) cosine similarity.
+    pub ann: f32,
+    /// Max cosine similarity to the session's recent items.
+    pub session_max: f32,
+    /// Mean cosine similarity to the session's recent items.
+    pub session_mean: f32,
+    /// Share of the session (recency weighted) in the candidate's categories.
+    pub category_affinity: f32,
+    /// Trending score, normalised to 0..=1.
+    pub trending: f32,
+    /// exp(-age / freshness_half_life_days * ln 2).
+    pub freshness: f32,
+    pub freshness_half_life_days: f32,
+    /// Subtracted from items the user viewed or clicked recently.
+    pub viewed_penalty: f32,
+    /// MMR trade-off: 1.0 is pure relevance, lower values favour diversity.
+    pub mmr_lambda: f32,
+    /// How many of the newest session/history items the session components look at.
+    pub session_window: usize,
+}
+
+impl Default for RerankWeights {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+impl RerankWeights {
+    pub const DEFAULT: RerankWeights = RerankWeights {
+        ann: 1.0,
+        session_max: 0.3,
+        session_mean: 0.2,
+        category_affinity: 0.2,
+        trending: 0.1,
+        freshness: 0.05,
+        freshness_half_life_days: 30.0,
+        viewed_penalty: 0.3,
+        mmr_lambda: 0.85,
+        session_window: 10,
+    };
+
+    pub fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        let fields = [
+            ("ann", self.ann),
+            ("session_max", self.session_max),
+            ("session_mean", self.session_mean),
+            ("category_affinity", self.category_affinity),
+            ("trending", self.trending),
+            ("freshness", self.freshness),
+            ("viewed_penalty", self.viewed_penalty),
+        ];
+        for (name, w) in fields {
+            if !w.is_finite() || w < 0.0 {
+                return Err(ConfigError::Invalid {
+                    field: format!("{at}.{name}"),
+                    reason: format!("{w} must be a finite number >= 0"),
+                });
+            }
+        }
+        if !(self.freshness_half_life_days.is_finite() && self.freshness_half_life_days > 0.0) {
+            return Err(ConfigError::Invalid {
+                field: format!("{at}.freshness_half_life_days"),
+                reason: "must be > 0".into(),
+            });
+        }
+        if !(0.0..=1.0).contains(&self.mmr_lambda) {
+            return Err(ConfigError::Invalid {
+                field: format!("{at}.mmr_lambda"),
+                reason: format!("{} must be within 0..=1", self.mmr_lambda),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -206,6 +468,115 @@ impl Settings {
                     self.session.redis_url
                 ),
             ));
+        }
+        let server = &self.server;
+        for (field, v) in [
+            ("server.max_body_bytes", server.max_body_bytes),
+            ("server.max_concurrency", server.max_concurrency),
+            ("server.k_candidates", server.k_candidates),
+        ] {
+            if v == 0 {
+                return Err(invalid(field, "must be at least 1".into()));
+            }
+        }
+        if server.request_timeout_ms == 0 {
+            return Err(invalid(
+                "server.request_timeout_ms",
+                "must be at least 1".into(),
+            ));
+        }
+        for (name, w) in &self.rerank.0 {
+            w.validate(&format!("rerank.{name}"))?;
+        }
+        if self.registry.keep_last < 2 {
+            return Err(invalid(
+                "registry.keep_last",
+                "must be at least 2 (the active version and its rollback target)".into(),
+            ));
+        }
+        crate::experiment::validate(&self.experiments).map_err(|e| match e {
+            crate::experiment::ExperimentError::Invalid { field, reason } => {
+                ConfigError::Invalid { field, reason }
+            }
+            other => invalid("experiments", other.to_string()),
+        })?;
+        self.session.validate()?;
+        Ok(())
+    }
+}
+
+impl SessionSettings {
+    /// The memory backend's log file under `data_dir` unless set.
+    pub fn log_file(&self, data_dir: &Path) -> PathBuf {
+        if self.log_path.as_os_str().is_empty() {
+            data_dir.join("events.log")
+        } else {
+            self.log_path.clone()
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &str, reason: &str| {
+            Err(ConfigError::Invalid {
+                field: format!("session.{field}"),
+                reason: reason.into(),
+            })
+        };
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        if self.recent_cap == 0 {
+            return invalid("recent_cap", "must be at least 1");
+        }
+        if self.history_cap == 0 {
+            return invalid("history_cap", "must be at least 1");
+        }
+        if !positive(self.user_recent_ttl_secs) {
+            return invalid(
+                "user_recent_ttl_secs",
+                "must be a positive number of seconds",
+            );
+        }
+        if !positive(self.session_recent_ttl_secs) {
+            return invalid(
+                "session_recent_ttl_secs",
+                "must be a positive number of seconds",
+            );
+        }
+        if !positive(self.trending_half_life_secs) {
+            return invalid(
+                "trending_half_life_secs",
+                "must be a positive number of seconds",
+            );
+        }
+        if self.trending_bucket_secs == 0 || self.trending_buckets == 0 {
+            return invalid(
+                "trending_bucket_secs",
+                "buckets and their width must be at least 1",
+            );
+        }
+        if self.max_batch == 0 {
+            return invalid("max_batch", "must be at least 1");
+        }
+        if self.redis_timeout_ms == 0 {
+            return invalid("redis_timeout_ms", "must be at least 1");
+        }
+        if self.stream_maxlen == 0 {
+            return invalid("stream_maxlen", "must be at least 1");
+        }
+        let w = self.event_weights;
+        for (name, v) in [
+            ("view", w.view),
+            ("click", w.click),
+            ("add_to_cart", w.add_to_cart),
+            ("purchase", w.purchase),
+            ("rating", w.rating),
+            ("impression", w.impression),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return Err(ConfigError::Invalid {
+                    field: format!("session.event_weights.{name}"),
+                    reason: format!("{v} is not a non-negative number"),
+                });
+            }
         }
         Ok(())
     }

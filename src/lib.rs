@@ -6,12 +6,27 @@
 //! - [`data`]: the common file format, MovieLens import, the synthetic generator, the split.
 //! - [`index`]: the `VectorIndex` trait and its backends (edge, qdrant, exact).
 //! - [`session`]: the `SessionStore` trait: event log, recent activity, trending, cache.
-//! - [`http`]: the axum edge; `http::ui` serves the storefront, onboarding and admin pages
-//!   from `web/`, and `http::stats` the live figures behind `GET /v1/stats`.
+//! - [`model`]: the two-tower model (candle): featurization, towers, training, checkpoints.
+//! - [`eval`]: the offline protocol's metrics, identical to `score.py`, and `tandem eval`.
+//! - [`catalog`], [`rerank`], [`pipeline`], [`http`]: serving. The in-memory catalog, the
+//!   re-ranker (a pure function), the online flow (`Recommender`), and the axum API with
+//!   `http::serve`, the one entry point of `tandem serve` and the API tests.
+//! - [`registry`], [`lifecycle`], [`experiment`]: registered checkpoints, zero-downtime
+//!   activation and rollback, A/B experiments; driven by the admin API (`http::admin`).
+//! - `http::ui` serves the storefront, onboarding and admin pages from `web/`, and
+//!   `http::stats` the live figures behind `GET /v1/stats`.
 
+pub mod catalog;
 pub mod config;
 pub mod data;
 pub mod domain;
+pub mod eval;
+pub mod experiment;
 pub mod http;
 pub mod index;
+pub mod lifecycle;
+pub mod model;
+pub mod pipeline;
+pub mod registry;
+pub mod rerank;
 pub mod session;

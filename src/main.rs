@@ -1,8 +1,11 @@
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tandem::config::Settings;
 use tandem::data::{movielens, split, synthetic};
+use tandem::eval::{self, On, Split};
+use tandem::model::{self, TrainConfig, TwoTower};
 use tracing_subscriber::EnvFilter;
 
 /// tandem: a recommendation service (two-tower model, Qdrant ANN, session-aware re-ranking).
@@ -19,6 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the HTTP API (recommendations, similar items, catalog, events, onboarding, admin).
+    Serve(ServeArgs),
     /// Convert a public dataset into tandem's common format (items.csv, interactions.csv).
     #[command(subcommand)]
     Import(ImportSource),
@@ -28,6 +33,233 @@ enum Command {
     /// Split a dataset with the evaluation protocol: train, test, onboarding for new users,
     /// and a validation split of train.
     Split(SplitArgs),
+    /// Train the two-tower model and write a checkpoint (model.safetensors + manifest.json).
+    Train(TrainArgs),
+    /// Score a checkpoint on a split directory with the offline protocol (trains one first
+    /// when --model is not given).
+    Eval(EvalArgs),
+    /// Write the event log as `interactions.csv` in the common format, to retrain on live
+    /// traffic.
+    ExportEvents(ExportEventsArgs),
+    /// Manage model versions on a running server over its admin API (for scripts and CI):
+    /// list, register, activate, rollback.
+    Models(ModelsArgs),
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+}
+
+/// Model and training settings shared by `train` and `eval`.
+#[derive(clap::Args, Debug, Clone)]
+struct HyperArgs {
+    /// Output dimension of both towers (the index's vector size).
+    #[arg(long, default_value_t = 64)]
+    dim: usize,
+    /// Hidden width of the tower MLPs.
+    #[arg(long, default_value_t = 256)]
+    hidden: usize,
+    /// Epochs (with validation: the most the validation fit may run).
+    #[arg(long, default_value_t = 7)]
+    epochs: usize,
+    #[arg(long, default_value_t = 1024)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 1e-4)]
+    weight_decay: f64,
+    /// Softmax temperature.
+    #[arg(long, default_value_t = 0.1)]
+    temperature: f64,
+    /// Probability of dropping a target's id embedding in training.
+    #[arg(long, default_value_t = 0.25)]
+    id_dropout: f64,
+    /// Weight of the logQ (item frequency) correction; 1 = full.
+    #[arg(long, default_value_t = 1.0)]
+    logq: f64,
+    /// Recency half-life of the user pool, in events.
+    #[arg(long, default_value_t = 5.0)]
+    half_life: f32,
+    /// Most recent events pooled by the user tower.
+    #[arg(long, default_value_t = 50)]
+    max_history: usize,
+    /// Items with fewer training interactions get no id embedding.
+    #[arg(long, default_value_t = 1)]
+    min_item_count: usize,
+    /// Popularity bucket given to items unseen in training (a prior; 1 = "seen once").
+    #[arg(long, default_value_t = 1)]
+    unseen_popularity_bucket: usize,
+    /// Validation epochs without improvement before stopping.
+    #[arg(long, default_value_t = 2)]
+    patience: usize,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// CPU threads for training and inference kernels.
+    #[arg(long, env = "TANDEM_THREADS", default_value_t = 2)]
+    threads: usize,
+    /// Skip the validation fit and train for exactly --epochs.
+    #[arg(long)]
+    no_validate: bool,
+}
+
+impl HyperArgs {
+    fn config(&self) -> TrainConfig {
+        let mut c = TrainConfig {
+            dim: self.dim,
+            hidden: self.hidden,
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            temperature: self.temperature,
+            id_dropout: self.id_dropout,
+            logq: self.logq,
+            min_item_count: self.min_item_count,
+            patience: self.patience,
+            seed: self.seed,
+            threads: self.threads,
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            ..TrainConfig::default()
+        };
+        c.pooling.half_life = self.half_life;
+        c.pooling.max_history = self.max_history;
+        c.features.unseen_popularity_bucket = self.unseen_popularity_bucket;
+        c
+    }
+}
+
+#[derive(clap::Args, Debug)]
+struct TrainArgs {
+    /// Data directory holding items.csv and interactions.csv (or .jsonl).
+    #[arg(long, required_unless_present = "split", conflicts_with = "split")]
+    data: Option<PathBuf>,
+    /// Split directory: train on train.csv + onboard.csv, choose epochs on val/, and record
+    /// test metrics in the manifest.
+    #[arg(long)]
+    split: Option<PathBuf>,
+    /// Checkpoint directory to write.
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    hp: HyperArgs,
+}
+
+#[derive(clap::Args, Debug)]
+struct EvalArgs {
+    /// Split directory (items.csv, train.csv, onboard.csv, test.csv, onboard_test.csv, val/).
+    #[arg(long)]
+    split: PathBuf,
+    /// Checkpoint to score; without it, one is trained on train.csv + onboard.csv first.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Write the top-20 lists as user_id,item_id,rank (the input of score.py).
+    #[arg(long)]
+    export_recs: Option<PathBuf>,
+    /// test (default) or val: known = val/train.csv, truth = val/test.csv (for tuning).
+    #[arg(long, default_value = "test", value_parser = ["test", "val"])]
+    on: String,
+    /// Save the checkpoint trained when --model is not given.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Print the metrics as one JSON object after the table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    hp: HyperArgs,
+}
+
+/// Sizes the CPU thread pools before any kernel runs: candle's gemm reads
+/// RAYON_NUM_THREADS, and the rayon global pool runs the rest.
+fn set_threads(n: usize) {
+    // SAFETY (edition 2021 allows it safely): called first thing in main, before any thread
+    // is spawned, so no other thread reads the environment concurrently.
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address to listen on (overrides `bind`).
+    #[arg(long)]
+    bind: Option<String>,
+    /// Checkpoint directory to serve (overrides `model_path`).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Data dir whose items file is the catalog (overrides `server.catalog_dir`); indexed at
+    /// start-up when the index is empty.
+    #[arg(long)]
+    catalog: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ModelsArgs {
+    /// The server's base URL.
+    #[arg(
+        long,
+        env = "TANDEM_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    url: String,
+    /// The admin key (the server's TANDEM_ADMIN_KEY).
+    #[arg(long, env = "TANDEM_ADMIN_KEY", hide_env_values = true, global = true)]
+    api_key: Option<String>,
+    #[command(subcommand)]
+    action: ModelsAction,
+}
+
+#[derive(Subcommand)]
+enum ModelsAction {
+    /// Registered versions with status, metrics and activation progress (JSON).
+    List,
+    /// Validate a checkpoint directory (a path on the server) and register it.
+    Register {
+        /// Checkpoint directory holding model.safetensors and manifest.json.
+        path: String,
+    },
+    /// Embed the catalog with a version's item tower and switch to it.
+    Activate {
+        version: String,
+        /// Return at once instead of waiting until the version serves.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout_secs: u64,
+    },
+    /// Go back to the previously active version (instant, no re-embedding).
+    Rollback,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// ANN search on generated clustered vectors: build time, latency, recall against exact
+    /// search, upsert visibility and memory, printed as one JSON line.
+    Ann {
+        /// Items in the generated catalog.
+        #[arg(long, default_value_t = 100_000)]
+        items: usize,
+        /// Vector dimension.
+        #[arg(long, default_value_t = 64)]
+        dim: usize,
+        /// Queries timed (each run unfiltered and, with --filter-selectivity, filtered).
+        #[arg(long, default_value_t = 1_000)]
+        queries: usize,
+        /// Fraction of items a filtered query keeps, as whole categories (e.g. 0.1, 0.01).
+        #[arg(long)]
+        filter_selectivity: Option<f64>,
+        /// Backend: edge (embedded), qdrant or exact.
+        #[arg(long, default_value = "edge")]
+        backend: String,
+        /// Directory for the edge collections (default: a fresh temp dir, removed after).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -76,6 +308,16 @@ struct SplitArgs {
     /// stats.json (created if missing).
     #[arg(long, env = "TANDEM_SPLIT_OUT", value_name = "DIR")]
     out: PathBuf,
+}
+
+#[derive(Args)]
+struct ExportEventsArgs {
+    /// Directory to write `interactions.csv` into (created if missing).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Only events at or after this time: unix seconds, unix milliseconds or RFC 3339.
+    #[arg(long, value_name = "TIME")]
+    since: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -133,8 +375,9 @@ fn one_line(e: &anyhow::Error) -> String {
 fn run(cli: Cli) -> anyhow::Result<()> {
     // Validated at start-up even by commands that use little of it, so that a bad setting
     // fails before any work is done.
-    let _settings = Settings::load(cli.config.as_deref())?;
+    let settings = Settings::load(cli.config.as_deref())?;
     match cli.command {
+        Command::Serve(args) => serve(settings, args)?,
         Command::Import(ImportSource::Movielens(args)) => {
             let s = movielens::import(&args.src, &args.out)?;
             println!(
@@ -165,6 +408,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 s.seconds
             );
         }
+        Command::ExportEvents(args) => export_events(&settings, &args)?,
+        Command::Models(args) => models(args)?,
         Command::Split(args) => {
             let s = split::split(&args.data, &args.out)?;
             println!(
@@ -181,7 +426,179 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 args.out.display()
             );
         }
+        Command::Train(args) => {
+            set_threads(args.hp.threads);
+            run_train(args)?
+        }
+        Command::Eval(args) => {
+            set_threads(args.hp.threads);
+            run_eval(args)?
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Ann {
+                    items,
+                    dim,
+                    queries,
+                    filter_selectivity,
+                    backend,
+                    dir,
+                    seed,
+                },
+        } => bench_ann(
+            settings,
+            tandem::index::bench::AnnBenchParams {
+                items,
+                dim,
+                queries,
+                filter_selectivity,
+                seed,
+            },
+            &backend,
+            dir,
+        )?,
     }
+    Ok(())
+}
+
+fn bench_ann(
+    mut settings: Settings,
+    params: tandem::index::bench::AnnBenchParams,
+    backend: &str,
+    dir: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use tandem::config::IndexBackend;
+    settings.index.backend = match backend {
+        "edge" | "embedded" => IndexBackend::Embedded,
+        "qdrant" => IndexBackend::Qdrant,
+        "exact" => IndexBackend::Exact,
+        other => anyhow::bail!("--backend {other:?}: expected edge, qdrant or exact"),
+    };
+    // Never touch the serving alias: the bench gets its own collection name.
+    settings.index.collection = format!("tandem_bench_{}", uuid::Uuid::new_v4().simple());
+    let temp = dir.is_none();
+    let dir = dir.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("tandem-bench-{}", uuid::Uuid::new_v4()))
+    });
+    let rt = tokio::runtime::Runtime::new()?;
+    let report = rt.block_on(async {
+        let index = tandem::index::open(&settings, &dir)
+            .await
+            .with_context(|| format!("opening the {backend} index"))?;
+        let report = tandem::index::bench::run(index.as_ref(), backend, &params).await?;
+        anyhow::Ok(report)
+    });
+    if temp {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    println!("{}", serde_json::to_string(&report?)?);
+    Ok(())
+}
+
+fn serve(mut settings: Settings, args: ServeArgs) -> anyhow::Result<()> {
+    if let Some(b) = args.bind {
+        settings.bind = b;
+    }
+    if let Some(m) = args.model {
+        settings.model_path = m;
+    }
+    if let Some(c) = args.catalog {
+        settings.server.catalog_dir = c;
+    }
+    settings.validate()?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&settings.bind)
+            .await
+            .map_err(|e| anyhow::anyhow!("binding {}: {e}", settings.bind))?;
+        tandem::http::serve(listener, settings, shutdown_signal()).await?;
+        anyhow::Ok(())
+    })
+}
+
+/// Completes on Ctrl-C or SIGTERM, so the server drains in-flight requests before exiting.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}
+
+fn models(args: ModelsArgs) -> anyhow::Result<()> {
+    use tandem::http::admin_client::AdminClient;
+    let client = AdminClient::new(&args.url, args.api_key);
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let out = match args.action {
+            ModelsAction::List => serde_json::to_value(client.list().await?)?,
+            ModelsAction::Register { path } => serde_json::to_value(client.register(&path).await?)?,
+            ModelsAction::Activate {
+                version,
+                no_wait,
+                timeout_secs,
+            } => {
+                let started = client.activate(&version).await?;
+                if no_wait {
+                    serde_json::to_value(started)?
+                } else {
+                    let mut last = String::new();
+                    let record = client
+                        .wait_active(
+                            &version,
+                            std::time::Duration::from_secs(timeout_secs),
+                            |m| {
+                                if let Some(p) = &m.progress {
+                                    let line = format!("{}: {}/{}", p.phase, p.done, p.total);
+                                    if line != last {
+                                        eprintln!("{version} {line}");
+                                        last = line;
+                                    }
+                                }
+                            },
+                        )
+                        .await?;
+                    serde_json::to_value(record)?
+                }
+            }
+            ModelsAction::Rollback => serde_json::to_value(client.rollback().await?)?,
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        anyhow::Ok(())
+    })
+}
+
+fn export_events(settings: &Settings, args: &ExportEventsArgs) -> anyhow::Result<()> {
+    let since_ms = match &args.since {
+        Some(s) => {
+            tandem::session::event::parse_time(s).map_err(|e| anyhow::anyhow!("--since: {e}"))?
+        }
+        None => i64::MIN,
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    let summary = runtime.block_on(tandem::session::export::export_events(
+        settings, &args.out, since_ms,
+    ))?;
+    println!(
+        "wrote {} interactions to {} ({} zero-weight events such as impressions left out)",
+        thousands(summary.written as u64),
+        args.out.join("interactions.csv").display(),
+        thousands(summary.skipped_zero_weight as u64)
+    );
     Ok(())
 }
 
@@ -196,4 +613,94 @@ fn thousands(n: u64) -> String {
         out.push(c);
     }
     out
+}
+
+fn run_train(args: TrainArgs) -> anyhow::Result<()> {
+    let cfg = args.hp.config();
+    let validate = !args.hp.no_validate;
+    let (mut model, report) = match (&args.data, &args.split) {
+        (Some(dir), _) => model::train_on_data(&cfg, dir, validate)?,
+        (None, Some(dir)) => {
+            let (mut m, r) = model::train_on_split(&cfg, dir, validate)?;
+            let split = Split::load(dir, On::Test)?;
+            let users = split.scored_users();
+            let lists = eval::recommend(&m, &split, &users, eval::MAX_K)?;
+            m.manifest_mut().metrics.test = eval::score(&lists, &split);
+            println!(
+                "test:\n{}",
+                eval::format_metrics(&m.manifest().metrics.test)
+            );
+            (m, r)
+        }
+        (None, None) => unreachable!("clap requires --data or --split"),
+    };
+    model.manifest_mut().command = cfg.command.clone();
+    model
+        .save(&args.out)
+        .with_context(|| format!("writing the checkpoint to {}", args.out.display()))?;
+    println!(
+        "wrote {} (version {}): best epoch {} of {}, {:.0} training examples/s, best validation after {:.1}s, validation R@20 per epoch {:?}",
+        args.out.display(),
+        model.version(),
+        report.best_epoch,
+        report.epochs_run,
+        report.examples_per_sec,
+        report.seconds_to_best,
+        report
+            .val_recall
+            .iter()
+            .map(|r| format!("{r:.4}"))
+            .collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
+fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
+    let on = if args.on == "val" { On::Val } else { On::Test };
+    let split = Split::load(&args.split, on)?;
+    let cfg = args.hp.config();
+    let model = match &args.model {
+        Some(dir) => TwoTower::load(dir)
+            .with_context(|| format!("loading the checkpoint {}", dir.display()))?,
+        None => {
+            let (m, report) = match on {
+                On::Test => model::train_on_split(&cfg, &args.split, !args.hp.no_validate)?,
+                // Tuning: fit on val/train.csv, scoring val/test.csv after every epoch.
+                On::Val => {
+                    let val = if args.hp.no_validate {
+                        None
+                    } else {
+                        Some(&split)
+                    };
+                    model::train::fit(&cfg, &split.items, &split.train, val, None)?
+                }
+            };
+            eprintln!(
+                "trained: best epoch {} of {}, {:.0} examples/s, validation R@20 per epoch {:?}",
+                report.best_epoch, report.epochs_run, report.examples_per_sec, report.val_recall
+            );
+            if let Some(out) = &args.out {
+                m.save(out)?;
+            }
+            m
+        }
+    };
+    let users = split.scored_users();
+    let lists = eval::recommend(&model, &split, &users, eval::MAX_K)?;
+    let metrics = eval::score(&lists, &split);
+    println!(
+        "dataset={} on={} model={}",
+        args.split.display(),
+        args.on,
+        model.version()
+    );
+    println!("{}", eval::format_metrics(&metrics));
+    if let Some(path) = &args.export_recs {
+        eval::write_recs(path, &users, &lists)?;
+        println!("wrote {}", path.display());
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&metrics)?);
+    }
+    Ok(())
 }

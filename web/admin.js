@@ -25,21 +25,25 @@
   }
 
   // ---- models ----------------------------------------------------------------------------
-  const versionOf = (m) => m.version || m.version_id || m.model_version || m.id;
+  const versionOf = (m) => m.version;
+  // An activation's progress: {phase, done, total}, counted in items.
   function progressOf(m) {
     const p = m.progress;
-    if (p === undefined || p === null) return null;
-    if (typeof p === "number") return p > 1 ? p / 100 : p;
-    if (p.total) return (p.done || p.indexed || 0) / p.total;
-    if (p.fraction !== undefined) return p.fraction;
-    return null;
+    if (!p || !p.total) return null;
+    return { fraction: Math.min(1, (p.done || 0) / p.total), phase: p.phase || "", done: p.done || 0, total: p.total };
   }
+  // Metrics are {val: {name: value}, test: {name: value}} as the checkpoint manifest holds them.
   function metricsText(metrics) {
     if (!metrics || typeof metrics !== "object") return "";
-    return Object.entries(metrics)
-      .filter(([, v]) => typeof v === "number")
-      .map(([k, v]) => `${k} ${Number.isInteger(v) ? v : v.toFixed(4)}`)
-      .join(" · ");
+    const parts = [];
+    const fmt = (v) => (Number.isInteger(v) ? String(v) : v.toFixed(4));
+    for (const [split, values] of Object.entries(metrics)) {
+      if (typeof values === "number") parts.push(`${split} ${fmt(values)}`);
+      else if (values && typeof values === "object") {
+        for (const [k, v] of Object.entries(values)) if (typeof v === "number") parts.push(`${split} ${k} ${fmt(v)}`);
+      }
+    }
+    return parts.join(" · ");
   }
 
   async function loadModels() {
@@ -54,16 +58,17 @@
     }
     say("auth", "Unlocked.", "");
     const models = Array.isArray(data) ? data : data.models || [];
-    const active = data.active || (models.find((m) => m.status === "active") || {}).version;
+    const active = data.active || versionOf(models.find((m) => m.status === "active") || {});
     const rows = models.map((m) => {
       const v = versionOf(m);
       const status = m.status || (v === active ? "active" : "");
       const p = progressOf(m);
       const statusCell = el("td", {}, el("span", { class: `badge ${status}` }, status));
       if (status === "indexing") {
-        const bar = el("progress", { max: "1", value: p === null ? "" : String(p), "aria-label": `Indexing ${v}` });
-        statusCell.append(" ", bar, p === null ? "" : ` ${Math.round(100 * p)}%`);
+        const bar = el("progress", { max: "1", value: p ? String(p.fraction) : "", "aria-label": `Indexing ${v}` });
+        statusCell.append(" ", bar, p ? ` ${p.phase} ${p.done}/${p.total}` : "");
       }
+      if (m.last_error) statusCell.append(el("div", { class: "error" }, m.last_error));
       const act = el("td", {});
       if (status !== "active" && status !== "indexing") {
         const b = el("button", { type: "button", "aria-label": `Activate model ${v}` }, "Activate");
@@ -72,7 +77,7 @@
       }
       return el("tr", { "data-version": v, "data-status": status },
         el("th", { scope: "row" }, v), statusCell,
-        el("td", {}, metricsText(m.metrics)), el("td", {}, m.created_at || ""), act);
+        el("td", {}, metricsText(m.metrics)), el("td", {}, (m.created_at || "").replace("T", " ").slice(0, 19)), act);
     });
     $("models").replaceChildren(el("table", {},
       el("caption", { class: "visually-hidden" }, "Registered models"),
@@ -120,7 +125,8 @@
   $("rollback").addEventListener("click", async () => {
     try {
       const { data } = await admin("POST", "/admin/models/rollback");
-      say("models-status", `Rolled back${data && (data.active || data.version) ? " to " + (data.active || data.version) : ""}.`);
+      const to = data && data.active ? versionOf(data.active) : "";
+      say("models-status", `Rolled back${to ? " to " + to : ""}.`);
     } catch (e) {
       const [msg, cls] = explain(e, "Rollback");
       say("models-status", msg, cls);
@@ -130,10 +136,10 @@
 
   // ---- experiments -----------------------------------------------------------------------
   const pct = (x) => (x === undefined || x === null ? "–" : `${(100 * x).toFixed(2)}%`);
-  function rateCell(rate, ci) {
-    const lo = ci && (ci.low ?? ci.lower ?? ci[0]);
-    const hi = ci && (ci.high ?? ci.upper ?? ci[1]);
-    return el("td", {}, pct(rate), lo === undefined ? "" : el("span", { class: "muted" }, ` (95% CI ${pct(lo)}–${pct(hi)})`));
+  // A rate is {value, ci_low, ci_high} (a Wilson 95% interval); value is null with no traffic.
+  function rateCell(rate) {
+    if (!rate || rate.value === null || rate.value === undefined) return el("td", {}, "–");
+    return el("td", {}, pct(rate.value), el("span", { class: "muted" }, ` (95% CI ${pct(rate.ci_low)}–${pct(rate.ci_high)})`));
   }
   async function loadExperiments() {
     let list;
@@ -162,15 +168,15 @@
         blocks.push(el("p", { class: "error" }, `${name}: ${e.message}`));
         continue;
       }
-      const variants = Array.isArray(rep.variants) ? rep.variants : Object.entries(rep.variants || {}).map(([n, v]) => ({ name: n, ...v }));
+      const variants = rep.variants || [];
       blocks.push(el("div", { class: "table-wrap" }, el("table", { "data-experiment": name },
         el("caption", {}, `Experiment ${name}`),
         el("thead", {}, el("tr", {}, ...["Variant", "Share", "Model", "Impressions", "Clicks", "Purchases", "CTR", "Conversion", "p99"].map((h) => el("th", { scope: "col" }, h)))),
         el("tbody", {}, ...variants.map((v) => el("tr", {},
-          el("th", { scope: "row" }, v.name || v.variant), el("td", {}, v.share === undefined ? "" : pct(v.share)),
-          el("td", {}, v.model_version || ""), el("td", {}, v.impressions ?? 0), el("td", {}, v.clicks ?? 0), el("td", {}, v.purchases ?? 0),
-          rateCell(v.ctr, v.ctr_ci), rateCell(v.conversion ?? v.conversion_rate, v.conversion_ci),
-          el("td", {}, v.p99_ms === undefined ? "–" : `${Number(v.p99_ms).toFixed(2)} ms`))))))); 
+          el("th", { scope: "row" }, v.name), el("td", {}, v.share === undefined ? "" : pct(v.share)),
+          el("td", {}, v.model_version || "(serving model)"), el("td", {}, v.impressions ?? 0), el("td", {}, v.clicks ?? 0), el("td", {}, v.purchases ?? 0),
+          rateCell(v.ctr), rateCell(v.conversion),
+          el("td", {}, v.p99_ms === undefined || v.p99_ms === null ? "–" : `${Number(v.p99_ms).toFixed(2)} ms`)))))));
     }
     $("experiments").replaceChildren(...blocks);
   }

@@ -3,6 +3,7 @@
 //! candidate cache's hit rate. Prometheus (`/metrics`) is the place for long-term
 //! monitoring; this is the quick look a person wants on a page without a metrics stack.
 
+use crate::pipeline::Source;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -120,6 +121,16 @@ impl ServerStats {
             &self.cache_misses
         };
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a recommendation's candidate source: `cached` is a cache hit, `personal` a
+    /// miss (an index search); trending and similar lists do not use the cache.
+    pub fn record_source(&self, source: Source) {
+        match source {
+            Source::Cached => self.record_cache(true),
+            Source::Personal => self.record_cache(false),
+            Source::Trending | Source::Similar => {}
+        }
     }
 
     fn record_at(&self, now: Instant, latency: Duration, server_error: bool) {

@@ -96,3 +96,36 @@ pub trait VectorIndex: Send + Sync {
     /// All versions, and which one is live.
     async fn versions(&self) -> Result<(Vec<String>, Option<String>), IndexError>;
 }
+
+pub mod bench;
+pub mod build;
+pub mod edge;
+pub mod exact;
+pub mod filter;
+pub mod payloads;
+pub mod plan;
+pub mod qdrant;
+pub mod validate;
+
+pub use build::{build_version, BuildReport};
+
+use crate::config::{IndexBackend, Settings};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Opens the backend that `settings.index.backend` names. `edge` keeps its collections under
+/// `<data_dir>/index/`; `qdrant` connects (and fails fast, naming the URL, if the server is
+/// unreachable); `exact` starts empty in memory.
+pub async fn open(
+    settings: &Settings,
+    data_dir: &Path,
+) -> Result<Arc<dyn VectorIndex>, IndexError> {
+    Ok(match settings.index.backend {
+        IndexBackend::Embedded => Arc::new(edge::EdgeIndex::open(
+            &data_dir.join("index"),
+            edge::EdgeOptions::default(),
+        )?),
+        IndexBackend::Qdrant => Arc::new(qdrant::QdrantIndex::connect(&settings.index).await?),
+        IndexBackend::Exact => Arc::new(exact::ExactIndex::new()),
+    })
+}

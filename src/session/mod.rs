@@ -2,10 +2,47 @@
 //! long-term history, trending counters and the candidate cache. Backends: `memory` (the
 //! default, with an append-only log file) and `redis`. Nothing here knows HTTP.
 
+pub mod event;
+pub mod export;
+pub mod log;
+pub mod memory;
+pub mod redis;
+
+pub use self::redis::RedisStore;
+pub use event::{validate_batch, EventError, EventInput, EventLimits, TimestampInput};
+pub use memory::MemoryStore;
+
+use crate::config::{SessionBackend, SessionSettings, Settings};
 use crate::domain::{EventType, ItemId, SessionId, UserId};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use std::time::Duration;
+
+/// Opens the session store the settings choose: the memory store over
+/// `<data_dir>/events.log` (replaying it), or Redis at `session.redis_url`.
+pub async fn open(settings: &Settings) -> Result<Arc<dyn SessionStore>, SessionError> {
+    match settings.session.backend {
+        SessionBackend::Memory => {
+            let session = settings.session.clone();
+            let path = session.log_file(&settings.data_dir);
+            let store = tokio::task::spawn_blocking(move || MemoryStore::open(&session, &path))
+                .await
+                .map_err(|e| SessionError::Backend(format!("opening the event log: {e}")))??;
+            Ok(Arc::new(store))
+        }
+        SessionBackend::Redis => Ok(Arc::new(RedisStore::connect(&settings.session).await?)),
+    }
+}
+
+impl From<&SessionSettings> for EventLimits {
+    fn from(s: &SessionSettings) -> Self {
+        EventLimits {
+            max_batch: s.max_batch,
+            max_future_ms: (s.max_future_secs as i64).saturating_mul(1000),
+        }
+    }
+}
 
 /// A validated event. Validation (type, ids, uuid, timestamp bounds) happens when it is built
 /// from wire input; see `session::event`.
@@ -83,4 +120,12 @@ pub trait SessionStore: Send + Sync {
     async fn cache_set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), SessionError>;
     /// A cheap round trip, for readiness.
     async fn ping(&self) -> Result<(), SessionError>;
+    /// Adds each delta to a named counter of the hash `key` (creating both as needed). Shared
+    /// by every replica, so experiment counts add up across the fleet.
+    async fn incr_counters(&self, key: &str, deltas: &[(String, i64)]) -> Result<(), SessionError>;
+    /// Every counter of the hash `key`; empty when it was never written.
+    async fn read_counters(
+        &self,
+        key: &str,
+    ) -> Result<std::collections::HashMap<String, i64>, SessionError>;
 }

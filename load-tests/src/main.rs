@@ -1,0 +1,494 @@
+//! `tandem-load`: a closed-loop HTTP load generator for `tandem serve`, loopback only.
+//!
+//! N workers each send one request at a time, picking a scenario by weight:
+//! 70% recommendations (known users, anonymous sessions, filtered requests), 20% events,
+//! 5% similar items, 5% item upserts. The run stops at `--duration` or `--requests`,
+//! whichever comes first. Latencies go into HDR histograms, per scenario and overall; at the
+//! end the server's own per-stage timings are read from `/metrics`.
+//!
+//! Before the timed run, a warm-up posts a few events for every "known" user and session, so
+//! those requests take the personal path (session read, user tower, ANN, re-rank).
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Load generator for `tandem serve` (loopback only).
+#[derive(Parser, Debug, Clone)]
+#[command(name = "tandem-load")]
+struct Args {
+    /// Base URL of the server; must be a loopback address.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// The catalog dir the server was started with (its items file supplies ids and categories).
+    #[arg(long)]
+    catalog: PathBuf,
+    /// Timed run length in seconds.
+    #[arg(long, default_value_t = 30)]
+    duration: u64,
+    /// Stop after this many requests (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    requests: u64,
+    /// Concurrent connections (each one request at a time).
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Known users (warmed up with events before the run).
+    #[arg(long, default_value_t = 2_000)]
+    users: usize,
+    /// Anonymous sessions (warmed up with events before the run).
+    #[arg(long, default_value_t = 1_000)]
+    sessions: usize,
+    /// Items read from the catalog file (the first N); enough to pick from.
+    #[arg(long, default_value_t = 200_000)]
+    sample_items: usize,
+    /// Worker threads of the generator's runtime (keep it small: it shares the box).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// A label for the report (e.g. "memory", "redis").
+    #[arg(long, default_value = "")]
+    label: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scenario {
+    RecKnownUser,
+    RecSession,
+    RecFiltered,
+    Event,
+    Similar,
+    Upsert,
+}
+
+impl Scenario {
+    const ALL: [Scenario; 6] = [
+        Scenario::RecKnownUser,
+        Scenario::RecSession,
+        Scenario::RecFiltered,
+        Scenario::Event,
+        Scenario::Similar,
+        Scenario::Upsert,
+    ];
+
+    /// Weights in percent: 70 recommendations (30 known users, 20 sessions, 20 filtered),
+    /// 20 events, 5 similar, 5 upserts.
+    fn weight(self) -> u32 {
+        match self {
+            Scenario::RecKnownUser => 30,
+            Scenario::RecSession => 20,
+            Scenario::RecFiltered => 20,
+            Scenario::Event => 20,
+            Scenario::Similar => 5,
+            Scenario::Upsert => 5,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::RecKnownUser => "rec_known_user",
+            Scenario::RecSession => "rec_session",
+            Scenario::RecFiltered => "rec_filtered",
+            Scenario::Event => "event",
+            Scenario::Similar => "similar",
+            Scenario::Upsert => "upsert",
+        }
+    }
+
+    fn pick(rng: &mut StdRng) -> Scenario {
+        let mut x = rng.gen_range(0..100);
+        for s in Scenario::ALL {
+            if x < s.weight() {
+                return s;
+            }
+            x -= s.weight();
+        }
+        Scenario::RecKnownUser
+    }
+}
+
+struct Catalog {
+    ids: Vec<String>,
+    categories: Vec<String>,
+}
+
+struct Stats {
+    hist: Vec<Histogram<u64>>,
+    total: Histogram<u64>,
+    errors: u64,
+    error_samples: Vec<String>,
+}
+
+impl Stats {
+    fn new() -> Self {
+        let h = || Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+        Stats {
+            hist: Scenario::ALL.iter().map(|_| h()).collect(),
+            total: h(),
+            errors: 0,
+            error_samples: Vec::new(),
+        }
+    }
+
+    fn merge(&mut self, o: &Stats) {
+        for (a, b) in self.hist.iter_mut().zip(&o.hist) {
+            a.add(b).expect("same bounds");
+        }
+        self.total.add(&o.total).expect("same bounds");
+        self.errors += o.errors;
+        for s in &o.error_samples {
+            if self.error_samples.len() < 10 {
+                self.error_samples.push(s.clone());
+            }
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let host = args
+        .url
+        .trim_start_matches("http://")
+        .split(['/', ':'])
+        .next()
+        .unwrap_or("");
+    anyhow::ensure!(
+        matches!(host, "127.0.0.1" | "localhost" | "[::1]"),
+        "--url must be a loopback address, got {}",
+        args.url
+    );
+    let catalog = Arc::new(read_catalog(&args)?);
+    anyhow::ensure!(!catalog.ids.is_empty(), "the catalog has no items");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.max(1))
+        .enable_all()
+        .build()?;
+    rt.block_on(run(args, catalog))
+}
+
+fn read_catalog(args: &Args) -> anyhow::Result<Catalog> {
+    let file = tandem::data::find_file(&args.catalog, "items")?;
+    let mut ids = Vec::new();
+    let mut categories = std::collections::BTreeSet::new();
+    let stop = "enough items";
+    let r = tandem::data::for_each_item(&file, |item| {
+        if ids.len() >= args.sample_items {
+            // Stop streaming early: an error is the only way out of the reader.
+            return Err(tandem::data::DataError::Empty {
+                file: PathBuf::from(stop),
+                expected: String::new(),
+            });
+        }
+        categories.extend(item.genres.iter().cloned());
+        ids.push(item.item_id.to_string());
+        Ok(())
+    });
+    match r {
+        Ok(()) => {}
+        Err(tandem::data::DataError::Empty { file, .. }) if file == PathBuf::from(stop) => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(Catalog {
+        ids,
+        categories: categories.into_iter().collect(),
+    })
+}
+
+async fn run(args: Args, catalog: Arc<Catalog>) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.concurrency * 2)
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let base = args.url.trim_end_matches('/').to_string();
+    let ready = client.get(format!("{base}/readyz")).send().await?;
+    anyhow::ensure!(
+        ready.status().is_success(),
+        "server not ready: {}",
+        ready.text().await?
+    );
+
+    eprintln!(
+        "warming up: events for {} users and {} sessions",
+        args.users, args.sessions
+    );
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    let warm = Instant::now();
+    for chunk_start in (0..args.users + args.sessions).step_by(100) {
+        let batch: Vec<serde_json::Value> = (chunk_start
+            ..(chunk_start + 100).min(args.users + args.sessions))
+            .flat_map(|n| {
+                let actor = actor(n, args.users);
+                (0..5)
+                    .map(|_| event_body(&actor, &catalog, &mut rng))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let r = client
+            .post(format!("{base}/v1/events"))
+            .json(&batch)
+            .send()
+            .await?;
+        anyhow::ensure!(
+            r.status().is_success(),
+            "warm-up events: {}",
+            r.text().await?
+        );
+    }
+    eprintln!("warm-up done in {:.1}s", warm.elapsed().as_secs_f64());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(args.duration);
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for w in 0..args.concurrency {
+        let (client, base, catalog, stop, sent, args) = (
+            client.clone(),
+            base.clone(),
+            catalog.clone(),
+            stop.clone(),
+            sent.clone(),
+            args.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(args.seed ^ (w as u64 + 1) * 0x9e37_79b9);
+            let mut stats = Stats::new();
+            let mut upserts = 0u64;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let n = sent.fetch_add(1, Ordering::Relaxed);
+                if args.requests > 0 && n >= args.requests {
+                    break;
+                }
+                let scenario = Scenario::pick(&mut rng);
+                let req = build(
+                    scenario,
+                    &client,
+                    &base,
+                    &catalog,
+                    &args,
+                    &mut rng,
+                    w,
+                    &mut upserts,
+                );
+                let t = Instant::now();
+                let outcome = req.send().await;
+                let ok = match outcome {
+                    Ok(r) => {
+                        let status = r.status();
+                        // Read the whole body: the latency includes it.
+                        let body = r.bytes().await;
+                        match body {
+                            Ok(_) if status.is_success() => true,
+                            Ok(b) => {
+                                record_error(
+                                    &mut stats,
+                                    format!(
+                                        "{} {status}: {}",
+                                        scenario.name(),
+                                        String::from_utf8_lossy(&b)
+                                    ),
+                                );
+                                false
+                            }
+                            Err(e) => {
+                                record_error(&mut stats, format!("{}: {e}", scenario.name()));
+                                false
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        record_error(&mut stats, format!("{}: {e}", scenario.name()));
+                        false
+                    }
+                };
+                let us = t.elapsed().as_micros().max(1) as u64;
+                if ok {
+                    let i = Scenario::ALL
+                        .iter()
+                        .position(|s| *s == scenario)
+                        .unwrap_or(0);
+                    stats.hist[i].saturating_record(us);
+                    stats.total.saturating_record(us);
+                }
+            }
+            stats
+        }));
+    }
+    let mut stats = Stats::new();
+    for w in workers {
+        stats.merge(&w.await?);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    report(&args, &stats, elapsed);
+
+    match client.get(format!("{base}/metrics")).send().await {
+        Ok(r) => print_stage_breakdown(&r.text().await.unwrap_or_default()),
+        Err(e) => eprintln!("could not read /metrics: {e}"),
+    }
+    Ok(())
+}
+
+fn record_error(stats: &mut Stats, msg: String) {
+    stats.errors += 1;
+    if stats.error_samples.len() < 10 {
+        stats.error_samples.push(msg);
+    }
+}
+
+fn actor(n: usize, users: usize) -> (&'static str, String) {
+    if n < users {
+        ("user_id", format!("load-u{n}"))
+    } else {
+        ("session_id", format!("load-s{}", n - users))
+    }
+}
+
+fn event_body(actor: &(&str, String), catalog: &Catalog, rng: &mut StdRng) -> serde_json::Value {
+    let item = &catalog.ids[rng.gen_range(0..catalog.ids.len())];
+    let ty = ["view", "click", "click", "add_to_cart"][rng.gen_range(0..4)];
+    json!({ actor.0: actor.1, "item_id": item, "type": ty })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build(
+    scenario: Scenario,
+    client: &reqwest::Client,
+    base: &str,
+    catalog: &Catalog,
+    args: &Args,
+    rng: &mut StdRng,
+    worker: usize,
+    upserts: &mut u64,
+) -> reqwest::RequestBuilder {
+    let url = |path: &str| format!("{base}{path}");
+    match scenario {
+        Scenario::RecKnownUser => {
+            let u = rng.gen_range(0..args.users.max(1));
+            client.get(url(&format!("/v1/recommendations?user_id=load-u{u}&k=20")))
+        }
+        Scenario::RecSession => {
+            let s = rng.gen_range(0..args.sessions.max(1));
+            client.get(url(&format!(
+                "/v1/recommendations?session_id=load-s{s}&k=20"
+            )))
+        }
+        Scenario::RecFiltered => {
+            let u = rng.gen_range(0..args.users.max(1));
+            let mut q = format!("/v1/recommendations?user_id=load-u{u}&k=20&available_only=true");
+            if !catalog.categories.is_empty() {
+                let c = &catalog.categories[rng.gen_range(0..catalog.categories.len())];
+                q.push_str(&format!("&category={}", encode(c)));
+            }
+            if rng.gen_bool(0.3) {
+                q.push_str("&price_max=50");
+            }
+            client.get(url(&q))
+        }
+        Scenario::Event => {
+            let a = actor(rng.gen_range(0..args.users + args.sessions), args.users);
+            client
+                .post(url("/v1/events"))
+                .json(&event_body(&a, catalog, rng))
+        }
+        Scenario::Similar => {
+            let item = &catalog.ids[rng.gen_range(0..catalog.ids.len())];
+            client.get(url(&format!("/v1/items/{}/similar?k=20", encode(item))))
+        }
+        Scenario::Upsert => {
+            *upserts += 1;
+            let cat = catalog
+                .categories
+                .get(rng.gen_range(0..catalog.categories.len().max(1)))
+                .cloned()
+                .unwrap_or_default();
+            let body = json!({ "items": [{
+                "item_id": format!("load-new-{worker}-{upserts}"),
+                "title": format!("load test item {upserts}"),
+                "categories": [cat],
+                "price": rng.gen_range(1.0..100.0),
+            }]});
+            client.post(url("/v1/items")).json(&body)
+        }
+    }
+}
+
+fn encode(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+fn report(args: &Args, stats: &Stats, elapsed: f64) {
+    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let ok = stats.total.len();
+    println!(
+        "{} requests ok, {} errors, {:.1}s, {:.0} req/s ({} connections{})",
+        ok,
+        stats.errors,
+        elapsed,
+        ok as f64 / elapsed,
+        args.concurrency,
+        if args.label.is_empty() {
+            String::new()
+        } else {
+            format!(", {}", args.label)
+        }
+    );
+    println!(
+        "{:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "scenario", "count", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms"
+    );
+    let row = |name: &str, h: &Histogram<u64>| {
+        println!(
+            "{:<16} {:>8} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3}",
+            name,
+            h.len(),
+            ms(h, 0.5),
+            ms(h, 0.9),
+            ms(h, 0.99),
+            ms(h, 0.999),
+            h.max() as f64 / 1000.0
+        )
+    };
+    for (s, h) in Scenario::ALL.iter().zip(&stats.hist) {
+        row(s.name(), h);
+    }
+    row("all", &stats.total);
+    for e in &stats.error_samples {
+        println!("error: {e}");
+    }
+    let json = json!({
+        "label": args.label,
+        "ok": ok,
+        "errors": stats.errors,
+        "seconds": elapsed,
+        "rps": ok as f64 / elapsed,
+        "p50_ms": ms(&stats.total, 0.5),
+        "p90_ms": ms(&stats.total, 0.9),
+        "p99_ms": ms(&stats.total, 0.99),
+        "p999_ms": ms(&stats.total, 0.999),
+        "concurrency": args.concurrency,
+    });
+    println!("{json}");
+}
+
+/// Prints the server's per-stage latency summaries (`tandem_stage_seconds`).
+fn print_stage_breakdown(metrics: &str) {
+    println!("server-side stage latencies (quantiles over the server's lifetime, ms):");
+    for line in metrics.lines() {
+        if (line.starts_with("tandem_stage_seconds{")
+            || line.starts_with("tandem_pipeline_seconds{"))
+            && (line.contains("quantile=\"0.5\"") || line.contains("quantile=\"0.99\""))
+        {
+            if let Some((labels, value)) = line.rsplit_once(' ') {
+                let v: f64 = value.parse().unwrap_or(f64::NAN);
+                println!("  {labels} {:.3}", v * 1000.0);
+            }
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! The serving process's in-memory catalog: every servable item's metadata and vector, so that
+//! re-ranking, explanations, history pooling and the trending fallback never wait on the index.
+//!
+//! The index stays the source of truth for what search can return; the catalog mirrors it.
+//! Every write goes to the index first and to the catalog only when the index accepted it
+//! (see the catalog handlers), so the two cannot disagree on an acknowledged write. Entries
+//! are immutable `Arc`s replaced on update: a request that resolved an entry keeps a
+//! consistent snapshot, and the next lookup sees the change.
+
+use crate::domain::{Filter, Item, ItemId};
+use crate::index::{IndexError, Payload, VectorIndex};
+use parking_lot::{Mutex, RwLock};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// One servable item.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CatalogEntry {
+    pub item: Item,
+    /// Interaction count (or a live counter); the cold-start prior and the fallback order.
+    pub popularity: f32,
+    /// The item-tower vector (L2-normalised), the same one the index holds.
+    pub vector: Box<[f32]>,
+}
+
+impl CatalogEntry {
+    pub fn id(&self) -> &ItemId {
+        &self.item.item_id
+    }
+
+    /// The payload the index stores for this entry.
+    pub fn payload(&self) -> Payload {
+        Payload {
+            item_id: self.item.item_id.clone(),
+            categories: self.item.genres.clone(),
+            available: self.item.available,
+            price: self.item.price,
+            created_at: self.item.created_at,
+            title: self.item.title.clone(),
+            popularity: self.popularity,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("reading the catalog from the index: {0}")]
+    Index(#[from] IndexError),
+}
+
+/// What a start-up load found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    pub loaded: usize,
+    /// Items of the catalog file that the index does not hold (not servable until indexed).
+    pub missing_from_index: usize,
+}
+
+#[derive(Default)]
+pub struct Catalog {
+    items: RwLock<HashMap<ItemId, Arc<CatalogEntry>>>,
+    /// Every entry by descending popularity, rebuilt lazily after writes. Entries in it may be
+    /// stale; readers resolve each id against `items` before trusting its fields.
+    by_popularity: Mutex<Option<Arc<Vec<Arc<CatalogEntry>>>>>,
+}
+
+impl Catalog {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Builds the catalog from the items of a data dir and what the index holds for them:
+    /// content (title, categories, tags, year) from the file, and the live fields (vector,
+    /// availability, price, popularity) from the index, which API writes have updated.
+    pub async fn load(
+        items: Vec<Item>,
+        index: &dyn VectorIndex,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<(Self, LoadReport), CatalogError> {
+        const BATCH: usize = 2_000;
+        let total = items.len();
+        let mut report = LoadReport::default();
+        let mut map = HashMap::with_capacity(total);
+        let mut done = 0;
+        let mut items = items.into_iter().peekable();
+        while items.peek().is_some() {
+            let batch: Vec<Item> = items.by_ref().take(BATCH).collect();
+            let ids: Vec<ItemId> = batch.iter().map(|i| i.item_id.clone()).collect();
+            let fetched: HashMap<ItemId, (Payload, Vec<f32>)> = index
+                .fetch(&ids)
+                .await?
+                .into_iter()
+                .map(|(p, v)| (p.item_id.clone(), (p, v)))
+                .collect();
+            done += batch.len();
+            for mut item in batch {
+                let Some((payload, vector)) = fetched.get(&item.item_id) else {
+                    report.missing_from_index += 1;
+                    continue;
+                };
+                item.available = payload.available;
+                item.price = payload.price;
+                let entry = CatalogEntry {
+                    item,
+                    popularity: payload.popularity,
+                    vector: vector.clone().into_boxed_slice(),
+                };
+                map.insert(entry.item.item_id.clone(), Arc::new(entry));
+                report.loaded += 1;
+            }
+            progress(done, total);
+        }
+        let catalog = Catalog {
+            items: RwLock::new(map),
+            by_popularity: Mutex::new(None),
+        };
+        Ok((catalog, report))
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.read().is_empty()
+    }
+
+    /// Some entry, for checks that any one answers (vector dimensions).
+    pub fn any(&self) -> Option<Arc<CatalogEntry>> {
+        self.items.read().values().next().cloned()
+    }
+
+    /// Every entry, as of now (model activation embeds this snapshot).
+    pub fn entries(&self) -> Vec<Arc<CatalogEntry>> {
+        self.items.read().values().cloned().collect()
+    }
+
+    pub fn get(&self, id: &ItemId) -> Option<Arc<CatalogEntry>> {
+        self.items.read().get(id).cloned()
+    }
+
+    /// Resolves many ids under one lock; unknown ids are `None`.
+    pub fn get_many<'a>(
+        &self,
+        ids: impl IntoIterator<Item = &'a ItemId>,
+    ) -> Vec<Option<Arc<CatalogEntry>>> {
+        let items = self.items.read();
+        ids.into_iter().map(|id| items.get(id).cloned()).collect()
+    }
+
+    /// Inserts or replaces entries (after the index accepted them).
+    pub fn upsert(&self, entries: impl IntoIterator<Item = CatalogEntry>) {
+        let mut items = self.items.write();
+        for e in entries {
+            items.insert(e.item.item_id.clone(), Arc::new(e));
+        }
+        drop(items);
+        *self.by_popularity.lock() = None;
+    }
+
+    /// Applies a change to one entry; returns the new entry, or `None` if the id is unknown.
+    pub fn update(
+        &self,
+        id: &ItemId,
+        change: impl FnOnce(&mut CatalogEntry),
+    ) -> Option<Arc<CatalogEntry>> {
+        let mut items = self.items.write();
+        let slot = items.get_mut(id)?;
+        let mut entry = CatalogEntry::clone(slot);
+        change(&mut entry);
+        *slot = Arc::new(entry);
+        let updated = slot.clone();
+        drop(items);
+        *self.by_popularity.lock() = None;
+        Some(updated)
+    }
+
+    pub fn remove(&self, id: &ItemId) -> Option<Arc<CatalogEntry>> {
+        let removed = self.items.write().remove(id);
+        if removed.is_some() {
+            *self.by_popularity.lock() = None;
+        }
+        removed
+    }
+
+    /// The most popular items that pass `filter`, best first: the answer when nothing
+    /// personal is known and trending is empty or down.
+    pub fn popular(&self, filter: &Filter, k: usize) -> Vec<Arc<CatalogEntry>> {
+        let order = self.popularity_order();
+        let items = self.items.read();
+        order
+            .iter()
+            .filter_map(|stale| items.get(stale.id()))
+            .filter(|e| filter.matches(&e.item))
+            .take(k)
+            .cloned()
+            .collect()
+    }
+
+    fn popularity_order(&self) -> Arc<Vec<Arc<CatalogEntry>>> {
+        let mut cached = self.by_popularity.lock();
+        if let Some(order) = cached.as_ref() {
+            return order.clone();
+        }
+        let mut order: Vec<Arc<CatalogEntry>> = self.items.read().values().cloned().collect();
+        order.sort_by(|a, b| {
+            b.popularity
+                .total_cmp(&a.popularity)
+                .then_with(|| a.id().cmp(b.id()))
+        });
+        let order = Arc::new(order);
+        *cached = Some(order.clone());
+        order
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, genre: &str, popularity: f32) -> CatalogEntry {
+        let mut item = Item::new(ItemId::parse(id).unwrap(), format!("title {id}"));
+        item.genres = vec![genre.into()];
+        CatalogEntry {
+            item,
+            popularity,
+            vector: vec![1.0, 0.0].into_boxed_slice(),
+        }
+    }
+
+    #[test]
+    fn popular_is_ordered_filtered_and_sees_updates() {
+        let c = Catalog::new();
+        c.upsert([
+            entry("a", "x", 5.0),
+            entry("b", "y", 9.0),
+            entry("c", "x", 7.0),
+        ]);
+        let ids = |v: Vec<Arc<CatalogEntry>>| -> Vec<String> {
+            v.iter().map(|e| e.id().to_string()).collect()
+        };
+        assert_eq!(ids(c.popular(&Filter::default(), 10)), ["b", "c", "a"]);
+        let only_x = Filter {
+            include_categories: vec!["x".into()],
+            available_only: true,
+            ..Default::default()
+        };
+        assert_eq!(ids(c.popular(&only_x, 10)), ["c", "a"]);
+        c.update(&ItemId::parse("c").unwrap(), |e| e.item.available = false);
+        assert_eq!(ids(c.popular(&only_x, 10)), ["a"]);
+        c.remove(&ItemId::parse("a").unwrap());
+        assert!(c.popular(&only_x, 10).is_empty());
+        assert_eq!(c.len(), 2);
+    }
+}

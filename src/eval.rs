@@ -1,0 +1,487 @@
+//! Offline evaluation: the protocol's metrics, computed exactly as `../shared/eval/score.py`
+//! computes them (same per-user formulas, same user order, numpy's pairwise summation), so
+//! `tandem eval` and `score.py` agree to the last bit, and top-N recommendation for every
+//! test user of a split directory.
+//!
+//! A split directory holds `items.csv`, `train.csv`, `onboard.csv`, `test.csv`,
+//! `onboard_test.csv` and `val/{train,test}.csv`. Test files only choose which users are
+//! scored and provide the truth; histories come from `train.csv` + `onboard.csv`.
+
+use crate::data::{read_interactions, read_items, DataError};
+use crate::domain::{Interaction, Item, ItemId, UserId};
+use crate::model::{ModelError, TwoTower, UserEvent};
+use candle_core::{Device, Tensor};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// The list length the protocol scores.
+pub const MAX_K: usize = 20;
+pub const KS: [usize; 2] = [10, 20];
+/// A test item is cold when it has fewer than this many rows in the training file.
+pub const COLD_ITEM_THRESHOLD: usize = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("split file {path} is missing (a split directory holds items.csv, train.csv, onboard.csv, test.csv, onboard_test.csv and val/)")]
+    MissingFile { path: PathBuf },
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Which slice of a split to evaluate on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum On {
+    /// Known = `train.csv` + `onboard.csv`; truth = `test.csv` and `onboard_test.csv`.
+    Test,
+    /// Known = `val/train.csv`; truth = `val/test.csv`; no new users. For tuning.
+    Val,
+}
+
+/// A split directory, read for one slice.
+#[derive(Debug, Clone)]
+pub struct Split {
+    pub dir: PathBuf,
+    pub on: On,
+    pub items: Vec<Item>,
+    /// The training rows (`train.csv`, or `val/train.csv`), in file (time) order.
+    pub train: Vec<Interaction>,
+    /// `onboard.csv` (empty for `On::Val`).
+    pub onboard: Vec<Interaction>,
+    pub test: Vec<Interaction>,
+    /// `onboard_test.csv` (empty for `On::Val`).
+    pub onboard_test: Vec<Interaction>,
+}
+
+fn split_file(dir: &Path, rel: &str) -> Result<PathBuf, EvalError> {
+    let p = dir.join(rel);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(EvalError::MissingFile { path: p })
+    }
+}
+
+impl Split {
+    pub fn load(dir: &Path, on: On) -> Result<Self, EvalError> {
+        let rows = |rel: &str| -> Result<Vec<Interaction>, EvalError> {
+            Ok(read_interactions(&split_file(dir, rel)?)?)
+        };
+        let items = read_items(&split_file(dir, "items.csv")?)?;
+        let (train, onboard, test, onboard_test) = match on {
+            On::Test => (
+                rows("train.csv")?,
+                rows("onboard.csv")?,
+                rows("test.csv")?,
+                rows("onboard_test.csv")?,
+            ),
+            On::Val => (
+                rows("val/train.csv")?,
+                Vec::new(),
+                rows("val/test.csv")?,
+                Vec::new(),
+            ),
+        };
+        Ok(Split {
+            dir: dir.to_path_buf(),
+            on,
+            items,
+            train,
+            onboard,
+            test,
+            onboard_test,
+        })
+    }
+
+    /// The known rows: train then onboard, each in time order.
+    pub fn known_rows(&self) -> impl Iterator<Item = &Interaction> {
+        self.train.iter().chain(self.onboard.iter())
+    }
+
+    /// Users to recommend for: test users then new users, each sorted as `score.py` sorts.
+    pub fn scored_users(&self) -> Vec<UserId> {
+        let mut main = users_of(&self.test);
+        main.extend(users_of(&self.onboard_test));
+        main
+    }
+}
+
+fn users_of(rows: &[Interaction]) -> Vec<UserId> {
+    let set: HashSet<&UserId> = rows.iter().map(|r| &r.user_id).collect();
+    let mut v: Vec<UserId> = set.into_iter().cloned().collect();
+    sort_ids(&mut v);
+    v
+}
+
+/// `score.py` orders users by integer id; non-numeric ids (other datasets) sort after, by text.
+fn sort_ids(v: &mut [UserId]) {
+    v.sort_by_cached_key(|u| (u.as_str().parse::<i128>().map_err(|_| ()), u.clone()));
+}
+
+/// Ground truth per user.
+pub type Truth = BTreeMap<UserId, HashSet<ItemId>>;
+
+fn truth_of(rows: &[Interaction]) -> Vec<(UserId, HashSet<ItemId>)> {
+    let mut m: HashMap<UserId, HashSet<ItemId>> = HashMap::new();
+    for r in rows {
+        m.entry(r.user_id.clone())
+            .or_default()
+            .insert(r.item_id.clone());
+    }
+    let mut users: Vec<UserId> = m.keys().cloned().collect();
+    sort_ids(&mut users);
+    users
+        .into_iter()
+        .map(|u| {
+            let t = m.remove(&u).expect("present");
+            (u, t)
+        })
+        .collect()
+}
+
+/// numpy's pairwise float64 sum (blocks of up to 128 with 8 accumulators), so means match
+/// `score.py` and the reference harness bit for bit.
+pub fn np_sum(a: &[f64]) -> f64 {
+    0.0 + pairwise(a)
+}
+
+fn pairwise(a: &[f64]) -> f64 {
+    let n = a.len();
+    if n < 8 {
+        let mut res = 0.0;
+        for &x in a {
+            res += x;
+        }
+        return res;
+    }
+    if n <= 128 {
+        let mut r = [0.0f64; 8];
+        r.copy_from_slice(&a[..8]);
+        let stop = n - n % 8;
+        let mut i = 8;
+        while i < stop {
+            for j in 0..8 {
+                r[j] += a[i + j];
+            }
+            i += 8;
+        }
+        let mut res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        while i < n {
+            res += a[i];
+            i += 1;
+        }
+        return res;
+    }
+    let mut n2 = n / 2;
+    n2 -= n2 % 8;
+    pairwise(&a[..n2]) + pairwise(&a[n2..])
+}
+
+fn np_mean(a: &[f64]) -> Option<f64> {
+    (!a.is_empty()).then(|| np_sum(a) / a.len() as f64)
+}
+
+fn discount(p: usize) -> f64 {
+    1.0 / ((p + 1) as f64).log2()
+}
+
+/// Every metric at every K for one user (`recs` best first, at most [`MAX_K`] used).
+fn user_metrics(recs: &[ItemId], truth: &HashSet<ItemId>) -> BTreeMap<String, f64> {
+    let hits: Vec<bool> = recs.iter().take(MAX_K).map(|i| truth.contains(i)).collect();
+    let mut out = BTreeMap::new();
+    for k in KS {
+        let h = &hits[..hits.len().min(k)];
+        let nh = h.iter().filter(|&&x| x).count();
+        let denom = k.min(truth.len());
+        out.insert(format!("recall@{k}"), nh as f64 / denom as f64);
+        let gains: Vec<f64> = h
+            .iter()
+            .enumerate()
+            .filter(|(_, &hit)| hit)
+            .map(|(p, _)| discount(p + 1))
+            .collect();
+        let ideal: Vec<f64> = (1..=denom).map(discount).collect();
+        out.insert(format!("ndcg@{k}"), np_sum(&gains) / np_sum(&ideal));
+        out.insert(format!("hitrate@{k}"), if nh > 0 { 1.0 } else { 0.0 });
+        let mrr = h
+            .iter()
+            .position(|&x| x)
+            .map_or(0.0, |p| 1.0 / (p + 1) as f64);
+        out.insert(format!("mrr@{k}"), mrr);
+    }
+    out
+}
+
+/// Metric name to the per-user values, users in `truth` order; users without recs score 0.
+fn per_user(
+    lists: &HashMap<UserId, Vec<ItemId>>,
+    truth: &[(UserId, HashSet<ItemId>)],
+) -> BTreeMap<String, Vec<f64>> {
+    let mut out: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let empty = Vec::new();
+    for (u, t) in truth {
+        for (name, v) in user_metrics(lists.get(u).unwrap_or(&empty), t) {
+            out.entry(name).or_default().push(v);
+        }
+    }
+    out
+}
+
+/// The protocol's metrics for top-N lists, with `score.py`'s keys (`recall@20`,
+/// `cold_recall@20`, `newuser_ndcg@10`, `coverage@10`, ...). Lists must be best first without
+/// duplicates; only the first [`MAX_K`] items count.
+pub fn score(lists: &HashMap<UserId, Vec<ItemId>>, split: &Split) -> BTreeMap<String, f64> {
+    let mut metrics = BTreeMap::new();
+    let test = truth_of(&split.test);
+    for (name, v) in per_user(lists, &test) {
+        if let Some(m) = np_mean(&v) {
+            metrics.insert(name, m);
+        }
+    }
+    let catalog: HashSet<&ItemId> = split.items.iter().map(|i| &i.item_id).collect();
+    for k in KS {
+        let mut rec: HashSet<&ItemId> = HashSet::new();
+        for (u, _) in &test {
+            if let Some(l) = lists.get(u) {
+                rec.extend(l.iter().take(k));
+            }
+        }
+        let covered = rec.iter().filter(|i| catalog.contains(*i)).count();
+        metrics.insert(
+            format!("coverage@{k}"),
+            covered as f64 / catalog.len() as f64,
+        );
+    }
+    let mut train_counts: HashMap<&ItemId, usize> = HashMap::new();
+    for r in &split.train {
+        *train_counts.entry(&r.item_id).or_default() += 1;
+    }
+    let cold: Vec<(UserId, HashSet<ItemId>)> = test
+        .iter()
+        .filter_map(|(u, t)| {
+            let c: HashSet<ItemId> = t
+                .iter()
+                .filter(|i| train_counts.get(i).copied().unwrap_or(0) < COLD_ITEM_THRESHOLD)
+                .cloned()
+                .collect();
+            (!c.is_empty()).then(|| (u.clone(), c))
+        })
+        .collect();
+    if let Some(m) = per_user(lists, &cold)
+        .get(&format!("recall@{MAX_K}"))
+        .and_then(|v| np_mean(v))
+    {
+        metrics.insert(format!("cold_recall@{MAX_K}"), m);
+    }
+    for (name, v) in per_user(lists, &truth_of(&split.onboard_test)) {
+        if let Some(m) = np_mean(&v) {
+            metrics.insert(format!("newuser_{name}"), m);
+        }
+    }
+    metrics
+}
+
+/// The top `k` catalog items for each user in `users`, best first, excluding the user's known
+/// items. A user's history is their known rows, newest first.
+pub fn recommend(
+    model: &TwoTower,
+    split: &Split,
+    users: &[UserId],
+    k: usize,
+) -> Result<HashMap<UserId, Vec<ItemId>>, EvalError> {
+    let item_index: HashMap<&ItemId, usize> = split
+        .items
+        .iter()
+        .enumerate()
+        .map(|(i, it)| (&it.item_id, i))
+        .collect();
+    let mut histories: HashMap<&UserId, Vec<&Interaction>> = HashMap::new();
+    for r in split.known_rows() {
+        histories.entry(&r.user_id).or_default().push(r);
+    }
+    let item_vecs = model.embed_items(&split.items)?;
+    let dim = model.dim();
+    let flat: Vec<f32> = item_vecs.into_iter().flatten().collect();
+    let items_t =
+        Tensor::from_vec(flat, (split.items.len(), dim), &Device::Cpu).map_err(ModelError::from)?;
+
+    let mut user_flat = Vec::with_capacity(users.len() * dim);
+    for u in users {
+        let rows = histories.get(u).map(Vec::as_slice).unwrap_or(&[]);
+        let events: Vec<UserEvent<'_>> = rows
+            .iter()
+            .rev()
+            .filter_map(|r| {
+                item_index.get(&r.item_id).map(|&i| UserEvent {
+                    item: &split.items[i],
+                    event_type: r.event_type,
+                })
+            })
+            .collect();
+        user_flat.extend(model.embed_user(&events)?);
+    }
+    let users_t =
+        Tensor::from_vec(user_flat, (users.len(), dim), &Device::Cpu).map_err(ModelError::from)?;
+    let scores: Vec<Vec<f32>> = users_t
+        .matmul(&items_t.t().map_err(ModelError::from)?)
+        .and_then(|s| s.to_vec2())
+        .map_err(ModelError::from)?;
+
+    let mut out = HashMap::with_capacity(users.len());
+    for (u, row) in users.iter().zip(scores) {
+        let known: HashSet<usize> = histories
+            .get(u)
+            .map(|rows| {
+                rows.iter()
+                    .filter_map(|r| item_index.get(&r.item_id).copied())
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.insert(
+            u.clone(),
+            top_k(&row, k, |i| !known.contains(&i))
+                .into_iter()
+                .map(|i| split.items[i].item_id.clone())
+                .collect(),
+        );
+    }
+    Ok(out)
+}
+
+/// Indices of the `k` highest scores among those `keep` accepts, best first; ties go to the
+/// lower index so results are deterministic.
+pub fn top_k(scores: &[f32], k: usize, keep: impl Fn(usize) -> bool) -> Vec<usize> {
+    let mut best: Vec<(f32, usize)> = Vec::with_capacity(k + 1);
+    for (i, &s) in scores.iter().enumerate() {
+        if !keep(i) || s.is_nan() {
+            continue;
+        }
+        if best.len() == k && s <= best[k - 1].0 {
+            continue;
+        }
+        let pos = best.partition_point(|&(b, _)| b >= s);
+        best.insert(pos, (s, i));
+        best.truncate(k);
+    }
+    best.into_iter().map(|(_, i)| i).collect()
+}
+
+/// Writes `user_id,item_id,rank` for `users` in order (rank 1 is the best).
+pub fn write_recs(
+    path: &Path,
+    users: &[UserId],
+    lists: &HashMap<UserId, Vec<ItemId>>,
+) -> Result<(), EvalError> {
+    let io = |source| EvalError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
+    writeln!(out, "user_id,item_id,rank").map_err(io)?;
+    for u in users {
+        for (r, i) in lists.get(u).into_iter().flatten().enumerate() {
+            writeln!(out, "{u},{i},{}", r + 1).map_err(io)?;
+        }
+    }
+    out.flush().map_err(io)
+}
+
+/// The metrics as a table, in the order `score.py` prints them.
+pub fn format_metrics(m: &BTreeMap<String, f64>) -> String {
+    let cols = [
+        "recall@10",
+        "recall@20",
+        "ndcg@10",
+        "ndcg@20",
+        "hitrate@10",
+        "hitrate@20",
+        "mrr@10",
+        "mrr@20",
+    ];
+    let fmt = |k: &str| m.get(k).map_or("  n/a ".to_string(), |v| format!("{v:.4}"));
+    let mut s = format!(
+        "{:<10} {}\n",
+        "scenario",
+        cols.iter()
+            .map(|c| format!("{c:>10}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    s += &format!(
+        "{:<10} {}\n",
+        "main",
+        cols.iter()
+            .map(|c| format!("{:>10}", fmt(c)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    if m.contains_key("newuser_recall@20") {
+        s += &format!(
+            "{:<10} {}\n",
+            "new-user",
+            cols.iter()
+                .map(|c| format!("{:>10}", fmt(&format!("newuser_{c}"))))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
+    s += &format!(
+        "coverage@10={} coverage@20={} cold_recall@20={}",
+        fmt("coverage@10"),
+        fmt("coverage@20"),
+        fmt("cold_recall@20")
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(v: &[&str]) -> Vec<ItemId> {
+        v.iter().map(|s| ItemId::parse(*s).unwrap()).collect()
+    }
+
+    #[test]
+    fn pairwise_sum_matches_numpy_order() {
+        // 0.1 summed 1000 times: score.py (numpy's order) gives 100.00000000000001,
+        // a naive left-to-right loop gives 99.9999999999986.
+        let a = vec![0.1f64; 1000];
+        assert_eq!(np_sum(&a), 100.00000000000001);
+        let naive: f64 = a.iter().sum();
+        assert_ne!(np_sum(&a), naive);
+    }
+
+    #[test]
+    fn user_metrics_by_hand() {
+        let truth: HashSet<ItemId> = ids(&["b", "d", "z"]).into_iter().collect();
+        let m = user_metrics(&ids(&["a", "b", "c", "d"]), &truth);
+        assert_eq!(m["recall@10"], 2.0 / 3.0);
+        assert_eq!(m["hitrate@10"], 1.0);
+        assert_eq!(m["mrr@10"], 0.5);
+        let dcg = 1.0 / 3f64.log2() + 1.0 / 5f64.log2();
+        let idcg = 1.0 + 1.0 / 3f64.log2() + 1.0 / 4f64.log2();
+        assert!((m["ndcg@10"] - dcg / idcg).abs() < 1e-15);
+        let none = user_metrics(&[], &truth);
+        assert_eq!(none["recall@20"], 0.0);
+        assert_eq!(none["mrr@20"], 0.0);
+    }
+
+    #[test]
+    fn top_k_excludes_and_breaks_ties_by_index() {
+        let s = [0.5, 0.9, 0.9, 0.1, 0.7];
+        assert_eq!(top_k(&s, 3, |_| true), vec![1, 2, 4]);
+        assert_eq!(top_k(&s, 3, |i| i != 1), vec![2, 4, 0]);
+        assert_eq!(top_k(&s, 10, |_| true).len(), 5);
+    }
+}

@@ -1,0 +1,706 @@
+//! A/B experiments: their definition (`[[experiments]]` in config, replaced at run time by
+//! `PUT /admin/experiments`), deterministic assignment, attribution of events, and the
+//! per-variant report with Wilson confidence intervals and p99 latency.
+//!
+//! Assignment hashes `salt || 0x00 || unit id` with SHA-256, so a user lands in the same
+//! variant on every replica and after every restart; a new salt reshuffles everyone
+//! independently of the old assignment.
+//!
+//! Counts are kept in-process for at most a second and then added to the `SessionStore`
+//! (`incr_counters`), so they add up across replicas with Redis and work alike with the
+//! memory store. The Prometheus calls all live in [`export_metrics`].
+
+use crate::config::{ConfigError, RerankWeights};
+use crate::domain::{EventType, SessionId, UserId};
+use crate::session::{Event, SessionError, SessionStore};
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a `request_id` can still attribute a later event to its variant.
+const REQUEST_MEMORY: Duration = Duration::from_secs(24 * 3600);
+/// Latency histogram buckets grow by 10%, so p99 is exact to within 10%.
+const LATENCY_GROWTH: f64 = 1.1;
+/// Tolerance on the sum of traffic shares (they are written by hand as decimals).
+const SHARE_TOLERANCE: f64 = 1e-6;
+
+/// Which id a user is bucketed by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Unit {
+    /// The user id, or the session id for anonymous traffic.
+    #[default]
+    User,
+    /// The session id only (a user gets a fresh draw per session).
+    Session,
+}
+
+/// One experiment, as configured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Experiment {
+    /// 1 to 64 letters, digits, '-', '_' or '.'.
+    pub name: String,
+    /// Mixed into the assignment hash; change it to reshuffle.
+    pub salt: String,
+    #[serde(default)]
+    pub unit: Unit,
+    /// At most one experiment is enabled at a time; a disabled one keeps its report.
+    #[serde(default = "enabled_by_default")]
+    pub enabled: bool,
+    pub variants: Vec<Variant>,
+}
+
+fn enabled_by_default() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Variant {
+    /// The `variant` that responses carry and events send back.
+    pub name: String,
+    /// Fraction of the traffic, 0..=1; the shares of an experiment sum to 1.
+    pub share: f64,
+    /// The model this arm is meant for (must be registered; see the admin API for the rule).
+    #[serde(default)]
+    pub model_version: Option<String>,
+    /// The re-rank weights of this arm; without it the arm uses `[rerank.<name>]`, or control's.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub rerank: Option<RerankWeights>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExperimentError {
+    #[error("invalid experiment setting `{field}`: {reason}")]
+    Invalid { field: String, reason: String },
+    #[error("no experiment named {0:?}")]
+    Unknown(String),
+    #[error(transparent)]
+    Store(#[from] SessionError),
+}
+
+fn invalid(field: String, reason: impl Into<String>) -> ExperimentError {
+    ExperimentError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// Checks a whole experiment set: names, salts, shares summing to 1, unique variants, valid
+/// weights, and at most one enabled experiment. Each error names the field.
+pub fn validate(experiments: &[Experiment]) -> Result<(), ExperimentError> {
+    let mut names = std::collections::HashSet::new();
+    let mut enabled: Option<&str> = None;
+    for (i, e) in experiments.iter().enumerate() {
+        let at = format!("experiments[{i}]");
+        if !valid_name(&e.name) {
+            return Err(invalid(
+                format!("{at}.name"),
+                format!(
+                    "{:?} must be 1 to 64 letters, digits, '-', '_' or '.'",
+                    e.name
+                ),
+            ));
+        }
+        if !names.insert(e.name.as_str()) {
+            return Err(invalid(
+                format!("{at}.name"),
+                format!("{:?} is used twice", e.name),
+            ));
+        }
+        if e.salt.is_empty() {
+            return Err(invalid(format!("{at}.salt"), "must not be empty"));
+        }
+        if e.variants.is_empty() {
+            return Err(invalid(
+                format!("{at}.variants"),
+                "needs at least one variant",
+            ));
+        }
+        let mut variant_names = std::collections::HashSet::new();
+        let mut total = 0.0;
+        for (j, v) in e.variants.iter().enumerate() {
+            let vat = format!("{at}.variants[{j}]");
+            if !valid_name(&v.name) {
+                return Err(invalid(
+                    format!("{vat}.name"),
+                    format!(
+                        "{:?} must be 1 to 64 letters, digits, '-', '_' or '.'",
+                        v.name
+                    ),
+                ));
+            }
+            if !variant_names.insert(v.name.as_str()) {
+                return Err(invalid(
+                    format!("{vat}.name"),
+                    format!("{:?} is used twice in this experiment", v.name),
+                ));
+            }
+            if !v.share.is_finite() || !(0.0..=1.0).contains(&v.share) {
+                return Err(invalid(
+                    format!("{vat}.share"),
+                    format!("{} is not between 0 and 1", v.share),
+                ));
+            }
+            total += v.share;
+            if let Some(w) = &v.rerank {
+                w.validate(&format!("{vat}.rerank")).map_err(|e| match e {
+                    ConfigError::Invalid { field, reason } => invalid(field, reason),
+                    other => invalid(format!("{vat}.rerank"), other.to_string()),
+                })?;
+            }
+        }
+        if (total - 1.0).abs() > SHARE_TOLERANCE {
+            return Err(invalid(
+                format!("{at}.variants"),
+                format!("the shares sum to {total}, not 1"),
+            ));
+        }
+        if e.enabled {
+            if let Some(other) = enabled {
+                return Err(invalid(
+                    format!("{at}.enabled"),
+                    format!(
+                        "experiment {other:?} is already enabled; a request carries one variant, so only one experiment runs at a time"
+                    ),
+                ));
+            }
+            enabled = Some(&e.name);
+        }
+    }
+    Ok(())
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Where `unit_id` falls in [0, 1) for `salt`: the first 8 bytes of SHA-256, as a fraction.
+pub fn position(salt: &str, unit_id: &str) -> f64 {
+    let mut h = Sha256::new();
+    h.update(salt.as_bytes());
+    h.update([0u8]);
+    h.update(unit_id.as_bytes());
+    let d = h.finalize();
+    let x = u64::from_be_bytes(d[..8].try_into().expect("8 bytes"));
+    // 53 bits keep the division exact in f64.
+    (x >> 11) as f64 / (1u64 << 53) as f64
+}
+
+impl Experiment {
+    /// The variant of a unit id: walks the cumulative shares.
+    pub fn assign(&self, unit_id: &str) -> &Variant {
+        let x = position(&self.salt, unit_id);
+        let mut cumulative = 0.0;
+        for v in &self.variants {
+            cumulative += v.share;
+            if x < cumulative {
+                return v;
+            }
+        }
+        // Rounding left x just above the last boundary.
+        self.variants
+            .iter()
+            .rev()
+            .find(|v| v.share > 0.0)
+            .unwrap_or(&self.variants[self.variants.len() - 1])
+    }
+
+    fn has_variant(&self, name: &str) -> bool {
+        self.variants.iter().any(|v| v.name == name)
+    }
+}
+
+/// What a request was assigned to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment {
+    pub experiment: Arc<str>,
+    pub variant: String,
+    pub model_version: Option<String>,
+    pub rerank: Option<RerankWeights>,
+}
+
+/// The outcome counters of one variant, accumulated between flushes.
+#[derive(Default)]
+struct Pending {
+    /// Experiment name -> counter field -> delta.
+    deltas: HashMap<String, HashMap<String, i64>>,
+}
+
+/// The running experiments: assignment, counting, reports. Cheap to share behind an `Arc`.
+pub struct Experiments {
+    current: ArcSwap<Vec<Experiment>>,
+    store: Arc<dyn SessionStore>,
+    pending: Mutex<Pending>,
+}
+
+impl Experiments {
+    /// Starts with the configured set (already validated with the settings).
+    pub fn new(initial: Vec<Experiment>, store: Arc<dyn SessionStore>) -> Self {
+        Experiments {
+            current: ArcSwap::from_pointee(initial),
+            store,
+            pending: Mutex::new(Pending::default()),
+        }
+    }
+
+    pub fn list(&self) -> Vec<Experiment> {
+        self.current.load().as_ref().clone()
+    }
+
+    /// Replaces the whole set after validating it. Counters of experiments that keep their
+    /// name are kept.
+    pub fn replace(&self, experiments: Vec<Experiment>) -> Result<(), ExperimentError> {
+        validate(&experiments)?;
+        self.current.store(Arc::new(experiments));
+        Ok(())
+    }
+
+    /// The assignment of a request, or `None` when no experiment runs or the request has no
+    /// id to hash (it then gets control).
+    pub fn assign(&self, user: Option<&UserId>, session: Option<&SessionId>) -> Option<Assignment> {
+        let set = self.current.load();
+        let e = set.iter().find(|e| e.enabled)?;
+        let unit_id = match e.unit {
+            Unit::User => user
+                .map(|u| format!("u:{u}"))
+                .or_else(|| session.map(|s| format!("s:{s}")))?,
+            Unit::Session => session.map(|s| format!("s:{s}"))?,
+        };
+        let v = e.assign(&unit_id);
+        Some(Assignment {
+            experiment: Arc::from(e.name.as_str()),
+            variant: v.name.clone(),
+            model_version: v.model_version.clone(),
+            rerank: v.rerank.clone(),
+        })
+    }
+
+    /// Counts one served response (an impression) and its latency, and remembers its
+    /// `request_id` so that later events citing it are attributed. Never blocks on the store.
+    pub fn record_served(&self, a: &Assignment, request_id: &str, latency: Duration) {
+        let micros = latency.as_micros().max(1) as f64;
+        let bucket = micros.ln() / LATENCY_GROWTH.ln();
+        let bucket = bucket.ceil().max(0.0) as u32;
+        {
+            let mut p = self.pending.lock();
+            let d = p.deltas.entry(a.experiment.to_string()).or_default();
+            *d.entry(field(&a.variant, "impressions")).or_insert(0) += 1;
+            *d.entry(format!("{}:lat:{bucket}", a.variant)).or_insert(0) += 1;
+        }
+        export_metrics(
+            &a.experiment,
+            &a.variant,
+            Outcome::Impression,
+            Some(latency),
+        );
+        let store = self.store.clone();
+        let key = request_key(request_id);
+        let value = format!("{}\n{}", a.experiment, a.variant);
+        tokio::spawn(async move {
+            if let Err(e) = store
+                .cache_set(&key, value.as_bytes(), REQUEST_MEMORY)
+                .await
+            {
+                tracing::debug!(error = %e, "could not remember the request's variant");
+            }
+        });
+    }
+
+    /// Attributes clicks and purchases to their variant: the event's own `variant` (within
+    /// the enabled experiment), or the variant of the `request_id` in its `context`.
+    pub async fn attribute(&self, events: &[Event]) {
+        let enabled = self.current.load().iter().find(|e| e.enabled).cloned();
+        for ev in events {
+            let outcome = match ev.event_type {
+                EventType::Click => Outcome::Click,
+                EventType::Purchase => Outcome::Purchase,
+                _ => continue,
+            };
+            let target = match (&ev.variant, &enabled) {
+                (Some(v), Some(e)) if e.has_variant(v) => Some((e.name.clone(), v.clone())),
+                _ => self.variant_of_request(ev).await,
+            };
+            let Some((experiment, variant)) = target else {
+                continue;
+            };
+            {
+                let mut p = self.pending.lock();
+                let d = p.deltas.entry(experiment.clone()).or_default();
+                *d.entry(field(&variant, outcome.field())).or_insert(0) += 1;
+            }
+            export_metrics(&experiment, &variant, outcome, None);
+        }
+    }
+
+    async fn variant_of_request(&self, ev: &Event) -> Option<(String, String)> {
+        let id = ev.context.as_ref()?.get("request_id")?.as_str()?;
+        let bytes = self.store.cache_get(&request_key(id)).await.ok()??;
+        let text = String::from_utf8(bytes).ok()?;
+        let (e, v) = text.split_once('\n')?;
+        Some((e.to_string(), v.to_string()))
+    }
+
+    /// Adds the pending counts to the store. On failure they are kept for the next flush.
+    pub async fn flush(&self) -> Result<(), SessionError> {
+        let taken = std::mem::take(&mut self.pending.lock().deltas);
+        let mut failed: Option<SessionError> = None;
+        let mut unsent = HashMap::new();
+        for (experiment, fields) in taken {
+            let deltas: Vec<(String, i64)> = fields.iter().map(|(k, v)| (k.clone(), *v)).collect();
+            if failed.is_none() {
+                match self
+                    .store
+                    .incr_counters(&counter_key(&experiment), &deltas)
+                    .await
+                {
+                    Ok(()) => continue,
+                    Err(e) => failed = Some(e),
+                }
+            }
+            unsent.insert(experiment, fields);
+        }
+        if !unsent.is_empty() {
+            let mut p = self.pending.lock();
+            for (experiment, fields) in unsent {
+                let d = p.deltas.entry(experiment).or_default();
+                for (k, v) in fields {
+                    *d.entry(k).or_insert(0) += v;
+                }
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// Flushes every second until the task is dropped with the runtime.
+    pub fn spawn_flusher(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let Some(me) = me.upgrade() else { break };
+                if let Err(e) = me.flush().await {
+                    tracing::warn!(error = %e, "experiment counters not flushed; will retry");
+                }
+            }
+        });
+    }
+
+    /// The report of one experiment, from the store's counters (pending ones flushed first).
+    pub async fn report(&self, name: &str) -> Result<ExperimentReport, ExperimentError> {
+        let e = self
+            .current
+            .load()
+            .iter()
+            .find(|e| e.name == name)
+            .cloned()
+            .ok_or_else(|| ExperimentError::Unknown(name.to_string()))?;
+        self.flush().await?;
+        let counters = self.store.read_counters(&counter_key(name)).await?;
+        Ok(build_report(&e, &counters))
+    }
+}
+
+fn field(variant: &str, what: &str) -> String {
+    format!("{variant}:{what}")
+}
+
+fn counter_key(experiment: &str) -> String {
+    format!("experiment:{experiment}")
+}
+
+fn request_key(request_id: &str) -> String {
+    format!("experiment-request:{request_id}")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Impression,
+    Click,
+    Purchase,
+}
+
+impl Outcome {
+    fn field(self) -> &'static str {
+        match self {
+            Outcome::Impression => "impressions",
+            Outcome::Click => "clicks",
+            Outcome::Purchase => "purchases",
+        }
+    }
+}
+
+/// The one place experiment numbers become Prometheus metrics (a no-op until a recorder is
+/// installed, e.g. by the `/metrics` endpoint).
+pub fn export_metrics(
+    experiment: &str,
+    variant: &str,
+    outcome: Outcome,
+    latency: Option<Duration>,
+) {
+    let labels = [
+        ("experiment", experiment.to_string()),
+        ("variant", variant.to_string()),
+    ];
+    let name = match outcome {
+        Outcome::Impression => "tandem_experiment_impressions_total",
+        Outcome::Click => "tandem_experiment_clicks_total",
+        Outcome::Purchase => "tandem_experiment_purchases_total",
+    };
+    metrics::counter!(name, &labels).increment(1);
+    if let Some(l) = latency {
+        metrics::histogram!("tandem_experiment_latency_seconds", &labels).record(l.as_secs_f64());
+    }
+}
+
+/// A rate with its 95% Wilson score interval.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Rate {
+    /// successes / trials (`null` with no trials).
+    pub value: Option<f64>,
+    pub ci_low: f64,
+    pub ci_high: f64,
+}
+
+/// The Wilson score interval at 95%: unlike the normal approximation it stays inside [0, 1]
+/// and behaves with few trials or rates near 0, which is where A/B tests start.
+pub fn wilson(successes: u64, trials: u64) -> Rate {
+    if trials == 0 {
+        return Rate {
+            value: None,
+            ci_low: 0.0,
+            ci_high: 1.0,
+        };
+    }
+    let z = 1.959_963_984_540_054_f64;
+    let n = trials as f64;
+    // More clicks than impressions (several clicks on one list) would leave [0, 1].
+    let p = (successes.min(trials) as f64) / n;
+    let z2 = z * z;
+    let denom = 1.0 + z2 / n;
+    let center = (p + z2 / (2.0 * n)) / denom;
+    let half = z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt() / denom;
+    Rate {
+        value: Some(successes as f64 / n),
+        // Exactly 0 at p = 0 (the formula leaves a rounding residue).
+        ci_low: if successes == 0 {
+            0.0
+        } else {
+            (center - half).max(0.0)
+        },
+        ci_high: (center + half).min(1.0),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VariantReport {
+    pub name: String,
+    pub share: f64,
+    pub model_version: Option<String>,
+    /// Responses served in this arm.
+    pub impressions: u64,
+    pub clicks: u64,
+    pub purchases: u64,
+    /// Clicks per impression.
+    pub ctr: Rate,
+    /// Purchases per impression.
+    pub conversion: Rate,
+    /// Server-side p99 latency of this arm's responses (to within 10%), `null` before any.
+    pub p99_ms: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ExperimentReport {
+    pub name: String,
+    pub enabled: bool,
+    pub unit: Unit,
+    pub variants: Vec<VariantReport>,
+}
+
+fn build_report(e: &Experiment, counters: &HashMap<String, i64>) -> ExperimentReport {
+    let get = |k: String| counters.get(&k).copied().unwrap_or(0).max(0) as u64;
+    let variants = e
+        .variants
+        .iter()
+        .map(|v| {
+            let impressions = get(field(&v.name, "impressions"));
+            let clicks = get(field(&v.name, "clicks"));
+            let purchases = get(field(&v.name, "purchases"));
+            let prefix = format!("{}:lat:", v.name);
+            let mut buckets: Vec<(u32, u64)> = counters
+                .iter()
+                .filter_map(|(k, n)| {
+                    let b = k.strip_prefix(&prefix)?.parse().ok()?;
+                    Some((b, (*n).max(0) as u64))
+                })
+                .collect();
+            buckets.sort_unstable();
+            VariantReport {
+                name: v.name.clone(),
+                share: v.share,
+                model_version: v.model_version.clone(),
+                impressions,
+                clicks,
+                purchases,
+                ctr: wilson(clicks, impressions),
+                conversion: wilson(purchases, impressions),
+                p99_ms: quantile_ms(&buckets, 0.99),
+            }
+        })
+        .collect();
+    ExperimentReport {
+        name: e.name.clone(),
+        enabled: e.enabled,
+        unit: e.unit,
+        variants,
+    }
+}
+
+/// The upper bound of the bucket holding quantile `q` of a log-bucketed histogram.
+fn quantile_ms(buckets: &[(u32, u64)], q: f64) -> Option<f64> {
+    let total: u64 = buckets.iter().map(|(_, n)| n).sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = (q * total as f64).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for &(b, n) in buckets {
+        seen += n;
+        if seen >= rank {
+            return Some(LATENCY_GROWTH.powi(b as i32) / 1000.0);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exp(salt: &str, shares: &[(&str, f64)]) -> Experiment {
+        Experiment {
+            name: "home".into(),
+            salt: salt.into(),
+            unit: Unit::User,
+            enabled: true,
+            variants: shares
+                .iter()
+                .map(|(n, s)| Variant {
+                    name: n.to_string(),
+                    share: *s,
+                    model_version: None,
+                    rerank: None,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn assignment_is_stable_and_shares_hold_over_100k_ids() {
+        let e = exp("s1", &[("control", 0.5), ("b", 0.3), ("c", 0.2)]);
+        let mut counts: HashMap<&str, usize> = HashMap::new();
+        for i in 0..100_000 {
+            let id = format!("user-{i}");
+            let v = &e.assign(&id).name;
+            assert_eq!(&e.assign(&id).name, v, "the same id gets the same variant");
+            *counts.entry(v.as_str()).or_default() += 1;
+        }
+        for (name, share) in [("control", 0.5), ("b", 0.3), ("c", 0.2)] {
+            let got = counts[name] as f64 / 100_000.0;
+            assert!((got - share).abs() < 0.02, "{name}: {got} vs {share}");
+        }
+        // The fixed hash makes the assignment the same on every machine and release.
+        assert_eq!(position("s1", "user-0"), position("s1", "user-0"));
+    }
+
+    #[test]
+    fn a_different_salt_assigns_independently() {
+        let a = exp("salt-a", &[("x", 0.5), ("y", 0.5)]);
+        let b = exp("salt-b", &[("x", 0.5), ("y", 0.5)]);
+        let n = 100_000;
+        let mut both_x = 0;
+        let mut a_x = 0;
+        let mut b_x = 0;
+        for i in 0..n {
+            let id = format!("u{i}");
+            let ax = a.assign(&id).name == "x";
+            let bx = b.assign(&id).name == "x";
+            a_x += ax as usize;
+            b_x += bx as usize;
+            both_x += (ax && bx) as usize;
+        }
+        // Independent: P(x in both) = P(x in a) * P(x in b) = 0.25, not 0.5 (same) or 0.
+        let joint = both_x as f64 / n as f64;
+        let product = (a_x as f64 / n as f64) * (b_x as f64 / n as f64);
+        assert!((joint - product).abs() < 0.01, "{joint} vs {product}");
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let bad_sum = exp("s", &[("a", 0.5), ("b", 0.4)]);
+        let err = validate(&[bad_sum]).unwrap_err().to_string();
+        assert!(
+            err.contains("experiments[0].variants") && err.contains("0.9"),
+            "{err}"
+        );
+
+        let dup = exp("s", &[("a", 0.5), ("a", 0.5)]);
+        let err = validate(&[dup]).unwrap_err().to_string();
+        assert!(err.contains("variants[1].name"), "{err}");
+
+        let mut two = exp("s", &[("a", 1.0)]);
+        two.name = "other".into();
+        let err = validate(&[exp("s", &[("a", 1.0)]), two])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("experiments[1].enabled"), "{err}");
+
+        let negative = exp("s", &[("a", -0.5), ("b", 1.5)]);
+        let err = validate(&[negative]).unwrap_err().to_string();
+        assert!(err.contains("variants[0].share"), "{err}");
+
+        let mut no_salt = exp("", &[("a", 1.0)]);
+        no_salt.salt.clear();
+        assert!(validate(&[no_salt])
+            .unwrap_err()
+            .to_string()
+            .contains("salt"));
+
+        assert!(validate(&[exp("s", &[("a", 0.7), ("b", 0.3)])]).is_ok());
+    }
+
+    #[test]
+    fn wilson_matches_known_values() {
+        // 10 of 100: the textbook interval is [0.0552, 0.1744].
+        let r = wilson(10, 100);
+        assert_eq!(r.value, Some(0.1));
+        assert!((r.ci_low - 0.0552).abs() < 1e-3, "{r:?}");
+        assert!((r.ci_high - 0.1744).abs() < 1e-3, "{r:?}");
+        // No successes still gives a non-degenerate upper bound.
+        let z = wilson(0, 50);
+        assert_eq!(z.ci_low, 0.0);
+        assert!(z.ci_high > 0.05 && z.ci_high < 0.08, "{z:?}");
+        assert_eq!(wilson(0, 0).value, None);
+    }
+
+    #[test]
+    fn p99_comes_from_the_latency_buckets() {
+        // 99 fast responses at bucket 40 (~45 us) and one slow at bucket 100 (~13.8 ms).
+        let buckets = vec![(40, 99), (100, 1)];
+        let p99 = quantile_ms(&buckets, 0.99).unwrap();
+        assert!((p99 - 1.1f64.powi(40) / 1000.0).abs() < 1e-9);
+        let p100 = quantile_ms(&buckets, 1.0).unwrap();
+        assert!(p100 > 13.0 && p100 < 14.0, "{p100}");
+        assert_eq!(quantile_ms(&[], 0.99), None);
+    }
+}

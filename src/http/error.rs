@@ -1,0 +1,196 @@
+//! Every failure a client can see, and its one mapping to a status and a JSON body. The match
+//! in `status` and `code` is exhaustive, so a new variant cannot slip through unmapped. A 5xx
+//! detail is logged, never returned.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+/// The body of every error response.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// A stable machine-readable code, e.g. `invalid_input`, `not_found`.
+    pub code: String,
+    /// What went wrong, for a person.
+    pub message: String,
+    /// The input field at fault (`k`, `items[3].price`, `body`), when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// A field is missing, has the wrong type, or is out of range.
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+    /// The body is not JSON at all.
+    #[error("body is not valid JSON: {reason}")]
+    MalformedJson { reason: String },
+    #[error("body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("{what} {id:?} not found")]
+    NotFound { what: &'static str, id: String },
+    #[error("no route for {method} {path}")]
+    NoRoute { method: String, path: String },
+    #[error("method {method} is not allowed here")]
+    MethodNotAllowed { method: String },
+    #[error("the server is at its concurrency limit; retry shortly")]
+    Overloaded,
+    #[error("the request took longer than {ms} ms")]
+    Timeout { ms: u64 },
+    /// A dependency needed for a write (index, session store) did not answer.
+    #[error("{dependency} is unavailable")]
+    Unavailable {
+        dependency: &'static str,
+        detail: String,
+    },
+    /// A bug or an unexpected backend failure; the detail is logged only.
+    #[error("internal error")]
+    Internal { detail: String },
+}
+
+impl AppError {
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        AppError::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            AppError::Invalid { .. } | AppError::MalformedJson { .. } => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            AppError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            AppError::NotFound { .. } | AppError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            AppError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            AppError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+            AppError::Timeout { .. } | AppError::Unavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            AppError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            AppError::Invalid { .. } => "invalid_input",
+            AppError::MalformedJson { .. } => "malformed_json",
+            AppError::PayloadTooLarge { .. } => "payload_too_large",
+            AppError::NotFound { .. } => "not_found",
+            AppError::NoRoute { .. } => "no_route",
+            AppError::MethodNotAllowed { .. } => "method_not_allowed",
+            AppError::Overloaded => "overloaded",
+            AppError::Timeout { .. } => "timeout",
+            AppError::Unavailable { .. } => "unavailable",
+            AppError::Internal { .. } => "internal",
+        }
+    }
+
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            AppError::Invalid { field, .. } => Some(field),
+            AppError::MalformedJson { .. } | AppError::PayloadTooLarge { .. } => Some("body"),
+            AppError::NotFound { .. }
+            | AppError::NoRoute { .. }
+            | AppError::MethodNotAllowed { .. }
+            | AppError::Overloaded
+            | AppError::Timeout { .. }
+            | AppError::Unavailable { .. }
+            | AppError::Internal { .. } => None,
+        }
+    }
+
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            code: self.code().to_string(),
+            message: self.to_string(),
+            field: self.field().map(str::to_string),
+        }
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        match &self {
+            AppError::Internal { detail } => tracing::error!(detail, "internal error"),
+            AppError::Unavailable { dependency, detail } => {
+                tracing::warn!(dependency, detail, "dependency unavailable")
+            }
+            _ => {}
+        }
+        (self.status(), axum::Json(self.body())).into_response()
+    }
+}
+
+impl From<crate::index::IndexError> for AppError {
+    fn from(e: crate::index::IndexError) -> Self {
+        use crate::index::IndexError as E;
+        match e {
+            E::EmptyBatch => AppError::invalid("items", "must not be empty"),
+            E::Unavailable(detail) => AppError::Unavailable {
+                dependency: "index",
+                detail,
+            },
+            // Vectors come from our own model, so a dimension or NaN problem is our bug.
+            E::WrongDim { .. }
+            | E::NonFinite { .. }
+            | E::UnknownVersion(_)
+            | E::NoActiveVersion
+            | E::BadVersionName(_)
+            | E::Backend(_) => AppError::Internal {
+                detail: e.to_string(),
+            },
+        }
+    }
+}
+
+impl From<crate::session::SessionError> for AppError {
+    fn from(e: crate::session::SessionError) -> Self {
+        use crate::session::SessionError as E;
+        match e {
+            E::Unavailable(detail) => AppError::Unavailable {
+                dependency: "session store",
+                detail,
+            },
+            E::Backend(_) | E::Log { .. } => AppError::Internal {
+                detail: e.to_string(),
+            },
+        }
+    }
+}
+
+impl From<crate::pipeline::PipelineError> for AppError {
+    fn from(e: crate::pipeline::PipelineError) -> Self {
+        match e {
+            crate::pipeline::PipelineError::UnknownItem(id) => AppError::NotFound {
+                what: "item",
+                id: id.to_string(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_and_bodies_name_the_field() {
+        let e = AppError::invalid("k", "must be between 1 and 200, got 0");
+        assert_eq!(e.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        let b = e.body();
+        assert_eq!(b.field.as_deref(), Some("k"));
+        assert_eq!(b.message, "k: must be between 1 and 200, got 0");
+        let e = AppError::Internal {
+            detail: "secret path /x".into(),
+        };
+        assert_eq!(e.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(!e.body().message.contains("secret"));
+        assert_eq!(
+            AppError::PayloadTooLarge { limit: 1 }.status(),
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+    }
+}

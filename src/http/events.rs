@@ -1,0 +1,51 @@
+//! `POST /v1/events` input: one event object or an array of them, validated by
+//! `session::event` (which names the field), with each event's categories filled in from the
+//! catalog so per-category trending can count it.
+
+use super::error::AppError;
+use super::extract::parse_json;
+use super::AppState;
+use crate::session::event::{self, EventError, EventInput, EventLimits};
+use crate::session::Event;
+
+pub fn parse_events(s: &AppState, body: &[u8]) -> Result<Vec<Event>, AppError> {
+    let limits = EventLimits::default();
+    let now = event::now_ms();
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    let mut events = if first == Some(&b'[') {
+        let inputs: Vec<EventInput> = parse_json(body).map_err(|e| prefix(e, "events"))?;
+        event::validate_batch(inputs, now, &limits).map_err(invalid)?
+    } else {
+        let input: EventInput = parse_json(body)?;
+        vec![input.validate(now, &limits).map_err(invalid)?]
+    };
+    let entries = s.catalog.get_many(events.iter().map(|e| &e.item_id));
+    for (e, entry) in events.iter_mut().zip(entries) {
+        if let Some(entry) = entry {
+            e.categories = entry.item.genres.clone();
+        }
+    }
+    Ok(events)
+}
+
+fn invalid(e: EventError) -> AppError {
+    let field = e.field().to_string();
+    let reason = match &e {
+        EventError::Invalid { reason, .. } => reason.clone(),
+        EventError::BatchTooLarge { len, max, .. } => {
+            format!("a batch of {len} events is larger than the limit of {max}")
+        }
+    };
+    AppError::Invalid { field, reason }
+}
+
+/// `[3].type` from the array parser becomes `events[3].type`.
+fn prefix(e: AppError, name: &str) -> AppError {
+    match e {
+        AppError::Invalid { field, reason } if field.starts_with('[') => AppError::Invalid {
+            field: format!("{name}{field}"),
+            reason,
+        },
+        other => other,
+    }
+}

@@ -1,0 +1,443 @@
+//! The handlers: each turns wire input into validated domain input, calls the pipeline or the
+//! catalog, and shapes the answer. No business logic lives here.
+
+use super::error::{AppError, ErrorBody};
+use super::extract::{read_body, ApiJson, ApiPath, QueryPairs, RequestId};
+use super::types::*;
+use super::AppState;
+use crate::catalog::CatalogEntry;
+use crate::domain::{ItemId, UserId};
+use crate::index::{IndexPoint, PayloadPatch};
+use crate::pipeline::RecommendRequest;
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use std::sync::Arc;
+
+type ApiResult<T> = Result<T, AppError>;
+
+/// Personal recommendations (trending for a stranger).
+#[utoipa::path(get, path = "/v1/recommendations", tag = "recommendations",
+    params(RecommendParams),
+    responses(
+        (status = 200, body = RecommendationsResponse),
+        (status = 422, description = "a parameter is invalid; `field` names it", body = ErrorBody),
+    ))]
+pub async fn get_recommendations(
+    State(s): State<AppState>,
+    RequestId(rid): RequestId,
+    q: QueryPairs,
+) -> ApiResult<Json<RecommendationsResponse>> {
+    recommend(&s, rid, RecommendParams::from_query(&q)?).await
+}
+
+/// The same as `GET`, with the parameters in a JSON body.
+#[utoipa::path(post, path = "/v1/recommendations", tag = "recommendations",
+    request_body = RecommendParams,
+    responses(
+        (status = 200, body = RecommendationsResponse),
+        (status = 413, body = ErrorBody),
+        (status = 422, body = ErrorBody),
+    ))]
+pub async fn post_recommendations(
+    State(s): State<AppState>,
+    RequestId(rid): RequestId,
+    ApiJson(params): ApiJson<RecommendParams>,
+) -> ApiResult<Json<RecommendationsResponse>> {
+    recommend(&s, rid, params).await
+}
+
+async fn recommend(
+    s: &AppState,
+    request_id: String,
+    params: RecommendParams,
+) -> ApiResult<Json<RecommendationsResponse>> {
+    let v = params.validate()?;
+    let variant = s.choose_variant(v.user.as_ref(), v.session.as_ref());
+    let req = RecommendRequest {
+        request_id,
+        user: v.user,
+        session: v.session,
+        k: v.k,
+        filter: v.filter,
+        variant,
+    };
+    let recs = s.recommender.recommend(&req).await;
+    s.stats.record_source(recs.source);
+    Ok(Json(RecommendationsResponse::new(recs, v.explain)))
+}
+
+/// Items similar to one item, under the same filters.
+#[utoipa::path(get, path = "/v1/items/{item_id}/similar", tag = "recommendations",
+    params(("item_id" = String, Path, description = "the anchor item"), SimilarParams),
+    responses(
+        (status = 200, body = RecommendationsResponse),
+        (status = 404, description = "unknown item", body = ErrorBody),
+        (status = 422, body = ErrorBody),
+    ))]
+pub async fn similar(
+    State(s): State<AppState>,
+    RequestId(rid): RequestId,
+    ApiPath(item_id): ApiPath<String>,
+    q: QueryPairs,
+) -> ApiResult<Json<RecommendationsResponse>> {
+    let item = parse_item_id(item_id)?;
+    let v = SimilarParams::from_query(&q)?.validate()?;
+    let req = RecommendRequest {
+        request_id: rid,
+        user: None,
+        session: None,
+        k: v.k,
+        filter: v.filter,
+        variant: s.choose_variant(None, None),
+    };
+    let recs = s.recommender.similar(&item, &req).await?;
+    Ok(Json(RecommendationsResponse::new(recs, v.explain)))
+}
+
+/// Trending items, globally or in one category.
+#[utoipa::path(get, path = "/v1/trending", tag = "recommendations",
+    params(TrendingParams),
+    responses((status = 200, body = RecommendationsResponse), (status = 422, body = ErrorBody)))]
+pub async fn trending(
+    State(s): State<AppState>,
+    RequestId(rid): RequestId,
+    q: QueryPairs,
+) -> ApiResult<Json<RecommendationsResponse>> {
+    let v = TrendingParams::from_query(&q)?.validate()?;
+    let req = RecommendRequest {
+        request_id: rid,
+        user: None,
+        session: None,
+        k: v.k,
+        filter: v.filter,
+        variant: s.choose_variant(None, None),
+    };
+    Ok(Json(RecommendationsResponse::new(
+        s.recommender.trending(&req).await,
+        false,
+    )))
+}
+
+/// Adds or replaces items: each is embedded with the item tower and indexed before the answer,
+/// so it can be recommended by the next request (cold start for items).
+#[utoipa::path(post, path = "/v1/items", tag = "catalog",
+    request_body = ItemsUpsert,
+    responses(
+        (status = 200, body = ItemsUpserted),
+        (status = 413, body = ErrorBody),
+        (status = 422, body = ErrorBody),
+        (status = 503, description = "the index did not answer", body = ErrorBody),
+    ))]
+pub async fn upsert_items(
+    State(s): State<AppState>,
+    ApiJson(body): ApiJson<ItemsUpsert>,
+) -> ApiResult<Json<ItemsUpserted>> {
+    if body.items.is_empty() {
+        return Err(AppError::invalid("items", "must hold at least one item"));
+    }
+    if body.items.len() > MAX_ITEMS_BATCH {
+        return Err(AppError::invalid(
+            "items",
+            format!(
+                "at most {MAX_ITEMS_BATCH} items per request, got {}",
+                body.items.len()
+            ),
+        ));
+    }
+    let now = chrono::Utc::now().timestamp();
+    let mut items = Vec::with_capacity(body.items.len());
+    let mut popularity = Vec::with_capacity(body.items.len());
+    for (i, input) in body.items.into_iter().enumerate() {
+        let (item, pop) = input.validate(&format!("items[{i}]"), now)?;
+        items.push(item);
+        popularity.push(pop);
+    }
+    let model = s.model.load_full();
+    let model_version = model.version().to_string();
+    // Embedding is CPU work; keep it off the async workers.
+    let (items, vectors) = tokio::task::spawn_blocking(move || {
+        let v = model.embed_items(&items);
+        (items, v)
+    })
+    .await
+    .map_err(|e| AppError::Internal {
+        detail: format!("embedding task: {e}"),
+    })?;
+    let vectors = vectors.map_err(|e| AppError::Internal {
+        detail: format!("item tower: {e}"),
+    })?;
+    let entries: Vec<CatalogEntry> = items
+        .into_iter()
+        .zip(vectors)
+        .zip(popularity)
+        .map(|((item, vector), popularity)| CatalogEntry {
+            item,
+            popularity,
+            vector: vector.into_boxed_slice(),
+        })
+        .collect();
+    let points = entries
+        .iter()
+        .map(|e| IndexPoint {
+            vector: e.vector.to_vec(),
+            payload: e.payload(),
+        })
+        .collect();
+    // The index first: the catalog only mirrors what search can return.
+    s.index.upsert(points).await?;
+    let n = entries.len();
+    s.catalog.upsert(entries);
+    Ok(Json(ItemsUpserted {
+        upserted: n,
+        model_version,
+    }))
+}
+
+/// One item as the catalog holds it.
+#[utoipa::path(get, path = "/v1/items/{item_id}", tag = "catalog",
+    params(("item_id" = String, Path)),
+    responses((status = 200, body = ItemView), (status = 404, body = ErrorBody)))]
+pub async fn get_item(
+    State(s): State<AppState>,
+    ApiPath(item_id): ApiPath<String>,
+) -> ApiResult<Json<ItemView>> {
+    let id = parse_item_id(item_id)?;
+    let entry = known_item(&s, &id)?;
+    Ok(Json(ItemView::from(entry.as_ref())))
+}
+
+/// Changes availability and/or price; the next request sees the change.
+#[utoipa::path(patch, path = "/v1/items/{item_id}", tag = "catalog",
+    params(("item_id" = String, Path)),
+    request_body = ItemPatch,
+    responses(
+        (status = 200, body = ItemView),
+        (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody),
+    ))]
+pub async fn patch_item(
+    State(s): State<AppState>,
+    ApiPath(item_id): ApiPath<String>,
+    ApiJson(patch): ApiJson<ItemPatch>,
+) -> ApiResult<Json<ItemView>> {
+    let id = parse_item_id(item_id)?;
+    if patch.available.is_none() && patch.price.is_none() {
+        return Err(AppError::invalid(
+            "body",
+            "give at least one of `available`, `price`",
+        ));
+    }
+    let price = match patch.price {
+        None => None,
+        Some(p) if p.is_finite() && p >= 0.0 && p <= f32::MAX as f64 => Some(p as f32),
+        Some(p) => {
+            return Err(AppError::invalid(
+                "price",
+                format!("must be a finite number >= 0, got {p}"),
+            ))
+        }
+    };
+    known_item(&s, &id)?;
+    let index_patch = PayloadPatch {
+        available: patch.available,
+        price,
+        popularity: None,
+    };
+    s.index.set_payload(&id, &index_patch).await?;
+    let updated = s
+        .catalog
+        .update(&id, |e| {
+            if let Some(a) = patch.available {
+                e.item.available = a;
+            }
+            if let Some(p) = price {
+                e.item.price = Some(p);
+            }
+        })
+        .ok_or_else(|| not_found(&id))?;
+    Ok(Json(ItemView::from(updated.as_ref())))
+}
+
+/// Removes an item from the index and the catalog.
+#[utoipa::path(delete, path = "/v1/items/{item_id}", tag = "catalog",
+    params(("item_id" = String, Path)),
+    responses((status = 204, description = "deleted"), (status = 404, body = ErrorBody)))]
+pub async fn delete_item(
+    State(s): State<AppState>,
+    ApiPath(item_id): ApiPath<String>,
+) -> ApiResult<StatusCode> {
+    let id = parse_item_id(item_id)?;
+    known_item(&s, &id)?;
+    s.index.delete(std::slice::from_ref(&id)).await?;
+    s.catalog.remove(&id);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Cold start for users: seeds the history from chosen categories and liked items, and
+/// returns the first recommendations.
+#[utoipa::path(post, path = "/v1/users/{user_id}/onboarding", tag = "recommendations",
+    params(("user_id" = String, Path)),
+    request_body = OnboardingInput,
+    responses(
+        (status = 200, body = OnboardingResponse),
+        (status = 422, body = ErrorBody),
+        (status = 503, description = "the session store did not answer", body = ErrorBody),
+    ))]
+pub async fn onboarding(
+    State(s): State<AppState>,
+    RequestId(rid): RequestId,
+    ApiPath(user_id): ApiPath<String>,
+    ApiJson(input): ApiJson<OnboardingInput>,
+) -> ApiResult<Json<OnboardingResponse>> {
+    let user = UserId::parse(user_id).map_err(|e| AppError::invalid("user_id", e.to_string()))?;
+    let k = validate_k(input.k)?;
+    if input.categories.is_empty() && input.liked_items.is_empty() {
+        return Err(AppError::invalid(
+            "categories",
+            "give at least one category or liked item",
+        ));
+    }
+    if input.categories.len() > MAX_LIST || input.liked_items.len() > MAX_LIST {
+        return Err(AppError::invalid(
+            "categories",
+            format!("at most {MAX_LIST} categories and {MAX_LIST} liked items"),
+        ));
+    }
+    let mut liked = Vec::with_capacity(input.liked_items.len());
+    for (i, raw) in input.liked_items.into_iter().enumerate() {
+        let field = format!("liked_items[{i}]");
+        let id = ItemId::parse(raw).map_err(|e| AppError::invalid(&field, e.to_string()))?;
+        let entry = s
+            .catalog
+            .get(&id)
+            .ok_or_else(|| AppError::invalid(&field, format!("unknown item {id}")))?;
+        liked.push(entry);
+    }
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let seeds = s
+        .recommender
+        .onboard(&user, &input.categories, &liked, now_ms)
+        .await?;
+    if seeds.is_empty() {
+        return Err(AppError::invalid(
+            "categories",
+            "no available item is in any of these categories",
+        ));
+    }
+    let variant = s.choose_variant(Some(&user), None);
+    let req = RecommendRequest {
+        request_id: rid,
+        user: Some(user),
+        session: None,
+        k,
+        filter: crate::domain::Filter {
+            available_only: true,
+            ..Default::default()
+        },
+        variant,
+    };
+    let recs = s.recommender.recommend(&req).await;
+    Ok(Json(OnboardingResponse {
+        seeded_items: seeds.into_iter().map(|r| r.item_id.to_string()).collect(),
+        recommendations: RecommendationsResponse::new(recs, false),
+    }))
+}
+
+/// Ingests one event or an array of events: durable when the answer is 202.
+#[utoipa::path(post, path = "/v1/events", tag = "events",
+    request_body(content = Vec<crate::session::event::EventInput>, description = "one event, or an array of events"),
+    responses(
+        (status = 202, body = EventsAccepted),
+        (status = 413, body = ErrorBody),
+        (status = 422, body = ErrorBody),
+        (status = 503, description = "the session store did not answer", body = ErrorBody),
+    ))]
+pub async fn post_events(State(s): State<AppState>, req: Request) -> ApiResult<impl IntoResponse> {
+    let bytes = read_body(req, s.settings.server.max_body_bytes).await?;
+    let events = super::events::parse_events(&s, &bytes)?;
+    let outcome = s.sessions.append(&events).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(EventsAccepted {
+            accepted: outcome.accepted,
+            duplicates: outcome.duplicates,
+        }),
+    ))
+}
+
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, body = Health)))]
+pub async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+    })
+}
+
+/// The model is loaded and the index and the session store answer.
+#[utoipa::path(get, path = "/readyz", tag = "ops",
+    responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
+pub async fn readyz(State(s): State<AppState>) -> (StatusCode, Json<Readiness>) {
+    let mut failing = Vec::new();
+    let (count, ping) = tokio::join!(s.index.count(), s.sessions.ping());
+    let index_items = match count {
+        Ok(n) => Some(n),
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness: index");
+            failing.push("index".to_string());
+            None
+        }
+    };
+    if let Err(e) = ping {
+        tracing::warn!(error = %e, "readiness: session store");
+        failing.push("session".to_string());
+    }
+    let status = if failing.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = Readiness {
+        status: if failing.is_empty() {
+            "ready"
+        } else {
+            "not_ready"
+        }
+        .into(),
+        model_version: s.model.load().version().to_string(),
+        catalog_items: s.catalog.len(),
+        index_items,
+        failing,
+    };
+    (status, Json(body))
+}
+
+/// Prometheus metrics, including the per-stage pipeline latencies.
+pub async fn metrics() -> impl IntoResponse {
+    let body = super::metrics_handle()
+        .map(|h| h.render())
+        .unwrap_or_default();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        body,
+    )
+}
+
+fn parse_item_id(raw: String) -> ApiResult<ItemId> {
+    ItemId::parse(raw).map_err(|e| AppError::invalid("item_id", e.to_string()))
+}
+
+fn known_item(s: &AppState, id: &ItemId) -> ApiResult<Arc<CatalogEntry>> {
+    s.catalog.get(id).ok_or_else(|| not_found(id))
+}
+
+fn not_found(id: &ItemId) -> AppError {
+    AppError::NotFound {
+        what: "item",
+        id: id.to_string(),
+    }
+}

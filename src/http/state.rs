@@ -1,0 +1,225 @@
+//! What every handler shares, and how it is built from `Settings` at start-up.
+
+use crate::catalog::{Catalog, CatalogError};
+use crate::config::{Settings, CONTROL_VARIANT};
+use crate::data::DataError;
+use crate::domain::{Item, ItemId, SessionId, UserId};
+use crate::index::{IndexError, IndexPoint, Payload, VectorIndex};
+use crate::model::{ModelError, TwoTower};
+use crate::pipeline::Recommender;
+use crate::session::{SessionError, SessionStore};
+use arc_swap::ArcSwap;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::Semaphore;
+
+/// Items embedded per item-tower call when the server indexes its catalog itself.
+const EMBED_BATCH: usize = 1_024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("loading the model from {path}: {source}")]
+    Model {
+        path: String,
+        #[source]
+        source: Box<ModelError>,
+    },
+    #[error("opening the index: {0}")]
+    Index(#[from] IndexError),
+    #[error("opening the session store: {0}")]
+    Session(#[from] SessionError),
+    #[error("reading the catalog: {0}")]
+    Data(#[from] DataError),
+    #[error("loading the catalog: {0}")]
+    Catalog(#[from] CatalogError),
+    #[error("the index holds {index}-d vectors but model {model_version} makes {model}-d ones; re-run `tandem index` with this model")]
+    DimMismatch {
+        index: usize,
+        model: usize,
+        model_version: String,
+    },
+    #[error("server: {0}")]
+    Io(std::io::Error),
+}
+
+/// Shared by every handler; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    /// The serving model; a new checkpoint is activated by storing into it.
+    pub model: Arc<ArcSwap<TwoTower>>,
+    pub index: Arc<dyn VectorIndex>,
+    pub sessions: Arc<dyn SessionStore>,
+    pub catalog: Arc<Catalog>,
+    pub recommender: Arc<Recommender>,
+    pub limiter: Arc<Semaphore>,
+    /// Live request and cache figures for `GET /v1/stats`.
+    pub stats: Arc<super::stats::ServerStats>,
+}
+
+impl AppState {
+    /// Loads the model, opens the index and the session store, and loads the catalog. When
+    /// the index is empty and a catalog dir is configured, the catalog is embedded and indexed
+    /// first (the embedded demo and the tests start this way).
+    pub async fn build(settings: Settings) -> Result<Self, ServeError> {
+        let model = TwoTower::load(&settings.model_path).map_err(|e| ServeError::Model {
+            path: settings.model_path.display().to_string(),
+            source: Box::new(e),
+        })?;
+        tracing::info!(version = model.version(), dim = model.dim(), "model loaded");
+        let index = crate::index::open(&settings, &settings.data_dir).await?;
+        let sessions = crate::session::open(&settings).await?;
+        let items = read_catalog(&settings.server.catalog_dir)?;
+        if !items.is_empty() && index_is_empty(index.as_ref()).await? {
+            index_catalog(index.as_ref(), &model, &items, &settings.server.catalog_dir).await?;
+        }
+        let started = Instant::now();
+        let total = items.len();
+        let (catalog, report) = Catalog::load(items, index.as_ref(), |done, total| {
+            if done % 100_000 < 2_000 || done == total {
+                tracing::info!(done, total, "loading the catalog");
+            }
+        })
+        .await?;
+        if let Some(entry) = catalog.any() {
+            if entry.vector.len() != model.dim() {
+                return Err(ServeError::DimMismatch {
+                    index: entry.vector.len(),
+                    model: model.dim(),
+                    model_version: model.version().to_string(),
+                });
+            }
+        }
+        tracing::info!(
+            loaded = report.loaded,
+            missing_from_index = report.missing_from_index,
+            of = total,
+            secs = started.elapsed().as_secs_f64(),
+            "catalog loaded"
+        );
+        Ok(Self::from_parts(
+            settings,
+            model,
+            index,
+            sessions,
+            Arc::new(catalog),
+        ))
+    }
+
+    /// Assembles a state from parts that are already open.
+    pub fn from_parts(
+        settings: Settings,
+        model: TwoTower,
+        index: Arc<dyn VectorIndex>,
+        sessions: Arc<dyn SessionStore>,
+        catalog: Arc<Catalog>,
+    ) -> Self {
+        let model = Arc::new(ArcSwap::from_pointee(model));
+        let recommender = Arc::new(Recommender::new(
+            model.clone(),
+            index.clone(),
+            sessions.clone(),
+            catalog.clone(),
+            settings.server.clone(),
+            settings.rerank.clone(),
+        ));
+        AppState {
+            limiter: Arc::new(Semaphore::new(settings.server.max_concurrency)),
+            settings: Arc::new(settings),
+            model,
+            index,
+            sessions,
+            catalog,
+            recommender,
+            stats: Arc::new(super::stats::ServerStats::new()),
+        }
+    }
+
+    /// The experiment arm of a request: the one place a variant is chosen. Everyone gets
+    /// control until experiment assignment lands.
+    pub fn choose_variant(&self, _user: Option<&UserId>, _session: Option<&SessionId>) -> String {
+        CONTROL_VARIANT.to_string()
+    }
+}
+
+fn read_catalog(dir: &Path) -> Result<Vec<Item>, ServeError> {
+    if dir.as_os_str().is_empty() {
+        tracing::warn!("server.catalog_dir is not set: the catalog starts empty; add items with POST /v1/items");
+        return Ok(Vec::new());
+    }
+    let file = crate::data::find_file(dir, "items")?;
+    Ok(crate::data::read_items(&file)?)
+}
+
+async fn index_is_empty(index: &dyn VectorIndex) -> Result<bool, ServeError> {
+    match index.count().await {
+        Ok(n) => Ok(n == 0),
+        Err(IndexError::NoActiveVersion) => Ok(true),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Embeds the catalog with the item tower and builds a new live collection version from it,
+/// with popularity counted from the catalog dir's interactions (when there are any).
+async fn index_catalog(
+    index: &dyn VectorIndex,
+    model: &TwoTower,
+    items: &[Item],
+    dir: &Path,
+) -> Result<(), ServeError> {
+    tracing::info!(
+        items = items.len(),
+        "the index is empty: indexing the catalog"
+    );
+    let popularity = count_interactions(dir)?;
+    let mut points = Vec::with_capacity(items.len());
+    for (n, chunk) in items.chunks(EMBED_BATCH).enumerate() {
+        let vectors = model.embed_items(chunk).map_err(|e| ServeError::Model {
+            path: model.version().to_string(),
+            source: Box::new(e),
+        })?;
+        for (item, vector) in chunk.iter().zip(vectors) {
+            points.push(IndexPoint {
+                vector,
+                payload: Payload {
+                    item_id: item.item_id.clone(),
+                    categories: item.genres.clone(),
+                    available: item.available,
+                    price: item.price,
+                    created_at: item.created_at,
+                    title: item.title.clone(),
+                    popularity: popularity.get(&item.item_id).copied().unwrap_or(0.0),
+                },
+            });
+        }
+        if (n + 1) % 100 == 0 {
+            tracing::info!(
+                embedded = points.len(),
+                of = items.len(),
+                "embedding the catalog"
+            );
+        }
+    }
+    let version = format!(
+        "{}-{}",
+        model.version(),
+        chrono::Utc::now().format("%Y%m%dT%H%M%S")
+    );
+    let bar = indicatif::ProgressBar::new(points.len() as u64);
+    crate::index::build_version(index, &version, model.dim(), points.into_iter(), &bar).await?;
+    Ok(())
+}
+
+fn count_interactions(dir: &Path) -> Result<HashMap<ItemId, f32>, ServeError> {
+    let mut counts = HashMap::new();
+    let Ok(file) = crate::data::find_file(dir, "interactions") else {
+        return Ok(counts);
+    };
+    crate::data::for_each_interaction(&file, |i| {
+        *counts.entry(i.item_id).or_insert(0.0) += 1.0;
+        Ok(())
+    })?;
+    Ok(counts)
+}

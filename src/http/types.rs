@@ -1,0 +1,594 @@
+//! The wire types of the API (the same types generate `/openapi.json`), and their validation
+//! into domain types. Each check names the field it refuses.
+
+use super::error::AppError;
+use super::extract::QueryPairs;
+use crate::catalog::CatalogEntry;
+use crate::domain::{Filter, Item, ItemId, SessionId, UserId};
+use crate::pipeline::{Degraded, Recommendations, Source};
+use crate::rerank::Components;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+pub const MAX_K: i64 = 200;
+pub const DEFAULT_K: i64 = 20;
+/// Longest list accepted for `category`, `exclude_category` and `exclude`.
+pub const MAX_LIST: usize = 1_000;
+/// Largest `POST /v1/items` batch.
+pub const MAX_ITEMS_BATCH: usize = 1_000;
+const MAX_NAME_LEN: usize = 256;
+
+/// Query of `GET /v1/recommendations`; the `POST` body has the same fields.
+#[derive(Debug, Default, Deserialize, ToSchema, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct RecommendParams {
+    /// A known or new user; an unknown user is a new user.
+    pub user_id: Option<String>,
+    /// An anonymous (or logged-in) browsing session.
+    pub session_id: Option<String>,
+    /// How many items (1..=200, default 20).
+    pub k: Option<i64>,
+    /// Keep only items in any of these categories (repeatable).
+    #[serde(default)]
+    pub category: Vec<String>,
+    /// Drop items in any of these categories (repeatable).
+    #[serde(default)]
+    pub exclude_category: Vec<String>,
+    /// Only items currently available (default true).
+    pub available_only: Option<bool>,
+    pub price_min: Option<f64>,
+    pub price_max: Option<f64>,
+    /// Item ids never to return (repeatable).
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Return each item's score components.
+    #[serde(default)]
+    pub explain: bool,
+}
+
+/// Query of `GET /v1/items/{item_id}/similar`.
+#[derive(Debug, Default, Deserialize, ToSchema, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SimilarParams {
+    /// How many items (1..=200, default 20).
+    pub k: Option<i64>,
+    #[serde(default)]
+    pub category: Vec<String>,
+    #[serde(default)]
+    pub exclude_category: Vec<String>,
+    pub available_only: Option<bool>,
+    pub price_min: Option<f64>,
+    pub price_max: Option<f64>,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    #[serde(default)]
+    pub explain: bool,
+}
+
+/// Query of `GET /v1/trending`.
+#[derive(Debug, Default, Deserialize, ToSchema, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct TrendingParams {
+    /// Only this category.
+    pub category: Option<String>,
+    /// How many items (1..=200, default 20).
+    pub k: Option<i64>,
+}
+
+const RECOMMEND_KEYS: &[&str] = &[
+    "user_id",
+    "session_id",
+    "k",
+    "category",
+    "exclude_category",
+    "available_only",
+    "price_min",
+    "price_max",
+    "exclude",
+    "explain",
+];
+const SIMILAR_KEYS: &[&str] = &[
+    "k",
+    "category",
+    "exclude_category",
+    "available_only",
+    "price_min",
+    "price_max",
+    "exclude",
+    "explain",
+];
+
+impl RecommendParams {
+    pub fn from_query(q: &QueryPairs) -> Result<Self, AppError> {
+        q.allow_only(RECOMMEND_KEYS)?;
+        Ok(RecommendParams {
+            user_id: q.one("user_id")?.map(str::to_string),
+            session_id: q.one("session_id")?.map(str::to_string),
+            k: q.parse("k", "an integer")?,
+            category: q.many("category"),
+            exclude_category: q.many("exclude_category"),
+            available_only: q.parse("available_only", "true or false")?,
+            price_min: q.parse("price_min", "a number")?,
+            price_max: q.parse("price_max", "a number")?,
+            exclude: q.many("exclude"),
+            explain: q.parse("explain", "true or false")?.unwrap_or(false),
+        })
+    }
+
+    /// The validated parts: who, how many, and the filter.
+    pub fn validate(self) -> Result<Validated, AppError> {
+        let user = self
+            .user_id
+            .map(|u| UserId::parse(u).map_err(|e| AppError::invalid("user_id", e.to_string())))
+            .transpose()?;
+        let session = self
+            .session_id
+            .map(|s| {
+                SessionId::parse(s).map_err(|e| AppError::invalid("session_id", e.to_string()))
+            })
+            .transpose()?;
+        let filter = build_filter(FilterParts {
+            category: self.category,
+            exclude_category: self.exclude_category,
+            available_only: self.available_only,
+            price_min: self.price_min,
+            price_max: self.price_max,
+            exclude: self.exclude,
+        })?;
+        Ok(Validated {
+            user,
+            session,
+            k: validate_k(self.k)?,
+            filter,
+            explain: self.explain,
+        })
+    }
+}
+
+impl SimilarParams {
+    pub fn from_query(q: &QueryPairs) -> Result<Self, AppError> {
+        q.allow_only(SIMILAR_KEYS)?;
+        Ok(SimilarParams {
+            k: q.parse("k", "an integer")?,
+            category: q.many("category"),
+            exclude_category: q.many("exclude_category"),
+            available_only: q.parse("available_only", "true or false")?,
+            price_min: q.parse("price_min", "a number")?,
+            price_max: q.parse("price_max", "a number")?,
+            exclude: q.many("exclude"),
+            explain: q.parse("explain", "true or false")?.unwrap_or(false),
+        })
+    }
+
+    pub fn validate(self) -> Result<Validated, AppError> {
+        Ok(Validated {
+            user: None,
+            session: None,
+            k: validate_k(self.k)?,
+            filter: build_filter(FilterParts {
+                category: self.category,
+                exclude_category: self.exclude_category,
+                available_only: self.available_only,
+                price_min: self.price_min,
+                price_max: self.price_max,
+                exclude: self.exclude,
+            })?,
+            explain: self.explain,
+        })
+    }
+}
+
+impl TrendingParams {
+    pub fn from_query(q: &QueryPairs) -> Result<Self, AppError> {
+        q.allow_only(&["category", "k"])?;
+        Ok(TrendingParams {
+            category: q.one("category")?.map(str::to_string),
+            k: q.parse("k", "an integer")?,
+        })
+    }
+
+    pub fn validate(self) -> Result<Validated, AppError> {
+        Ok(Validated {
+            user: None,
+            session: None,
+            k: validate_k(self.k)?,
+            filter: build_filter(FilterParts {
+                category: self.category.into_iter().collect(),
+                available_only: Some(true),
+                ..Default::default()
+            })?,
+            explain: false,
+        })
+    }
+}
+
+pub struct Validated {
+    pub user: Option<UserId>,
+    pub session: Option<SessionId>,
+    pub k: usize,
+    pub filter: Filter,
+    pub explain: bool,
+}
+
+pub fn validate_k(k: Option<i64>) -> Result<usize, AppError> {
+    let k = k.unwrap_or(DEFAULT_K);
+    if !(1..=MAX_K).contains(&k) {
+        return Err(AppError::invalid(
+            "k",
+            format!("must be between 1 and {MAX_K}, got {k}"),
+        ));
+    }
+    Ok(k as usize)
+}
+
+#[derive(Default)]
+struct FilterParts {
+    category: Vec<String>,
+    exclude_category: Vec<String>,
+    available_only: Option<bool>,
+    price_min: Option<f64>,
+    price_max: Option<f64>,
+    exclude: Vec<String>,
+}
+
+fn build_filter(p: FilterParts) -> Result<Filter, AppError> {
+    check_names("category", &p.category)?;
+    check_names("exclude_category", &p.exclude_category)?;
+    let price = |field: &str, v: Option<f64>| -> Result<Option<f32>, AppError> {
+        match v {
+            None => Ok(None),
+            Some(x) if x.is_finite() && x >= 0.0 && x <= f32::MAX as f64 => Ok(Some(x as f32)),
+            Some(x) => Err(AppError::invalid(
+                field,
+                format!("must be a finite number >= 0, got {x}"),
+            )),
+        }
+    };
+    let price_min = price("price_min", p.price_min)?;
+    let price_max = price("price_max", p.price_max)?;
+    if let (Some(lo), Some(hi)) = (price_min, price_max) {
+        if lo > hi {
+            return Err(AppError::invalid(
+                "price_min",
+                format!("{lo} is greater than price_max {hi}"),
+            ));
+        }
+    }
+    if p.exclude.len() > MAX_LIST {
+        return Err(AppError::invalid(
+            "exclude",
+            format!("at most {MAX_LIST} ids, got {}", p.exclude.len()),
+        ));
+    }
+    let exclude_items = p
+        .exclude
+        .into_iter()
+        .enumerate()
+        .map(|(i, id)| {
+            ItemId::parse(id).map_err(|e| AppError::invalid(format!("exclude[{i}]"), e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Filter {
+        include_categories: p.category,
+        exclude_categories: p.exclude_category,
+        available_only: p.available_only.unwrap_or(true),
+        price_min,
+        price_max,
+        created_after: None,
+        exclude_items,
+    })
+}
+
+fn check_names(field: &str, names: &[String]) -> Result<(), AppError> {
+    if names.len() > MAX_LIST {
+        return Err(AppError::invalid(
+            field,
+            format!("at most {MAX_LIST} values, got {}", names.len()),
+        ));
+    }
+    for (i, n) in names.iter().enumerate() {
+        if n.trim().is_empty() || n.len() > MAX_NAME_LEN || n.chars().any(char::is_control) {
+            return Err(AppError::invalid(
+                format!("{field}[{i}]"),
+                format!("{n:?} must be 1..={MAX_NAME_LEN} printable characters"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// One recommended item.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RecommendedItem {
+    pub item_id: String,
+    pub score: f32,
+    pub title: String,
+    pub categories: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price: Option<f32>,
+    /// The score's components (with `explain=true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub explanation: Option<Components>,
+}
+
+/// The answer of every recommendation-shaped endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RecommendationsResponse {
+    pub request_id: String,
+    pub model_version: String,
+    /// The experiment arm that served the request.
+    pub variant: String,
+    /// Where the candidates came from.
+    pub source: Source,
+    /// Parts that did not answer; the response was made without them.
+    pub degraded: Vec<Degraded>,
+    pub items: Vec<RecommendedItem>,
+}
+
+impl RecommendationsResponse {
+    pub fn new(r: Recommendations, explain: bool) -> Self {
+        RecommendationsResponse {
+            request_id: r.request_id,
+            model_version: r.model_version,
+            variant: r.variant,
+            source: r.source,
+            degraded: r.degraded,
+            items: r
+                .items
+                .into_iter()
+                .map(|x| RecommendedItem {
+                    item_id: x.entry.item.item_id.to_string(),
+                    score: x.score,
+                    title: x.entry.item.title.clone(),
+                    categories: x.entry.item.genres.clone(),
+                    price: x.entry.item.price,
+                    explanation: explain.then_some(x.components),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// An item to add or replace; it is embedded with the item tower and indexed at once.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ItemInput {
+    pub item_id: String,
+    pub title: String,
+    #[serde(default, alias = "genres")]
+    pub categories: Vec<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    pub price: Option<f64>,
+    #[serde(default = "yes")]
+    pub available: bool,
+    pub year: Option<i32>,
+    /// Unix seconds; default now.
+    pub created_at: Option<i64>,
+    /// A popularity prior (interaction count); default 0.
+    pub popularity: Option<f32>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl ItemInput {
+    /// The domain item and its popularity; `at` is this item's field prefix (`items[3]`).
+    pub fn validate(self, at: &str, now_s: i64) -> Result<(Item, f32), AppError> {
+        let field = |f: &str| format!("{at}.{f}");
+        let item_id = ItemId::parse(self.item_id)
+            .map_err(|e| AppError::invalid(field("item_id"), e.to_string()))?;
+        if self.title.len() > 4_096 || self.title.chars().any(char::is_control) {
+            return Err(AppError::invalid(
+                field("title"),
+                "must be at most 4096 printable characters",
+            ));
+        }
+        check_names(&field("categories"), &self.categories)?;
+        check_names(&field("tags"), &self.tags)?;
+        let price = match self.price {
+            None => None,
+            Some(p) if p.is_finite() && p >= 0.0 && p <= f32::MAX as f64 => Some(p as f32),
+            Some(p) => {
+                return Err(AppError::invalid(
+                    field("price"),
+                    format!("must be a finite number >= 0, got {p}"),
+                ))
+            }
+        };
+        let popularity = match self.popularity {
+            None => 0.0,
+            Some(p) if p.is_finite() && p >= 0.0 => p,
+            Some(p) => {
+                return Err(AppError::invalid(
+                    field("popularity"),
+                    format!("must be a finite number >= 0, got {p}"),
+                ))
+            }
+        };
+        let item = Item {
+            item_id,
+            title: self.title,
+            genres: self.categories,
+            tags: self.tags,
+            price,
+            available: self.available,
+            year: self.year,
+            created_at: Some(self.created_at.unwrap_or(now_s)),
+        };
+        Ok((item, popularity))
+    }
+}
+
+/// `POST /v1/items` body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ItemsUpsert {
+    pub items: Vec<ItemInput>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ItemsUpserted {
+    pub upserted: usize,
+    pub model_version: String,
+}
+
+/// `PATCH /v1/items/{item_id}` body: the fields to change.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ItemPatch {
+    pub available: Option<bool>,
+    pub price: Option<f64>,
+}
+
+/// An item as the catalog holds it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ItemView {
+    pub item_id: String,
+    pub title: String,
+    pub categories: Vec<String>,
+    pub tags: Vec<String>,
+    pub price: Option<f32>,
+    pub available: bool,
+    pub year: Option<i32>,
+    pub created_at: Option<i64>,
+    pub popularity: f32,
+}
+
+impl From<&CatalogEntry> for ItemView {
+    fn from(e: &CatalogEntry) -> Self {
+        ItemView {
+            item_id: e.item.item_id.to_string(),
+            title: e.item.title.clone(),
+            categories: e.item.genres.clone(),
+            tags: e.item.tags.clone(),
+            price: e.item.price,
+            available: e.item.available,
+            year: e.item.year,
+            created_at: e.item.created_at,
+            popularity: e.popularity,
+        }
+    }
+}
+
+/// `POST /v1/users/{user_id}/onboarding` body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OnboardingInput {
+    /// Categories the user picked; their most popular items seed the history.
+    #[serde(default)]
+    pub categories: Vec<String>,
+    /// Items the user picked.
+    #[serde(default)]
+    pub liked_items: Vec<String>,
+    /// How many recommendations to return (1..=200, default 20).
+    pub k: Option<i64>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct OnboardingResponse {
+    /// The items written to the user's history.
+    pub seeded_items: Vec<String>,
+    pub recommendations: RecommendationsResponse,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct EventsAccepted {
+    pub accepted: usize,
+    pub duplicates: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Readiness {
+    /// `ready` or `not_ready`.
+    pub status: String,
+    pub model_version: String,
+    pub catalog_items: usize,
+    pub index_items: Option<usize>,
+    /// The parts that did not answer.
+    pub failing: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(pairs: &[(&str, &str)]) -> QueryPairs {
+        QueryPairs(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    fn field(r: Result<Validated, AppError>) -> String {
+        match r {
+            Err(AppError::Invalid { field, .. }) => field,
+            Err(e) => panic!("{e:?}"),
+            Ok(_) => panic!("accepted"),
+        }
+    }
+
+    #[test]
+    fn recommend_query_validates_each_field() {
+        let v = RecommendParams::from_query(&query(&[
+            ("user_id", "u1"),
+            ("category", "Drama"),
+            ("category", "Comedy"),
+            ("price_max", "10"),
+            ("exclude", "7"),
+        ]))
+        .unwrap()
+        .validate()
+        .unwrap();
+        assert_eq!(v.k, 20);
+        assert!(v.filter.available_only);
+        assert_eq!(v.filter.include_categories, ["Drama", "Comedy"]);
+        assert_eq!(v.filter.exclude_items[0].as_str(), "7");
+
+        let check = |pairs: &[(&str, &str)]| {
+            field(RecommendParams::from_query(&query(pairs)).and_then(RecommendParams::validate))
+        };
+        assert_eq!(check(&[("k", "0")]), "k");
+        assert_eq!(check(&[("k", "10000")]), "k");
+        assert_eq!(check(&[("k", "ten")]), "k");
+        assert_eq!(check(&[("price_min", "-1")]), "price_min");
+        assert_eq!(check(&[("price_max", "NaN")]), "price_max");
+        assert_eq!(
+            check(&[("price_min", "5"), ("price_max", "1")]),
+            "price_min"
+        );
+        assert_eq!(check(&[("colour", "red")]), "colour");
+        assert_eq!(check(&[("user_id", "")]), "user_id");
+        assert_eq!(check(&[("exclude", "a"), ("exclude", "")]), "exclude[1]");
+        assert_eq!(check(&[("category", " ")]), "category[0]");
+        assert_eq!(check(&[("explain", "maybe")]), "explain");
+    }
+
+    #[test]
+    fn item_input_names_the_bad_field() {
+        let input = ItemInput {
+            item_id: "x".into(),
+            title: "t".into(),
+            categories: vec![],
+            tags: vec![],
+            price: Some(-2.0),
+            available: true,
+            year: None,
+            created_at: None,
+            popularity: None,
+        };
+        match input.validate("items[4]", 0) {
+            Err(AppError::Invalid { field, .. }) => assert_eq!(field, "items[4].price"),
+            other => panic!("{other:?}"),
+        }
+    }
+}

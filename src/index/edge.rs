@@ -1,0 +1,820 @@
+//! `edge`: the Qdrant engine in-process (crate `qdrant-edge` =0.7.0), persisted under
+//! `<data_dir>/index/`. The default backend.
+//!
+//! Layout: one directory per collection version (`<root>/<version>/shard` holds the engine's
+//! files, `<root>/<version>/meta.json` the dimension), and `<root>/CURRENT` naming the live
+//! version, replaced atomically (write a temp file, then rename).
+//!
+//! The engine's pitfalls (QDRANT_EDGE.md) shape this file:
+//! - `flush()` panics if another thread writes at the same time, so every write, flush and
+//!   `optimize()` of a collection runs on that collection's one writer thread, fed by a
+//!   channel. Queued writes are applied together and flushed once (group commit) before any
+//!   of them is acknowledged, because unflushed writes are lost on a crash.
+//! - Nothing builds the HNSW graph by itself: `finalize_version` runs `optimize()` on the
+//!   writer thread while searches continue.
+//! - Payloads read back from the engine cost milliseconds, so results are filled from
+//!   tandem's RAM copy ([`PayloadStore`]), rebuilt by a scroll when a version is opened.
+//! - Broad filters that match whole clusters defeat filtered graph search; see [`super::plan`].
+
+use super::payloads::{self, PayloadStore, F_AVAILABLE, F_CATEGORIES, F_CREATED_AT, F_PRICE};
+use super::plan::{Plan, PlanConfig};
+use super::validate::{check_dim, check_points, check_query, check_version_name};
+use super::{Hit, IndexError, IndexPoint, Payload, PayloadPatch, VectorIndex};
+use crate::domain::{point_id, Filter, ItemId};
+use async_trait::async_trait;
+use parking_lot::{Mutex, RwLock};
+use qdrant_edge::external::ordered_float::OrderedFloat;
+use qdrant_edge::{
+    Condition, CountRequest, CreateIndex, Distance, EdgeConfig, EdgeOptimizersConfig, EdgeShard,
+    EdgeVectorParams, FieldCondition, FieldIndexOperations, HasIdCondition, HnswIndexConfig,
+    JsonPath, Match, NamedQuery, PayloadFieldSchema, PayloadOps, PayloadSchemaType, PointId,
+    PointInsertOperations, PointOperations, PointStruct, QueryEnum, QueryRequest, Range,
+    ScoringQuery, ScrollRequest, SearchParams, SetPayloadOp, UpdateOperation, VectorStructInternal,
+    WithPayloadInterface, WithVector,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+const CURRENT: &str = "CURRENT";
+const META: &str = "meta.json";
+const SHARD_DIR: &str = "shard";
+/// Points read per scroll page when rebuilding the RAM payload copy.
+const SCROLL_PAGE: usize = 10_000;
+/// Writes applied together before one flush.
+const MAX_GROUP: usize = 256;
+
+/// Tuning of the embedded engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EdgeOptions {
+    pub plan: PlanConfig,
+    /// HNSW graph degree.
+    pub m: usize,
+    /// Beam width while building the graph.
+    pub ef_construct: usize,
+    /// Segments larger than this (KB of vectors) get an HNSW graph; `None`: the engine's
+    /// default (10 MB, about 40k points at d=64). Tests lower it to exercise the graph.
+    pub indexing_threshold_kb: Option<usize>,
+    /// Searches touching fewer than this many KB of vectors scan instead of walking the
+    /// graph; `None`: the engine's default (10 MB).
+    pub full_scan_threshold_kb: Option<usize>,
+}
+
+impl Default for EdgeOptions {
+    fn default() -> Self {
+        EdgeOptions {
+            plan: PlanConfig::default(),
+            m: 16,
+            ef_construct: 100,
+            indexing_threshold_kb: None,
+            full_scan_threshold_kb: None,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Meta {
+    dim: usize,
+}
+
+fn backend(context: &str) -> impl Fn(qdrant_edge::OperationError) -> IndexError + '_ {
+    move |e| IndexError::Backend(format!("{context}: {e}"))
+}
+
+fn io(context: String) -> impl FnOnce(std::io::Error) -> IndexError {
+    move |e| IndexError::Backend(format!("{context}: {e}"))
+}
+
+enum WriteOp {
+    /// Apply in order; flush before acknowledging when `durable`.
+    Update {
+        ops: Vec<UpdateOperation>,
+        durable: bool,
+    },
+    /// Build the HNSW graph and payload indexes, then flush.
+    Optimize,
+}
+
+/// A write applied but not yet acknowledged: its reply channel and its outcome.
+type Pending = (
+    tokio::sync::oneshot::Sender<Result<(), String>>,
+    Result<(), String>,
+);
+
+struct WriteCmd {
+    op: WriteOp,
+    reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
+/// Flushes, turning the engine's panic into an error so that the writer thread survives.
+fn flush(shard: &EdgeShard) -> Result<(), String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shard.flush()))
+        .map_err(|_| "flush failed (the engine panicked)".to_string())
+}
+
+/// The writer thread of one collection: the only thread that writes, flushes or optimizes it.
+fn writer_loop(shard: Arc<EdgeShard>, rx: mpsc::Receiver<WriteCmd>) {
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(cmd) => group.push(cmd),
+                Err(_) => break,
+            }
+        }
+        let mut pending: Vec<Pending> = Vec::new();
+        let mut need_flush = false;
+        for cmd in group {
+            match cmd.op {
+                WriteOp::Update { ops, durable } => {
+                    let r = ops
+                        .into_iter()
+                        .try_for_each(|op| shard.update(op))
+                        .map_err(|e| e.to_string());
+                    need_flush |= durable && r.is_ok();
+                    pending.push((cmd.reply, r));
+                }
+                WriteOp::Optimize => {
+                    // Acknowledge what came before, then optimize with nothing in flight.
+                    acknowledge(&shard, &mut pending, &mut need_flush);
+                    let started = Instant::now();
+                    let r = shard
+                        .optimize()
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                        .and_then(|_| flush(&shard));
+                    tracing::info!(secs = started.elapsed().as_secs_f64(), "index optimized");
+                    let _ = cmd.reply.send(r);
+                }
+            }
+        }
+        acknowledge(&shard, &mut pending, &mut need_flush);
+    }
+}
+
+fn acknowledge(shard: &EdgeShard, pending: &mut Vec<Pending>, need_flush: &mut bool) {
+    let flushed = if std::mem::take(need_flush) {
+        flush(shard)
+    } else {
+        Ok(())
+    };
+    for (reply, r) in pending.drain(..) {
+        let r = r.and_then(|_| flushed.clone());
+        let _ = reply.send(r);
+    }
+}
+
+/// One opened collection version.
+struct Collection {
+    name: String,
+    dim: usize,
+    dir: PathBuf,
+    shard: Arc<EdgeShard>,
+    payloads: PayloadStore,
+    writer: Mutex<Option<mpsc::Sender<WriteCmd>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Collection {
+    fn start(name: &str, dim: usize, dir: PathBuf, shard: EdgeShard) -> Result<Self, IndexError> {
+        let shard = Arc::new(shard);
+        let (tx, rx) = mpsc::channel();
+        let for_thread = shard.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("edge-writer-{name}"))
+            .spawn(move || writer_loop(for_thread, rx))
+            .map_err(io(format!("cannot start the writer thread of {name:?}")))?;
+        Ok(Collection {
+            name: name.to_string(),
+            dim,
+            dir,
+            shard,
+            payloads: PayloadStore::default(),
+            writer: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    async fn write(&self, op: WriteOp) -> Result<(), IndexError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let sender =
+            self.writer.lock().clone().ok_or_else(|| {
+                IndexError::Backend(format!("collection {:?} is closed", self.name))
+            })?;
+        sender
+            .send(WriteCmd { op, reply })
+            .map_err(|_| IndexError::Backend(format!("writer of {:?} has stopped", self.name)))?;
+        rx.await
+            .map_err(|_| IndexError::Backend(format!("writer of {:?} has stopped", self.name)))?
+            .map_err(|e| IndexError::Backend(format!("collection {:?}: {e}", self.name)))
+    }
+
+    /// Stops the writer thread and waits for it, so that no write is in flight.
+    fn close_writer(&self) {
+        self.writer.lock().take();
+        if let Some(t) = self.thread.lock().take() {
+            let _ = t.join();
+        }
+    }
+
+    async fn upsert(&self, points: Vec<IndexPoint>, durable: bool) -> Result<(), IndexError> {
+        check_points(&points, self.dim)?;
+        let structs = points
+            .iter()
+            .map(|p| {
+                PointStruct::new(
+                    PointId::Uuid(point_id(&p.payload.item_id)),
+                    p.vector.clone(),
+                    serde_json::Value::Object(payloads::to_json(&p.payload)),
+                )
+                .into()
+            })
+            .collect::<Vec<_>>();
+        let op = UpdateOperation::PointOperation(PointOperations::UpsertPoints(
+            PointInsertOperations::PointsList(structs),
+        ));
+        self.write(WriteOp::Update {
+            ops: vec![op],
+            durable,
+        })
+        .await?;
+        self.payloads
+            .insert_many(points.into_iter().map(|p| p.payload));
+        Ok(())
+    }
+
+    async fn delete(&self, ids: &[ItemId]) -> Result<(), IndexError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let op = UpdateOperation::PointOperation(PointOperations::DeletePoints {
+            ids: ids.iter().map(|i| PointId::Uuid(point_id(i))).collect(),
+        });
+        self.write(WriteOp::Update {
+            ops: vec![op],
+            durable: true,
+        })
+        .await?;
+        self.payloads.remove_many(ids);
+        Ok(())
+    }
+
+    async fn set_payload(&self, id: &ItemId, patch: &PayloadPatch) -> Result<(), IndexError> {
+        let fields = payloads::patch_json(patch);
+        if fields.is_empty() || !self.payloads.contains(id) {
+            return Ok(()); // nothing to set, or an unknown item: a no-op, as in Qdrant
+        }
+        let op = UpdateOperation::PayloadOperation(PayloadOps::SetPayload(SetPayloadOp {
+            payload: qdrant_edge::Payload(fields),
+            points: Some(vec![PointId::Uuid(point_id(id))]),
+            filter: None,
+            key: None,
+        }));
+        self.write(WriteOp::Update {
+            ops: vec![op],
+            durable: true,
+        })
+        .await?;
+        self.payloads.patch(id, patch);
+        Ok(())
+    }
+
+    fn count_estimate(&self, filter: &qdrant_edge::Filter) -> Result<usize, IndexError> {
+        self.shard
+            .count(CountRequest {
+                filter: Some(filter.clone()),
+                exact: false,
+            })
+            .map_err(backend("count"))
+    }
+
+    /// One engine query; returns (point id, score), best first.
+    fn query(
+        &self,
+        q: &[f32],
+        filter: Option<qdrant_edge::Filter>,
+        k: usize,
+        plan: Plan,
+    ) -> Result<Vec<(Uuid, f32)>, IndexError> {
+        let (ef, exact) = match plan {
+            Plan::Graph { ef } => (Some(ef), false),
+            _ => (None, true),
+        };
+        let req = QueryRequest {
+            prefetches: vec![],
+            query: Some(ScoringQuery::Vector(QueryEnum::Nearest(
+                NamedQuery::default_dense(q.to_vec()),
+            ))),
+            filter,
+            score_threshold: None,
+            limit: k,
+            offset: 0,
+            params: Some(SearchParams {
+                hnsw_ef: ef,
+                exact,
+                quantization: None,
+                indexed_only: false,
+                acorn: None,
+            }),
+            with_vector: WithVector::Bool(false),
+            with_payload: WithPayloadInterface::Bool(false),
+        };
+        let points = self.shard.query(req).map_err(backend("search"))?;
+        Ok(points
+            .into_iter()
+            .filter_map(|p| match p.id {
+                PointId::Uuid(u) => Some((u, p.score)),
+                PointId::NumId(_) => None,
+            })
+            .collect())
+    }
+
+    fn search(
+        &self,
+        q: &[f32],
+        filter: &Filter,
+        k: usize,
+        cfg: &PlanConfig,
+    ) -> Result<Vec<Hit>, IndexError> {
+        check_query(q, self.dim)?;
+        if k == 0 {
+            return Ok(Vec::new());
+        }
+        let total = self.payloads.len();
+        let scored = self.planned_search(q, filter, k, cfg, total)?;
+        let found = self.payloads.get_many(scored.iter().map(|(id, _)| id));
+        Ok(scored
+            .into_iter()
+            .zip(found)
+            // A point written to the engine but not yet to the RAM copy is still in flight.
+            .filter_map(|((_, score), payload)| payload.map(|payload| Hit { score, payload }))
+            .collect())
+    }
+
+    fn planned_search(
+        &self,
+        q: &[f32],
+        filter: &Filter,
+        k: usize,
+        cfg: &PlanConfig,
+        total: usize,
+    ) -> Result<Vec<(Uuid, f32)>, IndexError> {
+        let edge_filter = to_edge_filter(filter);
+        let estimate = match &edge_filter {
+            Some(f) if counts_something(filter) => Some(self.count_estimate(f)?),
+            _ => None,
+        };
+        let plan = cfg.plan(total, estimate, filter.include_categories.len(), k);
+        if plan != Plan::PerCategory {
+            return self.query(q, edge_filter, k, plan);
+        }
+        // One search per category, each planned by its own cardinality, merged by best score
+        // (an item in two included categories is found twice; keep it once).
+        let mut best: HashMap<Uuid, f32> = HashMap::new();
+        for cat in &filter.include_categories {
+            let one = Filter {
+                include_categories: vec![cat.clone()],
+                ..filter.clone()
+            };
+            let f = to_edge_filter(&one).expect("a category filter is not empty");
+            let est = self.count_estimate(&f)?;
+            let p = cfg.plan(total, Some(est), 1, k);
+            for (id, s) in self.query(q, Some(f), k, p)? {
+                let e = best.entry(id).or_insert(s);
+                *e = e.max(s);
+            }
+        }
+        let mut merged: Vec<(Uuid, f32)> = best.into_iter().collect();
+        merged.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        merged.truncate(k);
+        Ok(merged)
+    }
+
+    fn fetch(&self, ids: &[ItemId]) -> Result<Vec<(Payload, Vec<f32>)>, IndexError> {
+        let pids: Vec<PointId> = ids.iter().map(|i| PointId::Uuid(point_id(i))).collect();
+        let records = self
+            .shard
+            .retrieve(
+                &pids,
+                Some(WithPayloadInterface::Bool(false)),
+                Some(WithVector::Bool(true)),
+            )
+            .map_err(backend("fetch"))?;
+        let mut out = Vec::with_capacity(records.len());
+        for r in records {
+            let PointId::Uuid(u) = r.id else { continue };
+            let Some(payload) = self.payloads.get(&u) else {
+                continue;
+            };
+            let vector = match r.vector {
+                Some(VectorStructInternal::Single(v)) => v,
+                Some(VectorStructInternal::Named(mut m)) => match m.remove("") {
+                    Some(qdrant_edge::VectorInternal::Dense(v)) => v,
+                    _ => continue,
+                },
+                _ => continue,
+            };
+            out.push((payload, vector));
+        }
+        Ok(out)
+    }
+
+    /// Rebuilds the RAM payload copy from the engine (after a reopen).
+    fn load_payloads(&self) -> Result<(), IndexError> {
+        let mut offset = None;
+        let started = Instant::now();
+        loop {
+            let (records, next) = self
+                .shard
+                .scroll(ScrollRequest {
+                    offset,
+                    limit: Some(SCROLL_PAGE),
+                    filter: None,
+                    with_payload: Some(WithPayloadInterface::Bool(true)),
+                    with_vector: WithVector::Bool(false),
+                    order_by: None,
+                })
+                .map_err(backend("scroll"))?;
+            let mut batch = Vec::with_capacity(records.len());
+            for r in records {
+                if let Some(p) = r.payload {
+                    batch.push(payloads::from_json(p.0)?);
+                }
+            }
+            self.payloads.insert_many(batch);
+            match next {
+                Some(n) => offset = Some(n),
+                None => break,
+            }
+        }
+        tracing::info!(
+            version = %self.name,
+            points = self.payloads.len(),
+            secs = started.elapsed().as_secs_f64(),
+            "loaded payloads"
+        );
+        Ok(())
+    }
+}
+
+/// Whether the engine's payload indexes can estimate how many points `filter` keeps; an
+/// exclusion list alone keeps nearly everything.
+fn counts_something(f: &Filter) -> bool {
+    !f.include_categories.is_empty()
+        || !f.exclude_categories.is_empty()
+        || f.available_only
+        || f.price_min.is_some()
+        || f.price_max.is_some()
+        || f.created_after.is_some()
+}
+
+fn key(name: &str) -> JsonPath {
+    name.parse()
+        .expect("tandem's payload field names are valid JSON paths")
+}
+
+/// The domain filter as an engine filter; `None` when it restricts nothing.
+fn to_edge_filter(f: &Filter) -> Option<qdrant_edge::Filter> {
+    let mut must = Vec::new();
+    let mut must_not = Vec::new();
+    if !f.include_categories.is_empty() {
+        must.push(Condition::Field(FieldCondition::new_match(
+            key(F_CATEGORIES),
+            Match::from(f.include_categories.clone()),
+        )));
+    }
+    if !f.exclude_categories.is_empty() {
+        must_not.push(Condition::Field(FieldCondition::new_match(
+            key(F_CATEGORIES),
+            Match::from(f.exclude_categories.clone()),
+        )));
+    }
+    if f.available_only {
+        must.push(Condition::Field(FieldCondition::new_match(
+            key(F_AVAILABLE),
+            Match::from(true),
+        )));
+    }
+    if f.price_min.is_some() || f.price_max.is_some() {
+        must.push(Condition::Field(FieldCondition::new_range(
+            key(F_PRICE),
+            Range {
+                lt: None,
+                gt: None,
+                gte: f.price_min.map(|m| OrderedFloat(f64::from(m))),
+                lte: f.price_max.map(|m| OrderedFloat(f64::from(m))),
+            },
+        )));
+    }
+    if let Some(after) = f.created_after {
+        must.push(Condition::Field(FieldCondition::new_range(
+            key(F_CREATED_AT),
+            Range {
+                lt: None,
+                gt: Some(OrderedFloat(after as f64)),
+                gte: None,
+                lte: None,
+            },
+        )));
+    }
+    if !f.exclude_items.is_empty() {
+        let ids: HasIdCondition = f
+            .exclude_items
+            .iter()
+            .map(|i| PointId::Uuid(point_id(i)))
+            .collect();
+        must_not.push(Condition::HasId(ids));
+    }
+    if must.is_empty() && must_not.is_empty() {
+        return None;
+    }
+    Some(qdrant_edge::Filter {
+        should: None,
+        min_should: None,
+        must: (!must.is_empty()).then_some(must),
+        must_not: (!must_not.is_empty()).then_some(must_not),
+    })
+}
+
+fn payload_index_ops() -> Vec<UpdateOperation> {
+    [
+        (F_CATEGORIES, PayloadSchemaType::Keyword),
+        (F_AVAILABLE, PayloadSchemaType::Bool),
+        (F_PRICE, PayloadSchemaType::Float),
+        (F_CREATED_AT, PayloadSchemaType::Integer),
+    ]
+    .into_iter()
+    .map(|(field, schema)| {
+        UpdateOperation::FieldIndexOperation(FieldIndexOperations::CreateIndex(CreateIndex {
+            field_name: key(field),
+            field_schema: Some(PayloadFieldSchema::FieldType(schema)),
+        }))
+    })
+    .collect()
+}
+
+/// The `edge` backend: versioned collections under one root directory.
+pub struct EdgeIndex {
+    root: PathBuf,
+    opts: EdgeOptions,
+    open: RwLock<HashMap<String, Arc<Collection>>>,
+    live: RwLock<Option<Arc<Collection>>>,
+    /// Serializes create/switch/drop so that two of them never race on the directory.
+    admin: tokio::sync::Mutex<()>,
+}
+
+impl EdgeIndex {
+    /// Opens (or creates) the root directory and the live version it names, if any.
+    pub fn open(root: &Path, opts: EdgeOptions) -> Result<Self, IndexError> {
+        std::fs::create_dir_all(root).map_err(io(format!(
+            "cannot create index directory {}",
+            root.display()
+        )))?;
+        let index = EdgeIndex {
+            root: root.to_path_buf(),
+            opts,
+            open: RwLock::new(HashMap::new()),
+            live: RwLock::new(None),
+            admin: tokio::sync::Mutex::new(()),
+        };
+        if let Some(name) = index.read_current()? {
+            let c = index.collection(&name)?;
+            *index.live.write() = Some(c);
+        }
+        Ok(index)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// (points, vectors covered by the HNSW graph) of a version, for benchmarks and tests.
+    pub fn index_status(&self, version: &str) -> Result<(usize, usize), IndexError> {
+        let info = self.collection(version)?.shard.info();
+        Ok((info.points_count, info.indexed_vectors_count))
+    }
+
+    fn read_current(&self) -> Result<Option<String>, IndexError> {
+        let path = self.root.join(CURRENT);
+        match std::fs::read_to_string(&path) {
+            Ok(s) => {
+                let name = s.trim().to_string();
+                check_version_name(&name)?;
+                Ok(Some(name))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(format!("cannot read {}", path.display()))(e)),
+        }
+    }
+
+    fn write_current(&self, name: &str) -> Result<(), IndexError> {
+        let tmp = self.root.join(format!(".{CURRENT}.{}", Uuid::new_v4()));
+        let path = self.root.join(CURRENT);
+        std::fs::write(&tmp, format!("{name}\n"))
+            .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .and_then(|_| std::fs::File::open(&self.root)?.sync_all())
+            .map_err(io(format!("cannot write {}", path.display())))
+    }
+
+    fn live(&self) -> Result<Arc<Collection>, IndexError> {
+        self.live.read().clone().ok_or(IndexError::NoActiveVersion)
+    }
+
+    /// The opened collection `name`, opening it from disk if needed.
+    fn collection(&self, name: &str) -> Result<Arc<Collection>, IndexError> {
+        check_version_name(name)?;
+        if let Some(c) = self.open.read().get(name) {
+            return Ok(c.clone());
+        }
+        let mut open = self.open.write();
+        if let Some(c) = open.get(name) {
+            return Ok(c.clone());
+        }
+        let dir = self.root.join(name);
+        let meta_path = dir.join(META);
+        let meta: Meta = match std::fs::read(&meta_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| IndexError::Backend(format!("{}: {e}", meta_path.display())))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(IndexError::UnknownVersion(name.to_string()))
+            }
+            Err(e) => return Err(io(format!("cannot read {}", meta_path.display()))(e)),
+        };
+        let shard = EdgeShard::load(&dir.join(SHARD_DIR), None)
+            .map_err(backend(&format!("cannot open collection {name:?}")))?;
+        let c = Arc::new(Collection::start(name, meta.dim, dir, shard)?);
+        c.load_payloads()?;
+        open.insert(name.to_string(), c.clone());
+        Ok(c)
+    }
+
+    fn edge_config(&self, dim: usize) -> EdgeConfig {
+        let defaults = HnswIndexConfig::default();
+        let hnsw = HnswIndexConfig {
+            m: self.opts.m,
+            ef_construct: self.opts.ef_construct,
+            full_scan_threshold: self
+                .opts
+                .full_scan_threshold_kb
+                .unwrap_or(defaults.full_scan_threshold),
+            ..defaults
+        };
+        EdgeConfig::builder()
+            .vector("", EdgeVectorParams::builder(dim, Distance::Cosine).build())
+            .hnsw_config(hnsw)
+            .optimizers(EdgeOptimizersConfig {
+                indexing_threshold: self.opts.indexing_threshold_kb,
+                ..EdgeOptimizersConfig::default()
+            })
+            .build()
+    }
+}
+
+#[async_trait]
+impl VectorIndex for EdgeIndex {
+    async fn upsert(&self, points: Vec<IndexPoint>) -> Result<(), IndexError> {
+        self.live()?.upsert(points, true).await
+    }
+
+    async fn delete(&self, ids: &[ItemId]) -> Result<(), IndexError> {
+        self.live()?.delete(ids).await
+    }
+
+    async fn set_payload(&self, id: &ItemId, patch: &PayloadPatch) -> Result<(), IndexError> {
+        self.live()?.set_payload(id, patch).await
+    }
+
+    async fn search(
+        &self,
+        vector: &[f32],
+        filter: &Filter,
+        k: usize,
+    ) -> Result<Vec<Hit>, IndexError> {
+        self.live()?.search(vector, filter, k, &self.opts.plan)
+    }
+
+    async fn fetch(&self, ids: &[ItemId]) -> Result<Vec<(Payload, Vec<f32>)>, IndexError> {
+        self.live()?.fetch(ids)
+    }
+
+    async fn count(&self) -> Result<usize, IndexError> {
+        Ok(self.live()?.payloads.len())
+    }
+
+    async fn create_version(&self, version: &str, dim: usize) -> Result<(), IndexError> {
+        check_version_name(version)?;
+        check_dim(dim)?;
+        let _admin = self.admin.lock().await;
+        let dir = self.root.join(version);
+        if dir.exists() {
+            return Err(IndexError::Backend(format!(
+                "collection version {version:?} already exists"
+            )));
+        }
+        let shard_dir = dir.join(SHARD_DIR);
+        std::fs::create_dir_all(&shard_dir)
+            .map_err(io(format!("cannot create {}", shard_dir.display())))?;
+        let shard = EdgeShard::new(&shard_dir, self.edge_config(dim))
+            .map_err(backend(&format!("cannot create collection {version:?}")))?;
+        let c = Arc::new(Collection::start(version, dim, dir.clone(), shard)?);
+        // Payload indexes come first, so that the graph gets its payload-aware links.
+        let indexed = c
+            .write(WriteOp::Update {
+                ops: payload_index_ops(),
+                durable: true,
+            })
+            .await;
+        // meta.json last: a directory without it is an unfinished create, not a version.
+        let meta = serde_json::to_vec(&Meta { dim }).expect("meta serializes");
+        let written = indexed.and_then(|_| {
+            std::fs::write(dir.join(META), meta)
+                .map_err(io(format!("cannot write {}", dir.join(META).display())))
+        });
+        if let Err(e) = written {
+            drop(c); // closes the engine before its directory goes
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        self.open.write().insert(version.to_string(), c);
+        Ok(())
+    }
+
+    async fn upsert_into(&self, version: &str, points: Vec<IndexPoint>) -> Result<(), IndexError> {
+        // Not flushed per batch: a version is not live until finalized, and finalize flushes.
+        self.collection(version)?.upsert(points, false).await
+    }
+
+    async fn finalize_version(&self, version: &str) -> Result<(), IndexError> {
+        let c = self.collection(version)?;
+        c.write(WriteOp::Optimize).await?;
+        let info = c.shard.info();
+        tracing::info!(
+            version,
+            points = info.points_count,
+            indexed = info.indexed_vectors_count,
+            segments = info.segments_count,
+            "collection finalized"
+        );
+        Ok(())
+    }
+
+    async fn switch_to(&self, version: &str) -> Result<(), IndexError> {
+        let _admin = self.admin.lock().await;
+        let c = self.collection(version)?;
+        self.write_current(version)?;
+        *self.live.write() = Some(c);
+        Ok(())
+    }
+
+    async fn drop_version(&self, version: &str) -> Result<(), IndexError> {
+        check_version_name(version)?;
+        let _admin = self.admin.lock().await;
+        if self.live.read().as_ref().is_some_and(|c| c.name == version) {
+            return Err(IndexError::Backend(format!(
+                "collection version {version:?} is live; switch to another version before dropping it"
+            )));
+        }
+        let dir = self.root.join(version);
+        let opened = self.open.write().remove(version);
+        if let Some(c) = opened {
+            // Wait for in-flight searches to let go, then stop the writer: the engine flushes
+            // when the last handle drops, and it must not flush into a deleted directory.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Arc::strong_count(&c) > 1 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            c.close_writer();
+            drop(c);
+        } else if !dir.join(META).exists() {
+            return Err(IndexError::UnknownVersion(version.to_string()));
+        }
+        std::fs::remove_dir_all(&dir).map_err(io(format!("cannot remove {}", dir.display())))
+    }
+
+    async fn versions(&self) -> Result<(Vec<String>, Option<String>), IndexError> {
+        let entries = std::fs::read_dir(&self.root)
+            .map_err(io(format!("cannot list {}", self.root.display())))?;
+        let mut names = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if check_version_name(&name).is_ok() && e.path().join(META).exists() {
+                names.push(name);
+            }
+        }
+        names.sort();
+        Ok((names, self.live.read().as_ref().map(|c| c.name.clone())))
+    }
+}
+
+impl Drop for Collection {
+    fn drop(&mut self) {
+        self.close_writer();
+        tracing::debug!(version = %self.name, dir = %self.dir.display(), "collection closed");
+    }
+}

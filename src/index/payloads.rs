@@ -1,0 +1,176 @@
+//! The payload as the Qdrant engines store it (a JSON object), and tandem's own in-RAM copy
+//! keyed by point id. Search results are filled from the RAM copy: reading payloads back from
+//! the engine costs milliseconds per query (QDRANT_EDGE.md, pitfall 7).
+
+use super::{IndexError, Payload, PayloadPatch};
+use crate::domain::{point_id, ItemId};
+use parking_lot::RwLock;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use uuid::Uuid;
+
+/// Payload field names; the filter translation and the payload indexes use the same names.
+pub const F_ITEM_ID: &str = "item_id";
+pub const F_CATEGORIES: &str = "categories";
+pub const F_AVAILABLE: &str = "available";
+pub const F_PRICE: &str = "price";
+pub const F_CREATED_AT: &str = "created_at";
+
+/// The JSON object stored in the engine. Prices are widened to f64 exactly (`f64::from`), and
+/// filter bounds are widened the same way, so `price >= min` gives the same answer in the
+/// engine as in [`crate::domain::Filter::matches`] even at equality.
+pub fn to_json(p: &Payload) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert(F_ITEM_ID.into(), json!(p.item_id.as_str()));
+    m.insert(F_CATEGORIES.into(), json!(p.categories));
+    m.insert(F_AVAILABLE.into(), json!(p.available));
+    if let Some(price) = p.price {
+        m.insert(F_PRICE.into(), json!(f64::from(price)));
+    }
+    if let Some(c) = p.created_at {
+        m.insert(F_CREATED_AT.into(), json!(c));
+    }
+    m.insert("title".into(), json!(p.title));
+    m.insert("popularity".into(), json!(f64::from(p.popularity)));
+    m
+}
+
+/// The JSON fields a patch sets.
+pub fn patch_json(patch: &PayloadPatch) -> Map<String, Value> {
+    let mut m = Map::new();
+    if let Some(a) = patch.available {
+        m.insert(F_AVAILABLE.into(), json!(a));
+    }
+    if let Some(p) = patch.price {
+        m.insert(F_PRICE.into(), json!(f64::from(p)));
+    }
+    if let Some(p) = patch.popularity {
+        m.insert("popularity".into(), json!(f64::from(p)));
+    }
+    m
+}
+
+#[derive(Deserialize)]
+struct Stored {
+    item_id: ItemId,
+    #[serde(default)]
+    categories: Vec<String>,
+    #[serde(default = "yes")]
+    available: bool,
+    #[serde(default)]
+    price: Option<f64>,
+    #[serde(default)]
+    created_at: Option<i64>,
+    #[serde(default)]
+    title: String,
+    #[serde(default)]
+    popularity: f64,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Reads a payload back from the engine's JSON.
+pub fn from_json(m: Map<String, Value>) -> Result<Payload, IndexError> {
+    let s: Stored = serde_json::from_value(Value::Object(m))
+        .map_err(|e| IndexError::Backend(format!("stored payload is not a tandem payload: {e}")))?;
+    Ok(Payload {
+        item_id: s.item_id,
+        categories: s.categories,
+        available: s.available,
+        price: s.price.map(|p| p as f32),
+        created_at: s.created_at,
+        title: s.title,
+        popularity: s.popularity as f32,
+    })
+}
+
+/// Applies a patch to a payload in place.
+pub fn apply_patch(p: &mut Payload, patch: &PayloadPatch) {
+    if let Some(a) = patch.available {
+        p.available = a;
+    }
+    if let Some(price) = patch.price {
+        p.price = Some(price);
+    }
+    if let Some(pop) = patch.popularity {
+        p.popularity = pop;
+    }
+}
+
+/// tandem's RAM copy of one collection's payloads, keyed by point id.
+#[derive(Debug, Default)]
+pub struct PayloadStore {
+    map: RwLock<HashMap<Uuid, Payload>>,
+}
+
+impl PayloadStore {
+    pub fn insert_many(&self, payloads: impl IntoIterator<Item = Payload>) {
+        let mut map = self.map.write();
+        for p in payloads {
+            map.insert(point_id(&p.item_id), p);
+        }
+    }
+
+    pub fn remove_many(&self, ids: &[ItemId]) {
+        let mut map = self.map.write();
+        for id in ids {
+            map.remove(&point_id(id));
+        }
+    }
+
+    pub fn patch(&self, id: &ItemId, patch: &PayloadPatch) {
+        if let Some(p) = self.map.write().get_mut(&point_id(id)) {
+            apply_patch(p, patch);
+        }
+    }
+
+    pub fn get(&self, id: &Uuid) -> Option<Payload> {
+        self.map.read().get(id).cloned()
+    }
+
+    /// Looks up many ids under one lock; unknown ids give `None`.
+    pub fn get_many<'a>(&self, ids: impl IntoIterator<Item = &'a Uuid>) -> Vec<Option<Payload>> {
+        let map = self.map.read();
+        ids.into_iter().map(|id| map.get(id).cloned()).collect()
+    }
+
+    pub fn contains(&self, id: &ItemId) -> bool {
+        self.map.read().contains_key(&point_id(id))
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_round_trip() {
+        let p = Payload {
+            item_id: ItemId::parse("x1").unwrap(),
+            categories: vec!["Drama".into(), "War".into()],
+            available: false,
+            price: Some(9.99),
+            created_at: Some(1_700_000_000),
+            title: "T".into(),
+            popularity: 3.0,
+        };
+        assert_eq!(from_json(to_json(&p)).unwrap(), p);
+        let bare = Payload {
+            price: None,
+            created_at: None,
+            ..p
+        };
+        assert_eq!(from_json(to_json(&bare)).unwrap(), bare);
+    }
+}

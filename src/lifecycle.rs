@@ -1,0 +1,561 @@
+//! Model activation and rollback with zero downtime: the one place where the registry, the
+//! serving model handle, the index and the catalog change together.
+//!
+//! Activation embeds the catalog with the new model's item tower into a new collection
+//! version (in the background, with progress), switches the index alias, then swaps the
+//! model handle (`ArcSwap`): a request holds the `Arc` it loaded, so requests in flight
+//! finish on the old model. Writes that landed during the build are replayed into the new
+//! collection, and the catalog's vectors are moved to the new model's space. The old
+//! collection is kept, so a rollback is an alias switch and a handle swap, with no
+//! re-embedding.
+
+use crate::catalog::{Catalog, CatalogEntry};
+use crate::domain::ItemId;
+use crate::index::{IndexError, IndexPoint, VectorIndex};
+use crate::model::{ModelError, TwoTower};
+use crate::registry::{ModelRecord, ModelStatus, Progress, Registry, RegistryError};
+use arc_swap::ArcSwap;
+use indicatif::{ProgressBar, ProgressDrawTarget};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Items per item-tower call: big enough for full-speed matmuls, small enough that each
+/// blocking task is short and serving threads get the CPU back often.
+const EMBED_BATCH: usize = 1_024;
+/// Items per index fetch while reconciling the catalog with a collection.
+const FETCH_BATCH: usize = 2_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("model version {0:?} is already active")]
+    AlreadyActive(String),
+    #[error("{0} is in progress; try again when it has finished (see GET /admin/models)")]
+    Busy(String),
+    #[error("nothing to roll back to: no earlier active version with a kept collection")]
+    NothingToRollBack,
+    #[error("loading registered model {version}: {source}")]
+    Model {
+        version: String,
+        #[source]
+        source: Box<ModelError>,
+    },
+    #[error(transparent)]
+    Index(#[from] IndexError),
+}
+
+/// What `activate` did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ActivateOutcome {
+    /// The catalog is being embedded in the background; watch `GET /admin/models`.
+    Started,
+    /// The version's collection was kept, so it is serving already.
+    Switched,
+}
+
+struct Running {
+    what: String,
+    version: String,
+    phase: Arc<Mutex<&'static str>>,
+    embedded: Arc<AtomicU64>,
+    total: u64,
+    bar: ProgressBar,
+    started_at: String,
+}
+
+/// Cheap to share behind an `Arc`; one activation or rollback runs at a time.
+pub struct Lifecycle {
+    registry: Arc<Registry>,
+    model: Arc<ArcSwap<TwoTower>>,
+    index: Arc<dyn VectorIndex>,
+    catalog: Arc<Catalog>,
+    /// Loaded models that are not serving (the rollback target), so a rollback never waits
+    /// on disk.
+    standby: Mutex<HashMap<String, Arc<TwoTower>>>,
+    busy: Arc<tokio::sync::Mutex<()>>,
+    running: Mutex<Option<Running>>,
+}
+
+impl Lifecycle {
+    /// Wires the lifecycle to the serving parts and records the model the server started
+    /// with as active (with the live collection) if the registry does not know it yet.
+    pub async fn start(
+        registry: Arc<Registry>,
+        model: Arc<ArcSwap<TwoTower>>,
+        index: Arc<dyn VectorIndex>,
+        catalog: Arc<Catalog>,
+        model_source: &Path,
+    ) -> Result<Self, LifecycleError> {
+        let live = match index.versions().await {
+            Ok((_, live)) => live,
+            Err(IndexError::NoActiveVersion) => None,
+            Err(e) => return Err(e.into()),
+        };
+        registry.adopt_startup_model(&model.load(), model_source, live)?;
+        Ok(Lifecycle {
+            registry,
+            model,
+            index,
+            catalog,
+            standby: Mutex::new(HashMap::new()),
+            busy: Arc::new(tokio::sync::Mutex::new(())),
+            running: Mutex::new(None),
+        })
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// The registered versions, with live progress on the one being activated.
+    pub fn models(&self) -> Vec<ModelRecord> {
+        let mut list = self.registry.list();
+        if let Some(r) = self.running.lock().as_ref() {
+            if let Some(m) = list.iter_mut().find(|m| m.version == r.version) {
+                let phase = *r.phase.lock();
+                let done = match phase {
+                    "embedding" => r.embedded.load(Ordering::Relaxed),
+                    _ => r.bar.position(),
+                };
+                m.progress = Some(Progress {
+                    phase: phase.to_string(),
+                    done,
+                    total: r.total,
+                    started_at: r.started_at.clone(),
+                });
+            }
+        }
+        list
+    }
+
+    /// Validates and registers a checkpoint directory, then applies keep-last-N.
+    pub async fn register(&self, path: &Path) -> Result<ModelRecord, LifecycleError> {
+        let registry = self.registry.clone();
+        let path = path.to_path_buf();
+        let (record, _) = tokio::task::spawn_blocking(move || registry.register(&path))
+            .await
+            .expect("register task does not panic")?;
+        tracing::info!(version = record.version, "model registered");
+        self.collect_garbage().await;
+        Ok(record)
+    }
+
+    /// Starts activating `version`: an instant switch if its collection was kept, otherwise
+    /// a background build. Fails at once if another activation or rollback is running.
+    pub async fn activate(
+        self: &Arc<Self>,
+        version: &str,
+    ) -> Result<ActivateOutcome, LifecycleError> {
+        let record = self
+            .registry
+            .get(version)
+            .ok_or_else(|| RegistryError::Unknown(version.to_string()))?;
+        if record.status == ModelStatus::Active {
+            return Err(LifecycleError::AlreadyActive(version.to_string()));
+        }
+        let guard = self.lock()?;
+        if let Some(collection) = record.collection.clone() {
+            let model = self.load_model(version).await?;
+            self.switch(model, &collection).await?;
+            let dropped = self.registry.mark_active(version, Some(collection))?;
+            self.drop_collections(dropped).await;
+            self.spawn_reconcile(guard);
+            return Ok(ActivateOutcome::Switched);
+        }
+        let total = self.catalog.len() as u64;
+        let run = Running {
+            what: format!("activation of {version}"),
+            version: version.to_string(),
+            phase: Arc::new(Mutex::new("loading")),
+            embedded: Arc::new(AtomicU64::new(0)),
+            total,
+            bar: ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden()),
+            started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        };
+        let (phase, embedded, bar) = (run.phase.clone(), run.embedded.clone(), run.bar.clone());
+        *self.running.lock() = Some(run);
+        self.registry.update(version, |m| {
+            m.status = ModelStatus::Indexing;
+            m.last_error = None;
+        })?;
+        let me = self.clone();
+        let version = version.to_string();
+        let previous_status = record.status;
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let result = me.build_and_switch(&version, &phase, &embedded, &bar).await;
+            *me.running.lock() = None;
+            match result {
+                Ok(()) => tracing::info!(
+                    version,
+                    secs = started.elapsed().as_secs_f64(),
+                    "model activated"
+                ),
+                Err(e) => {
+                    tracing::error!(version, error = %e, "activation failed; the active model is unchanged");
+                    let _ = me.registry.update(&version, |m| {
+                        m.status = match previous_status {
+                            ModelStatus::Retired => ModelStatus::Retired,
+                            _ => ModelStatus::Registered,
+                        };
+                        m.progress = None;
+                        m.last_error = Some(e.to_string());
+                    });
+                }
+            }
+            drop(guard);
+        });
+        Ok(ActivateOutcome::Started)
+    }
+
+    /// Returns to the previously active version at once: alias switch and handle swap, no
+    /// re-embedding. Returns the version now active.
+    pub async fn rollback(&self) -> Result<ModelRecord, LifecycleError> {
+        let guard = self.lock()?;
+        let target = self
+            .registry
+            .rollback_target()
+            .ok_or(LifecycleError::NothingToRollBack)?;
+        let collection = target
+            .collection
+            .clone()
+            .ok_or(LifecycleError::NothingToRollBack)?;
+        let model = self.load_model(&target.version).await?;
+        self.switch(model, &collection).await?;
+        self.registry.mark_rolled_back(&target.version)?;
+        tracing::info!(version = target.version, "rolled back");
+        self.spawn_reconcile(guard);
+        Ok(self
+            .registry
+            .get(&target.version)
+            .expect("rollback target is registered"))
+    }
+
+    fn lock(&self) -> Result<tokio::sync::OwnedMutexGuard<()>, LifecycleError> {
+        self.busy.clone().try_lock_owned().map_err(|_| {
+            LifecycleError::Busy(
+                self.running
+                    .lock()
+                    .as_ref()
+                    .map(|r| r.what.clone())
+                    .unwrap_or_else(|| "another model switch".into()),
+            )
+        })
+    }
+
+    /// The alias first, then the handle: from here on new requests use the new model.
+    async fn switch(&self, model: Arc<TwoTower>, collection: &str) -> Result<(), LifecycleError> {
+        self.index.switch_to(collection).await?;
+        let previous = self.model.swap(model);
+        self.standby
+            .lock()
+            .insert(previous.version().to_string(), previous);
+        Ok(())
+    }
+
+    async fn load_model(&self, version: &str) -> Result<Arc<TwoTower>, LifecycleError> {
+        if let Some(m) = self.standby.lock().get(version) {
+            return Ok(m.clone());
+        }
+        let dir = self.registry.model_dir(version);
+        let m = tokio::task::spawn_blocking(move || TwoTower::load(&dir))
+            .await
+            .expect("model load does not panic")
+            .map_err(|source| LifecycleError::Model {
+                version: version.to_string(),
+                source: Box::new(source),
+            })?;
+        Ok(Arc::new(m))
+    }
+
+    async fn build_and_switch(
+        &self,
+        version: &str,
+        phase: &Mutex<&'static str>,
+        embedded: &AtomicU64,
+        bar: &ProgressBar,
+    ) -> Result<(), LifecycleError> {
+        let model = self.load_model(version).await?;
+        *phase.lock() = "embedding";
+        let snapshot = self.catalog.entries();
+        let mut points = Vec::with_capacity(snapshot.len());
+        let mut last_log = Instant::now();
+        for chunk in snapshot.chunks(EMBED_BATCH) {
+            let vectors =
+                embed(&model, chunk.to_vec())
+                    .await
+                    .map_err(|source| LifecycleError::Model {
+                        version: version.to_string(),
+                        source: Box::new(source),
+                    })?;
+            for (entry, vector) in chunk.iter().zip(vectors) {
+                points.push(IndexPoint {
+                    vector,
+                    payload: entry.payload(),
+                });
+            }
+            let done =
+                embedded.fetch_add(chunk.len() as u64, Ordering::Relaxed) + chunk.len() as u64;
+            if last_log.elapsed().as_secs() >= 5 {
+                last_log = Instant::now();
+                tracing::info!(
+                    version,
+                    done,
+                    total = snapshot.len(),
+                    "embedding the catalog"
+                );
+            }
+        }
+        *phase.lock() = "indexing";
+        let collection = format!(
+            "{version}-{}",
+            chrono::Utc::now().format("%Y%m%dT%H%M%S%3f")
+        );
+        // Keep the new vectors by id: the catalog moves to them after the switch.
+        let fresh: HashMap<ItemId, Box<[f32]>> = points
+            .iter()
+            .map(|p| {
+                (
+                    p.payload.item_id.clone(),
+                    p.vector.clone().into_boxed_slice(),
+                )
+            })
+            .collect();
+        crate::index::build_version(
+            self.index.as_ref(),
+            &collection,
+            model.dim(),
+            points.into_iter(),
+            bar,
+        )
+        .await?;
+        // The alias now points at the new collection; swap the model right behind it.
+        let previous = self.model.swap(model.clone());
+        self.standby
+            .lock()
+            .insert(previous.version().to_string(), previous);
+        // Serving the new model from here on, whatever happens next.
+        let dropped = self.registry.mark_active(version, Some(collection))?;
+        *phase.lock() = "catching up";
+        if let Err(e) = self.catch_up(&model, &snapshot, fresh).await {
+            tracing::error!(version, error = %e, "replaying catalog changes into the new collection");
+        }
+        self.drop_collections(dropped).await;
+        self.collect_garbage().await;
+        Ok(())
+    }
+
+    /// After an activation's switch: moves unchanged catalog entries to their new vectors,
+    /// and replays into the new collection what changed while it was being built (items
+    /// added or patched through the API went to the old collection only).
+    async fn catch_up(
+        &self,
+        model: &Arc<TwoTower>,
+        snapshot: &[Arc<CatalogEntry>],
+        mut fresh: HashMap<ItemId, Box<[f32]>>,
+    ) -> Result<(), LifecycleError> {
+        let before: HashMap<&ItemId, &Arc<CatalogEntry>> =
+            snapshot.iter().map(|e| (e.id(), e)).collect();
+        let mut changed = Vec::new();
+        for entry in self.catalog.entries() {
+            match before.get(entry.id()) {
+                Some(old) if Arc::ptr_eq(old, &entry) => {
+                    if let Some(v) = fresh.remove(entry.id()) {
+                        self.catalog.update(entry.id(), |e| e.vector = v);
+                    }
+                }
+                _ => changed.push(entry),
+            }
+        }
+        let now: std::collections::HashSet<ItemId> = self
+            .catalog
+            .entries()
+            .iter()
+            .map(|e| e.id().clone())
+            .collect();
+        let deleted: Vec<ItemId> = snapshot
+            .iter()
+            .filter(|e| !now.contains(e.id()))
+            .map(|e| e.id().clone())
+            .collect();
+        if !deleted.is_empty() {
+            self.index.delete(&deleted).await?;
+        }
+        self.reembed(model, changed).await
+    }
+
+    /// Embeds entries with `model` and upserts them into the live collection and catalog.
+    async fn reembed(
+        &self,
+        model: &Arc<TwoTower>,
+        entries: Vec<Arc<CatalogEntry>>,
+    ) -> Result<(), LifecycleError> {
+        for chunk in entries.chunks(EMBED_BATCH) {
+            let vectors =
+                embed(model, chunk.to_vec())
+                    .await
+                    .map_err(|source| LifecycleError::Model {
+                        version: model.version().to_string(),
+                        source: Box::new(source),
+                    })?;
+            let points: Vec<IndexPoint> = chunk
+                .iter()
+                .zip(&vectors)
+                .map(|(e, v)| IndexPoint {
+                    vector: v.clone(),
+                    payload: e.payload(),
+                })
+                .collect();
+            self.index.upsert(points).await?;
+            for (e, v) in chunk.iter().zip(vectors) {
+                self.catalog
+                    .update(e.id(), |c| c.vector = v.into_boxed_slice());
+            }
+        }
+        if !entries.is_empty() {
+            tracing::info!(
+                items = entries.len(),
+                "replayed catalog changes into the live collection"
+            );
+        }
+        Ok(())
+    }
+
+    /// After a switch to a kept collection (rollback or re-activation): the catalog takes
+    /// that collection's vectors, and items written while it was not live are upserted.
+    /// Holds the lifecycle lock until done so that no other switch interleaves.
+    fn spawn_reconcile(&self, guard: tokio::sync::OwnedMutexGuard<()>) {
+        let model = self.model.load_full();
+        let index = self.index.clone();
+        let catalog = self.catalog.clone();
+        let me = Reconciler {
+            model,
+            index,
+            catalog,
+        };
+        tokio::spawn(async move {
+            let started = Instant::now();
+            match me.run().await {
+                Ok(n) => tracing::info!(
+                    version = me.model.version(),
+                    replayed = n,
+                    secs = started.elapsed().as_secs_f64(),
+                    "catalog reconciled with the live collection"
+                ),
+                Err(e) => tracing::error!(error = %e, "reconciling the catalog after a switch"),
+            }
+            drop(guard);
+        });
+    }
+
+    async fn drop_collections(&self, collections: Vec<String>) {
+        for c in collections {
+            match self.index.drop_version(&c).await {
+                Ok(()) => tracing::info!(collection = c, "dropped a retired collection"),
+                Err(IndexError::UnknownVersion(_)) => {}
+                Err(e) => tracing::warn!(collection = c, error = %e, "could not drop a collection"),
+            }
+        }
+    }
+
+    async fn collect_garbage(&self) {
+        match self.registry.gc() {
+            Ok(collections) => self.drop_collections(collections).await,
+            Err(e) => tracing::warn!(error = %e, "model registry garbage collection failed"),
+        }
+        let keep: std::collections::HashSet<String> = self
+            .registry
+            .list()
+            .into_iter()
+            .filter(|m| m.collection.is_some())
+            .map(|m| m.version)
+            .collect();
+        self.standby.lock().retain(|v, _| keep.contains(v));
+    }
+}
+
+struct Reconciler {
+    model: Arc<TwoTower>,
+    index: Arc<dyn VectorIndex>,
+    catalog: Arc<Catalog>,
+}
+
+impl Reconciler {
+    async fn run(&self) -> Result<usize, LifecycleError> {
+        let entries = self.catalog.entries();
+        let mut missing = Vec::new();
+        for chunk in entries.chunks(FETCH_BATCH) {
+            let ids: Vec<ItemId> = chunk.iter().map(|e| e.id().clone()).collect();
+            let stored: HashMap<ItemId, (crate::index::Payload, Vec<f32>)> = self
+                .index
+                .fetch(&ids)
+                .await?
+                .into_iter()
+                .map(|(p, v)| (p.item_id.clone(), (p, v)))
+                .collect();
+            for e in chunk {
+                match stored.get(e.id()) {
+                    Some((payload, vector)) => {
+                        self.catalog
+                            .update(e.id(), |c| c.vector = vector.clone().into_boxed_slice());
+                        let current = e.payload();
+                        if payload.available != current.available || payload.price != current.price
+                        {
+                            let patch = crate::index::PayloadPatch {
+                                available: Some(current.available),
+                                price: current.price,
+                                popularity: None,
+                            };
+                            self.index.set_payload(e.id(), &patch).await?;
+                        }
+                    }
+                    None => missing.push(e.clone()),
+                }
+            }
+        }
+        let n = missing.len();
+        for chunk in missing.chunks(EMBED_BATCH) {
+            let vectors = embed(&self.model, chunk.to_vec()).await.map_err(|source| {
+                LifecycleError::Model {
+                    version: self.model.version().to_string(),
+                    source: Box::new(source),
+                }
+            })?;
+            let points = chunk
+                .iter()
+                .zip(&vectors)
+                .map(|(e, v)| IndexPoint {
+                    vector: v.clone(),
+                    payload: e.payload(),
+                })
+                .collect();
+            self.index.upsert(points).await?;
+            for (e, v) in chunk.iter().zip(vectors) {
+                self.catalog
+                    .update(e.id(), |c| c.vector = v.into_boxed_slice());
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// The item tower over a batch, off the async runtime.
+async fn embed(
+    model: &Arc<TwoTower>,
+    entries: Vec<Arc<CatalogEntry>>,
+) -> Result<Vec<Vec<f32>>, ModelError> {
+    let model = model.clone();
+    tokio::task::spawn_blocking(move || {
+        let items: Vec<_> = entries.iter().map(|e| e.item.clone()).collect();
+        model.embed_items(&items)
+    })
+    .await
+    .expect("embedding does not panic")
+}

@@ -1,0 +1,891 @@
+//! Training: examples are (a user's history before t, the item at t). The loss is an in-batch
+//! sampled softmax with temperature and a logQ correction for item frequency; duplicates of a
+//! row's target elsewhere in the batch are masked out, not counted as negatives.
+//!
+//! The dense layers train with candle's AdamW. The embedding table trains with a lazy
+//! (row-sparse) AdamW written here: each step only touches the rows its batch uses, so a step
+//! costs the same for a 10k or a 1M catalog. Per step, the touched rows are copied into a
+//! small leaf tensor, candle computes its gradient, and the update is applied to the master
+//! table in place.
+//!
+//! With validation, training runs twice: a first fit on the validation slice chooses the
+//! number of epochs by Recall@20 (early stopping), and a second fit on all known data uses
+//! that number. This keeps test and validation rows out of the model that is shipped.
+
+use super::checkpoint::{DataInfo, Manifest, Metrics, TrainingInfo, FORMAT_VERSION};
+use super::features::{FeatureConfig, Featurizer, IdTable, ItemFeatures, PoolingConfig};
+use super::towers::{length_bucket, Bag, Mlp, NetConfig, TwoTowerNet};
+use super::{ModelError, TwoTower};
+use crate::domain::{EventType, Interaction, Item, ItemId, UserId};
+use crate::eval::{self, On, Split};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{Optimizer, VarBuilder, VarMap};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::Instant;
+
+/// Every training knob. The defaults are the reference settings from DESIGN.md.
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    pub dim: usize,
+    pub input_dim: usize,
+    pub hidden: usize,
+    /// Epochs of the final fit; with validation, the most epochs the validation fit may run.
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub temperature: f64,
+    /// Probability of dropping a target item's id row, so the content-only path learns.
+    pub id_dropout: f64,
+    /// Weight of the logQ correction (1 = full).
+    pub logq: f64,
+    /// Items with fewer training rows than this get no id row.
+    pub min_item_count: usize,
+    /// Epochs without a better validation Recall@20 before the validation fit stops.
+    pub patience: usize,
+    pub seed: u64,
+    /// Threads for the candle CPU kernels (recorded; the caller sizes the pool).
+    pub threads: usize,
+    pub pooling: PoolingConfig,
+    pub length_buckets: usize,
+    /// Hash seed and numeric bucketing; the bucket counts of ids, categories and tokens are
+    /// sized from the data at fit time.
+    pub features: FeatureConfig,
+    /// Draw the progress bar (off in tests).
+    pub progress: bool,
+    /// The command line, recorded in the manifest.
+    pub command: String,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            dim: 64,
+            input_dim: 64,
+            hidden: 256,
+            epochs: 7,
+            batch_size: 1024,
+            lr: 3e-3,
+            weight_decay: 1e-4,
+            temperature: 0.1,
+            id_dropout: 0.25,
+            logq: 1.0,
+            min_item_count: 1,
+            patience: 2,
+            seed: 42,
+            threads: 2,
+            pooling: PoolingConfig::default(),
+            length_buckets: 8,
+            features: FeatureConfig::default(),
+            progress: true,
+            command: String::new(),
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let bad = |field: &str, reason: &str| {
+            Err(ModelError::InvalidConfig {
+                field: field.into(),
+                reason: reason.into(),
+            })
+        };
+        for (field, v) in [
+            ("dim", self.dim),
+            ("input_dim", self.input_dim),
+            ("hidden", self.hidden),
+            ("epochs", self.epochs),
+            ("threads", self.threads),
+            ("length_buckets", self.length_buckets),
+            ("pooling.max_history", self.pooling.max_history),
+        ] {
+            if v == 0 {
+                return bad(field, "must be at least 1");
+            }
+        }
+        if self.batch_size < 2 {
+            return bad(
+                "batch_size",
+                "must be at least 2 (negatives come from the batch)",
+            );
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return bad("lr", "must be a positive number");
+        }
+        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return bad("temperature", "must be a positive number");
+        }
+        if !(0.0..1.0).contains(&self.id_dropout) {
+            return bad("id_dropout", "must be in [0, 1)");
+        }
+        if !(self.weight_decay >= 0.0 && self.logq >= 0.0) {
+            return bad("weight_decay", "weight_decay and logq must not be negative");
+        }
+        Ok(())
+    }
+}
+
+/// What one fit did.
+#[derive(Debug, Clone, Default)]
+pub struct FitReport {
+    pub epochs_run: usize,
+    /// Epoch (1-based) with the best validation Recall@20; the last epoch without validation.
+    pub best_epoch: usize,
+    /// Validation metrics of the best epoch.
+    pub best_val: BTreeMap<String, f64>,
+    /// Validation Recall@20 per epoch.
+    pub val_recall: Vec<f64>,
+    pub examples: usize,
+    /// Examples per second over the training loop only (batch assembly, forward, backward,
+    /// updates; not validation).
+    pub examples_per_sec: f64,
+    pub train_seconds: f64,
+    /// Seconds from the start of the fit to the end of the best validation epoch.
+    pub seconds_to_best: f64,
+}
+
+/// Trains on a split directory: the validation fit on `val/train.csv` (scored on
+/// `val/test.csv`) picks the epoch count, then the final fit uses `train.csv` + `onboard.csv`.
+/// With `validate = false`, only the final fit runs, for `cfg.epochs`.
+pub fn train_on_split(
+    cfg: &TrainConfig,
+    dir: &Path,
+    validate: bool,
+) -> Result<(TwoTower, FitReport), ModelError> {
+    let started = Instant::now();
+    let (epochs, val_report) = if validate {
+        let val = Split::load(dir, On::Val).map_err(eval_to_model)?;
+        let (_, report) = fit(cfg, &val.items, &val.train, Some(&val), None)?;
+        (report.best_epoch, Some(report))
+    } else {
+        (cfg.epochs, None)
+    };
+    let full = Split::load(dir, On::Test).map_err(eval_to_model)?;
+    let rows: Vec<Interaction> = full.known_rows().cloned().collect();
+    let cfg_final = TrainConfig {
+        epochs,
+        ..cfg.clone()
+    };
+    let (mut model, mut report) = fit(&cfg_final, &full.items, &rows, None, val_report.as_ref())?;
+    finish_manifest(&mut model, &mut report, val_report, dir, started);
+    Ok((model, report))
+}
+
+/// Trains on a data directory (`items.csv` + `interactions.csv`). With validation, each user
+/// with at least 5 interactions holds out their latest 20% (the protocol's rule) for the
+/// validation fit; the final fit uses every row.
+pub fn train_on_data(
+    cfg: &TrainConfig,
+    dir: &Path,
+    validate: bool,
+) -> Result<(TwoTower, FitReport), ModelError> {
+    let started = Instant::now();
+    let data = crate::data::Dataset::load(dir)?;
+    let mut rows = data.interactions;
+    sort_by_user_time(&mut rows);
+    let (epochs, val_report) = if validate {
+        let val = holdout(&data.items, &rows, dir);
+        let (_, report) = fit(cfg, &val.items, &val.train, Some(&val), None)?;
+        (report.best_epoch, Some(report))
+    } else {
+        (cfg.epochs, None)
+    };
+    let cfg_final = TrainConfig {
+        epochs,
+        ..cfg.clone()
+    };
+    let (mut model, mut report) = fit(&cfg_final, &data.items, &rows, None, val_report.as_ref())?;
+    finish_manifest(&mut model, &mut report, val_report, dir, started);
+    Ok((model, report))
+}
+
+fn finish_manifest(
+    model: &mut TwoTower,
+    report: &mut FitReport,
+    val_report: Option<FitReport>,
+    dir: &Path,
+    started: Instant,
+) {
+    let m = model.manifest_mut();
+    m.data.source = dir.display().to_string();
+    m.training.seconds = started.elapsed().as_secs_f64();
+    if let Some(v) = val_report {
+        m.metrics.val = v.best_val.clone();
+        m.training.best_epoch = v.best_epoch;
+        report.best_val = v.best_val;
+        report.val_recall = v.val_recall;
+        report.seconds_to_best = v.seconds_to_best;
+        report.best_epoch = v.best_epoch;
+    }
+}
+
+fn eval_to_model(e: eval::EvalError) -> ModelError {
+    match e {
+        eval::EvalError::Data(d) => ModelError::Data(d),
+        eval::EvalError::Model(m) => m,
+        other => ModelError::TrainingData(other.to_string()),
+    }
+}
+
+/// Stable sort by user (first appearance) then timestamp; equal timestamps keep file order.
+fn sort_by_user_time(rows: &mut [Interaction]) {
+    let mut first: HashMap<UserId, usize> = HashMap::new();
+    for (i, r) in rows.iter().enumerate() {
+        first.entry(r.user_id.clone()).or_insert(i);
+    }
+    rows.sort_by_key(|r| (first[&r.user_id], r.timestamp));
+}
+
+/// The protocol's per-user holdout (latest `max(1, n / 5)` of users with at least 5 rows) as
+/// an in-memory validation split. `rows` must be sorted by user and time.
+fn holdout(items: &[Item], rows: &[Interaction], dir: &Path) -> Split {
+    let mut train = Vec::new();
+    let mut test = Vec::new();
+    let mut start = 0;
+    while start < rows.len() {
+        let mut end = start;
+        while end < rows.len() && rows[end].user_id == rows[start].user_id {
+            end += 1;
+        }
+        let n = end - start;
+        let n_test = if n >= 5 { (n / 5).max(1) } else { 0 };
+        train.extend_from_slice(&rows[start..end - n_test]);
+        test.extend_from_slice(&rows[end - n_test..end]);
+        start = end;
+    }
+    Split {
+        dir: dir.to_path_buf(),
+        on: On::Val,
+        items: items.to_vec(),
+        train,
+        onboard: Vec::new(),
+        test,
+        onboard_test: Vec::new(),
+    }
+}
+
+/// sha256 over the catalog ids and the (user, item, timestamp) rows, in order.
+pub fn fingerprint(items: &[Item], rows: &[Interaction]) -> String {
+    let mut h = Sha256::new();
+    for i in items {
+        h.update(i.item_id.as_str().as_bytes());
+        h.update([0x1e]);
+    }
+    h.update([0x1d]);
+    for r in rows {
+        h.update(r.user_id.as_str().as_bytes());
+        h.update([0x1f]);
+        h.update(r.item_id.as_str().as_bytes());
+        h.update([0x1f]);
+        h.update(r.timestamp.to_le_bytes());
+        h.update([0x1e]);
+    }
+    hex::encode(h.finalize())
+}
+
+/// One user's events in time order: (catalog index, event type).
+type Sequence = Vec<(u32, EventType)>;
+
+/// The training set in index form.
+struct Prepared {
+    sequences: Vec<Sequence>,
+    /// (sequence, position) of every example.
+    examples: Vec<(u32, u32)>,
+    features: Vec<ItemFeatures>,
+    /// `-logq * ln(q_i)` per catalog item, the logit correction.
+    logq_correction: Vec<f32>,
+    ids: IdTable,
+    feature_config: FeatureConfig,
+    users: usize,
+}
+
+fn next_pow2_at_least(n: usize, min: usize) -> usize {
+    n.max(min).next_power_of_two()
+}
+
+fn prepare(
+    cfg: &TrainConfig,
+    items: &[Item],
+    rows: &[Interaction],
+) -> Result<Prepared, ModelError> {
+    if items.is_empty() {
+        return Err(ModelError::TrainingData("the catalog is empty".into()));
+    }
+    let index: HashMap<&ItemId, u32> = items
+        .iter()
+        .enumerate()
+        .map(|(i, it)| (&it.item_id, i as u32))
+        .collect();
+    let mut seq_of: HashMap<&UserId, usize> = HashMap::new();
+    let mut sequences: Vec<Sequence> = Vec::new();
+    let mut counts = vec![0usize; items.len()];
+    let mut unknown = 0usize;
+    for r in rows {
+        let Some(&i) = index.get(&r.item_id) else {
+            unknown += 1;
+            continue;
+        };
+        let s = *seq_of.entry(&r.user_id).or_insert_with(|| {
+            sequences.push(Vec::new());
+            sequences.len() - 1
+        });
+        sequences[s].push((i, r.event_type));
+        counts[i as usize] += 1;
+    }
+    if unknown > 0 {
+        tracing::warn!(
+            rows = unknown,
+            "interactions with items missing from the catalog were skipped"
+        );
+    }
+    let total: usize = counts.iter().sum();
+    if total < 2 {
+        return Err(ModelError::TrainingData(format!(
+            "only {total} usable interactions (rows whose item is in the catalog); need at least 2"
+        )));
+    }
+
+    // Size the hashed blocks from the data: the id table at most half full, token and
+    // category buckets about twice the distinct values (collisions are then rare, and the
+    // shipped demo checkpoint stays small).
+    let trained = counts
+        .iter()
+        .filter(|&&c| c >= cfg.min_item_count.max(1))
+        .count();
+    let mut fc = cfg.features.clone();
+    fc.id_buckets = next_pow2_at_least(trained * 2, 64);
+    let mut cats = std::collections::HashSet::new();
+    let mut toks = std::collections::HashSet::new();
+    for it in items {
+        cats.extend(it.genres.iter().map(|g| g.to_lowercase()));
+        toks.extend(super::features::title_tokens(&it.title));
+        toks.extend(it.tags.iter().map(|t| format!("tag:{}", t.to_lowercase())));
+    }
+    fc.category_buckets = next_pow2_at_least(cats.len() * 4, 32);
+    fc.token_buckets = next_pow2_at_least(toks.len() * 2, 256).min(1 << 18);
+    fc.validate().map_err(|reason| ModelError::InvalidConfig {
+        field: "features".into(),
+        reason,
+    })?;
+
+    let mut ids = IdTable::new(fc.id_buckets);
+    for (it, &c) in items.iter().zip(&counts) {
+        if c >= cfg.min_item_count.max(1) {
+            ids.insert(fc.hash_seed, it.item_id.as_str(), c as f32);
+        }
+    }
+    let featurizer = Featurizer::new(fc.clone(), ids);
+    let features: Vec<ItemFeatures> = items.iter().map(|it| featurizer.features(it)).collect();
+    let logq_correction = counts
+        .iter()
+        .map(|&c| {
+            let q = (c.max(1) as f64) / total as f64;
+            (-cfg.logq * q.ln()) as f32
+        })
+        .collect();
+    let mut examples = Vec::with_capacity(total);
+    for (s, seq) in sequences.iter().enumerate() {
+        for t in 0..seq.len() {
+            examples.push((s as u32, t as u32));
+        }
+    }
+    Ok(Prepared {
+        users: sequences.len(),
+        sequences,
+        examples,
+        features,
+        logq_correction,
+        ids: featurizer.ids,
+        feature_config: fc,
+    })
+}
+
+/// The embedding table and its lazy AdamW state, outside candle's autograd.
+struct SparseTable {
+    width: usize,
+    data: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl SparseTable {
+    fn new(rows: usize, width: usize, rng: &mut StdRng) -> Self {
+        // Uniform with standard deviation 0.05.
+        let a = 0.05f32 * 3f32.sqrt();
+        SparseTable {
+            width,
+            data: (0..rows * width).map(|_| rng.gen_range(-a..a)).collect(),
+            m: vec![0.0; rows * width],
+            v: vec![0.0; rows * width],
+        }
+    }
+
+    fn gather(&self, rows: &[u32], device: &Device) -> candle_core::Result<Tensor> {
+        let w = self.width;
+        let mut out = Vec::with_capacity(rows.len() * w);
+        for &r in rows {
+            out.extend_from_slice(&self.data[r as usize * w..(r as usize + 1) * w]);
+        }
+        Tensor::from_vec(out, (rows.len(), w), device)
+    }
+
+    /// AdamW on the given rows only, with the global step's bias correction.
+    fn update(&mut self, rows: &[u32], grad: &[f32], step: usize, cfg: &TrainConfig) {
+        let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
+        let lr = cfg.lr as f32;
+        let decay = 1.0 - lr * cfg.weight_decay as f32;
+        let c1 = 1.0 / (1.0 - b1.powi(step as i32));
+        let c2 = 1.0 / (1.0 - b2.powi(step as i32));
+        let w = self.width;
+        for (k, &r) in rows.iter().enumerate() {
+            let base = r as usize * w;
+            let g = &grad[k * w..(k + 1) * w];
+            for j in 0..w {
+                let i = base + j;
+                let m = b1 * self.m[i] + (1.0 - b1) * g[j];
+                let v = b2 * self.v[i] + (1.0 - b2) * g[j] * g[j];
+                self.m[i] = m;
+                self.v[i] = v;
+                self.data[i] = self.data[i] * decay - lr * (m * c1) / ((v * c2).sqrt() + eps);
+            }
+        }
+    }
+}
+
+/// Dense parameters (towers and length embeddings) with PyTorch-style uniform init.
+fn init_dense(varmap: &VarMap, net: &NetConfig, rng: &mut StdRng) -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    let mut put = |name: String, shape: Vec<usize>, bound: f32| -> candle_core::Result<()> {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|_| rng.gen_range(-bound..bound)).collect();
+        let t = Tensor::from_vec(data, shape, &dev)?;
+        varmap
+            .data()
+            .lock()
+            .expect("varmap lock")
+            .insert(name, Var::from_tensor(&t)?);
+        Ok(())
+    };
+    put(
+        "user_tower.length_embeddings".into(),
+        vec![net.length_buckets, net.input_dim],
+        0.05 * 3f32.sqrt(),
+    )?;
+    for tower in ["item_tower", "user_tower"] {
+        let b1 = 1.0 / (net.input_dim as f32).sqrt();
+        let b2 = 1.0 / (net.hidden as f32).sqrt();
+        put(
+            format!("{tower}.fc1.weight"),
+            vec![net.hidden, net.input_dim],
+            b1,
+        )?;
+        put(format!("{tower}.fc1.bias"), vec![net.hidden], b1)?;
+        put(format!("{tower}.fc2.weight"), vec![net.dim, net.hidden], b2)?;
+        put(format!("{tower}.fc2.bias"), vec![net.dim], b2)?;
+    }
+    Ok(())
+}
+
+/// The dense layers, loaded from the varmap (they share storage with its vars).
+struct DenseParts {
+    length_embeddings: Tensor,
+    item_mlp: Mlp,
+    user_mlp: Mlp,
+}
+
+fn dense_parts(varmap: &VarMap, net: &NetConfig) -> candle_core::Result<DenseParts> {
+    let vb = VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu);
+    Ok(DenseParts {
+        length_embeddings: vb
+            .pp("user_tower")
+            .get((net.length_buckets, net.input_dim), "length_embeddings")?,
+        item_mlp: Mlp::load(vb.pp("item_tower"), net.input_dim, net.hidden, net.dim)?,
+        user_mlp: Mlp::load(vb.pp("user_tower"), net.input_dim, net.hidden, net.dim)?,
+    })
+}
+
+/// A snapshot of the current parameters as a servable model.
+fn snapshot(
+    table: &SparseTable,
+    dense: &DenseParts,
+    net: &NetConfig,
+    ids: &IdTable,
+    manifest: &Manifest,
+) -> candle_core::Result<TwoTower> {
+    let copy = |t: &Tensor| t.copy();
+    let rebuild = |m: &Mlp| -> candle_core::Result<Mlp> { m.deep_copy() };
+    let twotower = TwoTowerNet {
+        cfg: *net,
+        embeddings: Tensor::from_vec(table.data.clone(), (net.rows, net.input_dim), &Device::Cpu)?,
+        length_embeddings: copy(&dense.length_embeddings)?,
+        item_mlp: rebuild(&dense.item_mlp)?,
+        user_mlp: rebuild(&dense.user_mlp)?,
+    };
+    Ok(TwoTower::from_parts(
+        twotower,
+        ids.clone(),
+        manifest.clone(),
+    ))
+}
+
+/// Reusable per-step buffers, so batch assembly allocates little.
+struct BatchBuilder {
+    /// Local index of a table row in this step's leaf tensor (`u32::MAX` = unused).
+    row_local: Vec<u32>,
+    rows: Vec<u32>,
+    /// Local index of a catalog item among this step's history items.
+    item_local: Vec<u32>,
+    items: Vec<u32>,
+}
+
+struct Batch {
+    rows: Vec<u32>,
+    item_bag: Bag,
+    target_bag: Bag,
+    history: Bag,
+    lengths: Vec<u32>,
+    targets: Vec<u32>,
+}
+
+impl BatchBuilder {
+    fn new(table_rows: usize, n_items: usize) -> Self {
+        BatchBuilder {
+            row_local: vec![u32::MAX; table_rows],
+            rows: Vec::new(),
+            item_local: vec![u32::MAX; n_items],
+            items: Vec::new(),
+        }
+    }
+
+    fn row(&mut self, r: u32) -> u32 {
+        let slot = &mut self.row_local[r as usize];
+        if *slot == u32::MAX {
+            *slot = self.rows.len() as u32;
+            self.rows.push(r);
+        }
+        *slot
+    }
+
+    fn item(&mut self, i: u32) -> (u32, bool) {
+        let slot = &mut self.item_local[i as usize];
+        if *slot == u32::MAX {
+            *slot = self.items.len() as u32;
+            self.items.push(i);
+            return (*slot, true);
+        }
+        (*slot, false)
+    }
+
+    fn build(
+        &mut self,
+        p: &Prepared,
+        cfg: &TrainConfig,
+        examples: &[(u32, u32)],
+        rng: &mut StdRng,
+    ) -> Batch {
+        let b = examples.len();
+        let l = cfg.pooling.max_history;
+        let mut history = Bag::with_capacity(b, b * l.min(16));
+        let mut lengths = Vec::with_capacity(b);
+        let mut targets = Vec::with_capacity(b);
+        let mut target_bag = Bag::with_capacity(b, b * 10);
+        let mut new_items: Vec<u32> = Vec::new();
+        for (e, &(s, t)) in examples.iter().enumerate() {
+            let seq = &p.sequences[s as usize];
+            let t = t as usize;
+            let target = seq[t].0;
+            targets.push(target);
+            let f = &p.features[target as usize];
+            if let Some(r) = f.id_row {
+                if rng.gen::<f64>() >= cfg.id_dropout {
+                    let lr = self.row(r);
+                    target_bag.push(e as u32, lr, 1.0);
+                }
+            }
+            for &(r, w) in &f.content {
+                let lr = self.row(r);
+                target_bag.push(e as u32, lr, w);
+            }
+            let start = t.saturating_sub(l);
+            let hist = &seq[start..t];
+            lengths.push(length_bucket(hist.len(), cfg.length_buckets));
+            let mut total = 0.0f32;
+            let first = history.rows.len();
+            for (k, &(item, ev)) in hist.iter().rev().enumerate() {
+                let w = cfg.pooling.weight(k, ev);
+                total += w;
+                let (li, fresh) = self.item(item);
+                if fresh {
+                    new_items.push(item);
+                }
+                history.push(e as u32, li, w);
+            }
+            if total > 0.0 {
+                for w in &mut history.weights[first..] {
+                    *w /= total;
+                }
+            }
+        }
+        let mut item_bag = Bag::with_capacity(self.items.len(), self.items.len() * 10);
+        for k in 0..self.items.len() {
+            let f = &p.features[self.items[k] as usize];
+            if let Some(r) = f.id_row {
+                let lr = self.row(r);
+                item_bag.push(k as u32, lr, 1.0);
+            }
+            for &(r, w) in &f.content {
+                let lr = self.row(r);
+                item_bag.push(k as u32, lr, w);
+            }
+        }
+        // Reset the scratch maps for the next step (only the entries this step set).
+        for &i in &self.items {
+            self.item_local[i as usize] = u32::MAX;
+        }
+        self.items.clear();
+        let rows = std::mem::take(&mut self.rows);
+        for &r in &rows {
+            self.row_local[r as usize] = u32::MAX;
+        }
+        Batch {
+            rows,
+            item_bag,
+            target_bag,
+            history,
+            lengths,
+            targets,
+        }
+    }
+}
+
+/// One fit. `val` enables per-epoch validation and early stopping; `val_report` (from an
+/// earlier validation fit) is only recorded in the manifest.
+pub fn fit(
+    cfg: &TrainConfig,
+    items: &[Item],
+    rows: &[Interaction],
+    val: Option<&Split>,
+    val_report: Option<&FitReport>,
+) -> Result<(TwoTower, FitReport), ModelError> {
+    cfg.validate()?;
+    let fit_start = Instant::now();
+    let p = prepare(cfg, items, rows)?;
+    let net = NetConfig {
+        rows: p.feature_config.offsets().total,
+        input_dim: cfg.input_dim,
+        hidden: cfg.hidden,
+        dim: cfg.dim,
+        length_buckets: cfg.length_buckets,
+    };
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let mut table = SparseTable::new(net.rows, net.input_dim, &mut rng);
+    let varmap = VarMap::new();
+    init_dense(&varmap, &net, &mut rng)?;
+    let dense = dense_parts(&varmap, &net)?;
+    let mut opt = candle_nn::AdamW::new(
+        varmap.all_vars(),
+        candle_nn::ParamsAdamW {
+            lr: cfg.lr,
+            weight_decay: cfg.weight_decay,
+            ..Default::default()
+        },
+    )?;
+
+    let mut manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        model_version: String::new(),
+        created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        dim: cfg.dim,
+        input_dim: cfg.input_dim,
+        hidden: cfg.hidden,
+        features: p.feature_config.clone(),
+        pooling: cfg.pooling.clone(),
+        length_buckets: cfg.length_buckets,
+        training: TrainingInfo {
+            epochs: cfg.epochs,
+            best_epoch: cfg.epochs,
+            batch_size: cfg.batch_size,
+            lr: cfg.lr,
+            weight_decay: cfg.weight_decay,
+            temperature: cfg.temperature,
+            id_dropout: cfg.id_dropout,
+            logq: cfg.logq,
+            min_item_count: cfg.min_item_count,
+            seed: cfg.seed,
+            threads: cfg.threads,
+            examples_per_epoch: p.examples.len(),
+            examples_per_sec: 0.0,
+            seconds: 0.0,
+        },
+        data: DataInfo {
+            source: String::new(),
+            fingerprint: fingerprint(items, rows),
+            items: items.len(),
+            users: p.users,
+            interactions: rows.len(),
+            trained_items: p.ids.len(),
+        },
+        metrics: Metrics {
+            val: val_report.map(|r| r.best_val.clone()).unwrap_or_default(),
+            test: BTreeMap::new(),
+        },
+        command: cfg.command.clone(),
+    };
+    manifest.model_version = format!(
+        "tt-{}-{}",
+        chrono::Utc::now().format("%Y%m%dt%H%M%S"),
+        &manifest.data.fingerprint[..8]
+    );
+
+    let steps_per_epoch = p.examples.len().div_ceil(cfg.batch_size);
+    let bar = if cfg.progress {
+        ProgressBar::with_draw_target(
+            Some((steps_per_epoch * cfg.epochs) as u64),
+            ProgressDrawTarget::stderr(),
+        )
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+
+    let mut builder = BatchBuilder::new(net.rows, items.len());
+    let mut report = FitReport::default();
+    let mut order = p.examples.clone();
+    let mut train_time = 0.0f64;
+    let mut step = 0usize;
+    let mut best: Option<(f64, usize)> = None;
+    let inv_temp = 1.0 / cfg.temperature;
+    for epoch in 1..=cfg.epochs {
+        bar.set_prefix(format!("epoch {epoch}/{}", cfg.epochs));
+        order.shuffle(&mut rng);
+        let epoch_start = Instant::now();
+        let mut loss_sum = 0.0f64;
+        for chunk in order.chunks(cfg.batch_size) {
+            if chunk.len() < 2 {
+                continue;
+            }
+            step += 1;
+            let batch = builder.build(&p, cfg, chunk, &mut rng);
+            let leaf = Var::from_tensor(&table.gather(&batch.rows, &Device::Cpu)?)?;
+            let step_net = TwoTowerNet {
+                cfg: net,
+                embeddings: leaf.as_tensor().clone(),
+                length_embeddings: dense.length_embeddings.clone(),
+                item_mlp: dense.item_mlp.clone(),
+                user_mlp: dense.user_mlp.clone(),
+            };
+            let loss = batch_loss(&step_net, &batch, &p, inv_temp)?;
+            let grads = loss.backward()?;
+            opt.step(&grads)?;
+            if let Some(g) = grads.get(leaf.as_tensor()) {
+                let g: Vec<f32> = g.flatten_all()?.to_vec1()?;
+                table.update(&batch.rows, &g, step, cfg);
+            }
+            loss_sum += loss.to_scalar::<f32>()? as f64 * chunk.len() as f64;
+            bar.inc(1);
+        }
+        let secs = epoch_start.elapsed().as_secs_f64();
+        train_time += secs;
+        report.examples += order.len();
+        let eps = order.len() as f64 / secs;
+        let loss = loss_sum / order.len() as f64;
+        let mut msg = format!("loss {loss:.4} {eps:.0} ex/s");
+        let mut stop = false;
+        if let Some(val) = val {
+            let model = snapshot(&table, &dense, &net, &p.ids, &manifest)?;
+            let users: Vec<UserId> = val.scored_users();
+            let lists = eval::recommend(&model, val, &users, eval::MAX_K).map_err(eval_to_model)?;
+            let metrics = eval::score(&lists, val);
+            let r20 = metrics.get("recall@20").copied().unwrap_or(0.0);
+            report.val_recall.push(r20);
+            msg += &format!(" val R@20 {r20:.4}");
+            if best.is_none_or(|(b, _)| r20 > b) {
+                best = Some((r20, epoch));
+                report.best_val = metrics;
+                report.seconds_to_best = fit_start.elapsed().as_secs_f64();
+            } else if epoch - best.map_or(0, |b| b.1) >= cfg.patience {
+                stop = true;
+            }
+        }
+        bar.set_message(msg.clone());
+        tracing::info!(epoch, "{msg}");
+        report.epochs_run = epoch;
+        if stop {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    report.train_seconds = train_time;
+    report.examples_per_sec = report.examples as f64 / train_time.max(1e-9);
+    report.best_epoch = best.map_or(report.epochs_run, |b| b.1);
+    manifest.training.examples_per_sec = report.examples_per_sec;
+    manifest.training.epochs = report.epochs_run;
+    manifest.training.best_epoch = report.best_epoch;
+    let model = snapshot(&table, &dense, &net, &p.ids, &manifest)?;
+    Ok((model, report))
+}
+
+/// In-batch sampled softmax with the logQ correction; other rows with the same target item
+/// are masked out (they are positives, not negatives).
+fn batch_loss(
+    net: &TwoTowerNet,
+    b: &Batch,
+    p: &Prepared,
+    inv_temp: f64,
+) -> candle_core::Result<Tensor> {
+    let dev = net.device();
+    let n = b.targets.len();
+    let item_inputs = net.item_inputs(&b.item_bag)?;
+    let users = net.user_tower(&net.user_inputs(&item_inputs, &b.history, &b.lengths)?)?;
+    let targets = net.item_tower(&net.item_inputs(&b.target_bag)?)?;
+    let mut correction: Vec<f32> = b
+        .targets
+        .iter()
+        .map(|&t| p.logq_correction[t as usize])
+        .collect();
+    let mut mask: Option<Vec<f32>> = None;
+    let mut first_of: HashMap<u32, usize> = HashMap::with_capacity(n);
+    for (j, &t) in b.targets.iter().enumerate() {
+        if let Some(&i) = first_of.get(&t) {
+            let m = mask.get_or_insert_with(|| vec![0.0; n * n]);
+            // Every row with target t masks every other column with target t.
+            for (r, &tr) in b.targets.iter().enumerate() {
+                if tr == t {
+                    if r != j {
+                        m[r * n + j] = -1e9;
+                    }
+                    if r != i {
+                        m[r * n + i] = -1e9;
+                    }
+                }
+            }
+        } else {
+            first_of.insert(t, j);
+        }
+    }
+    // Keep the correction finite for items the sampler never drew (cannot happen for targets,
+    // but guards a zero count).
+    for c in &mut correction {
+        if !c.is_finite() {
+            *c = 0.0;
+        }
+    }
+    let correction = Tensor::from_vec(correction, (1, n), dev)?;
+    let mut logits = (users.matmul(&targets.t()?)? * inv_temp)?.broadcast_add(&correction)?;
+    if let Some(m) = mask {
+        logits = logits.add(&Tensor::from_vec(m, (n, n), dev)?)?;
+    }
+    let labels = Tensor::arange(0u32, n as u32, dev)?;
+    candle_nn::loss::cross_entropy(&logits, &labels)
+}

@@ -1,0 +1,150 @@
+//! [`TwoTower`]: a loaded checkpoint (network, featurizer, manifest) and the two calls serving
+//! needs, `embed_items` and `embed_user`.
+
+use super::checkpoint::{read_weights, write_checkpoint, Manifest};
+use super::features::{Featurizer, IdTable};
+use super::towers::{length_bucket, Bag, TwoTowerNet};
+use super::{ModelError, UserEvent};
+use crate::domain::Item;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use std::path::Path;
+
+/// Items per forward pass in [`TwoTower::embed_items`]: big enough for the matmuls to run at
+/// full speed, small enough to keep memory flat over a million items.
+const ITEM_BATCH: usize = 8192;
+
+/// A loaded checkpoint. Cheap to share (`Arc<TwoTower>`); every method takes `&self`.
+#[derive(Debug, Clone)]
+pub struct TwoTower {
+    net: TwoTowerNet,
+    featurizer: Featurizer,
+    manifest: Manifest,
+}
+
+impl TwoTower {
+    /// Loads `dir/model.safetensors` (memory-mapped) and `dir/manifest.json`. The featurizer
+    /// is rebuilt from the manifest and the id table alone.
+    pub fn load(dir: &Path) -> Result<Self, ModelError> {
+        let manifest = Manifest::read(dir)?;
+        let device = Device::Cpu;
+        let weights = read_weights(dir, &manifest, &device)?;
+        let vb = VarBuilder::from_tensors(weights.tensors, DType::F32, &device);
+        let net = TwoTowerNet::load(vb, &manifest.net_config())?;
+        let featurizer = Featurizer::new(manifest.features.clone(), weights.ids);
+        Ok(TwoTower {
+            net,
+            featurizer,
+            manifest,
+        })
+    }
+
+    /// Wraps a freshly trained network.
+    pub fn from_parts(net: TwoTowerNet, ids: IdTable, manifest: Manifest) -> Self {
+        let featurizer = Featurizer::new(manifest.features.clone(), ids);
+        TwoTower {
+            net,
+            featurizer,
+            manifest,
+        }
+    }
+
+    /// Writes the checkpoint to `dir` (created if needed).
+    pub fn save(&self, dir: &Path) -> Result<(), ModelError> {
+        write_checkpoint(
+            dir,
+            &self.manifest,
+            self.net.named_tensors(),
+            &self.featurizer.ids,
+        )
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn manifest_mut(&mut self) -> &mut Manifest {
+        &mut self.manifest
+    }
+
+    pub fn version(&self) -> &str {
+        &self.manifest.model_version
+    }
+
+    pub fn dim(&self) -> usize {
+        self.manifest.dim
+    }
+
+    pub fn featurizer(&self) -> &Featurizer {
+        &self.featurizer
+    }
+
+    pub fn net(&self) -> &TwoTowerNet {
+        &self.net
+    }
+
+    /// Training interaction count of an item (0 for items unseen in training); a popularity
+    /// prior for the index payload and the re-ranker.
+    pub fn popularity(&self, item: &Item) -> f32 {
+        self.featurizer.popularity(item.item_id.as_str())
+    }
+
+    /// Item tower, batched. Items unseen in training get a content-only vector (no id row).
+    /// Vectors are L2-normalized, `dim` long, in the order of `items`.
+    pub fn embed_items(&self, items: &[Item]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let mut out = Vec::with_capacity(items.len());
+        for chunk in items.chunks(ITEM_BATCH) {
+            let inputs = self.item_inputs(chunk.iter(), chunk.len())?;
+            let v: Vec<Vec<f32>> = self.net.item_tower(&inputs)?.to_vec2()?;
+            out.extend(v);
+        }
+        Ok(out)
+    }
+
+    /// Item tower inputs `[items.len(), input_dim]`, with the id row of trained items.
+    fn item_inputs<'a>(
+        &self,
+        items: impl Iterator<Item = &'a Item>,
+        n: usize,
+    ) -> Result<Tensor, ModelError> {
+        let mut bag = Bag::with_capacity(n, n * 10);
+        for (i, item) in items.enumerate() {
+            let f = self.featurizer.features(item);
+            if let Some(row) = f.id_row {
+                bag.push(i as u32, row, 1.0);
+            }
+            for (row, w) in f.content {
+                bag.push(i as u32, row, w);
+            }
+        }
+        Ok(self.net.item_inputs(&bag)?)
+    }
+
+    /// User tower over recent events, newest first; only the newest `pooling.max_history`
+    /// count, weighted by recency (half-life `pooling.half_life`) and event type.
+    ///
+    /// An empty history is allowed: it gives the tower's learned "no history yet" vector
+    /// (training includes every user's first event with an empty history), which leans to
+    /// the items people start with, that is, to popular ones.
+    pub fn embed_user(&self, history: &[UserEvent<'_>]) -> Result<Vec<f32>, ModelError> {
+        let pooling = &self.manifest.pooling;
+        let history = &history[..history.len().min(pooling.max_history)];
+        let weights: Vec<f32> = history
+            .iter()
+            .enumerate()
+            .map(|(k, e)| pooling.weight(k, e.event_type))
+            .collect();
+        let total: f32 = weights.iter().sum();
+        let inputs = self.item_inputs(history.iter().map(|e| e.item), history.len())?;
+        let mut bag = Bag::with_capacity(1, history.len());
+        if total > 0.0 {
+            for (k, w) in weights.iter().enumerate() {
+                bag.push(0, k as u32, w / total);
+            }
+        }
+        let len = [length_bucket(history.len(), self.manifest.length_buckets)];
+        let user = self.net.user_inputs(&inputs, &bag, &len)?;
+        let v: Vec<Vec<f32>> = self.net.user_tower(&user)?.to_vec2()?;
+        Ok(v.into_iter().next().expect("one row"))
+    }
+}

@@ -1,0 +1,734 @@
+//! The online flow, in one place: the only module where session, model, index and re-ranker
+//! meet. `Recommender::recommend` reads as the product's story, one named step per line; each
+//! step is timed, and the timings are logged with the request id and exported as metrics.
+//!
+//! Nothing here fails a request because a dependency is down: a session store that does not
+//! answer means no personalisation, an index that does not answer means trending or popular
+//! items, and every such shortcut is reported in `degraded`.
+
+use crate::catalog::{Catalog, CatalogEntry};
+use crate::config::{RerankSettings, ServerSettings};
+use crate::domain::{EventType, Filter, ItemId, SessionId, UserId};
+use crate::index::VectorIndex;
+use crate::model::{TwoTower, UserEvent};
+use crate::rerank::{self, Candidate, Context, Ranked, SessionItem};
+use crate::session::{Actor, RecentItem, SessionStore};
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Onboarding seeds this many popular items of each chosen category...
+const SEEDS_PER_CATEGORY: usize = 3;
+/// ...chosen among this many of its most popular.
+const SEED_POOL: usize = 30;
+/// Depth of the trending list kept in memory per category.
+const TRENDING_DEPTH: usize = 500;
+/// The MMR pass orders this many positions past the requested `k`, so that business rules
+/// dropping a few items still leave a diversified page.
+const MMR_SLACK: usize = 10;
+
+/// A part of the pipeline that did not answer, so the response was made without it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Degraded {
+    /// The session store: no recent activity or history was used.
+    Session,
+    /// The user tower failed: the fallback list was served.
+    Model,
+    /// The vector index: the fallback list was served.
+    Index,
+    /// Trending counters: the catalog's popularity order was used.
+    Trending,
+    /// The candidate cache: it was bypassed.
+    Cache,
+}
+
+/// Where the candidates came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// ANN search with the user vector (personalised).
+    Personal,
+    /// ANN search with the user vector, from the candidate cache.
+    Cached,
+    /// Nothing personal was known: trending, topped up with popular items.
+    Trending,
+    /// ANN search around one item.
+    Similar,
+}
+
+#[derive(Debug, Clone)]
+pub struct RecommendRequest {
+    pub request_id: String,
+    pub user: Option<UserId>,
+    pub session: Option<SessionId>,
+    pub k: usize,
+    pub filter: Filter,
+    pub variant: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Recommendations {
+    pub request_id: String,
+    pub model_version: String,
+    pub variant: String,
+    pub source: Source,
+    pub degraded: Vec<Degraded>,
+    pub items: Vec<Ranked>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("item {0} not found")]
+    UnknownItem(ItemId),
+}
+
+/// What the request knows about the user: recent activity and history, merged newest first
+/// with one entry per item.
+#[derive(Debug, Default)]
+struct Activity {
+    events: Vec<(Arc<CatalogEntry>, RecentItem)>,
+    purchased: HashSet<ItemId>,
+    viewed: HashSet<ItemId>,
+}
+
+/// Per-request stage timings.
+struct Stages {
+    started: Instant,
+    laps: Vec<(&'static str, Duration)>,
+}
+
+/// Runs one pipeline step and records how long it took under its name.
+macro_rules! step {
+    ($stages:ident, $name:literal, $e:expr) => {{
+        let t = Instant::now();
+        let v = $e;
+        $stages.laps.push(($name, t.elapsed()));
+        v
+    }};
+}
+
+impl Stages {
+    fn new() -> Self {
+        Stages {
+            started: Instant::now(),
+            laps: Vec::with_capacity(8),
+        }
+    }
+
+    fn finish(&self, request_id: &str, kind: &'static str) {
+        let total = self.started.elapsed();
+        for (name, d) in &self.laps {
+            metrics::histogram!("tandem_stage_seconds", "stage" => *name).record(d.as_secs_f64());
+        }
+        metrics::histogram!("tandem_pipeline_seconds", "kind" => kind).record(total.as_secs_f64());
+        tracing::debug!(
+            request_id,
+            kind,
+            total_us = total.as_micros() as u64,
+            stages = %self
+                .laps
+                .iter()
+                .map(|(n, d)| format!("{n}={}us", d.as_micros()))
+                .collect::<Vec<_>>()
+                .join(" "),
+            "pipeline"
+        );
+    }
+}
+
+/// One trending list, normalised to 0..=1, best first, with a lookup by id.
+#[derive(Debug, Default)]
+struct Trending {
+    ranked: Vec<(ItemId, f32)>,
+    scores: HashMap<ItemId, f32>,
+}
+
+/// A short-lived in-process copy of the trending lists, so that a request does not pay a
+/// store round trip for them; trending moves on a scale of minutes.
+#[derive(Default)]
+struct TrendingCache {
+    /// Per category (`None`: all), when it was fetched and what.
+    lists: Mutex<HashMap<Option<String>, Fetched>>,
+}
+
+type Fetched = (Instant, Arc<Trending>);
+
+pub struct Recommender {
+    /// Behind `ArcSwap` so a new checkpoint can be activated without a restart; each request
+    /// takes one snapshot and uses it throughout.
+    pub model: Arc<ArcSwap<TwoTower>>,
+    pub index: Arc<dyn VectorIndex>,
+    pub sessions: Arc<dyn SessionStore>,
+    pub catalog: Arc<Catalog>,
+    pub settings: ServerSettings,
+    pub rerank: RerankSettings,
+    trending: TrendingCache,
+}
+
+impl Recommender {
+    pub fn new(
+        model: Arc<ArcSwap<TwoTower>>,
+        index: Arc<dyn VectorIndex>,
+        sessions: Arc<dyn SessionStore>,
+        catalog: Arc<Catalog>,
+        settings: ServerSettings,
+        rerank: RerankSettings,
+    ) -> Self {
+        Recommender {
+            model,
+            index,
+            sessions,
+            catalog,
+            settings,
+            rerank,
+            trending: TrendingCache::default(),
+        }
+    }
+
+    /// Personal recommendations for a user and/or session; trending for strangers.
+    #[rustfmt::skip]
+    pub async fn recommend(&self, req: &RecommendRequest) -> Recommendations {
+        let mut stages = Stages::new();
+        let mut degraded = Vec::new();
+        let model = self.model.load_full();
+        let activity = step!(stages, "read_session", self.read_activity(req, &mut degraded).await);
+        let fingerprint = activity_fingerprint(&model, &req.filter, &activity);
+        let cached = step!(stages, "cache_get", self.cached_candidates(&fingerprint, &mut degraded).await);
+        let user_vector = step!(stages, "user_vector", self.user_vector(&model, &activity, cached.is_some(), &mut degraded));
+        let (source, candidates) = step!(stages, "fetch_candidates", self.fetch_candidates(req, cached, user_vector, &fingerprint, &mut degraded).await);
+        let trending = step!(stages, "trending", self.trending_list(None, &mut degraded).await);
+        let ranked = step!(stages, "rerank", self.rerank(req, &activity, &trending.scores, candidates));
+        let kept = step!(stages, "business_rules", self.apply_business_rules(ranked, &req.filter, &activity.purchased));
+        let items = truncate(kept, req.k);
+        stages.finish(&req.request_id, "recommend");
+        respond(req, &model, source, degraded, items)
+    }
+
+    /// Items like `item`, under the same filters.
+    #[rustfmt::skip]
+    pub async fn similar(
+        &self,
+        item: &ItemId,
+        req: &RecommendRequest,
+    ) -> Result<Recommendations, PipelineError> {
+        let mut stages = Stages::new();
+        let mut degraded = Vec::new();
+        let model = self.model.load_full();
+        let anchor = self.catalog.get(item).ok_or_else(|| PipelineError::UnknownItem(item.clone()))?;
+        let filter = filter_excluding(&req.filter, [anchor.id().clone()]);
+        let candidates = step!(stages, "fetch_candidates", self.search(&anchor.vector, &filter, req.k + MMR_SLACK, &mut degraded).await);
+        let candidates = candidates.unwrap_or_default();
+        let ranked = step!(stages, "rerank", self.rerank(req, &Activity::default(), &HashMap::new(), candidates));
+        let kept = step!(stages, "business_rules", self.apply_business_rules(ranked, &filter, &HashSet::new()));
+        let items = truncate(kept, req.k);
+        stages.finish(&req.request_id, "similar");
+        Ok(respond(req, &model, Source::Similar, degraded, items))
+    }
+
+    /// Trending items under the filter; the catalog's popularity order when trending is empty.
+    #[rustfmt::skip]
+    pub async fn trending(&self, req: &RecommendRequest) -> Recommendations {
+        let mut stages = Stages::new();
+        let mut degraded = Vec::new();
+        let model = self.model.load_full();
+        let candidates = step!(stages, "fetch_candidates", self.fallback_candidates(&req.filter, req.k, &mut degraded).await);
+        let ranked: Vec<Ranked> = candidates
+            .into_iter()
+            .map(|c| Ranked {
+                score: c.ann_score,
+                components: rerank::Components {
+                    relevance: c.ann_score,
+                    ..Default::default()
+                },
+                entry: c.entry,
+            })
+            .collect();
+        let kept = step!(stages, "business_rules", self.apply_business_rules(ranked, &req.filter, &HashSet::new()));
+        let items = truncate(kept, req.k);
+        stages.finish(&req.request_id, "trending");
+        respond(req, &model, Source::Trending, degraded, items)
+    }
+
+    /// Cold start for users: seeds the history with the liked items and the most popular
+    /// items of each chosen category, so the very next request is personal. Returns the seeds.
+    pub async fn onboard(
+        &self,
+        user: &UserId,
+        categories: &[String],
+        liked: &[Arc<CatalogEntry>],
+        now_ms: i64,
+    ) -> Result<Vec<RecentItem>, crate::session::SessionError> {
+        let mut seeds: Vec<RecentItem> = Vec::new();
+        let mut seen = HashSet::new();
+        // Newest first: liked items are the strongest signal, so they get the latest stamps.
+        for e in liked {
+            if seen.insert(e.id().clone()) {
+                seeds.push(RecentItem {
+                    item_id: e.id().clone(),
+                    event_type: EventType::Rating,
+                    timestamp_ms: now_ms - seeds.len() as i64,
+                });
+            }
+        }
+        // Per category, the most popular items that say the most about the choice: an item
+        // only in chosen categories beats a more popular one that is mostly something else.
+        let purity = |e: &CatalogEntry| {
+            let n = e.item.genres.len().max(1) as f32;
+            e.item
+                .genres
+                .iter()
+                .filter(|g| categories.contains(g))
+                .count() as f32
+                / n
+        };
+        let per_category: Vec<Vec<Arc<CatalogEntry>>> = categories
+            .iter()
+            .map(|c| {
+                let filter = Filter {
+                    include_categories: vec![c.clone()],
+                    available_only: true,
+                    ..Default::default()
+                };
+                let mut top = self.catalog.popular(&filter, SEED_POOL);
+                top.sort_by(|a, b| purity(b).total_cmp(&purity(a)));
+                top
+            })
+            .collect();
+        // Round-robin over the categories so each one is seeded.
+        for rank in 0..SEEDS_PER_CATEGORY {
+            for top in &per_category {
+                if let Some(e) = top.get(rank) {
+                    if seen.insert(e.id().clone()) {
+                        seeds.push(RecentItem {
+                            item_id: e.id().clone(),
+                            event_type: EventType::Click,
+                            timestamp_ms: now_ms - seeds.len() as i64,
+                        });
+                    }
+                }
+            }
+        }
+        self.sessions.seed_history(user, &seeds).await?;
+        Ok(seeds)
+    }
+
+    // ---- the steps ----------------------------------------------------------------------
+
+    async fn read_activity(
+        &self,
+        req: &RecommendRequest,
+        degraded: &mut Vec<Degraded>,
+    ) -> Activity {
+        let limit = self.settings.recent_limit;
+        let store = &self.sessions;
+        let session_recent = async {
+            match &req.session {
+                Some(s) => store.recent(&Actor::Session(s.clone()), limit).await,
+                None => Ok(Vec::new()),
+            }
+        };
+        let user_recent = async {
+            match &req.user {
+                Some(u) => store.recent(&Actor::User(u.clone()), limit).await,
+                None => Ok(Vec::new()),
+            }
+        };
+        let history = async {
+            match &req.user {
+                Some(u) => store.history(u, self.settings.history_limit).await,
+                None => Ok(Vec::new()),
+            }
+        };
+        let (s, u, h) = tokio::join!(session_recent, user_recent, history);
+        let mut all = Vec::new();
+        let mut failed = false;
+        for part in [s, u, h] {
+            match part {
+                Ok(list) => all.extend(list),
+                Err(e) => {
+                    failed = true;
+                    tracing::warn!(request_id = %req.request_id, error = %e, "session store");
+                }
+            }
+        }
+        if failed {
+            degraded.push(Degraded::Session);
+        }
+        self.merge_activity(all)
+    }
+
+    fn merge_activity(&self, mut all: Vec<RecentItem>) -> Activity {
+        all.sort_by_key(|r| std::cmp::Reverse(r.timestamp_ms));
+        let mut activity = Activity::default();
+        let mut seen = HashSet::new();
+        let entries = self.catalog.get_many(all.iter().map(|r| &r.item_id));
+        for (r, entry) in all.into_iter().zip(entries) {
+            match r.event_type {
+                EventType::Purchase => {
+                    activity.purchased.insert(r.item_id.clone());
+                }
+                EventType::View | EventType::Click => {
+                    activity.viewed.insert(r.item_id.clone());
+                }
+                _ => {}
+            }
+            // Impressions are not interest; unknown (deleted) items have no features.
+            if r.event_type == EventType::Impression || !seen.insert(r.item_id.clone()) {
+                continue;
+            }
+            if let Some(e) = entry {
+                if activity.events.len() < self.settings.history_limit {
+                    activity.events.push((e, r));
+                }
+            }
+        }
+        activity
+    }
+
+    async fn cached_candidates(
+        &self,
+        key: &Option<String>,
+        degraded: &mut Vec<Degraded>,
+    ) -> Option<Vec<Candidate>> {
+        let key = key.as_ref()?;
+        let bytes = match self.sessions.cache_get(key).await {
+            Ok(b) => b?,
+            Err(e) => {
+                tracing::warn!(error = %e, "candidate cache");
+                degraded.push(Degraded::Cache);
+                return None;
+            }
+        };
+        let list: Vec<(ItemId, f32)> = serde_json::from_slice(&bytes).ok()?;
+        let entries = self.catalog.get_many(list.iter().map(|(id, _)| id));
+        Some(
+            list.into_iter()
+                .zip(entries)
+                .filter_map(|((_, score), e)| {
+                    e.map(|entry| Candidate {
+                        entry,
+                        ann_score: score,
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    fn user_vector(
+        &self,
+        model: &TwoTower,
+        activity: &Activity,
+        have_cached: bool,
+        degraded: &mut Vec<Degraded>,
+    ) -> Option<Vec<f32>> {
+        if have_cached || activity.events.is_empty() {
+            return None;
+        }
+        let history: Vec<UserEvent<'_>> = activity
+            .events
+            .iter()
+            .map(|(e, r)| UserEvent {
+                item: &e.item,
+                event_type: r.event_type,
+            })
+            .collect();
+        match model.embed_user(&history) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::warn!(error = %e, "user tower");
+                degraded.push(Degraded::Model);
+                None
+            }
+        }
+    }
+
+    async fn fetch_candidates(
+        &self,
+        req: &RecommendRequest,
+        cached: Option<Vec<Candidate>>,
+        user_vector: Option<Vec<f32>>,
+        cache_key: &Option<String>,
+        degraded: &mut Vec<Degraded>,
+    ) -> (Source, Vec<Candidate>) {
+        if let Some(c) = cached {
+            return (Source::Cached, c);
+        }
+        if let Some(v) = user_vector {
+            let k = self.settings.k_candidates.max(req.k + MMR_SLACK);
+            if let Some(found) = self.search(&v, &req.filter, k, degraded).await {
+                self.cache_candidates(cache_key, &found, degraded).await;
+                return (Source::Personal, found);
+            }
+        }
+        let k = self.settings.k_candidates.max(req.k + MMR_SLACK);
+        (
+            Source::Trending,
+            self.fallback_candidates(&req.filter, k, degraded).await,
+        )
+    }
+
+    async fn search(
+        &self,
+        vector: &[f32],
+        filter: &Filter,
+        k: usize,
+        degraded: &mut Vec<Degraded>,
+    ) -> Option<Vec<Candidate>> {
+        let hits = match self.index.search(vector, filter, k).await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(error = %e, "index search");
+                degraded.push(Degraded::Index);
+                return None;
+            }
+        };
+        let entries = self
+            .catalog
+            .get_many(hits.iter().map(|h| &h.payload.item_id));
+        Some(
+            hits.into_iter()
+                .zip(entries)
+                .filter_map(|(h, e)| {
+                    e.map(|entry| Candidate {
+                        entry,
+                        ann_score: h.score,
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    async fn cache_candidates(
+        &self,
+        key: &Option<String>,
+        found: &[Candidate],
+        degraded: &mut Vec<Degraded>,
+    ) {
+        let Some(key) = key else { return };
+        let list: Vec<(&ItemId, f32)> = found.iter().map(|c| (c.entry.id(), c.ann_score)).collect();
+        let bytes = serde_json::to_vec(&list).expect("ids and floats serialize");
+        let ttl = Duration::from_millis(self.settings.cache_ttl_ms);
+        if let Err(e) = self.sessions.cache_set(key, &bytes, ttl).await {
+            tracing::warn!(error = %e, "candidate cache");
+            if !degraded.contains(&Degraded::Cache) {
+                degraded.push(Degraded::Cache);
+            }
+        }
+    }
+
+    /// Trending items passing the filter, topped up with the catalog's most popular ones.
+    /// The base score is the normalised trending score, and below every trending item, the
+    /// popularity rank, so that the order survives re-ranking without a session.
+    async fn fallback_candidates(
+        &self,
+        filter: &Filter,
+        k: usize,
+        degraded: &mut Vec<Degraded>,
+    ) -> Vec<Candidate> {
+        let mut out = Vec::with_capacity(k);
+        let mut seen = HashSet::new();
+        let categories: Vec<Option<String>> = if filter.include_categories.is_empty() {
+            vec![None]
+        } else {
+            filter
+                .include_categories
+                .iter()
+                .cloned()
+                .map(Some)
+                .collect()
+        };
+        let mut trending: Vec<(ItemId, f32)> = Vec::new();
+        for c in &categories {
+            trending.extend(
+                self.trending_list(c.clone(), degraded)
+                    .await
+                    .ranked
+                    .iter()
+                    .cloned(),
+            );
+        }
+        trending.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let entries = self.catalog.get_many(trending.iter().map(|(id, _)| id));
+        for ((_, score), entry) in trending.into_iter().zip(entries) {
+            let Some(entry) = entry else { continue };
+            if out.len() < k && filter.matches(&entry.item) && seen.insert(entry.id().clone()) {
+                // Trending scores are in 0..=1; the popular top-up sits below them.
+                out.push(Candidate {
+                    entry,
+                    ann_score: 1.0 + score,
+                });
+            }
+        }
+        if out.len() < k {
+            let popular = self.catalog.popular(filter, k + seen.len());
+            let n = popular.len().max(1) as f32;
+            for (rank, entry) in popular.into_iter().enumerate() {
+                if out.len() >= k {
+                    break;
+                }
+                if seen.insert(entry.id().clone()) {
+                    out.push(Candidate {
+                        entry,
+                        ann_score: 1.0 - rank as f32 / n,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// The trending list of one category (or all), normalised to 0..=1, from the in-process
+    /// snapshot when it is fresh enough.
+    async fn trending_list(
+        &self,
+        category: Option<String>,
+        degraded: &mut Vec<Degraded>,
+    ) -> Arc<Trending> {
+        let refresh = Duration::from_millis(self.settings.trending_refresh_ms);
+        if let Some((at, list)) = self.trending.lists.lock().get(&category) {
+            if at.elapsed() < refresh {
+                return list.clone();
+            }
+        }
+        let list = match self
+            .sessions
+            .trending(category.as_deref(), TRENDING_DEPTH)
+            .await
+        {
+            Ok(raw) => {
+                let max = raw.iter().map(|(_, s)| *s).fold(0.0, f64::max);
+                let norm = if max > 0.0 { max } else { 1.0 };
+                let ranked: Vec<(ItemId, f32)> = raw
+                    .into_iter()
+                    .map(|(id, s)| (id, (s / norm) as f32))
+                    .collect();
+                let scores = ranked.iter().cloned().collect();
+                Arc::new(Trending { ranked, scores })
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "trending");
+                if !degraded.contains(&Degraded::Trending) {
+                    degraded.push(Degraded::Trending);
+                }
+                // Keep serving the last snapshot, however old, rather than nothing.
+                if let Some((_, list)) = self.trending.lists.lock().get(&category) {
+                    return list.clone();
+                }
+                return Arc::new(Trending::default());
+            }
+        };
+        self.trending
+            .lists
+            .lock()
+            .insert(category, (Instant::now(), list.clone()));
+        list
+    }
+
+    fn rerank(
+        &self,
+        req: &RecommendRequest,
+        activity: &Activity,
+        trending: &HashMap<ItemId, f32>,
+        candidates: Vec<Candidate>,
+    ) -> Vec<Ranked> {
+        let weights = self.rerank.for_variant(&req.variant);
+        let session: Vec<SessionItem> = activity
+            .events
+            .iter()
+            .take(weights.session_window)
+            .map(|(e, r)| SessionItem {
+                entry: e.clone(),
+                event_type: r.event_type,
+            })
+            .collect();
+        let ctx = Context {
+            weights,
+            session: &session,
+            purchased: &activity.purchased,
+            viewed: &activity.viewed,
+            trending,
+            now_s: chrono::Utc::now().timestamp(),
+            mmr_depth: req.k + MMR_SLACK,
+        };
+        rerank::rerank(&ctx, candidates)
+    }
+
+    /// The last word: every item is checked against the live catalog (an item made
+    /// unavailable or deleted since the candidates were fetched or cached drops out here) and
+    /// the request's filter, and purchased items never pass.
+    fn apply_business_rules(
+        &self,
+        ranked: Vec<Ranked>,
+        filter: &Filter,
+        purchased: &HashSet<ItemId>,
+    ) -> Vec<Ranked> {
+        let live = self.catalog.get_many(ranked.iter().map(|r| r.entry.id()));
+        ranked
+            .into_iter()
+            .zip(live)
+            .filter_map(|(mut r, current)| {
+                let current = current?;
+                if purchased.contains(current.id()) || !filter.matches(&current.item) {
+                    return None;
+                }
+                r.entry = current;
+                Some(r)
+            })
+            .collect()
+    }
+}
+
+fn truncate(mut items: Vec<Ranked>, k: usize) -> Vec<Ranked> {
+    items.truncate(k);
+    items
+}
+
+fn respond(
+    req: &RecommendRequest,
+    model: &TwoTower,
+    source: Source,
+    degraded: Vec<Degraded>,
+    items: Vec<Ranked>,
+) -> Recommendations {
+    Recommendations {
+        request_id: req.request_id.clone(),
+        model_version: model.version().to_string(),
+        variant: req.variant.clone(),
+        source,
+        degraded,
+        items,
+    }
+}
+
+fn filter_excluding(filter: &Filter, ids: impl IntoIterator<Item = ItemId>) -> Filter {
+    let mut f = filter.clone();
+    f.exclude_items.extend(ids);
+    f
+}
+
+/// The candidate cache key: the user vector is a function of the model and the pooled
+/// activity, and the candidates of that plus the filter, so a key over exactly these inputs
+/// can never serve candidates computed from other inputs. New activity is a new key; the TTL
+/// only bounds how long a newly indexed item can be missing. `None` when there is no activity
+/// (the fallback path, which is not cached here).
+fn activity_fingerprint(model: &TwoTower, filter: &Filter, activity: &Activity) -> Option<String> {
+    if activity.events.is_empty() {
+        return None;
+    }
+    let mut h = Sha256::new();
+    h.update(model.version().as_bytes());
+    h.update([0]);
+    h.update(serde_json::to_vec(filter).expect("filters serialize"));
+    for (e, r) in &activity.events {
+        h.update([0]);
+        h.update(e.id().as_str().as_bytes());
+        h.update([0]);
+        h.update(r.event_type.as_str().as_bytes());
+    }
+    Some(format!("cand:{}", hex::encode(&h.finalize()[..16])))
+}

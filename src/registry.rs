@@ -1,0 +1,424 @@
+//! The model registry: checkpoints registered under `<data_dir>/models/`, each with its version
+//! id, manifest, metrics, status and (once embedded) its index collection, persisted in
+//! `<data_dir>/models/registry.json`.
+//!
+//! Statuses:
+//! - `registered`: validated and copied in; no collection yet.
+//! - `indexing`: its collection is being built (activation in progress).
+//! - `ready`: its collection exists but another version serves; activating it, or rolling
+//!   back to it, is an instant switch.
+//! - `active`: serving.
+//! - `retired`: served once; its collection was dropped to save memory. Activating it again
+//!   re-embeds the catalog.
+//!
+//! Only the registry's own bookkeeping lives here; building collections and swapping the
+//! serving model is `lifecycle`'s job. This module knows no HTTP.
+
+use crate::model::{Manifest, Metrics, ModelError, TwoTower};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+const REGISTRY_FILE: &str = "registry.json";
+/// Files a checkpoint directory holds (see `model::checkpoint`).
+const CHECKPOINT_FILES: [&str; 2] = ["model.safetensors", "manifest.json"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelStatus {
+    Registered,
+    Indexing,
+    Ready,
+    Active,
+    Retired,
+}
+
+/// Where an activation is: `embedding` (item tower over the catalog) then `indexing`
+/// (upsert and index build), counted in items.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Progress {
+    pub phase: String,
+    pub done: u64,
+    pub total: u64,
+    /// RFC 3339.
+    pub started_at: String,
+}
+
+/// One registered checkpoint, as `GET /admin/models` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ModelRecord {
+    /// The manifest's `model_version`.
+    pub version: String,
+    pub status: ModelStatus,
+    pub dim: usize,
+    pub format_version: u32,
+    /// When it was trained (the manifest's `created_at`).
+    pub created_at: String,
+    /// RFC 3339.
+    pub registered_at: String,
+    /// The directory it was registered from.
+    pub source: String,
+    /// Validation and test metrics from the manifest.
+    #[schema(value_type = Object)]
+    pub metrics: Metrics,
+    /// The index collection version holding the catalog embedded by this model, if built.
+    pub collection: Option<String>,
+    pub activated_at: Option<String>,
+    /// Set while an activation is running.
+    pub progress: Option<Progress>,
+    /// Why the last activation of this version failed, if it did.
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The checkpoint failed validation: schema, format version, dims against tensors, or a
+    /// corrupt file. The model error names the file and the reason.
+    #[error("rejected checkpoint: {0}")]
+    Invalid(#[from] ModelError),
+    #[error("path {path:?}: {reason}")]
+    BadPath { path: String, reason: String },
+    #[error("model version {0:?} is already registered")]
+    AlreadyRegistered(String),
+    #[error("model version {0:?} is not registered")]
+    Unknown(String),
+    #[error("model registry {path}: {reason}")]
+    Storage { path: String, reason: String },
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct State {
+    /// In registration order.
+    models: Vec<ModelRecord>,
+    /// Versions in the order they became active, the current one last; rollback pops it.
+    history: Vec<String>,
+}
+
+/// The registry. Every method is quick (file copies and a small JSON write), so callers on
+/// the async runtime wrap only `register` in `spawn_blocking`.
+pub struct Registry {
+    dir: PathBuf,
+    keep_last: usize,
+    state: Mutex<State>,
+}
+
+impl Registry {
+    /// Opens (or creates) `<data_dir>/models/`. A version left `indexing` by a crash goes
+    /// back to `registered` with the reason, since its half-built collection is gone.
+    pub fn open(data_dir: &Path, keep_last: usize) -> Result<Self, RegistryError> {
+        let dir = data_dir.join("models");
+        std::fs::create_dir_all(&dir).map_err(|e| storage(&dir, e))?;
+        let file = dir.join(REGISTRY_FILE);
+        let mut state: State = match std::fs::read_to_string(&file) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| RegistryError::Storage {
+                path: file.display().to_string(),
+                reason: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
+            Err(e) => return Err(storage(&file, e)),
+        };
+        for m in &mut state.models {
+            if m.status == ModelStatus::Indexing {
+                m.status = ModelStatus::Registered;
+                m.progress = None;
+                m.collection = None;
+                m.last_error = Some("activation interrupted by a restart".into());
+            }
+        }
+        let registry = Registry {
+            dir,
+            keep_last: keep_last.max(2),
+            state: Mutex::new(state),
+        };
+        registry.save(&registry.state.lock())?;
+        Ok(registry)
+    }
+
+    /// The checkpoint directory of a registered version.
+    pub fn model_dir(&self, version: &str) -> PathBuf {
+        self.dir.join(version)
+    }
+
+    pub fn list(&self) -> Vec<ModelRecord> {
+        self.state.lock().models.clone()
+    }
+
+    pub fn get(&self, version: &str) -> Option<ModelRecord> {
+        self.state
+            .lock()
+            .models
+            .iter()
+            .find(|m| m.version == version)
+            .cloned()
+    }
+
+    pub fn active(&self) -> Option<ModelRecord> {
+        self.state
+            .lock()
+            .models
+            .iter()
+            .find(|m| m.status == ModelStatus::Active)
+            .cloned()
+    }
+
+    /// Validates a checkpoint directory by loading it with the model's own loader (manifest
+    /// schema, format version, every tensor's shape against the manifest's dims), then copies
+    /// it under the registry. Blocking: file I/O and a full load.
+    pub fn register(&self, path: &Path) -> Result<(ModelRecord, TwoTower), RegistryError> {
+        if !path.is_dir() {
+            return Err(RegistryError::BadPath {
+                path: path.display().to_string(),
+                reason: "not a directory on the server (a checkpoint directory holds model.safetensors and manifest.json)".into(),
+            });
+        }
+        let model = TwoTower::load(path)?;
+        let version = model.version().to_string();
+        if !valid_version(&version) {
+            return Err(RegistryError::Invalid(ModelError::BadManifest {
+                path: path.join("manifest.json"),
+                reason: format!(
+                    "model_version {version:?} must be 1 to 128 letters, digits, '-', '_' or '.'"
+                ),
+            }));
+        }
+        if self.get(&version).is_some() {
+            return Err(RegistryError::AlreadyRegistered(version));
+        }
+        self.copy_in(path, &version)?;
+        let record = record_for(model.manifest(), path, ModelStatus::Registered);
+        let mut st = self.state.lock();
+        // A concurrent register of the same version may have won the race.
+        if st.models.iter().any(|m| m.version == version) {
+            return Err(RegistryError::AlreadyRegistered(version));
+        }
+        st.models.push(record.clone());
+        self.save(&st)?;
+        Ok((record, model))
+    }
+
+    /// Records the model the server started with (from `model_path`) as active with the live
+    /// collection, unless the registry already knows it. Returns its record.
+    pub fn adopt_startup_model(
+        &self,
+        model: &TwoTower,
+        source: &Path,
+        collection: Option<String>,
+    ) -> Result<ModelRecord, RegistryError> {
+        let version = model.version().to_string();
+        if let Some(existing) = self.get(&version) {
+            if existing.status == ModelStatus::Active {
+                if collection.is_some() && existing.collection != collection {
+                    self.update(&version, |m| m.collection = collection.clone())?;
+                }
+                return Ok(self.get(&version).unwrap_or(existing));
+            }
+        } else {
+            if !self.model_dir(&version).join(CHECKPOINT_FILES[1]).exists() {
+                self.copy_in(source, &version)?;
+            }
+            let record = record_for(model.manifest(), source, ModelStatus::Registered);
+            self.state.lock().models.push(record);
+        }
+        self.mark_active(&version, collection)?;
+        Ok(self.get(&version).expect("just marked active"))
+    }
+
+    /// Applies `change` to one record and persists the registry.
+    pub fn update(
+        &self,
+        version: &str,
+        change: impl FnOnce(&mut ModelRecord),
+    ) -> Result<ModelRecord, RegistryError> {
+        let mut st = self.state.lock();
+        let m = st
+            .models
+            .iter_mut()
+            .find(|m| m.version == version)
+            .ok_or_else(|| RegistryError::Unknown(version.to_string()))?;
+        change(m);
+        let out = m.clone();
+        self.save(&st)?;
+        Ok(out)
+    }
+
+    /// Makes `version` the active one with `collection`; the previously active version
+    /// becomes `ready` (its collection is kept for rollback). Versions further back lose
+    /// the rollback slot and become `retired`: their collections are returned, to be dropped.
+    pub fn mark_active(
+        &self,
+        version: &str,
+        collection: Option<String>,
+    ) -> Result<Vec<String>, RegistryError> {
+        let mut st = self.state.lock();
+        if !st.models.iter().any(|m| m.version == version) {
+            return Err(RegistryError::Unknown(version.to_string()));
+        }
+        let previous = st
+            .models
+            .iter()
+            .find(|m| m.status == ModelStatus::Active && m.version != version)
+            .map(|m| m.version.clone());
+        let now = now();
+        for m in &mut st.models {
+            if m.version == version {
+                m.status = ModelStatus::Active;
+                m.collection = collection.clone();
+                m.activated_at = Some(now.clone());
+                m.progress = None;
+                m.last_error = None;
+            } else if Some(&m.version) == previous.as_ref() {
+                m.status = ModelStatus::Ready;
+            }
+        }
+        st.history.retain(|v| v != version);
+        st.history.push(version.to_string());
+        let dropped = retire_beyond_rollback(&mut st, collection.as_deref());
+        self.save(&st)?;
+        Ok(dropped)
+    }
+
+    /// The version a rollback returns to: the one active before the current one, if its
+    /// collection is still kept.
+    pub fn rollback_target(&self) -> Option<ModelRecord> {
+        let st = self.state.lock();
+        let n = st.history.len();
+        if n < 2 {
+            return None;
+        }
+        let prev = &st.history[n - 2];
+        st.models
+            .iter()
+            .find(|m| &m.version == prev && m.collection.is_some())
+            .cloned()
+    }
+
+    /// After a rollback switched to `target`: it is active again and the version rolled back
+    /// from is `ready` (its collection kept, so re-activating it is instant).
+    pub fn mark_rolled_back(&self, target: &str) -> Result<(), RegistryError> {
+        let mut st = self.state.lock();
+        let from = st.history.pop();
+        let now = now();
+        for m in &mut st.models {
+            if m.version == target {
+                m.status = ModelStatus::Active;
+                m.activated_at = Some(now.clone());
+            } else if Some(&m.version) == from.as_ref() {
+                m.status = ModelStatus::Ready;
+            }
+        }
+        // The rolled-back-from version stays reachable by activating it again.
+        self.save(&st)
+    }
+
+    /// Keep-last-N: removes the oldest versions beyond `keep_last`, never the active one or
+    /// the rollback target. Returns the collections of the removed versions, to be dropped.
+    pub fn gc(&self) -> Result<Vec<String>, RegistryError> {
+        let mut st = self.state.lock();
+        let protected: Vec<String> = st.history.iter().rev().take(2).cloned().collect();
+        let mut removable: Vec<usize> = (0..st.models.len())
+            .filter(|&i| {
+                let m = &st.models[i];
+                m.status != ModelStatus::Active
+                    && m.status != ModelStatus::Indexing
+                    && !protected.contains(&m.version)
+            })
+            .collect();
+        let excess = st.models.len().saturating_sub(self.keep_last);
+        removable.truncate(excess);
+        let mut collections = Vec::new();
+        for &i in removable.iter().rev() {
+            let m = st.models.remove(i);
+            if let Some(c) = m.collection {
+                collections.push(c);
+            }
+            st.history.retain(|v| v != &m.version);
+            let dir = self.model_dir(&m.version);
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "could not remove a collected model");
+            }
+            tracing::info!(version = m.version, "model version garbage-collected");
+        }
+        self.save(&st)?;
+        Ok(collections)
+    }
+
+    fn copy_in(&self, from: &Path, version: &str) -> Result<(), RegistryError> {
+        // Copy into a temporary directory and rename, so a crash never leaves a registered
+        // version with half its files.
+        let tmp = self.dir.join(format!(".{version}.tmp"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| storage(&tmp, e))?;
+        for f in CHECKPOINT_FILES {
+            std::fs::copy(from.join(f), tmp.join(f)).map_err(|e| storage(&from.join(f), e))?;
+        }
+        let dest = self.model_dir(version);
+        let _ = std::fs::remove_dir_all(&dest);
+        std::fs::rename(&tmp, &dest).map_err(|e| storage(&dest, e))
+    }
+
+    fn save(&self, st: &State) -> Result<(), RegistryError> {
+        let file = self.dir.join(REGISTRY_FILE);
+        let tmp = self.dir.join(format!("{REGISTRY_FILE}.tmp"));
+        let text = serde_json::to_string_pretty(st).expect("registry serializes");
+        std::fs::write(&tmp, text).map_err(|e| storage(&tmp, e))?;
+        std::fs::rename(&tmp, &file).map_err(|e| storage(&file, e))
+    }
+}
+
+/// Everything except the active version and the one before it (the rollback slot) gives up
+/// its collection: at 1M items a kept collection costs hundreds of MB.
+fn retire_beyond_rollback(st: &mut State, active_collection: Option<&str>) -> Vec<String> {
+    let keep: Vec<String> = st.history.iter().rev().take(2).cloned().collect();
+    let mut dropped = Vec::new();
+    for m in &mut st.models {
+        if keep.contains(&m.version) || m.status == ModelStatus::Indexing {
+            continue;
+        }
+        if let Some(c) = m.collection.take() {
+            if Some(c.as_str()) != active_collection {
+                dropped.push(c);
+            }
+        }
+        if m.status == ModelStatus::Ready || m.status == ModelStatus::Active {
+            m.status = ModelStatus::Retired;
+        }
+    }
+    dropped
+}
+
+fn record_for(manifest: &Manifest, source: &Path, status: ModelStatus) -> ModelRecord {
+    ModelRecord {
+        version: manifest.model_version.clone(),
+        status,
+        dim: manifest.dim,
+        format_version: manifest.format_version,
+        created_at: manifest.created_at.clone(),
+        registered_at: now(),
+        source: source.display().to_string(),
+        metrics: manifest.metrics.clone(),
+        collection: None,
+        activated_at: None,
+        progress: None,
+        last_error: None,
+    }
+}
+
+/// Version ids become directory and collection names, so they are kept to a safe alphabet.
+fn valid_version(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 128
+        && !v.starts_with('.')
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn storage(path: &Path, e: std::io::Error) -> RegistryError {
+    RegistryError::Storage {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    }
+}

@@ -1,0 +1,377 @@
+//! The re-ranker: one pure function of (context, candidates) -> ranked list.
+//!
+//! Each candidate's relevance is a weighted blend of
+//! - the ANN similarity between the user vector and the item,
+//! - the max and the mean cosine similarity to the session's recent items,
+//! - the session's (recency-weighted) affinity for the item's categories,
+//! - trending and freshness,
+//!
+//! minus a penalty for items the user viewed or clicked recently. Purchased items are dropped.
+//! An MMR pass then orders the head of the list, trading relevance against similarity to what
+//! was already picked, so one cluster cannot fill the whole page. Business rules (filters,
+//! availability) are not here: the pipeline applies them after, against the live catalog.
+
+use crate::catalog::CatalogEntry;
+use crate::config::RerankWeights;
+use crate::domain::{EventType, ItemId};
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+/// Recency half-life, in positions, of the category affinity (the model pools with the same).
+const AFFINITY_HALF_LIFE: f32 = 5.0;
+
+/// One thing the user did recently, newest first in [`Context::session`].
+#[derive(Debug, Clone)]
+pub struct SessionItem {
+    pub entry: Arc<CatalogEntry>,
+    pub event_type: EventType,
+}
+
+/// Everything the re-ranker knows about the request besides the candidates.
+#[derive(Debug, Clone)]
+pub struct Context<'a> {
+    pub weights: &'a RerankWeights,
+    /// The user's and session's recent items, newest first.
+    pub session: &'a [SessionItem],
+    /// Never returned.
+    pub purchased: &'a HashSet<ItemId>,
+    /// Returned, but pushed down by `viewed_penalty`.
+    pub viewed: &'a HashSet<ItemId>,
+    /// Trending scores normalised to 0..=1; absent items count 0.
+    pub trending: &'a HashMap<ItemId, f32>,
+    /// Unix seconds, for freshness.
+    pub now_s: i64,
+    /// How many leading positions the MMR pass orders; the tail keeps relevance order.
+    pub mmr_depth: usize,
+}
+
+/// A candidate from the index (or a fallback source) with its ANN similarity.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub entry: Arc<CatalogEntry>,
+    pub ann_score: f32,
+}
+
+/// The unweighted components of a score, returned with `explain=true`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Components {
+    pub ann: f32,
+    pub session_max: f32,
+    pub session_mean: f32,
+    pub category_affinity: f32,
+    pub trending: f32,
+    pub freshness: f32,
+    /// 1 if the user viewed or clicked the item recently, else 0.
+    pub viewed: f32,
+    /// The blended relevance (the weighted sum of the above).
+    pub relevance: f32,
+    /// Max similarity to the items ranked above it, when the MMR pass placed it.
+    pub redundancy: f32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Ranked {
+    pub entry: Arc<CatalogEntry>,
+    /// The blended relevance; the order may differ from it where MMR chose diversity.
+    pub score: f32,
+    pub components: Components,
+}
+
+/// Scores, drops purchased items, and orders the candidates (MMR on the head).
+pub fn rerank(ctx: &Context<'_>, candidates: Vec<Candidate>) -> Vec<Ranked> {
+    let w = ctx.weights;
+    // Older items say little about what the user wants now, and each one costs a dot
+    // product per candidate.
+    let window = &ctx.session[..ctx.session.len().min(w.session_window)];
+    let affinity = category_affinity(window);
+    let mut seen = HashSet::with_capacity(candidates.len());
+    let mut scored: Vec<Ranked> = candidates
+        .into_iter()
+        .filter(|c| !ctx.purchased.contains(c.entry.id()))
+        .filter(|c| seen.insert(c.entry.id().clone()))
+        .map(|c| {
+            let mut comp = Components {
+                ann: c.ann_score,
+                ..Components::default()
+            };
+            if !window.is_empty() {
+                let (mut max, mut sum) = (f32::MIN, 0.0);
+                for s in window {
+                    let sim = dot(&c.entry.vector, &s.entry.vector);
+                    max = max.max(sim);
+                    sum += sim;
+                }
+                comp.session_max = max;
+                comp.session_mean = sum / window.len() as f32;
+                comp.category_affinity = c
+                    .entry
+                    .item
+                    .genres
+                    .iter()
+                    .filter_map(|g| affinity.get(g.as_str()))
+                    .fold(0.0, |a: f32, &b| a.max(b));
+            }
+            comp.trending = ctx.trending.get(c.entry.id()).copied().unwrap_or(0.0);
+            comp.freshness = freshness(c.entry.item.created_at, ctx.now_s, w);
+            comp.viewed = if ctx.viewed.contains(c.entry.id()) {
+                1.0
+            } else {
+                0.0
+            };
+            comp.relevance = w.ann * comp.ann
+                + w.session_max * comp.session_max
+                + w.session_mean * comp.session_mean
+                + w.category_affinity * comp.category_affinity
+                + w.trending * comp.trending
+                + w.freshness * comp.freshness
+                - w.viewed_penalty * comp.viewed;
+            Ranked {
+                score: comp.relevance,
+                entry: c.entry,
+                components: comp,
+            }
+        })
+        .collect();
+    scored.sort_by(|a, b| {
+        b.score
+            .total_cmp(&a.score)
+            .then_with(|| a.entry.id().cmp(b.entry.id()))
+    });
+    mmr(scored, w.mmr_lambda, ctx.mmr_depth)
+}
+
+/// Greedy MMR over the first `depth` positions: each step picks the candidate maximising
+/// `lambda * relevance - (1 - lambda) * max similarity to the already picked`. The input is
+/// sorted by relevance, which also settles ties.
+fn mmr(mut pool: Vec<Ranked>, lambda: f32, depth: usize) -> Vec<Ranked> {
+    if lambda >= 1.0 || depth == 0 || pool.len() < 2 {
+        return pool;
+    }
+    let depth = depth.min(pool.len());
+    let mut out = Vec::with_capacity(pool.len());
+    // Max similarity of each pooled candidate to everything picked so far, kept up to date
+    // incrementally so each step costs one dot product per remaining candidate.
+    let mut redundancy = vec![f32::MIN; pool.len()];
+    for _ in 0..depth {
+        let mut best = 0;
+        let mut best_val = f32::MIN;
+        for (i, r) in pool.iter().enumerate() {
+            let red = if out.is_empty() { 0.0 } else { redundancy[i] };
+            let val = lambda * r.score - (1.0 - lambda) * red;
+            if val > best_val {
+                best_val = val;
+                best = i;
+            }
+        }
+        let mut picked = pool.remove(best);
+        let red = redundancy.remove(best);
+        picked.components.redundancy = if out.is_empty() { 0.0 } else { red };
+        for (i, r) in pool.iter().enumerate() {
+            redundancy[i] = redundancy[i].max(dot(&r.entry.vector, &picked.entry.vector));
+        }
+        out.push(picked);
+    }
+    out.extend(pool);
+    out
+}
+
+/// Recency-weighted share of the session in each category (0..=1).
+fn category_affinity(window: &[SessionItem]) -> HashMap<&str, f32> {
+    let mut weights: HashMap<&str, f32> = HashMap::new();
+    let mut total = 0.0;
+    for (pos, s) in window.iter().enumerate() {
+        let w = 0.5f32.powf(pos as f32 / AFFINITY_HALF_LIFE);
+        total += w;
+        for g in &s.entry.item.genres {
+            *weights.entry(g.as_str()).or_default() += w;
+        }
+    }
+    if total > 0.0 {
+        weights.values_mut().for_each(|v| *v /= total);
+    }
+    weights
+}
+
+fn freshness(created_at: Option<i64>, now_s: i64, w: &RerankWeights) -> f32 {
+    let Some(created) = created_at else {
+        return 0.0;
+    };
+    let age_days = (now_s - created).max(0) as f32 / 86_400.0;
+    (-age_days / w.freshness_half_life_days * std::f32::consts::LN_2).exp()
+}
+
+/// Cosine similarity of two L2-normalised vectors. Vectors of different lengths (a model
+/// swap in progress) compare as unrelated instead of panicking.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    if a.len() != b.len() {
+        return 0.0;
+    }
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Item;
+
+    fn entry(id: &str, genre: &str, vector: [f32; 2]) -> Arc<CatalogEntry> {
+        let mut item = Item::new(ItemId::parse(id).unwrap(), id);
+        item.genres = vec![genre.into()];
+        let n = (vector[0] * vector[0] + vector[1] * vector[1]).sqrt();
+        Arc::new(CatalogEntry {
+            item,
+            popularity: 0.0,
+            vector: vec![vector[0] / n, vector[1] / n].into_boxed_slice(),
+        })
+    }
+
+    fn cand(e: &Arc<CatalogEntry>, ann: f32) -> Candidate {
+        Candidate {
+            entry: e.clone(),
+            ann_score: ann,
+        }
+    }
+
+    struct Fixture {
+        weights: RerankWeights,
+        session: Vec<SessionItem>,
+        purchased: HashSet<ItemId>,
+        viewed: HashSet<ItemId>,
+        trending: HashMap<ItemId, f32>,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            Fixture {
+                weights: RerankWeights {
+                    mmr_lambda: 1.0,
+                    ..RerankWeights::default()
+                },
+                session: vec![],
+                purchased: HashSet::new(),
+                viewed: HashSet::new(),
+                trending: HashMap::new(),
+            }
+        }
+        fn ctx(&self) -> Context<'_> {
+            Context {
+                weights: &self.weights,
+                session: &self.session,
+                purchased: &self.purchased,
+                viewed: &self.viewed,
+                trending: &self.trending,
+                now_s: 1_000_000_000,
+                mmr_depth: 10,
+            }
+        }
+    }
+
+    fn ids(r: &[Ranked]) -> Vec<&str> {
+        r.iter().map(|r| r.entry.id().as_str()).collect()
+    }
+
+    #[test]
+    fn without_context_ann_order_is_kept() {
+        let f = Fixture::new();
+        let (a, b, c) = (
+            entry("a", "x", [1.0, 0.0]),
+            entry("b", "x", [1.0, 0.1]),
+            entry("c", "y", [0.0, 1.0]),
+        );
+        let out = rerank(&f.ctx(), vec![cand(&b, 0.5), cand(&a, 0.9), cand(&c, 0.1)]);
+        assert_eq!(ids(&out), ["a", "b", "c"]);
+        assert_eq!(out[0].components.ann, 0.9);
+        assert_eq!(out[0].components.session_max, 0.0);
+    }
+
+    #[test]
+    fn purchased_items_never_come_back_and_duplicates_collapse() {
+        let mut f = Fixture::new();
+        let (a, b) = (entry("a", "x", [1.0, 0.0]), entry("b", "x", [1.0, 0.1]));
+        f.purchased.insert(a.id().clone());
+        let out = rerank(&f.ctx(), vec![cand(&a, 0.9), cand(&b, 0.5), cand(&b, 0.5)]);
+        assert_eq!(ids(&out), ["b"]);
+    }
+
+    #[test]
+    fn session_similarity_and_affinity_pull_toward_the_clicked_category() {
+        let mut f = Fixture::new();
+        let clicked = entry("s", "comedy", [0.0, 1.0]);
+        f.session = vec![SessionItem {
+            entry: clicked,
+            event_type: EventType::Click,
+        }];
+        let drama = entry("d", "drama", [1.0, 0.0]);
+        let comedy = entry("c", "comedy", [0.1, 1.0]);
+        // The ANN alone prefers the drama by a little.
+        let out = rerank(&f.ctx(), vec![cand(&drama, 0.6), cand(&comedy, 0.5)]);
+        assert_eq!(ids(&out), ["c", "d"]);
+        let c = out[0].components;
+        assert!(c.session_max > 0.99 && c.category_affinity == 1.0, "{c:?}");
+        assert_eq!(out[1].components.category_affinity, 0.0);
+    }
+
+    #[test]
+    fn viewed_items_are_pushed_down_not_removed() {
+        let mut f = Fixture::new();
+        let (a, b) = (entry("a", "x", [1.0, 0.0]), entry("b", "y", [0.0, 1.0]));
+        f.viewed.insert(a.id().clone());
+        let out = rerank(&f.ctx(), vec![cand(&a, 0.8), cand(&b, 0.7)]);
+        assert_eq!(ids(&out), ["b", "a"]);
+        assert_eq!(out[1].components.viewed, 1.0);
+    }
+
+    #[test]
+    fn trending_and_freshness_break_near_ties() {
+        let mut f = Fixture::new();
+        let (a, b) = (entry("a", "x", [1.0, 0.0]), entry("b", "y", [0.0, 1.0]));
+        f.trending.insert(b.id().clone(), 1.0);
+        let out = rerank(&f.ctx(), vec![cand(&a, 0.55), cand(&b, 0.5)]);
+        assert_eq!(ids(&out), ["b", "a"]);
+
+        let f = Fixture::new();
+        let mut fresh = CatalogEntry::clone(&b);
+        fresh.item.created_at = Some(f.ctx().now_s - 86_400);
+        let fresh = Arc::new(fresh);
+        let mut old = CatalogEntry::clone(&a);
+        old.item.created_at = Some(f.ctx().now_s - 86_400 * 3_650);
+        let old = Arc::new(old);
+        let out = rerank(&f.ctx(), vec![cand(&old, 0.52), cand(&fresh, 0.5)]);
+        assert_eq!(ids(&out), ["b", "a"]);
+        assert!(out[0].components.freshness > 0.9 && out[1].components.freshness < 0.01);
+    }
+
+    #[test]
+    fn mmr_interleaves_a_dominant_cluster() {
+        let mut f = Fixture::new();
+        f.weights.mmr_lambda = 0.5;
+        let x1 = entry("x1", "x", [1.0, 0.0]);
+        let x2 = entry("x2", "x", [1.0, 0.01]);
+        let x3 = entry("x3", "x", [1.0, 0.02]);
+        let y1 = entry("y1", "y", [0.0, 1.0]);
+        let cands = vec![
+            cand(&x1, 0.9),
+            cand(&x2, 0.89),
+            cand(&x3, 0.88),
+            cand(&y1, 0.7),
+        ];
+        let out = rerank(&f.ctx(), cands.clone());
+        assert_eq!(ids(&out), ["x1", "y1", "x2", "x3"]);
+        assert!(out[2].components.redundancy > 0.99);
+        f.weights.mmr_lambda = 1.0;
+        assert_eq!(ids(&rerank(&f.ctx(), cands)), ["x1", "x2", "x3", "y1"]);
+    }
+
+    #[test]
+    fn mixed_dimensions_do_not_panic() {
+        let f = Fixture::new();
+        let a = entry("a", "x", [1.0, 0.0]);
+        let mut odd = CatalogEntry::clone(&a);
+        odd.item.item_id = ItemId::parse("odd").unwrap();
+        odd.vector = vec![1.0, 0.0, 0.0].into_boxed_slice();
+        let out = rerank(&f.ctx(), vec![cand(&a, 0.5), cand(&Arc::new(odd), 0.4)]);
+        assert_eq!(out.len(), 2);
+        assert_eq!(dot(&[1.0], &[1.0, 2.0]), 0.0);
+    }
+}

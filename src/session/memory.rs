@@ -1,0 +1,465 @@
+//! The default, in-process session store. Same semantics as the Redis backend: recent lists
+//! per user and per session (capped, with a TTL refreshed on every event), a bounded
+//! long-term history per user, trending counters in time buckets merged with decay weights,
+//! a candidate cache with TTLs, and idempotency on `event_id` for `idempotency_ttl_secs`.
+//!
+//! Durability comes from the append-only log (`session::log`): `append` returns only after
+//! its events are fsynced, and on start-up every piece of state, idempotency included, is
+//! rebuilt by replaying the log. The state itself lives under one mutex: every operation on
+//! it is a few hash-map touches, far shorter than the fsync it waits for.
+
+use super::log::{EventLog, LogError};
+use super::{Actor, AppendOutcome, Event, RecentItem, SessionError, SessionStore};
+use crate::config::SessionSettings;
+use crate::domain::{ItemId, UserId};
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One record of the memory backend's log. `at_ms` is when the server accepted it; TTLs
+/// and the idempotency window are measured from it, so a replay rebuilds exactly the state
+/// that was live.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum LogRecord {
+    Event {
+        at_ms: i64,
+        event: Event,
+    },
+    SeedHistory {
+        at_ms: i64,
+        user: UserId,
+        items: Vec<RecentItem>,
+    },
+}
+
+impl From<LogError> for SessionError {
+    fn from(e: LogError) -> Self {
+        match e {
+            LogError::Io { file, reason } => SessionError::Log { file, reason },
+        }
+    }
+}
+
+pub struct MemoryStore {
+    settings: SessionSettings,
+    log: Arc<EventLog>,
+    state: parking_lot::Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// event_id -> (log sequence of the request that wrote it, accepted at).
+    seen: HashMap<uuid::Uuid, (u64, i64)>,
+    /// Ids in acceptance order, to expire `seen` without scanning it.
+    seen_order: VecDeque<(i64, uuid::Uuid)>,
+    recent: HashMap<Actor, RecentList>,
+    history: HashMap<UserId, VecDeque<RecentItem>>,
+    /// Category (None: global) -> bucket -> item -> weighted count.
+    trending: HashMap<Option<String>, BTreeMap<i64, HashMap<ItemId, f64>>>,
+    cache: HashMap<String, (Vec<u8>, i64)>,
+    /// Named counter hashes (experiment counts). Not in the event log: they are aggregates
+    /// that start again from zero with the process, like the cache.
+    counters: HashMap<String, HashMap<String, i64>>,
+    appends: u64,
+}
+
+struct RecentList {
+    items: VecDeque<RecentItem>,
+    expires_at_ms: i64,
+}
+
+fn now_ms() -> i64 {
+    super::event::now_ms()
+}
+
+fn secs_to_ms(s: f64) -> i64 {
+    (s * 1000.0).round() as i64
+}
+
+impl MemoryStore {
+    /// Opens the log at `log_path`, replays it, and returns the store. Blocking (it reads
+    /// the whole log); `session::open` runs it on the blocking pool.
+    pub fn open(settings: &SessionSettings, log_path: &Path) -> Result<Self, SessionError> {
+        let mut state = State::default();
+        let now = now_ms();
+        let mut bad_records = 0u64;
+        let (log, _recovery) = EventLog::open(log_path, |payload| {
+            match serde_json::from_slice::<LogRecord>(payload) {
+                Ok(LogRecord::Event { at_ms, event }) => {
+                    state.remember(event.event_id, 0, at_ms);
+                    state.apply(&event, at_ms, settings);
+                }
+                Ok(LogRecord::SeedHistory {
+                    at_ms: _,
+                    user,
+                    items,
+                }) => {
+                    state.seed(&user, &items, settings);
+                }
+                // A record that checksums but does not decode was written by a newer
+                // version; keep it in the file and skip it here.
+                Err(_) => bad_records += 1,
+            }
+            Ok(())
+        })?;
+        if bad_records > 0 {
+            tracing::warn!(file = %log_path.display(), bad_records, "event log records this version cannot decode were skipped");
+        }
+        state.expire_seen(now, settings);
+        Ok(MemoryStore {
+            settings: settings.clone(),
+            log: Arc::new(log),
+            state: parking_lot::Mutex::new(state),
+        })
+    }
+
+    /// Reads the events of a log file without taking it over, for export while a server
+    /// owns the file. Blocking.
+    pub fn read_log_file(
+        path: &Path,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<Event>, SessionError> {
+        let mut out = Vec::new();
+        super::log::read_file(path, u64::MAX, |p| {
+            collect_event(p, from_ms, to_ms, &mut out);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    fn encode(record: &LogRecord) -> Result<Vec<u8>, SessionError> {
+        serde_json::to_vec(record)
+            .map_err(|e| SessionError::Backend(format!("encoding an event: {e}")))
+    }
+}
+
+fn collect_event(payload: &[u8], from_ms: i64, to_ms: i64, out: &mut Vec<Event>) {
+    if let Ok(LogRecord::Event { event, .. }) = serde_json::from_slice::<LogRecord>(payload) {
+        if event.timestamp_ms >= from_ms && event.timestamp_ms < to_ms {
+            out.push(event);
+        }
+    }
+}
+
+impl State {
+    fn remember(&mut self, id: uuid::Uuid, seq: u64, at_ms: i64) {
+        self.seen.insert(id, (seq, at_ms));
+        self.seen_order.push_back((at_ms, id));
+    }
+
+    fn expire_seen(&mut self, now: i64, s: &SessionSettings) {
+        let horizon = now - s.idempotency_ttl_secs as i64 * 1000;
+        while let Some(&(at, id)) = self.seen_order.front() {
+            if at > horizon {
+                break;
+            }
+            self.seen_order.pop_front();
+            // Only forget it if this entry is the live one (an id can be re-accepted after
+            // it expired).
+            if self.seen.get(&id).is_some_and(|&(_, a)| a == at) {
+                self.seen.remove(&id);
+            }
+        }
+    }
+
+    fn apply(&mut self, e: &Event, at_ms: i64, s: &SessionSettings) {
+        let weight = s.event_weights.get(e.event_type);
+        if weight <= 0.0 {
+            return; // logged (and exported), but no signal for sessions or trending
+        }
+        let entry = RecentItem {
+            item_id: e.item_id.clone(),
+            event_type: e.event_type,
+            timestamp_ms: e.timestamp_ms,
+        };
+        if let Some(user) = &e.user_id {
+            let ttl = secs_to_ms(s.user_recent_ttl_secs);
+            self.push_recent(Actor::User(user.clone()), &entry, at_ms, ttl, s.recent_cap);
+            let h = self.history.entry(user.clone()).or_default();
+            h.push_front(entry.clone());
+            h.truncate(s.history_cap);
+        }
+        if let Some(session) = &e.session_id {
+            let ttl = secs_to_ms(s.session_recent_ttl_secs);
+            self.push_recent(
+                Actor::Session(session.clone()),
+                &entry,
+                at_ms,
+                ttl,
+                s.recent_cap,
+            );
+        }
+        // A timestamp ahead of the server clock counts as now, as in the Redis backend.
+        let bucket = bucket_of(e.timestamp_ms.min(at_ms), s);
+        let oldest = bucket_of(at_ms, s) - s.trending_buckets as i64 + 1;
+        if bucket < oldest {
+            return;
+        }
+        let keys = std::iter::once(None).chain(e.categories.iter().map(|c| Some(c.clone())));
+        for key in keys {
+            let buckets = self.trending.entry(key).or_default();
+            *buckets
+                .entry(bucket)
+                .or_default()
+                .entry(e.item_id.clone())
+                .or_default() += weight;
+            // Drop buckets that fell out of the window, as their Redis keys would expire.
+            while buckets.first_key_value().is_some_and(|(&b, _)| b < oldest) {
+                buckets.pop_first();
+            }
+        }
+    }
+
+    fn push_recent(
+        &mut self,
+        actor: Actor,
+        entry: &RecentItem,
+        at_ms: i64,
+        ttl_ms: i64,
+        cap: usize,
+    ) {
+        let list = self.recent.entry(actor).or_insert_with(|| RecentList {
+            items: VecDeque::new(),
+            expires_at_ms: 0,
+        });
+        if list.expires_at_ms <= at_ms {
+            list.items.clear(); // the list had expired: start a new one, as Redis would
+        }
+        list.items.push_front(entry.clone());
+        list.items.truncate(cap);
+        list.expires_at_ms = at_ms + ttl_ms;
+    }
+
+    fn seed(&mut self, user: &UserId, items: &[RecentItem], s: &SessionSettings) {
+        let h = self.history.entry(user.clone()).or_default();
+        for item in items.iter().rev() {
+            h.push_front(item.clone());
+        }
+        h.truncate(s.history_cap);
+    }
+
+    /// Occasional sweep of expired lists and cache entries, so that memory follows live
+    /// users, not every user ever seen.
+    fn sweep(&mut self, now: i64) {
+        self.recent.retain(|_, l| l.expires_at_ms > now);
+        self.cache.retain(|_, (_, exp)| *exp > now);
+    }
+}
+
+fn bucket_of(ts_ms: i64, s: &SessionSettings) -> i64 {
+    ts_ms.div_euclid(s.trending_bucket_secs as i64 * 1000)
+}
+
+/// The decay weight of a bucket `age` buckets old.
+pub(crate) fn decay_weight(age: i64, s: &SessionSettings) -> f64 {
+    0.5f64.powf(age as f64 * s.trending_bucket_secs as f64 / s.trending_half_life_secs)
+}
+
+#[async_trait]
+impl SessionStore for MemoryStore {
+    async fn append(&self, events: &[Event]) -> Result<AppendOutcome, SessionError> {
+        if events.is_empty() {
+            return Ok(AppendOutcome::default());
+        }
+        let now = now_ms();
+        let mut payloads = Vec::with_capacity(events.len());
+        for e in events {
+            payloads.push(Self::encode(&LogRecord::Event {
+                at_ms: now,
+                event: e.clone(),
+            })?);
+        }
+        // Deciding what is new, queueing it on the log and updating state happen under one
+        // lock, so a resent id can never be accepted twice and state order follows log order.
+        // State is updated before the fsync completes: if the fsync fails the log refuses
+        // every later write, so the store stops acknowledging anything.
+        let (wait_for, outcome) = {
+            let mut st = self.state.lock();
+            st.expire_seen(now, &self.settings);
+            let mut fresh = Vec::new();
+            let mut in_batch = HashSet::new();
+            let mut wait_for = 0u64;
+            for (i, e) in events.iter().enumerate() {
+                if let Some(&(seq, _)) = st.seen.get(&e.event_id) {
+                    // A duplicate is acknowledged only once its original is durable.
+                    wait_for = wait_for.max(seq);
+                } else if in_batch.insert(e.event_id) {
+                    fresh.push(i);
+                }
+            }
+            if !fresh.is_empty() {
+                let batch: Vec<Vec<u8>> = fresh
+                    .iter()
+                    .map(|&i| std::mem::take(&mut payloads[i]))
+                    .collect();
+                let seq = self.log.enqueue(&batch)?;
+                wait_for = wait_for.max(seq);
+                for &i in &fresh {
+                    st.remember(events[i].event_id, seq, now);
+                    st.apply(&events[i], now, &self.settings);
+                }
+            }
+            st.appends += 1;
+            if st.appends.is_multiple_of(4096) {
+                st.sweep(now);
+            }
+            let outcome = AppendOutcome {
+                accepted: fresh.len(),
+                duplicates: events.len() - fresh.len(),
+            };
+            (wait_for, outcome)
+        };
+        if wait_for > 0 {
+            self.log.wait_durable(wait_for).await?;
+        }
+        Ok(outcome)
+    }
+
+    async fn read_log(&self, from_ms: i64, to_ms: i64) -> Result<Vec<Event>, SessionError> {
+        let log = self.log.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            log.read(|p| {
+                collect_event(p, from_ms, to_ms, &mut out);
+                Ok(())
+            })?;
+            Ok(out)
+        })
+        .await
+        .map_err(|e| SessionError::Backend(format!("reading the event log: {e}")))?
+    }
+
+    async fn recent(&self, actor: &Actor, limit: usize) -> Result<Vec<RecentItem>, SessionError> {
+        let now = now_ms();
+        let st = self.state.lock();
+        Ok(match st.recent.get(actor) {
+            Some(l) if l.expires_at_ms > now => l.items.iter().take(limit).cloned().collect(),
+            _ => Vec::new(),
+        })
+    }
+
+    async fn history(&self, user: &UserId, limit: usize) -> Result<Vec<RecentItem>, SessionError> {
+        let st = self.state.lock();
+        Ok(st
+            .history
+            .get(user)
+            .map(|h| h.iter().take(limit).cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn seed_history(&self, user: &UserId, items: &[RecentItem]) -> Result<(), SessionError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        // Seeds are logged too (not as events: export and read_log skip them), so that an
+        // onboarded user keeps their history across a restart, as with Redis.
+        let payload = Self::encode(&LogRecord::SeedHistory {
+            at_ms: now_ms(),
+            user: user.clone(),
+            items: items.to_vec(),
+        })?;
+        let seq = {
+            let mut st = self.state.lock();
+            let seq = self.log.enqueue(&[payload])?;
+            st.seed(user, items, &self.settings);
+            seq
+        };
+        self.log.wait_durable(seq).await?;
+        Ok(())
+    }
+
+    async fn trending(
+        &self,
+        category: Option<&str>,
+        k: usize,
+    ) -> Result<Vec<(ItemId, f64)>, SessionError> {
+        let s = &self.settings;
+        let now_bucket = bucket_of(now_ms(), s);
+        let oldest = now_bucket - s.trending_buckets as i64 + 1;
+        let mut scores: HashMap<ItemId, f64> = HashMap::new();
+        {
+            let st = self.state.lock();
+            let Some(buckets) = st.trending.get(&category.map(str::to_string)) else {
+                return Ok(Vec::new());
+            };
+            for (&b, items) in buckets.range(oldest..=now_bucket) {
+                let w = decay_weight(now_bucket - b, s);
+                for (item, count) in items {
+                    *scores.entry(item.clone()).or_default() += count * w;
+                }
+            }
+        }
+        let mut out: Vec<(ItemId, f64)> = scores.into_iter().collect();
+        out.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        out.truncate(k);
+        Ok(out)
+    }
+
+    async fn cache_get(&self, key: &str) -> Result<Option<Vec<u8>>, SessionError> {
+        let now = now_ms();
+        let mut st = self.state.lock();
+        match st.cache.get(key) {
+            Some((v, exp)) if *exp > now => Ok(Some(v.clone())),
+            Some(_) => {
+                st.cache.remove(key);
+                Ok(None)
+            }
+            None => Ok(None),
+        }
+    }
+
+    async fn cache_set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), SessionError> {
+        let now = now_ms();
+        let mut st = self.state.lock();
+        if st.cache.len() >= self.settings.cache_max_entries && !st.cache.contains_key(key) {
+            st.cache.retain(|_, (_, exp)| *exp > now);
+            // Still full of live entries: drop an arbitrary tenth. A cache miss only costs a
+            // recomputation, so precision in eviction is not worth an LRU here.
+            if st.cache.len() >= self.settings.cache_max_entries {
+                let drop: Vec<String> = st
+                    .cache
+                    .keys()
+                    .take(self.settings.cache_max_entries / 10 + 1)
+                    .cloned()
+                    .collect();
+                for k in drop {
+                    st.cache.remove(&k);
+                }
+            }
+        }
+        let ttl_ms = ttl.as_millis().min(i64::MAX as u128 / 2) as i64;
+        st.cache
+            .insert(key.to_string(), (value.to_vec(), now + ttl_ms));
+        Ok(())
+    }
+
+    async fn incr_counters(&self, key: &str, deltas: &[(String, i64)]) -> Result<(), SessionError> {
+        let mut st = self.state.lock();
+        let hash = st.counters.entry(key.to_string()).or_default();
+        for (field, by) in deltas {
+            let c = hash.entry(field.clone()).or_insert(0);
+            *c = c.saturating_add(*by);
+        }
+        Ok(())
+    }
+
+    async fn read_counters(&self, key: &str) -> Result<HashMap<String, i64>, SessionError> {
+        Ok(self
+            .state
+            .lock()
+            .counters
+            .get(key)
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    async fn ping(&self) -> Result<(), SessionError> {
+        // The store is in-process; the only thing that can be down is the log.
+        self.log.check().map_err(SessionError::from)
+    }
+}

@@ -1,0 +1,574 @@
+//! The Redis session store, for deployments with several stateless replicas.
+//!
+//! Keys (every one starts with the deployment's `key_prefix`; the part in braces is the Redis
+//! Cluster hash tag, so that everything one script or one multi-key command touches lives in
+//! one slot):
+//! - `P:{log}:stream`: the event log, a Stream; entries `e` = the event as JSON. XADD trims
+//!   it to about `stream_maxlen` entries.
+//! - `P:{log}:seen:<event_id>`: idempotency markers (`SET NX PX`), in the stream's slot so
+//!   that one Lua script does the check and the XADD atomically: they cannot disagree.
+//! - `P:{user:<id>}:recent`, `P:{session:<id>}:recent`: recent lists (LPUSH, LTRIM, PEXPIRE).
+//! - `P:{user:<id>}:history`: long-term history (LPUSH, LTRIM; no TTL).
+//! - `P:{trending}:g:<bucket>`, `P:{trending}:c:<category>:<bucket>`: trending counters per
+//!   time bucket (ZINCRBY), expiring when they leave the window; reads merge them with decay
+//!   weights in one script (ZUNIONSTORE ... WEIGHTS, then the top k).
+//! - `P:cache:<key>`: the candidate cache (SET PX).
+//!
+//! Every call runs under one budget (`redis_timeout_ms`, 200 ms by default), connection set-up
+//! included; past it the call fails with [`SessionError::Unavailable`] so that callers
+//! degrade instead of hanging. The `ConnectionManager` reconnects on the next call after
+//! Redis comes back.
+
+use super::{Actor, AppendOutcome, Event, RecentItem, SessionError, SessionStore};
+use crate::config::SessionSettings;
+use crate::domain::{ItemId, UserId};
+use arc_swap::ArcSwapOption;
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisError, RedisResult};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Checks every event id and appends the new ones, in one atomic step.
+/// KEYS[1] = stream, KEYS[1+i] = idempotency key of event i;
+/// ARGV[1] = idempotency TTL (ms), ARGV[2] = stream MAXLEN, ARGV[2+i] = event i as JSON.
+/// Returns one 1 (appended) or 0 (duplicate) per event.
+const APPEND_SCRIPT: &str = r#"
+local out = {}
+for i = 2, #KEYS do
+  if redis.call('SET', KEYS[i], '1', 'NX', 'PX', ARGV[1]) then
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[i + 1])
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
+"#;
+
+/// Merges trending buckets with decay weights and returns the top k, flat [member, score, ...].
+/// KEYS[1] = scratch key, KEYS[2..] = bucket keys; ARGV[1] = k, ARGV[2..] = bucket weights.
+const TRENDING_SCRIPT: &str = r#"
+local args = {KEYS[1], #KEYS - 1}
+for i = 2, #KEYS do args[#args + 1] = KEYS[i] end
+args[#args + 1] = 'WEIGHTS'
+for i = 2, #ARGV do args[#args + 1] = ARGV[i] end
+redis.call('ZUNIONSTORE', unpack(args))
+local top = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1, 'REV', 'WITHSCORES')
+redis.call('DEL', KEYS[1])
+return top
+"#;
+
+/// Stream entries read per XRANGE call when reading the log.
+const READ_CHUNK: usize = 5_000;
+
+pub struct RedisStore {
+    settings: SessionSettings,
+    client: redis::Client,
+    manager: ArcSwapOption<ConnectionManager>,
+    connecting: tokio::sync::Mutex<()>,
+    timeout: Duration,
+    append_script: redis::Script,
+    trending_script: redis::Script,
+}
+
+impl RedisStore {
+    /// Creates the store. It does not need Redis to be up: the connection is made on the
+    /// first call and remade after failures, so the service can start while Redis is down
+    /// and serve degraded until it returns.
+    pub async fn connect(settings: &SessionSettings) -> Result<Self, SessionError> {
+        let prefix = &settings.key_prefix;
+        if prefix.is_empty() || prefix.contains(['*', '?', '[', ']', '{', '}', ' ']) {
+            return Err(SessionError::Backend(format!(
+                "session.key_prefix {prefix:?} must be non-empty without glob characters, braces or spaces"
+            )));
+        }
+        let client = redis::Client::open(settings.redis_url.as_str()).map_err(|e| {
+            SessionError::Backend(format!("session.redis_url {:?}: {e}", settings.redis_url))
+        })?;
+        let store = RedisStore {
+            settings: settings.clone(),
+            client,
+            manager: ArcSwapOption::empty(),
+            connecting: tokio::sync::Mutex::new(()),
+            timeout: Duration::from_millis(settings.redis_timeout_ms),
+            append_script: redis::Script::new(APPEND_SCRIPT),
+            trending_script: redis::Script::new(TRENDING_SCRIPT),
+        };
+        // Try once so that a healthy start is connected at once; a failure is not fatal.
+        if let Err(e) = store.ping().await {
+            tracing::warn!(error = %e, "Redis is not reachable yet; session calls fail as unavailable until it is");
+        }
+        Ok(store)
+    }
+
+    fn key(&self, rest: &str) -> String {
+        format!("{}:{rest}", self.settings.key_prefix)
+    }
+
+    fn recent_key(&self, actor: &Actor) -> String {
+        match actor {
+            Actor::User(u) => self.key(&format!("{{user:{u}}}:recent")),
+            Actor::Session(s) => self.key(&format!("{{session:{s}}}:recent")),
+        }
+    }
+
+    fn history_key(&self, user: &UserId) -> String {
+        self.key(&format!("{{user:{user}}}:history"))
+    }
+
+    fn stream_key(&self) -> String {
+        self.key("{log}:stream")
+    }
+
+    fn trending_key(&self, category: Option<&str>, bucket: i64) -> String {
+        match category {
+            None => self.key(&format!("{{trending}}:g:{bucket}")),
+            Some(c) => self.key(&format!("{{trending}}:c:{c}:{bucket}")),
+        }
+    }
+
+    fn bucket_ms(&self) -> i64 {
+        self.settings.trending_bucket_secs as i64 * 1000
+    }
+
+    async fn manager(&self) -> RedisResult<ConnectionManager> {
+        if let Some(m) = self.manager.load_full() {
+            return Ok((*m).clone());
+        }
+        let _guard = self.connecting.lock().await;
+        if let Some(m) = self.manager.load_full() {
+            return Ok((*m).clone());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(self.timeout)
+            .set_response_timeout(self.timeout)
+            .set_number_of_retries(1)
+            .set_factor(10)
+            .set_max_delay(self.settings.redis_timeout_ms);
+        let m = ConnectionManager::new_with_config(self.client.clone(), config).await?;
+        self.manager.store(Some(Arc::new(m.clone())));
+        Ok(m)
+    }
+
+    /// Runs one Redis operation under the time budget.
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        op: impl Future<Output = RedisResult<T>>,
+    ) -> Result<T, SessionError> {
+        match tokio::time::timeout(self.timeout, op).await {
+            Err(_) => Err(SessionError::Unavailable(format!(
+                "{what}: no answer from Redis within {} ms",
+                self.timeout.as_millis()
+            ))),
+            Ok(Err(e)) => Err(map_error(what, e)),
+            Ok(Ok(v)) => Ok(v),
+        }
+    }
+
+    /// Deletes every key under this store's prefix, for tests and decommissioning.
+    /// Returns how many were deleted.
+    pub async fn delete_all_keys(&self) -> Result<usize, SessionError> {
+        let pattern = format!("{}:*", self.settings.key_prefix);
+        let mut deleted = 0usize;
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = self
+                .bounded("delete keys", async {
+                    let mut con = self.manager().await?;
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut con)
+                        .await
+                })
+                .await?;
+            if !keys.is_empty() {
+                let n: usize = self
+                    .bounded("delete keys", async {
+                        let mut con = self.manager().await?;
+                        redis::cmd("UNLINK").arg(&keys).query_async(&mut con).await
+                    })
+                    .await?;
+                deleted += n;
+            }
+            if next == 0 {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
+    }
+
+    /// Entries in the event stream (for the no-loss benchmark and tests).
+    pub async fn stream_len(&self) -> Result<u64, SessionError> {
+        let key = self.stream_key();
+        self.bounded("stream length", async {
+            let mut con = self.manager().await?;
+            redis::cmd("XLEN").arg(&key).query_async(&mut con).await
+        })
+        .await
+    }
+
+    /// Queues the session, history and trending updates of the accepted events.
+    fn state_updates(&self, events: &[&Event], now: i64, pipe: &mut redis::Pipeline) {
+        let s = &self.settings;
+        let window_buckets = s.trending_buckets as i64;
+        let now_bucket = now.div_euclid(self.bucket_ms());
+        for e in events {
+            let weight = s.event_weights.get(e.event_type);
+            if weight <= 0.0 {
+                continue;
+            }
+            let entry = serde_json::to_string(&RecentItem {
+                item_id: e.item_id.clone(),
+                event_type: e.event_type,
+                timestamp_ms: e.timestamp_ms,
+            })
+            .expect("a recent item serializes");
+            if let Some(user) = &e.user_id {
+                let key = self.recent_key(&Actor::User(user.clone()));
+                push_capped(pipe, &key, &entry, s.recent_cap);
+                pipe.cmd("PEXPIRE")
+                    .arg(&key)
+                    .arg(secs_to_ms(s.user_recent_ttl_secs))
+                    .ignore();
+                push_capped(pipe, &self.history_key(user), &entry, s.history_cap);
+            }
+            if let Some(session) = &e.session_id {
+                let key = self.recent_key(&Actor::Session(session.clone()));
+                push_capped(pipe, &key, &entry, s.recent_cap);
+                pipe.cmd("PEXPIRE")
+                    .arg(&key)
+                    .arg(secs_to_ms(s.session_recent_ttl_secs))
+                    .ignore();
+            }
+            // A timestamp ahead of the server clock counts as now, as in the memory backend.
+            let bucket = e.timestamp_ms.min(now).div_euclid(self.bucket_ms());
+            if bucket <= now_bucket - window_buckets {
+                continue;
+            }
+            // The bucket key expires when the bucket leaves the window.
+            let expire_at_ms = (bucket + window_buckets) * self.bucket_ms();
+            let categories =
+                std::iter::once(None).chain(e.categories.iter().map(|c| Some(c.as_str())));
+            for category in categories {
+                let key = self.trending_key(category, bucket);
+                pipe.cmd("ZINCRBY")
+                    .arg(&key)
+                    .arg(weight)
+                    .arg(e.item_id.as_str())
+                    .ignore();
+                pipe.cmd("PEXPIREAT").arg(&key).arg(expire_at_ms).ignore();
+            }
+        }
+    }
+}
+
+fn push_capped(pipe: &mut redis::Pipeline, key: &str, entry: &str, cap: usize) {
+    pipe.cmd("LPUSH").arg(key).arg(entry).ignore();
+    pipe.cmd("LTRIM")
+        .arg(key)
+        .arg(0)
+        .arg(cap as i64 - 1)
+        .ignore();
+}
+
+fn secs_to_ms(s: f64) -> i64 {
+    ((s * 1000.0).round() as i64).max(1)
+}
+
+/// Connection trouble is `Unavailable` (callers degrade and retry later); an error Redis
+/// answered with is a `Backend` bug or misconfiguration.
+fn map_error(what: &str, e: RedisError) -> SessionError {
+    if e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_cluster_error()
+        || matches!(
+            e.kind(),
+            redis::ErrorKind::BusyLoadingError | redis::ErrorKind::TryAgain
+        )
+    {
+        SessionError::Unavailable(format!("{what}: {e}"))
+    } else {
+        SessionError::Backend(format!("{what}: {e}"))
+    }
+}
+
+fn parse_entries(raw: Vec<String>) -> Vec<RecentItem> {
+    raw.iter()
+        .filter_map(|s| match serde_json::from_str(s) {
+            Ok(item) => Some(item),
+            Err(e) => {
+                tracing::warn!(error = %e, entry = %s, "skipping an unreadable recent-list entry");
+                None
+            }
+        })
+        .collect()
+}
+
+#[async_trait]
+impl SessionStore for RedisStore {
+    async fn append(&self, events: &[Event]) -> Result<AppendOutcome, SessionError> {
+        if events.is_empty() {
+            return Ok(AppendOutcome::default());
+        }
+        let mut invocation = self.append_script.prepare_invoke();
+        invocation.key(self.stream_key());
+        for e in events {
+            invocation.key(self.key(&format!("{{log}}:seen:{}", e.event_id)));
+        }
+        invocation
+            .arg(self.settings.idempotency_ttl_secs.saturating_mul(1000))
+            .arg(self.settings.stream_maxlen);
+        for e in events {
+            let json = serde_json::to_string(e)
+                .map_err(|err| SessionError::Backend(format!("encoding an event: {err}")))?;
+            invocation.arg(json);
+        }
+        let flags: Vec<i64> = self
+            .bounded("append events", async {
+                let mut con = self.manager().await?;
+                invocation.invoke_async(&mut con).await
+            })
+            .await?;
+        if flags.len() != events.len() {
+            return Err(SessionError::Backend(format!(
+                "append events: the script answered {} flags for {} events",
+                flags.len(),
+                events.len()
+            )));
+        }
+        let accepted: Vec<&Event> = events
+            .iter()
+            .zip(&flags)
+            .filter(|(_, &f)| f == 1)
+            .map(|(e, _)| e)
+            .collect();
+        let outcome = AppendOutcome {
+            accepted: accepted.len(),
+            duplicates: events.len() - accepted.len(),
+        };
+        if !accepted.is_empty() {
+            let mut pipe = redis::pipe();
+            self.state_updates(&accepted, super::event::now_ms(), &mut pipe);
+            let result: Result<(), SessionError> = self
+                .bounded("update sessions", async {
+                    let mut con = self.manager().await?;
+                    pipe.query_async(&mut con).await
+                })
+                .await;
+            // The events are in the log, which is what acknowledgement promises; the derived
+            // state only loses these few updates, so report success and say so in the log.
+            if let Err(e) = result {
+                tracing::warn!(error = %e, events = accepted.len(), "events were logged but session and trending updates failed");
+            }
+        }
+        Ok(outcome)
+    }
+
+    async fn read_log(&self, from_ms: i64, to_ms: i64) -> Result<Vec<Event>, SessionError> {
+        let key = self.stream_key();
+        let mut out = Vec::new();
+        let mut start = "-".to_string();
+        loop {
+            let reply: redis::streams::StreamRangeReply = self
+                .bounded("read the event log", async {
+                    let mut con = self.manager().await?;
+                    redis::cmd("XRANGE")
+                        .arg(&key)
+                        .arg(&start)
+                        .arg("+")
+                        .arg("COUNT")
+                        .arg(READ_CHUNK)
+                        .query_async(&mut con)
+                        .await
+                })
+                .await?;
+            let n = reply.ids.len();
+            for entry in &reply.ids {
+                let Some(redis::Value::BulkString(bytes)) = entry.map.get("e") else {
+                    continue;
+                };
+                match serde_json::from_slice::<Event>(bytes) {
+                    Ok(e) if e.timestamp_ms >= from_ms && e.timestamp_ms < to_ms => out.push(e),
+                    Ok(_) => {}
+                    Err(err) => {
+                        tracing::warn!(id = %entry.id, error = %err, "skipping an unreadable stream entry")
+                    }
+                }
+            }
+            match reply.ids.last() {
+                Some(last) if n == READ_CHUNK => start = format!("({}", last.id),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    async fn recent(&self, actor: &Actor, limit: usize) -> Result<Vec<RecentItem>, SessionError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let key = self.recent_key(actor);
+        let raw: Vec<String> = self
+            .bounded("read recent items", async {
+                let mut con = self.manager().await?;
+                redis::cmd("LRANGE")
+                    .arg(&key)
+                    .arg(0)
+                    .arg(limit as i64 - 1)
+                    .query_async(&mut con)
+                    .await
+            })
+            .await?;
+        Ok(parse_entries(raw))
+    }
+
+    async fn history(&self, user: &UserId, limit: usize) -> Result<Vec<RecentItem>, SessionError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let key = self.history_key(user);
+        let raw: Vec<String> = self
+            .bounded("read history", async {
+                let mut con = self.manager().await?;
+                redis::cmd("LRANGE")
+                    .arg(&key)
+                    .arg(0)
+                    .arg(limit as i64 - 1)
+                    .query_async(&mut con)
+                    .await
+            })
+            .await?;
+        Ok(parse_entries(raw))
+    }
+
+    async fn seed_history(&self, user: &UserId, items: &[RecentItem]) -> Result<(), SessionError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let key = self.history_key(user);
+        let mut pipe = redis::pipe();
+        // `items` is newest first: push the oldest first so the newest ends at the head.
+        for item in items.iter().rev() {
+            let entry = serde_json::to_string(item)
+                .map_err(|e| SessionError::Backend(format!("encoding history: {e}")))?;
+            pipe.cmd("LPUSH").arg(&key).arg(entry).ignore();
+        }
+        pipe.cmd("LTRIM")
+            .arg(&key)
+            .arg(0)
+            .arg(self.settings.history_cap as i64 - 1)
+            .ignore();
+        self.bounded("seed history", async {
+            let mut con = self.manager().await?;
+            pipe.query_async::<()>(&mut con).await
+        })
+        .await
+    }
+
+    async fn trending(
+        &self,
+        category: Option<&str>,
+        k: usize,
+    ) -> Result<Vec<(ItemId, f64)>, SessionError> {
+        if k == 0 {
+            return Ok(Vec::new());
+        }
+        let s = &self.settings;
+        let now_bucket = super::event::now_ms().div_euclid(self.bucket_ms());
+        let mut invocation = self.trending_script.prepare_invoke();
+        invocation.key(self.key(&format!("{{trending}}:scratch:{}", uuid::Uuid::new_v4())));
+        invocation.arg(k);
+        for age in 0..s.trending_buckets as i64 {
+            invocation.key(self.trending_key(category, now_bucket - age));
+            invocation.arg(super::memory::decay_weight(age, s));
+        }
+        let flat: Vec<String> = self
+            .bounded("read trending", async {
+                let mut con = self.manager().await?;
+                invocation.invoke_async(&mut con).await
+            })
+            .await?;
+        let mut out = Vec::with_capacity(flat.len() / 2);
+        for pair in flat.chunks_exact(2) {
+            let (Ok(item), Ok(score)) = (ItemId::parse(pair[0].as_str()), pair[1].parse::<f64>())
+            else {
+                continue;
+            };
+            out.push((item, score));
+        }
+        // Same tie order as the memory backend: score descending, then item id ascending.
+        out.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        Ok(out)
+    }
+
+    async fn cache_get(&self, key: &str) -> Result<Option<Vec<u8>>, SessionError> {
+        let key = self.key(&format!("cache:{key}"));
+        self.bounded("read the cache", async {
+            let mut con = self.manager().await?;
+            redis::cmd("GET").arg(&key).query_async(&mut con).await
+        })
+        .await
+    }
+
+    async fn cache_set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), SessionError> {
+        let key = self.key(&format!("cache:{key}"));
+        let ttl_ms = (ttl.as_millis() as u64).max(1);
+        self.bounded("write the cache", async {
+            let mut con = self.manager().await?;
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(value)
+                .arg("PX")
+                .arg(ttl_ms)
+                .query_async::<()>(&mut con)
+                .await
+        })
+        .await
+    }
+
+    async fn incr_counters(&self, key: &str, deltas: &[(String, i64)]) -> Result<(), SessionError> {
+        if deltas.is_empty() {
+            return Ok(());
+        }
+        let key = self.key(&format!("counters:{key}"));
+        self.bounded("add to counters", async {
+            let mut con = self.manager().await?;
+            // One round trip for the whole batch; HINCRBY is atomic per field, so replicas
+            // adding at the same time never lose a count.
+            let mut pipe = redis::pipe();
+            for (field, by) in deltas {
+                pipe.cmd("HINCRBY").arg(&key).arg(field).arg(*by).ignore();
+            }
+            pipe.query_async::<()>(&mut con).await
+        })
+        .await
+    }
+
+    async fn read_counters(
+        &self,
+        key: &str,
+    ) -> Result<std::collections::HashMap<String, i64>, SessionError> {
+        let key = self.key(&format!("counters:{key}"));
+        self.bounded("read counters", async {
+            let mut con = self.manager().await?;
+            redis::cmd("HGETALL").arg(&key).query_async(&mut con).await
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), SessionError> {
+        self.bounded("ping", async {
+            let mut con = self.manager().await?;
+            redis::cmd("PING").query_async::<()>(&mut con).await
+        })
+        .await
+    }
+}

@@ -1,0 +1,796 @@
+//! The contract every `VectorIndex` backend passes: one set of test functions, run against
+//! `exact` and `edge` always, and against `qdrant` when `QDRANT_URL` is set.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tandem::config::IndexSettings;
+use tandem::domain::{Filter, Item, ItemId};
+use tandem::index::edge::{EdgeIndex, EdgeOptions};
+use tandem::index::exact::ExactIndex;
+use tandem::index::qdrant::QdrantIndex;
+use tandem::index::{build_version, IndexError, IndexPoint, Payload, PayloadPatch, VectorIndex};
+
+/// One backend under test, with whatever keeps it alive (a temp dir).
+struct Backend {
+    name: &'static str,
+    index: Arc<dyn VectorIndex>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn edge_options() -> EdgeOptions {
+    EdgeOptions::default()
+}
+
+/// The backends to run a test against. `test` names the Qdrant collection, so tests never
+/// share one.
+async fn backends(test: &str) -> Vec<Backend> {
+    let mut out = vec![Backend {
+        name: "exact",
+        index: Arc::new(ExactIndex::new()),
+        _dir: None,
+    }];
+    let dir = tempfile::tempdir().unwrap();
+    out.push(Backend {
+        name: "edge",
+        index: Arc::new(EdgeIndex::open(&dir.path().join("index"), edge_options()).unwrap()),
+        _dir: Some(dir),
+    });
+    match std::env::var("QDRANT_URL") {
+        Ok(url) => {
+            let settings = IndexSettings {
+                qdrant_url: url,
+                collection: format!("tandem_test_{test}_{}", uuid::Uuid::new_v4().simple()),
+                ..IndexSettings::default()
+            };
+            out.push(Backend {
+                name: "qdrant",
+                index: Arc::new(QdrantIndex::connect(&settings).await.unwrap()),
+                _dir: None,
+            });
+        }
+        Err(_) => println!("skipped: QDRANT_URL not set (qdrant backend of {test})"),
+    }
+    out
+}
+
+fn id(s: &str) -> ItemId {
+    ItemId::parse(s).unwrap()
+}
+
+fn payload(item: &str, cats: &[&str]) -> Payload {
+    Payload {
+        item_id: id(item),
+        categories: cats.iter().map(|c| c.to_string()).collect(),
+        available: true,
+        price: None,
+        created_at: None,
+        title: format!("title of {item}"),
+        popularity: 1.0,
+    }
+}
+
+fn point(item: &str, vector: &[f32], cats: &[&str]) -> IndexPoint {
+    IndexPoint {
+        vector: vector.to_vec(),
+        payload: payload(item, cats),
+    }
+}
+
+fn ids(hits: &[tandem::index::Hit]) -> Vec<String> {
+    hits.iter().map(|h| h.payload.item_id.to_string()).collect()
+}
+
+fn as_item(p: &Payload) -> Item {
+    let mut item = Item::new(p.item_id.clone(), p.title.clone());
+    item.genres = p.categories.clone();
+    item.available = p.available;
+    item.price = p.price;
+    item.created_at = p.created_at;
+    item
+}
+
+/// A small catalog in 4 dimensions with every filter field varied.
+fn catalog() -> Vec<IndexPoint> {
+    let cats = [
+        &["drama"][..],
+        &["comedy"],
+        &["drama", "war"],
+        &["kids"],
+        &[],
+    ];
+    (0..40)
+        .map(|i| {
+            let a = i as f32 * 0.3;
+            let mut p = point(
+                &format!("item{i}"),
+                &[a.cos(), a.sin(), (i % 3) as f32 * 0.2, 0.1],
+                cats[i % cats.len()],
+            );
+            p.payload.available = i % 4 != 0;
+            p.payload.price = (i % 5 != 0).then_some(i as f32 * 1.5);
+            p.payload.created_at = (i % 6 != 0).then_some(1_000 + i as i64 * 10);
+            p
+        })
+        .collect()
+}
+
+async fn live_with(index: &dyn VectorIndex, version: &str, points: Vec<IndexPoint>) {
+    let dim = points[0].vector.len();
+    index.create_version(version, dim).await.unwrap();
+    index.upsert_into(version, points).await.unwrap();
+    index.finalize_version(version).await.unwrap();
+    index.switch_to(version).await.unwrap();
+}
+
+#[tokio::test]
+async fn search_honours_every_filter_field() {
+    for b in backends("filters").await {
+        let points = catalog();
+        live_with(b.index.as_ref(), "v1", points.clone()).await;
+        let filters = vec![
+            Filter::default(),
+            Filter {
+                include_categories: vec!["drama".into(), "kids".into()],
+                ..Default::default()
+            },
+            Filter {
+                exclude_categories: vec!["war".into()],
+                ..Default::default()
+            },
+            Filter {
+                available_only: true,
+                ..Default::default()
+            },
+            Filter {
+                price_min: Some(6.0),
+                price_max: Some(30.0),
+                ..Default::default()
+            },
+            Filter {
+                price_max: Some(15.0),
+                ..Default::default()
+            },
+            Filter {
+                created_after: Some(1_200),
+                ..Default::default()
+            },
+            Filter {
+                exclude_items: vec![id("item1"), id("item2"), id("item3")],
+                ..Default::default()
+            },
+            Filter {
+                include_categories: vec!["drama".into()],
+                exclude_categories: vec!["war".into()],
+                available_only: true,
+                price_min: Some(1.0),
+                created_after: Some(1_010),
+                exclude_items: vec![id("item5")],
+                ..Default::default()
+            },
+        ];
+        let query = [1.0, 0.2, 0.1, 0.0];
+        for f in &filters {
+            let hits = b.index.search(&query, f, 100).await.unwrap();
+            let got: BTreeSet<String> = ids(&hits).into_iter().collect();
+            let want: BTreeSet<String> = points
+                .iter()
+                .filter(|p| f.matches(&as_item(&p.payload)))
+                .map(|p| p.payload.item_id.to_string())
+                .collect();
+            assert_eq!(got, want, "{}: filter {f:?}", b.name);
+            assert!(
+                hits.windows(2).all(|w| w[0].score >= w[1].score),
+                "{}: hits are not best first",
+                b.name
+            );
+            for h in &hits {
+                assert!(
+                    f.matches(&as_item(&h.payload)),
+                    "{}: {h:?} fails {f:?}",
+                    b.name
+                );
+            }
+        }
+        // k bounds the result, and the nearest item comes first with cosine ~1.
+        let exact = &points[7];
+        let top = b
+            .index
+            .search(&exact.vector, &Filter::default(), 3)
+            .await
+            .unwrap();
+        assert_eq!(top.len(), 3, "{}", b.name);
+        assert_eq!(top[0].payload, exact.payload, "{}", b.name);
+        assert!(
+            (top[0].score - 1.0).abs() < 1e-4,
+            "{}: {}",
+            b.name,
+            top[0].score
+        );
+        assert_eq!(b.index.count().await.unwrap(), points.len(), "{}", b.name);
+    }
+}
+
+#[tokio::test]
+async fn upsert_replaces_and_fetch_returns_vectors() {
+    for b in backends("upsert").await {
+        live_with(
+            b.index.as_ref(),
+            "v1",
+            vec![
+                point("a", &[1.0, 0.0], &["x"]),
+                point("b", &[0.0, 1.0], &["y"]),
+            ],
+        )
+        .await;
+        // A live upsert is visible when the call returns, and replaces by item id.
+        b.index
+            .upsert(vec![
+                point("a", &[0.0, 2.0], &["z"]),
+                point("c", &[1.0, 1.0], &["x"]),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(b.index.count().await.unwrap(), 3, "{}", b.name);
+        let hits = b
+            .index
+            .search(&[0.0, 1.0], &Filter::default(), 3)
+            .await
+            .unwrap();
+        let top2: BTreeSet<String> = ids(&hits)[..2].iter().cloned().collect();
+        assert_eq!(
+            top2,
+            BTreeSet::from(["a".to_string(), "b".to_string()]),
+            "{}",
+            b.name
+        );
+        assert_eq!(ids(&hits)[2], "c", "{}", b.name);
+        let z = Filter {
+            include_categories: vec!["z".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            ids(&b.index.search(&[1.0, 0.0], &z, 5).await.unwrap()),
+            vec!["a"],
+            "{}",
+            b.name
+        );
+
+        let fetched = b
+            .index
+            .fetch(&[id("c"), id("nope"), id("a")])
+            .await
+            .unwrap();
+        let names: Vec<&str> = fetched.iter().map(|(p, _)| p.item_id.as_str()).collect();
+        assert_eq!(names, vec!["c", "a"], "{}: unknown ids are absent", b.name);
+        // Stored vectors are unit length (cosine), pointing the same way as given.
+        let (_, va) = &fetched[1];
+        assert!(
+            (va[0]).abs() < 1e-5 && (va[1] - 1.0).abs() < 1e-5,
+            "{}: {va:?}",
+            b.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn exclusion_lists_drop_items() {
+    for b in backends("exclude").await {
+        let points = catalog();
+        live_with(b.index.as_ref(), "v1", points.clone()).await;
+        let q = points[10].vector.clone();
+        let top = ids(&b.index.search(&q, &Filter::default(), 5).await.unwrap());
+        let f = Filter {
+            exclude_items: top.iter().take(3).map(|s| id(s)).collect(),
+            ..Default::default()
+        };
+        let after = ids(&b.index.search(&q, &f, 5).await.unwrap());
+        assert_eq!(after.len(), 5, "{}", b.name);
+        for gone in &top[..3] {
+            assert!(!after.contains(gone), "{}: {gone} still returned", b.name);
+        }
+        assert_eq!(
+            after[..2],
+            top[3..5],
+            "{}: the rest keep their order",
+            b.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn payload_updates_take_effect_on_the_next_search() {
+    for b in backends("payload").await {
+        live_with(
+            b.index.as_ref(),
+            "v1",
+            vec![
+                point("a", &[1.0, 0.0], &["x"]),
+                point("b", &[0.9, 0.1], &["x"]),
+            ],
+        )
+        .await;
+        let avail = Filter {
+            available_only: true,
+            ..Default::default()
+        };
+        b.index
+            .set_payload(
+                &id("a"),
+                &PayloadPatch {
+                    available: Some(false),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            ids(&b.index.search(&[1.0, 0.0], &avail, 5).await.unwrap()),
+            vec!["b"],
+            "{}",
+            b.name
+        );
+        let all = b
+            .index
+            .search(&[1.0, 0.0], &Filter::default(), 5)
+            .await
+            .unwrap();
+        assert_eq!(all[0].payload.item_id.as_str(), "a", "{}", b.name);
+        assert!(
+            !all[0].payload.available,
+            "{}: the hit carries the new payload",
+            b.name
+        );
+
+        b.index
+            .set_payload(
+                &id("b"),
+                &PayloadPatch {
+                    price: Some(12.5),
+                    popularity: Some(99.0),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        let priced = Filter {
+            price_min: Some(12.5),
+            ..Default::default()
+        };
+        let hits = b.index.search(&[1.0, 0.0], &priced, 5).await.unwrap();
+        assert_eq!(ids(&hits), vec!["b"], "{}", b.name);
+        assert_eq!(hits[0].payload.price, Some(12.5), "{}", b.name);
+        assert_eq!(hits[0].payload.popularity, 99.0, "{}", b.name);
+        // Patching an unknown item is a no-op, not an error.
+        b.index
+            .set_payload(&id("ghost"), &PayloadPatch::default())
+            .await
+            .unwrap();
+        assert_eq!(b.index.count().await.unwrap(), 2, "{}", b.name);
+    }
+}
+
+#[tokio::test]
+async fn delete_removes_items() {
+    for b in backends("delete").await {
+        let points = catalog();
+        live_with(b.index.as_ref(), "v1", points.clone()).await;
+        b.index
+            .delete(&[id("item3"), id("item4"), id("unknown")])
+            .await
+            .unwrap();
+        assert_eq!(
+            b.index.count().await.unwrap(),
+            points.len() - 2,
+            "{}",
+            b.name
+        );
+        let hits = ids(&b
+            .index
+            .search(&points[3].vector, &Filter::default(), 100)
+            .await
+            .unwrap());
+        assert_eq!(hits.len(), points.len() - 2, "{}", b.name);
+        assert!(
+            !hits.contains(&"item3".to_string()) && !hits.contains(&"item4".to_string()),
+            "{}",
+            b.name
+        );
+        assert!(
+            b.index.fetch(&[id("item3")]).await.unwrap().is_empty(),
+            "{}",
+            b.name
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_switch_while_searches_run() {
+    for b in backends("switch").await {
+        let old: Vec<IndexPoint> = (0..200)
+            .map(|i| point(&format!("old{i}"), &[1.0, i as f32 / 200.0, 0.5], &["x"]))
+            .collect();
+        live_with(b.index.as_ref(), "v1", old).await;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let searches = Arc::new(AtomicUsize::new(0));
+        let mut readers = Vec::new();
+        for _ in 0..2 {
+            let (index, stop, searches) = (b.index.clone(), stop.clone(), searches.clone());
+            readers.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let hits = index
+                        .search(&[1.0, 0.3, 0.5], &Filter::default(), 10)
+                        .await
+                        .expect("no search fails during a version switch");
+                    assert_eq!(hits.len(), 10);
+                    let first = hits[0].payload.item_id.as_str();
+                    assert!(first.starts_with("old") || first.starts_with("new"));
+                    searches.fetch_add(1, Ordering::Relaxed);
+                    tokio::task::yield_now().await;
+                }
+            }));
+        }
+        let new: Vec<IndexPoint> = (0..300)
+            .map(|i| point(&format!("new{i}"), &[1.0, i as f32 / 300.0, 0.5], &["y"]))
+            .collect();
+        let report = build_version(
+            b.index.as_ref(),
+            "v2",
+            3,
+            new.into_iter(),
+            &indicatif::ProgressBar::hidden(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(report.points, 300);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        b.index.drop_version("v1").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stop.store(true, Ordering::Relaxed);
+        for r in readers {
+            r.await.unwrap();
+        }
+        assert!(searches.load(Ordering::Relaxed) > 0, "{}", b.name);
+        let (names, live) = b.index.versions().await.unwrap();
+        assert_eq!(names, vec!["v2".to_string()], "{}", b.name);
+        assert_eq!(live.as_deref(), Some("v2"), "{}", b.name);
+        assert_eq!(b.index.count().await.unwrap(), 300, "{}", b.name);
+        let hits = b
+            .index
+            .search(&[1.0, 0.3, 0.5], &Filter::default(), 5)
+            .await
+            .unwrap();
+        assert!(
+            ids(&hits).iter().all(|i| i.starts_with("new")),
+            "{}",
+            b.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn failed_build_keeps_the_old_version_live() {
+    for b in backends("failed_build").await {
+        live_with(b.index.as_ref(), "v1", catalog()).await;
+        let before = ids(&b
+            .index
+            .search(&[1.0, 0.0, 0.0, 0.0], &Filter::default(), 5)
+            .await
+            .unwrap());
+        let mut bad = catalog();
+        bad[30].vector[2] = f32::NAN;
+        let err = build_version(
+            b.index.as_ref(),
+            "v2",
+            4,
+            bad.into_iter(),
+            &indicatif::ProgressBar::hidden(),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(err, IndexError::NonFinite { ref item } if item == "item30"),
+            "{}: {err}",
+            b.name
+        );
+        let (names, live) = b.index.versions().await.unwrap();
+        assert_eq!(live.as_deref(), Some("v1"), "{}", b.name);
+        assert_eq!(
+            names,
+            vec!["v1".to_string()],
+            "{}: the failed version is dropped",
+            b.name
+        );
+        let after = ids(&b
+            .index
+            .search(&[1.0, 0.0, 0.0, 0.0], &Filter::default(), 5)
+            .await
+            .unwrap());
+        assert_eq!(before, after, "{}", b.name);
+    }
+}
+
+#[tokio::test]
+async fn bad_input_gets_typed_errors() {
+    for b in backends("bad_input").await {
+        let idx = b.index.as_ref();
+        assert!(
+            matches!(
+                idx.search(&[1.0, 0.0], &Filter::default(), 5).await,
+                Err(IndexError::NoActiveVersion)
+            ),
+            "{}",
+            b.name
+        );
+        assert!(
+            matches!(
+                idx.create_version("../escape", 2).await,
+                Err(IndexError::BadVersionName(_))
+            ),
+            "{}",
+            b.name
+        );
+        assert!(
+            matches!(
+                idx.upsert_into("missing", vec![point("a", &[1.0, 0.0], &[])])
+                    .await,
+                Err(IndexError::UnknownVersion(_))
+            ),
+            "{}",
+            b.name
+        );
+        assert!(
+            matches!(
+                idx.switch_to("missing").await,
+                Err(IndexError::UnknownVersion(_))
+            ),
+            "{}",
+            b.name
+        );
+        live_with(idx, "v1", vec![point("a", &[1.0, 0.0], &[])]).await;
+
+        let err = idx
+            .upsert(vec![point("b", &[1.0, 0.0, 0.0], &[])])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, IndexError::WrongDim { want: 2, got: 3 }),
+            "{}: {err}",
+            b.name
+        );
+        assert!(err.to_string().contains("3 dimensions"), "{err}");
+        let err = idx
+            .upsert(vec![point("nan", &[f32::NAN, 0.0], &[])])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, IndexError::NonFinite { ref item } if item == "nan"),
+            "{}: {err}",
+            b.name
+        );
+        let err = idx
+            .upsert(vec![point("inf", &[f32::INFINITY, 0.0], &[])])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, IndexError::NonFinite { .. }),
+            "{}: {err}",
+            b.name
+        );
+        assert!(
+            matches!(idx.upsert(vec![]).await, Err(IndexError::EmptyBatch)),
+            "{}",
+            b.name
+        );
+        assert!(
+            matches!(
+                idx.upsert_into("v1", vec![]).await,
+                Err(IndexError::EmptyBatch)
+            ),
+            "{}",
+            b.name
+        );
+        assert!(
+            matches!(
+                idx.search(&[1.0], &Filter::default(), 5).await,
+                Err(IndexError::WrongDim { want: 2, got: 1 })
+            ),
+            "{}",
+            b.name
+        );
+        assert!(
+            matches!(
+                idx.search(&[f32::NAN, 1.0], &Filter::default(), 5).await,
+                Err(IndexError::NonFinite { .. })
+            ),
+            "{}",
+            b.name
+        );
+        assert!(
+            matches!(
+                idx.drop_version("v1").await,
+                Err(IndexError::Backend(ref m)) if m.contains("live")
+            ),
+            "{}: the live version cannot be dropped",
+            b.name
+        );
+        // Nothing bad got in.
+        assert_eq!(idx.count().await.unwrap(), 1, "{}", b.name);
+        assert!(idx
+            .search(&[1.0, 0.0], &Filter::default(), 0)
+            .await
+            .unwrap()
+            .is_empty());
+    }
+}
+
+#[tokio::test]
+async fn edge_reopens_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("index");
+    {
+        let index = EdgeIndex::open(&root, edge_options()).unwrap();
+        live_with(&index, "v1", catalog()).await;
+        index.create_version("v2", 4).await.unwrap(); // not live: must not be served
+        index
+            .upsert(vec![point("late", &[0.0, 0.0, 0.0, 1.0], &["new"])])
+            .await
+            .unwrap();
+        index
+            .set_payload(
+                &id("item1"),
+                &PayloadPatch {
+                    available: Some(false),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        index.delete(&[id("item2")]).await.unwrap();
+    } // dropped: the process "restarts"
+    let index = EdgeIndex::open(&root, edge_options()).unwrap();
+    let (names, live) = index.versions().await.unwrap();
+    assert_eq!(names, vec!["v1".to_string(), "v2".to_string()]);
+    assert_eq!(live.as_deref(), Some("v1"));
+    assert_eq!(index.count().await.unwrap(), catalog().len());
+    let late = index
+        .search(&[0.0, 0.0, 0.0, 1.0], &Filter::default(), 1)
+        .await
+        .unwrap();
+    assert_eq!(late[0].payload.item_id.as_str(), "late");
+    assert_eq!(late[0].payload.categories, vec!["new".to_string()]);
+    let avail = Filter {
+        available_only: true,
+        ..Default::default()
+    };
+    let hits = ids(&index
+        .search(&catalog()[1].vector, &avail, 100)
+        .await
+        .unwrap());
+    assert!(
+        !hits.contains(&"item1".to_string()),
+        "the payload patch survived"
+    );
+    assert!(
+        index.fetch(&[id("item2")]).await.unwrap().is_empty(),
+        "the delete survived"
+    );
+}
+
+#[tokio::test]
+async fn unreachable_qdrant_names_the_url() {
+    // A port nothing listens on: bind, note the port, close.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let settings = IndexSettings {
+        qdrant_url: url.clone(),
+        ..IndexSettings::default()
+    };
+    let started = Instant::now();
+    let err = match QdrantIndex::connect(&settings).await {
+        Ok(_) => panic!("connected to a closed port"),
+        Err(e) => e,
+    };
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(matches!(err, IndexError::Unavailable(_)), "{err}");
+    assert!(err.to_string().contains(&url), "{err}");
+}
+
+/// In the style of Qdrant's `filtrable_hnsw_test`: build the graph over clustered vectors,
+/// then compare graph search with exact search, allowing at most a few misses in the top 10,
+/// unfiltered and under filters that select whole clusters (the hard case).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_recall_against_exact() {
+    use tandem::index::bench::Generator;
+    use tandem::index::plan::PlanConfig;
+    const N: usize = 20_000;
+    const DIM: usize = 32;
+    const QUERIES: usize = 50;
+    const TOP: usize = 10;
+    // At most 3% of the top-10 results may differ from exact search.
+    const MAX_MISSES: usize = QUERIES * TOP * 3 / 100;
+
+    let dir = tempfile::tempdir().unwrap();
+    let opts = EdgeOptions {
+        // Small thresholds so that this 20k-point collection really gets, and uses, a graph.
+        indexing_threshold_kb: Some(64),
+        full_scan_threshold_kb: Some(64),
+        plan: PlanConfig {
+            exact_max_points: 100,
+            ..PlanConfig::default()
+        },
+        ..EdgeOptions::default()
+    };
+    let edge = EdgeIndex::open(&dir.path().join("index"), opts).unwrap();
+    let exact = ExactIndex::new();
+    let gen = Generator::new(DIM, 7);
+    for index in [&edge as &dyn VectorIndex, &exact] {
+        build_version(
+            index,
+            "v1",
+            DIM,
+            gen.points(N),
+            &indicatif::ProgressBar::hidden(),
+        )
+        .await
+        .unwrap();
+    }
+    let (points, indexed) = edge.index_status("v1").unwrap();
+    assert_eq!(points, N);
+    assert!(
+        indexed >= N / 2,
+        "the graph covers only {indexed} of {N} points"
+    );
+
+    let filters = [
+        ("unfiltered", Filter::default()),
+        (
+            "10% (ten whole clusters)",
+            Filter {
+                include_categories: (0..10).map(Generator::category).collect(),
+                ..Default::default()
+            },
+        ),
+        (
+            "1% (one cluster)",
+            Filter {
+                include_categories: vec![Generator::category(3)],
+                ..Default::default()
+            },
+        ),
+        (
+            "half the clusters excluded, available only",
+            Filter {
+                exclude_categories: (0..50).map(Generator::category).collect(),
+                available_only: true,
+                ..Default::default()
+            },
+        ),
+    ];
+    for (name, f) in &filters {
+        let mut misses = 0;
+        for q in gen.queries(QUERIES) {
+            let want: BTreeSet<String> = ids(&exact.search(&q, f, TOP).await.unwrap())
+                .into_iter()
+                .collect();
+            let got = ids(&edge.search(&q, f, TOP).await.unwrap());
+            assert_eq!(got.len(), want.len(), "{name}");
+            misses += got.iter().filter(|i| !want.contains(*i)).count();
+        }
+        assert!(
+            misses <= MAX_MISSES,
+            "{name}: {misses} misses (at most {MAX_MISSES} allowed)"
+        );
+    }
+}
