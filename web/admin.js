@@ -75,7 +75,7 @@
         b.addEventListener("click", () => activate(v, b));
         act.append(b);
       }
-      return el("tr", { "data-version": v, "data-status": status },
+      return el("tr", { "data-version": v, "data-status": status, "data-source": "registry" },
         el("th", { scope: "row" }, v), statusCell,
         el("td", {}, metricsText(m.metrics)), el("td", {}, (m.created_at || "").replace("T", " ").slice(0, 19)), act);
     });
@@ -98,7 +98,7 @@
       const { data } = await api("GET", "/readyz");
       $("models").replaceChildren(el("table", {},
         el("thead", {}, el("tr", {}, el("th", { scope: "col" }, "Version"), el("th", { scope: "col" }, "Status"))),
-        el("tbody", {}, el("tr", { "data-version": data.model_version, "data-status": "active" },
+        el("tbody", {}, el("tr", { "data-version": data.model_version, "data-status": "active", "data-source": "readyz" },
           el("th", { scope: "row" }, data.model_version), el("td", {}, el("span", { class: "badge active" }, "active"))))));
     } catch { /* the note below says enough */ }
     if (note) say("models-status", note, cls);

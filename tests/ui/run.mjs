@@ -84,6 +84,7 @@ const server = spawn(BIN, ["serve"], {
   env: {
     ...process.env,
     RUST_LOG: process.env.RUST_LOG || "warn",
+    NO_COLOR: "1",
     TANDEM_BIND: `127.0.0.1:${port}`,
     TANDEM_DATA_DIR: path.join(work, "data"),
     TANDEM_MODEL_PATH: model,
@@ -98,11 +99,23 @@ for (const s of [server.stdout, server.stderr]) s.on("data", (d) => serverLog.pu
 let serverExited = null;
 server.on("exit", (code) => { serverExited = code; });
 
-function cleanup() {
-  if (serverExited === null) server.kill("SIGTERM");
-  rmSync(work, { recursive: true, force: true });
+// On any exit the server goes too; `finish` also waits for it before removing its files.
+process.on("exit", () => {
+  if (serverExited === null) server.kill("SIGKILL");
+});
+async function finish(code) {
+  if (serverExited === null) {
+    const gone = new Promise((r) => server.once("exit", r));
+    server.kill("SIGTERM");
+    await Promise.race([gone, new Promise((r) => setTimeout(r, 10_000))]);
+  }
+  try {
+    rmSync(work, { recursive: true, force: true, maxRetries: 3 });
+  } catch (e) {
+    log(`could not remove ${work}: ${e.message}`);
+  }
+  process.exit(code);
 }
-process.on("exit", cleanup);
 for (const sig of ["SIGINT", "SIGTERM"]) process.on(sig, () => process.exit(130));
 
 async function waitReady() {
@@ -160,7 +173,8 @@ async function shoot(page, name) {
   await page.setViewportSize(PHONE);
   await page.waitForTimeout(100);
   const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
-  await page.screenshot({ path: path.join(SHOTS, `${name}-360.png`), fullPage: true });
+  await page.screenshot({ path: path.join(SHOTS, `${name}-360.png`) });
+  await page.screenshot({ path: path.join(SHOTS, `${name}-360-full.png`), fullPage: true });
   await page.setViewportSize(DESKTOP);
   assert(overflow <= 0, `${name}: the page is ${overflow} px wider than a 360 px screen`);
 }
@@ -169,9 +183,20 @@ const cards = (page) => page.locator("#rail > li.card");
 const railIds = (page) => cards(page).evaluateAll((ls) => ls.map((l) => l.dataset.itemId));
 const railCats = (page) => cards(page).evaluateAll((ls) => ls.map((l) => l.dataset.categories.split("|")));
 
-// Waits for the rail to be re-rendered after an action whose status line starts with `what`.
+// Polls `fn(arg)` in the page until it is truthy. (Playwright's waitForFunction polls by
+// evaluating strings, which the pages' Content-Security-Policy rightly forbids.)
+async function until(page, fn, arg, what, timeoutMs = 15_000) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    if (await page.evaluate(fn, arg)) return;
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await page.waitForTimeout(50);
+  }
+}
+
+// Waits for the rail to be re-rendered after an action whose status line contains `what`.
 async function waitStatus(page, what) {
-  await page.waitForFunction((w) => document.getElementById("status").textContent.includes(w), what);
+  await until(page, (w) => document.getElementById("status").textContent.includes(w), what, `status "${what}"`);
 }
 
 async function asAnonymous(page) {
@@ -182,7 +207,7 @@ async function asAnonymous(page) {
 
 await test("storefront shows 20 recommended cards with explain bars", async (page) => {
   await page.goto(`${base}/`);
-  await page.waitForFunction(() => document.querySelectorAll("#rail > li.card").length > 0);
+  await until(page, () => document.querySelectorAll("#rail > li.card").length > 0, null, "the rail");
   assert((await cards(page).count()) === 20, `expected 20 cards, got ${await cards(page).count()}`);
   assert((await page.locator("#rail .why").count()) === 20, "every card shows why it is there");
   assert((await page.locator("#chips .chip").count()) > 0, "category chips are shown");
@@ -206,7 +231,7 @@ await test("clicking a card of category X moves more X items into the top 10", a
   const x1 = countIn(await railCats(page), x);
   log(`     category ${x}: ${x0} of the top 10 before the click, ${x1} after`);
   assert(x1 > x0, `clicking a ${x} item should move more ${x} items into the top 10 (before ${x0}, after ${x1})`);
-  await page.waitForFunction(() => document.querySelectorAll("#similar li[data-item-id]").length > 0);
+  await until(page, () => document.querySelectorAll("#similar li[data-item-id]").length > 0, null, "similar items");
   await shoot(page, "storefront-after-click");
 });
 
@@ -224,7 +249,7 @@ await test("buying an item removes it from the rail", async (page) => {
 
 await test("onboarding with chosen categories shows mostly those", async (page) => {
   await page.goto(`${base}/onboarding`);
-  await page.waitForFunction(() => document.querySelectorAll("#cat-choices input").length >= 3);
+  await until(page, () => document.querySelectorAll("#cat-choices input").length >= 3, null, "category choices");
   // Three categories that are not the most popular ones, so trending alone would not pass.
   const boxes = page.locator("#cat-choices input");
   const n = await boxes.count();
@@ -234,7 +259,7 @@ await test("onboarding with chosen categories shows mostly those", async (page) 
     chosen.push(await boxes.nth(i).getAttribute("value"));
   }
   await page.getByRole("button", { name: "Show my recommendations" }).click();
-  await page.waitForFunction(() => document.querySelectorAll("#rail > li.card").length > 0);
+  await until(page, () => document.querySelectorAll("#rail > li.card").length > 0, null, "the rail");
   const cats = await railCats(page);
   const hits = cats.filter((cs) => cs.some((c) => chosen.includes(c))).length;
   log(`     chose ${chosen.join(", ")}: ${hits} of ${cats.length} recommendations are in them`);
@@ -244,10 +269,10 @@ await test("onboarding with chosen categories shows mostly those", async (page) 
 
 await test("onboarding asks for 3 picks before submitting", async (page) => {
   await page.goto(`${base}/onboarding`);
-  await page.waitForFunction(() => document.querySelectorAll("#cat-choices input").length >= 1);
+  await until(page, () => document.querySelectorAll("#cat-choices input").length >= 1, null, "category choices");
   await page.locator("#cat-choices input").first().check();
   await page.getByRole("button", { name: "Show my recommendations" }).click();
-  await page.waitForFunction(() => /at least 3/.test(document.getElementById("status").textContent));
+  await until(page, () => /at least 3/.test(document.getElementById("status").textContent), null, "the at-least-3 message");
   assert(await page.locator("#results").isHidden(), "no results are shown with one pick");
 });
 
@@ -255,7 +280,7 @@ await test("admin with a wrong key shows an error", async (page) => {
   await page.goto(`${base}/admin`);
   await page.getByLabel("Admin key").fill("not-the-key");
   await page.getByRole("button", { name: "Unlock" }).click();
-  await page.waitForFunction(() => /Wrong or missing admin key/.test(document.getElementById("auth").textContent));
+  await until(page, () => /Wrong or missing admin key/.test(document.getElementById("auth").textContent), null, "the wrong-key error");
   assert((await page.locator("#models tr[data-version]").count()) === 0, "no model is listed with a wrong key");
   await shoot(page, "admin-wrong-key");
 });
@@ -264,7 +289,8 @@ await test("admin with the right key lists the active model, key kept out of the
   await page.goto(`${base}/admin`);
   await page.getByLabel("Admin key").fill(ADMIN_KEY);
   await page.getByRole("button", { name: "Unlock" }).click();
-  const row = page.locator(`#models tr[data-status="active"]`);
+  // From the model registry (GET /admin/models), not the /readyz fallback.
+  const row = page.locator(`#models tr[data-status="active"][data-source="registry"]`);
   await row.first().waitFor();
   const version = await row.first().getAttribute("data-version");
   assert(version === ready.model_version, `the active model shown is ${version}, the server runs ${ready.model_version}`);
@@ -272,7 +298,7 @@ await test("admin with the right key lists the active model, key kept out of the
   const stored = await page.evaluate(() => sessionStorage.getItem("tandem.adminKey"));
   assert(stored === ADMIN_KEY, "the key is kept in sessionStorage");
   // Live figures from /v1/stats: the earlier tests made requests, so there is a p99.
-  await page.waitForFunction(() => /ms$/.test(document.querySelector("#live div:nth-child(3) dd")?.textContent || ""));
+  await until(page, () => /ms$/.test(document.querySelector("#live div:nth-child(3) dd")?.textContent || ""), null, "a live p99 figure");
   await shoot(page, "admin");
 });
 
@@ -280,8 +306,5 @@ await browser.close();
 const failed = results.filter(([, ok]) => !ok);
 log(`${results.length - failed.length} passed, ${failed.length} failed; screenshots in ${path.relative(ROOT, SHOTS)}/`);
 if (Date.now() - started > BUDGET_MS) log(`warning: took longer than the ${BUDGET_MS / 1000} s budget`);
-if (failed.length) {
-  console.error(`server log (tail):\n${serverLog.join("").slice(-2000)}`);
-  process.exit(1);
-}
-process.exit(0);
+if (failed.length) console.error(`server log (tail):\n${serverLog.join("").slice(-2000)}`);
+await finish(failed.length ? 1 : 0);
