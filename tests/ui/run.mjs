@@ -260,6 +260,19 @@ await test("clicking a card of category X moves more X items into the top 10", a
   await shoot(page, "storefront-after-click");
 });
 
+await test("a category chip, pressed by keyboard, filters the rail to that category", async (page) => {
+  await asAnonymous(page);
+  const chip = page.locator("#chips .chip").nth(2);
+  const cat = await chip.getAttribute("data-category");
+  await chip.focus();
+  await page.keyboard.press("Space");
+  await waitStatus(page, `only ${cat}`);
+  assert((await chip.getAttribute("aria-pressed")) === "true", "the chip shows it is pressed");
+  const cats = await railCats(page);
+  assert(cats.length > 0, "the filtered rail is not empty");
+  assert(cats.every((cs) => cs.includes(cat)), `every card is in ${cat}: ${JSON.stringify(cats)}`);
+});
+
 await test("buying an item removes it from the rail", async (page) => {
   await asAnonymous(page);
   const ids = await railIds(page);
