@@ -60,3 +60,11 @@ BENCH_CONN ?= 8
 bench-serve:
 	$(CARGO) build --release --bin tandem --bin tandem-load
 	flock /tmp/tandem-bench.lock load-tests/bench-serve.sh $(BENCH_DIR) $(BENCH_SECS) $(BENCH_CONN)
+
+## bench-lifecycle: activate and roll back a model under steady recommendation traffic
+## (release build, under the benchmark lock). Numbers go to BENCHMARKS-lifecycle.md.
+LIFECYCLE_ITEMS ?= 100000
+LIFECYCLE_RATE ?= 200
+bench-lifecycle:
+	$(CARGO) build --release --bin tandem --example lifecycle_bench
+	flock /tmp/tandem-bench.lock load-tests/lifecycle-bench.sh data/bench-lifecycle $(LIFECYCLE_ITEMS) $(LIFECYCLE_RATE) 15

@@ -170,7 +170,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         sessions,
         Arc::new(catalog),
         settings.server.clone(),
-        settings.rerank.clone(),
+        Arc::new(arc_swap::ArcSwap::from_pointee(settings.rerank.clone())),
     );
 
     std::fs::create_dir_all(&args.out)?;

@@ -56,6 +56,23 @@ pub struct Settings {
     pub registry: RegistrySettings,
     /// A/B experiments (`[[experiments]]`); `PUT /admin/experiments` replaces them at run time.
     pub experiments: Vec<crate::experiment::Experiment>,
+    /// The admin API key, from `TANDEM_ADMIN_KEY` only (never from the file, never printed).
+    #[serde(skip)]
+    pub admin_key: AdminKey,
+}
+
+/// A secret that `Debug` does not print.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct AdminKey(pub Option<String>);
+
+impl std::fmt::Debug for AdminKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Some(***)"
+        } else {
+            "None"
+        })
+    }
 }
 
 /// `[registry]`: registered checkpoints under `<data_dir>/models/`.
@@ -177,6 +194,7 @@ impl Default for Settings {
             rerank: RerankSettings::default(),
             registry: RegistrySettings::default(),
             experiments: Vec::new(),
+            admin_key: AdminKey::default(),
         }
     }
 }
@@ -394,10 +412,15 @@ impl Settings {
             }
             None => toml::Table::new(),
         };
+        let mut admin_key = None;
         for (var, value) in env {
             let Some(key) = var.strip_prefix("TANDEM_") else {
                 continue;
             };
+            if key == "ADMIN_KEY" {
+                admin_key = Some(value).filter(|v| !v.is_empty());
+                continue;
+            }
             let path: Vec<String> = key
                 .to_ascii_lowercase()
                 .split("__")
@@ -408,13 +431,14 @@ impl Settings {
             }
             set_path(&mut doc, &path, &value);
         }
-        let settings: Settings =
+        let mut settings: Settings =
             toml::Value::Table(doc)
                 .try_into()
                 .map_err(|e: toml::de::Error| ConfigError::Invalid {
                     field: "config".into(),
                     reason: e.message().to_string(),
                 })?;
+        settings.admin_key = AdminKey(admin_key);
         settings.validate()?;
         Ok(settings)
     }

@@ -10,7 +10,7 @@
 //! (`incr_counters`), so they add up across replicas with Redis and work alike with the
 //! memory store. The Prometheus calls all live in [`export_metrics`].
 
-use crate::config::{ConfigError, RerankWeights};
+use crate::config::{ConfigError, RerankSettings, RerankWeights};
 use crate::domain::{EventType, SessionId, UserId};
 use crate::session::{Event, SessionError, SessionStore};
 use arc_swap::ArcSwap;
@@ -241,16 +241,36 @@ pub struct Experiments {
     current: ArcSwap<Vec<Experiment>>,
     store: Arc<dyn SessionStore>,
     pending: Mutex<Pending>,
+    /// `[rerank.*]` from config, and what the re-ranker reads: those plus each variant's own
+    /// weights.
+    base_rerank: RerankSettings,
+    rerank: Arc<ArcSwap<RerankSettings>>,
 }
 
 impl Experiments {
-    /// Starts with the configured set (already validated with the settings).
-    pub fn new(initial: Vec<Experiment>, store: Arc<dyn SessionStore>) -> Self {
+    /// Starts with the configured set (already validated with the settings) and the
+    /// configured re-rank weights.
+    pub fn new(
+        initial: Vec<Experiment>,
+        store: Arc<dyn SessionStore>,
+        base_rerank: RerankSettings,
+    ) -> Self {
+        let rerank = Arc::new(ArcSwap::from_pointee(merged_weights(
+            &base_rerank,
+            &initial,
+        )));
         Experiments {
             current: ArcSwap::from_pointee(initial),
             store,
             pending: Mutex::new(Pending::default()),
+            base_rerank,
+            rerank,
         }
+    }
+
+    /// The per-variant weights the re-ranker reads; updated when experiments change.
+    pub fn rerank_handle(&self) -> Arc<ArcSwap<RerankSettings>> {
+        self.rerank.clone()
     }
 
     pub fn list(&self) -> Vec<Experiment> {
@@ -261,6 +281,8 @@ impl Experiments {
     /// name are kept.
     pub fn replace(&self, experiments: Vec<Experiment>) -> Result<(), ExperimentError> {
         validate(&experiments)?;
+        self.rerank
+            .store(Arc::new(merged_weights(&self.base_rerank, &experiments)));
         self.current.store(Arc::new(experiments));
         Ok(())
     }
@@ -409,6 +431,20 @@ impl Experiments {
         let counters = self.store.read_counters(&counter_key(name)).await?;
         Ok(build_report(&e, &counters))
     }
+}
+
+/// The configured weights, with each enabled experiment's variant weights on top (a variant
+/// without its own weights keeps `[rerank.<name>]`, or control's).
+fn merged_weights(base: &RerankSettings, experiments: &[Experiment]) -> RerankSettings {
+    let mut out = base.clone();
+    for e in experiments.iter().filter(|e| e.enabled) {
+        for v in &e.variants {
+            if let Some(w) = &v.rerank {
+                out.0.insert(v.name.clone(), w.clone());
+            }
+        }
+    }
+    out
 }
 
 fn field(variant: &str, what: &str) -> String {

@@ -166,7 +166,8 @@ pub struct Recommender {
     pub sessions: Arc<dyn SessionStore>,
     pub catalog: Arc<Catalog>,
     pub settings: ServerSettings,
-    pub rerank: RerankSettings,
+    /// Per-variant weights; experiments replace it at run time (`experiment::Experiments`).
+    pub rerank: Arc<ArcSwap<RerankSettings>>,
     trending: TrendingCache,
 }
 
@@ -177,7 +178,7 @@ impl Recommender {
         sessions: Arc<dyn SessionStore>,
         catalog: Arc<Catalog>,
         settings: ServerSettings,
-        rerank: RerankSettings,
+        rerank: Arc<ArcSwap<RerankSettings>>,
     ) -> Self {
         Recommender {
             model,
@@ -636,7 +637,8 @@ impl Recommender {
         trending: &HashMap<ItemId, f32>,
         candidates: Vec<Candidate>,
     ) -> Vec<Ranked> {
-        let weights = self.rerank.for_variant(&req.variant);
+        let rerank = self.rerank.load();
+        let weights = rerank.for_variant(&req.variant);
         let session: Vec<SessionItem> = activity
             .events
             .iter()

@@ -33,7 +33,7 @@ pub struct AdminState {
 }
 
 impl AdminState {
-    /// `key` is `TANDEM_ADMIN_KEY` (an empty value counts as unset).
+    /// `key` is `TANDEM_ADMIN_KEY` (`Settings::admin_key`; an empty value counts as unset).
     pub fn new(
         lifecycle: Arc<Lifecycle>,
         experiments: Arc<Experiments>,
@@ -45,20 +45,17 @@ impl AdminState {
             key_digest: key.filter(|k| !k.is_empty()).map(digest),
         }
     }
-
-    /// Reads the key from `TANDEM_ADMIN_KEY`.
-    pub fn from_env(lifecycle: Arc<Lifecycle>, experiments: Arc<Experiments>) -> Self {
-        let key = std::env::var(ADMIN_KEY_ENV).ok();
-        Self::new(lifecycle, experiments, key.as_deref())
-    }
 }
 
 fn digest(s: &str) -> [u8; 32] {
     Sha256::digest(s.as_bytes()).into()
 }
 
-/// The admin routes, to be nested under `/admin`.
-pub fn router(state: AdminState) -> Router {
+/// The admin routes, to be nested under `/admin` in a router of any state.
+pub fn router<S>(state: AdminState) -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
     Router::new()
         .route("/models", get(list_models).post(register_model))
         .route("/models/rollback", post(rollback))

@@ -54,7 +54,11 @@ async fn recommend(
     params: RecommendParams,
 ) -> ApiResult<Json<RecommendationsResponse>> {
     let v = params.validate()?;
-    let variant = s.choose_variant(v.user.as_ref(), v.session.as_ref());
+    let assignment = s.assign(v.user.as_ref(), v.session.as_ref());
+    let variant = assignment
+        .as_ref()
+        .map(|a| a.variant.clone())
+        .unwrap_or_else(|| crate::config::CONTROL_VARIANT.to_string());
     let req = RecommendRequest {
         request_id,
         user: v.user,
@@ -63,8 +67,13 @@ async fn recommend(
         filter: v.filter,
         variant,
     };
+    let started = std::time::Instant::now();
     let recs = s.recommender.recommend(&req).await;
     s.stats.record_source(recs.source);
+    if let Some(a) = &assignment {
+        s.experiments
+            .record_served(a, &req.request_id, started.elapsed());
+    }
     Ok(Json(RecommendationsResponse::new(recs, v.explain)))
 }
 
@@ -358,6 +367,12 @@ pub async fn post_events(State(s): State<AppState>, req: Request) -> ApiResult<i
     let bytes = read_body(req, s.settings.server.max_body_bytes).await?;
     let events = super::events::parse_events(&s, &bytes)?;
     let outcome = s.sessions.append(&events).await?;
+    // Resent duplicates must not count twice; a batch mixing new and resent events (a retry
+    // of a half-failed batch) cannot tell which is which, so it is left out of the counts.
+    if outcome.duplicates == 0 {
+        let experiments = s.experiments.clone();
+        tokio::spawn(async move { experiments.attribute(&events).await });
+    }
     Ok((
         StatusCode::ACCEPTED,
         Json(EventsAccepted {

@@ -4,9 +4,12 @@ use crate::catalog::{Catalog, CatalogError};
 use crate::config::{Settings, CONTROL_VARIANT};
 use crate::data::DataError;
 use crate::domain::{Item, ItemId, SessionId, UserId};
+use crate::experiment::{Assignment, Experiments};
 use crate::index::{IndexError, IndexPoint, Payload, VectorIndex};
+use crate::lifecycle::{Lifecycle, LifecycleError};
 use crate::model::{ModelError, TwoTower};
 use crate::pipeline::Recommender;
+use crate::registry::Registry;
 use crate::session::{SessionError, SessionStore};
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
@@ -40,6 +43,8 @@ pub enum ServeError {
         model: usize,
         model_version: String,
     },
+    #[error("model registry: {0}")]
+    Lifecycle(#[from] LifecycleError),
     #[error("server: {0}")]
     Io(std::io::Error),
 }
@@ -57,6 +62,10 @@ pub struct AppState {
     pub limiter: Arc<Semaphore>,
     /// Live request and cache figures for `GET /v1/stats`.
     pub stats: Arc<super::stats::ServerStats>,
+    /// Registered models, activation and rollback (the admin API).
+    pub lifecycle: Arc<Lifecycle>,
+    /// A/B assignment and outcome counting.
+    pub experiments: Arc<Experiments>,
 }
 
 impl AppState {
@@ -64,8 +73,24 @@ impl AppState {
     /// the index is empty and a catalog dir is configured, the catalog is embedded and indexed
     /// first (the embedded demo and the tests start this way).
     pub async fn build(settings: Settings) -> Result<Self, ServeError> {
-        let model = TwoTower::load(&settings.model_path).map_err(|e| ServeError::Model {
-            path: settings.model_path.display().to_string(),
+        let registry = Arc::new(
+            Registry::open(&settings.data_dir, settings.registry.keep_last)
+                .map_err(LifecycleError::from)?,
+        );
+        // After an activation the registry's active version is what serves, across restarts;
+        // `model_path` is the first model only.
+        let model_path = match registry.active() {
+            Some(active) if registry.model_dir(&active.version).is_dir() => {
+                tracing::info!(
+                    version = active.version,
+                    "serving the registry's active model"
+                );
+                registry.model_dir(&active.version)
+            }
+            _ => settings.model_path.clone(),
+        };
+        let model = TwoTower::load(&model_path).map_err(|e| ServeError::Model {
+            path: model_path.display().to_string(),
             source: Box::new(e),
         })?;
         tracing::info!(version = model.version(), dim = model.dim(), "model loaded");
@@ -99,33 +124,55 @@ impl AppState {
             secs = started.elapsed().as_secs_f64(),
             "catalog loaded"
         );
-        Ok(Self::from_parts(
+        Self::from_parts(
             settings,
             model,
             index,
             sessions,
             Arc::new(catalog),
-        ))
+            registry,
+            &model_path,
+        )
+        .await
     }
 
-    /// Assembles a state from parts that are already open.
-    pub fn from_parts(
+    /// Assembles a state from parts that are already open; `model_source` is the directory
+    /// `model` was loaded from (the registry adopts it if it does not know it yet).
+    pub async fn from_parts(
         settings: Settings,
         model: TwoTower,
         index: Arc<dyn VectorIndex>,
         sessions: Arc<dyn SessionStore>,
         catalog: Arc<Catalog>,
-    ) -> Self {
+        registry: Arc<Registry>,
+        model_source: &Path,
+    ) -> Result<Self, ServeError> {
         let model = Arc::new(ArcSwap::from_pointee(model));
+        let experiments = Arc::new(Experiments::new(
+            settings.experiments.clone(),
+            sessions.clone(),
+            settings.rerank.clone(),
+        ));
+        experiments.spawn_flusher();
         let recommender = Arc::new(Recommender::new(
             model.clone(),
             index.clone(),
             sessions.clone(),
             catalog.clone(),
             settings.server.clone(),
-            settings.rerank.clone(),
+            experiments.rerank_handle(),
         ));
-        AppState {
+        let lifecycle = Arc::new(
+            Lifecycle::start(
+                registry,
+                model.clone(),
+                index.clone(),
+                catalog.clone(),
+                model_source,
+            )
+            .await?,
+        );
+        Ok(AppState {
             limiter: Arc::new(Semaphore::new(settings.server.max_concurrency)),
             settings: Arc::new(settings),
             model,
@@ -133,14 +180,23 @@ impl AppState {
             sessions,
             catalog,
             recommender,
+            lifecycle,
+            experiments,
             stats: Arc::new(super::stats::ServerStats::new()),
-        }
+        })
     }
 
-    /// The experiment arm of a request: the one place a variant is chosen. Everyone gets
-    /// control until experiment assignment lands.
-    pub fn choose_variant(&self, _user: Option<&UserId>, _session: Option<&SessionId>) -> String {
-        CONTROL_VARIANT.to_string()
+    /// The experiment arm of a request: the one place a variant is chosen. Without a running
+    /// experiment (or an id to hash) it is control.
+    pub fn choose_variant(&self, user: Option<&UserId>, session: Option<&SessionId>) -> String {
+        self.assign(user, session)
+            .map(|a| a.variant)
+            .unwrap_or_else(|| CONTROL_VARIANT.to_string())
+    }
+
+    /// The full assignment, for handlers that count the response as an impression.
+    pub fn assign(&self, user: Option<&UserId>, session: Option<&SessionId>) -> Option<Assignment> {
+        self.experiments.assign(user, session)
     }
 }
 
