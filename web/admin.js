@@ -52,8 +52,17 @@
       ({ data } = await admin("GET", "/admin/models"));
     } catch (e) {
       const [msg, cls] = explain(e, "The model registry");
-      if (e.status === 401 || e.status === 403) say("auth", msg, "error");
-      await activeFromReadyz(e.status === 404 ? msg : null, cls);
+      if (e.status === 401 || e.status === 403) {
+        // A wrong key shows nothing that needs the key.
+        say("auth", msg, "error");
+        $("models").replaceChildren();
+        $("experiments").replaceChildren();
+        say("models-status", "");
+      } else if (e.status === 404) {
+        await activeFromReadyz(msg, cls);
+      } else {
+        say("models-status", msg, cls);
+      }
       return e.status;
     }
     say("auth", "Unlocked.", "");
@@ -101,7 +110,7 @@
         el("tbody", {}, el("tr", { "data-version": data.model_version, "data-status": "active", "data-source": "readyz" },
           el("th", { scope: "row" }, data.model_version), el("td", {}, el("span", { class: "badge active" }, "active"))))));
     } catch { /* the note below says enough */ }
-    if (note) say("models-status", note, cls);
+    say("models-status", note, cls);
   }
 
   async function activate(version, button) {
@@ -196,7 +205,7 @@
         ["Requests total", data.requests_total ?? "–"],
       ];
       $("live").replaceChildren(...figures.map(([k, v]) => el("div", {}, el("dt", {}, k), el("dd", {}, v))));
-      say("live-status", `Last ${data.window_s || 60} s · updated ${new Date().toLocaleTimeString()}`);
+      say("live-status", `Last ${Math.round(data.window_s || 60)} s · updated ${new Date().toLocaleTimeString()}`);
     } catch (e) {
       const [msg, cls] = explain(e, "Live serving figures");
       say("live-status", msg, cls);

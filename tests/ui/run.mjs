@@ -342,6 +342,37 @@ await test("admin with the right key lists the active model, key kept out of the
   await shoot(page, "admin");
 });
 
+await test("admin shows an experiment's CTR and conversion per variant with confidence intervals", async (page) => {
+  const adminHeaders = { "Content-Type": "application/json", "X-API-Key": ADMIN_KEY };
+  const exp = { name: "rail-test", salt: "ui", variants: [{ name: "control", share: 0.5 }, { name: "treatment", share: 0.5 }] };
+  const put = await fetch(`${base}/admin/experiments`, { method: "PUT", headers: adminHeaders, body: JSON.stringify({ experiments: [exp] }) });
+  assert(put.ok, `PUT /admin/experiments: HTTP ${put.status} ${await put.text()}`);
+  // Real traffic: 30 anonymous shoppers see a rail; every other one clicks, every fifth buys.
+  for (let i = 0; i < 30; i++) {
+    const session_id = `ui-exp-${i}`;
+    const r = await (await fetch(`${base}/v1/recommendations?session_id=${session_id}&k=10`)).json();
+    const events = [];
+    if (i % 2 === 0) events.push({ session_id, item_id: r.items[0].item_id, type: "click", variant: r.variant, request_id: r.request_id });
+    if (i % 5 === 0) events.push({ session_id, item_id: r.items[1].item_id, type: "purchase", variant: r.variant, request_id: r.request_id });
+    if (events.length) {
+      const e = await fetch(`${base}/v1/events`, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(events) });
+      assert(e.status === 202, `POST /v1/events: HTTP ${e.status} ${await e.text()}`);
+    }
+  }
+  await page.goto(`${base}/admin`);
+  await page.getByLabel("Admin key").fill(ADMIN_KEY);
+  await page.getByRole("button", { name: "Unlock" }).click();
+  const table = page.locator(`table[data-experiment="rail-test"]`);
+  await table.waitFor();
+  const rows = table.locator("tbody tr");
+  assert((await rows.count()) === 2, `two variants listed, got ${await rows.count()}`);
+  const text = await table.innerText();
+  assert(/95% CI/.test(text), `CTR and conversion are shown with their intervals: ${text}`);
+  const impressions = await rows.evaluateAll((trs) => trs.map((tr) => Number(tr.children[3].textContent)));
+  assert(impressions.reduce((a, b) => a + b, 0) >= 30, `the 30 rails count as impressions: ${impressions}`);
+  await shoot(page, "admin-experiment");
+});
+
 await test("admin shows live latency and cache figures from GET /v1/stats", async (page) => {
   await page.goto(`${base}/admin`);
   // The earlier tests made API requests, so the window holds a p99; the page polls every 2 s.
