@@ -33,17 +33,25 @@
     return { fraction: Math.min(1, (p.done || 0) / p.total), phase: p.phase || "", done: p.done || 0, total: p.total };
   }
   // Metrics are {val: {name: value}, test: {name: value}} as the checkpoint manifest holds them.
-  function metricsText(metrics) {
-    if (!metrics || typeof metrics !== "object") return "";
-    const parts = [];
+  // The headline ones are shown; the rest fold away so the table stays readable on a phone.
+  const HEADLINE = ["recall@20", "ndcg@10"];
+  function metricsCell(metrics) {
+    const td = el("td", {});
+    if (!metrics || typeof metrics !== "object") return td;
     const fmt = (v) => (Number.isInteger(v) ? String(v) : v.toFixed(4));
+    const all = [];
     for (const [split, values] of Object.entries(metrics)) {
-      if (typeof values === "number") parts.push(`${split} ${fmt(values)}`);
-      else if (values && typeof values === "object") {
-        for (const [k, v] of Object.entries(values)) if (typeof v === "number") parts.push(`${split} ${k} ${fmt(v)}`);
+      if (values && typeof values === "object") {
+        for (const [k, v] of Object.entries(values)) if (typeof v === "number") all.push([split, k, v]);
       }
     }
-    return parts.join(" · ");
+    const head = all.filter(([, k]) => HEADLINE.includes(k));
+    td.append(head.map(([s, k, v]) => `${s} ${k} ${fmt(v)}`).join(" · ") || (all.length ? "" : "–"));
+    if (all.length > head.length) {
+      td.append(el("details", {}, el("summary", {}, "all metrics"),
+        el("ul", { class: "metrics" }, ...all.map(([s, k, v]) => el("li", {}, `${s} ${k} ${fmt(v)}`)))));
+    }
+    return td;
   }
 
   async function loadModels() {
@@ -86,7 +94,7 @@
       }
       return el("tr", { "data-version": v, "data-status": status, "data-source": "registry" },
         el("th", { scope: "row" }, v), statusCell,
-        el("td", {}, metricsText(m.metrics)), el("td", {}, (m.created_at || "").replace("T", " ").slice(0, 19)), act);
+        metricsCell(m.metrics), el("td", {}, (m.created_at || "").replace("T", " ").slice(0, 19)), act);
     });
     $("models").replaceChildren(el("table", {},
       el("caption", { class: "visually-hidden" }, "Registered models"),
