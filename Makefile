@@ -37,15 +37,16 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
-## check-split: tandem's split of ml-latest-small equals the shared one (needs ../shared; not in CI)
-check-split:
-	scripts/check-split.sh
-
 ## index: ANN benchmarks of the vector index (release build; serialized by the bench lock)
 .PHONY: bench-ann
 bench-ann:
 	$(CARGO) build --release --bin tandem
-	flock /tmp/tandem-bench.lock ./target/release/tandem bench ann --items 100000 --dim 64 --queries 1000 --filter-selectivity 0.1
+	flock /tmp/tandem-bench.lock ./target/release/tandem bench ann --items 100000 --dim 64 --queries 1000 --filter-selectivity 0.1,0.01
+
+## check-split: tandem's split of ml-latest-small equals the shared one (needs ../shared; not in CI)
+check-split:
+	scripts/check-split.sh
+
 ## bench-session: session store benchmark (Redis ingest + no-loss check, read latency, outage); needs Redis on :6379
 bench-session:
 	$(CARGO) build --release --example session_bench
@@ -68,3 +69,8 @@ LIFECYCLE_RATE ?= 200
 bench-lifecycle:
 	$(CARGO) build --release --bin tandem --example lifecycle_bench
 	flock /tmp/tandem-bench.lock load-tests/lifecycle-bench.sh data/bench-lifecycle $(LIFECYCLE_ITEMS) $(LIFECYCLE_RATE) 15
+
+## model: the shipped demo checkpoint, reproducible from the demo data (seed 7)
+.PHONY: demo-model
+demo-model: demo-data
+	./target/debug/tandem train --data $(DEMO_DIR)/raw --out models/demo --seed 7 --threads 2

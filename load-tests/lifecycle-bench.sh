@@ -12,7 +12,7 @@ DIR=${1:-data/bench-lifecycle}
 ITEMS=${2:-100000}
 RATE=${3:-200}
 SECS=${4:-15}
-BIN=./target/release
+BIN=${BIN:-./target/release}
 PORT=${BENCH_PORT:-18081}
 KEY=bench-$(date +%s)
 mkdir -p "$DIR"

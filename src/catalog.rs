@@ -11,6 +11,7 @@ use crate::domain::{Filter, Item, ItemId};
 use crate::index::{IndexError, Payload, VectorIndex};
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 /// One servable item.
@@ -46,6 +47,8 @@ impl CatalogEntry {
 pub enum CatalogError {
     #[error("reading the catalog from the index: {0}")]
     Index(#[from] IndexError),
+    #[error("catalog journal {file}: {reason}")]
+    Journal { file: PathBuf, reason: String },
 }
 
 /// What a start-up load found.
@@ -214,6 +217,98 @@ impl Catalog {
     }
 }
 
+/// Items added through the API since the catalog file was written, so that they survive a
+/// restart (the index keeps their vectors; the catalog file does not know them). One item per
+/// line in the common JSONL format, appended and fsynced before the write is acknowledged.
+/// Availability and price changes need no journal: they live in the index payload, which
+/// `Catalog::load` reads.
+pub struct CatalogJournal {
+    path: PathBuf,
+    file: Mutex<Option<std::fs::File>>,
+}
+
+impl CatalogJournal {
+    pub fn new(path: PathBuf) -> Self {
+        CatalogJournal {
+            path,
+            file: Mutex::new(None),
+        }
+    }
+
+    /// The journaled items, oldest first. A torn last line (a crash mid-append, before the
+    /// write was acknowledged) is skipped with a warning; a bad line elsewhere is an error.
+    pub fn read(&self) -> Result<Vec<Item>, CatalogError> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(self.io(e)),
+        };
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        let mut items = Vec::with_capacity(lines.len());
+        for (n, line) in lines.iter().enumerate() {
+            match serde_json::from_str::<Item>(line) {
+                Ok(item) => items.push(item),
+                Err(e) if n + 1 == lines.len() && !text.ends_with('\n') => {
+                    tracing::warn!(file = %self.path.display(), error = %e, "skipping a torn last line");
+                }
+                Err(e) => {
+                    return Err(CatalogError::Journal {
+                        file: self.path.clone(),
+                        reason: format!("line {}: {e}", n + 1),
+                    })
+                }
+            }
+        }
+        Ok(items)
+    }
+
+    /// Appends items durably (blocking I/O: call it off the async workers).
+    pub fn append(&self, items: &[Item]) -> Result<(), CatalogError> {
+        use std::io::Write;
+        let mut buf = Vec::new();
+        for item in items {
+            serde_json::to_writer(&mut buf, item).map_err(|e| CatalogError::Journal {
+                file: self.path.clone(),
+                reason: e.to_string(),
+            })?;
+            buf.push(b'\n');
+        }
+        let mut file = self.file.lock();
+        if file.is_none() {
+            if let Some(dir) = self.path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| self.io(e))?;
+            }
+            // Drop a torn tail first, so the next line starts on a line of its own.
+            if let Ok(text) = std::fs::read(&self.path) {
+                if !text.is_empty() && !text.ends_with(b"\n") {
+                    let keep = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+                    let f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&self.path)
+                        .map_err(|e| self.io(e))?;
+                    f.set_len(keep as u64).map_err(|e| self.io(e))?;
+                }
+            }
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)
+                .map_err(|e| self.io(e))?;
+            *file = Some(f);
+        }
+        let f = file.as_mut().expect("opened above");
+        f.write_all(&buf).map_err(|e| self.io(e))?;
+        f.sync_data().map_err(|e| self.io(e))
+    }
+
+    fn io(&self, e: std::io::Error) -> CatalogError {
+        CatalogError::Journal {
+            file: self.path.clone(),
+            reason: e.to_string(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,5 +346,35 @@ mod tests {
         c.remove(&ItemId::parse("a").unwrap());
         assert!(c.popular(&only_x, 10).is_empty());
         assert_eq!(c.len(), 2);
+    }
+
+    #[test]
+    fn journal_round_trips_and_tolerates_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/items-added.jsonl");
+        let j = CatalogJournal::new(path.clone());
+        assert!(j.read().unwrap().is_empty());
+        let a = entry("a", "x", 1.0).item;
+        let b = entry("b", "y", 1.0).item;
+        j.append(std::slice::from_ref(&a)).unwrap();
+        j.append(std::slice::from_ref(&b)).unwrap();
+        assert_eq!(j.read().unwrap(), vec![a.clone(), b.clone()]);
+        // A crash in the middle of an append leaves half a line.
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(br#"{"item_id":"c","tit"#).unwrap();
+        assert_eq!(j.read().unwrap(), vec![a.clone(), b.clone()]);
+        // A fresh writer (after the restart) cuts the torn tail before appending.
+        let j = CatalogJournal::new(path.clone());
+        let c = entry("c", "z", 1.0).item;
+        j.append(std::slice::from_ref(&c)).unwrap();
+        assert_eq!(j.read().unwrap(), vec![a, b, c]);
+        // Damage anywhere else is reported with the line.
+        std::fs::write(&path, "not json\n{}\n").unwrap();
+        let err = j.read().unwrap_err().to_string();
+        assert!(err.contains("line 1"), "{err}");
     }
 }

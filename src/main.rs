@@ -22,7 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the HTTP API (recommendations, similar items, catalog, events, onboarding, admin).
+    /// Serve the HTTP API (recommendations, similar items, catalog, events, onboarding) until
+    /// Ctrl-C or SIGTERM, then drain the requests in flight.
     Serve(ServeArgs),
     /// Convert a public dataset into tandem's common format (items.csv, interactions.csv).
     #[command(subcommand)]
@@ -33,22 +34,443 @@ enum Command {
     /// Split a dataset with the evaluation protocol: train, test, onboarding for new users,
     /// and a validation split of train.
     Split(SplitArgs),
+    /// Write the event log as `interactions.csv` in the common format, to retrain on live
+    /// traffic.
+    ExportEvents(ExportEventsArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Train the two-tower model and write a checkpoint (model.safetensors + manifest.json).
     Train(TrainArgs),
     /// Score a checkpoint on a split directory with the offline protocol (trains one first
     /// when --model is not given).
     Eval(EvalArgs),
-    /// Write the event log as `interactions.csv` in the common format, to retrain on live
-    /// traffic.
-    ExportEvents(ExportEventsArgs),
     /// Manage model versions on a running server over its admin API (for scripts and CI):
     /// list, register, activate, rollback.
     Models(ModelsArgs),
-    /// Benchmarks.
-    Bench {
-        #[command(subcommand)]
-        what: BenchCommand,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on (overrides `bind`).
+    #[arg(long, env = "TANDEM_BIND", value_name = "HOST:PORT")]
+    bind: Option<String>,
+    /// Checkpoint directory to serve (overrides `model_path`).
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
+    /// Data dir whose items file is the catalog (overrides `server.catalog_dir`); it is
+    /// embedded and indexed at start-up when the index is empty.
+    #[arg(long, value_name = "DIR")]
+    catalog: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ModelsArgs {
+    /// The server's base URL.
+    #[arg(
+        long,
+        env = "TANDEM_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    url: String,
+    /// The admin key (the server's TANDEM_ADMIN_KEY).
+    #[arg(long, env = "TANDEM_ADMIN_KEY", hide_env_values = true, global = true)]
+    api_key: Option<String>,
+    #[command(subcommand)]
+    action: ModelsAction,
+}
+
+#[derive(Subcommand)]
+enum ModelsAction {
+    /// Registered versions with status, metrics and activation progress (JSON).
+    List,
+    /// Validate a checkpoint directory (a path on the server) and register it.
+    Register {
+        /// Checkpoint directory holding model.safetensors and manifest.json.
+        path: String,
     },
+    /// Embed the catalog with a version's item tower and switch to it.
+    Activate {
+        version: String,
+        /// Return at once instead of waiting until the version serves.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout_secs: u64,
+    },
+    /// Go back to the previously active version (instant, no re-embedding).
+    Rollback,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// ANN search on generated clustered vectors: build time, latency, recall against exact
+    /// search, upsert visibility and memory, printed as one JSON line.
+    Ann(BenchAnnArgs),
+}
+
+#[derive(Args)]
+struct BenchAnnArgs {
+    /// Items in the generated catalog.
+    #[arg(long, default_value_t = 100_000)]
+    items: usize,
+    /// Vector dimension.
+    #[arg(long, default_value_t = 64)]
+    dim: usize,
+    /// Queries timed (each run unfiltered and once per --filter-selectivity).
+    #[arg(long, default_value_t = 1_000)]
+    queries: usize,
+    /// Fractions of items a filtered query keeps, as whole categories (e.g. 0.1,0.01).
+    #[arg(long, value_delimiter = ',')]
+    filter_selectivity: Vec<f64>,
+    /// Backend: edge (embedded), qdrant or exact.
+    #[arg(long, default_value = "edge")]
+    backend: String,
+    /// Directory for the edge collections (default: a fresh temp dir, removed after).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Random seed of the generated catalog and queries.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+#[derive(Subcommand)]
+enum ImportSource {
+    /// Import MovieLens: ml-100k (u.data, u.item, u.user) or ml-latest-small / ml-25m
+    /// (ratings.csv, movies.csv, tags.csv). Genres become categories, tags become item tags,
+    /// the year in the title becomes `year`.
+    Movielens(MovielensArgs),
+}
+
+#[derive(Args)]
+struct MovielensArgs {
+    /// The unpacked MovieLens directory.
+    #[arg(long, env = "TANDEM_IMPORT_SRC", value_name = "DIR")]
+    src: PathBuf,
+    /// Where to write items.csv and interactions.csv (created if missing).
+    #[arg(long, env = "TANDEM_IMPORT_OUT", value_name = "DIR")]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Where to write items.csv, interactions.csv and generate.json (created if missing).
+    #[arg(long, env = "TANDEM_GENERATE_OUT", value_name = "DIR")]
+    out: PathBuf,
+    /// Number of catalog items.
+    #[arg(long, env = "TANDEM_GENERATE_ITEMS", default_value_t = 10_000)]
+    items: u64,
+    /// Number of users; each gets at least one interaction.
+    #[arg(long, env = "TANDEM_GENERATE_USERS", default_value_t = 2_000)]
+    users: u64,
+    /// Exact number of interactions to write (at least --users).
+    #[arg(long, env = "TANDEM_GENERATE_INTERACTIONS", default_value_t = 100_000)]
+    interactions: u64,
+    /// Random seed; the same seed gives the same bytes.
+    #[arg(long, env = "TANDEM_GENERATE_SEED", default_value_t = 42)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct SplitArgs {
+    /// A directory with items.{csv,jsonl} and interactions.{csv,jsonl}.
+    #[arg(long, env = "TANDEM_SPLIT_DATA", value_name = "DIR")]
+    data: PathBuf,
+    /// Where to write train.csv, test.csv, onboard.csv, onboard_test.csv, val/, items and
+    /// stats.json (created if missing).
+    #[arg(long, env = "TANDEM_SPLIT_OUT", value_name = "DIR")]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct ExportEventsArgs {
+    /// Directory to write `interactions.csv` into (created if missing).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Only events at or after this time: unix seconds, unix milliseconds or RFC 3339.
+    #[arg(long, value_name = "TIME")]
+    since: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs to stderr, `info` unless `RUST_LOG` says otherwise; JSON when `TANDEM_LOG_FORMAT=json`.
+fn init_logging() {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        // qdrant-edge warns "Feature flags not initialized!" on every operation; it means
+        // nothing to a tandem user.
+        .add_directive(
+            "qdrant_edge::common::flags=error"
+                .parse()
+                .expect("valid directive"),
+        );
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let json = std::env::var("TANDEM_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
+    // A second init (there is none in the binary) would only fail to install; ignore it.
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// The error and its causes on one line, skipping a cause whose text the line already holds
+/// (the data errors print their source themselves).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.replace('\n', " ")
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    // Validated at start-up even by commands that use little of it, so that a bad setting
+    // fails before any work is done.
+    let settings = Settings::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Import(ImportSource::Movielens(args)) => {
+            let s = movielens::import(&args.src, &args.out)?;
+            println!(
+                "imported {} interactions, {} users, {} items ({} rated, {} tagged) into {}",
+                thousands(s.interactions),
+                thousands(s.users),
+                thousands(s.items),
+                thousands(s.items_rated),
+                thousands(s.items_tagged),
+                args.out.display()
+            );
+        }
+        Command::Generate(args) => {
+            let cfg = synthetic::GenerateConfig {
+                items: args.items,
+                users: args.users,
+                interactions: args.interactions,
+                seed: args.seed,
+            };
+            let s = synthetic::generate(&cfg, &args.out)?;
+            println!(
+                "generated {} interactions, {} users, {} items (seed {}) into {} in {:.1}s",
+                thousands(cfg.interactions),
+                thousands(cfg.users),
+                thousands(cfg.items),
+                cfg.seed,
+                args.out.display(),
+                s.seconds
+            );
+        }
+        Command::Serve(args) => serve(settings, args)?,
+        Command::ExportEvents(args) => export_events(&settings, &args)?,
+        Command::Models(args) => models(args)?,
+        Command::Split(args) => {
+            let s = split::split(&args.data, &args.out)?;
+            println!(
+                "split {} interactions: train {}, test {} ({} users), onboard {} + onboard_test {} ({} new users), val {} + {}, into {}",
+                thousands(s.interactions),
+                thousands(s.train_rows),
+                thousands(s.test_rows),
+                thousands(s.test_users),
+                thousands(s.onboard_rows),
+                thousands(s.onboard_test_rows),
+                thousands(s.new_users_scored),
+                thousands(s.val_train_rows),
+                thousands(s.val_test_rows),
+                args.out.display()
+            );
+        }
+        Command::Bench(BenchCommand::Ann(args)) => bench_ann(settings, args)?,
+        Command::Train(args) => {
+            set_threads(args.hp.threads);
+            run_train(args)?
+        }
+        Command::Eval(args) => {
+            set_threads(args.hp.threads);
+            run_eval(args)?
+        }
+    }
+    Ok(())
+}
+
+fn serve(mut settings: Settings, args: ServeArgs) -> anyhow::Result<()> {
+    if let Some(b) = args.bind {
+        settings.bind = b;
+    }
+    if let Some(m) = args.model {
+        settings.model_path = m;
+    }
+    if let Some(c) = args.catalog {
+        settings.server.catalog_dir = c;
+    }
+    settings.validate()?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&settings.bind)
+            .await
+            .map_err(|e| anyhow::anyhow!("binding {}: {e}", settings.bind))?;
+        tandem::http::serve(listener, settings, shutdown_signal()).await?;
+        anyhow::Ok(())
+    })
+}
+
+/// Completes on Ctrl-C or SIGTERM, so the server drains in-flight requests before exiting.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}
+
+fn models(args: ModelsArgs) -> anyhow::Result<()> {
+    use tandem::http::admin_client::AdminClient;
+    let client = AdminClient::new(&args.url, args.api_key);
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let out = match args.action {
+            ModelsAction::List => serde_json::to_value(client.list().await?)?,
+            ModelsAction::Register { path } => serde_json::to_value(client.register(&path).await?)?,
+            ModelsAction::Activate {
+                version,
+                no_wait,
+                timeout_secs,
+            } => {
+                let started = client.activate(&version).await?;
+                if no_wait {
+                    serde_json::to_value(started)?
+                } else {
+                    let mut last = String::new();
+                    let record = client
+                        .wait_active(
+                            &version,
+                            std::time::Duration::from_secs(timeout_secs),
+                            |m| {
+                                if let Some(p) = &m.progress {
+                                    let line = format!("{}: {}/{}", p.phase, p.done, p.total);
+                                    if line != last {
+                                        eprintln!("{version} {line}");
+                                        last = line;
+                                    }
+                                }
+                            },
+                        )
+                        .await?;
+                    serde_json::to_value(record)?
+                }
+            }
+            ModelsAction::Rollback => serde_json::to_value(client.rollback().await?)?,
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        anyhow::Ok(())
+    })
+}
+
+fn export_events(settings: &Settings, args: &ExportEventsArgs) -> anyhow::Result<()> {
+    let since_ms = match &args.since {
+        Some(s) => tandem::session::event::parse_time(s).map_err(|e| match e {
+            tandem::session::EventError::Invalid { reason, .. } => {
+                anyhow::anyhow!("--since: {reason}")
+            }
+            other => anyhow::anyhow!("--since: {other}"),
+        })?,
+        None => i64::MIN,
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    let summary = runtime.block_on(tandem::session::export::export_events(
+        settings, &args.out, since_ms,
+    ))?;
+    println!(
+        "wrote {} interactions to {} ({} zero-weight events such as impressions left out)",
+        thousands(summary.written as u64),
+        args.out.join("interactions.csv").display(),
+        thousands(summary.skipped_zero_weight as u64)
+    );
+    Ok(())
+}
+
+/// `tandem bench ann`: prints one JSON line (see `tandem::index::bench`).
+fn bench_ann(mut settings: Settings, args: BenchAnnArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use tandem::config::IndexBackend;
+    settings.index.backend = match args.backend.as_str() {
+        "edge" | "embedded" => IndexBackend::Embedded,
+        "qdrant" => IndexBackend::Qdrant,
+        "exact" => IndexBackend::Exact,
+        other => anyhow::bail!("--backend {other:?}: expected edge, qdrant or exact"),
+    };
+    // Never touch the serving alias: the bench gets its own collection name.
+    settings.index.collection = format!("tandem_bench_{}", uuid::Uuid::new_v4().simple());
+    let temp = args.dir.is_none();
+    let dir = args.dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("tandem-bench-{}", uuid::Uuid::new_v4()))
+    });
+    let params = tandem::index::bench::AnnBenchParams {
+        items: args.items,
+        dim: args.dim,
+        queries: args.queries,
+        filter_selectivity: args.filter_selectivity,
+        seed: args.seed,
+    };
+    let report = tokio::runtime::Runtime::new()?.block_on(async {
+        let index = tandem::index::open(&settings, &dir)
+            .await
+            .with_context(|| format!("opening the {} index", args.backend))?;
+        let report = tandem::index::bench::run(index.as_ref(), &args.backend, &params).await?;
+        anyhow::Ok(report)
+    });
+    if temp {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    println!("{}", serde_json::to_string(&report?)?);
+    Ok(())
+}
+
+/// `100836` as `100,836`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Model and training settings shared by `train` and `eval`.
@@ -178,441 +600,6 @@ fn set_threads(n: usize) {
     let _ = rayon::ThreadPoolBuilder::new()
         .num_threads(n)
         .build_global();
-}
-
-#[derive(clap::Args)]
-struct ServeArgs {
-    /// Address to listen on (overrides `bind`).
-    #[arg(long)]
-    bind: Option<String>,
-    /// Checkpoint directory to serve (overrides `model_path`).
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Data dir whose items file is the catalog (overrides `server.catalog_dir`); indexed at
-    /// start-up when the index is empty.
-    #[arg(long)]
-    catalog: Option<PathBuf>,
-}
-
-#[derive(Args)]
-struct ModelsArgs {
-    /// The server's base URL.
-    #[arg(
-        long,
-        env = "TANDEM_URL",
-        default_value = "http://127.0.0.1:8080",
-        global = true
-    )]
-    url: String,
-    /// The admin key (the server's TANDEM_ADMIN_KEY).
-    #[arg(long, env = "TANDEM_ADMIN_KEY", hide_env_values = true, global = true)]
-    api_key: Option<String>,
-    #[command(subcommand)]
-    action: ModelsAction,
-}
-
-#[derive(Subcommand)]
-enum ModelsAction {
-    /// Registered versions with status, metrics and activation progress (JSON).
-    List,
-    /// Validate a checkpoint directory (a path on the server) and register it.
-    Register {
-        /// Checkpoint directory holding model.safetensors and manifest.json.
-        path: String,
-    },
-    /// Embed the catalog with a version's item tower and switch to it.
-    Activate {
-        version: String,
-        /// Return at once instead of waiting until the version serves.
-        #[arg(long)]
-        no_wait: bool,
-        /// Give up waiting after this many seconds.
-        #[arg(long, default_value_t = 3600)]
-        timeout_secs: u64,
-    },
-    /// Go back to the previously active version (instant, no re-embedding).
-    Rollback,
-}
-
-#[derive(Subcommand)]
-enum BenchCommand {
-    /// ANN search on generated clustered vectors: build time, latency, recall against exact
-    /// search, upsert visibility and memory, printed as one JSON line.
-    Ann {
-        /// Items in the generated catalog.
-        #[arg(long, default_value_t = 100_000)]
-        items: usize,
-        /// Vector dimension.
-        #[arg(long, default_value_t = 64)]
-        dim: usize,
-        /// Queries timed (each run unfiltered and, with --filter-selectivity, filtered).
-        #[arg(long, default_value_t = 1_000)]
-        queries: usize,
-        /// Fraction of items a filtered query keeps, as whole categories (e.g. 0.1, 0.01).
-        #[arg(long)]
-        filter_selectivity: Option<f64>,
-        /// Backend: edge (embedded), qdrant or exact.
-        #[arg(long, default_value = "edge")]
-        backend: String,
-        /// Directory for the edge collections (default: a fresh temp dir, removed after).
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
-    },
-}
-
-#[derive(Subcommand)]
-enum ImportSource {
-    /// Import MovieLens: ml-100k (u.data, u.item, u.user) or ml-latest-small / ml-25m
-    /// (ratings.csv, movies.csv, tags.csv). Genres become categories, tags become item tags,
-    /// the year in the title becomes `year`.
-    Movielens(MovielensArgs),
-}
-
-#[derive(Args)]
-struct MovielensArgs {
-    /// The unpacked MovieLens directory.
-    #[arg(long, env = "TANDEM_IMPORT_SRC", value_name = "DIR")]
-    src: PathBuf,
-    /// Where to write items.csv and interactions.csv (created if missing).
-    #[arg(long, env = "TANDEM_IMPORT_OUT", value_name = "DIR")]
-    out: PathBuf,
-}
-
-#[derive(Args)]
-struct GenerateArgs {
-    /// Where to write items.csv, interactions.csv and generate.json (created if missing).
-    #[arg(long, env = "TANDEM_GENERATE_OUT", value_name = "DIR")]
-    out: PathBuf,
-    /// Number of catalog items.
-    #[arg(long, env = "TANDEM_GENERATE_ITEMS", default_value_t = 10_000)]
-    items: u64,
-    /// Number of users; each gets at least one interaction.
-    #[arg(long, env = "TANDEM_GENERATE_USERS", default_value_t = 2_000)]
-    users: u64,
-    /// Exact number of interactions to write (at least --users).
-    #[arg(long, env = "TANDEM_GENERATE_INTERACTIONS", default_value_t = 100_000)]
-    interactions: u64,
-    /// Random seed; the same seed gives the same bytes.
-    #[arg(long, env = "TANDEM_GENERATE_SEED", default_value_t = 42)]
-    seed: u64,
-}
-
-#[derive(Args)]
-struct SplitArgs {
-    /// A directory with items.{csv,jsonl} and interactions.{csv,jsonl}.
-    #[arg(long, env = "TANDEM_SPLIT_DATA", value_name = "DIR")]
-    data: PathBuf,
-    /// Where to write train.csv, test.csv, onboard.csv, onboard_test.csv, val/, items and
-    /// stats.json (created if missing).
-    #[arg(long, env = "TANDEM_SPLIT_OUT", value_name = "DIR")]
-    out: PathBuf,
-}
-
-#[derive(Args)]
-struct ExportEventsArgs {
-    /// Directory to write `interactions.csv` into (created if missing).
-    #[arg(long, value_name = "DIR")]
-    out: PathBuf,
-    /// Only events at or after this time: unix seconds, unix milliseconds or RFC 3339.
-    #[arg(long, value_name = "TIME")]
-    since: Option<String>,
-}
-
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_logging();
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {}", one_line(&e));
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// Logs to stderr, `info` unless `RUST_LOG` says otherwise; JSON when `TANDEM_LOG_FORMAT=json`.
-fn init_logging() {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info"))
-        // qdrant-edge warns "Feature flags not initialized!" on every operation; it means
-        // nothing to a tandem user.
-        .add_directive(
-            "qdrant_edge::common::flags=error"
-                .parse()
-                .expect("valid directive"),
-        );
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let json = std::env::var("TANDEM_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
-    // A second init (there is none in the binary) would only fail to install; ignore it.
-    let _ = if json {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
-}
-
-/// The error and its causes on one line, skipping a cause whose text the line already holds
-/// (the data errors print their source themselves).
-fn one_line(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if line.contains(&text) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&text);
-    }
-    line.replace('\n', " ")
-}
-
-fn run(cli: Cli) -> anyhow::Result<()> {
-    // Validated at start-up even by commands that use little of it, so that a bad setting
-    // fails before any work is done.
-    let settings = Settings::load(cli.config.as_deref())?;
-    match cli.command {
-        Command::Serve(args) => serve(settings, args)?,
-        Command::Import(ImportSource::Movielens(args)) => {
-            let s = movielens::import(&args.src, &args.out)?;
-            println!(
-                "imported {} interactions, {} users, {} items ({} rated, {} tagged) into {}",
-                thousands(s.interactions),
-                thousands(s.users),
-                thousands(s.items),
-                thousands(s.items_rated),
-                thousands(s.items_tagged),
-                args.out.display()
-            );
-        }
-        Command::Generate(args) => {
-            let cfg = synthetic::GenerateConfig {
-                items: args.items,
-                users: args.users,
-                interactions: args.interactions,
-                seed: args.seed,
-            };
-            let s = synthetic::generate(&cfg, &args.out)?;
-            println!(
-                "generated {} interactions, {} users, {} items (seed {}) into {} in {:.1}s",
-                thousands(cfg.interactions),
-                thousands(cfg.users),
-                thousands(cfg.items),
-                cfg.seed,
-                args.out.display(),
-                s.seconds
-            );
-        }
-        Command::ExportEvents(args) => export_events(&settings, &args)?,
-        Command::Models(args) => models(args)?,
-        Command::Split(args) => {
-            let s = split::split(&args.data, &args.out)?;
-            println!(
-                "split {} interactions: train {}, test {} ({} users), onboard {} + onboard_test {} ({} new users), val {} + {}, into {}",
-                thousands(s.interactions),
-                thousands(s.train_rows),
-                thousands(s.test_rows),
-                thousands(s.test_users),
-                thousands(s.onboard_rows),
-                thousands(s.onboard_test_rows),
-                thousands(s.new_users_scored),
-                thousands(s.val_train_rows),
-                thousands(s.val_test_rows),
-                args.out.display()
-            );
-        }
-        Command::Train(args) => {
-            set_threads(args.hp.threads);
-            run_train(args)?
-        }
-        Command::Eval(args) => {
-            set_threads(args.hp.threads);
-            run_eval(args)?
-        }
-        Command::Bench {
-            what:
-                BenchCommand::Ann {
-                    items,
-                    dim,
-                    queries,
-                    filter_selectivity,
-                    backend,
-                    dir,
-                    seed,
-                },
-        } => bench_ann(
-            settings,
-            tandem::index::bench::AnnBenchParams {
-                items,
-                dim,
-                queries,
-                filter_selectivity,
-                seed,
-            },
-            &backend,
-            dir,
-        )?,
-    }
-    Ok(())
-}
-
-fn bench_ann(
-    mut settings: Settings,
-    params: tandem::index::bench::AnnBenchParams,
-    backend: &str,
-    dir: Option<PathBuf>,
-) -> anyhow::Result<()> {
-    use tandem::config::IndexBackend;
-    settings.index.backend = match backend {
-        "edge" | "embedded" => IndexBackend::Embedded,
-        "qdrant" => IndexBackend::Qdrant,
-        "exact" => IndexBackend::Exact,
-        other => anyhow::bail!("--backend {other:?}: expected edge, qdrant or exact"),
-    };
-    // Never touch the serving alias: the bench gets its own collection name.
-    settings.index.collection = format!("tandem_bench_{}", uuid::Uuid::new_v4().simple());
-    let temp = dir.is_none();
-    let dir = dir.unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("tandem-bench-{}", uuid::Uuid::new_v4()))
-    });
-    let rt = tokio::runtime::Runtime::new()?;
-    let report = rt.block_on(async {
-        let index = tandem::index::open(&settings, &dir)
-            .await
-            .with_context(|| format!("opening the {backend} index"))?;
-        let report = tandem::index::bench::run(index.as_ref(), backend, &params).await?;
-        anyhow::Ok(report)
-    });
-    if temp {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-    println!("{}", serde_json::to_string(&report?)?);
-    Ok(())
-}
-
-fn serve(mut settings: Settings, args: ServeArgs) -> anyhow::Result<()> {
-    if let Some(b) = args.bind {
-        settings.bind = b;
-    }
-    if let Some(m) = args.model {
-        settings.model_path = m;
-    }
-    if let Some(c) = args.catalog {
-        settings.server.catalog_dir = c;
-    }
-    settings.validate()?;
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(&settings.bind)
-            .await
-            .map_err(|e| anyhow::anyhow!("binding {}: {e}", settings.bind))?;
-        tandem::http::serve(listener, settings, shutdown_signal()).await?;
-        anyhow::Ok(())
-    })
-}
-
-/// Completes on Ctrl-C or SIGTERM, so the server drains in-flight requests before exiting.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
-    tracing::info!("shutting down");
-}
-
-fn models(args: ModelsArgs) -> anyhow::Result<()> {
-    use tandem::http::admin_client::AdminClient;
-    let client = AdminClient::new(&args.url, args.api_key);
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async {
-        let out = match args.action {
-            ModelsAction::List => serde_json::to_value(client.list().await?)?,
-            ModelsAction::Register { path } => serde_json::to_value(client.register(&path).await?)?,
-            ModelsAction::Activate {
-                version,
-                no_wait,
-                timeout_secs,
-            } => {
-                let started = client.activate(&version).await?;
-                if no_wait {
-                    serde_json::to_value(started)?
-                } else {
-                    let mut last = String::new();
-                    let record = client
-                        .wait_active(
-                            &version,
-                            std::time::Duration::from_secs(timeout_secs),
-                            |m| {
-                                if let Some(p) = &m.progress {
-                                    let line = format!("{}: {}/{}", p.phase, p.done, p.total);
-                                    if line != last {
-                                        eprintln!("{version} {line}");
-                                        last = line;
-                                    }
-                                }
-                            },
-                        )
-                        .await?;
-                    serde_json::to_value(record)?
-                }
-            }
-            ModelsAction::Rollback => serde_json::to_value(client.rollback().await?)?,
-        };
-        println!("{}", serde_json::to_string_pretty(&out)?);
-        anyhow::Ok(())
-    })
-}
-
-fn export_events(settings: &Settings, args: &ExportEventsArgs) -> anyhow::Result<()> {
-    let since_ms = match &args.since {
-        Some(s) => {
-            tandem::session::event::parse_time(s).map_err(|e| anyhow::anyhow!("--since: {e}"))?
-        }
-        None => i64::MIN,
-    };
-    let runtime = tokio::runtime::Runtime::new()?;
-    let summary = runtime.block_on(tandem::session::export::export_events(
-        settings, &args.out, since_ms,
-    ))?;
-    println!(
-        "wrote {} interactions to {} ({} zero-weight events such as impressions left out)",
-        thousands(summary.written as u64),
-        args.out.join("interactions.csv").display(),
-        thousands(summary.skipped_zero_weight as u64)
-    );
-    Ok(())
-}
-
-/// `100836` as `100,836`.
-fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 fn run_train(args: TrainArgs) -> anyhow::Result<()> {

@@ -133,8 +133,9 @@ struct TestApp {
     base: String,
     client: reqwest::Client,
     items: HashMap<String, Item>,
-    _dir: tempfile::TempDir,
+    dir: Option<tempfile::TempDir>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<Result<(), tandem::http::ServeError>>>,
 }
 
 impl Drop for TestApp {
@@ -158,8 +159,12 @@ async fn spawn_app() -> TestApp {
 }
 
 async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
+    spawn_app_in(tempfile::tempdir().unwrap(), tweak).await
+}
+
+/// Starts a server over `dir` (a new one, or one a previous server used: a restart).
+async fn spawn_app_in(dir: tempfile::TempDir, tweak: impl FnOnce(&mut Settings)) -> TestApp {
     init_logs();
-    let dir = tempfile::tempdir().unwrap();
     let catalog_dir = dir.path().join("catalog");
     let items = write_catalog(&catalog_dir);
     let mut settings = Settings {
@@ -198,12 +203,20 @@ async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
             .into_iter()
             .map(|i| (i.item_id.to_string(), i))
             .collect(),
-        _dir: dir,
+        dir: Some(dir),
         shutdown: Some(tx),
+        server: Some(server),
     }
 }
 
 impl TestApp {
+    /// Stops the server gracefully and hands back its directory.
+    async fn stop(mut self) -> tempfile::TempDir {
+        let _ = self.shutdown.take().unwrap().send(());
+        self.server.take().unwrap().await.unwrap().unwrap();
+        self.dir.take().unwrap()
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
@@ -437,6 +450,34 @@ async fn a_new_item_shows_up_in_similar_within_a_second() {
     let view: ItemView = serde_json::from_value(body).unwrap();
     assert_eq!(view.price, Some(12.5));
     assert_eq!(view.categories, anchor.genres);
+}
+
+#[tokio::test]
+async fn items_added_through_the_api_survive_a_restart_with_the_embedded_index() {
+    let embedded = |s: &mut Settings| s.index.backend = IndexBackend::Embedded;
+    let app = spawn_app_with(embedded).await;
+    let body = json!({"items": [{"item_id": "kept-1", "title": "orbit signal", "categories": ["SciFi"], "price": 9.0}]});
+    let (status, resp) = app.post("/v1/items", &body).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    let (status, _) = app
+        .send_json(
+            reqwest::Method::PATCH,
+            "/v1/items/drama-2",
+            &json!({"available": false}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let dir = app.stop().await;
+
+    let app = spawn_app_in(dir, embedded).await;
+    let (status, body) = app.get("/v1/items/kept-1").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["categories"], json!(["SciFi"]));
+    let (_, body) = app.get("/v1/items/drama-2").await;
+    assert_eq!(body["available"], false, "{body}");
+    let (status, body) = app.get("/readyz").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["catalog_items"], CATEGORIES.len() * PER_CATEGORY + 1);
 }
 
 #[tokio::test]

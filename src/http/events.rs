@@ -9,7 +9,10 @@ use crate::session::event::{self, EventError, EventInput, EventLimits};
 use crate::session::Event;
 
 pub fn parse_events(s: &AppState, body: &[u8]) -> Result<Vec<Event>, AppError> {
-    let limits = EventLimits::default();
+    let limits = EventLimits {
+        max_batch: s.settings.session.max_batch,
+        max_future_ms: (s.settings.session.max_future_secs as i64).saturating_mul(1000),
+    };
     let now = event::now_ms();
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     let mut events = if first == Some(&b'[') {

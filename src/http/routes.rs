@@ -194,8 +194,19 @@ pub async fn upsert_items(
             payload: e.payload(),
         })
         .collect();
-    // The index first: the catalog only mirrors what search can return.
+    // The index first: the catalog only mirrors what search can return. Then the journal,
+    // so the item is still known to the catalog after a restart.
     s.index.upsert(points).await?;
+    let journal = s.journal.clone();
+    let added: Vec<_> = entries.iter().map(|e| e.item.clone()).collect();
+    tokio::task::spawn_blocking(move || journal.append(&added))
+        .await
+        .map_err(|e| AppError::Internal {
+            detail: format!("journal task: {e}"),
+        })?
+        .map_err(|e| AppError::Internal {
+            detail: e.to_string(),
+        })?;
     let n = entries.len();
     s.catalog.upsert(entries);
     Ok(Json(ItemsUpserted {

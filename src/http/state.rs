@@ -1,6 +1,6 @@
 //! What every handler shares, and how it is built from `Settings` at start-up.
 
-use crate::catalog::{Catalog, CatalogError};
+use crate::catalog::{Catalog, CatalogError, CatalogJournal};
 use crate::config::{Settings, CONTROL_VARIANT};
 use crate::data::DataError;
 use crate::domain::{Item, ItemId, SessionId, UserId};
@@ -58,6 +58,8 @@ pub struct AppState {
     pub index: Arc<dyn VectorIndex>,
     pub sessions: Arc<dyn SessionStore>,
     pub catalog: Arc<Catalog>,
+    /// Items added through the API, replayed into the catalog at start-up.
+    pub journal: Arc<CatalogJournal>,
     pub recommender: Arc<Recommender>,
     pub limiter: Arc<Semaphore>,
     /// Live request and cache figures for `GET /v1/stats`.
@@ -96,7 +98,13 @@ impl AppState {
         tracing::info!(version = model.version(), dim = model.dim(), "model loaded");
         let index = crate::index::open(&settings, &settings.data_dir).await?;
         let sessions = crate::session::open(&settings).await?;
-        let items = read_catalog(&settings.server.catalog_dir)?;
+        let journal = CatalogJournal::new(journal_path(&settings));
+        let mut items = read_catalog(&settings.server.catalog_dir)?;
+        let added = journal.read()?;
+        if !added.is_empty() {
+            tracing::info!(items = added.len(), "replaying items added through the API");
+            items = merge_items(items, added);
+        }
         if !items.is_empty() && index_is_empty(index.as_ref()).await? {
             index_catalog(index.as_ref(), &model, &items, &settings.server.catalog_dir).await?;
         }
@@ -174,6 +182,7 @@ impl AppState {
         );
         Ok(AppState {
             limiter: Arc::new(Semaphore::new(settings.server.max_concurrency)),
+            journal: Arc::new(CatalogJournal::new(journal_path(&settings))),
             settings: Arc::new(settings),
             model,
             index,
@@ -198,6 +207,30 @@ impl AppState {
     pub fn assign(&self, user: Option<&UserId>, session: Option<&SessionId>) -> Option<Assignment> {
         self.experiments.assign(user, session)
     }
+}
+
+fn journal_path(settings: &Settings) -> std::path::PathBuf {
+    settings.data_dir.join("catalog").join("items-added.jsonl")
+}
+
+/// The catalog file's items, then the journaled ones; a later entry for an id replaces the
+/// earlier one in place.
+fn merge_items(base: Vec<Item>, added: Vec<Item>) -> Vec<Item> {
+    let mut at: HashMap<ItemId, usize> = HashMap::with_capacity(base.len());
+    let mut items = base;
+    for (i, item) in items.iter().enumerate() {
+        at.insert(item.item_id.clone(), i);
+    }
+    for item in added {
+        match at.get(&item.item_id) {
+            Some(&i) => items[i] = item,
+            None => {
+                at.insert(item.item_id.clone(), items.len());
+                items.push(item);
+            }
+        }
+    }
+    items
 }
 
 fn read_catalog(dir: &Path) -> Result<Vec<Item>, ServeError> {

@@ -28,8 +28,8 @@ pub struct AnnBenchParams {
     pub items: usize,
     pub dim: usize,
     pub queries: usize,
-    /// Fraction of items a filtered query keeps (whole categories); `None`: no filtered run.
-    pub filter_selectivity: Option<f64>,
+    /// Fractions of items a filtered query keeps (whole categories); one filtered run each.
+    pub filter_selectivity: Vec<f64>,
     pub seed: u64,
 }
 
@@ -41,6 +41,17 @@ pub struct QueryStats {
     pub mean_ms: f64,
     pub recall_at_10: f64,
     pub recall_at_100: f64,
+}
+
+/// Latency and recall under a filter keeping whole categories.
+#[derive(Debug, Clone, Serialize)]
+pub struct FilteredStats {
+    /// The selectivity asked for.
+    pub selectivity: f64,
+    /// Fraction of items the filter actually keeps.
+    pub fraction: f64,
+    #[serde(flatten)]
+    pub stats: QueryStats,
 }
 
 /// The JSON line `tandem bench ann` prints.
@@ -55,9 +66,8 @@ pub struct AnnBenchReport {
     pub upsert_secs: f64,
     pub finalize_secs: f64,
     pub unfiltered: QueryStats,
-    /// Fraction of items the filter actually keeps.
-    pub filter_fraction: Option<f64>,
-    pub filtered: Option<QueryStats>,
+    /// One entry per requested selectivity.
+    pub filtered: Vec<FilteredStats>,
     /// Milliseconds from the start of a single-item upsert until a search finds it.
     pub upsert_visible_ms: f64,
     /// Resident memory after the build, before the exact oracle is built (MB).
@@ -225,22 +235,27 @@ pub async fn run(
     let build = build_version(index, "bench", params.dim, gen.points(params.items), &bar).await?;
 
     let queries = gen.queries(params.queries);
-    let filter = params.filter_selectivity.map(|f| {
-        let cats = ((f * CLUSTERS as f64).round() as usize).clamp(1, CLUSTERS);
-        Filter {
-            include_categories: (0..cats).map(Generator::category).collect(),
-            ..Default::default()
-        }
-    });
+    let filters: Vec<(f64, Filter)> = params
+        .filter_selectivity
+        .iter()
+        .map(|&f| {
+            let cats = ((f * CLUSTERS as f64).round() as usize).clamp(1, CLUSTERS);
+            let filter = Filter {
+                include_categories: (0..cats).map(Generator::category).collect(),
+                ..Default::default()
+            };
+            (f, filter)
+        })
+        .collect();
     // Warm up (page cache, allocator) before timing.
     for q in queries.iter().take(20) {
         index.search(q, &Filter::default(), K).await?;
     }
     let (unf_found, unf_ms) = run_queries(index, &queries, &Filter::default()).await?;
-    let filtered_run = match &filter {
-        Some(f) => Some(run_queries(index, &queries, f).await?),
-        None => None,
-    };
+    let mut filtered_runs = Vec::new();
+    for (_, f) in &filters {
+        filtered_runs.push(run_queries(index, &queries, f).await?);
+    }
 
     // Single-item upsert visibility.
     let probe = IndexPoint {
@@ -305,17 +320,16 @@ pub async fn run(
             .collect()
     };
     let unfiltered = stats(&unf_found, &truth(&Filter::default())?, unf_ms);
-    let (filter_fraction, filtered) = match (filter, filtered_run) {
-        (Some(f), Some((found, ms))) => {
-            let cats = f.include_categories.len();
-            let kept = (0..params.items).filter(|i| i % CLUSTERS < cats).count();
-            (
-                Some(kept as f64 / params.items as f64),
-                Some(stats(&found, &truth(&f)?, ms)),
-            )
-        }
-        _ => (None, None),
-    };
+    let mut filtered = Vec::new();
+    for ((selectivity, f), (found, ms)) in filters.iter().zip(filtered_runs) {
+        let cats = f.include_categories.len();
+        let kept = (0..params.items).filter(|i| i % CLUSTERS < cats).count();
+        filtered.push(FilteredStats {
+            selectivity: *selectivity,
+            fraction: kept as f64 / params.items as f64,
+            stats: stats(&found, &truth(f)?, ms),
+        });
+    }
     let (_, peak_rss_mb) = rss_mb();
     Ok(AnnBenchReport {
         backend: backend.to_string(),
@@ -327,7 +341,6 @@ pub async fn run(
         upsert_secs: build.upsert_secs,
         finalize_secs: build.finalize_secs,
         unfiltered,
-        filter_fraction,
         filtered,
         upsert_visible_ms,
         serving_rss_mb,

@@ -32,6 +32,7 @@ use qdrant_edge::{
     ScoringQuery, ScrollRequest, SearchParams, SetPayloadOp, UpdateOperation, VectorStructInternal,
     WithPayloadInterface, WithVector,
 };
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -373,21 +374,27 @@ impl Collection {
         if plan != Plan::PerCategory {
             return self.query(q, edge_filter, k, plan);
         }
-        // One search per category, each planned by its own cardinality, merged by best score
-        // (an item in two included categories is found twice; keep it once).
+        // One search per category, each planned by its own cardinality, run in parallel on
+        // the rayon pool and merged by best score (an item in two included categories is
+        // found twice; keep it once).
+        let per_category: Vec<Vec<(Uuid, f32)>> = filter
+            .include_categories
+            .par_iter()
+            .map(|cat| {
+                let one = Filter {
+                    include_categories: vec![cat.clone()],
+                    ..filter.clone()
+                };
+                let f = to_edge_filter(&one).expect("a category filter is not empty");
+                let est = self.count_estimate(&f)?;
+                let p = cfg.plan(total, Some(est), 1, k);
+                self.query(q, Some(f), k, p)
+            })
+            .collect::<Result<_, _>>()?;
         let mut best: HashMap<Uuid, f32> = HashMap::new();
-        for cat in &filter.include_categories {
-            let one = Filter {
-                include_categories: vec![cat.clone()],
-                ..filter.clone()
-            };
-            let f = to_edge_filter(&one).expect("a category filter is not empty");
-            let est = self.count_estimate(&f)?;
-            let p = cfg.plan(total, Some(est), 1, k);
-            for (id, s) in self.query(q, Some(f), k, p)? {
-                let e = best.entry(id).or_insert(s);
-                *e = e.max(s);
-            }
+        for (id, s) in per_category.into_iter().flatten() {
+            let e = best.entry(id).or_insert(s);
+            *e = e.max(s);
         }
         let mut merged: Vec<(Uuid, f32)> = best.into_iter().collect();
         merged.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));

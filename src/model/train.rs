@@ -447,10 +447,10 @@ impl SparseTable {
         for (k, &r) in rows.iter().enumerate() {
             let base = r as usize * w;
             let g = &grad[k * w..(k + 1) * w];
-            for j in 0..w {
+            for (j, &gj) in g.iter().enumerate() {
                 let i = base + j;
-                let m = b1 * self.m[i] + (1.0 - b1) * g[j];
-                let v = b2 * self.v[i] + (1.0 - b2) * g[j] * g[j];
+                let m = b1 * self.m[i] + (1.0 - b1) * gj;
+                let v = b2 * self.v[i] + (1.0 - b2) * gj * gj;
                 self.m[i] = m;
                 self.v[i] = v;
                 self.data[i] = self.data[i] * decay - lr * (m * c1) / ((v * c2).sqrt() + eps);
