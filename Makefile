@@ -2,7 +2,7 @@
 CARGO ?= cargo
 DEMO_DIR ?= data/demo
 
-.PHONY: run test bench lint fmt demo-data check-split bench-session
+.PHONY: run test bench lint fmt demo-data check-split bench-session bench-serve test-ui
 
 ## run: the full demo on the embedded default: the demo catalog (generated if absent), indexed
 ## with the shipped models/demo checkpoint into the embedded Qdrant under data/ (at the first
@@ -16,8 +16,15 @@ demo-data:
 	test -f $(DEMO_DIR)/split/train.csv || ./target/debug/tandem split --data $(DEMO_DIR)/raw --out $(DEMO_DIR)/split
 
 ## test: every test (Redis on 127.0.0.1:6379 must be up; .ci/run starts it)
-test:
+test: test-ui
 	$(CARGO) test --all-targets
+
+## test-ui: the storefront, onboarding and admin pages in a real Chromium (tests/ui/run.mjs);
+## fails with a clear message when Chromium or Node is missing. Screenshots: target/ui-screenshots/
+test-ui:
+	$(CARGO) build --bin tandem
+	cd tests/ui && npm ci --no-audit --no-fund --silent
+	node tests/ui/run.mjs
 
 bench:
 	$(CARGO) build --release --bin tandem

@@ -16,6 +16,8 @@
 //! - [`telemetry`], [`degrade`]: operations. Logs, `/metrics` and its metric names; time
 //!   budgets and circuit breakers that turn a slow or absent Redis or Qdrant into a degraded
 //!   answer instead of an error.
+//! - `http::ui` serves the storefront, onboarding and admin pages from `web/`, and
+//!   `http::stats` the live figures behind `GET /v1/stats`.
 
 pub mod catalog;
 pub mod config;

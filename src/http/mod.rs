@@ -10,7 +10,9 @@ pub mod extract;
 pub mod openapi;
 mod routes;
 pub mod state;
+pub mod stats;
 pub mod types;
+pub mod ui;
 
 pub use error::{AppError, ErrorBody};
 pub use state::{AppState, ServeError};
@@ -94,6 +96,7 @@ pub async fn run(
 /// The routes and middleware, for `serve` and for handler tests with `oneshot`.
 pub fn router(state: AppState) -> Router {
     telemetry::install_metrics();
+    let live = state.stats.clone();
     Router::new()
         .route(
             "/v1/recommendations",
@@ -114,6 +117,8 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(routes::readyz))
         .route("/metrics", get(routes::metrics))
         .route("/openapi.json", get(openapi::serve_openapi))
+        .merge(stats::routes(live.clone()))
+        .merge(ui::routes())
         .nest(
             "/admin",
             admin::router(admin::AdminState::new(
@@ -126,6 +131,8 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
         .layer(axum::middleware::from_fn(observe))
+        // Outside the guard, so that a 429 or a 503 counts in the live figures too.
+        .layer(axum::middleware::from_fn_with_state(live, stats::track))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))

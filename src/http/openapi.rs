@@ -1,7 +1,7 @@
 //! The OpenAPI document, generated from the handlers' own types, served at `/openapi.json`
 //! and committed as `schemas/openapi.json` (a test fails when the two drift apart).
 
-use super::routes;
+use super::{routes, stats};
 use axum::Json;
 use utoipa::OpenApi;
 
@@ -24,12 +24,13 @@ use utoipa::OpenApi;
         routes::post_events,
         routes::healthz,
         routes::readyz,
+        stats::get_stats,
     ),
     tags(
         (name = "recommendations", description = "Personal, similar, trending and onboarding recommendations"),
         (name = "catalog", description = "Items: cold start, availability and price"),
         (name = "events", description = "What users did"),
-        (name = "ops", description = "Health and readiness"),
+        (name = "ops", description = "Health, readiness and live figures"),
     )
 )]
 pub struct ApiDoc;

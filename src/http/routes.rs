@@ -69,6 +69,7 @@ async fn recommend(
     };
     let started = std::time::Instant::now();
     let recs = s.recommender.recommend(&req).await;
+    s.stats.record_source(recs.source);
     if let Some(a) = &assignment {
         s.experiments
             .record_served(a, &req.request_id, started.elapsed());

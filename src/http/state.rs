@@ -63,6 +63,8 @@ pub struct AppState {
     pub journal: Arc<CatalogJournal>,
     pub recommender: Arc<Recommender>,
     pub limiter: Arc<Semaphore>,
+    /// Live request and cache figures for `GET /v1/stats`.
+    pub stats: Arc<super::stats::ServerStats>,
     /// Registered models, activation and rollback (the admin API).
     pub lifecycle: Arc<Lifecycle>,
     /// A/B assignment and outcome counting.
@@ -204,6 +206,7 @@ impl AppState {
             recommender,
             lifecycle,
             experiments,
+            stats: Arc::new(super::stats::ServerStats::new()),
         })
     }
 
