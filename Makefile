@@ -2,7 +2,7 @@
 CARGO ?= cargo
 DEMO_DIR ?= data/demo
 
-.PHONY: run test bench lint fmt demo-data check-split bench-session bench-serve
+.PHONY: run test bench lint fmt demo-data check-split bench-session
 
 ## run: the full demo on the embedded default: the demo catalog (generated if absent), indexed
 ## with the shipped models/demo checkpoint into the embedded Qdrant under data/ (at the first
@@ -51,6 +51,7 @@ bench-session:
 BENCH_DIR ?= data/bench-1m
 BENCH_SECS ?= 30
 BENCH_CONN ?= 8
+.PHONY: bench-serve
 bench-serve:
 	$(CARGO) build --release --bin tandem --bin tandem-load
 	flock /tmp/tandem-bench.lock load-tests/bench-serve.sh $(BENCH_DIR) $(BENCH_SECS) $(BENCH_CONN)
@@ -67,3 +68,13 @@ bench-lifecycle:
 .PHONY: demo-model
 demo-model: demo-data
 	./target/debug/tandem train --data $(DEMO_DIR)/raw --out models/demo --seed 7 --threads 2
+
+## --- operations (issue 8) ---
+.PHONY: fuzz-api check-compose
+## fuzz-api: schemathesis against /openapi.json of a local server (FUZZ_EXAMPLES per operation)
+fuzz-api:
+	scripts/fuzz-api.sh
+
+## check-compose: compose.yaml parses and holds the deployment's facts (no Docker engine needed)
+check-compose:
+	python3 deploy/check-compose.py compose.yaml

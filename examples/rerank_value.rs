@@ -32,7 +32,8 @@ struct Args {
     /// A split dir (items.csv, train.csv, test.csv, onboard.csv, onboard_test.csv).
     #[arg(long)]
     split: PathBuf,
-    /// A checkpoint trained on that split's known data.
+    /// A checkpoint trained on that split's known data; trained there (default settings,
+    /// train + onboard) when the directory holds none yet.
     #[arg(long)]
     model: PathBuf,
     #[arg(long)]
@@ -68,6 +69,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
         scored.extend(read("onboard_test.csv")?);
         (known, scored)
     };
+    if !args.model.join("manifest.json").exists() {
+        eprintln!(
+            "training a model on {} into {}",
+            args.split.display(),
+            args.model.display()
+        );
+        let cfg = tandem::model::TrainConfig {
+            progress: false,
+            ..Default::default()
+        };
+        let (model, report) = tandem::model::train_on_split(&cfg, &args.split, false)?;
+        eprintln!("trained: {report:?}");
+        model.save(&args.model)?;
+    }
     let model = TwoTower::load(&args.model)?;
     eprintln!(
         "model {} ({} items, {} known rows)",

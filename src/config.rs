@@ -262,6 +262,21 @@ pub struct ServerSettings {
     pub history_limit: usize,
     /// How long the in-process trending snapshot is reused before the store is asked again.
     pub trending_refresh_ms: u64,
+    /// Budget of a session-store read on the request path (recent activity, history,
+    /// trending, cache); past it the answer is served without it, `degraded:["session"]`.
+    pub session_budget_ms: u64,
+    /// Budget of an index search or fetch; past it the answer falls back to cached
+    /// candidates or trending, `degraded:["index"]`.
+    pub index_budget_ms: u64,
+    /// Budget of a write to a dependency (event append, item upsert); past it the client gets
+    /// 503 with `Retry-After` (a retried event is deduplicated by its `event_id`).
+    pub write_budget_ms: u64,
+    /// After a dependency fails, how long it is skipped before one request probes it again.
+    pub breaker_cooldown_ms: u64,
+    /// The `Retry-After` seconds sent with 429 and 503.
+    pub retry_after_secs: u64,
+    /// On SIGTERM, how long requests in flight may still run before the server exits.
+    pub shutdown_grace_ms: u64,
 }
 
 impl Default for ServerSettings {
@@ -276,6 +291,12 @@ impl Default for ServerSettings {
             recent_limit: 20,
             history_limit: 50,
             trending_refresh_ms: 2_000,
+            session_budget_ms: 50,
+            index_budget_ms: 250,
+            write_budget_ms: 1_000,
+            breaker_cooldown_ms: 1_000,
+            retry_after_secs: 1,
+            shutdown_grace_ms: 10_000,
         }
     }
 }
@@ -508,6 +529,17 @@ impl Settings {
                 "server.request_timeout_ms",
                 "must be at least 1".into(),
             ));
+        }
+        for (field, v) in [
+            ("server.session_budget_ms", server.session_budget_ms),
+            ("server.index_budget_ms", server.index_budget_ms),
+            ("server.write_budget_ms", server.write_budget_ms),
+            ("server.breaker_cooldown_ms", server.breaker_cooldown_ms),
+            ("server.retry_after_secs", server.retry_after_secs),
+        ] {
+            if v == 0 {
+                return Err(invalid(field, "must be at least 1".into()));
+            }
         }
         for (name, w) in &self.rerank.0 {
             w.validate(&format!("rerank.{name}"))?;

@@ -13,10 +13,14 @@
 //!   `http::serve`, the one entry point of `tandem serve` and the API tests.
 //! - [`registry`], [`lifecycle`], [`experiment`]: registered checkpoints, zero-downtime
 //!   activation and rollback, A/B experiments; driven by the admin API (`http::admin`).
+//! - [`telemetry`], [`degrade`]: operations. Logs, `/metrics` and its metric names; time
+//!   budgets and circuit breakers that turn a slow or absent Redis or Qdrant into a degraded
+//!   answer instead of an error.
 
 pub mod catalog;
 pub mod config;
 pub mod data;
+pub mod degrade;
 pub mod domain;
 pub mod eval;
 pub mod experiment;
@@ -28,3 +32,4 @@ pub mod pipeline;
 pub mod registry;
 pub mod rerank;
 pub mod session;
+pub mod telemetry;

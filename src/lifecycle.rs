@@ -255,6 +255,7 @@ impl Lifecycle {
     /// The alias first, then the handle: from here on new requests use the new model.
     async fn switch(&self, model: Arc<TwoTower>, collection: &str) -> Result<(), LifecycleError> {
         self.index.switch_to(collection).await?;
+        crate::telemetry::set_model_version(model.version());
         let previous = self.model.swap(model);
         self.standby
             .lock()

@@ -6,7 +6,6 @@ use tandem::config::Settings;
 use tandem::data::{movielens, split, synthetic};
 use tandem::eval::{self, On, Split};
 use tandem::model::{self, TrainConfig, TwoTower};
-use tracing_subscriber::EnvFilter;
 
 /// tandem: a recommendation service (two-tower model, Qdrant ANN, session-aware re-ranking).
 #[derive(Parser)]
@@ -196,7 +195,7 @@ struct ExportEventsArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    tandem::telemetry::init_logging();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -204,29 +203,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// Logs to stderr, `info` unless `RUST_LOG` says otherwise; JSON when `TANDEM_LOG_FORMAT=json`.
-fn init_logging() {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info"))
-        // qdrant-edge warns "Feature flags not initialized!" on every operation; it means
-        // nothing to a tandem user.
-        .add_directive(
-            "qdrant_edge::common::flags=error"
-                .parse()
-                .expect("valid directive"),
-        );
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let json = std::env::var("TANDEM_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
-    // A second init (there is none in the binary) would only fail to install; ignore it.
-    let _ = if json {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
 }
 
 /// The error and its causes on one line, skipping a cause whose text the line already holds

@@ -13,6 +13,7 @@ use crate::index::VectorIndex;
 use crate::model::{TwoTower, UserEvent};
 use crate::rerank::{self, Candidate, Context, Ranked, SessionItem};
 use crate::session::{Actor, RecentItem, SessionStore};
+use crate::telemetry;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -45,6 +46,19 @@ pub enum Degraded {
     Trending,
     /// The candidate cache: it was bypassed.
     Cache,
+}
+
+impl Degraded {
+    /// The name clients see in `degraded:[..]`, and the metric's `cause` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Degraded::Session => "session",
+            Degraded::Model => "model",
+            Degraded::Index => "index",
+            Degraded::Trending => "trending",
+            Degraded::Cache => "cache",
+        }
+    }
 }
 
 /// Where the candidates came from.
@@ -123,9 +137,9 @@ impl Stages {
     fn finish(&self, request_id: &str, kind: &'static str) {
         let total = self.started.elapsed();
         for (name, d) in &self.laps {
-            metrics::histogram!("tandem_stage_seconds", "stage" => *name).record(d.as_secs_f64());
+            telemetry::record_stage(name, *d);
         }
-        metrics::histogram!("tandem_pipeline_seconds", "kind" => kind).record(total.as_secs_f64());
+        telemetry::record_pipeline(kind, total);
         tracing::debug!(
             request_id,
             kind,
@@ -398,7 +412,10 @@ impl Recommender {
     ) -> Option<Vec<Candidate>> {
         let key = key.as_ref()?;
         let bytes = match self.sessions.cache_get(key).await {
-            Ok(b) => b?,
+            Ok(b) => {
+                telemetry::record_cache(b.is_some());
+                b?
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "candidate cache");
                 degraded.push(Degraded::Cache);
@@ -697,6 +714,9 @@ fn respond(
     degraded: Vec<Degraded>,
     items: Vec<Ranked>,
 ) -> Recommendations {
+    for cause in &degraded {
+        telemetry::record_degraded(cause.as_str());
+    }
     Recommendations {
         request_id: req.request_id.clone(),
         model_version: model.version().to_string(),

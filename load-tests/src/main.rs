@@ -191,7 +191,7 @@ fn read_catalog(args: &Args) -> anyhow::Result<Catalog> {
     });
     match r {
         Ok(()) => {}
-        Err(tandem::data::DataError::Empty { file, .. }) if file == PathBuf::from(stop) => {}
+        Err(tandem::data::DataError::Empty { file, .. }) if file.as_os_str() == stop => {}
         Err(e) => return Err(e.into()),
     }
     Ok(Catalog {
@@ -257,7 +257,7 @@ async fn run(args: Args, catalog: Arc<Catalog>) -> anyhow::Result<()> {
             args.clone(),
         );
         workers.push(tokio::spawn(async move {
-            let mut rng = StdRng::seed_from_u64(args.seed ^ (w as u64 + 1) * 0x9e37_79b9);
+            let mut rng = StdRng::seed_from_u64(args.seed ^ ((w as u64 + 1) * 0x9e37_79b9));
             let mut stats = Stats::new();
             let mut upserts = 0u64;
             while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {

@@ -16,15 +16,16 @@ pub use error::{AppError, ErrorBody};
 pub use state::{AppState, ServeError};
 
 use crate::config::Settings;
+use crate::telemetry;
+use axum::extract::MatchedPath;
 use axum::extract::{Request, State};
-use axum::http::HeaderName;
+use axum::http::header::RETRY_AFTER;
+use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use std::future::Future;
-use std::sync::OnceLock;
+use std::future::{Future, IntoFuture};
 use std::time::Duration;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
@@ -43,6 +44,12 @@ pub async fn serve(
 }
 
 /// Serves an already built state (the lifecycle code builds it once and keeps a handle).
+///
+/// Shutdown is bounded: once `shutdown` completes the listener closes at once, requests in
+/// flight get `server.shutdown_grace_ms` to finish, and then the server returns anyway (a
+/// client that never finishes its body must not block a deploy). The event log needs no
+/// separate flush: an event is acknowledged only after its fsync, and dropping the last
+/// handle on the store makes its writer finish what is queued.
 pub async fn run(
     listener: tokio::net::TcpListener,
     state: AppState,
@@ -50,15 +57,43 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     let addr = listener.local_addr().map_err(ServeError::Io)?;
     tracing::info!(%addr, items = state.catalog.len(), "serving");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(ServeError::Io)
+    let grace = Duration::from_millis(state.settings.server.shutdown_grace_ms);
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let signal = async move {
+        shutdown.await;
+        let _ = stopping_tx.send(());
+    };
+    let server = axum::serve(listener, router(state.clone()))
+        .with_graceful_shutdown(signal)
+        .into_future();
+    let deadline = async move {
+        if stopping_rx.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        tracing::info!(
+            grace_ms = grace.as_millis() as u64,
+            "draining requests in flight"
+        );
+        tokio::time::sleep(grace).await;
+    };
+    let result = tokio::select! {
+        r = server => r.map_err(ServeError::Io),
+        _ = deadline => {
+            tracing::warn!(
+                in_flight = state.settings.server.max_concurrency - state.limiter.available_permits(),
+                "shutdown grace period over; closing the remaining connections"
+            );
+            Ok(())
+        }
+    };
+    drop(state);
+    tracing::info!("server stopped");
+    result
 }
 
 /// The routes and middleware, for `serve` and for handler tests with `oneshot`.
 pub fn router(state: AppState) -> Router {
-    install_metrics();
+    telemetry::install_metrics();
     Router::new()
         .route(
             "/v1/recommendations",
@@ -90,7 +125,8 @@ pub fn router(state: AppState) -> Router {
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
-        .layer(TraceLayer::new_for_http())
+        .layer(axum::middleware::from_fn(observe))
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .with_state(state)
@@ -98,16 +134,79 @@ pub fn router(state: AppState) -> Router {
 
 /// Overload and slowness get clear statuses: past `max_concurrency` requests in flight the
 /// next one gets 429 at once (queueing would only move the wait into the client's timeout),
-/// and a request past its budget gets 503.
+/// and a request past its budget gets 503. Both, and every 503 a handler returns (a store
+/// that is down), carry `Retry-After`, which is what clients' retry logic reads.
+///
+/// Health, readiness and metrics bypass the limit: an orchestrator that saw a busy replica
+/// fail its liveness probe would restart it, turning overload into an outage.
 async fn guard(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let retry_after = s.settings.server.retry_after_secs;
+    if matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics") {
+        return next.run(req).await;
+    }
     let Ok(_permit) = s.limiter.clone().try_acquire_owned() else {
-        return AppError::Overloaded.into_response();
+        telemetry::record_rejection(telemetry::Rejection::Overload);
+        return with_retry_after(AppError::Overloaded.into_response(), retry_after);
     };
     let ms = s.settings.server.request_timeout_ms;
-    match tokio::time::timeout(Duration::from_millis(ms), next.run(req)).await {
+    let response = match tokio::time::timeout(Duration::from_millis(ms), next.run(req)).await {
         Ok(r) => r,
-        Err(_) => AppError::Timeout { ms }.into_response(),
+        Err(_) => {
+            telemetry::record_rejection(telemetry::Rejection::Timeout);
+            AppError::Timeout { ms }.into_response()
+        }
+    };
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        telemetry::record_rejection(telemetry::Rejection::BodyTooLarge);
     }
+    with_retry_after(response, retry_after)
+}
+
+fn with_retry_after(mut response: Response, secs: u64) -> Response {
+    let status = response.status();
+    if (status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE)
+        && !response.headers().contains_key(RETRY_AFTER)
+    {
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(secs));
+    }
+    response
+}
+
+/// Counts and times every request by its route template (never the raw path: item ids would
+/// explode the label space), method and final status, 429s included.
+async fn observe(req: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let method = req.method().clone();
+    let response = next.run(req).await;
+    telemetry::record_request(
+        &route,
+        method.as_str(),
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    response
+}
+
+/// The span every request runs in: its id is on every log line written while serving it.
+fn request_span(req: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    let request_id = req
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    tracing::info_span!(
+        "request",
+        request_id,
+        method = %req.method(),
+        path = %req.uri().path(),
+    )
 }
 
 async fn no_route(req: Request) -> AppError {
@@ -121,32 +220,4 @@ async fn method_not_allowed(req: Request) -> AppError {
     AppError::MethodNotAllowed {
         method: req.method().to_string(),
     }
-}
-
-static METRICS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
-
-/// Installs the Prometheus recorder once per process (tests start many servers in one).
-fn install_metrics() {
-    METRICS.get_or_init(|| match PrometheusBuilder::new().install_recorder() {
-        Ok(h) => {
-            // Summaries keep samples until upkeep drains them; without it memory grows.
-            let upkeep = h.clone();
-            std::thread::Builder::new()
-                .name("metrics-upkeep".into())
-                .spawn(move || loop {
-                    std::thread::sleep(Duration::from_secs(5));
-                    upkeep.run_upkeep();
-                })
-                .ok();
-            Some(h)
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "metrics recorder not installed");
-            None
-        }
-    });
-}
-
-pub(crate) fn metrics_handle() -> Option<&'static PrometheusHandle> {
-    METRICS.get().and_then(Option::as_ref)
 }

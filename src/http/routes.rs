@@ -217,7 +217,11 @@ pub async fn upsert_items(
 /// One item as the catalog holds it.
 #[utoipa::path(get, path = "/v1/items/{item_id}", tag = "catalog",
     params(("item_id" = String, Path)),
-    responses((status = 200, body = ItemView), (status = 404, body = ErrorBody)))]
+    responses(
+        (status = 200, body = ItemView),
+        (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody),
+    ))]
 pub async fn get_item(
     State(s): State<AppState>,
     ApiPath(item_id): ApiPath<String>,
@@ -282,7 +286,11 @@ pub async fn patch_item(
 /// Removes an item from the index and the catalog.
 #[utoipa::path(delete, path = "/v1/items/{item_id}", tag = "catalog",
     params(("item_id" = String, Path)),
-    responses((status = 204, description = "deleted"), (status = 404, body = ErrorBody)))]
+    responses(
+        (status = 204, description = "deleted"),
+        (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody),
+    ))]
 pub async fn delete_item(
     State(s): State<AppState>,
     ApiPath(item_id): ApiPath<String>,
@@ -375,8 +383,14 @@ pub async fn onboarding(
     ))]
 pub async fn post_events(State(s): State<AppState>, req: Request) -> ApiResult<impl IntoResponse> {
     let bytes = read_body(req, s.settings.server.max_body_bytes).await?;
-    let events = super::events::parse_events(&s, &bytes)?;
-    let outcome = s.sessions.append(&events).await?;
+    let events = super::events::parse_events(&s, &bytes).inspect_err(|_| {
+        crate::telemetry::record_events_refused(false, 1);
+    })?;
+    let outcome = s.sessions.append(&events).await.inspect_err(|e| {
+        let unavailable = matches!(e, crate::session::SessionError::Unavailable(_));
+        crate::telemetry::record_events_refused(unavailable, events.len());
+    })?;
+    crate::telemetry::record_events(outcome.accepted, outcome.duplicates);
     // Resent duplicates must not count twice; a batch mixing new and resent events (a retry
     // of a half-failed batch) cannot tell which is which, so it is left out of the counts.
     if outcome.duplicates == 0 {
@@ -440,9 +454,7 @@ pub async fn readyz(State(s): State<AppState>) -> (StatusCode, Json<Readiness>) 
 
 /// Prometheus metrics, including the per-stage pipeline latencies.
 pub async fn metrics() -> impl IntoResponse {
-    let body = super::metrics_handle()
-        .map(|h| h.render())
-        .unwrap_or_default();
+    let body = crate::telemetry::render();
     (
         [(
             axum::http::header::CONTENT_TYPE,

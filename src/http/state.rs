@@ -3,6 +3,7 @@
 use crate::catalog::{Catalog, CatalogError, CatalogJournal};
 use crate::config::{Settings, CONTROL_VARIANT};
 use crate::data::DataError;
+use crate::degrade::{Budgets, GuardedIndex, GuardedSession};
 use crate::domain::{Item, ItemId, SessionId, UserId};
 use crate::experiment::{Assignment, Experiments};
 use crate::index::{IndexError, IndexPoint, Payload, VectorIndex};
@@ -94,8 +95,22 @@ impl AppState {
             source: Box::new(e),
         })?;
         tracing::info!(version = model.version(), dim = model.dim(), "model loaded");
-        let index = crate::index::open(&settings, &settings.data_dir).await?;
-        let sessions = crate::session::open(&settings).await?;
+        crate::telemetry::set_model_version(model.version());
+        // Budgets and circuit breakers in front of both dependencies: a slow or absent Redis
+        // or Qdrant then degrades answers instead of failing or stalling them.
+        let index: Arc<dyn VectorIndex> = Arc::new(GuardedIndex::new(
+            crate::index::open(&settings, &settings.data_dir).await?,
+            // Index writes (item upserts) may take longer than a read; they get the whole
+            // request's budget.
+            Budgets {
+                write: std::time::Duration::from_millis(settings.server.request_timeout_ms),
+                ..guard_budgets(&settings, settings.server.index_budget_ms)
+            },
+        ));
+        let sessions: Arc<dyn SessionStore> = Arc::new(GuardedSession::new(
+            crate::session::open(&settings).await?,
+            guard_budgets(&settings, settings.server.session_budget_ms),
+        ));
         let journal = CatalogJournal::new(journal_path(&settings));
         let mut items = read_catalog(&settings.server.catalog_dir)?;
         let added = journal.read()?;
@@ -203,6 +218,16 @@ impl AppState {
     /// The full assignment, for handlers that count the response as an impression.
     pub fn assign(&self, user: Option<&UserId>, session: Option<&SessionId>) -> Option<Assignment> {
         self.experiments.assign(user, session)
+    }
+}
+
+fn guard_budgets(settings: &Settings, read_ms: u64) -> Budgets {
+    let ms = std::time::Duration::from_millis;
+    let server = &settings.server;
+    Budgets {
+        read: ms(read_ms),
+        write: ms(server.write_budget_ms),
+        cooldown: ms(server.breaker_cooldown_ms),
     }
 }
 

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# make fuzz-api: schemathesis (from PyPI, in a venv under ~/.cache) against /openapi.json of a
+# `tandem serve` started here on a free loopback port with a small generated catalog. Passes
+# only with 0 server errors and 0 responses that break the schema.
+#
+#   FUZZ_EXAMPLES  examples per operation (default 100; .ci/run uses a reduced run)
+#   FUZZ_SEED      schemathesis seed (default 1, so that a failure reproduces)
+#   FUZZ_VENV      where the venv lives (default ~/.cache/tandem/fuzz-venv)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+EXAMPLES=${FUZZ_EXAMPLES:-100}
+SEED=${FUZZ_SEED:-1}
+VENV=${FUZZ_VENV:-$HOME/.cache/tandem/fuzz-venv}
+SCHEMATHESIS_VERSION=4.32.5
+
+if ! "$VENV/bin/schemathesis" --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; then
+  echo "installing schemathesis $SCHEMATHESIS_VERSION into $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q "schemathesis==$SCHEMATHESIS_VERSION"
+fi
+
+cargo build -q --bin tandem
+BIN=./target/debug/tandem
+WORK=$(mktemp -d)
+SERVER_PID=
+cleanup() {
+  if [ -n "$SERVER_PID" ]; then kill -TERM "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+"$BIN" generate --out "$WORK/catalog" --items 300 --users 60 --interactions 3000 --seed 3 >/dev/null
+# A tiny model trained here, so the run needs nothing but this repo.
+"$BIN" train --data "$WORK/catalog" --out "$WORK/model" --epochs 1 --dim 16 --hidden 32 >/dev/null 2>&1
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+BASE="http://127.0.0.1:$PORT"
+
+# Memory session backend and embedded index under a throw-away data dir; the concurrency limit
+# is raised so that schemathesis' workers never see a 429 they would count as noise.
+TANDEM_BIND="127.0.0.1:$PORT" \
+TANDEM_DATA_DIR="$WORK/data" \
+TANDEM_MODEL_PATH="$WORK/model" \
+TANDEM_SERVER__CATALOG_DIR="$WORK/catalog" \
+TANDEM_SESSION__BACKEND=memory \
+RUST_LOG=${RUST_LOG:-warn} \
+  "$BIN" serve >"$WORK/server.log" 2>&1 &
+SERVER_PID=$!
+
+for _ in $(seq 1 600); do
+  if curl -fsS "$BASE/readyz" >/dev/null 2>&1; then break; fi
+  if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+    echo "tandem serve exited before it was ready:"; cat "$WORK/server.log"; exit 1
+  fi
+  sleep 0.2
+done
+curl -fsS "$BASE/readyz" >/dev/null || { echo "tandem serve not ready after 120 s"; cat "$WORK/server.log"; exit 1; }
+
+echo "fuzzing $BASE/openapi.json: $EXAMPLES examples per operation, seed $SEED"
+status=0
+"$VENV/bin/schemathesis" run "$BASE/openapi.json" \
+  --checks not_a_server_error,response_schema_conformance,content_type_conformance,status_code_conformance \
+  --max-examples "$EXAMPLES" \
+  --seed "$SEED" \
+  --workers 2 \
+  --request-timeout 10 \
+  --generation-database none \
+  --suppress-health-check all \
+  --no-color || status=$?
+
+if grep -q '"level":"ERROR"\|ERROR' "$WORK/server.log"; then
+  echo "server logged errors during the run:"; grep 'ERROR' "$WORK/server.log" | head -20
+fi
+exit $status
