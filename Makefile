@@ -54,7 +54,7 @@ bench-session:
 
 ## bench-serve: the serving load test at 1M items (release build, under the benchmark lock):
 ## generates the catalog once, indexes it, then runs tandem-load against `tandem serve`, once
-## with the memory session store and once with Redis. Numbers go to BENCHMARKS-serving.md.
+## with the memory session store and once with Redis. Numbers go to BENCHMARKS.md.
 BENCH_DIR ?= data/bench-1m
 BENCH_SECS ?= 30
 BENCH_CONN ?= 8
@@ -64,7 +64,7 @@ bench-serve:
 	flock /tmp/tandem-bench.lock load-tests/bench-serve.sh $(BENCH_DIR) $(BENCH_SECS) $(BENCH_CONN)
 
 ## bench-lifecycle: activate and roll back a model under steady recommendation traffic
-## (release build, under the benchmark lock). Numbers go to BENCHMARKS-lifecycle.md.
+## (release build, under the benchmark lock). Numbers go to BENCHMARKS.md.
 LIFECYCLE_ITEMS ?= 100000
 LIFECYCLE_RATE ?= 200
 bench-lifecycle:
