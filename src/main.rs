@@ -24,6 +24,10 @@ enum Command {
     /// Serve the HTTP API (recommendations, similar items, catalog, events, onboarding) until
     /// Ctrl-C or SIGTERM, then drain the requests in flight.
     Serve(ServeArgs),
+    /// Embed a catalog with a checkpoint's item tower into a new collection version, wait
+    /// until it is searchable, then switch the serving alias to it. If it fails midway the
+    /// old version stays live.
+    Index(IndexArgs),
     /// Convert a public dataset into tandem's common format (items.csv, interactions.csv).
     #[command(subcommand)]
     Import(ImportSource),
@@ -47,6 +51,20 @@ enum Command {
     /// Manage model versions on a running server over its admin API (for scripts and CI):
     /// list, register, activate, rollback.
     Models(ModelsArgs),
+}
+
+#[derive(Args)]
+struct IndexArgs {
+    /// Checkpoint directory (model.safetensors + manifest.json).
+    #[arg(long, env = "TANDEM_MODEL_PATH", value_name = "DIR")]
+    model: PathBuf,
+    /// Data dir holding items.csv (or .jsonl); interactions.csv, when present, gives each
+    /// item's popularity.
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+    /// Index backend: edge (embedded, the default), qdrant or exact. Overrides `index.backend`.
+    #[arg(long)]
+    backend: Option<String>,
 }
 
 #[derive(Args)]
@@ -258,6 +276,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Serve(args) => serve(settings, args)?,
+        Command::Index(args) => index_catalog(settings, args)?,
         Command::ExportEvents(args) => export_events(&settings, &args)?,
         Command::Models(args) => models(args)?,
         Command::Split(args) => {
@@ -286,6 +305,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             run_eval(args)?
         }
     }
+    Ok(())
+}
+
+/// `tandem index`: embed the catalog and switch the live collection to it.
+fn index_catalog(mut settings: Settings, args: IndexArgs) -> anyhow::Result<()> {
+    use tandem::config::IndexBackend;
+    if let Some(b) = &args.backend {
+        settings.index.backend = match b.as_str() {
+            "edge" | "embedded" => IndexBackend::Embedded,
+            "qdrant" => IndexBackend::Qdrant,
+            "exact" => IndexBackend::Exact,
+            other => anyhow::bail!("--backend {other:?}: expected edge, qdrant or exact"),
+        };
+    }
+    let model = TwoTower::load(&args.model)
+        .with_context(|| format!("loading the checkpoint {}", args.model.display()))?;
+    let items = tandem::data::read_items(&tandem::data::find_file(&args.data, "items")?)?;
+    let started = std::time::Instant::now();
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let index = tandem::index::open(&settings, &settings.data_dir).await?;
+        tandem::http::state::index_catalog(index.as_ref(), &model, &items, &args.data).await?;
+        anyhow::Ok(())
+    })?;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "indexed {} items with model {} in {:.1}s ({:.0} items/s) under {}",
+        thousands(items.len() as u64),
+        model.version(),
+        secs,
+        items.len() as f64 / secs.max(1e-9),
+        settings.data_dir.display()
+    );
     Ok(())
 }
 

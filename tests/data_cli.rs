@@ -721,3 +721,41 @@ fn schemas_match_the_readers() {
         .collect();
     assert_eq!(required, tandem::data::format::INTERACTION_COLUMNS);
 }
+
+#[test]
+fn index_command_builds_a_live_collection_and_a_failure_keeps_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    generate(&data, 300, 50, 2_000, 3);
+    let state = dir.path().join("state");
+    let cfg = dir.path().join("tandem.toml");
+    std::fs::write(&cfg, format!("data_dir = {:?}\n", p(&state))).unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo");
+    let out = ok(&[
+        "--config",
+        p(&cfg),
+        "index",
+        "--model",
+        p(&model),
+        "--data",
+        p(&data),
+    ]);
+    assert!(out.contains("indexed 300 items"), "{out}");
+    let current = state.join("index/CURRENT");
+    let live = std::fs::read_to_string(&current).expect("a live collection version");
+
+    // A directory that is not a checkpoint: a clear error, and the live version is unchanged.
+    let out = tandem(&[
+        "--config",
+        p(&cfg),
+        "index",
+        "--model",
+        p(&data),
+        "--data",
+        p(&data),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("manifest.json"), "{err}");
+    assert_eq!(std::fs::read_to_string(&current).unwrap(), live);
+}

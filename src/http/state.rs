@@ -276,8 +276,10 @@ async fn index_is_empty(index: &dyn VectorIndex) -> Result<bool, ServeError> {
 }
 
 /// Embeds the catalog with the item tower and builds a new live collection version from it,
-/// with popularity counted from the catalog dir's interactions (when there are any).
-async fn index_catalog(
+/// with popularity counted from the catalog dir's interactions (when there are any). Used at
+/// start-up on an empty index and by `tandem index`. If it fails midway the live version is
+/// unchanged (see `index::build_version`).
+pub async fn index_catalog(
     index: &dyn VectorIndex,
     model: &TwoTower,
     items: &[Item],

@@ -6,7 +6,7 @@
 //! - otherwise the graph is searched with `ef` raised as the filter narrows.
 
 /// Tuning of the planner; the defaults come from the 1M-point measurements in
-/// BENCHMARKS-index.md.
+/// BENCHMARKS.md.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PlanConfig {
     /// `ef` of an unfiltered graph search (raised to 1.5 × k when k is larger).
