@@ -9,10 +9,29 @@ use tandem::data::split::{compare_ids, is_new_user};
 use tandem::data::{read_interactions, read_items};
 use tandem::domain::{EventType, Interaction, Item};
 
+/// A hand-made fixture in a MovieLens layout. The files are stored with a `.fixture` suffix, so
+/// that the repository holds no file named like a MovieLens original; a directory is copied
+/// into a fresh temp dir under the names the importer expects.
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
-        .join(name)
+        .join(name);
+    if !src.is_dir() {
+        return PathBuf::from(format!("{}.fixture", src.display()));
+    }
+    let dst = std::env::temp_dir().join(format!(
+        "tandem-fixture-{}-{}",
+        std::process::id(),
+        name.replace('/', "-")
+    ));
+    std::fs::create_dir_all(&dst).unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        let file = path.file_name().unwrap().to_str().unwrap();
+        let plain = file.strip_suffix(".fixture").unwrap_or(file);
+        std::fs::copy(&path, dst.join(plain)).unwrap();
+    }
+    dst
 }
 
 /// Runs the binary with a clean `TANDEM_*` environment, so that the developer's settings do
