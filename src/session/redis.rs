@@ -74,6 +74,27 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
+    /// The newest `limit` entries of a recent-items or history list.
+    async fn read_entries(
+        &self,
+        what: &str,
+        key: String,
+        limit: usize,
+    ) -> Result<Vec<RecentItem>, SessionError> {
+        let raw: Vec<String> = self
+            .bounded(what, async {
+                let mut con = self.manager().await?;
+                redis::cmd("LRANGE")
+                    .arg(&key)
+                    .arg(0)
+                    .arg(limit as i64 - 1)
+                    .query_async(&mut con)
+                    .await
+            })
+            .await?;
+        Ok(parse_entries(raw))
+    }
+
     /// Creates the store. It does not need Redis to be up: the connection is made on the
     /// first call and remade after failures, so the service can start while Redis is down
     /// and serve degraded until it returns.
@@ -415,38 +436,16 @@ impl SessionStore for RedisStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let key = self.recent_key(actor);
-        let raw: Vec<String> = self
-            .bounded("read recent items", async {
-                let mut con = self.manager().await?;
-                redis::cmd("LRANGE")
-                    .arg(&key)
-                    .arg(0)
-                    .arg(limit as i64 - 1)
-                    .query_async(&mut con)
-                    .await
-            })
-            .await?;
-        Ok(parse_entries(raw))
+        self.read_entries("read recent items", self.recent_key(actor), limit)
+            .await
     }
 
     async fn history(&self, user: &UserId, limit: usize) -> Result<Vec<RecentItem>, SessionError> {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let key = self.history_key(user);
-        let raw: Vec<String> = self
-            .bounded("read history", async {
-                let mut con = self.manager().await?;
-                redis::cmd("LRANGE")
-                    .arg(&key)
-                    .arg(0)
-                    .arg(limit as i64 - 1)
-                    .query_async(&mut con)
-                    .await
-            })
-            .await?;
-        Ok(parse_entries(raw))
+        self.read_entries("read history", self.history_key(user), limit)
+            .await
     }
 
     async fn seed_history(&self, user: &UserId, items: &[RecentItem]) -> Result<(), SessionError> {
