@@ -9,7 +9,7 @@
 
 use crate::data::{read_interactions, read_items, DataError};
 use crate::domain::{Interaction, Item, ItemId, UserId};
-use crate::model::{ModelError, TwoTower, UserEvent};
+use crate::model::{ModelError, PopularityPrior, TwoTower, UserEvent};
 use candle_core::{Device, Tensor};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
@@ -101,6 +101,56 @@ impl Split {
             test,
             onboard_test,
         })
+    }
+
+    /// Makes new users in a validation slice the way the protocol makes them in the test
+    /// slice, so that tuning can see the cold-start case: about one user in `every` (chosen by
+    /// a hash of the id and `seed`) with more than `onboard` rows is taken out of training.
+    /// Their first `onboard` rows (by time) become `onboard`, and the rest of their rows, train
+    /// and test alike, become `onboard_test`, the truth to predict.
+    pub fn hold_out_new_users(&mut self, every: u64, onboard: usize, seed: u64) {
+        let mut total: HashMap<&UserId, usize> = HashMap::new();
+        for r in self.train.iter().chain(&self.test) {
+            *total.entry(&r.user_id).or_default() += 1;
+        }
+        let chosen: HashSet<UserId> = total
+            .into_iter()
+            .filter(|(u, n)| {
+                *n > onboard
+                    && crate::model::features::hash(seed, "newuser", u.as_str()) % every == 0
+            })
+            .map(|(u, _)| u.clone())
+            .collect();
+        if chosen.is_empty() {
+            return;
+        }
+        let (held, train): (Vec<Interaction>, Vec<Interaction>) = std::mem::take(&mut self.train)
+            .into_iter()
+            .partition(|r| chosen.contains(&r.user_id));
+        let (held_test, test): (Vec<Interaction>, Vec<Interaction>) =
+            std::mem::take(&mut self.test)
+                .into_iter()
+                .partition(|r| chosen.contains(&r.user_id));
+        self.train = train;
+        self.test = test;
+        let mut by_user: HashMap<&UserId, Vec<&Interaction>> = HashMap::new();
+        for r in &held {
+            by_user.entry(&r.user_id).or_default().push(r);
+        }
+        let mut users: Vec<&UserId> = by_user.keys().copied().collect();
+        users.sort();
+        for u in users {
+            let rows = by_user.get_mut(u).expect("present");
+            rows.sort_by_key(|r| r.timestamp);
+            for (i, r) in rows.iter().enumerate() {
+                if i < onboard {
+                    self.onboard.push((*r).clone());
+                } else {
+                    self.onboard_test.push((*r).clone());
+                }
+            }
+        }
+        self.onboard_test.extend(held_test);
     }
 
     /// The known rows: train then onboard, each in time order.
@@ -292,70 +342,116 @@ pub fn score(lists: &HashMap<UserId, Vec<ItemId>>, split: &Split) -> BTreeMap<St
 }
 
 /// The top `k` catalog items for each user in `users`, best first, excluding the user's known
-/// items. A user's history is their known rows, newest first.
+/// items. A user's history is their known rows, newest first. Items are ranked by the towers'
+/// score plus the checkpoint's popularity prior.
 pub fn recommend(
     model: &TwoTower,
     split: &Split,
     users: &[UserId],
     k: usize,
 ) -> Result<HashMap<UserId, Vec<ItemId>>, EvalError> {
-    let item_index: HashMap<&ItemId, usize> = split
-        .items
-        .iter()
-        .enumerate()
-        .map(|(i, it)| (&it.item_id, i))
-        .collect();
-    let mut histories: HashMap<&UserId, Vec<&Interaction>> = HashMap::new();
-    for r in split.known_rows() {
-        histories.entry(&r.user_id).or_default().push(r);
-    }
-    let item_vecs = model.embed_items(&split.items)?;
-    let dim = model.dim();
-    let flat: Vec<f32> = item_vecs.into_iter().flatten().collect();
-    let items_t =
-        Tensor::from_vec(flat, (split.items.len(), dim), &Device::Cpu).map_err(ModelError::from)?;
+    let prior = model.manifest().popularity_prior;
+    Ok(Ranker::new(model, split, users)?.top_k(&prior, k))
+}
 
-    let mut user_flat = Vec::with_capacity(users.len() * dim);
-    for u in users {
-        let rows = histories.get(u).map(Vec::as_slice).unwrap_or(&[]);
-        let events: Vec<UserEvent<'_>> = rows
+/// Tower scores of every (user, catalog item) pair of a split, computed once, so that
+/// popularity priors can be compared without re-running the towers.
+pub struct Ranker<'a> {
+    split: &'a Split,
+    users: Vec<UserId>,
+    /// `[users, items]` row-major.
+    scores: Vec<f32>,
+    /// Known items per user (excluded), and the history length the prior sees.
+    known: Vec<HashSet<usize>>,
+    history_len: Vec<usize>,
+    /// The prior's value per catalog item.
+    popularity: Vec<f32>,
+}
+
+impl<'a> Ranker<'a> {
+    pub fn new(model: &TwoTower, split: &'a Split, users: &[UserId]) -> Result<Self, EvalError> {
+        let item_index: HashMap<&ItemId, usize> = split
+            .items
             .iter()
-            .rev()
-            .filter_map(|r| {
-                item_index.get(&r.item_id).map(|&i| UserEvent {
-                    item: &split.items[i],
-                    event_type: r.event_type,
-                })
-            })
+            .enumerate()
+            .map(|(i, it)| (&it.item_id, i))
             .collect();
-        user_flat.extend(model.embed_user(&events)?);
-    }
-    let users_t =
-        Tensor::from_vec(user_flat, (users.len(), dim), &Device::Cpu).map_err(ModelError::from)?;
-    let scores: Vec<Vec<f32>> = users_t
-        .matmul(&items_t.t().map_err(ModelError::from)?)
-        .and_then(|s| s.to_vec2())
-        .map_err(ModelError::from)?;
+        let mut histories: HashMap<&UserId, Vec<&Interaction>> = HashMap::new();
+        for r in split.known_rows() {
+            histories.entry(&r.user_id).or_default().push(r);
+        }
+        let item_vecs = model.embed_items(&split.items)?;
+        let dim = model.dim();
+        let flat: Vec<f32> = item_vecs.into_iter().flatten().collect();
+        let items_t = Tensor::from_vec(flat, (split.items.len(), dim), &Device::Cpu)
+            .map_err(ModelError::from)?;
 
-    let mut out = HashMap::with_capacity(users.len());
-    for (u, row) in users.iter().zip(scores) {
-        let known: HashSet<usize> = histories
-            .get(u)
-            .map(|rows| {
+        let mut user_flat = Vec::with_capacity(users.len() * dim);
+        let mut known = Vec::with_capacity(users.len());
+        let mut history_len = Vec::with_capacity(users.len());
+        for u in users {
+            let rows = histories.get(u).map(Vec::as_slice).unwrap_or(&[]);
+            let events: Vec<UserEvent<'_>> = rows
+                .iter()
+                .rev()
+                .filter_map(|r| {
+                    item_index.get(&r.item_id).map(|&i| UserEvent {
+                        item: &split.items[i],
+                        event_type: r.event_type,
+                    })
+                })
+                .collect();
+            user_flat.extend(model.embed_user(&events)?);
+            history_len.push(events.len());
+            known.push(
                 rows.iter()
                     .filter_map(|r| item_index.get(&r.item_id).copied())
-                    .collect()
-            })
-            .unwrap_or_default();
-        out.insert(
-            u.clone(),
-            top_k(&row, k, |i| !known.contains(&i))
-                .into_iter()
-                .map(|i| split.items[i].item_id.clone())
-                .collect(),
-        );
+                    .collect(),
+            );
+        }
+        let users_t = Tensor::from_vec(user_flat, (users.len(), dim), &Device::Cpu)
+            .map_err(ModelError::from)?;
+        let scores: Vec<f32> = users_t
+            .matmul(&items_t.t().map_err(ModelError::from)?)
+            .and_then(|s| s.flatten_all()?.to_vec1())
+            .map_err(ModelError::from)?;
+        let popularity = split
+            .items
+            .iter()
+            .map(|it| model.prior_value(model.popularity(it)))
+            .collect();
+        Ok(Ranker {
+            split,
+            users: users.to_vec(),
+            scores,
+            known,
+            history_len,
+            popularity,
+        })
     }
-    Ok(out)
+
+    /// The top `k` per user under `prior`.
+    pub fn top_k(&self, prior: &PopularityPrior, k: usize) -> HashMap<UserId, Vec<ItemId>> {
+        let n_items = self.split.items.len();
+        let mut out = HashMap::with_capacity(self.users.len());
+        let mut row = vec![0f32; n_items];
+        for (u, user) in self.users.iter().enumerate() {
+            let w = prior.weight(self.history_len[u]);
+            let base = &self.scores[u * n_items..(u + 1) * n_items];
+            for ((r, &s), &p) in row.iter_mut().zip(base).zip(&self.popularity) {
+                *r = s + w * p;
+            }
+            let known = &self.known[u];
+            out.insert(
+                user.clone(),
+                top_k(&row, k, |i| !known.contains(&i))
+                    .into_iter()
+                    .map(|i| self.split.items[i].item_id.clone())
+                    .collect(),
+            );
+        }
+        out
+    }
 }
 
 /// Indices of the `k` highest scores among those `keep` accepts, best first; ties go to the

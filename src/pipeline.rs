@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 const SEEDS_PER_CATEGORY: usize = 3;
 /// ...chosen among this many of its most popular.
 const SEED_POOL: usize = 30;
+/// Popular items that join the ANN candidates when the popularity prior has weight.
+const POPULAR_CANDIDATES: usize = 100;
 /// Depth of the trending list kept in memory per category.
 const TRENDING_DEPTH: usize = 500;
 /// The MMR pass orders this many positions past the requested `k`, so that business rules
@@ -215,7 +217,7 @@ impl Recommender {
         let fingerprint = activity_fingerprint(&model, &req.filter, &activity);
         let cached = step!(stages, "cache_get", self.cached_candidates(&fingerprint, &mut degraded).await);
         let user_vector = step!(stages, "user_vector", self.user_vector(&model, &activity, cached.is_some(), &mut degraded));
-        let (source, candidates) = step!(stages, "fetch_candidates", self.fetch_candidates(req, cached, user_vector, &fingerprint, &mut degraded).await);
+        let (source, candidates) = step!(stages, "fetch_candidates", self.fetch_candidates(req, &model, &activity, cached, user_vector, &fingerprint, &mut degraded).await);
         let trending = step!(stages, "trending", self.trending_list(None, &mut degraded).await);
         let ranked = step!(stages, "rerank", self.rerank(req, &activity, &trending.scores, candidates));
         let kept = step!(stages, "business_rules", self.apply_business_rules(ranked, &req.filter, &activity.purchased));
@@ -465,9 +467,12 @@ impl Recommender {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn fetch_candidates(
         &self,
         req: &RecommendRequest,
+        model: &TwoTower,
+        activity: &Activity,
         cached: Option<Vec<Candidate>>,
         user_vector: Option<Vec<f32>>,
         cache_key: &Option<String>,
@@ -476,18 +481,54 @@ impl Recommender {
         if let Some(c) = cached {
             return (Source::Cached, c);
         }
+        let k = self.settings.k_candidates.max(req.k + MMR_SLACK);
         if let Some(v) = user_vector {
-            let k = self.settings.k_candidates.max(req.k + MMR_SLACK);
             if let Some(found) = self.search(&v, &req.filter, k, degraded).await {
+                let found = self.with_popularity_prior(
+                    model,
+                    activity.events.len(),
+                    &v,
+                    &req.filter,
+                    found,
+                );
                 self.cache_candidates(cache_key, &found, degraded).await;
                 return (Source::Personal, found);
             }
         }
-        let k = self.settings.k_candidates.max(req.k + MMR_SLACK);
         (
             Source::Trending,
             self.fallback_candidates(&req.filter, k, degraded).await,
         )
+    }
+
+    /// Adds the checkpoint's popularity prior to the ANN scores, as offline evaluation ranks
+    /// (`eval::Ranker`). When the prior has weight (short histories, mostly), the most popular
+    /// items under the filter join the candidates, scored the same way, since the ANN search
+    /// by the user vector alone need not reach them.
+    fn with_popularity_prior(
+        &self,
+        model: &TwoTower,
+        history_len: usize,
+        user: &[f32],
+        filter: &Filter,
+        mut found: Vec<Candidate>,
+    ) -> Vec<Candidate> {
+        let w = model.prior_weight(history_len);
+        if w <= 0.0 {
+            return found;
+        }
+        let seen: HashSet<ItemId> = found.iter().map(|c| c.entry.id().clone()).collect();
+        for entry in self.catalog.popular(filter, POPULAR_CANDIDATES) {
+            if !seen.contains(entry.id()) && entry.vector.len() == user.len() {
+                let ann_score = rerank::dot(user, &entry.vector);
+                found.push(Candidate { entry, ann_score });
+            }
+        }
+        for c in &mut found {
+            c.ann_score += w * model.prior_value(c.entry.popularity);
+        }
+        found.sort_by(|a, b| b.ann_score.total_cmp(&a.ann_score));
+        found
     }
 
     async fn search(

@@ -25,10 +25,11 @@ use async_trait::async_trait;
 use parking_lot::{Mutex, RwLock};
 use qdrant_edge::external::ordered_float::OrderedFloat;
 use qdrant_edge::{
-    Condition, CountRequest, CreateIndex, Distance, EdgeConfig, EdgeOptimizersConfig, EdgeShard,
-    EdgeVectorParams, FieldCondition, FieldIndexOperations, HasIdCondition, HnswIndexConfig,
-    JsonPath, Match, NamedQuery, PayloadFieldSchema, PayloadOps, PayloadSchemaType, PointId,
-    PointInsertOperations, PointOperations, PointStruct, QueryEnum, QueryRequest, Range,
+    BoolIndexParams, Condition, CountRequest, CreateIndex, Distance, EdgeConfig,
+    EdgeOptimizersConfig, EdgeShard, EdgeVectorParams, FieldCondition, FieldIndexOperations,
+    FloatIndexParams, HasIdCondition, HnswIndexConfig, IntegerIndexParams, JsonPath,
+    KeywordIndexParams, Match, NamedQuery, PayloadFieldSchema, PayloadOps, PayloadSchemaParams,
+    PointId, PointInsertOperations, PointOperations, PointStruct, QueryEnum, QueryRequest, Range,
     ScoringQuery, ScrollRequest, SearchParams, SetPayloadOp, UpdateOperation, VectorStructInternal,
     WithPayloadInterface, WithVector,
 };
@@ -548,18 +549,48 @@ fn to_edge_filter(f: &Filter) -> Option<qdrant_edge::Filter> {
     })
 }
 
+/// Payload indexes on the four filterable fields. Only `categories` gets payload-aware HNSW
+/// links: category filters select whole clusters of a trained model's vectors, which is
+/// where the filtered graph needs them. `available` matches nearly every point and prices and
+/// dates are range filters, so links for them would build several more full-size graphs
+/// (at 1M items, most of `optimize()`) for filters that the planner and the payload index
+/// already answer.
 fn payload_index_ops() -> Vec<UpdateOperation> {
+    let no_links = Some(false);
     [
-        (F_CATEGORIES, PayloadSchemaType::Keyword),
-        (F_AVAILABLE, PayloadSchemaType::Bool),
-        (F_PRICE, PayloadSchemaType::Float),
-        (F_CREATED_AT, PayloadSchemaType::Integer),
+        (
+            F_CATEGORIES,
+            PayloadSchemaParams::Keyword(KeywordIndexParams::default()),
+        ),
+        (
+            F_AVAILABLE,
+            PayloadSchemaParams::Bool(BoolIndexParams {
+                enable_hnsw: no_links,
+                ..Default::default()
+            }),
+        ),
+        (
+            F_PRICE,
+            PayloadSchemaParams::Float(FloatIndexParams {
+                enable_hnsw: no_links,
+                ..Default::default()
+            }),
+        ),
+        (
+            F_CREATED_AT,
+            PayloadSchemaParams::Integer(IntegerIndexParams {
+                lookup: Some(false),
+                range: Some(true),
+                enable_hnsw: no_links,
+                ..Default::default()
+            }),
+        ),
     ]
     .into_iter()
-    .map(|(field, schema)| {
+    .map(|(field, params)| {
         UpdateOperation::FieldIndexOperation(FieldIndexOperations::CreateIndex(CreateIndex {
             field_name: key(field),
-            field_schema: Some(PayloadFieldSchema::FieldType(schema)),
+            field_schema: Some(PayloadFieldSchema::FieldParams(params)),
         }))
     })
     .collect()

@@ -45,8 +45,46 @@ pub struct Manifest {
     pub training: TrainingInfo,
     pub data: DataInfo,
     pub metrics: Metrics,
+    /// A popularity term added to the tower score at ranking time, tuned on validation.
+    #[serde(default)]
+    pub popularity_prior: PopularityPrior,
     /// The command line that produced this checkpoint.
     pub command: String,
+}
+
+/// `score(u, i) = cos(u, i) + w(n) * ln(1 + count_i) / ln(1 + max_count)`, where `count_i` is
+/// the item's training count, `n` the length of the user's history, and `w(n)` is `short` for
+/// histories of at most `short_history` events and `long` otherwise. A user with a handful of
+/// events says little about their taste, and for them what most people like is a strong
+/// signal the towers alone under-use (DESIGN.md: new users lose to popularity). Both weights
+/// are chosen on validation; zero weights (the default) rank by the towers alone.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PopularityPrior {
+    pub short_history: usize,
+    pub short: f32,
+    pub long: f32,
+}
+
+impl Default for PopularityPrior {
+    fn default() -> Self {
+        PopularityPrior {
+            short_history: 5,
+            short: 0.0,
+            long: 0.0,
+        }
+    }
+}
+
+impl PopularityPrior {
+    /// The weight for a history of `n` events.
+    pub fn weight(&self, n: usize) -> f32 {
+        if n <= self.short_history {
+            self.short
+        } else {
+            self.long
+        }
+    }
 }
 
 /// How the checkpoint was trained.

@@ -3,6 +3,7 @@
 //! - [`features`]: hashing of ids, categories and tokens; numeric buckets; pooling weights.
 //! - [`towers`]: the network (shared embedding table, item MLP, user MLP), `load(vb, cfg)`.
 //! - [`two_tower`]: [`TwoTower`], a loaded checkpoint: `embed_items`, `embed_user`.
+//! - [`loss`]: the in-batch sampled softmax as one fused op.
 //! - [`train`]: in-batch sampled softmax with logQ correction, AdamW, early stopping.
 //! - [`checkpoint`]: `model.safetensors` + `manifest.json`, checked on load.
 //!
@@ -10,11 +11,12 @@
 
 pub mod checkpoint;
 pub mod features;
+pub mod loss;
 pub mod towers;
 pub mod train;
 pub mod two_tower;
 
-pub use checkpoint::{DataInfo, Manifest, Metrics, TrainingInfo, FORMAT_VERSION};
+pub use checkpoint::{DataInfo, Manifest, Metrics, PopularityPrior, TrainingInfo, FORMAT_VERSION};
 pub use train::{train_on_data, train_on_split, FitReport, TrainConfig};
 pub use two_tower::TwoTower;
 

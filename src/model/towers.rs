@@ -6,7 +6,7 @@
 //! `index_select` of table rows followed by an `index_add` into one row per item, which is
 //! differentiable in candle and never materializes a dense item-by-feature matrix.
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{Device, Result, Tensor, D};
 use candle_nn::{Linear, Module, VarBuilder};
 use serde::{Deserialize, Serialize};
 
@@ -116,19 +116,76 @@ impl Bag {
     }
 
     /// `[n, width]`: the weighted sum of the selected rows of `table` per segment.
+    ///
+    /// One fused, differentiable op (forward: scatter-add of weighted rows; backward: the
+    /// same bag transposed), so neither pass materializes an `[nnz, width]` intermediate.
+    /// In training that intermediate was most of each step's memory traffic.
     pub fn pool(&self, table: &Tensor) -> Result<Tensor> {
-        let (_, width) = table.dims2()?;
-        let dev = table.device();
-        let zeros = Tensor::zeros((self.n, width), DType::F32, dev)?;
-        if self.rows.is_empty() {
-            return Ok(zeros);
+        let (rows, _) = table.dims2()?;
+        if let Some(&bad) = self.rows.iter().find(|&&r| r as usize >= rows) {
+            candle_core::bail!("bag row {bad} is outside a table of {rows} rows");
         }
-        let nnz = self.rows.len();
-        let rows = Tensor::from_slice(&self.rows, nnz, dev)?;
-        let weights = Tensor::from_slice(&self.weights, (nnz, 1), dev)?;
-        let segs = Tensor::from_slice(&self.segs, nnz, dev)?;
-        let picked = table.index_select(&rows, 0)?.broadcast_mul(&weights)?;
-        zeros.index_add(&segs, &picked, 0)
+        if let Some(&bad) = self.segs.iter().find(|&&s| s as usize >= self.n) {
+            candle_core::bail!("bag segment {bad} is outside {} output rows", self.n);
+        }
+        table.contiguous()?.apply_op1(BagOp {
+            bag: std::sync::Arc::new(self.clone()),
+        })
+    }
+
+    /// `out[seg] += weight * input[row]` over contiguous row-major slices of width `width`.
+    fn scatter(&self, input: &[f32], out: &mut [f32], width: usize, transpose: bool) {
+        for ((&r, &w), &s) in self.rows.iter().zip(&self.weights).zip(&self.segs) {
+            let (from, to) = if transpose {
+                (s as usize, r as usize)
+            } else {
+                (r as usize, s as usize)
+            };
+            let src = &input[from * width..(from + 1) * width];
+            let dst = &mut out[to * width..(to + 1) * width];
+            for (d, x) in dst.iter_mut().zip(src) {
+                *d += w * x;
+            }
+        }
+    }
+}
+
+/// The candle op behind [`Bag::pool`] (CPU only, f32).
+struct BagOp {
+    bag: std::sync::Arc<Bag>,
+}
+
+impl candle_core::CustomOp1 for BagOp {
+    fn name(&self) -> &'static str {
+        "embedding-bag"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let candle_core::CpuStorage::F32(data) = storage else {
+            candle_core::bail!("embedding-bag needs an f32 table");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("embedding-bag needs a contiguous table");
+        };
+        let (_, width) = layout.shape().dims2()?;
+        let mut out = vec![0f32; self.bag.n * width];
+        self.bag.scatter(&data[start..end], &mut out, width, false);
+        Ok((
+            candle_core::CpuStorage::F32(out),
+            candle_core::Shape::from((self.bag.n, width)),
+        ))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let (rows, width) = arg.dims2()?;
+        let grad: Vec<f32> = grad_res.contiguous()?.flatten_all()?.to_vec1()?;
+        let mut out = vec![0f32; rows * width];
+        self.bag.scatter(&grad, &mut out, width, true);
+        Ok(Some(Tensor::from_vec(out, (rows, width), arg.device())?))
     }
 }
 
@@ -248,5 +305,59 @@ mod tests {
         bag.push(1, 1, 2.0);
         let out: Vec<Vec<f32>> = bag.pool(&table).unwrap().to_vec2().unwrap();
         assert_eq!(out, vec![vec![2.5, 2.0], vec![0.0, 2.0]]);
+    }
+
+    #[test]
+    fn bag_gradient_matches_index_select_and_index_add() {
+        let dev = Device::Cpu;
+        let table = candle_core::Var::from_tensor(
+            &Tensor::new(&[[1f32, -2.], [0.5, 1.], [2., 3.], [-1., 0.]], &dev).unwrap(),
+        )
+        .unwrap();
+        let mut bag = Bag::with_capacity(3, 5);
+        for (seg, row, w) in [
+            (0, 0, 0.5),
+            (0, 2, 1.0),
+            (1, 1, 2.0),
+            (2, 2, -1.0),
+            (2, 0, 0.25),
+        ] {
+            bag.push(seg, row, w);
+        }
+        let probe = Tensor::new(&[[1f32, 2.], [3., -1.], [0.5, 4.]], &dev).unwrap();
+        let fused = bag.pool(table.as_tensor()).unwrap();
+        let g1 = (fused.clone() * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+
+        let rows = Tensor::new(bag.rows.as_slice(), &dev).unwrap();
+        let weights = Tensor::from_slice(&bag.weights, (5, 1), &dev).unwrap();
+        let segs = Tensor::new(bag.segs.as_slice(), &dev).unwrap();
+        let picked = table
+            .as_tensor()
+            .index_select(&rows, 0)
+            .unwrap()
+            .broadcast_mul(&weights)
+            .unwrap();
+        let plain = Tensor::zeros((3, 2), candle_core::DType::F32, &dev)
+            .unwrap()
+            .index_add(&segs, &picked, 0)
+            .unwrap();
+        let g2 = (plain.clone() * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+
+        let v = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        assert_eq!(v(&fused), v(&plain));
+        assert_eq!(
+            v(g1.get(table.as_tensor()).unwrap()),
+            v(g2.get(table.as_tensor()).unwrap())
+        );
     }
 }

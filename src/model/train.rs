@@ -12,7 +12,9 @@
 //! number of epochs by Recall@20 (early stopping), and a second fit on all known data uses
 //! that number. This keeps test and validation rows out of the model that is shipped.
 
-use super::checkpoint::{DataInfo, Manifest, Metrics, TrainingInfo, FORMAT_VERSION};
+use super::checkpoint::{
+    DataInfo, Manifest, Metrics, PopularityPrior, TrainingInfo, FORMAT_VERSION,
+};
 use super::features::{FeatureConfig, Featurizer, IdTable, ItemFeatures, PoolingConfig};
 use super::towers::{length_bucket, Bag, Mlp, NetConfig, TwoTowerNet};
 use super::{ModelError, TwoTower};
@@ -149,6 +151,61 @@ pub struct FitReport {
     pub train_seconds: f64,
     /// Seconds from the start of the fit to the end of the best validation epoch.
     pub seconds_to_best: f64,
+    /// With validation: the model as it was after the best epoch.
+    pub best_model: Option<TwoTower>,
+    /// With validation: the popularity prior chosen on it (see [`tune_prior`]).
+    pub prior: Option<(PopularityPrior, BTreeMap<String, f64>)>,
+}
+
+/// Every `NEW_USER_EVERY`-th validation user is held out as a new user with
+/// `NEW_USER_ONBOARD` onboarding rows, as the protocol does for test.
+const NEW_USER_EVERY: u64 = 10;
+const NEW_USER_ONBOARD: usize = 5;
+/// Prior weights tried on validation (the towers' scores are cosines in -1..=1).
+const PRIOR_GRID: [f32; 17] = [
+    0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.2, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0,
+];
+
+/// Chooses the popularity prior on a validation split: the weight for short histories by the
+/// new users' Recall@20, the weight for the rest by the main users' Recall@20 (ties go to the
+/// smaller weight). Returns it with the validation metrics it gives.
+pub fn tune_prior(
+    model: &TwoTower,
+    val: &Split,
+) -> Result<(PopularityPrior, BTreeMap<String, f64>), ModelError> {
+    let users = val.scored_users();
+    let ranker = eval::Ranker::new(model, val, &users).map_err(eval_to_model)?;
+    let mut best_short = (f64::NEG_INFINITY, 0.0f32);
+    let mut best_long = (f64::NEG_INFINITY, 0.0f32);
+    for w in PRIOR_GRID {
+        let prior = PopularityPrior {
+            short: w,
+            long: w,
+            ..PopularityPrior::default()
+        };
+        let m = eval::score(&ranker.top_k(&prior, eval::MAX_K), val);
+        let main = m.get("recall@20").copied().unwrap_or(0.0);
+        let new = m.get("newuser_recall@20").copied().unwrap_or(0.0);
+        tracing::info!(
+            weight = w,
+            val_recall_20 = main,
+            val_newuser_recall_20 = new,
+            "prior"
+        );
+        if main > best_long.0 + 1e-9 {
+            best_long = (main, w);
+        }
+        if new > best_short.0 + 1e-9 {
+            best_short = (new, w);
+        }
+    }
+    let prior = PopularityPrior {
+        short: best_short.1,
+        long: best_long.1,
+        ..PopularityPrior::default()
+    };
+    let metrics = eval::score(&ranker.top_k(&prior, eval::MAX_K), val);
+    Ok((prior, metrics))
 }
 
 /// Trains on a split directory: the validation fit on `val/train.csv` (scored on
@@ -161,8 +218,10 @@ pub fn train_on_split(
 ) -> Result<(TwoTower, FitReport), ModelError> {
     let started = Instant::now();
     let (epochs, val_report) = if validate {
-        let val = Split::load(dir, On::Val).map_err(eval_to_model)?;
-        let (_, report) = fit(cfg, &val.items, &val.train, Some(&val), None)?;
+        let mut val = Split::load(dir, On::Val).map_err(eval_to_model)?;
+        val.hold_out_new_users(NEW_USER_EVERY, NEW_USER_ONBOARD, cfg.seed);
+        let rows: Vec<Interaction> = val.known_rows().cloned().collect();
+        let (_, report) = fit(cfg, &val.items, &rows, Some(&val), None)?;
         (report.best_epoch, Some(report))
     } else {
         (cfg.epochs, None)
@@ -191,8 +250,10 @@ pub fn train_on_data(
     let mut rows = data.interactions;
     sort_by_user_time(&mut rows);
     let (epochs, val_report) = if validate {
-        let val = holdout(&data.items, &rows, dir);
-        let (_, report) = fit(cfg, &val.items, &val.train, Some(&val), None)?;
+        let mut val = holdout(&data.items, &rows, dir);
+        val.hold_out_new_users(NEW_USER_EVERY, NEW_USER_ONBOARD, cfg.seed);
+        let known: Vec<Interaction> = val.known_rows().cloned().collect();
+        let (_, report) = fit(cfg, &val.items, &known, Some(&val), None)?;
         (report.best_epoch, Some(report))
     } else {
         (cfg.epochs, None)
@@ -218,6 +279,10 @@ fn finish_manifest(
     m.training.seconds = started.elapsed().as_secs_f64();
     if let Some(v) = val_report {
         m.metrics.val = v.best_val.clone();
+        if let Some((prior, metrics)) = &v.prior {
+            m.popularity_prior = *prior;
+            m.metrics.val = metrics.clone();
+        }
         m.training.best_epoch = v.best_epoch;
         report.best_val = v.best_val;
         report.val_recall = v.val_recall;
@@ -736,6 +801,7 @@ pub fn fit(
             val: val_report.map(|r| r.best_val.clone()).unwrap_or_default(),
             test: BTreeMap::new(),
         },
+        popularity_prior: PopularityPrior::default(),
         command: cfg.command.clone(),
     };
     manifest.model_version = format!(
@@ -814,6 +880,7 @@ pub fn fit(
                 best = Some((r20, epoch));
                 report.best_val = metrics;
                 report.seconds_to_best = fit_start.elapsed().as_secs_f64();
+                report.best_model = Some(model);
             } else if epoch - best.map_or(0, |b| b.1) >= cfg.patience {
                 stop = true;
             }
@@ -832,6 +899,9 @@ pub fn fit(
     manifest.training.examples_per_sec = report.examples_per_sec;
     manifest.training.epochs = report.epochs_run;
     manifest.training.best_epoch = report.best_epoch;
+    if let (Some(val), Some(best)) = (val, &report.best_model) {
+        report.prior = Some(tune_prior(best, val)?);
+    }
     let model = snapshot(&table, &dense, &net, &p.ids, &manifest)?;
     Ok((model, report))
 }
@@ -844,48 +914,35 @@ fn batch_loss(
     p: &Prepared,
     inv_temp: f64,
 ) -> candle_core::Result<Tensor> {
-    let dev = net.device();
     let n = b.targets.len();
     let item_inputs = net.item_inputs(&b.item_bag)?;
     let users = net.user_tower(&net.user_inputs(&item_inputs, &b.history, &b.lengths)?)?;
     let targets = net.item_tower(&net.item_inputs(&b.target_bag)?)?;
-    let mut correction: Vec<f32> = b
+    // Column j's logQ correction (kept finite for a zero count, which targets cannot have).
+    let correction: Vec<f32> = b
         .targets
         .iter()
         .map(|&t| p.logq_correction[t as usize])
+        .map(|c| if c.is_finite() { c } else { 0.0 })
         .collect();
-    let mut mask: Option<Vec<f32>> = None;
-    let mut first_of: HashMap<u32, usize> = HashMap::with_capacity(n);
+    let mut bias: Vec<f32> = Vec::with_capacity(n * n);
+    for _ in 0..n {
+        bias.extend_from_slice(&correction);
+    }
+    // Every row whose target appears more than once masks the other columns with that target.
+    let mut columns: HashMap<u32, Vec<usize>> = HashMap::with_capacity(n);
     for (j, &t) in b.targets.iter().enumerate() {
-        if let Some(&i) = first_of.get(&t) {
-            let m = mask.get_or_insert_with(|| vec![0.0; n * n]);
-            // Every row with target t masks every other column with target t.
-            for (r, &tr) in b.targets.iter().enumerate() {
-                if tr == t {
-                    if r != j {
-                        m[r * n + j] = -1e9;
-                    }
-                    if r != i {
-                        m[r * n + i] = -1e9;
-                    }
+        columns.entry(t).or_default().push(j);
+    }
+    for same in columns.values().filter(|c| c.len() > 1) {
+        for &r in same {
+            for &j in same {
+                if j != r {
+                    bias[r * n + j] = -1e9;
                 }
             }
-        } else {
-            first_of.insert(t, j);
         }
     }
-    // Keep the correction finite for items the sampler never drew (cannot happen for targets,
-    // but guards a zero count).
-    for c in &mut correction {
-        if !c.is_finite() {
-            *c = 0.0;
-        }
-    }
-    let correction = Tensor::from_vec(correction, (1, n), dev)?;
-    let mut logits = (users.matmul(&targets.t()?)? * inv_temp)?.broadcast_add(&correction)?;
-    if let Some(m) = mask {
-        logits = logits.add(&Tensor::from_vec(m, (n, n), dev)?)?;
-    }
-    let labels = Tensor::arange(0u32, n as u32, dev)?;
-    candle_nn::loss::cross_entropy(&logits, &labels)
+    let scores = users.matmul(&targets.t()?)?;
+    super::loss::in_batch_softmax_loss(&scores, std::sync::Arc::new(bias), inv_temp as f32)
 }

@@ -20,6 +20,8 @@ pub struct TwoTower {
     net: TwoTowerNet,
     featurizer: Featurizer,
     manifest: Manifest,
+    /// `ln(1 + max training count)`, the popularity prior's scale.
+    log_max_count: f32,
 }
 
 impl TwoTower {
@@ -31,21 +33,18 @@ impl TwoTower {
         let weights = read_weights(dir, &manifest, &device)?;
         let vb = VarBuilder::from_tensors(weights.tensors, DType::F32, &device);
         let net = TwoTowerNet::load(vb, &manifest.net_config())?;
-        let featurizer = Featurizer::new(manifest.features.clone(), weights.ids);
-        Ok(TwoTower {
-            net,
-            featurizer,
-            manifest,
-        })
+        Ok(Self::from_parts(net, weights.ids, manifest))
     }
 
     /// Wraps a freshly trained network.
     pub fn from_parts(net: TwoTowerNet, ids: IdTable, manifest: Manifest) -> Self {
+        let max_count = ids.counts.iter().copied().fold(0.0f32, f32::max);
         let featurizer = Featurizer::new(manifest.features.clone(), ids);
         TwoTower {
             net,
             featurizer,
             manifest,
+            log_max_count: max_count.ln_1p(),
         }
     }
 
@@ -87,6 +86,20 @@ impl TwoTower {
     /// prior for the index payload and the re-ranker.
     pub fn popularity(&self, item: &Item) -> f32 {
         self.featurizer.popularity(item.item_id.as_str())
+    }
+
+    /// The popularity prior's weight for a user with `history_len` events.
+    pub fn prior_weight(&self, history_len: usize) -> f32 {
+        self.manifest.popularity_prior.weight(history_len)
+    }
+
+    /// An item's popularity on the prior's 0..=1 scale, from its training count.
+    pub fn prior_value(&self, count: f32) -> f32 {
+        if self.log_max_count > 0.0 {
+            count.max(0.0).ln_1p() / self.log_max_count
+        } else {
+            0.0
+        }
     }
 
     /// Item tower, batched. Items unseen in training get a content-only vector (no id row).
