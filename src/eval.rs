@@ -364,7 +364,8 @@ pub struct Ranker<'a> {
     /// Known items per user (excluded), and the history length the prior sees.
     known: Vec<HashSet<usize>>,
     history_len: Vec<usize>,
-    /// The prior's value per catalog item.
+    /// Training count and the prior's value per catalog item.
+    counts: Vec<f32>,
     popularity: Vec<f32>,
 }
 
@@ -415,17 +416,15 @@ impl<'a> Ranker<'a> {
             .matmul(&items_t.t().map_err(ModelError::from)?)
             .and_then(|s| s.flatten_all()?.to_vec1())
             .map_err(ModelError::from)?;
-        let popularity = split
-            .items
-            .iter()
-            .map(|it| model.prior_value(model.popularity(it)))
-            .collect();
+        let counts: Vec<f32> = split.items.iter().map(|it| model.popularity(it)).collect();
+        let popularity = counts.iter().map(|&c| model.prior_value(c)).collect();
         Ok(Ranker {
             split,
             users: users.to_vec(),
             scores,
             known,
             history_len,
+            counts,
             popularity,
         })
     }
@@ -436,10 +435,15 @@ impl<'a> Ranker<'a> {
         let mut out = HashMap::with_capacity(self.users.len());
         let mut row = vec![0f32; n_items];
         for (u, user) in self.users.iter().enumerate() {
-            let w = prior.weight(self.history_len[u]);
+            let n = self.history_len[u];
             let base = &self.scores[u * n_items..(u + 1) * n_items];
-            for ((r, &s), &p) in row.iter_mut().zip(base).zip(&self.popularity) {
-                *r = s + w * p;
+            for (((r, &s), &c), &p) in row
+                .iter_mut()
+                .zip(base)
+                .zip(&self.counts)
+                .zip(&self.popularity)
+            {
+                *r = s + prior.term(n, c, p);
             }
             let known = &self.known[u];
             out.insert(
@@ -546,6 +550,66 @@ mod tests {
 
     fn ids(v: &[&str]) -> Vec<ItemId> {
         v.iter().map(|s| ItemId::parse(*s).unwrap()).collect()
+    }
+
+    #[test]
+    fn held_out_new_users_leave_training_with_their_first_five_rows_as_onboarding() {
+        let row = |u: usize, i: usize, t: i64| Interaction {
+            user_id: UserId::parse(&format!("u{u}")).unwrap(),
+            item_id: ItemId::parse(&format!("i{i}")).unwrap(),
+            rating: 1.0,
+            timestamp: t,
+            event_type: Default::default(),
+        };
+        let mut train = Vec::new();
+        let mut test = Vec::new();
+        for u in 0..200 {
+            // Train rows in reverse time order, to check that onboarding takes the earliest.
+            for i in (0..8).rev() {
+                train.push(row(u, i, 100 + i as i64));
+            }
+            test.push(row(u, 8, 200));
+            test.push(row(u, 9, 201));
+        }
+        let mut split = Split {
+            dir: PathBuf::new(),
+            on: On::Val,
+            items: Vec::new(),
+            train,
+            onboard: Vec::new(),
+            test,
+            onboard_test: Vec::new(),
+        };
+        split.hold_out_new_users(10, 5, 7);
+        let new_users: HashSet<&UserId> = split.onboard.iter().map(|r| &r.user_id).collect();
+        assert!(
+            (8..=35).contains(&new_users.len()),
+            "about one user in ten is held out, got {}",
+            new_users.len()
+        );
+        for u in &new_users {
+            assert!(!split.train.iter().any(|r| &r.user_id == *u));
+            assert!(!split.test.iter().any(|r| &r.user_id == *u));
+            let onboard: Vec<i64> = split
+                .onboard
+                .iter()
+                .filter(|r| &r.user_id == *u)
+                .map(|r| r.timestamp)
+                .collect();
+            assert_eq!(onboard, vec![100, 101, 102, 103, 104]);
+            let rest = split
+                .onboard_test
+                .iter()
+                .filter(|r| &r.user_id == *u)
+                .count();
+            assert_eq!(
+                rest, 5,
+                "3 later train rows and 2 test rows are to be predicted"
+            );
+        }
+        let rows =
+            split.train.len() + split.test.len() + split.onboard.len() + split.onboard_test.len();
+        assert_eq!(rows, 2000, "no row is lost");
     }
 
     #[test]

@@ -513,19 +513,22 @@ impl Recommender {
         filter: &Filter,
         mut found: Vec<Candidate>,
     ) -> Vec<Candidate> {
-        let w = model.prior_weight(history_len);
-        if w <= 0.0 {
+        let prior = model.manifest().popularity_prior;
+        if !prior.is_active() {
             return found;
         }
-        let seen: HashSet<ItemId> = found.iter().map(|c| c.entry.id().clone()).collect();
-        for entry in self.catalog.popular(filter, POPULAR_CANDIDATES) {
-            if !seen.contains(entry.id()) && entry.vector.len() == user.len() {
-                let ann_score = rerank::dot(user, &entry.vector);
-                found.push(Candidate { entry, ann_score });
+        if prior.weight(history_len) > 0.0 {
+            let seen: HashSet<ItemId> = found.iter().map(|c| c.entry.id().clone()).collect();
+            for entry in self.catalog.popular(filter, POPULAR_CANDIDATES) {
+                if !seen.contains(entry.id()) && entry.vector.len() == user.len() {
+                    let ann_score = rerank::dot(user, &entry.vector);
+                    found.push(Candidate { entry, ann_score });
+                }
             }
         }
         for c in &mut found {
-            c.ann_score += w * model.prior_value(c.entry.popularity);
+            let count = c.entry.popularity;
+            c.ann_score += prior.term(history_len, count, model.prior_value(count));
         }
         found.sort_by(|a, b| b.ann_score.total_cmp(&a.ann_score));
         found

@@ -58,12 +58,21 @@ pub struct Manifest {
 /// events says little about their taste, and for them what most people like is a strong
 /// signal the towers alone under-use (DESIGN.md: new users lose to popularity). Both weights
 /// are chosen on validation; zero weights (the default) rank by the towers alone.
+///
+/// `cold_bonus` is added for items with fewer than `cold_below` training interactions
+/// (brand-new items included): exploration for the catalog's cold end, which the towers and
+/// the prior otherwise rank below everything with a history. It is chosen on validation as
+/// the largest gain in cold-item Recall@20 that costs at most 5% of the other Recall@20s.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PopularityPrior {
     pub short_history: usize,
     pub short: f32,
     pub long: f32,
+    #[serde(default)]
+    pub cold_below: usize,
+    #[serde(default)]
+    pub cold_bonus: f32,
 }
 
 impl Default for PopularityPrior {
@@ -72,6 +81,8 @@ impl Default for PopularityPrior {
             short_history: 5,
             short: 0.0,
             long: 0.0,
+            cold_below: 5,
+            cold_bonus: 0.0,
         }
     }
 }
@@ -84,6 +95,22 @@ impl PopularityPrior {
         } else {
             self.long
         }
+    }
+
+    /// The whole prior term for an item with training count `count` whose popularity is
+    /// `value` on the 0..=1 scale, for a history of `n` events.
+    pub fn term(&self, n: usize, count: f32, value: f32) -> f32 {
+        let cold = if count < self.cold_below as f32 {
+            self.cold_bonus
+        } else {
+            0.0
+        };
+        self.weight(n) * value + cold
+    }
+
+    /// Whether the prior changes any score.
+    pub fn is_active(&self) -> bool {
+        self.short > 0.0 || self.long > 0.0 || self.cold_bonus > 0.0
     }
 }
 

@@ -166,9 +166,17 @@ const PRIOR_GRID: [f32; 17] = [
     0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.2, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0,
 ];
 
+/// Cold-item bonuses tried on validation, and the most of the main and new-user Recall@20
+/// (relative) that one may cost.
+const COLD_BONUS_GRID: [f32; 16] = [
+    0.02, 0.04, 0.06, 0.08, 0.1, 0.11, 0.12, 0.13, 0.14, 0.15, 0.16, 0.18, 0.2, 0.25, 0.3, 0.45,
+];
+const COLD_BONUS_COST: f64 = 0.05;
+
 /// Chooses the popularity prior on a validation split: the weight for short histories by the
 /// new users' Recall@20, the weight for the rest by the main users' Recall@20 (ties go to the
-/// smaller weight). Returns it with the validation metrics it gives.
+/// smaller weight), then the cold-item bonus (see [`PopularityPrior`]). Returns it with the
+/// validation metrics it gives.
 pub fn tune_prior(
     model: &TwoTower,
     val: &Split,
@@ -199,13 +207,38 @@ pub fn tune_prior(
             best_short = (new, w);
         }
     }
-    let prior = PopularityPrior {
+    let mut prior = PopularityPrior {
         short: best_short.1,
         long: best_long.1,
         ..PopularityPrior::default()
     };
-    let metrics = eval::score(&ranker.top_k(&prior, eval::MAX_K), val);
-    Ok((prior, metrics))
+    let base = eval::score(&ranker.top_k(&prior, eval::MAX_K), val);
+    let get = |m: &BTreeMap<String, f64>, k: &str| m.get(k).copied().unwrap_or(0.0);
+    let mut best = (get(&base, "cold_recall@20"), 0.0f32, base.clone());
+    for bonus in COLD_BONUS_GRID {
+        let trial = PopularityPrior {
+            cold_bonus: bonus,
+            ..prior
+        };
+        let m = eval::score(&ranker.top_k(&trial, eval::MAX_K), val);
+        let cold = get(&m, "cold_recall@20");
+        let affordable = ["recall@20", "newuser_recall@20"]
+            .iter()
+            .all(|k| get(&m, k) >= (1.0 - COLD_BONUS_COST) * get(&base, k));
+        tracing::info!(
+            bonus,
+            val_cold_recall_20 = cold,
+            val_recall_20 = get(&m, "recall@20"),
+            val_newuser_recall_20 = get(&m, "newuser_recall@20"),
+            affordable,
+            "cold bonus"
+        );
+        if affordable && cold > best.0 + 1e-9 {
+            best = (cold, bonus, m);
+        }
+    }
+    prior.cold_bonus = best.1;
+    Ok((prior, best.2))
 }
 
 /// Trains on a split directory: the validation fit on `val/train.csv` (scored on

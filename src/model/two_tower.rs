@@ -88,11 +88,6 @@ impl TwoTower {
         self.featurizer.popularity(item.item_id.as_str())
     }
 
-    /// The popularity prior's weight for a user with `history_len` events.
-    pub fn prior_weight(&self, history_len: usize) -> f32 {
-        self.manifest.popularity_prior.weight(history_len)
-    }
-
     /// An item's popularity on the prior's 0..=1 scale, from its training count.
     pub fn prior_value(&self, count: f32) -> f32 {
         if self.log_max_count > 0.0 {
