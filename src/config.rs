@@ -100,6 +100,10 @@ pub struct IndexSettings {
     pub collection: String,
     pub shard_number: u32,
     pub replication_factor: u32,
+    /// Threads the embedded engine builds HNSW graphs with; 0 = every core. A serving
+    /// replica that rebuilds while it answers (model activation) keeps a core for requests
+    /// with 1.
+    pub indexing_threads: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -107,6 +111,8 @@ pub struct IndexSettings {
 pub struct SessionSettings {
     pub backend: SessionBackend,
     pub redis_url: String,
+    /// `redis_url` lists the seed nodes of a Redis Cluster, comma-separated.
+    pub redis_cluster: bool,
     /// Prefix of every Redis key, one per deployment.
     pub key_prefix: String,
     /// The memory backend's event log file; empty means `<data_dir>/events.log`.
@@ -207,6 +213,7 @@ impl Default for IndexSettings {
             collection: "tandem_items".into(),
             shard_number: 1,
             replication_factor: 1,
+            indexing_threads: 0,
         }
     }
 }
@@ -216,6 +223,7 @@ impl Default for SessionSettings {
         SessionSettings {
             backend: SessionBackend::Memory,
             redis_url: "redis://127.0.0.1:6379".into(),
+            redis_cluster: false,
             key_prefix: "tandem".into(),
             log_path: PathBuf::new(),
             recent_cap: 50,
@@ -504,7 +512,11 @@ impl Settings {
             ));
         }
         if self.session.backend == SessionBackend::Redis
-            && !self.session.redis_url.starts_with("redis")
+            && !self
+                .session
+                .redis_url
+                .split(',')
+                .all(|u| u.trim().starts_with("redis"))
         {
             return Err(invalid(
                 "session.redis_url",

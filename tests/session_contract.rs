@@ -1,6 +1,7 @@
-//! The session store contract, run against both backends (memory, and Redis on
-//! 127.0.0.1:6379 with a unique key prefix per test), plus the memory log's crash safety and
-//! the Redis backend's behaviour while Redis is down.
+//! The session store contract, run against every backend: memory, Redis on 127.0.0.1:6379
+//! with a unique key prefix per test, and a real three-node Redis Cluster that each test
+//! starts on free ports; plus the memory log's crash safety and the Redis backend's
+//! behaviour while Redis is down.
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
@@ -22,6 +23,7 @@ const HOUR_MS: i64 = 3_600_000;
 enum Backend {
     Memory,
     Redis,
+    RedisCluster,
 }
 
 /// One store under test, with what it needs to be reopened and cleaned up.
@@ -29,6 +31,7 @@ struct Harness {
     store: Arc<dyn SessionStore>,
     settings: Settings,
     redis: Option<Arc<RedisStore>>,
+    _cluster: Option<RedisCluster>,
     _dir: tempfile::TempDir,
 }
 
@@ -43,14 +46,21 @@ impl Harness {
         settings.session.key_prefix = format!("tandem-test-{}", uuid::Uuid::new_v4().simple());
         settings.session.backend = match backend {
             Backend::Memory => SessionBackend::Memory,
-            Backend::Redis => SessionBackend::Redis,
+            Backend::Redis | Backend::RedisCluster => SessionBackend::Redis,
         };
+        let cluster =
+            matches!(backend, Backend::RedisCluster).then(|| RedisCluster::start(dir.path()));
+        if let Some(c) = &cluster {
+            settings.session.redis_url = c.urls();
+            settings.session.redis_cluster = true;
+        }
         tweak(&mut settings);
         settings.validate().unwrap();
         let mut h = Harness {
             store: Arc::new(NoStore),
             settings,
             redis: None,
+            _cluster: cluster,
             _dir: dir,
         };
         h.reopen().await;
@@ -66,9 +76,9 @@ impl Harness {
             }
             SessionBackend::Redis => {
                 let r = Arc::new(RedisStore::connect(&self.settings.session).await.unwrap());
-                r.ping()
-                    .await
-                    .expect("Redis must be up on 127.0.0.1:6379 for the contract tests");
+                r.ping().await.expect(
+                    "Redis must be up on 127.0.0.1:6379 (or the test's cluster) for the contract tests",
+                );
                 self.redis = Some(r.clone());
                 self.store = r;
             }
@@ -166,6 +176,10 @@ macro_rules! contract {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn redis() {
                 super::$name(super::Backend::Redis).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis_cluster() {
+                super::$name(super::Backend::RedisCluster).await
             }
         })*
     };
@@ -756,6 +770,12 @@ struct RedisServer {
 
 impl RedisServer {
     fn start(port: u16) -> RedisServer {
+        Self::start_with(port, &[], &std::env::temp_dir())
+    }
+
+    /// A server with extra arguments, keeping any files (a cluster's node table) in `dir`.
+    fn start_with(port: u16, extra: &[&str], dir: &Path) -> RedisServer {
+        let nodes_file = format!("nodes-{port}.conf");
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -766,7 +786,12 @@ impl RedisServer {
                 "no",
                 "--bind",
                 "127.0.0.1",
+                "--dir",
+                dir.to_str().unwrap(),
+                "--cluster-config-file",
+                &nodes_file,
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -802,6 +827,60 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A three-node Redis Cluster (no replicas) on free ports, stopped on drop.
+struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    fn start(dir: &Path) -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| RedisServer::start_with(free_port(), &["--cluster-enabled", "yes"], dir))
+            .collect();
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for n in &nodes {
+            create.arg(format!("127.0.0.1:{}", n.port));
+        }
+        let out = create
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli must be installed");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for n in &nodes {
+            loop {
+                let info = Command::new("redis-cli")
+                    .args(["-p", &n.port.to_string(), "cluster", "info"])
+                    .output()
+                    .unwrap();
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the test cluster did not become ready"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        RedisCluster { nodes }
+    }
+
+    /// The seed nodes, as `session.redis_url` takes them.
+    fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 

@@ -14,6 +14,7 @@ use hdrhistogram::Histogram;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -477,18 +478,72 @@ fn report(args: &Args, stats: &Stats, elapsed: f64) {
     println!("{json}");
 }
 
-/// Prints the server's per-stage latency summaries (`tandem_stage_seconds`).
+/// Prints the server's per-stage latencies from its Prometheus histograms
+/// (`tandem_stage_seconds`, `tandem_pipeline_seconds`): count, mean, and p50 / p99
+/// interpolated within the histogram buckets.
 fn print_stage_breakdown(metrics: &str) {
-    println!("server-side stage latencies (quantiles over the server's lifetime, ms):");
+    println!("server-side stage latencies (over the server's lifetime, ms; p50/p99 from buckets):");
+    // series labels (without `le`) -> (upper bound, cumulative count) pairs, sum, count
+    let mut buckets: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
     for line in metrics.lines() {
-        if (line.starts_with("tandem_stage_seconds{")
-            || line.starts_with("tandem_pipeline_seconds{"))
-            && (line.contains("quantile=\"0.5\"") || line.contains("quantile=\"0.99\""))
-        {
-            if let Some((labels, value)) = line.rsplit_once(' ') {
-                let v: f64 = value.parse().unwrap_or(f64::NAN);
-                println!("  {labels} {:.3}", v * 1000.0);
-            }
+        let Some(rest) = line
+            .strip_prefix("tandem_stage_seconds")
+            .or_else(|| line.strip_prefix("tandem_pipeline_seconds"))
+        else {
+            continue;
+        };
+        let Some((name, value)) = rest.rsplit_once(' ') else {
+            continue;
+        };
+        let v: f64 = value.parse().unwrap_or(f64::NAN);
+        if let Some(labels) = name.strip_prefix("_bucket{") {
+            let Some((series, le)) = labels.rsplit_once("le=\"") else {
+                continue;
+            };
+            let le = le.trim_end_matches("\"}");
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().unwrap_or(f64::NAN)
+            };
+            let series = series.trim_end_matches(',').to_string();
+            buckets.entry(series).or_default().push((le, v));
+        } else if let Some(labels) = name.strip_prefix("_sum{") {
+            sums.entry(labels.trim_end_matches('}').to_string())
+                .or_default()
+                .0 = v;
+        } else if let Some(labels) = name.strip_prefix("_count{") {
+            sums.entry(labels.trim_end_matches('}').to_string())
+                .or_default()
+                .1 = v;
         }
+    }
+    for (series, mut b) in buckets {
+        b.sort_by(|x, y| x.0.total_cmp(&y.0));
+        let (sum, count) = sums.get(&series).copied().unwrap_or_default();
+        if count == 0.0 {
+            continue;
+        }
+        let q = |p: f64| -> f64 {
+            let target = p * count;
+            let mut prev = (0.0, 0.0);
+            for &(le, c) in &b {
+                if c >= target {
+                    if le.is_infinite() {
+                        return prev.0;
+                    }
+                    return prev.0 + (le - prev.0) * (target - prev.1) / (c - prev.1).max(1e-9);
+                }
+                prev = (le, c);
+            }
+            prev.0
+        };
+        println!(
+            "  {series:32} n={count:<8} mean={:.3} p50={:.3} p99={:.3}",
+            sum / count * 1e3,
+            q(0.5) * 1e3,
+            q(0.99) * 1e3
+        );
     }
 }

@@ -65,6 +65,8 @@ pub struct EdgeOptions {
     /// Searches touching fewer than this many KB of vectors scan instead of walking the
     /// graph; `None`: the engine's default (10 MB).
     pub full_scan_threshold_kb: Option<usize>,
+    /// Threads of the HNSW build; 0 = every core.
+    pub indexing_threads: usize,
 }
 
 impl Default for EdgeOptions {
@@ -75,6 +77,7 @@ impl Default for EdgeOptions {
             ef_construct: 100,
             indexing_threshold_kb: None,
             full_scan_threshold_kb: None,
+            indexing_threads: 0,
         }
     }
 }
@@ -701,6 +704,7 @@ impl EdgeIndex {
                 .opts
                 .full_scan_threshold_kb
                 .unwrap_or(defaults.full_scan_threshold),
+            max_indexing_threads: self.opts.indexing_threads,
             ..defaults
         };
         EdgeConfig::builder()

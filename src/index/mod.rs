@@ -123,7 +123,10 @@ pub async fn open(
     Ok(match settings.index.backend {
         IndexBackend::Embedded => Arc::new(edge::EdgeIndex::open(
             &data_dir.join("index"),
-            edge::EdgeOptions::default(),
+            edge::EdgeOptions {
+                indexing_threads: settings.index.indexing_threads,
+                ..edge::EdgeOptions::default()
+            },
         )?),
         IndexBackend::Qdrant => Arc::new(qdrant::QdrantIndex::connect(&settings.index).await?),
         IndexBackend::Exact => Arc::new(exact::ExactIndex::new()),

@@ -14,6 +14,11 @@
 //!   weights in one script (ZUNIONSTORE ... WEIGHTS, then the top k).
 //! - `P:cache:<key>`: the candidate cache (SET PX).
 //!
+//! With `session.redis_cluster = true`, `redis_url` lists seed nodes of a Redis Cluster
+//! (comma-separated) and the store talks to it through the crate's cluster client, which
+//! routes each command, script and pipeline part by the slot of its keys; the hash tags
+//! above keep each multi-key operation in one slot.
+//!
 //! Every call runs under one budget (`redis_timeout_ms`, 200 ms by default), connection set-up
 //! included; past it the call fails with [`SessionError::Unavailable`] so that callers
 //! degrade instead of hanging. The `ConnectionManager` reconnects on the next call after
@@ -24,8 +29,9 @@ use crate::config::SessionSettings;
 use crate::domain::{ItemId, UserId};
 use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{RedisError, RedisResult};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{RedisError, RedisFuture, RedisResult};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,10 +69,51 @@ return top
 /// Stream entries read per XRANGE call when reading the log.
 const READ_CHUNK: usize = 5_000;
 
+/// One Redis server or a Redis Cluster.
+enum Client {
+    Single(redis::Client),
+    Cluster(redis::cluster::ClusterClient),
+}
+
+/// A live connection of either kind; both reconnect by themselves after failures.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 pub struct RedisStore {
     settings: SessionSettings,
-    client: redis::Client,
-    manager: ArcSwapOption<ConnectionManager>,
+    client: Client,
+    manager: ArcSwapOption<Conn>,
     connecting: tokio::sync::Mutex<()>,
     timeout: Duration,
     append_script: redis::Script,
@@ -105,15 +152,29 @@ impl RedisStore {
                 "session.key_prefix {prefix:?} must be non-empty without glob characters, braces or spaces"
             )));
         }
-        let client = redis::Client::open(settings.redis_url.as_str()).map_err(|e| {
+        let bad_url = |e: RedisError| {
             SessionError::Backend(format!("session.redis_url {:?}: {e}", settings.redis_url))
-        })?;
+        };
+        let timeout = Duration::from_millis(settings.redis_timeout_ms);
+        let client = if settings.redis_cluster {
+            let nodes: Vec<&str> = settings.redis_url.split(',').map(str::trim).collect();
+            Client::Cluster(
+                redis::cluster::ClusterClientBuilder::new(nodes)
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .retries(1)
+                    .build()
+                    .map_err(bad_url)?,
+            )
+        } else {
+            Client::Single(redis::Client::open(settings.redis_url.as_str()).map_err(bad_url)?)
+        };
         let store = RedisStore {
             settings: settings.clone(),
             client,
             manager: ArcSwapOption::empty(),
             connecting: tokio::sync::Mutex::new(()),
-            timeout: Duration::from_millis(settings.redis_timeout_ms),
+            timeout,
             append_script: redis::Script::new(APPEND_SCRIPT),
             trending_script: redis::Script::new(TRENDING_SCRIPT),
         };
@@ -154,7 +215,7 @@ impl RedisStore {
         self.settings.trending_bucket_secs as i64 * 1000
     }
 
-    async fn manager(&self) -> RedisResult<ConnectionManager> {
+    async fn manager(&self) -> RedisResult<Conn> {
         if let Some(m) = self.manager.load_full() {
             return Ok((*m).clone());
         }
@@ -162,13 +223,18 @@ impl RedisStore {
         if let Some(m) = self.manager.load_full() {
             return Ok((*m).clone());
         }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(self.timeout)
-            .set_response_timeout(self.timeout)
-            .set_number_of_retries(1)
-            .set_factor(10)
-            .set_max_delay(self.settings.redis_timeout_ms);
-        let m = ConnectionManager::new_with_config(self.client.clone(), config).await?;
+        let m = match &self.client {
+            Client::Single(client) => {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(self.timeout)
+                    .set_response_timeout(self.timeout)
+                    .set_number_of_retries(1)
+                    .set_factor(10)
+                    .set_max_delay(self.settings.redis_timeout_ms);
+                Conn::Single(ConnectionManager::new_with_config(client.clone(), config).await?)
+            }
+            Client::Cluster(client) => Conn::Cluster(client.get_async_connection().await?),
+        };
         self.manager.store(Some(Arc::new(m.clone())));
         Ok(m)
     }
@@ -193,6 +259,28 @@ impl RedisStore {
     /// Returns how many were deleted.
     pub async fn delete_all_keys(&self) -> Result<usize, SessionError> {
         let pattern = format!("{}:*", self.settings.key_prefix);
+        if matches!(self.client, Client::Cluster(_)) {
+            // SCAN walks one node; KEYS is sent to every primary and the answers merged.
+            let keys: Vec<String> = self
+                .bounded("delete keys", async {
+                    let mut con = self.manager().await?;
+                    redis::cmd("KEYS").arg(&pattern).query_async(&mut con).await
+                })
+                .await?;
+            let mut deleted = 0usize;
+            for key in keys {
+                deleted += self
+                    .bounded("delete keys", async {
+                        let mut con = self.manager().await?;
+                        redis::cmd("UNLINK")
+                            .arg(&key)
+                            .query_async::<usize>(&mut con)
+                            .await
+                    })
+                    .await?;
+            }
+            return Ok(deleted);
+        }
         let mut deleted = 0usize;
         let mut cursor: u64 = 0;
         loop {
@@ -235,8 +323,10 @@ impl RedisStore {
         .await
     }
 
-    /// Queues the session, history and trending updates of the accepted events.
-    fn state_updates(&self, events: &[&Event], now: i64, pipe: &mut redis::Pipeline) {
+    /// Queues the session, history and trending updates of the accepted events, one pipeline
+    /// per hash tag, since a Redis Cluster takes a pipeline only within one slot.
+    fn state_updates(&self, events: &[&Event], now: i64) -> Vec<redis::Pipeline> {
+        let mut pipes: std::collections::BTreeMap<String, redis::Pipeline> = Default::default();
         let s = &self.settings;
         let window_buckets = s.trending_buckets as i64;
         let now_bucket = now.div_euclid(self.bucket_ms());
@@ -252,6 +342,7 @@ impl RedisStore {
             })
             .expect("a recent item serializes");
             if let Some(user) = &e.user_id {
+                let pipe = pipes.entry(format!("user:{user}")).or_default();
                 let key = self.recent_key(&Actor::User(user.clone()));
                 push_capped(pipe, &key, &entry, s.recent_cap);
                 pipe.cmd("PEXPIRE")
@@ -261,6 +352,7 @@ impl RedisStore {
                 push_capped(pipe, &self.history_key(user), &entry, s.history_cap);
             }
             if let Some(session) = &e.session_id {
+                let pipe = pipes.entry(format!("session:{session}")).or_default();
                 let key = self.recent_key(&Actor::Session(session.clone()));
                 push_capped(pipe, &key, &entry, s.recent_cap);
                 pipe.cmd("PEXPIRE")
@@ -277,6 +369,7 @@ impl RedisStore {
             let expire_at_ms = (bucket + window_buckets) * self.bucket_ms();
             let categories =
                 std::iter::once(None).chain(e.categories.iter().map(|c| Some(c.as_str())));
+            let pipe = pipes.entry("trending".into()).or_default();
             for category in categories {
                 let key = self.trending_key(category, bucket);
                 pipe.cmd("ZINCRBY")
@@ -287,6 +380,7 @@ impl RedisStore {
                 pipe.cmd("PEXPIREAT").arg(&key).arg(expire_at_ms).ignore();
             }
         }
+        pipes.into_values().collect()
     }
 }
 
@@ -377,12 +471,17 @@ impl SessionStore for RedisStore {
             duplicates: events.len() - accepted.len(),
         };
         if !accepted.is_empty() {
-            let mut pipe = redis::pipe();
-            self.state_updates(&accepted, super::event::now_ms(), &mut pipe);
+            let pipes = self.state_updates(&accepted, super::event::now_ms());
             let result: Result<(), SessionError> = self
                 .bounded("update sessions", async {
-                    let mut con = self.manager().await?;
-                    pipe.query_async(&mut con).await
+                    let con = self.manager().await?;
+                    // Sent together: on one connection they share the round trip.
+                    futures::future::try_join_all(pipes.iter().map(|pipe| {
+                        let mut con = con.clone();
+                        async move { pipe.query_async::<()>(&mut con).await }
+                    }))
+                    .await
+                    .map(|_| ())
                 })
                 .await;
             // The events are in the log, which is what acknowledgement promises; the derived
