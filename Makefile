@@ -65,11 +65,12 @@ bench-serve:
 
 ## bench-lifecycle: activate and roll back a model under steady recommendation traffic
 ## (release build, under the benchmark lock). Numbers go to BENCHMARKS.md.
-LIFECYCLE_ITEMS ?= 100000
+LIFECYCLE_ITEMS ?= 1000000
 LIFECYCLE_RATE ?= 200
 bench-lifecycle:
 	$(CARGO) build --release --bin tandem --example lifecycle_bench
-	flock /tmp/tandem-bench.lock load-tests/lifecycle-bench.sh data/bench-lifecycle $(LIFECYCLE_ITEMS) $(LIFECYCLE_RATE) 15
+	BENCH_MODEL=models/demo TANDEM_INDEX__INDEXING_THREADS=1 flock /tmp/tandem-bench.lock \
+	  load-tests/lifecycle-bench.sh data/bench-lifecycle $(LIFECYCLE_ITEMS) $(LIFECYCLE_RATE) 15
 
 ## model: the shipped demo checkpoint, reproducible from the demo data (seed 7)
 .PHONY: demo-model

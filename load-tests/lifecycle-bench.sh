@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Model switch under load (run by `make bench-lifecycle`, under the benchmark lock).
 # Usage: load-tests/lifecycle-bench.sh DATA_DIR ITEMS RATE PHASE_SECS
-# 1. generates a catalog of ITEMS items and trains a checkpoint on it (once), and a second
+# 1. generates a catalog of ITEMS items and trains a checkpoint on it (once; BENCH_MODEL=DIR
+#    uses that checkpoint instead), and a second
 #    checkpoint with the same weights under another version id (activation re-embeds and
 #    re-indexes the whole catalog whatever the weights are);
 # 2. starts `tandem serve` (embedded index, memory sessions) on a fresh store;
@@ -23,8 +24,15 @@ if [ ! -f "$DIR/raw/items.csv" ]; then
     --interactions $((ITEMS * 5)) --seed 5
 fi
 if [ ! -f "$DIR/ckpt-a/manifest.json" ]; then
-  echo "== training a checkpoint"
-  $BIN/tandem train --data "$DIR/raw" --out "$DIR/ckpt-a" --epochs 1 --no-validate
+  if [ -n "${BENCH_MODEL:-}" ]; then
+    # A given checkpoint (e.g. models/demo): training one epoch on a 1M-item catalog takes
+    # longer than the rest of the benchmark, and the weights do not matter here.
+    echo "== using the checkpoint $BENCH_MODEL"
+    cp -r "$BENCH_MODEL" "$DIR/ckpt-a"
+  else
+    echo "== training a checkpoint"
+    $BIN/tandem train --data "$DIR/raw" --out "$DIR/ckpt-a" --epochs 1 --no-validate
+  fi
   rm -rf "$DIR/ckpt-b" && cp -r "$DIR/ckpt-a" "$DIR/ckpt-b"
   sed -i -E 's/"model_version": "([^"]+)"/"model_version": "\1-b"/' "$DIR/ckpt-b/manifest.json"
 fi

@@ -492,3 +492,44 @@ fn metrics_match_the_protocol_on_a_hand_checked_split() {
     // coverage: {b, c, e, d} of 5 items.
     assert_eq!(m["coverage@10"], 4.0 / 5.0);
 }
+
+/// The popularity prior does what the manifest says: with a weight for short histories, a
+/// user with few events gets the popular items (the towers order them), and users with long
+/// histories are ranked by the towers alone when their weight is zero.
+#[test]
+fn popularity_prior_pulls_short_histories_toward_popular_items_only() {
+    use tandem::model::PopularityPrior;
+    let f = fixture();
+    let users = f.split.scored_users();
+    let ranker = eval::Ranker::new(&f.model, &f.split, &users).unwrap();
+    let towers = ranker.top_k(&PopularityPrior::default(), eval::MAX_K);
+    let strong = PopularityPrior {
+        short_history: usize::MAX, // every user counts as short
+        short: 50.0,
+        long: 0.0,
+        ..PopularityPrior::default()
+    };
+    let popular = popularity_lists(&f.split);
+    let overlap = |lists: &HashMap<UserId, Vec<ItemId>>| -> f64 {
+        let mut shared = 0usize;
+        for u in &users {
+            let p: HashSet<&ItemId> = popular[u].iter().collect();
+            shared += lists[u].iter().filter(|i| p.contains(i)).count();
+        }
+        shared as f64 / (users.len() * eval::MAX_K) as f64
+    };
+    let with_prior = ranker.top_k(&strong, eval::MAX_K);
+    assert!(
+        overlap(&with_prior) > 0.8 && overlap(&towers) < 0.5,
+        "a strong prior should turn the lists into popular items: overlap {:.2} vs {:.2} for the towers",
+        overlap(&with_prior),
+        overlap(&towers)
+    );
+    let long_only = PopularityPrior {
+        short_history: 0, // no user is short
+        short: 50.0,
+        long: 0.0,
+        ..PopularityPrior::default()
+    };
+    assert_eq!(ranker.top_k(&long_only, eval::MAX_K), towers);
+}
