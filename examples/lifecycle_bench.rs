@@ -170,9 +170,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
     phase.store(2, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(args.phase_secs)).await;
     phase.store(3, Ordering::Relaxed);
-    let t_rollback = Instant::now();
-    let back = admin.rollback().await?;
+    // The activation is reported active at the switch; its catch-up (moving the catalog to
+    // the new vectors) may still hold the lifecycle lock, and then rollback answers 409 busy.
+    let t_wait = Instant::now();
+    let (back, t_rollback) = loop {
+        let t = Instant::now();
+        match admin.rollback().await {
+            Err(tandem::http::admin_client::ClientError::Api { status: 409, .. })
+                if t_wait.elapsed() < Duration::from_secs(600) =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            other => break (other?, t),
+        }
+    };
     let rollback_secs = t_rollback.elapsed().as_secs_f64();
+    let busy_secs = t_rollback.duration_since(t_wait).as_secs_f64();
     anyhow::ensure!(
         back.active.version == old,
         "rolled back to {}",
@@ -197,7 +210,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         activation_secs,
         (first_new_ms.saturating_sub(activate_at_ms)) as f64 / 1000.0
     );
-    println!("rollback: {:.3} s for the rollback call", rollback_secs);
+    println!(
+        "rollback: {:.3} s for the rollback call, after {:.1} s of 409 busy while the activation caught up",
+        rollback_secs, busy_secs
+    );
     println!("| phase | requests | errors | p50 ms | p99 ms | max ms |");
     println!("|---|---|---|---|---|---|");
     for (name, s) in PHASES.iter().zip(stats.iter()) {

@@ -178,6 +178,21 @@ impl Catalog {
         Some(updated)
     }
 
+    /// Replaces the vectors of many entries under one lock (unknown ids are skipped). The
+    /// popularity order is kept: it resolves entries by id, and a vector does not move an
+    /// item in it. A model switch moves every entry to its new vector this way, in chunks, so
+    /// that requests are not held up behind a million single-entry writes.
+    pub fn set_vectors(&self, vectors: impl IntoIterator<Item = (ItemId, Box<[f32]>)>) {
+        let mut items = self.items.write();
+        for (id, v) in vectors {
+            if let Some(slot) = items.get_mut(&id) {
+                let mut entry = CatalogEntry::clone(slot);
+                entry.vector = v;
+                *slot = Arc::new(entry);
+            }
+        }
+    }
+
     pub fn remove(&self, id: &ItemId) -> Option<Arc<CatalogEntry>> {
         let removed = self.items.write().remove(id);
         if removed.is_some() {

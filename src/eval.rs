@@ -117,7 +117,8 @@ impl Split {
             .into_iter()
             .filter(|(u, n)| {
                 *n > onboard
-                    && crate::model::features::hash(seed, "newuser", u.as_str()) % every == 0
+                    && crate::model::features::hash(seed, "newuser", u.as_str())
+                        .is_multiple_of(every)
             })
             .map(|(u, _)| u.clone())
             .collect();
@@ -555,8 +556,8 @@ mod tests {
     #[test]
     fn held_out_new_users_leave_training_with_their_first_five_rows_as_onboarding() {
         let row = |u: usize, i: usize, t: i64| Interaction {
-            user_id: UserId::parse(&format!("u{u}")).unwrap(),
-            item_id: ItemId::parse(&format!("i{i}")).unwrap(),
+            user_id: UserId::parse(format!("u{u}")).unwrap(),
+            item_id: ItemId::parse(format!("i{i}")).unwrap(),
             rating: 1.0,
             timestamp: t,
             event_type: Default::default(),

@@ -29,6 +29,8 @@ use std::time::Instant;
 /// measured at 50k items on 2 cores, 1,024-item batches stalled requests past a 10 s timeout.
 /// Small batches let request work interleave.
 const EMBED_BATCH: usize = 64;
+/// Catalog entries moved to their new vectors per lock after a switch.
+const VECTOR_CHUNK: usize = 10_000;
 /// Items per index fetch while reconciling the catalog with a collection.
 const FETCH_BATCH: usize = 2_000;
 
@@ -371,16 +373,22 @@ impl Lifecycle {
         let before: HashMap<&ItemId, &Arc<CatalogEntry>> =
             snapshot.iter().map(|e| (e.id(), e)).collect();
         let mut changed = Vec::new();
+        let mut moved = Vec::with_capacity(VECTOR_CHUNK);
         for entry in self.catalog.entries() {
             match before.get(entry.id()) {
                 Some(old) if Arc::ptr_eq(old, &entry) => {
                     if let Some(v) = fresh.remove(entry.id()) {
-                        self.catalog.update(entry.id(), |e| e.vector = v);
+                        moved.push((entry.id().clone(), v));
                     }
                 }
                 _ => changed.push(entry),
             }
+            if moved.len() == VECTOR_CHUNK {
+                self.catalog.set_vectors(moved.drain(..));
+                tokio::task::yield_now().await;
+            }
         }
+        self.catalog.set_vectors(moved);
         let now: std::collections::HashSet<ItemId> = self
             .catalog
             .entries()
@@ -421,10 +429,12 @@ impl Lifecycle {
                 })
                 .collect();
             self.index.upsert(points).await?;
-            for (e, v) in chunk.iter().zip(vectors) {
-                self.catalog
-                    .update(e.id(), |c| c.vector = v.into_boxed_slice());
-            }
+            self.catalog.set_vectors(
+                chunk
+                    .iter()
+                    .zip(vectors)
+                    .map(|(e, v)| (e.id().clone(), v.into_boxed_slice())),
+            );
         }
         if !entries.is_empty() {
             tracing::info!(
@@ -507,11 +517,11 @@ impl Reconciler {
                 .into_iter()
                 .map(|(p, v)| (p.item_id.clone(), (p, v)))
                 .collect();
+            let mut moved = Vec::with_capacity(chunk.len());
             for e in chunk {
                 match stored.get(e.id()) {
                     Some((payload, vector)) => {
-                        self.catalog
-                            .update(e.id(), |c| c.vector = vector.clone().into_boxed_slice());
+                        moved.push((e.id().clone(), vector.clone().into_boxed_slice()));
                         let current = e.payload();
                         if payload.available != current.available || payload.price != current.price
                         {
@@ -526,6 +536,8 @@ impl Reconciler {
                     None => missing.push(e.clone()),
                 }
             }
+            self.catalog.set_vectors(moved);
+            tokio::task::yield_now().await;
         }
         let n = missing.len();
         for chunk in missing.chunks(EMBED_BATCH) {
@@ -544,10 +556,12 @@ impl Reconciler {
                 })
                 .collect();
             self.index.upsert(points).await?;
-            for (e, v) in chunk.iter().zip(vectors) {
-                self.catalog
-                    .update(e.id(), |c| c.vector = v.into_boxed_slice());
-            }
+            self.catalog.set_vectors(
+                chunk
+                    .iter()
+                    .zip(vectors)
+                    .map(|(e, v)| (e.id().clone(), v.into_boxed_slice())),
+            );
         }
         Ok(n)
     }
