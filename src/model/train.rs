@@ -11,6 +11,8 @@
 //! With validation, training runs twice: a first fit on the validation slice chooses the
 //! number of epochs by Recall@20 (early stopping), and a second fit on all known data uses
 //! that number. This keeps test and validation rows out of the model that is shipped.
+//! The validation fit also holds out about one user in ten as new users (the protocol's
+//! way), and after it [`tune_prior`] picks the manifest's popularity prior on that slice.
 
 use super::checkpoint::{
     DataInfo, Manifest, Metrics, PopularityPrior, TrainingInfo, FORMAT_VERSION,
