@@ -38,8 +38,8 @@ struct InBatchSoftmax {
 }
 
 impl InBatchSoftmax {
-    /// The logits of row `r` into `out`; returns (max, log-sum-exp).
-    fn row(&self, scores: &[f32], r: usize, out: &mut [f32]) -> (f32, f32) {
+    /// The logits of row `r` into `out`; returns their log-sum-exp.
+    fn row(&self, scores: &[f32], r: usize, out: &mut [f32]) -> f32 {
         let n = self.n;
         let s = &scores[r * n..(r + 1) * n];
         let b = &self.bias[r * n..(r + 1) * n];
@@ -49,7 +49,7 @@ impl InBatchSoftmax {
             max = max.max(*o);
         }
         let sum: f32 = out.iter().map(|&z| (z - max).exp()).sum();
-        (max, max + sum.ln())
+        max + sum.ln()
     }
 
     fn scores<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
@@ -75,7 +75,7 @@ impl CustomOp1 for InBatchSoftmax {
         let mut total = 0f64;
         for r in 0..n {
             let p = &mut probs[r * n..(r + 1) * n];
-            let (_, lse) = self.row(scores, r, p);
+            let lse = self.row(scores, r, p);
             total += (lse - p[r]) as f64;
             for v in p.iter_mut() {
                 *v = (*v - lse).exp();
