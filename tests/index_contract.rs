@@ -365,7 +365,13 @@ async fn payload_updates_take_effect_on_the_next_search() {
         assert_eq!(hits[0].payload.popularity, 99.0, "{}", b.name);
         // Patching an unknown item is a no-op, not an error.
         b.index
-            .set_payload(&id("ghost"), &PayloadPatch::default())
+            .set_payload(
+                &id("ghost"),
+                &PayloadPatch {
+                    available: Some(false),
+                    ..Default::default()
+                },
+            )
             .await
             .unwrap();
         assert_eq!(b.index.count().await.unwrap(), 2, "{}", b.name);
@@ -403,6 +409,63 @@ async fn delete_removes_items() {
             "{}",
             b.name
         );
+        // A patch of a deleted item is a no-op: no error, and the item stays gone.
+        b.index
+            .set_payload(
+                &id("item3"),
+                &PayloadPatch {
+                    price: Some(1.0),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            b.index.count().await.unwrap(),
+            points.len() - 2,
+            "{}",
+            b.name
+        );
+        assert!(
+            b.index.fetch(&[id("item3")]).await.unwrap().is_empty(),
+            "{}",
+            b.name
+        );
+    }
+}
+
+/// A PATCH and a DELETE of the same item at once (two API clients): whichever the engine
+/// applies first, the patch never fails with "no point" (that was a 500 found by schemathesis).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patch_racing_delete_is_not_an_error() {
+    for b in backends("patch-race").await {
+        let n = 200;
+        let points: Vec<IndexPoint> = (0..n)
+            .map(|i| {
+                let a = i as f32 / n as f32;
+                point(&format!("r{i}"), &[a.cos(), a.sin()], &["x"])
+            })
+            .collect();
+        live_with(b.index.as_ref(), "v1", points).await;
+        let mut tasks = Vec::new();
+        for i in 0..n {
+            let index = b.index.clone();
+            tasks.push(tokio::spawn(async move {
+                let item = id(&format!("r{i}"));
+                let patch = PayloadPatch {
+                    available: Some(false),
+                    ..Default::default()
+                };
+                let gone = [item.clone()];
+                tokio::join!(index.set_payload(&item, &patch), index.delete(&gone))
+            }));
+        }
+        for t in tasks {
+            let (patched, deleted) = t.await.unwrap();
+            patched.unwrap_or_else(|e| panic!("{}: patch failed: {e}", b.name));
+            deleted.unwrap_or_else(|e| panic!("{}: delete failed: {e}", b.name));
+        }
+        assert_eq!(b.index.count().await.unwrap(), 0, "{}", b.name);
     }
 }
 

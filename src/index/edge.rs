@@ -154,11 +154,23 @@ fn writer_loop(shard: Arc<EdgeShard>, rx: mpsc::Receiver<WriteCmd>) {
                         .map_err(|e| e.to_string())
                         .and_then(|_| flush(&shard));
                     tracing::info!(secs = started.elapsed().as_secs_f64(), "index optimized");
+                    release_freed_memory();
                     let _ = cmd.reply.send(r);
                 }
             }
         }
         acknowledge(&shard, &mut pending, &mut need_flush);
+    }
+}
+
+/// Hands the heap that `optimize()` freed back to the OS. The build peaks at about twice
+/// the serving footprint, and glibc keeps freed arenas mapped, so without this a process that
+/// built its index serves with the build's high-water mark as its RSS.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks and trims the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -274,10 +286,15 @@ impl Collection {
         if fields.is_empty() || !self.payloads.contains(id) {
             return Ok(()); // nothing to set, or an unknown item: a no-op, as in Qdrant
         }
+        // By a has-id filter, not by point id: a delete that raced past the check above then
+        // makes this a no-op (the caller answers 404) instead of a "no point" error.
+        let only_this = qdrant_edge::Filter::new_must(qdrant_edge::Condition::HasId(
+            std::iter::once(PointId::Uuid(point_id(id))).collect(),
+        ));
         let op = UpdateOperation::PayloadOperation(PayloadOps::SetPayload(SetPayloadOp {
             payload: qdrant_edge::Payload(fields),
-            points: Some(vec![PointId::Uuid(point_id(id))]),
-            filter: None,
+            points: None,
+            filter: Some(only_this),
             key: None,
         }));
         self.write(WriteOp::Update {

@@ -308,11 +308,16 @@ impl VectorIndex for QdrantIndex {
             return Ok(());
         }
         let payload = qdrant_client::Payload::from(fields);
-        let list = PointsIdsList { ids: vec![pid(id)] };
+        // By a has-id filter, not by id list: an item deleted meanwhile makes this a no-op
+        // rather than a "no point" error.
+        let only_this =
+            qdrant_client::qdrant::Filter::must([qdrant_client::qdrant::Condition::has_id([pid(
+                id,
+            )])]);
         self.retry("set_payload", || {
             self.client.set_payload(
                 SetPayloadPointsBuilder::new(&self.alias, payload.clone())
-                    .points_selector(list.clone())
+                    .points_selector(only_this.clone())
                     .wait(true),
             )
         })
