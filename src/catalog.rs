@@ -10,7 +10,7 @@
 use crate::domain::{Filter, Item, ItemId};
 use crate::index::{IndexError, Payload, VectorIndex};
 use parking_lot::{Mutex, RwLock};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -59,12 +59,62 @@ pub struct LoadReport {
     pub missing_from_index: usize,
 }
 
+/// A popularity that orders totally, most popular first.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Descending(f32);
+
+impl Eq for Descending {}
+impl PartialOrd for Descending {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Descending {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other.0.total_cmp(&self.0)
+    }
+}
+
+/// An entry's place in the popularity order: by descending popularity, then by id.
+type Rank = (Descending, ItemId);
+
+fn rank(e: &CatalogEntry) -> Rank {
+    (Descending(e.popularity), e.id().clone())
+}
+
+#[derive(Default)]
+struct Entries {
+    by_id: HashMap<ItemId, Arc<CatalogEntry>>,
+    /// Every entry's rank, kept in step with `by_id` by each write (a write moves one key,
+    /// O(log n)), so that the fallback order never needs a sort of the whole catalog.
+    by_popularity: BTreeSet<Rank>,
+}
+
+impl Entries {
+    fn from_map(by_id: HashMap<ItemId, Arc<CatalogEntry>>) -> Self {
+        let by_popularity = by_id.values().map(|e| rank(e)).collect();
+        Entries {
+            by_id,
+            by_popularity,
+        }
+    }
+
+    /// Puts `entry` in place of whatever had its id, in both views.
+    fn put(&mut self, entry: Arc<CatalogEntry>) {
+        let new_rank = rank(&entry);
+        if let Some(old) = self.by_id.insert(entry.id().clone(), entry) {
+            if old.popularity == new_rank.0 .0 {
+                return;
+            }
+            self.by_popularity.remove(&rank(&old));
+        }
+        self.by_popularity.insert(new_rank);
+    }
+}
+
 #[derive(Default)]
 pub struct Catalog {
-    items: RwLock<HashMap<ItemId, Arc<CatalogEntry>>>,
-    /// Every entry by descending popularity, rebuilt lazily after writes. Entries in it may be
-    /// stale; readers resolve each id against `items` before trusting its fields.
-    by_popularity: Mutex<Option<Arc<Vec<Arc<CatalogEntry>>>>>,
+    entries: RwLock<Entries>,
 }
 
 impl Catalog {
@@ -114,32 +164,31 @@ impl Catalog {
             progress(done, total);
         }
         let catalog = Catalog {
-            items: RwLock::new(map),
-            by_popularity: Mutex::new(None),
+            entries: RwLock::new(Entries::from_map(map)),
         };
         Ok((catalog, report))
     }
 
     pub fn len(&self) -> usize {
-        self.items.read().len()
+        self.entries.read().by_id.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.items.read().is_empty()
+        self.entries.read().by_id.is_empty()
     }
 
     /// Some entry, for checks that any one answers (vector dimensions).
     pub fn any(&self) -> Option<Arc<CatalogEntry>> {
-        self.items.read().values().next().cloned()
+        self.entries.read().by_id.values().next().cloned()
     }
 
     /// Every entry, as of now (model activation embeds this snapshot).
     pub fn entries(&self) -> Vec<Arc<CatalogEntry>> {
-        self.items.read().values().cloned().collect()
+        self.entries.read().by_id.values().cloned().collect()
     }
 
     pub fn get(&self, id: &ItemId) -> Option<Arc<CatalogEntry>> {
-        self.items.read().get(id).cloned()
+        self.entries.read().by_id.get(id).cloned()
     }
 
     /// Resolves many ids under one lock; unknown ids are `None`.
@@ -147,18 +196,18 @@ impl Catalog {
         &self,
         ids: impl IntoIterator<Item = &'a ItemId>,
     ) -> Vec<Option<Arc<CatalogEntry>>> {
-        let items = self.items.read();
-        ids.into_iter().map(|id| items.get(id).cloned()).collect()
+        let entries = self.entries.read();
+        ids.into_iter()
+            .map(|id| entries.by_id.get(id).cloned())
+            .collect()
     }
 
     /// Inserts or replaces entries (after the index accepted them).
     pub fn upsert(&self, entries: impl IntoIterator<Item = CatalogEntry>) {
-        let mut items = self.items.write();
+        let mut all = self.entries.write();
         for e in entries {
-            items.insert(e.item.item_id.clone(), Arc::new(e));
+            all.put(Arc::new(e));
         }
-        drop(items);
-        *self.by_popularity.lock() = None;
     }
 
     /// Applies a change to one entry; returns the new entry, or `None` if the id is unknown.
@@ -167,25 +216,21 @@ impl Catalog {
         id: &ItemId,
         change: impl FnOnce(&mut CatalogEntry),
     ) -> Option<Arc<CatalogEntry>> {
-        let mut items = self.items.write();
-        let slot = items.get_mut(id)?;
-        let mut entry = CatalogEntry::clone(slot);
+        let mut all = self.entries.write();
+        let mut entry = CatalogEntry::clone(all.by_id.get(id)?);
         change(&mut entry);
-        *slot = Arc::new(entry);
-        let updated = slot.clone();
-        drop(items);
-        *self.by_popularity.lock() = None;
+        let updated = Arc::new(entry);
+        all.put(updated.clone());
         Some(updated)
     }
 
-    /// Replaces the vectors of many entries under one lock (unknown ids are skipped). The
-    /// popularity order is kept: it resolves entries by id, and a vector does not move an
-    /// item in it. A model switch moves every entry to its new vector this way, in chunks, so
-    /// that requests are not held up behind a million single-entry writes.
+    /// Replaces the vectors of many entries under one lock (unknown ids are skipped). A model
+    /// switch moves every entry to its new vector this way, in chunks, so that requests are
+    /// not held up behind a million single-entry writes.
     pub fn set_vectors(&self, vectors: impl IntoIterator<Item = (ItemId, Box<[f32]>)>) {
-        let mut items = self.items.write();
+        let mut all = self.entries.write();
         for (id, v) in vectors {
-            if let Some(slot) = items.get_mut(&id) {
+            if let Some(slot) = all.by_id.get_mut(&id) {
                 let mut entry = CatalogEntry::clone(slot);
                 entry.vector = v;
                 *slot = Arc::new(entry);
@@ -194,41 +239,23 @@ impl Catalog {
     }
 
     pub fn remove(&self, id: &ItemId) -> Option<Arc<CatalogEntry>> {
-        let removed = self.items.write().remove(id);
-        if removed.is_some() {
-            *self.by_popularity.lock() = None;
-        }
-        removed
+        let mut all = self.entries.write();
+        let removed = all.by_id.remove(id)?;
+        all.by_popularity.remove(&rank(&removed));
+        Some(removed)
     }
 
     /// The most popular items that pass `filter`, best first: the answer when nothing
     /// personal is known and trending is empty or down.
     pub fn popular(&self, filter: &Filter, k: usize) -> Vec<Arc<CatalogEntry>> {
-        let order = self.popularity_order();
-        let items = self.items.read();
-        order
+        let all = self.entries.read();
+        all.by_popularity
             .iter()
-            .filter_map(|stale| items.get(stale.id()))
+            .filter_map(|(_, id)| all.by_id.get(id))
             .filter(|e| filter.matches(&e.item))
             .take(k)
             .cloned()
             .collect()
-    }
-
-    fn popularity_order(&self) -> Arc<Vec<Arc<CatalogEntry>>> {
-        let mut cached = self.by_popularity.lock();
-        if let Some(order) = cached.as_ref() {
-            return order.clone();
-        }
-        let mut order: Vec<Arc<CatalogEntry>> = self.items.read().values().cloned().collect();
-        order.sort_by(|a, b| {
-            b.popularity
-                .total_cmp(&a.popularity)
-                .then_with(|| a.id().cmp(b.id()))
-        });
-        let order = Arc::new(order);
-        *cached = Some(order.clone());
-        order
     }
 }
 
@@ -361,6 +388,25 @@ mod tests {
         c.remove(&ItemId::parse("a").unwrap());
         assert!(c.popular(&only_x, 10).is_empty());
         assert_eq!(c.len(), 2);
+    }
+
+    #[test]
+    fn popularity_changes_move_items_once() {
+        let c = Catalog::new();
+        c.upsert([entry("a", "x", 1.0), entry("b", "x", 2.0)]);
+        let ids = |v: Vec<Arc<CatalogEntry>>| -> Vec<String> {
+            v.iter().map(|e| e.id().to_string()).collect()
+        };
+        // Re-upserting an item with a new popularity moves it, and it is listed once.
+        c.upsert([entry("a", "x", 3.0)]);
+        assert_eq!(ids(c.popular(&Filter::default(), 10)), ["a", "b"]);
+        c.update(&ItemId::parse("b").unwrap(), |e| e.popularity = 4.0);
+        assert_eq!(ids(c.popular(&Filter::default(), 10)), ["b", "a"]);
+        // Equal popularity: by id.
+        c.upsert([entry("0", "x", 3.0)]);
+        assert_eq!(ids(c.popular(&Filter::default(), 10)), ["b", "0", "a"]);
+        c.remove(&ItemId::parse("b").unwrap());
+        assert_eq!(ids(c.popular(&Filter::default(), 10)), ["0", "a"]);
     }
 
     #[test]
