@@ -29,7 +29,8 @@ use qdrant_edge::{
     EdgeOptimizersConfig, EdgeShard, EdgeVectorParams, FieldCondition, FieldIndexOperations,
     FloatIndexParams, HasIdCondition, HnswIndexConfig, IntegerIndexParams, JsonPath,
     KeywordIndexParams, Match, NamedQuery, PayloadFieldSchema, PayloadOps, PayloadSchemaParams,
-    PointId, PointInsertOperations, PointOperations, PointStruct, QueryEnum, QueryRequest, Range,
+    PointId, PointInsertOperations, PointOperations, PointStruct, QuantizationConfig,
+    QuantizationSearchParams, QueryEnum, QueryRequest, Range, ScalarQuantizationConfig, ScalarType,
     ScoringQuery, ScrollRequest, SearchParams, SetPayloadOp, UpdateOperation, VectorStructInternal,
     WithPayloadInterface, WithVector,
 };
@@ -67,6 +68,9 @@ pub struct EdgeOptions {
     pub full_scan_threshold_kb: Option<usize>,
     /// Threads of the HNSW build; 0 = every core.
     pub indexing_threads: usize,
+    /// Keep an int8 copy of the vectors in RAM (scalar quantization): graph walks and scans
+    /// score on it, then the best `oversampling × k` are re-scored on the full vectors.
+    pub quantization: bool,
 }
 
 impl Default for EdgeOptions {
@@ -78,6 +82,7 @@ impl Default for EdgeOptions {
             indexing_threshold_kb: None,
             full_scan_threshold_kb: None,
             indexing_threads: 0,
+            quantization: true,
         }
     }
 }
@@ -104,6 +109,9 @@ enum WriteOp {
     /// Build the HNSW graph and payload indexes, then flush.
     Optimize,
 }
+
+/// Candidates scored on the int8 vectors per result, re-scored on the full vectors.
+const OVERSAMPLING: f64 = 2.0;
 
 /// A write applied but not yet acknowledged: its reply channel and its outcome.
 type Pending = (
@@ -322,10 +330,15 @@ impl Collection {
         filter: Option<qdrant_edge::Filter>,
         k: usize,
         plan: Plan,
+        cfg: &PlanConfig,
     ) -> Result<Vec<(Uuid, f32)>, IndexError> {
-        let (ef, exact) = match plan {
-            Plan::Graph { ef } => (Some(ef), false),
-            _ => (None, true),
+        // An exact plan asks for a plain scan by cardinality rather than with `exact: true`,
+        // which would ignore the quantized vectors: the planner only picks it for sets under
+        // the engine's full-scan threshold, which the engine then scans. `ef_max` bounds a
+        // graph walk should the engine's own estimate disagree.
+        let ef = match plan {
+            Plan::Graph { ef } => ef,
+            _ => cfg.ef_max,
         };
         let req = QueryRequest {
             prefetches: vec![],
@@ -337,9 +350,13 @@ impl Collection {
             limit: k,
             offset: 0,
             params: Some(SearchParams {
-                hnsw_ef: ef,
-                exact,
-                quantization: None,
+                hnsw_ef: Some(ef),
+                exact: false,
+                quantization: Some(QuantizationSearchParams {
+                    ignore: false,
+                    rescore: Some(true),
+                    oversampling: Some(OVERSAMPLING),
+                }),
                 indexed_only: false,
                 acorn: None,
             }),
@@ -393,7 +410,7 @@ impl Collection {
         };
         let plan = cfg.plan(total, estimate, filter.include_categories.len(), k);
         if plan != Plan::PerCategory {
-            return self.query(q, edge_filter, k, plan);
+            return self.query(q, edge_filter, k, plan, cfg);
         }
         // One search per category, each planned by its own cardinality, run in parallel on
         // the rayon pool and merged by best score (an item in two included categories is
@@ -409,7 +426,7 @@ impl Collection {
                 let f = to_edge_filter(&one).expect("a category filter is not empty");
                 let est = self.count_estimate(&f)?;
                 let p = cfg.plan(total, Some(est), 1, k);
-                self.query(q, Some(f), k, p)
+                self.query(q, Some(f), k, p, cfg)
             })
             .collect::<Result<_, _>>()?;
         let mut best: HashMap<Uuid, f32> = HashMap::new();
@@ -724,13 +741,22 @@ impl EdgeIndex {
             max_indexing_threads: self.opts.indexing_threads,
             ..defaults
         };
-        EdgeConfig::builder()
+        let builder = EdgeConfig::builder()
             .vector("", EdgeVectorParams::builder(dim, Distance::Cosine).build())
             .hnsw_config(hnsw)
             .optimizers(EdgeOptimizersConfig {
                 indexing_threshold: self.opts.indexing_threshold_kb,
                 ..EdgeOptimizersConfig::default()
-            })
+            });
+        if !self.opts.quantization {
+            return builder.build();
+        }
+        builder
+            .quantization_config(QuantizationConfig::from(ScalarQuantizationConfig {
+                r#type: ScalarType::Int8,
+                quantile: Some(0.99),
+                always_ram: Some(true),
+            }))
             .build()
     }
 }
