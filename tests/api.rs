@@ -1031,3 +1031,214 @@ fn no_input_produces_a_500() {
     }
     drop(app);
 }
+
+// ---- index outage ------------------------------------------------------------------------
+
+/// A real index behind a switch: while `down`, every call fails as a Qdrant server that is
+/// restarting would (the production `GuardedIndex` sits in front, as in `tandem serve`).
+struct Outage {
+    inner: std::sync::Arc<dyn tandem::index::VectorIndex>,
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl Outage {
+    fn check(&self) -> Result<(), tandem::index::IndexError> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(tandem::index::IndexError::Unavailable(
+                "connection refused".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl tandem::index::VectorIndex for Outage {
+    async fn upsert(
+        &self,
+        p: Vec<tandem::index::IndexPoint>,
+    ) -> Result<(), tandem::index::IndexError> {
+        self.check()?;
+        self.inner.upsert(p).await
+    }
+    async fn delete(&self, ids: &[ItemId]) -> Result<(), tandem::index::IndexError> {
+        self.check()?;
+        self.inner.delete(ids).await
+    }
+    async fn set_payload(
+        &self,
+        id: &ItemId,
+        patch: &tandem::index::PayloadPatch,
+    ) -> Result<(), tandem::index::IndexError> {
+        self.check()?;
+        self.inner.set_payload(id, patch).await
+    }
+    async fn search(
+        &self,
+        v: &[f32],
+        f: &Filter,
+        k: usize,
+    ) -> Result<Vec<tandem::index::Hit>, tandem::index::IndexError> {
+        self.check()?;
+        self.inner.search(v, f, k).await
+    }
+    async fn fetch(
+        &self,
+        ids: &[ItemId],
+    ) -> Result<Vec<(tandem::index::Payload, Vec<f32>)>, tandem::index::IndexError> {
+        self.check()?;
+        self.inner.fetch(ids).await
+    }
+    async fn count(&self) -> Result<usize, tandem::index::IndexError> {
+        self.check()?;
+        self.inner.count().await
+    }
+    async fn create_version(&self, v: &str, dim: usize) -> Result<(), tandem::index::IndexError> {
+        self.check()?;
+        self.inner.create_version(v, dim).await
+    }
+    async fn upsert_into(
+        &self,
+        v: &str,
+        p: Vec<tandem::index::IndexPoint>,
+    ) -> Result<(), tandem::index::IndexError> {
+        self.check()?;
+        self.inner.upsert_into(v, p).await
+    }
+    async fn finalize_version(&self, v: &str) -> Result<(), tandem::index::IndexError> {
+        self.check()?;
+        self.inner.finalize_version(v).await
+    }
+    async fn switch_to(&self, v: &str) -> Result<(), tandem::index::IndexError> {
+        self.check()?;
+        self.inner.switch_to(v).await
+    }
+    async fn drop_version(&self, v: &str) -> Result<(), tandem::index::IndexError> {
+        self.check()?;
+        self.inner.drop_version(v).await
+    }
+    async fn versions(&self) -> Result<(Vec<String>, Option<String>), tandem::index::IndexError> {
+        self.check()?;
+        self.inner.versions().await
+    }
+}
+
+/// The vector index stops answering (a Qdrant restart): a user with history still gets a
+/// full page, from the fallback list and under the request's filter, flagged
+/// `degraded:["index"]`, never an error; once the index answers again the page is personal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_outage_serves_the_fallback_list_and_recovers() {
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    use tandem::pipeline::{Degraded, RecommendRequest, Recommender, Source};
+
+    let dir = tempfile::tempdir().unwrap();
+    let catalog_dir = dir.path().join("catalog");
+    let items = write_catalog(&catalog_dir);
+    let model = tandem::model::TwoTower::load(&model_dir().join("model")).unwrap();
+    let outage = Arc::new(Outage {
+        inner: Arc::new(tandem::index::exact::ExactIndex::new()),
+        down: false.into(),
+    });
+    tandem::http::state::index_catalog(outage.as_ref(), &model, &items, &catalog_dir)
+        .await
+        .unwrap();
+    let index: Arc<dyn tandem::index::VectorIndex> = Arc::new(tandem::degrade::GuardedIndex::new(
+        outage.clone(),
+        tandem::degrade::Budgets {
+            read: Duration::from_millis(200),
+            write: Duration::from_millis(500),
+            cooldown: Duration::from_millis(200),
+        },
+    ));
+    let (catalog, _) = tandem::catalog::Catalog::load(items.clone(), index.as_ref(), |_, _| {})
+        .await
+        .unwrap();
+    let settings = Settings::default();
+    let sessions = Arc::new(
+        tandem::session::memory::MemoryStore::open(
+            &settings.session,
+            &dir.path().join("events.log"),
+        )
+        .unwrap(),
+    );
+    let clicks: Vec<tandem::session::Event> = (0..5)
+        .map(|n| tandem::session::Event {
+            event_id: uuid::Uuid::new_v4(),
+            user_id: Some(UserId::parse("shopper").unwrap()),
+            session_id: None,
+            item_id: ItemId::parse(format!("comedy-{n}")).unwrap(),
+            event_type: EventType::Click,
+            value: None,
+            timestamp_ms: 1_700_000_000_000 + n,
+            variant: None,
+            context: None,
+            categories: vec!["Comedy".into()],
+        })
+        .collect();
+    tandem::session::SessionStore::append(sessions.as_ref(), &clicks)
+        .await
+        .unwrap();
+    let recommender = Recommender::new(
+        Arc::new(arc_swap::ArcSwap::from_pointee(model)),
+        index,
+        sessions,
+        Arc::new(catalog),
+        settings.server.clone(),
+        Arc::new(arc_swap::ArcSwap::from_pointee(settings.rerank.clone())),
+    );
+    let request = |n: usize, category: &str| RecommendRequest {
+        request_id: format!("r{n}"),
+        user: Some(UserId::parse("shopper").unwrap()),
+        session: None,
+        k: 10,
+        filter: Filter {
+            include_categories: vec![category.into()],
+            available_only: true,
+            ..Default::default()
+        },
+        variant: "control".into(),
+    };
+
+    let up = recommender.recommend(&request(0, "Drama")).await;
+    assert_eq!(up.source, Source::Personal, "{:?}", up.degraded);
+    assert!(up.degraded.is_empty(), "{:?}", up.degraded);
+
+    outage.down.store(true, Ordering::SeqCst);
+    for (n, category) in ["Horror", "Romance", "SciFi"].into_iter().enumerate() {
+        let down = recommender.recommend(&request(n + 1, category)).await;
+        assert!(
+            down.degraded.contains(&Degraded::Index),
+            "{category}: {:?}",
+            down.degraded
+        );
+        assert_eq!(
+            down.items.len(),
+            10,
+            "{category}: a full page while the index is down"
+        );
+        for r in &down.items {
+            assert!(
+                r.entry.item.genres.iter().any(|g| g == category) && r.entry.item.available,
+                "{category}: {} breaks the filter",
+                r.entry.id()
+            );
+        }
+    }
+
+    outage.down.store(false, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let back = recommender.recommend(&request(9, "Action")).await;
+        if back.degraded.is_empty() {
+            assert_eq!(back.source, Source::Personal);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still degraded: {:?}",
+            back.degraded
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -333,9 +333,10 @@ impl Collection {
         cfg: &PlanConfig,
     ) -> Result<Vec<(Uuid, f32)>, IndexError> {
         // An exact plan asks for a plain scan by cardinality rather than with `exact: true`,
-        // which would ignore the quantized vectors: the planner only picks it for sets under
-        // the engine's full-scan threshold, which the engine then scans. `ef_max` bounds a
-        // graph walk should the engine's own estimate disagree.
+        // which would ignore the quantized vectors. The planner picks it for sets of at most
+        // `exact_max_points` (20k), under the engine's full-scan threshold (10 MB of vectors:
+        // 40k points at d=64), so the engine scans them; should its own estimate disagree (a
+        // lowered threshold, or d > 128), it walks the graph with `ef_max` instead.
         let ef = match plan {
             Plan::Graph { ef } => ef,
             _ => cfg.ef_max,

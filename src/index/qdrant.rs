@@ -310,10 +310,7 @@ impl VectorIndex for QdrantIndex {
         let payload = qdrant_client::Payload::from(fields);
         // By a has-id filter, not by id list: an item deleted meanwhile makes this a no-op
         // rather than a "no point" error.
-        let only_this =
-            qdrant_client::qdrant::Filter::must([qdrant_client::qdrant::Condition::has_id([pid(
-                id,
-            )])]);
+        let only_this = qdrant_client::qdrant::Filter::must([Condition::has_id([pid(id)])]);
         self.retry("set_payload", || {
             self.client.set_payload(
                 SetPayloadPointsBuilder::new(&self.alias, payload.clone())
