@@ -15,6 +15,9 @@
 //! - Payloads read back from the engine cost milliseconds, so results are filled from
 //!   tandem's RAM copy ([`PayloadStore`]), rebuilt by a scroll when a version is opened.
 //! - Broad filters that match whole clusters defeat filtered graph search; see [`super::plan`].
+//! - New collections keep an int8 copy of the vectors in RAM (scalar quantization); graph
+//!   walks and scans score on it and re-score the best `2 × k` on the full vectors.
+//!   Collections built before it keep their config when reopened.
 
 use super::payloads::{self, PayloadStore, F_AVAILABLE, F_CATEGORIES, F_CREATED_AT, F_PRICE};
 use super::plan::{Plan, PlanConfig};
