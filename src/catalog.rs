@@ -103,10 +103,11 @@ impl Entries {
     fn put(&mut self, entry: Arc<CatalogEntry>) {
         let new_rank = rank(&entry);
         if let Some(old) = self.by_id.insert(entry.id().clone(), entry) {
-            if old.popularity == new_rank.0 .0 {
+            let old_rank = rank(&old);
+            if old_rank == new_rank {
                 return;
             }
-            self.by_popularity.remove(&rank(&old));
+            self.by_popularity.remove(&old_rank);
         }
         self.by_popularity.insert(new_rank);
     }
