@@ -14,6 +14,9 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+/// Distinct filters whose popularity lists are kept; past it the cache starts over.
+const POPULAR_CACHE_MAX: usize = 1024;
+
 /// One servable item.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CatalogEntry {
@@ -82,6 +85,9 @@ fn rank(e: &CatalogEntry) -> Rank {
     (Descending(e.popularity), e.id().clone())
 }
 
+/// One write to the catalog: the entry before it and the entry after it.
+type Change = (Option<Arc<CatalogEntry>>, Option<Arc<CatalogEntry>>);
+
 #[derive(Default)]
 struct Entries {
     by_id: HashMap<ItemId, Arc<CatalogEntry>>,
@@ -99,23 +105,42 @@ impl Entries {
         }
     }
 
-    /// Puts `entry` in place of whatever had its id, in both views.
-    fn put(&mut self, entry: Arc<CatalogEntry>) {
+    /// Puts `entry` in place of whatever had its id, in both views; returns what it replaced.
+    fn put(&mut self, entry: Arc<CatalogEntry>) -> Option<Arc<CatalogEntry>> {
         let new_rank = rank(&entry);
-        if let Some(old) = self.by_id.insert(entry.id().clone(), entry) {
-            let old_rank = rank(&old);
+        let old = self.by_id.insert(entry.id().clone(), entry);
+        if let Some(old) = &old {
+            let old_rank = rank(old);
             if old_rank == new_rank {
-                return;
+                return Some(old.clone());
             }
             self.by_popularity.remove(&old_rank);
         }
         self.by_popularity.insert(new_rank);
+        old
     }
 }
 
 #[derive(Default)]
 pub struct Catalog {
     entries: RwLock<Entries>,
+    /// Answers of [`Catalog::popular`] as ids, keyed by the filter without its exclusion
+    /// list: a narrow filter walks thousands of entries of the popularity order to find its
+    /// top 100, and storefront traffic repeats the same few filters. Writes drop the lists
+    /// they could change (see [`Catalog::forget_popular`]); lock order: `entries`, then this.
+    popular_cache: Mutex<HashMap<String, PopularList>>,
+}
+
+/// One cached walk of the popularity order.
+struct PopularList {
+    filter: Filter,
+    /// The walk stopped after this many matches...
+    asked: usize,
+    /// ...and found these, best first (fewer than `asked`: the whole catalog was walked).
+    ids: Vec<ItemId>,
+    /// The rank of the last id when the walk stopped early; an entry that matches and ranks
+    /// above it belongs in the list.
+    last: Option<Rank>,
 }
 
 impl Catalog {
@@ -166,6 +191,7 @@ impl Catalog {
         }
         let catalog = Catalog {
             entries: RwLock::new(Entries::from_map(map)),
+            popular_cache: Mutex::default(),
         };
         Ok((catalog, report))
     }
@@ -206,9 +232,35 @@ impl Catalog {
     /// Inserts or replaces entries (after the index accepted them).
     pub fn upsert(&self, entries: impl IntoIterator<Item = CatalogEntry>) {
         let mut all = self.entries.write();
+        let mut changes = Vec::new();
         for e in entries {
-            all.put(Arc::new(e));
+            let e = Arc::new(e);
+            changes.push((all.put(e.clone()), Some(e)));
         }
+        self.forget_popular(&changes);
+    }
+
+    /// Drops the cached popularity lists that a change can alter: the old entry was in the
+    /// list, or the new one matches its filter and ranks above its end. Called with the
+    /// `entries` write lock held, so that no walk interleaves with the change.
+    fn forget_popular(&self, changes: &[Change]) {
+        let mut cache = self.popular_cache.lock();
+        if cache.is_empty() {
+            return;
+        }
+        cache.retain(|_, list| {
+            let reaches = |e: &Arc<CatalogEntry>, inclusive: bool| {
+                list.filter.matches(&e.item)
+                    && list.last.as_ref().is_none_or(|last| {
+                        let r = rank(e);
+                        r < *last || (inclusive && r == *last)
+                    })
+            };
+            !changes.iter().any(|(old, new)| {
+                old.as_ref().is_some_and(|o| reaches(o, true))
+                    || new.as_ref().is_some_and(|n| reaches(n, false))
+            })
+        });
     }
 
     /// Applies a change to one entry; returns the new entry, or `None` if the id is unknown.
@@ -221,7 +273,8 @@ impl Catalog {
         let mut entry = CatalogEntry::clone(all.by_id.get(id)?);
         change(&mut entry);
         let updated = Arc::new(entry);
-        all.put(updated.clone());
+        let old = all.put(updated.clone());
+        self.forget_popular(&[(old, Some(updated.clone()))]);
         Some(updated)
     }
 
@@ -243,20 +296,66 @@ impl Catalog {
         let mut all = self.entries.write();
         let removed = all.by_id.remove(id)?;
         all.by_popularity.remove(&rank(&removed));
+        self.forget_popular(&[(Some(removed.clone()), None)]);
         Some(removed)
     }
 
     /// The most popular items that pass `filter`, best first: the answer when nothing
     /// personal is known and trending is empty or down.
     pub fn popular(&self, filter: &Filter, k: usize) -> Vec<Arc<CatalogEntry>> {
+        if k == 0 {
+            return Vec::new();
+        }
+        let broad = Filter {
+            exclude_items: Vec::new(),
+            ..filter.clone()
+        };
+        let key = serde_json::to_string(&broad).expect("filters serialize");
+        let asked = k + filter.exclude_items.len();
+        let cached = self.popular_cache.lock().get(&key).and_then(|c| {
+            let complete = c.ids.len() < c.asked;
+            (c.asked >= asked || complete).then(|| (c.ids.clone(), complete))
+        });
+        if let Some((ids, complete)) = cached {
+            let live: Vec<Arc<CatalogEntry>> = self
+                .get_many(ids.iter())
+                .into_iter()
+                .flatten()
+                .filter(|e| filter.matches(&e.item))
+                .take(k)
+                .collect();
+            // Short because an entry stopped matching or went: walk again.
+            if live.len() == k || complete {
+                return live;
+            }
+        }
         let all = self.entries.read();
-        all.by_popularity
+        let walked: Vec<&Arc<CatalogEntry>> = all
+            .by_popularity
             .iter()
             .filter_map(|(_, id)| all.by_id.get(id))
+            .filter(|e| broad.matches(&e.item))
+            .take(asked)
+            .collect();
+        let live = walked
+            .iter()
             .filter(|e| filter.matches(&e.item))
             .take(k)
-            .cloned()
-            .collect()
+            .map(|e| Arc::clone(e))
+            .collect();
+        let list = PopularList {
+            last: (walked.len() == asked).then(|| rank(walked[asked - 1])),
+            ids: walked.iter().map(|e| e.id().clone()).collect(),
+            filter: broad,
+            asked,
+        };
+        // Still under the read lock: no write can slip between the walk and the insert.
+        let mut cache = self.popular_cache.lock();
+        if cache.len() >= POPULAR_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(key, list);
+        live
     }
 }
 
@@ -389,6 +488,47 @@ mod tests {
         c.remove(&ItemId::parse("a").unwrap());
         assert!(c.popular(&only_x, 10).is_empty());
         assert_eq!(c.len(), 2);
+    }
+
+    #[test]
+    fn cached_popular_lists_follow_every_kind_of_write() {
+        let c = Catalog::new();
+        c.upsert((0..50).map(|i| {
+            entry(
+                &format!("i{i:02}"),
+                if i % 2 == 0 { "x" } else { "y" },
+                i as f32,
+            )
+        }));
+        let ids = |v: Vec<Arc<CatalogEntry>>| -> Vec<String> {
+            v.iter().map(|e| e.id().to_string()).collect()
+        };
+        let only_x = Filter {
+            include_categories: vec!["x".into()],
+            ..Default::default()
+        };
+        assert_eq!(ids(c.popular(&only_x, 3)), ["i48", "i46", "i44"]);
+        // Served from the cache, and the same answer.
+        assert_eq!(ids(c.popular(&only_x, 3)), ["i48", "i46", "i44"]);
+        // A new matching item ranking inside the list.
+        c.upsert([entry("new", "x", 45.0)]);
+        assert_eq!(ids(c.popular(&only_x, 3)), ["i48", "i46", "new"]);
+        // A listed item falls below the end of the list.
+        c.update(&ItemId::parse("i46").unwrap(), |e| e.popularity = 0.5);
+        assert_eq!(ids(c.popular(&only_x, 3)), ["i48", "new", "i44"]);
+        // An item starts to match (changes category into x).
+        c.update(&ItemId::parse("i49").unwrap(), |e| {
+            e.item.genres = vec!["x".into()]
+        });
+        assert_eq!(ids(c.popular(&only_x, 3)), ["i49", "i48", "new"]);
+        // Removal and an exclusion list.
+        c.remove(&ItemId::parse("i48").unwrap());
+        let mut f = only_x.clone();
+        f.exclude_items = vec![ItemId::parse("new").unwrap()];
+        assert_eq!(ids(c.popular(&f, 3)), ["i49", "i44", "i42"]);
+        assert_eq!(ids(c.popular(&only_x, 3)), ["i49", "new", "i44"]);
+        // Asking for more than was cached walks again.
+        assert_eq!(c.popular(&only_x, 30).len(), 26);
     }
 
     #[test]
