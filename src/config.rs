@@ -104,6 +104,10 @@ pub struct IndexSettings {
     /// replica that rebuilds while it answers (model activation) keeps a core for requests
     /// with 1.
     pub indexing_threads: usize,
+    /// Embedded engine: a filter whose included categories hold at most this many items is
+    /// answered by an exact scan of per-category vector blocks in RAM (4 × dim bytes per
+    /// item); 0 turns the blocks off.
+    pub scan_max_points: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -214,6 +218,7 @@ impl Default for IndexSettings {
             shard_number: 1,
             replication_factor: 1,
             indexing_threads: 0,
+            scan_max_points: 200_000,
         }
     }
 }

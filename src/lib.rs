@@ -18,6 +18,7 @@
 //!   answer instead of an error.
 //! - `http::ui` serves the storefront, onboarding and admin pages from `web/`, and
 //!   `http::stats` the live figures behind `GET /v1/stats`.
+//! - [`vector`]: the dot product (SIMD where the CPU has it) behind every similarity.
 
 pub mod catalog;
 pub mod config;
@@ -35,3 +36,4 @@ pub mod registry;
 pub mod rerank;
 pub mod session;
 pub mod telemetry;
+pub mod vector;

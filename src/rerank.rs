@@ -149,30 +149,40 @@ fn mmr(mut pool: Vec<Ranked>, lambda: f32, depth: usize) -> Vec<Ranked> {
         return pool;
     }
     let depth = depth.min(pool.len());
-    let mut out = Vec::with_capacity(pool.len());
+    // Picks are marked, not removed, so that no step shifts the pool.
+    let mut taken = vec![false; pool.len()];
+    let mut order = Vec::with_capacity(depth);
     // Max similarity of each pooled candidate to everything picked so far, kept up to date
     // incrementally so each step costs one dot product per remaining candidate.
     let mut redundancy = vec![f32::MIN; pool.len()];
-    for _ in 0..depth {
-        let mut best = 0;
+    for step in 0..depth {
+        let mut best: Option<usize> = None;
         let mut best_val = f32::MIN;
         for (i, r) in pool.iter().enumerate() {
-            let red = if out.is_empty() { 0.0 } else { redundancy[i] };
+            if taken[i] {
+                continue;
+            }
+            let red = if step == 0 { 0.0 } else { redundancy[i] };
             let val = lambda * r.score - (1.0 - lambda) * red;
-            if val > best_val {
+            if best.is_none() || val > best_val {
                 best_val = val;
-                best = i;
+                best = Some(i);
             }
         }
-        let mut picked = pool.remove(best);
-        let red = redundancy.remove(best);
-        picked.components.redundancy = if out.is_empty() { 0.0 } else { red };
+        let Some(best) = best else { break };
+        taken[best] = true;
+        order.push(best);
+        pool[best].components.redundancy = if step == 0 { 0.0 } else { redundancy[best] };
+        let picked = &pool[best].entry.vector;
         for (i, r) in pool.iter().enumerate() {
-            redundancy[i] = redundancy[i].max(dot(&r.entry.vector, &picked.entry.vector));
+            if !taken[i] {
+                redundancy[i] = redundancy[i].max(dot(&r.entry.vector, picked));
+            }
         }
-        out.push(picked);
     }
-    out.extend(pool);
+    let mut slots: Vec<Option<Ranked>> = pool.into_iter().map(Some).collect();
+    let mut out: Vec<Ranked> = order.iter().filter_map(|&i| slots[i].take()).collect();
+    out.extend(slots.into_iter().flatten());
     out
 }
 
@@ -207,7 +217,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     if a.len() != b.len() {
         return 0.0;
     }
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    crate::vector::dot(a, b)
 }
 
 #[cfg(test)]

@@ -24,6 +24,15 @@ fn edge_options() -> EdgeOptions {
     EdgeOptions::default()
 }
 
+/// The embedded engine with tandem's per-category RAM blocks off: category filters go to
+/// the engine's own filtered search, as they do for categories too large to scan.
+fn engine_only_options() -> EdgeOptions {
+    EdgeOptions {
+        scan_max_points: 0,
+        ..EdgeOptions::default()
+    }
+}
+
 /// The backends to run a test against. `test` names the Qdrant collection, so tests never
 /// share one.
 async fn backends(test: &str) -> Vec<Backend> {
@@ -32,12 +41,17 @@ async fn backends(test: &str) -> Vec<Backend> {
         index: Arc::new(ExactIndex::new()),
         _dir: None,
     }];
-    let dir = tempfile::tempdir().unwrap();
-    out.push(Backend {
-        name: "edge",
-        index: Arc::new(EdgeIndex::open(&dir.path().join("index"), edge_options()).unwrap()),
-        _dir: Some(dir),
-    });
+    for (name, opts) in [
+        ("edge", edge_options()),
+        ("edge-engine", engine_only_options()),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        out.push(Backend {
+            name,
+            index: Arc::new(EdgeIndex::open(&dir.path().join("index"), opts).unwrap()),
+            _dir: Some(dir),
+        });
+    }
     match std::env::var("QDRANT_URL") {
         Ok(url) => {
             let settings = IndexSettings {
@@ -202,7 +216,7 @@ async fn search_honours_every_filter_field() {
             .await
             .unwrap();
         assert_eq!(top.len(), 3, "{}", b.name);
-        assert_eq!(top[0].payload, exact.payload, "{}", b.name);
+        assert_eq!(*top[0].payload, exact.payload, "{}", b.name);
         assert!(
             (top[0].score - 1.0).abs() < 1e-4,
             "{}: {}",
@@ -730,6 +744,27 @@ async fn edge_reopens_after_restart() {
         index.fetch(&[id("item2")]).await.unwrap().is_empty(),
         "the delete survived"
     );
+    // Category filters are answered from the RAM blocks, rebuilt from the engine on reopen.
+    let new = Filter {
+        include_categories: vec!["new".into()],
+        ..Default::default()
+    };
+    let found = ids(&index.search(&[1.0, 0.0, 0.0, 0.0], &new, 5).await.unwrap());
+    assert_eq!(found, vec!["late".to_string()]);
+    let comedy = Filter {
+        include_categories: vec!["comedy".into()],
+        available_only: true,
+        ..Default::default()
+    };
+    let found = ids(&index
+        .search(&catalog()[1].vector, &comedy, 100)
+        .await
+        .unwrap());
+    assert!(!found.is_empty());
+    assert!(
+        !found.contains(&"item1".to_string()),
+        "the patch reached the blocks"
+    );
 }
 
 #[tokio::test]
@@ -782,12 +817,16 @@ async fn edge_recall_against_exact() {
             exact_max_points: 100,
             ..PlanConfig::default()
         },
+        // The engine's graph is under test here, not tandem's category blocks.
+        scan_max_points: 0,
         ..EdgeOptions::default()
     };
     let edge = EdgeIndex::open(&dir.path().join("index"), opts).unwrap();
+    let blocks_dir = tempfile::tempdir().unwrap();
+    let with_blocks = EdgeIndex::open(&blocks_dir.path().join("index"), edge_options()).unwrap();
     let exact = ExactIndex::new();
     let gen = Generator::new(DIM, 7);
-    for index in [&edge as &dyn VectorIndex, &exact] {
+    for index in [&edge as &dyn VectorIndex, &with_blocks, &exact] {
         build_version(
             index,
             "v1",
@@ -844,5 +883,13 @@ async fn edge_recall_against_exact() {
             misses <= MAX_MISSES,
             "{name}: {misses} misses (at most {MAX_MISSES} allowed)"
         );
+        // The RAM blocks scan exactly: the same items, in the same order, as the oracle.
+        if !f.include_categories.is_empty() {
+            for q in gen.queries(QUERIES) {
+                let want = ids(&exact.search(&q, f, TOP).await.unwrap());
+                let got = ids(&with_blocks.search(&q, f, TOP).await.unwrap());
+                assert_eq!(got, want, "{name}: the category blocks");
+            }
+        }
     }
 }

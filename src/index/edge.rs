@@ -14,14 +14,18 @@
 //!   writer thread while searches continue.
 //! - Payloads read back from the engine cost milliseconds, so results are filled from
 //!   tandem's RAM copy ([`PayloadStore`]), rebuilt by a scroll when a version is opened.
-//! - Broad filters that match whole clusters defeat filtered graph search; see [`super::plan`].
+//! - Broad filters that match whole clusters defeat filtered graph search, and the engine's
+//!   exact scan of a filtered set is slow, so a filter on categories that hold at most
+//!   `scan_max_points` points is answered exactly from tandem's per-category RAM blocks
+//!   ([`CategoryBlocks`]); other filters follow [`super::plan`].
 //! - New collections keep an int8 copy of the vectors in RAM (scalar quantization); graph
 //!   walks and scans score on it and re-score the best `2 × k` on the full vectors.
 //!   Collections built before it keep their config when reopened.
 
+use super::blocks::CategoryBlocks;
 use super::payloads::{self, PayloadStore, F_AVAILABLE, F_CATEGORIES, F_CREATED_AT, F_PRICE};
 use super::plan::{Plan, PlanConfig};
-use super::validate::{check_dim, check_points, check_query, check_version_name};
+use super::validate::{check_dim, check_points, check_query, check_version_name, normalized};
 use super::{Hit, IndexError, IndexPoint, Payload, PayloadPatch, VectorIndex};
 use crate::domain::{point_id, Filter, ItemId};
 use async_trait::async_trait;
@@ -74,6 +78,10 @@ pub struct EdgeOptions {
     /// Keep an int8 copy of the vectors in RAM (scalar quantization): graph walks and scans
     /// score on it, then the best `oversampling × k` are re-scored on the full vectors.
     pub quantization: bool,
+    /// A filter whose included categories hold at most this many points is answered by an
+    /// exact scan of tandem's per-category RAM blocks ([`CategoryBlocks`]) instead of the
+    /// engine; 0 turns the blocks off (and saves their memory: 4 × dim bytes per point).
+    pub scan_max_points: usize,
 }
 
 impl Default for EdgeOptions {
@@ -86,6 +94,7 @@ impl Default for EdgeOptions {
             full_scan_threshold_kb: None,
             indexing_threads: 0,
             quantization: true,
+            scan_max_points: 200_000,
         }
     }
 }
@@ -204,12 +213,20 @@ struct Collection {
     dir: PathBuf,
     shard: Arc<EdgeShard>,
     payloads: PayloadStore,
+    /// `None` when `scan_max_points` is 0.
+    blocks: Option<RwLock<CategoryBlocks>>,
     writer: Mutex<Option<mpsc::Sender<WriteCmd>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Collection {
-    fn start(name: &str, dim: usize, dir: PathBuf, shard: EdgeShard) -> Result<Self, IndexError> {
+    fn start(
+        name: &str,
+        dim: usize,
+        dir: PathBuf,
+        shard: EdgeShard,
+        opts: &EdgeOptions,
+    ) -> Result<Self, IndexError> {
         let shard = Arc::new(shard);
         let (tx, rx) = mpsc::channel();
         let for_thread = shard.clone();
@@ -223,6 +240,7 @@ impl Collection {
             dir,
             shard,
             payloads: PayloadStore::default(),
+            blocks: (opts.scan_max_points > 0).then(|| RwLock::new(CategoryBlocks::new(dim))),
             writer: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
         })
@@ -271,6 +289,9 @@ impl Collection {
             durable,
         })
         .await?;
+        if let Some(b) = &self.blocks {
+            b.write().upsert(&points);
+        }
         self.payloads
             .insert_many(points.into_iter().map(|p| p.payload));
         Ok(())
@@ -288,6 +309,9 @@ impl Collection {
             durable: true,
         })
         .await?;
+        if let Some(b) = &self.blocks {
+            b.write().delete(ids.iter().map(point_id));
+        }
         self.payloads.remove_many(ids);
         Ok(())
     }
@@ -313,6 +337,9 @@ impl Collection {
             durable: true,
         })
         .await?;
+        if let Some(b) = &self.blocks {
+            b.write().patch(&point_id(id), patch);
+        }
         self.payloads.patch(id, patch);
         Ok(())
     }
@@ -382,14 +409,16 @@ impl Collection {
         q: &[f32],
         filter: &Filter,
         k: usize,
-        cfg: &PlanConfig,
+        opts: &EdgeOptions,
     ) -> Result<Vec<Hit>, IndexError> {
         check_query(q, self.dim)?;
         if k == 0 {
             return Ok(Vec::new());
         }
-        let total = self.payloads.len();
-        let scored = self.planned_search(q, filter, k, cfg, total)?;
+        let scored = match self.scan_blocks(q, filter, k, opts.scan_max_points) {
+            Some(found) => found,
+            None => self.planned_search(q, filter, k, &opts.plan, self.payloads.len())?,
+        };
         let found = self.payloads.get_many(scored.iter().map(|(id, _)| id));
         Ok(scored
             .into_iter()
@@ -397,6 +426,22 @@ impl Collection {
             // A point written to the engine but not yet to the RAM copy is still in flight.
             .filter_map(|((_, score), payload)| payload.map(|payload| Hit { score, payload }))
             .collect())
+    }
+
+    /// The exact answer from the RAM blocks, when the filter's categories are few enough
+    /// points to scan.
+    fn scan_blocks(
+        &self,
+        q: &[f32],
+        filter: &Filter,
+        k: usize,
+        max_points: usize,
+    ) -> Option<Vec<(Uuid, f32)>> {
+        let blocks = self.blocks.as_ref()?.read();
+        if blocks.rows_to_scan(filter)? > max_points {
+            return None;
+        }
+        Some(blocks.search(&normalized(q), filter, k))
     }
 
     fn planned_search(
@@ -460,20 +505,17 @@ impl Collection {
             let Some(payload) = self.payloads.get(&u) else {
                 continue;
             };
-            let vector = match r.vector {
-                Some(VectorStructInternal::Single(v)) => v,
-                Some(VectorStructInternal::Named(mut m)) => match m.remove("") {
-                    Some(qdrant_edge::VectorInternal::Dense(v)) => v,
-                    _ => continue,
-                },
-                _ => continue,
+            let payload = Payload::clone(&payload);
+            let Some(vector) = dense(r.vector) else {
+                continue;
             };
             out.push((payload, vector));
         }
         Ok(out)
     }
 
-    /// Rebuilds the RAM payload copy from the engine (after a reopen).
+    /// Rebuilds the RAM copies (payloads, and the category blocks' vectors) from the engine
+    /// (after a reopen).
     fn load_payloads(&self) -> Result<(), IndexError> {
         let mut offset = None;
         let started = Instant::now();
@@ -485,17 +527,23 @@ impl Collection {
                     limit: Some(SCROLL_PAGE),
                     filter: None,
                     with_payload: Some(WithPayloadInterface::Bool(true)),
-                    with_vector: WithVector::Bool(false),
+                    with_vector: WithVector::Bool(self.blocks.is_some()),
                     order_by: None,
                 })
                 .map_err(backend("scroll"))?;
             let mut batch = Vec::with_capacity(records.len());
             for r in records {
                 if let Some(p) = r.payload {
-                    batch.push(payloads::from_json(p.0)?);
+                    let payload = payloads::from_json(p.0)?;
+                    let vector = dense(r.vector).unwrap_or_default();
+                    batch.push(IndexPoint { vector, payload });
                 }
             }
-            self.payloads.insert_many(batch);
+            if let Some(b) = &self.blocks {
+                b.write().upsert(&batch);
+            }
+            self.payloads
+                .insert_many(batch.into_iter().map(|p| p.payload));
             match next {
                 Some(n) => offset = Some(n),
                 None => break,
@@ -508,6 +556,18 @@ impl Collection {
             "loaded payloads"
         );
         Ok(())
+    }
+}
+
+/// The dense vector of a record read back from the engine.
+fn dense(v: Option<VectorStructInternal>) -> Option<Vec<f32>> {
+    match v? {
+        VectorStructInternal::Single(v) => Some(v),
+        VectorStructInternal::Named(mut m) => match m.remove("")? {
+            qdrant_edge::VectorInternal::Dense(v) => Some(v),
+            _ => None,
+        },
+        _ => None,
     }
 }
 
@@ -727,7 +787,7 @@ impl EdgeIndex {
         };
         let shard = EdgeShard::load(&dir.join(SHARD_DIR), None)
             .map_err(backend(&format!("cannot open collection {name:?}")))?;
-        let c = Arc::new(Collection::start(name, meta.dim, dir, shard)?);
+        let c = Arc::new(Collection::start(name, meta.dim, dir, shard, &self.opts)?);
         c.load_payloads()?;
         open.insert(name.to_string(), c.clone());
         Ok(c)
@@ -785,7 +845,7 @@ impl VectorIndex for EdgeIndex {
         filter: &Filter,
         k: usize,
     ) -> Result<Vec<Hit>, IndexError> {
-        self.live()?.search(vector, filter, k, &self.opts.plan)
+        self.live()?.search(vector, filter, k, &self.opts)
     }
 
     async fn fetch(&self, ids: &[ItemId]) -> Result<Vec<(Payload, Vec<f32>)>, IndexError> {
@@ -811,7 +871,13 @@ impl VectorIndex for EdgeIndex {
             .map_err(io(format!("cannot create {}", shard_dir.display())))?;
         let shard = EdgeShard::new(&shard_dir, self.edge_config(dim))
             .map_err(backend(&format!("cannot create collection {version:?}")))?;
-        let c = Arc::new(Collection::start(version, dim, dir.clone(), shard)?);
+        let c = Arc::new(Collection::start(
+            version,
+            dim,
+            dir.clone(),
+            shard,
+            &self.opts,
+        )?);
         // Payload indexes come first, so that the graph gets its payload-aware links.
         let indexed = c
             .write(WriteOp::Update {

@@ -10,6 +10,7 @@ use super::filter::CompiledFilter;
 use super::validate::{check_dim, check_points, check_query, check_version_name, normalized};
 use super::{Hit, IndexError, IndexPoint, Payload, PayloadPatch, VectorIndex};
 use crate::domain::{Filter, ItemId};
+pub use crate::vector::dot;
 use async_trait::async_trait;
 use parking_lot::RwLock;
 use rayon::prelude::*;
@@ -19,26 +20,6 @@ use std::sync::Arc;
 
 /// Below this many rows one thread scans; above, rayon splits the scan in chunks of this size.
 pub const PAR_MIN_ROWS: usize = 16_384;
-
-/// Dot product written for auto-vectorization: eight lanes summed independently.
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let ca = a.chunks_exact(8);
-    let cb = b.chunks_exact(8);
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    let mut acc = [0f32; 8];
-    for (x, y) in ca.zip(cb) {
-        for j in 0..8 {
-            acc[j] += x[j] * y[j];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
 
 /// A score that orders totally (scores are finite: inputs are validated).
 #[derive(Clone, Copy, PartialEq)]
@@ -57,21 +38,31 @@ impl Ord for Score {
 
 /// The best `k` (score, row) pairs seen so far; a min-heap so the worst is evicted first.
 /// Ties prefer the lower row, which keeps results deterministic.
-struct TopK {
+pub(super) struct TopK {
     k: usize,
     heap: BinaryHeap<Reverse<(Score, Reverse<usize>)>>,
 }
 
 impl TopK {
-    fn new(k: usize) -> Self {
+    pub(super) fn new(k: usize) -> Self {
         TopK {
             k,
             heap: BinaryHeap::with_capacity(k + 1),
         }
     }
 
+    /// Whether a row with this score could enter the list (ties are decided by `push`).
     #[inline]
-    fn push(&mut self, score: f32, row: usize) {
+    pub(super) fn would_keep(&self, score: f32) -> bool {
+        self.heap.len() < self.k
+            || self
+                .heap
+                .peek()
+                .is_some_and(|Reverse((worst, _))| score >= worst.0)
+    }
+
+    #[inline]
+    pub(super) fn push(&mut self, score: f32, row: usize) {
         let entry = Reverse((Score(score), Reverse(row)));
         if self.heap.len() < self.k {
             self.heap.push(entry);
@@ -91,7 +82,7 @@ impl TopK {
     }
 
     /// Best first.
-    fn into_sorted(self) -> Vec<(f32, usize)> {
+    pub(super) fn into_sorted(self) -> Vec<(f32, usize)> {
         let mut v: Vec<_> = self
             .heap
             .into_iter()
@@ -226,7 +217,7 @@ impl ExactCollection {
             .into_iter()
             .map(|(score, row)| Hit {
                 score,
-                payload: self.payloads[row].clone(),
+                payload: Arc::new(self.payloads[row].clone()),
             })
             .collect())
     }

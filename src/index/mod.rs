@@ -43,7 +43,9 @@ pub struct PayloadPatch {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Hit {
     pub score: f32,
-    pub payload: Payload,
+    /// Shared with the backend's RAM copy where it has one: a search returns hundreds of
+    /// hits, and copying each title and category list showed in profiles.
+    pub payload: Arc<Payload>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +100,7 @@ pub trait VectorIndex: Send + Sync {
 }
 
 pub mod bench;
+pub mod blocks;
 pub mod build;
 pub mod edge;
 pub mod exact;
@@ -125,6 +128,7 @@ pub async fn open(
             &data_dir.join("index"),
             edge::EdgeOptions {
                 indexing_threads: settings.index.indexing_threads,
+                scan_max_points: settings.index.scan_max_points,
                 ..edge::EdgeOptions::default()
             },
         )?),

@@ -8,6 +8,7 @@ use parking_lot::RwLock;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
+use std::sync::Arc;
 use uuid::Uuid;
 
 /// Payload field names; the filter translation and the payload indexes use the same names.
@@ -103,14 +104,14 @@ pub fn apply_patch(p: &mut Payload, patch: &PayloadPatch) {
 /// tandem's RAM copy of one collection's payloads, keyed by point id.
 #[derive(Debug, Default)]
 pub struct PayloadStore {
-    map: RwLock<HashMap<Uuid, Payload>>,
+    map: RwLock<HashMap<Uuid, Arc<Payload>>>,
 }
 
 impl PayloadStore {
     pub fn insert_many(&self, payloads: impl IntoIterator<Item = Payload>) {
         let mut map = self.map.write();
         for p in payloads {
-            map.insert(point_id(&p.item_id), p);
+            map.insert(point_id(&p.item_id), Arc::new(p));
         }
     }
 
@@ -123,16 +124,19 @@ impl PayloadStore {
 
     pub fn patch(&self, id: &ItemId, patch: &PayloadPatch) {
         if let Some(p) = self.map.write().get_mut(&point_id(id)) {
-            apply_patch(p, patch);
+            apply_patch(Arc::make_mut(p), patch);
         }
     }
 
-    pub fn get(&self, id: &Uuid) -> Option<Payload> {
+    pub fn get(&self, id: &Uuid) -> Option<Arc<Payload>> {
         self.map.read().get(id).cloned()
     }
 
     /// Looks up many ids under one lock; unknown ids give `None`.
-    pub fn get_many<'a>(&self, ids: impl IntoIterator<Item = &'a Uuid>) -> Vec<Option<Payload>> {
+    pub fn get_many<'a>(
+        &self,
+        ids: impl IntoIterator<Item = &'a Uuid>,
+    ) -> Vec<Option<Arc<Payload>>> {
         let map = self.map.read();
         ids.into_iter().map(|id| map.get(id).cloned()).collect()
     }

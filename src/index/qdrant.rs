@@ -352,7 +352,7 @@ impl VectorIndex for QdrantIndex {
             .map(|p| {
                 Ok(Hit {
                     score: p.score,
-                    payload: payloads::from_json(json_of(p.payload))?,
+                    payload: std::sync::Arc::new(payloads::from_json(json_of(p.payload))?),
                 })
             })
             .collect()
