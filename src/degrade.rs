@@ -16,6 +16,7 @@ use crate::telemetry;
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use std::time::Instant;
@@ -32,6 +33,11 @@ pub struct Budgets {
     pub cooldown: Duration,
 }
 
+/// Timeouts in a row that open a closed breaker. An outage error (connection refused, a
+/// dead socket) opens it at once; a slow answer on a saturated CPU is not an outage until
+/// it repeats, or one late read would refuse every event for a cooldown.
+pub const TIMEOUTS_TO_OPEN: u32 = 3;
+
 /// A circuit breaker: closed (calls go through), open (calls fail at once) until the
 /// cooldown ends, then half-open (one probe goes through; the others still fail at once).
 #[derive(Debug)]
@@ -39,6 +45,8 @@ pub struct Breaker {
     name: &'static str,
     cooldown: Duration,
     state: Mutex<BreakerState>,
+    /// Timeouts since the last answer.
+    timeouts: AtomicU32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +64,7 @@ impl Breaker {
             name,
             cooldown,
             state: Mutex::new(BreakerState::Closed),
+            timeouts: AtomicU32::new(0),
         }
     }
 
@@ -79,6 +88,7 @@ impl Breaker {
     }
 
     pub fn record_success(&self) {
+        self.timeouts.store(0, Ordering::Relaxed);
         let mut state = self.state.lock();
         if *state != BreakerState::Closed {
             tracing::info!(
@@ -104,6 +114,16 @@ impl Breaker {
         *state = BreakerState::Open {
             until: Instant::now() + self.cooldown,
         };
+    }
+
+    /// A call that ran past its budget: opens the breaker on the [`TIMEOUTS_TO_OPEN`]th in a
+    /// row, or at once when it was the half-open probe.
+    pub fn record_timeout(&self, reason: &str) {
+        let n = self.timeouts.fetch_add(1, Ordering::Relaxed) + 1;
+        let probing = *self.state.lock() == BreakerState::Probing;
+        if n >= TIMEOUTS_TO_OPEN || probing {
+            self.record_failure(reason);
+        }
     }
 
     /// Runs `call` under the breaker and `budget`. Only `is_outage` errors and timeouts trip
@@ -140,7 +160,7 @@ impl Breaker {
             }
             Err(_) => {
                 let reason = format!("{what}: no answer within {} ms", budget.as_millis());
-                self.record_failure(&reason);
+                self.record_timeout(&reason);
                 Err(unavailable(reason))
             }
         }
@@ -484,22 +504,31 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_slow_store_costs_one_budget_then_nothing_until_the_cooldown_ends() {
+    async fn a_slow_store_costs_a_few_budgets_then_nothing_until_the_cooldown_ends() {
         let store = Flaky::new();
         *store.delay.lock() = Duration::from_millis(400);
         let guarded = GuardedSession::new(store.clone(), BUDGETS);
 
-        let started = Instant::now();
-        let err = guarded.recent(&user(), 10).await.unwrap_err();
-        assert!(
-            matches!(err, SessionError::Unavailable(ref m) if m.contains("50 ms")),
-            "{err}"
-        );
-        let first = started.elapsed();
-        assert!(
-            first >= Duration::from_millis(50) && first < Duration::from_millis(300),
-            "{first:?}"
-        );
+        // Each late answer costs one budget; the breaker stays closed until the third in a
+        // row, so one slow read on a busy CPU does not take the dependency out.
+        for n in 1..=TIMEOUTS_TO_OPEN {
+            let started = Instant::now();
+            let err = guarded.recent(&user(), 10).await.unwrap_err();
+            assert!(
+                matches!(err, SessionError::Unavailable(ref m) if m.contains("50 ms")),
+                "{err}"
+            );
+            let took = started.elapsed();
+            assert!(
+                took >= Duration::from_millis(50) && took < Duration::from_millis(300),
+                "{took:?}"
+            );
+            assert_eq!(
+                guarded.breaker().is_closed(),
+                n < TIMEOUTS_TO_OPEN,
+                "timeout {n}"
+            );
+        }
 
         // While open: an immediate Unavailable, and the store is not called.
         let started = Instant::now();
@@ -514,8 +543,25 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
-        assert_eq!(store.calls.load(Ordering::SeqCst), 1);
-        assert!(!guarded.breaker().is_closed());
+        assert_eq!(
+            store.calls.load(Ordering::SeqCst),
+            TIMEOUTS_TO_OPEN as usize
+        );
+    }
+
+    #[tokio::test]
+    async fn an_answer_between_timeouts_keeps_the_breaker_closed() {
+        let store = Flaky::new();
+        let guarded = GuardedSession::new(store.clone(), BUDGETS);
+        for _ in 0..3 {
+            for _ in 1..TIMEOUTS_TO_OPEN {
+                *store.delay.lock() = Duration::from_millis(200);
+                assert!(guarded.recent(&user(), 10).await.is_err());
+            }
+            *store.delay.lock() = Duration::ZERO;
+            assert!(guarded.recent(&user(), 10).await.is_ok());
+        }
+        assert!(guarded.breaker().is_closed());
     }
 
     #[tokio::test]
