@@ -82,6 +82,7 @@ impl Block {
         self.vectors.truncate(last * dim);
     }
 
+    #[cfg(test)]
     fn vector(&self, dim: usize, i: usize) -> &[f32] {
         &self.vectors[i * dim..(i + 1) * dim]
     }
@@ -186,7 +187,8 @@ impl CategoryBlocks {
         }
     }
 
-    /// The stored (normalised) vector of a point.
+    /// The stored (normalised) vector of a point (the tests' view of where a point is).
+    #[cfg(test)]
     pub fn vector(&self, id: &Uuid) -> Option<&[f32]> {
         self.blocks
             .values()
