@@ -10,7 +10,7 @@ use super::filter::CompiledFilter;
 use super::validate::{check_dim, check_points, check_query, check_version_name, normalized};
 use super::{Hit, IndexError, IndexPoint, Payload, PayloadPatch, VectorIndex};
 use crate::domain::{Filter, ItemId};
-pub use crate::vector::dot;
+use crate::vector::dot;
 use async_trait::async_trait;
 use parking_lot::RwLock;
 use rayon::prelude::*;
@@ -359,14 +359,6 @@ impl VectorIndex for ExactIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dot_matches_naive() {
-        let a: Vec<f32> = (0..37).map(|i| i as f32 * 0.1).collect();
-        let b: Vec<f32> = (0..37).map(|i| 1.0 - i as f32 * 0.05).collect();
-        let naive: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-        assert!((dot(&a, &b) - naive).abs() < 1e-3);
-    }
 
     #[test]
     fn topk_keeps_best_in_order() {
