@@ -1,7 +1,11 @@
 //! Model switch under load: steady-rate recommendation traffic against a running `tandem
-//! serve` while a registered version is activated and then rolled back. Reports, per phase
-//! (before, during activation, after, during rollback, after), the requests, errors and
-//! p50/p99/max latency, plus the time from the activate call to the switch.
+//! serve` while a registered version is activated and then rolled back, and then an A/B
+//! test of the two versions side by side. Reports, per phase (before, during activation,
+//! after, during rollback, after, A/B test), the requests, errors and p50/p99/max latency,
+//! the time from the activate call to the switch, and the A/B test's per-variant report.
+//!
+//! Each user first clicks a few items, so that requests take the personal path (user tower
+//! and ANN search), which is what a switch changes.
 //!
 //! ```text
 //! cargo run --release --example lifecycle_bench -- --url http://127.0.0.1:18081 \
@@ -35,15 +39,20 @@ struct Args {
     /// Distinct user ids the traffic picks from.
     #[arg(long, default_value_t = 2_000)]
     users: u32,
+    /// Clicks posted for each user before the traffic starts (0: every request is trending).
+    #[arg(long, default_value_t = 3)]
+    clicks: usize,
 }
 
-const PHASES: [&str; 5] = [
+const PHASES: [&str; 6] = [
     "before",
     "during activation",
     "after activation",
     "during rollback",
     "after rollback",
+    "a/b test",
 ];
+const AB_PHASE: usize = 5;
 
 struct PhaseStats {
     hist: Histogram<u64>,
@@ -65,6 +74,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .timeout(Duration::from_secs(10))
         .build()?;
     let admin = AdminClient::new(&args.url, Some(args.api_key.clone()));
+    seed_clicks(&http, &args).await?;
     let before = admin.list().await?;
     let old = before
         .active
@@ -84,15 +94,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
     // Milliseconds since start at which a response first carried the new version (0: not yet).
     let first_new = Arc::new(AtomicU64::new(0));
+    // Responses of the A/B phase by the model that answered: [old, new].
+    let ab_models = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
 
     let sender = {
-        let (http, stats, phase, stop, first_new) = (
+        let (http, stats, phase, stop, first_new, ab_models) = (
             http.clone(),
             stats.clone(),
             phase.clone(),
             stop.clone(),
             first_new.clone(),
+            ab_models.clone(),
         );
         let url = format!("{}/v1/recommendations", args.url);
         let target = args.version.clone();
@@ -105,11 +118,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 tick.tick().await;
                 let user = rand::thread_rng().gen_range(0..users);
                 let req = http.get(format!("{url}?user_id=u{user}&k=20"));
-                let (stats, phase, first_new, target) = (
+                let (stats, phase, first_new, target, ab_models) = (
                     stats.clone(),
                     phase.clone(),
                     first_new.clone(),
                     target.clone(),
+                    ab_models.clone(),
                 );
                 tokio::spawn(async move {
                     let p = phase.load(Ordering::Relaxed);
@@ -129,6 +143,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     match outcome {
                         Ok(is_new) => {
                             let _ = s.hist.record(us.max(1));
+                            if p == AB_PHASE {
+                                ab_models[usize::from(is_new)].fetch_add(1, Ordering::Relaxed);
+                            }
                             if is_new && first_new.load(Ordering::Relaxed) == 0 {
                                 let ms = started.elapsed().as_millis() as u64;
                                 let _ = first_new.compare_exchange(
@@ -196,6 +213,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     phase.store(4, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(args.phase_secs)).await;
+    // Both versions side by side: the rolled-back one kept its collection, so it can serve
+    // an experiment arm at once.
+    let experiment = serde_json::json!({"experiments": [{
+        "name": "bench-ab", "salt": format!("bench-{}", std::process::id()),
+        "variants": [
+            {"name": "control", "share": 0.5},
+            {"name": "challenger", "share": 0.5, "model_version": args.version}
+        ]
+    }]});
+    let t_put = Instant::now();
+    let r = http
+        .put(format!("{}/admin/experiments", args.url))
+        .header("X-API-Key", &args.api_key)
+        .json(&experiment)
+        .send()
+        .await?;
+    anyhow::ensure!(
+        r.status().is_success(),
+        "PUT /admin/experiments: {}",
+        r.text().await?
+    );
+    let put_secs = t_put.elapsed().as_secs_f64();
+    phase.store(AB_PHASE, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(args.phase_secs)).await;
     stop.store(true, Ordering::Relaxed);
     let _ = sender.await;
     tokio::time::sleep(Duration::from_secs(2)).await; // let the last requests land
@@ -214,6 +255,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "rollback: {:.3} s for the rollback call, after {:.1} s of 409 busy while the activation caught up",
         rollback_secs, busy_secs
     );
+    println!(
+        "a/b test: PUT /admin/experiments took {put_secs:.3} s; responses by model: {} {}, {} {}",
+        old,
+        ab_models[0].load(Ordering::Relaxed),
+        args.version,
+        ab_models[1].load(Ordering::Relaxed)
+    );
+    let report: serde_json::Value = http
+        .get(format!("{}/admin/experiments/bench-ab", args.url))
+        .header("X-API-Key", &args.api_key)
+        .send()
+        .await?
+        .json()
+        .await?;
+    for v in report["variants"].as_array().into_iter().flatten() {
+        println!(
+            "  variant {} (model {}): {} impressions, server p99 {} ms",
+            v["name"], v["model_version"], v["impressions"], v["p99_ms"]
+        );
+    }
     println!("| phase | requests | errors | p50 ms | p99 ms | max ms |");
     println!("|---|---|---|---|---|---|");
     for (name, s) in PHASES.iter().zip(stats.iter()) {
@@ -228,5 +289,56 @@ async fn run(args: Args) -> anyhow::Result<()> {
             s.hist.max() as f64 / 1000.0
         );
     }
+    Ok(())
+}
+
+/// Each user clicks `--clicks` of the catalog's most popular items (a different slice per
+/// user), so that the traffic takes the personal path.
+async fn seed_clicks(http: &reqwest::Client, args: &Args) -> anyhow::Result<()> {
+    if args.clicks == 0 {
+        return Ok(());
+    }
+    let popular: serde_json::Value = http
+        .get(format!("{}/v1/trending?k=200", args.url))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let items: Vec<String> = popular["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["item_id"].as_str().map(str::to_string))
+        .collect();
+    anyhow::ensure!(!items.is_empty(), "the catalog is empty");
+    let started = Instant::now();
+    let mut batch = Vec::new();
+    for u in 0..args.users {
+        for c in 0..args.clicks {
+            let item = &items[(u as usize * 7 + c * 13) % items.len()];
+            batch.push(
+                serde_json::json!({"user_id": format!("u{u}"), "item_id": item, "type": "click"}),
+            );
+        }
+        if batch.len() >= 500 || u + 1 == args.users {
+            let r = http
+                .post(format!("{}/v1/events", args.url))
+                .json(&batch)
+                .send()
+                .await?;
+            anyhow::ensure!(
+                r.status().is_success(),
+                "POST /v1/events: {}",
+                r.text().await?
+            );
+            batch.clear();
+        }
+    }
+    eprintln!(
+        "seeded {} clicks for {} users in {:.1} s",
+        args.users as usize * args.clicks,
+        args.users,
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

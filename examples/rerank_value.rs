@@ -181,11 +181,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let recommender = Recommender::new(
         Arc::new(arc_swap::ArcSwap::from_pointee(model)),
-        index,
+        index.clone(),
         sessions,
         Arc::new(catalog),
         settings.server.clone(),
         Arc::new(arc_swap::ArcSwap::from_pointee(settings.rerank.clone())),
+        Arc::new(tandem::arms::Arms::new(index.clone())),
     );
 
     std::fs::create_dir_all(&args.out)?;
@@ -209,6 +210,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     ..Filter::default()
                 },
                 variant: variant.to_string(),
+                model_version: None,
             };
             let recs = recommender.recommend(&req).await;
             for (rank, r) in recs.items.iter().enumerate() {

@@ -390,6 +390,57 @@ impl VectorIndex for GuardedIndex {
         self.inner.upsert_into(version, points).await
     }
 
+    async fn search_in(
+        &self,
+        version: &str,
+        vector: &[f32],
+        filter: &Filter,
+        k: usize,
+    ) -> Result<Vec<Hit>, IndexError> {
+        self.guarded(
+            "search",
+            self.budgets.read,
+            self.inner.search_in(version, vector, filter, k),
+        )
+        .await
+    }
+
+    async fn fetch_from(
+        &self,
+        version: &str,
+        ids: &[ItemId],
+    ) -> Result<Vec<(Payload, Vec<f32>)>, IndexError> {
+        self.guarded(
+            "fetch",
+            self.budgets.read,
+            self.inner.fetch_from(version, ids),
+        )
+        .await
+    }
+
+    async fn delete_from(&self, version: &str, ids: &[ItemId]) -> Result<(), IndexError> {
+        self.guarded(
+            "delete",
+            self.budgets.write,
+            self.inner.delete_from(version, ids),
+        )
+        .await
+    }
+
+    async fn set_payload_in(
+        &self,
+        version: &str,
+        id: &ItemId,
+        patch: &PayloadPatch,
+    ) -> Result<(), IndexError> {
+        self.guarded(
+            "set payload",
+            self.budgets.write,
+            self.inner.set_payload_in(version, id, patch),
+        )
+        .await
+    }
+
     async fn finalize_version(&self, version: &str) -> Result<(), IndexError> {
         self.inner.finalize_version(version).await
     }

@@ -75,6 +75,21 @@ pub struct Variant {
     pub rerank: Option<RerankWeights>,
 }
 
+/// The model versions that enabled experiments' variants pin, each once.
+pub fn pinned_models(experiments: &[Experiment]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for e in experiments.iter().filter(|e| e.enabled) {
+        for v in &e.variants {
+            if let Some(m) = &v.model_version {
+                if !out.contains(m) {
+                    out.push(m.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ExperimentError {
     #[error("invalid experiment setting `{field}`: {reason}")]

@@ -20,6 +20,7 @@
 //!   `http::stats` the live figures behind `GET /v1/stats`.
 //! - [`vector`]: the dot product (SIMD where the CPU has it) behind every similarity.
 
+pub mod arms;
 pub mod catalog;
 pub mod config;
 pub mod data;

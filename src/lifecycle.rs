@@ -8,7 +8,13 @@
 //! collection, and the catalog's vectors are moved to the new model's space. The old
 //! collection is kept, so a rollback is an alias switch and a handle swap, with no
 //! re-embedding.
+//!
+//! A version can also be prepared: its collection is built without switching to it, so that
+//! an experiment can serve it beside the active model ([`crate::arms`]). The versions that
+//! enabled experiments pin keep their collections, and every switch re-derives which of them
+//! serve as arms (all but the active one).
 
+use crate::arms::{Arm, Arms};
 use crate::catalog::{Catalog, CatalogEntry};
 use crate::domain::ItemId;
 use crate::index::{IndexError, IndexPoint, VectorIndex};
@@ -40,6 +46,10 @@ pub enum LifecycleError {
     Registry(#[from] RegistryError),
     #[error("model version {0:?} is already active")]
     AlreadyActive(String),
+    #[error(
+        "model version {0:?} already has a collection ({1}); an experiment can serve it as it is"
+    )]
+    AlreadyPrepared(String, String),
     #[error("{0} is in progress; try again when it has finished (see GET /admin/models)")]
     Busy(String),
     #[error("nothing to roll back to: no earlier active version with a kept collection")]
@@ -64,6 +74,14 @@ pub enum ActivateOutcome {
     Switched,
 }
 
+/// A collection a background build made, with what the catalog held when it started.
+struct Built {
+    collection: String,
+    snapshot: Vec<Arc<CatalogEntry>>,
+    /// The new vectors by id, for the catalog to move to after a switch.
+    fresh: HashMap<ItemId, Box<[f32]>>,
+}
+
 struct Running {
     what: String,
     version: String,
@@ -85,6 +103,19 @@ pub struct Lifecycle {
     standby: Mutex<HashMap<String, Arc<TwoTower>>>,
     busy: Arc<tokio::sync::Mutex<()>>,
     running: Mutex<Option<Running>>,
+    /// Models serving beside the active one, for experiments.
+    arms: Arc<Arms>,
+    /// The versions enabled experiments name (the active one among them serves as itself).
+    pins: Mutex<Vec<String>>,
+}
+
+/// What a background build does when its collection is ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Then {
+    /// Switch to it (an activation).
+    Switch,
+    /// Keep it ready beside the live one (a preparation).
+    Keep,
 }
 
 impl Lifecycle {
@@ -95,6 +126,7 @@ impl Lifecycle {
         model: Arc<ArcSwap<TwoTower>>,
         index: Arc<dyn VectorIndex>,
         catalog: Arc<Catalog>,
+        arms: Arc<Arms>,
         model_source: &Path,
     ) -> Result<Self, LifecycleError> {
         let live = match index.versions().await {
@@ -106,16 +138,87 @@ impl Lifecycle {
         Ok(Lifecycle {
             registry,
             model,
+            arms,
             index,
             catalog,
             standby: Mutex::new(HashMap::new()),
             busy: Arc::new(tokio::sync::Mutex::new(())),
             running: Mutex::new(None),
+            pins: Mutex::new(Vec::new()),
         })
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
+    }
+
+    /// The models serving beside the active one.
+    pub fn arms(&self) -> &Arc<Arms> {
+        &self.arms
+    }
+
+    /// Why an experiment cannot serve `version`, if it cannot: it must be registered and
+    /// have a collection (be active, or ready after an activation or a `prepare`).
+    pub fn check_servable(&self, version: &str) -> Result<(), String> {
+        let Some(m) = self.registry.get(version) else {
+            return Err(format!("model version {version:?} is not registered"));
+        };
+        match (m.status, &m.collection) {
+            (ModelStatus::Active, _) | (_, Some(_)) => Ok(()),
+            (ModelStatus::Indexing, None) => Err(format!(
+                "model version {version:?} is still being indexed; try again when GET /admin/models shows it ready"
+            )),
+            _ => Err(format!(
+                "model version {version:?} has no index collection; build one with POST /admin/models/{version}/prepare (`tandem models prepare {version}`), then retry"
+            )),
+        }
+    }
+
+    /// Sets the versions enabled experiments serve: they keep their collections, and each
+    /// one that is not active serves as an arm. An arm new to the set is reconciled with the
+    /// catalog in the background (it may have missed writes while it was not serving).
+    pub async fn pin(&self, versions: Vec<String>) {
+        self.registry.set_pinned(versions.clone());
+        *self.pins.lock() = versions;
+        self.sync_arms().await;
+    }
+
+    /// Re-derives the arms from the pins and the active version.
+    async fn sync_arms(&self) {
+        let active = self.model.load().version().to_string();
+        let pins = self.pins.lock().clone();
+        let mut arms = Vec::new();
+        for version in pins {
+            if version == active || arms.iter().any(|a: &Arc<Arm>| a.model.version() == version) {
+                continue;
+            }
+            let Some(collection) = self.registry.get(&version).and_then(|m| m.collection) else {
+                tracing::warn!(version, "an experiment names a model without a collection; its variant gets the active model");
+                continue;
+            };
+            if let Some(arm) = self
+                .arms
+                .get(&version)
+                .filter(|a| a.collection == collection)
+            {
+                arms.push(arm);
+                continue;
+            }
+            let model = match self.load_model(&version).await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::error!(version, error = %e, "cannot load an experiment's model; its variant gets the active model");
+                    continue;
+                }
+            };
+            self.standby.lock().insert(version.clone(), model.clone());
+            let arm = Arc::new(Arm { model, collection });
+            self.spawn_reconcile_arm(arm.clone());
+            arms.push(arm);
+        }
+        let versions: Vec<&str> = arms.iter().map(|a| a.model.version()).collect();
+        tracing::info!(active, arms = ?versions, "models serving");
+        self.arms.set(arms);
     }
 
     /// The registered versions, with live progress on the one being activated.
@@ -173,10 +276,52 @@ impl Lifecycle {
             self.spawn_reconcile(guard);
             return Ok(ActivateOutcome::Switched);
         }
+        self.start_build(guard, record, Then::Switch)?;
+        Ok(ActivateOutcome::Started)
+    }
+
+    /// Builds `version`'s collection in the background without switching to it, so that an
+    /// experiment can serve it beside the active model. Fails at once if another activation,
+    /// preparation or rollback is running.
+    pub async fn prepare(self: &Arc<Self>, version: &str) -> Result<ModelRecord, LifecycleError> {
+        let record = self
+            .registry
+            .get(version)
+            .ok_or_else(|| RegistryError::Unknown(version.to_string()))?;
+        if record.status == ModelStatus::Active {
+            return Err(LifecycleError::AlreadyActive(version.to_string()));
+        }
+        if let Some(c) = &record.collection {
+            return Err(LifecycleError::AlreadyPrepared(
+                version.to_string(),
+                c.clone(),
+            ));
+        }
+        let guard = self.lock()?;
+        self.start_build(guard, record, Then::Keep)?;
+        Ok(self
+            .models()
+            .into_iter()
+            .find(|m| m.version == version)
+            .expect("a version being prepared is registered"))
+    }
+
+    /// Starts embedding and indexing the catalog for `record` in the background.
+    fn start_build(
+        self: &Arc<Self>,
+        guard: tokio::sync::OwnedMutexGuard<()>,
+        record: ModelRecord,
+        then: Then,
+    ) -> Result<(), LifecycleError> {
+        let version = record.version.clone();
         let total = self.catalog.len() as u64;
+        let what = match then {
+            Then::Switch => "activation",
+            Then::Keep => "preparation",
+        };
         let run = Running {
-            what: format!("activation of {version}"),
-            version: version.to_string(),
+            what: format!("{what} of {version}"),
+            version: version.clone(),
             phase: Arc::new(Mutex::new("loading")),
             embedded: Arc::new(AtomicU64::new(0)),
             total,
@@ -185,25 +330,31 @@ impl Lifecycle {
         };
         let (phase, embedded, bar) = (run.phase.clone(), run.embedded.clone(), run.bar.clone());
         *self.running.lock() = Some(run);
-        self.registry.update(version, |m| {
+        self.registry.update(&version, |m| {
             m.status = ModelStatus::Indexing;
             m.last_error = None;
         })?;
         let me = self.clone();
-        let version = version.to_string();
         let previous_status = record.status;
         tokio::spawn(async move {
             let started = Instant::now();
-            let result = me.build_and_switch(&version, &phase, &embedded, &bar).await;
+            let result = match then {
+                Then::Switch => me.build_and_switch(&version, &phase, &embedded, &bar).await,
+                Then::Keep => me.build_and_keep(&version, &phase, &embedded, &bar).await,
+            };
             *me.running.lock() = None;
             match result {
                 Ok(()) => tracing::info!(
                     version,
                     secs = started.elapsed().as_secs_f64(),
-                    "model activated"
+                    "model {}",
+                    match then {
+                        Then::Switch => "activated",
+                        Then::Keep => "prepared",
+                    }
                 ),
                 Err(e) => {
-                    tracing::error!(version, error = %e, "activation failed; the active model is unchanged");
+                    tracing::error!(version, error = %e, "{what} failed; the active model is unchanged");
                     let _ = me.registry.update(&version, |m| {
                         m.status = match previous_status {
                             ModelStatus::Retired => ModelStatus::Retired,
@@ -216,7 +367,7 @@ impl Lifecycle {
             }
             drop(guard);
         });
-        Ok(ActivateOutcome::Started)
+        Ok(())
     }
 
     /// Returns to the previously active version at once: alias switch and handle swap, no
@@ -262,6 +413,7 @@ impl Lifecycle {
         self.standby
             .lock()
             .insert(previous.version().to_string(), previous);
+        self.sync_arms().await;
         Ok(())
     }
 
@@ -288,6 +440,53 @@ impl Lifecycle {
         bar: &ProgressBar,
     ) -> Result<(), LifecycleError> {
         let model = self.load_model(version).await?;
+        let built = self
+            .build(&model, Then::Switch, phase, embedded, bar)
+            .await?;
+        // The alias now points at the new collection; swap the model right behind it.
+        let previous = self.model.swap(model.clone());
+        self.standby
+            .lock()
+            .insert(previous.version().to_string(), previous);
+        // Serving the new model from here on, whatever happens next.
+        let dropped = self.registry.mark_active(version, Some(built.collection))?;
+        self.sync_arms().await;
+        *phase.lock() = "catching up";
+        if let Err(e) = self.catch_up(&model, &built.snapshot, built.fresh).await {
+            tracing::error!(version, error = %e, "replaying catalog changes into the new collection");
+        }
+        self.drop_collections(dropped).await;
+        self.collect_garbage().await;
+        Ok(())
+    }
+
+    /// A preparation: the collection is built and kept ready, not switched to. Writes made
+    /// during the build are caught up when it starts serving (as an arm or after a switch).
+    async fn build_and_keep(
+        &self,
+        version: &str,
+        phase: &Mutex<&'static str>,
+        embedded: &AtomicU64,
+        bar: &ProgressBar,
+    ) -> Result<(), LifecycleError> {
+        let model = self.load_model(version).await?;
+        let built = self.build(&model, Then::Keep, phase, embedded, bar).await?;
+        self.registry.mark_ready(version, built.collection)?;
+        self.sync_arms().await;
+        Ok(())
+    }
+
+    /// Embeds the catalog with `model`'s item tower into a new collection version. For an
+    /// activation the alias is switched to it when this returns.
+    async fn build(
+        &self,
+        model: &Arc<TwoTower>,
+        then: Then,
+        phase: &Mutex<&'static str>,
+        embedded: &AtomicU64,
+        bar: &ProgressBar,
+    ) -> Result<Built, LifecycleError> {
+        let version = model.version();
         *phase.lock() = "embedding";
         let snapshot = self.catalog.entries();
         let mut points = Vec::with_capacity(snapshot.len());
@@ -295,7 +494,7 @@ impl Lifecycle {
         for chunk in snapshot.chunks(EMBED_BATCH) {
             let batch_started = Instant::now();
             let vectors =
-                embed(&model, chunk.to_vec())
+                embed(model, chunk.to_vec())
                     .await
                     .map_err(|source| LifecycleError::Model {
                         version: version.to_string(),
@@ -327,38 +526,33 @@ impl Lifecycle {
             "{version}-{}",
             chrono::Utc::now().format("%Y%m%dT%H%M%S%3f")
         );
-        // Keep the new vectors by id: the catalog moves to them after the switch.
-        let fresh: HashMap<ItemId, Box<[f32]>> = points
-            .iter()
-            .map(|p| {
-                (
-                    p.payload.item_id.clone(),
-                    p.vector.clone().into_boxed_slice(),
-                )
-            })
-            .collect();
-        crate::index::build_version(
-            self.index.as_ref(),
-            &collection,
-            model.dim(),
-            points.into_iter(),
-            bar,
-        )
-        .await?;
-        // The alias now points at the new collection; swap the model right behind it.
-        let previous = self.model.swap(model.clone());
-        self.standby
-            .lock()
-            .insert(previous.version().to_string(), previous);
-        // Serving the new model from here on, whatever happens next.
-        let dropped = self.registry.mark_active(version, Some(collection))?;
-        *phase.lock() = "catching up";
-        if let Err(e) = self.catch_up(&model, &snapshot, fresh).await {
-            tracing::error!(version, error = %e, "replaying catalog changes into the new collection");
+        // Keep the new vectors by id: the catalog moves to them after a switch.
+        let fresh: HashMap<ItemId, Box<[f32]>> = match then {
+            Then::Switch => points
+                .iter()
+                .map(|p| {
+                    (
+                        p.payload.item_id.clone(),
+                        p.vector.clone().into_boxed_slice(),
+                    )
+                })
+                .collect(),
+            Then::Keep => HashMap::new(),
+        };
+        let (index, dim, points) = (self.index.as_ref(), model.dim(), points.into_iter());
+        match then {
+            Then::Switch => {
+                crate::index::build_version(index, &collection, dim, points, bar).await?;
+            }
+            Then::Keep => {
+                crate::index::build_unswitched(index, &collection, dim, points, bar).await?;
+            }
         }
-        self.drop_collections(dropped).await;
-        self.collect_garbage().await;
-        Ok(())
+        Ok(Built {
+            collection,
+            snapshot,
+            fresh,
+        })
     }
 
     /// After an activation's switch: moves unchanged catalog entries to their new vectors,
@@ -449,13 +643,11 @@ impl Lifecycle {
     /// that collection's vectors, and items written while it was not live are upserted.
     /// Holds the lifecycle lock until done so that no other switch interleaves.
     fn spawn_reconcile(&self, guard: tokio::sync::OwnedMutexGuard<()>) {
-        let model = self.model.load_full();
-        let index = self.index.clone();
-        let catalog = self.catalog.clone();
         let me = Reconciler {
-            model,
-            index,
-            catalog,
+            model: self.model.load_full(),
+            index: self.index.clone(),
+            catalog: self.catalog.clone(),
+            arm: None,
         };
         tokio::spawn(async move {
             let started = Instant::now();
@@ -469,6 +661,29 @@ impl Lifecycle {
                 Err(e) => tracing::error!(error = %e, "reconciling the catalog after a switch"),
             }
             drop(guard);
+        });
+    }
+
+    /// An arm new to the set: its collection takes the writes it missed while not serving
+    /// (items added or patched; items deleted are dropped by the business rules).
+    fn spawn_reconcile_arm(&self, arm: Arc<Arm>) {
+        let me = Reconciler {
+            model: arm.model.clone(),
+            index: self.index.clone(),
+            catalog: self.catalog.clone(),
+            arm: Some(arm.collection.clone()),
+        };
+        tokio::spawn(async move {
+            let started = Instant::now();
+            match me.run().await {
+                Ok(n) => tracing::info!(
+                    version = me.model.version(),
+                    replayed = n,
+                    secs = started.elapsed().as_secs_f64(),
+                    "experiment arm reconciled with the catalog"
+                ),
+                Err(e) => tracing::error!(error = %e, "reconciling an experiment arm"),
+            }
         });
     }
 
@@ -498,20 +713,58 @@ impl Lifecycle {
     }
 }
 
+/// Brings a collection in line with the catalog: payload fields that differ are patched and
+/// items it lacks are embedded and upserted. For the live collection (`arm: None`) the
+/// catalog also moves to the collection's vectors; an arm's collection (`arm: Some`) serves
+/// its own vectors and the catalog keeps the live ones.
 struct Reconciler {
     model: Arc<TwoTower>,
     index: Arc<dyn VectorIndex>,
     catalog: Arc<Catalog>,
+    arm: Option<String>,
 }
 
 impl Reconciler {
+    async fn fetch(
+        &self,
+        ids: &[ItemId],
+    ) -> Result<Vec<(crate::index::Payload, Vec<f32>)>, IndexError> {
+        match &self.arm {
+            None => self.index.fetch(ids).await,
+            Some(c) => self.index.fetch_from(c, ids).await,
+        }
+    }
+
+    async fn set_payload(
+        &self,
+        id: &ItemId,
+        patch: &crate::index::PayloadPatch,
+    ) -> Result<(), IndexError> {
+        match &self.arm {
+            None => self.index.set_payload(id, patch).await,
+            Some(c) => self.index.set_payload_in(c, id, patch).await,
+        }
+    }
+
+    async fn upsert(&self, points: Vec<IndexPoint>) -> Result<(), IndexError> {
+        match &self.arm {
+            None => self.index.upsert(points).await,
+            Some(c) => self.index.upsert_into(c, points).await,
+        }
+    }
+
+    fn set_vectors(&self, vectors: impl IntoIterator<Item = (ItemId, Box<[f32]>)>) {
+        if self.arm.is_none() {
+            self.catalog.set_vectors(vectors);
+        }
+    }
+
     async fn run(&self) -> Result<usize, LifecycleError> {
         let entries = self.catalog.entries();
         let mut missing = Vec::new();
         for chunk in entries.chunks(FETCH_BATCH) {
             let ids: Vec<ItemId> = chunk.iter().map(|e| e.id().clone()).collect();
             let stored: HashMap<ItemId, (crate::index::Payload, Vec<f32>)> = self
-                .index
                 .fetch(&ids)
                 .await?
                 .into_iter()
@@ -521,7 +774,9 @@ impl Reconciler {
             for e in chunk {
                 match stored.get(e.id()) {
                     Some((payload, vector)) => {
-                        moved.push((e.id().clone(), vector.clone().into_boxed_slice()));
+                        if self.arm.is_none() {
+                            moved.push((e.id().clone(), vector.clone().into_boxed_slice()));
+                        }
                         let current = e.payload();
                         if payload.available != current.available || payload.price != current.price
                         {
@@ -530,13 +785,13 @@ impl Reconciler {
                                 price: current.price,
                                 popularity: None,
                             };
-                            self.index.set_payload(e.id(), &patch).await?;
+                            self.set_payload(e.id(), &patch).await?;
                         }
                     }
                     None => missing.push(e.clone()),
                 }
             }
-            self.catalog.set_vectors(moved);
+            self.set_vectors(moved);
             tokio::task::yield_now().await;
         }
         let n = missing.len();
@@ -555,8 +810,8 @@ impl Reconciler {
                     payload: e.payload(),
                 })
                 .collect();
-            self.index.upsert(points).await?;
-            self.catalog.set_vectors(
+            self.upsert(points).await?;
+            self.set_vectors(
                 chunk
                     .iter()
                     .zip(vectors)

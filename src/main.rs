@@ -117,6 +117,17 @@ enum ModelsAction {
         #[arg(long, default_value_t = 3600)]
         timeout_secs: u64,
     },
+    /// Build a version's collection without switching to it, so that an experiment can
+    /// serve it beside the active model (`PUT /admin/experiments`).
+    Prepare {
+        version: String,
+        /// Return at once instead of waiting until the version is ready.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout_secs: u64,
+    },
     /// Go back to the previously active version (instant, no re-embedding).
     Rollback,
 }
@@ -401,21 +412,25 @@ fn models(args: ModelsArgs) -> anyhow::Result<()> {
                 if no_wait {
                     serde_json::to_value(started)?
                 } else {
-                    let mut last = String::new();
+                    let timeout = std::time::Duration::from_secs(timeout_secs);
                     let record = client
-                        .wait_active(
-                            &version,
-                            std::time::Duration::from_secs(timeout_secs),
-                            |m| {
-                                if let Some(p) = &m.progress {
-                                    let line = format!("{}: {}/{}", p.phase, p.done, p.total);
-                                    if line != last {
-                                        eprintln!("{version} {line}");
-                                        last = line;
-                                    }
-                                }
-                            },
-                        )
+                        .wait_active(&version, timeout, progress_printer(&version))
+                        .await?;
+                    serde_json::to_value(record)?
+                }
+            }
+            ModelsAction::Prepare {
+                version,
+                no_wait,
+                timeout_secs,
+            } => {
+                let started = client.prepare(&version).await?;
+                if no_wait {
+                    serde_json::to_value(started)?
+                } else {
+                    let timeout = std::time::Duration::from_secs(timeout_secs);
+                    let record = client
+                        .wait_ready(&version, timeout, progress_printer(&version))
                         .await?;
                     serde_json::to_value(record)?
                 }
@@ -425,6 +440,20 @@ fn models(args: ModelsArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
         anyhow::Ok(())
     })
+}
+
+/// Prints a build's phase and count to stderr each time it changes.
+fn progress_printer(version: &str) -> impl FnMut(&tandem::registry::ModelRecord) + '_ {
+    let mut last = String::new();
+    move |m| {
+        if let Some(p) = &m.progress {
+            let line = format!("{}: {}/{}", p.phase, p.done, p.total);
+            if line != last {
+                eprintln!("{version} {line}");
+                last = line;
+            }
+        }
+    }
 }
 
 fn export_events(settings: &Settings, args: &ExportEventsArgs) -> anyhow::Result<()> {

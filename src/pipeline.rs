@@ -6,6 +6,7 @@
 //! answer means no personalisation, an index that does not answer means trending or popular
 //! items, and every such shortcut is reported in `degraded`.
 
+use crate::arms::{Arm, Arms};
 use crate::catalog::{Catalog, CatalogEntry};
 use crate::config::{RerankSettings, ServerSettings};
 use crate::domain::{EventType, Filter, ItemId, SessionId, UserId};
@@ -85,6 +86,9 @@ pub struct RecommendRequest {
     pub k: usize,
     pub filter: Filter,
     pub variant: String,
+    /// The model the variant's experiment arm pins, if it pins one; served when it is active
+    /// or serving as an arm, and otherwise the active model answers.
+    pub model_version: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -184,6 +188,8 @@ pub struct Recommender {
     pub settings: ServerSettings,
     /// Per-variant weights; experiments replace it at run time (`experiment::Experiments`).
     pub rerank: Arc<ArcSwap<RerankSettings>>,
+    /// Models serving beside the active one, for experiments.
+    pub arms: Arc<Arms>,
     trending: TrendingCache,
 }
 
@@ -195,6 +201,7 @@ impl Recommender {
         catalog: Arc<Catalog>,
         settings: ServerSettings,
         rerank: Arc<ArcSwap<RerankSettings>>,
+        arms: Arc<Arms>,
     ) -> Self {
         Recommender {
             model,
@@ -203,6 +210,7 @@ impl Recommender {
             catalog,
             settings,
             rerank,
+            arms,
             trending: TrendingCache::default(),
         }
     }
@@ -212,12 +220,16 @@ impl Recommender {
     pub async fn recommend(&self, req: &RecommendRequest) -> Recommendations {
         let mut stages = Stages::new();
         let mut degraded = Vec::new();
-        let model = self.model.load_full();
-        let activity = step!(stages, "read_session", self.read_activity(req, &mut degraded).await);
+        let (model, arm) = self.serving_model(req);
+        let mut activity = step!(stages, "read_session", self.read_activity(req, &mut degraded).await);
         let fingerprint = activity_fingerprint(&model, &req.filter, &activity);
         let cached = step!(stages, "cache_get", self.cached_candidates(&fingerprint, &mut degraded).await);
         let user_vector = step!(stages, "user_vector", self.user_vector(&model, &activity, cached.is_some(), &mut degraded));
-        let (source, candidates) = step!(stages, "fetch_candidates", self.fetch_candidates(req, &model, &activity, cached, user_vector, &fingerprint, &mut degraded).await);
+        let (source, candidates) = step!(stages, "fetch_candidates", self.fetch_candidates(req, &model, arm.as_deref(), &activity, cached, user_vector, &fingerprint, &mut degraded).await);
+        let candidates = match &arm {
+            Some(arm) => step!(stages, "arm_vectors", self.in_arm_space(arm, &mut activity, candidates, &mut degraded).await),
+            None => candidates,
+        };
         let trending = step!(stages, "trending", self.trending_list(None, &mut degraded).await);
         let ranked = step!(stages, "rerank", self.rerank(req, &activity, &trending.scores, candidates));
         let kept = step!(stages, "business_rules", self.apply_business_rules(ranked, &req.filter, &activity.purchased));
@@ -238,7 +250,7 @@ impl Recommender {
         let model = self.model.load_full();
         let anchor = self.catalog.get(item).ok_or_else(|| PipelineError::UnknownItem(item.clone()))?;
         let filter = filter_excluding(&req.filter, [anchor.id().clone()]);
-        let candidates = step!(stages, "fetch_candidates", self.search(&anchor.vector, &filter, req.k + MMR_SLACK, &mut degraded).await);
+        let candidates = step!(stages, "fetch_candidates", self.search(None, &anchor.vector, &filter, req.k + MMR_SLACK, &mut degraded).await);
         let candidates = candidates.unwrap_or_default();
         let ranked = step!(stages, "rerank", self.rerank(req, &Activity::default(), &HashMap::new(), candidates));
         let kept = step!(stages, "business_rules", self.apply_business_rules(ranked, &filter, &HashSet::new()));
@@ -335,6 +347,61 @@ impl Recommender {
     }
 
     // ---- the steps ----------------------------------------------------------------------
+
+    /// The model that answers: the one the request's experiment arm pins when that one is
+    /// serving (as the active model or as an arm), and otherwise the active model.
+    fn serving_model(&self, req: &RecommendRequest) -> (Arc<TwoTower>, Option<Arc<Arm>>) {
+        let active = self.model.load_full();
+        match req.model_version.as_deref() {
+            Some(v) if v != active.version() => match self.arms.get(v) {
+                Some(arm) => (arm.model.clone(), Some(arm)),
+                None => (active, None),
+            },
+            _ => (active, None),
+        }
+    }
+
+    /// An arm's request: the candidates and the session's items take the arm's vectors, so
+    /// that the re-ranker's similarities are the arm model's. If the arm's collection does
+    /// not answer, both keep the live model's vectors (still one space) and `index` is
+    /// reported degraded.
+    async fn in_arm_space(
+        &self,
+        arm: &Arm,
+        activity: &mut Activity,
+        candidates: Vec<Candidate>,
+        degraded: &mut Vec<Degraded>,
+    ) -> Vec<Candidate> {
+        let n = candidates.len();
+        let entries: Vec<Arc<CatalogEntry>> = candidates
+            .iter()
+            .map(|c| c.entry.clone())
+            .chain(activity.events.iter().map(|(e, _)| e.clone()))
+            .collect();
+        let Some(moved) = self.arms.in_space(arm, entries).await else {
+            if !degraded.contains(&Degraded::Index) {
+                degraded.push(Degraded::Index);
+            }
+            return candidates;
+        };
+        let mut by_id: HashMap<ItemId, Arc<CatalogEntry>> =
+            moved.into_iter().map(|e| (e.id().clone(), e)).collect();
+        let events = std::mem::take(&mut activity.events);
+        activity.events = events
+            .into_iter()
+            .filter_map(|(e, r)| Some((by_id.get(e.id())?.clone(), r)))
+            .collect();
+        let mut out = Vec::with_capacity(n);
+        for c in candidates {
+            if let Some(entry) = by_id.remove(c.entry.id()) {
+                out.push(Candidate {
+                    entry,
+                    ann_score: c.ann_score,
+                });
+            }
+        }
+        out
+    }
 
     async fn read_activity(
         &self,
@@ -472,6 +539,7 @@ impl Recommender {
         &self,
         req: &RecommendRequest,
         model: &TwoTower,
+        arm: Option<&Arm>,
         activity: &Activity,
         cached: Option<Vec<Candidate>>,
         user_vector: Option<Vec<f32>>,
@@ -483,14 +551,17 @@ impl Recommender {
         }
         let k = self.settings.k_candidates.max(req.k + MMR_SLACK);
         if let Some(v) = user_vector {
-            if let Some(found) = self.search(&v, &req.filter, k, degraded).await {
-                let found = self.with_popularity_prior(
-                    model,
-                    activity.events.len(),
-                    &v,
-                    &req.filter,
-                    found,
-                );
+            if let Some(found) = self.search(arm, &v, &req.filter, k, degraded).await {
+                let found = self
+                    .with_popularity_prior(
+                        model,
+                        arm,
+                        activity.events.len(),
+                        &v,
+                        &req.filter,
+                        found,
+                    )
+                    .await;
                 self.cache_candidates(cache_key, &found, degraded).await;
                 return (Source::Personal, found);
             }
@@ -505,9 +576,10 @@ impl Recommender {
     /// (`eval::Ranker`). When the prior has weight (short histories, mostly), the most popular
     /// items under the filter join the candidates, scored the same way, since the ANN search
     /// by the user vector alone need not reach them.
-    fn with_popularity_prior(
+    async fn with_popularity_prior(
         &self,
         model: &TwoTower,
+        arm: Option<&Arm>,
         history_len: usize,
         user: &[f32],
         filter: &Filter,
@@ -519,7 +591,12 @@ impl Recommender {
         }
         if prior.weight(history_len) > 0.0 {
             let seen: HashSet<ItemId> = found.iter().map(|c| c.entry.id().clone()).collect();
-            for entry in self.catalog.popular(filter, POPULAR_CANDIDATES) {
+            let mut popular = self.catalog.popular(filter, POPULAR_CANDIDATES);
+            if let Some(arm) = arm {
+                // Scored against the arm's user vector, so in the arm's space.
+                popular = self.arms.in_space(arm, popular).await.unwrap_or_default();
+            }
+            for entry in popular {
                 if !seen.contains(entry.id()) && entry.vector.len() == user.len() {
                     let ann_score = rerank::dot(user, &entry.vector);
                     found.push(Candidate { entry, ann_score });
@@ -534,14 +611,24 @@ impl Recommender {
         found
     }
 
+    /// The live collection, or the arm's when the request is an arm's.
     async fn search(
         &self,
+        arm: Option<&Arm>,
         vector: &[f32],
         filter: &Filter,
         k: usize,
         degraded: &mut Vec<Degraded>,
     ) -> Option<Vec<Candidate>> {
-        let hits = match self.index.search(vector, filter, k).await {
+        let hits = match arm {
+            Some(arm) => {
+                self.index
+                    .search_in(&arm.collection, vector, filter, k)
+                    .await
+            }
+            None => self.index.search(vector, filter, k).await,
+        };
+        let hits = match hits {
             Ok(h) => h,
             Err(e) => {
                 tracing::warn!(error = %e, "index search");

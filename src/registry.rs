@@ -100,6 +100,9 @@ pub struct Registry {
     dir: PathBuf,
     keep_last: usize,
     state: Mutex<State>,
+    /// Versions an enabled experiment serves: they keep their collections (set from the
+    /// experiments at start-up and on every change, so not saved).
+    pinned: Mutex<Vec<String>>,
 }
 
 impl Registry {
@@ -129,6 +132,7 @@ impl Registry {
             dir,
             keep_last: keep_last.max(2),
             state: Mutex::new(state),
+            pinned: Mutex::new(Vec::new()),
         };
         registry.save(&registry.state.lock())?;
         Ok(registry)
@@ -272,9 +276,30 @@ impl Registry {
         }
         st.history.retain(|v| v != version);
         st.history.push(version.to_string());
-        let dropped = retire_beyond_rollback(&mut st, collection.as_deref());
+        let dropped = retire_beyond_rollback(&mut st, collection.as_deref(), &self.pinned.lock());
         self.save(&st)?;
         Ok(dropped)
+    }
+
+    /// A version whose collection was built without switching to it (`prepare`): `ready`,
+    /// so that an experiment can serve it or an activation switch to it at once.
+    pub fn mark_ready(&self, version: &str, collection: String) -> Result<(), RegistryError> {
+        let mut st = self.state.lock();
+        let m = st
+            .models
+            .iter_mut()
+            .find(|m| m.version == version)
+            .ok_or_else(|| RegistryError::Unknown(version.to_string()))?;
+        m.status = ModelStatus::Ready;
+        m.collection = Some(collection);
+        m.progress = None;
+        m.last_error = None;
+        self.save(&st)
+    }
+
+    /// The versions enabled experiments serve; they keep their collections until unpinned.
+    pub fn set_pinned(&self, versions: Vec<String>) {
+        *self.pinned.lock() = versions;
     }
 
     /// The version a rollback returns to: the one active before the current one, if its
@@ -314,7 +339,8 @@ impl Registry {
     /// the rollback target. Returns the collections of the removed versions, to be dropped.
     pub fn gc(&self) -> Result<Vec<String>, RegistryError> {
         let mut st = self.state.lock();
-        let protected: Vec<String> = st.history.iter().rev().take(2).cloned().collect();
+        let mut protected: Vec<String> = st.history.iter().rev().take(2).cloned().collect();
+        protected.extend(self.pinned.lock().iter().cloned());
         let mut removable: Vec<usize> = (0..st.models.len())
             .filter(|&i| {
                 let m = &st.models[i];
@@ -365,13 +391,21 @@ impl Registry {
     }
 }
 
-/// Everything except the active version and the one before it (the rollback slot) gives up
-/// its collection: at 1M items a kept collection costs hundreds of MB.
-fn retire_beyond_rollback(st: &mut State, active_collection: Option<&str>) -> Vec<String> {
-    let keep: Vec<String> = st.history.iter().rev().take(2).cloned().collect();
+/// Every version that has served before gives up its collection, except the active version,
+/// the one before it (the rollback slot) and the versions experiments serve: at 1M items a
+/// kept collection costs hundreds of MB. A version prepared but never active keeps its
+/// collection (it was built to be used); keep-last-N removes it in time.
+fn retire_beyond_rollback(
+    st: &mut State,
+    active_collection: Option<&str>,
+    pinned: &[String],
+) -> Vec<String> {
+    let mut keep: Vec<String> = st.history.iter().rev().take(2).cloned().collect();
+    keep.extend(pinned.iter().cloned());
     let mut dropped = Vec::new();
     for m in &mut st.models {
-        if keep.contains(&m.version) || m.status == ModelStatus::Indexing {
+        let never_active = m.activated_at.is_none();
+        if keep.contains(&m.version) || m.status == ModelStatus::Indexing || never_active {
             continue;
         }
         if let Some(c) = m.collection.take() {

@@ -1105,6 +1105,41 @@ impl tandem::index::VectorIndex for Outage {
         self.check()?;
         self.inner.upsert_into(v, p).await
     }
+    async fn search_in(
+        &self,
+        version: &str,
+        v: &[f32],
+        f: &Filter,
+        k: usize,
+    ) -> Result<Vec<tandem::index::Hit>, tandem::index::IndexError> {
+        self.check()?;
+        self.inner.search_in(version, v, f, k).await
+    }
+    async fn fetch_from(
+        &self,
+        version: &str,
+        ids: &[ItemId],
+    ) -> Result<Vec<(tandem::index::Payload, Vec<f32>)>, tandem::index::IndexError> {
+        self.check()?;
+        self.inner.fetch_from(version, ids).await
+    }
+    async fn delete_from(
+        &self,
+        version: &str,
+        ids: &[ItemId],
+    ) -> Result<(), tandem::index::IndexError> {
+        self.check()?;
+        self.inner.delete_from(version, ids).await
+    }
+    async fn set_payload_in(
+        &self,
+        version: &str,
+        id: &ItemId,
+        patch: &tandem::index::PayloadPatch,
+    ) -> Result<(), tandem::index::IndexError> {
+        self.check()?;
+        self.inner.set_payload_in(version, id, patch).await
+    }
     async fn finalize_version(&self, v: &str) -> Result<(), tandem::index::IndexError> {
         self.check()?;
         self.inner.finalize_version(v).await
@@ -1181,11 +1216,12 @@ async fn an_index_outage_serves_the_fallback_list_and_recovers() {
         .unwrap();
     let recommender = Recommender::new(
         Arc::new(arc_swap::ArcSwap::from_pointee(model)),
-        index,
+        index.clone(),
         sessions,
         Arc::new(catalog),
         settings.server.clone(),
         Arc::new(arc_swap::ArcSwap::from_pointee(settings.rerank.clone())),
+        Arc::new(tandem::arms::Arms::new(index)),
     );
     let request = |n: usize, category: &str| RecommendRequest {
         request_id: format!("r{n}"),
@@ -1198,6 +1234,7 @@ async fn an_index_outage_serves_the_fallback_list_and_recovers() {
             ..Default::default()
         },
         variant: "control".into(),
+        model_version: None,
     };
 
     let up = recommender.recommend(&request(0, "Drama")).await;

@@ -537,6 +537,90 @@ async fn version_switch_while_searches_run() {
     }
 }
 
+/// An experiment arm serves from its own model's collection beside the live one: reads and
+/// writes that name a version touch that version only.
+#[tokio::test]
+async fn a_version_beside_the_live_one_is_searched_and_written_on_its_own() {
+    for b in backends("side_by_side").await {
+        let live: Vec<IndexPoint> = catalog();
+        live_with(b.index.as_ref(), "v1", live.clone()).await;
+        // The same items embedded by another model: here, the vectors mirrored.
+        let arm: Vec<IndexPoint> = live
+            .iter()
+            .map(|p| IndexPoint {
+                vector: p.vector.iter().map(|x| -x).collect(),
+                payload: p.payload.clone(),
+            })
+            .collect();
+        b.index.create_version("v2", 4).await.unwrap();
+        b.index.upsert_into("v2", arm.clone()).await.unwrap();
+        b.index.finalize_version("v2").await.unwrap();
+
+        let query = &live[7].vector;
+        let all = Filter::default();
+        let top_live = ids(&b.index.search(query, &all, 1).await.unwrap());
+        let top_arm = ids(&b.index.search_in("v2", query, &all, 1).await.unwrap());
+        assert_eq!(top_live, vec!["item7"], "{}", b.name);
+        assert_ne!(
+            top_arm, top_live,
+            "{}: v2 answers from its own vectors",
+            b.name
+        );
+        let fetched = b.index.fetch_from("v2", &[id("item7")]).await.unwrap();
+        let norm = arm[7].vector.iter().map(|x| x * x).sum::<f32>().sqrt();
+        for (got, want) in fetched[0].1.iter().zip(&arm[7].vector) {
+            assert!(
+                (got - want / norm).abs() < 1e-5,
+                "{}: {:?}",
+                b.name,
+                fetched[0].1
+            );
+        }
+
+        // Writes that name v2 leave the live version alone.
+        b.index.delete_from("v2", &[id("item7")]).await.unwrap();
+        let unavailable = PayloadPatch {
+            available: Some(false),
+            ..Default::default()
+        };
+        b.index
+            .set_payload_in("v2", &id("item1"), &unavailable)
+            .await
+            .unwrap();
+        b.index
+            .upsert_into("v2", vec![point("fresh", &[0.0, 0.0, 0.0, 1.0], &["kids"])])
+            .await
+            .unwrap();
+        let in_arm = ids(&b.index.search_in("v2", query, &all, 100).await.unwrap());
+        assert!(!in_arm.contains(&"item7".to_string()), "{}", b.name);
+        assert!(in_arm.contains(&"fresh".to_string()), "{}", b.name);
+        let available = Filter {
+            available_only: true,
+            ..Default::default()
+        };
+        let arm_available = ids(&b
+            .index
+            .search_in("v2", query, &available, 100)
+            .await
+            .unwrap());
+        assert!(!arm_available.contains(&"item1".to_string()), "{}", b.name);
+        let in_live = ids(&b.index.search(query, &available, 100).await.unwrap());
+        assert!(in_live.contains(&"item7".to_string()), "{}", b.name);
+        assert!(in_live.contains(&"item1".to_string()), "{}", b.name);
+        assert!(!in_live.contains(&"fresh".to_string()), "{}", b.name);
+        assert_eq!(b.index.count().await.unwrap(), live.len(), "{}", b.name);
+
+        assert!(
+            matches!(
+                b.index.search_in("nope", query, &all, 1).await,
+                Err(IndexError::UnknownVersion(_))
+            ),
+            "{}",
+            b.name
+        );
+    }
+}
+
 #[tokio::test]
 async fn failed_build_keeps_the_old_version_live() {
     for b in backends("failed_build").await {

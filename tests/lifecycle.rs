@@ -23,6 +23,8 @@ struct App {
     client: AdminClient,
     /// A second checkpoint: the start-up one (`tt-a`) with another version id.
     ckpt_b: PathBuf,
+    /// The generated catalog and interactions the models were trained on.
+    data: PathBuf,
     _dir: tempfile::TempDir,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -78,7 +80,8 @@ async fn spawn_app(admin_key: Option<&str>, keep_last: usize) -> App {
     };
     settings.index.backend = IndexBackend::Exact;
     settings.session.backend = SessionBackend::Memory;
-    settings.server.catalog_dir = data;
+    settings.server.catalog_dir = data.clone();
+    let settings_data = data;
     settings.registry.keep_last = keep_last;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -105,6 +108,7 @@ async fn spawn_app(admin_key: Option<&str>, keep_last: usize) -> App {
         base,
         http,
         ckpt_b,
+        data: settings_data,
         _dir: dir,
         shutdown: Some(tx),
     }
@@ -434,6 +438,222 @@ async fn keep_last_n_collects_old_versions_but_never_the_active_or_rollback_targ
         "only the active and rollback collections are kept"
     );
     assert_eq!(app.client.rollback().await.unwrap().active.version, "tt-a");
+}
+
+/// A/B testing two checkpoints on live traffic: a prepared second model serves its variant
+/// from its own collection while control keeps the active model, catalog writes reach both,
+/// and activating the challenger afterwards serves exactly what its arm served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_experiment_serves_a_second_model_beside_the_active_one() {
+    let app = spawn_app(Some(KEY), 5).await;
+    let http = reqwest::Client::new();
+    // A genuinely different model: same data, another seed.
+    let cfg = TrainConfig {
+        dim: 16,
+        input_dim: 16,
+        hidden: 32,
+        epochs: 1,
+        batch_size: 512,
+        progress: false,
+        seed: 99,
+        ..TrainConfig::default()
+    };
+    let (mut model, _) = tandem::model::train_on_data(&cfg, &app.data, false).unwrap();
+    model.manifest_mut().model_version = "tt-c".into();
+    let ckpt_c = app.data.parent().unwrap().join("ckpt-c");
+    model.save(&ckpt_c).unwrap();
+    app.client.register(ckpt_c.to_str().unwrap()).await.unwrap();
+    let put = |body: serde_json::Value| {
+        http.put(format!("{}/admin/experiments", app.base))
+            .header("X-API-Key", KEY)
+            .json(&body)
+            .send()
+    };
+    let experiment = |enabled: bool| {
+        json!({"experiments": [{
+            "name": "two-towers", "salt": "s9", "enabled": enabled,
+            "variants": [
+                {"name": "control", "share": 0.5},
+                {"name": "challenger", "share": 0.5, "model_version": "tt-c"}
+            ]
+        }]})
+    };
+
+    // Not servable before it has a collection; the error says how to make one.
+    let r = put(experiment(true)).await.unwrap();
+    assert_eq!(r.status(), 422);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["field"], "experiments[0].variants[1].model_version");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("/admin/models/tt-c/prepare"),
+        "{body}"
+    );
+
+    let started = app.client.prepare("tt-c").await.unwrap();
+    assert_eq!(started.status, ModelStatus::Indexing);
+    let ready = app
+        .client
+        .wait_ready("tt-c", Duration::from_secs(30), |_| {})
+        .await
+        .unwrap();
+    assert!(ready.collection.is_some());
+    assert_eq!(
+        app.serving_version().await,
+        "tt-a",
+        "preparing switches nothing"
+    );
+    assert_eq!(put(experiment(true)).await.unwrap().status(), 200);
+
+    // Each user clicks a few items, so that recommendations are personal.
+    let popular: Value = http
+        .get(format!("{}/v1/trending?k=12", app.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let popular: Vec<String> = popular["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["item_id"].as_str().unwrap().to_string())
+        .collect();
+    let users: Vec<String> = (0..24).map(|u| format!("ab-{u}")).collect();
+    let mut events = Vec::new();
+    for (u, user) in users.iter().enumerate() {
+        for j in [u, u + 5, u + 7] {
+            events.push(
+                json!({"user_id": user, "item_id": popular[j % popular.len()], "type": "click"}),
+            );
+        }
+    }
+    let r = http
+        .post(format!("{}/v1/events", app.base))
+        .json(&events)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+
+    let items = |body: &Value| -> Vec<String> {
+        body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["item_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let mut arm_lists = std::collections::HashMap::new();
+    let mut control_users = 0;
+    for user in &users {
+        let body = app.recommend(user).await.unwrap();
+        assert!(
+            ["personal", "cached"].contains(&body["source"].as_str().unwrap()),
+            "{body}"
+        );
+        match body["variant"].as_str().unwrap() {
+            "challenger" => {
+                assert_eq!(body["model_version"], "tt-c", "{body}");
+                arm_lists.insert(user.clone(), items(&body));
+            }
+            _ => {
+                assert_eq!(body["model_version"], "tt-a", "{body}");
+                control_users += 1;
+            }
+        }
+    }
+    assert!(
+        control_users > 0 && !arm_lists.is_empty(),
+        "both variants get traffic"
+    );
+
+    // Catalog writes reach the challenger's collection too.
+    let (arm_user, arm_items) = arm_lists.iter().next().unwrap();
+    let hidden = arm_items[0].clone();
+    let r = http
+        .patch(format!("{}/v1/items/{hidden}", app.base))
+        .json(&json!({"available": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let after = app.recommend(arm_user).await.unwrap();
+    assert_eq!(after["model_version"], "tt-c");
+    assert!(!items(&after).contains(&hidden), "{after}");
+    let r = http
+        .post(format!("{}/v1/items", app.base))
+        .json(&json!({"items": [{"item_id": "brand-new", "title": "Brand new", "categories": ["Novelty"]}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    let novelty: Value = http
+        .get(format!(
+            "{}/v1/recommendations?user_id={arm_user}&category=Novelty",
+            app.base
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(novelty["model_version"], "tt-c");
+    assert_eq!(items(&novelty), ["brand-new"], "{novelty}");
+    // Put the catalog back as it was when the arm's lists were taken.
+    let r = http
+        .delete(format!("{}/v1/items/brand-new", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let gone: Value = http
+        .get(format!(
+            "{}/v1/recommendations?user_id={arm_user}&category=Novelty",
+            app.base
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(gone["items"], json!([]), "{gone}");
+    http.patch(format!("{}/v1/items/{hidden}", app.base))
+        .json(&json!({"available": true}))
+        .send()
+        .await
+        .unwrap();
+
+    // With the experiment off, everyone gets the active model, and the two models disagree.
+    assert_eq!(put(experiment(false)).await.unwrap().status(), 200);
+    let mut differ = 0;
+    for (user, arm_items) in &arm_lists {
+        let body = app.recommend(user).await.unwrap();
+        assert_eq!(body["model_version"], "tt-a");
+        if &items(&body) != arm_items {
+            differ += 1;
+        }
+    }
+    assert!(differ > 0, "the challenger's lists are its own");
+
+    // Activating the challenger is instant (its collection is ready) and serves what its arm did.
+    let switched = app.client.activate("tt-c").await.unwrap();
+    assert_eq!(
+        switched.outcome,
+        tandem::lifecycle::ActivateOutcome::Switched
+    );
+    // The catalog moves to tt-c's vectors in the background (300 items: milliseconds).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (user, arm_items) in &arm_lists {
+        let body = app.recommend(user).await.unwrap();
+        assert_eq!(body["model_version"], "tt-c");
+        assert_eq!(&items(&body), arm_items, "{user}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,7 @@
-//! The admin API under `/admin`: the model registry (list, register, activate, roll back) and
-//! the experiments (replace, report). Every route needs the `X-API-Key` header, compared in
-//! constant time with `TANDEM_ADMIN_KEY`; with no key configured the API answers 403 and
-//! says how to enable it.
+//! The admin API under `/admin`: the model registry (list, register, prepare, activate, roll
+//! back) and the experiments (replace, report). Every route needs the `X-API-Key` header,
+//! compared in constant time with `TANDEM_ADMIN_KEY`; with no key configured the API answers
+//! 403 and says how to enable it.
 
 use crate::experiment::{Experiment, ExperimentError, ExperimentReport, Experiments};
 use crate::lifecycle::{ActivateOutcome, Lifecycle, LifecycleError};
@@ -60,6 +60,7 @@ where
         .route("/models", get(list_models).post(register_model))
         .route("/models/rollback", post(rollback))
         .route("/models/{version}/activate", post(activate))
+        .route("/models/{version}/prepare", post(prepare))
         .route("/experiments", get(list_experiments).put(put_experiments))
         .route("/experiments/{name}", get(experiment_report))
         .layer(axum::middleware::from_fn_with_state(
@@ -151,6 +152,17 @@ async fn activate(
     Ok((status, Json(ActivateResponse { outcome, model })))
 }
 
+/// Builds a version's collection in the background without switching to it (202), so that
+/// an experiment can serve it beside the active model; `GET /admin/models` shows progress,
+/// then `ready`.
+async fn prepare(
+    State(s): State<AdminState>,
+    Path(version): Path<String>,
+) -> Result<(StatusCode, Json<ModelRecord>), AdminError> {
+    let model = s.lifecycle.prepare(&version).await?;
+    Ok((StatusCode::ACCEPTED, Json(model)))
+}
+
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RollbackResponse {
     /// The version serving now.
@@ -174,36 +186,35 @@ async fn list_experiments(State(s): State<AdminState>) -> Json<ExperimentSet> {
     })
 }
 
-/// Replaces every experiment. A variant's `model_version` must be registered, and, since one
-/// collection serves at a time, it must be the active version.
+/// Replaces every experiment. A variant's `model_version` must be registered; in an enabled
+/// experiment it must also have an index collection (be active, or ready after an
+/// activation or a `prepare`), since the variant serves from it beside the active model.
 async fn put_experiments(
     State(s): State<AdminState>,
     AdminJson(body): AdminJson<ExperimentSet>,
 ) -> Result<Json<ExperimentSet>, AdminError> {
     crate::experiment::validate(&body.experiments)?;
     let registry = s.lifecycle.registry();
-    let active = registry.active().map(|m| m.version);
     for (i, e) in body.experiments.iter().enumerate() {
         for (j, v) in e.variants.iter().enumerate() {
             let Some(mv) = &v.model_version else { continue };
             let field = format!("experiments[{i}].variants[{j}].model_version");
-            if registry.get(mv).is_none() {
-                return Err(AdminError::Invalid {
-                    field,
-                    reason: format!("model version {mv:?} is not registered"),
-                });
-            }
-            if e.enabled && Some(mv) != active.as_ref() {
-                return Err(AdminError::Invalid {
-                    field,
-                    reason: format!(
-                        "model version {mv:?} is not the active one ({}); serving two models side by side is not supported yet, so a variant can only pin the active model",
-                        active.as_deref().unwrap_or("none")
-                    ),
-                });
+            let servable = if e.enabled {
+                s.lifecycle.check_servable(mv)
+            } else if registry.get(mv).is_none() {
+                Err(format!("model version {mv:?} is not registered"))
+            } else {
+                Ok(())
+            };
+            if let Err(reason) = servable {
+                return Err(AdminError::Invalid { field, reason });
             }
         }
     }
+    // The models first, so that the first request assigned to a new arm finds it serving.
+    s.lifecycle
+        .pin(crate::experiment::pinned_models(&body.experiments))
+        .await;
     s.experiments.replace(body.experiments)?;
     Ok(Json(ExperimentSet {
         experiments: s.experiments.list(),
@@ -271,6 +282,9 @@ impl AdminError {
                     }
                 },
                 LifecycleError::AlreadyActive(_) => (StatusCode::CONFLICT, "already_active", None),
+                LifecycleError::AlreadyPrepared(..) => {
+                    (StatusCode::CONFLICT, "already_prepared", None)
+                }
                 LifecycleError::Busy(_) => (StatusCode::CONFLICT, "busy", None),
                 LifecycleError::NothingToRollBack => {
                     (StatusCode::CONFLICT, "nothing_to_roll_back", None)

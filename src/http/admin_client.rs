@@ -23,10 +23,15 @@ pub enum ClientError {
     },
     #[error("unexpected answer from {url}: {reason}")]
     Protocol { url: String, reason: String },
-    #[error("activation of {version} failed: {reason}")]
-    ActivationFailed { version: String, reason: String },
-    #[error("activation of {version} did not finish within {secs} s (still {status})")]
+    #[error("{what} of {version} failed: {reason}")]
+    ActivationFailed {
+        what: &'static str,
+        version: String,
+        reason: String,
+    },
+    #[error("{what} of {version} did not finish within {secs} s (still {status})")]
     Timeout {
+        what: &'static str,
         version: String,
         secs: u64,
         status: String,
@@ -64,6 +69,11 @@ impl AdminClient {
         self.send(self.http.post(url)).await
     }
 
+    pub async fn prepare(&self, version: &str) -> Result<ModelRecord, ClientError> {
+        let url = self.url(&format!("/admin/models/{version}/prepare"));
+        self.send(self.http.post(url)).await
+    }
+
     pub async fn rollback(&self) -> Result<RollbackResponse, ClientError> {
         self.send(self.http.post(self.url("/admin/models/rollback")))
             .await
@@ -75,23 +85,51 @@ impl AdminClient {
         &self,
         version: &str,
         timeout: Duration,
+        progress: impl FnMut(&ModelRecord),
+    ) -> Result<ModelRecord, ClientError> {
+        self.wait_for(version, ModelStatus::Active, timeout, progress)
+            .await
+    }
+
+    /// Polls `GET /admin/models` until `version` is ready after a `prepare`.
+    pub async fn wait_ready(
+        &self,
+        version: &str,
+        timeout: Duration,
+        progress: impl FnMut(&ModelRecord),
+    ) -> Result<ModelRecord, ClientError> {
+        self.wait_for(version, ModelStatus::Ready, timeout, progress)
+            .await
+    }
+
+    async fn wait_for(
+        &self,
+        version: &str,
+        want: ModelStatus,
+        timeout: Duration,
         mut progress: impl FnMut(&ModelRecord),
     ) -> Result<ModelRecord, ClientError> {
+        let what = match want {
+            ModelStatus::Active => "activation",
+            _ => "preparation",
+        };
         let started = Instant::now();
         loop {
             let list = self.list().await?;
             let Some(m) = list.models.into_iter().find(|m| m.version == version) else {
                 return Err(ClientError::ActivationFailed {
+                    what,
                     version: version.into(),
                     reason: "the version is no longer registered".into(),
                 });
             };
             progress(&m);
             match m.status {
-                ModelStatus::Active => return Ok(m),
+                s if s == want => return Ok(m),
                 ModelStatus::Indexing => {}
                 _ => {
                     return Err(ClientError::ActivationFailed {
+                        what,
                         version: version.into(),
                         reason: m
                             .last_error
@@ -101,6 +139,7 @@ impl AdminClient {
             }
             if started.elapsed() > timeout {
                 return Err(ClientError::Timeout {
+                    what,
                     version: version.into(),
                     secs: timeout.as_secs(),
                     status: format!("{:?}", m.status).to_lowercase(),

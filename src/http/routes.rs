@@ -66,6 +66,7 @@ async fn recommend(
         k: v.k,
         filter: v.filter,
         variant,
+        model_version: assignment.as_ref().and_then(|a| a.model_version.clone()),
     };
     let started = std::time::Instant::now();
     let recs = s.recommender.recommend(&req).await;
@@ -100,6 +101,7 @@ pub async fn similar(
         k: v.k,
         filter: v.filter,
         variant: s.choose_variant(None, None),
+        model_version: None,
     };
     let recs = s.recommender.similar(&item, &req).await?;
     Ok(Json(RecommendationsResponse::new(recs, v.explain)))
@@ -122,6 +124,7 @@ pub async fn trending(
         k: v.k,
         filter: v.filter,
         variant: s.choose_variant(None, None),
+        model_version: None,
     };
     Ok(Json(RecommendationsResponse::new(
         s.recommender.trending(&req).await,
@@ -208,6 +211,7 @@ pub async fn upsert_items(
             detail: e.to_string(),
         })?;
     let n = entries.len();
+    s.lifecycle.arms().upserted(&entries).await;
     s.catalog.upsert(entries);
     Ok(Json(ItemsUpserted {
         upserted: n,
@@ -270,6 +274,7 @@ pub async fn patch_item(
         popularity: None,
     };
     s.index.set_payload(&id, &index_patch).await?;
+    s.lifecycle.arms().patched(&id, &index_patch).await;
     let updated = s
         .catalog
         .update(&id, |e| {
@@ -299,6 +304,7 @@ pub async fn delete_item(
     let id = parse_item_id(item_id)?;
     known_item(&s, &id)?;
     s.index.delete(std::slice::from_ref(&id)).await?;
+    s.lifecycle.arms().deleted(std::slice::from_ref(&id)).await;
     s.catalog.remove(&id);
     Ok(StatusCode::NO_CONTENT)
 }
@@ -354,7 +360,7 @@ pub async fn onboarding(
             "no available item is in any of these categories",
         ));
     }
-    let variant = s.choose_variant(Some(&user), None);
+    let assignment = s.assign(Some(&user), None);
     let req = RecommendRequest {
         request_id: rid,
         user: Some(user),
@@ -364,7 +370,11 @@ pub async fn onboarding(
             available_only: true,
             ..Default::default()
         },
-        variant,
+        variant: assignment
+            .as_ref()
+            .map(|a| a.variant.clone())
+            .unwrap_or_else(|| crate::config::CONTROL_VARIANT.to_string()),
+        model_version: assignment.and_then(|a| a.model_version),
     };
     let recs = s.recommender.recommend(&req).await;
     Ok(Json(OnboardingResponse {

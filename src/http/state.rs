@@ -1,5 +1,6 @@
 //! What every handler shares, and how it is built from `Settings` at start-up.
 
+use crate::arms::Arms;
 use crate::catalog::{Catalog, CatalogError, CatalogJournal};
 use crate::config::{Settings, CONTROL_VARIANT};
 use crate::data::DataError;
@@ -177,6 +178,7 @@ impl AppState {
             settings.rerank.clone(),
         ));
         experiments.spawn_flusher();
+        let arms = Arc::new(Arms::new(index.clone()));
         let recommender = Arc::new(Recommender::new(
             model.clone(),
             index.clone(),
@@ -184,6 +186,7 @@ impl AppState {
             catalog.clone(),
             settings.server.clone(),
             experiments.rerank_handle(),
+            arms.clone(),
         ));
         let lifecycle = Arc::new(
             Lifecycle::start(
@@ -191,10 +194,15 @@ impl AppState {
                 model.clone(),
                 index.clone(),
                 catalog.clone(),
+                arms,
                 model_source,
             )
             .await?,
         );
+        // The configured experiments' models serve from the first request.
+        lifecycle
+            .pin(crate::experiment::pinned_models(&experiments.list()))
+            .await;
         Ok(AppState {
             limiter: Arc::new(Semaphore::new(settings.server.max_concurrency)),
             journal: Arc::new(CatalogJournal::new(journal_path(&settings))),

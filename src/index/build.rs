@@ -35,18 +35,7 @@ pub async fn build_version(
     points: impl Iterator<Item = IndexPoint>,
     progress: &ProgressBar,
 ) -> Result<BuildReport, IndexError> {
-    let start = Instant::now();
-    index.create_version(version, dim).await?;
-    let result = fill_and_finalize(index, version, dim, points, progress, start).await;
-    let report = match result {
-        Ok(r) => r,
-        Err(e) => {
-            if let Err(drop_err) = index.drop_version(version).await {
-                tracing::warn!(version, error = %drop_err, "could not drop the failed version");
-            }
-            return Err(e);
-        }
-    };
+    let report = build_unswitched(index, version, dim, points, progress).await?;
     if let Err(e) = index.switch_to(version).await {
         let _ = index.drop_version(version).await;
         return Err(e);
@@ -59,6 +48,28 @@ pub async fn build_version(
         "collection version is live"
     );
     Ok(report)
+}
+
+/// `build_version` without the switch: the version is searchable by name (`search_in`) and
+/// ready to switch to, and the live version is unchanged. A failed build is dropped.
+pub async fn build_unswitched(
+    index: &dyn VectorIndex,
+    version: &str,
+    dim: usize,
+    points: impl Iterator<Item = IndexPoint>,
+    progress: &ProgressBar,
+) -> Result<BuildReport, IndexError> {
+    let start = Instant::now();
+    index.create_version(version, dim).await?;
+    match fill_and_finalize(index, version, dim, points, progress, start).await {
+        Ok(r) => Ok(r),
+        Err(e) => {
+            if let Err(drop_err) = index.drop_version(version).await {
+                tracing::warn!(version, error = %drop_err, "could not drop the failed version");
+            }
+            Err(e)
+        }
+    }
 }
 
 async fn fill_and_finalize(

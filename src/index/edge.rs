@@ -905,6 +905,38 @@ impl VectorIndex for EdgeIndex {
         self.collection(version)?.upsert(points, false).await
     }
 
+    async fn search_in(
+        &self,
+        version: &str,
+        vector: &[f32],
+        filter: &Filter,
+        k: usize,
+    ) -> Result<Vec<Hit>, IndexError> {
+        self.collection(version)?
+            .search(vector, filter, k, &self.opts)
+    }
+
+    async fn fetch_from(
+        &self,
+        version: &str,
+        ids: &[ItemId],
+    ) -> Result<Vec<(Payload, Vec<f32>)>, IndexError> {
+        self.collection(version)?.fetch(ids)
+    }
+
+    async fn delete_from(&self, version: &str, ids: &[ItemId]) -> Result<(), IndexError> {
+        self.collection(version)?.delete(ids).await
+    }
+
+    async fn set_payload_in(
+        &self,
+        version: &str,
+        id: &ItemId,
+        patch: &PayloadPatch,
+    ) -> Result<(), IndexError> {
+        self.collection(version)?.set_payload(id, patch).await
+    }
+
     async fn finalize_version(&self, version: &str) -> Result<(), IndexError> {
         let c = self.collection(version)?;
         c.write(WriteOp::Optimize).await?;

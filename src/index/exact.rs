@@ -320,6 +320,39 @@ impl VectorIndex for ExactIndex {
         self.version(version)?.write().upsert(points)
     }
 
+    async fn search_in(
+        &self,
+        version: &str,
+        vector: &[f32],
+        filter: &Filter,
+        k: usize,
+    ) -> Result<Vec<Hit>, IndexError> {
+        self.version(version)?.read().search(vector, filter, k)
+    }
+
+    async fn fetch_from(
+        &self,
+        version: &str,
+        ids: &[ItemId],
+    ) -> Result<Vec<(Payload, Vec<f32>)>, IndexError> {
+        Ok(self.version(version)?.read().fetch(ids))
+    }
+
+    async fn delete_from(&self, version: &str, ids: &[ItemId]) -> Result<(), IndexError> {
+        self.version(version)?.write().delete(ids);
+        Ok(())
+    }
+
+    async fn set_payload_in(
+        &self,
+        version: &str,
+        id: &ItemId,
+        patch: &PayloadPatch,
+    ) -> Result<(), IndexError> {
+        self.version(version)?.write().set_payload(id, patch);
+        Ok(())
+    }
+
     async fn finalize_version(&self, version: &str) -> Result<(), IndexError> {
         // A brute-force scan has no index to build: searchable as soon as written.
         self.version(version).map(|_| ())

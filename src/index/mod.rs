@@ -88,8 +88,34 @@ pub trait VectorIndex: Send + Sync {
 
     /// Creates an empty collection version with vectors of `dim` dimensions.
     async fn create_version(&self, version: &str, dim: usize) -> Result<(), IndexError>;
-    /// Upserts into a (not yet live) version.
+    /// Upserts into a version that need not be live (one being built, or an experiment
+    /// arm's). Visible to `search_in` when this returns; durable once finalized (a version
+    /// that serves beside the live one is reconciled with the catalog when it starts).
     async fn upsert_into(&self, version: &str, points: Vec<IndexPoint>) -> Result<(), IndexError>;
+    /// `search` in a version that need not be live: an experiment arm serves from its own
+    /// model's collection beside the live one.
+    async fn search_in(
+        &self,
+        version: &str,
+        vector: &[f32],
+        filter: &Filter,
+        k: usize,
+    ) -> Result<Vec<Hit>, IndexError>;
+    /// `fetch` from a version that need not be live.
+    async fn fetch_from(
+        &self,
+        version: &str,
+        ids: &[ItemId],
+    ) -> Result<Vec<(Payload, Vec<f32>)>, IndexError>;
+    /// `delete` in a version that need not be live.
+    async fn delete_from(&self, version: &str, ids: &[ItemId]) -> Result<(), IndexError>;
+    /// `set_payload` in a version that need not be live.
+    async fn set_payload_in(
+        &self,
+        version: &str,
+        id: &ItemId,
+        patch: &PayloadPatch,
+    ) -> Result<(), IndexError>;
     /// Blocks until the version is searchable at full speed (HNSW built), then returns.
     async fn finalize_version(&self, version: &str) -> Result<(), IndexError>;
     /// Atomically points the serving alias at `version`.
@@ -110,7 +136,7 @@ pub mod plan;
 pub mod qdrant;
 pub mod validate;
 
-pub use build::{build_version, BuildReport};
+pub use build::{build_unswitched, build_version, BuildReport};
 
 use crate::config::{IndexBackend, Settings};
 use std::path::Path;

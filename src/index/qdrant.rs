@@ -206,6 +206,136 @@ impl QdrantIndex {
         }
         Ok(())
     }
+
+    /// The collection of a version that need not be live, and its dimension.
+    async fn version_collection(&self, version: &str) -> Result<(String, usize), IndexError> {
+        check_version_name(version)?;
+        let name = self.collection_name(version);
+        let dim = self
+            .dim_of(&name)
+            .await
+            .map_err(|_| IndexError::UnknownVersion(version.to_string()))?;
+        Ok((name, dim))
+    }
+
+    async fn delete_on(&self, name: &str, ids: &[ItemId]) -> Result<(), IndexError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let list = PointsIdsList {
+            ids: ids.iter().map(pid).collect(),
+        };
+        self.retry("delete", || {
+            self.client.delete_points(
+                DeletePointsBuilder::new(name)
+                    .points(list.clone())
+                    .wait(true),
+            )
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn set_payload_on(
+        &self,
+        name: &str,
+        id: &ItemId,
+        patch: &PayloadPatch,
+    ) -> Result<(), IndexError> {
+        let fields = payloads::patch_json(patch);
+        if fields.is_empty() {
+            return Ok(());
+        }
+        let payload = qdrant_client::Payload::from(fields);
+        // By a has-id filter, not by id list: an item deleted meanwhile makes this a no-op
+        // rather than a "no point" error.
+        let only_this = qdrant_client::qdrant::Filter::must([Condition::has_id([pid(id)])]);
+        self.retry("set_payload", || {
+            self.client.set_payload(
+                SetPayloadPointsBuilder::new(name, payload.clone())
+                    .points_selector(only_this.clone())
+                    .wait(true),
+            )
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn search_on(
+        &self,
+        name: &str,
+        dim: usize,
+        vector: &[f32],
+        filter: &Filter,
+        k: usize,
+    ) -> Result<Vec<Hit>, IndexError> {
+        check_query(vector, dim)?;
+        if k == 0 {
+            return Ok(Vec::new());
+        }
+        // The server plans filtered searches itself (exact scan under its full-scan
+        // threshold); tandem sets the beam width.
+        let mut req = QueryPointsBuilder::new(name)
+            .query(Query::new_nearest(vector.to_vec()))
+            .limit(k as u64)
+            .with_payload(true)
+            .params(SearchParamsBuilder::default().hnsw_ef(self.plan.base_ef(k) as u64));
+        if let Some(f) = to_qdrant_filter(filter) {
+            req = req.filter(f);
+        }
+        let req = req.build();
+        let res = self
+            .retry("search", || self.client.query(req.clone()))
+            .await?;
+        res.result
+            .into_iter()
+            .map(|p| {
+                Ok(Hit {
+                    score: p.score,
+                    payload: std::sync::Arc::new(payloads::from_json(json_of(p.payload))?),
+                })
+            })
+            .collect()
+    }
+
+    async fn fetch_on(
+        &self,
+        name: &str,
+        ids: &[ItemId],
+    ) -> Result<Vec<(Payload, Vec<f32>)>, IndexError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let pids: Vec<PointId> = ids.iter().map(pid).collect();
+        let res = self
+            .retry("fetch", || {
+                self.client.get_points(
+                    GetPointsBuilder::new(name, pids.clone())
+                        .with_payload(true)
+                        .with_vectors(true),
+                )
+            })
+            .await?;
+        let mut by_id: HashMap<String, (Payload, Vec<f32>)> = HashMap::new();
+        for p in res.result {
+            let Some(id) = uuid_of(p.id) else { continue };
+            let Some(vector) = p
+                .vectors
+                .and_then(|v| v.get_vector())
+                .and_then(|v| match v {
+                    vector_output::Vector::Dense(d) => Some(d.data),
+                    _ => None,
+                })
+            else {
+                continue;
+            };
+            by_id.insert(id, (payloads::from_json(json_of(p.payload))?, vector));
+        }
+        Ok(ids
+            .iter()
+            .filter_map(|i| by_id.remove(&point_id(i).to_string()))
+            .collect())
+    }
 }
 
 fn pid(id: &ItemId) -> PointId {
@@ -284,42 +414,12 @@ impl VectorIndex for QdrantIndex {
 
     async fn delete(&self, ids: &[ItemId]) -> Result<(), IndexError> {
         self.live_dim().await?;
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let list = PointsIdsList {
-            ids: ids.iter().map(pid).collect(),
-        };
-        self.retry("delete", || {
-            self.client.delete_points(
-                DeletePointsBuilder::new(&self.alias)
-                    .points(list.clone())
-                    .wait(true),
-            )
-        })
-        .await?;
-        Ok(())
+        self.delete_on(&self.alias, ids).await
     }
 
     async fn set_payload(&self, id: &ItemId, patch: &PayloadPatch) -> Result<(), IndexError> {
         self.live_dim().await?;
-        let fields = payloads::patch_json(patch);
-        if fields.is_empty() {
-            return Ok(());
-        }
-        let payload = qdrant_client::Payload::from(fields);
-        // By a has-id filter, not by id list: an item deleted meanwhile makes this a no-op
-        // rather than a "no point" error.
-        let only_this = qdrant_client::qdrant::Filter::must([Condition::has_id([pid(id)])]);
-        self.retry("set_payload", || {
-            self.client.set_payload(
-                SetPayloadPointsBuilder::new(&self.alias, payload.clone())
-                    .points_selector(only_this.clone())
-                    .wait(true),
-            )
-        })
-        .await?;
-        Ok(())
+        self.set_payload_on(&self.alias, id, patch).await
     }
 
     async fn search(
@@ -329,69 +429,12 @@ impl VectorIndex for QdrantIndex {
         k: usize,
     ) -> Result<Vec<Hit>, IndexError> {
         let dim = self.live_dim().await?;
-        check_query(vector, dim)?;
-        if k == 0 {
-            return Ok(Vec::new());
-        }
-        // The server plans filtered searches itself (exact scan under its full-scan
-        // threshold); tandem sets the beam width.
-        let mut req = QueryPointsBuilder::new(&self.alias)
-            .query(Query::new_nearest(vector.to_vec()))
-            .limit(k as u64)
-            .with_payload(true)
-            .params(SearchParamsBuilder::default().hnsw_ef(self.plan.base_ef(k) as u64));
-        if let Some(f) = to_qdrant_filter(filter) {
-            req = req.filter(f);
-        }
-        let req = req.build();
-        let res = self
-            .retry("search", || self.client.query(req.clone()))
-            .await?;
-        res.result
-            .into_iter()
-            .map(|p| {
-                Ok(Hit {
-                    score: p.score,
-                    payload: std::sync::Arc::new(payloads::from_json(json_of(p.payload))?),
-                })
-            })
-            .collect()
+        self.search_on(&self.alias, dim, vector, filter, k).await
     }
 
     async fn fetch(&self, ids: &[ItemId]) -> Result<Vec<(Payload, Vec<f32>)>, IndexError> {
         self.live_dim().await?;
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let pids: Vec<PointId> = ids.iter().map(pid).collect();
-        let res = self
-            .retry("fetch", || {
-                self.client.get_points(
-                    GetPointsBuilder::new(&self.alias, pids.clone())
-                        .with_payload(true)
-                        .with_vectors(true),
-                )
-            })
-            .await?;
-        let mut by_id: HashMap<String, (Payload, Vec<f32>)> = HashMap::new();
-        for p in res.result {
-            let Some(id) = uuid_of(p.id) else { continue };
-            let Some(vector) = p
-                .vectors
-                .and_then(|v| v.get_vector())
-                .and_then(|v| match v {
-                    vector_output::Vector::Dense(d) => Some(d.data),
-                    _ => None,
-                })
-            else {
-                continue;
-            };
-            by_id.insert(id, (payloads::from_json(json_of(p.payload))?, vector));
-        }
-        Ok(ids
-            .iter()
-            .filter_map(|i| by_id.remove(&point_id(i).to_string()))
-            .collect())
+        self.fetch_on(&self.alias, ids).await
     }
 
     async fn count(&self) -> Result<usize, IndexError> {
@@ -437,13 +480,43 @@ impl VectorIndex for QdrantIndex {
     }
 
     async fn upsert_into(&self, version: &str, points: Vec<IndexPoint>) -> Result<(), IndexError> {
-        check_version_name(version)?;
-        let name = self.collection_name(version);
-        let dim = self
-            .dim_of(&name)
-            .await
-            .map_err(|_| IndexError::UnknownVersion(version.to_string()))?;
+        let (name, dim) = self.version_collection(version).await?;
         self.upsert_to(&name, points, dim).await
+    }
+
+    async fn search_in(
+        &self,
+        version: &str,
+        vector: &[f32],
+        filter: &Filter,
+        k: usize,
+    ) -> Result<Vec<Hit>, IndexError> {
+        let (name, dim) = self.version_collection(version).await?;
+        self.search_on(&name, dim, vector, filter, k).await
+    }
+
+    async fn fetch_from(
+        &self,
+        version: &str,
+        ids: &[ItemId],
+    ) -> Result<Vec<(Payload, Vec<f32>)>, IndexError> {
+        let (name, _) = self.version_collection(version).await?;
+        self.fetch_on(&name, ids).await
+    }
+
+    async fn delete_from(&self, version: &str, ids: &[ItemId]) -> Result<(), IndexError> {
+        let (name, _) = self.version_collection(version).await?;
+        self.delete_on(&name, ids).await
+    }
+
+    async fn set_payload_in(
+        &self,
+        version: &str,
+        id: &ItemId,
+        patch: &PayloadPatch,
+    ) -> Result<(), IndexError> {
+        let (name, _) = self.version_collection(version).await?;
+        self.set_payload_on(&name, id, patch).await
     }
 
     async fn finalize_version(&self, version: &str) -> Result<(), IndexError> {

@@ -1,0 +1,150 @@
+//! Experiment arms that serve a model other than the active one, side by side with it, so
+//! that two checkpoints can be compared on live traffic.
+//!
+//! An arm is a loaded model and the index collection holding the catalog embedded by that
+//! model's item tower (built by an activation or by `POST /admin/models/{v}/prepare`). A
+//! request assigned to the arm's variant takes its user vector from the arm's user tower and
+//! its candidates from the arm's collection; the re-ranker then compares items in the arm's
+//! vector space ([`Arms::in_space`]).
+//!
+//! Catalog writes go to the live collection first (that write is what the API acknowledges)
+//! and then to every arm's collection ([`Arms::upserted`], [`Arms::patched`],
+//! [`Arms::deleted`]). An arm's collection that missed writes (it was not serving, or the
+//! process stopped before its engine flushed) is reconciled with the catalog when the arm
+//! starts. Whatever an arm's collection still gets wrong, the pipeline's business rules
+//! check every returned item against the live catalog, so an item deleted or made
+//! unavailable never comes back from an arm either.
+
+use crate::catalog::CatalogEntry;
+use crate::domain::ItemId;
+use crate::index::{IndexPoint, PayloadPatch, VectorIndex};
+use crate::model::TwoTower;
+use arc_swap::ArcSwap;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A model serving beside the active one.
+pub struct Arm {
+    pub model: Arc<TwoTower>,
+    /// The index collection version that holds the catalog embedded by `model`.
+    pub collection: String,
+}
+
+/// The arms now serving, by model version. Cheap to share behind an `Arc`.
+pub struct Arms {
+    index: Arc<dyn VectorIndex>,
+    by_version: ArcSwap<HashMap<String, Arc<Arm>>>,
+}
+
+impl Arms {
+    pub fn new(index: Arc<dyn VectorIndex>) -> Self {
+        Arms {
+            index,
+            by_version: ArcSwap::from_pointee(HashMap::new()),
+        }
+    }
+
+    pub fn get(&self, version: &str) -> Option<Arc<Arm>> {
+        self.by_version.load().get(version).cloned()
+    }
+
+    pub fn versions(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.by_version.load().keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Replaces the set; requests that already hold an arm finish on it.
+    pub fn set(&self, arms: Vec<Arc<Arm>>) {
+        let map = arms
+            .into_iter()
+            .map(|a| (a.model.version().to_string(), a))
+            .collect();
+        self.by_version.store(Arc::new(map));
+    }
+
+    /// Items the API added or replaced in the live collection: each arm embeds them with its
+    /// own item tower. A failure is logged, not returned: the live write stands, and the arm
+    /// is reconciled when it next starts.
+    pub async fn upserted(&self, entries: &[CatalogEntry]) {
+        for arm in self.by_version.load().values() {
+            let model = arm.model.clone();
+            let items: Vec<_> = entries.iter().map(|e| e.item.clone()).collect();
+            let vectors = tokio::task::spawn_blocking(move || model.embed_items(&items))
+                .await
+                .expect("embedding does not panic");
+            let vectors = match vectors {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(arm = %arm.collection, error = %e, "experiment arm: item tower");
+                    continue;
+                }
+            };
+            let points = entries
+                .iter()
+                .zip(vectors)
+                .map(|(e, vector)| IndexPoint {
+                    vector,
+                    payload: e.payload(),
+                })
+                .collect();
+            if let Err(e) = self.index.upsert_into(&arm.collection, points).await {
+                tracing::warn!(arm = %arm.collection, error = %e, "experiment arm: upsert");
+            }
+        }
+    }
+
+    /// A PATCH the live collection took.
+    pub async fn patched(&self, id: &ItemId, patch: &PayloadPatch) {
+        for arm in self.by_version.load().values() {
+            if let Err(e) = self.index.set_payload_in(&arm.collection, id, patch).await {
+                tracing::warn!(arm = %arm.collection, error = %e, "experiment arm: set payload");
+            }
+        }
+    }
+
+    /// A DELETE the live collection took.
+    pub async fn deleted(&self, ids: &[ItemId]) {
+        for arm in self.by_version.load().values() {
+            if let Err(e) = self.index.delete_from(&arm.collection, ids).await {
+                tracing::warn!(arm = %arm.collection, error = %e, "experiment arm: delete");
+            }
+        }
+    }
+
+    /// The entries with their vectors in `arm`'s space, in order; an entry the arm's
+    /// collection does not hold (added while it was not serving, before reconciliation) is
+    /// dropped. `None` when the arm's collection does not answer.
+    pub async fn in_space(
+        &self,
+        arm: &Arm,
+        entries: Vec<Arc<CatalogEntry>>,
+    ) -> Option<Vec<Arc<CatalogEntry>>> {
+        if entries.is_empty() {
+            return Some(entries);
+        }
+        let ids: Vec<ItemId> = entries.iter().map(|e| e.id().clone()).collect();
+        let fetched = match self.index.fetch_from(&arm.collection, &ids).await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(arm = %arm.collection, error = %e, "experiment arm: fetch");
+                return None;
+            }
+        };
+        let mut vectors: HashMap<ItemId, Vec<f32>> =
+            fetched.into_iter().map(|(p, v)| (p.item_id, v)).collect();
+        Some(
+            entries
+                .into_iter()
+                .filter_map(|e| {
+                    let vector = vectors.remove(e.id())?;
+                    Some(Arc::new(CatalogEntry {
+                        item: e.item.clone(),
+                        popularity: e.popularity,
+                        vector: vector.into_boxed_slice(),
+                    }))
+                })
+                .collect(),
+        )
+    }
+}
