@@ -53,6 +53,8 @@ const PHASES: [&str; 6] = [
     "a/b test",
 ];
 const AB_PHASE: usize = 5;
+/// Requests slower than this are listed with the time they were sent.
+const SLOW_MS: u64 = 50;
 
 struct PhaseStats {
     hist: Histogram<u64>,
@@ -96,16 +98,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let first_new = Arc::new(AtomicU64::new(0));
     // Responses of the A/B phase by the model that answered: [old, new].
     let ab_models = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+    // Requests slower than SLOW_MS: (phase, ms since start when sent, latency ms), to see
+    // where in a phase the tail sits.
+    let slow: Arc<Mutex<Vec<(usize, u64, f64)>>> = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
 
     let sender = {
-        let (http, stats, phase, stop, first_new, ab_models) = (
+        let (http, stats, phase, stop, first_new, ab_models, slow) = (
             http.clone(),
             stats.clone(),
             phase.clone(),
             stop.clone(),
             first_new.clone(),
             ab_models.clone(),
+            slow.clone(),
         );
         let url = format!("{}/v1/recommendations", args.url);
         let target = args.version.clone();
@@ -118,16 +124,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 tick.tick().await;
                 let user = rand::thread_rng().gen_range(0..users);
                 let req = http.get(format!("{url}?user_id=u{user}&k=20"));
-                let (stats, phase, first_new, target, ab_models) = (
+                let (stats, phase, first_new, target, ab_models, slow) = (
                     stats.clone(),
                     phase.clone(),
                     first_new.clone(),
                     target.clone(),
                     ab_models.clone(),
+                    slow.clone(),
                 );
                 tokio::spawn(async move {
                     let p = phase.load(Ordering::Relaxed);
                     let t = Instant::now();
+                    let sent_ms = started.elapsed().as_millis() as u64;
                     let outcome = match req.send().await {
                         Ok(r) if r.status().is_success() => {
                             match r.json::<serde_json::Value>().await {
@@ -139,6 +147,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         Err(e) => Err(e.to_string()),
                     };
                     let us = t.elapsed().as_micros() as u64;
+                    if us > SLOW_MS * 1000 {
+                        slow.lock().push((p, sent_ms, us as f64 / 1000.0));
+                    }
                     let mut s = stats[p].lock();
                     match outcome {
                         Ok(is_new) => {
@@ -202,6 +213,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     let rollback_secs = t_rollback.elapsed().as_secs_f64();
+    let rollback_at_ms = t_rollback.duration_since(started).as_millis() as u64;
     let busy_secs = t_rollback.duration_since(t_wait).as_secs_f64();
     anyhow::ensure!(
         back.active.version == old,
@@ -273,6 +285,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!(
             "  variant {} (model {}): {} impressions, server p99 {} ms",
             v["name"], v["model_version"], v["impressions"], v["p99_ms"]
+        );
+    }
+    let switch_at_ms = activate_at_ms + (activation_secs * 1000.0) as u64;
+    println!(
+        "requests over {SLOW_MS} ms after the activation (switch at {:.1} s, rollback call at {:.1} s):",
+        switch_at_ms as f64 / 1000.0,
+        rollback_at_ms as f64 / 1000.0
+    );
+    for (p, sent, ms) in slow.lock().iter().filter(|(p, ..)| *p >= 2) {
+        println!(
+            "  {}: sent at {:.3} s, {ms:.1} ms",
+            PHASES[*p],
+            *sent as f64 / 1000.0
         );
     }
     println!("| phase | requests | errors | p50 ms | p99 ms | max ms |");

@@ -278,16 +278,22 @@ impl Catalog {
         Some(updated)
     }
 
-    /// Replaces the vectors of many entries under one lock (unknown ids are skipped). A model
-    /// switch moves every entry to its new vector this way, in chunks, so that requests are
-    /// not held up behind a million single-entry writes.
-    pub fn set_vectors(&self, vectors: impl IntoIterator<Item = (ItemId, Box<[f32]>)>) {
+    /// Gives many entries their vectors under a new model, under one lock. A model switch
+    /// moves every entry this way, in chunks, so that requests are not held up behind a
+    /// million single-entry writes. Each pair is an entry as it was read and its new vector:
+    /// an entry whose vector changed since it was read (a live write re-embedded it under
+    /// the new model) keeps its own, and one removed since is skipped. A patch, which keeps
+    /// the vector, does not stop the move.
+    pub fn set_vectors(&self, vectors: impl IntoIterator<Item = (Arc<CatalogEntry>, Box<[f32]>)>) {
         let mut all = self.entries.write();
-        for (id, v) in vectors {
-            if let Some(slot) = all.by_id.get_mut(&id) {
-                let mut entry = CatalogEntry::clone(slot);
-                entry.vector = v;
-                *slot = Arc::new(entry);
+        for (read, v) in vectors {
+            match all.by_id.get_mut(read.id()) {
+                Some(slot) if slot.vector == read.vector => {
+                    let mut entry = CatalogEntry::clone(slot);
+                    entry.vector = v;
+                    *slot = Arc::new(entry);
+                }
+                _ => {}
             }
         }
     }
@@ -548,6 +554,44 @@ mod tests {
         assert_eq!(ids(c.popular(&Filter::default(), 10)), ["b", "0", "a"]);
         c.remove(&ItemId::parse("b").unwrap());
         assert_eq!(ids(c.popular(&Filter::default(), 10)), ["0", "a"]);
+    }
+
+    #[test]
+    fn a_model_switch_moves_vectors_but_not_over_a_newer_live_write() {
+        let c = Catalog::new();
+        c.upsert([
+            entry("kept", "x", 1.0),
+            entry("patched", "x", 1.0),
+            entry("rewritten", "x", 1.0),
+            entry("removed", "x", 1.0),
+        ]);
+        let read = c.entries();
+        // Live writes between the read and the move: a price patch keeps the vector; a
+        // content upsert re-embeds the item under the new model.
+        c.update(&ItemId::parse("patched").unwrap(), |e| {
+            e.item.price = Some(3.0)
+        });
+        let mut rewritten = entry("rewritten", "x", 1.0);
+        rewritten.vector = vec![0.0, -1.0].into_boxed_slice();
+        c.upsert([rewritten]);
+        c.remove(&ItemId::parse("removed").unwrap());
+
+        let new: Box<[f32]> = vec![0.0, 1.0].into_boxed_slice();
+        c.set_vectors(read.into_iter().map(|e| (e, new.clone())));
+        let vector = |id: &str| {
+            c.get(&ItemId::parse(id).unwrap())
+                .map(|e| e.vector.to_vec())
+        };
+        assert_eq!(vector("kept"), Some(vec![0.0, 1.0]));
+        assert_eq!(vector("patched"), Some(vec![0.0, 1.0]));
+        let patched = c.get(&ItemId::parse("patched").unwrap()).unwrap();
+        assert_eq!(patched.item.price, Some(3.0), "the patch survives the move");
+        assert_eq!(
+            vector("rewritten"),
+            Some(vec![0.0, -1.0]),
+            "the live write wins"
+        );
+        assert_eq!(vector("removed"), None);
     }
 
     #[test]

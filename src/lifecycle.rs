@@ -35,8 +35,9 @@ use std::time::Instant;
 /// measured at 50k items on 2 cores, 1,024-item batches stalled requests past a 10 s timeout.
 /// Small batches let request work interleave.
 const EMBED_BATCH: usize = 64;
-/// Catalog entries moved to their new vectors per lock after a switch.
-const VECTOR_CHUNK: usize = 10_000;
+/// Catalog entries moved to their new vectors per lock after a switch (each lock holds
+/// requests' catalog reads off for its length).
+const VECTOR_CHUNK: usize = 2_000;
 /// Items per index fetch while reconciling the catalog with a collection.
 const FETCH_BATCH: usize = 2_000;
 
@@ -452,7 +453,7 @@ impl Lifecycle {
         let dropped = self.registry.mark_active(version, Some(built.collection))?;
         self.sync_arms().await;
         *phase.lock() = "catching up";
-        if let Err(e) = self.catch_up(&model, &built.snapshot, built.fresh).await {
+        if let Err(e) = self.catch_up(&model, built.snapshot, built.fresh).await {
             tracing::error!(version, error = %e, "replaying catalog changes into the new collection");
         }
         self.drop_collections(dropped).await;
@@ -561,39 +562,16 @@ impl Lifecycle {
     async fn catch_up(
         &self,
         model: &Arc<TwoTower>,
-        snapshot: &[Arc<CatalogEntry>],
-        mut fresh: HashMap<ItemId, Box<[f32]>>,
+        snapshot: Vec<Arc<CatalogEntry>>,
+        fresh: HashMap<ItemId, Box<[f32]>>,
     ) -> Result<(), LifecycleError> {
-        let before: HashMap<&ItemId, &Arc<CatalogEntry>> =
-            snapshot.iter().map(|e| (e.id(), e)).collect();
-        let mut changed = Vec::new();
-        let mut moved = Vec::with_capacity(VECTOR_CHUNK);
-        for entry in self.catalog.entries() {
-            match before.get(entry.id()) {
-                Some(old) if Arc::ptr_eq(old, &entry) => {
-                    if let Some(v) = fresh.remove(entry.id()) {
-                        moved.push((entry.id().clone(), v));
-                    }
-                }
-                _ => changed.push(entry),
-            }
-            if moved.len() == VECTOR_CHUNK {
-                self.catalog.set_vectors(moved.drain(..));
-                tokio::task::yield_now().await;
-            }
-        }
-        self.catalog.set_vectors(moved);
-        let now: std::collections::HashSet<ItemId> = self
-            .catalog
-            .entries()
-            .iter()
-            .map(|e| e.id().clone())
-            .collect();
-        let deleted: Vec<ItemId> = snapshot
-            .iter()
-            .filter(|e| !now.contains(e.id()))
-            .map(|e| e.id().clone())
-            .collect();
+        let catalog = self.catalog.clone();
+        // A million-entry pass: on a blocking thread, so that no runtime worker (and no
+        // request queued on it) waits for it.
+        let (changed, deleted) =
+            tokio::task::spawn_blocking(move || move_unchanged(&catalog, &snapshot, fresh))
+                .await
+                .expect("moving catalog vectors does not panic");
         if !deleted.is_empty() {
             self.index.delete(&deleted).await?;
         }
@@ -614,20 +592,15 @@ impl Lifecycle {
                         version: model.version().to_string(),
                         source: Box::new(source),
                     })?;
-            let points: Vec<IndexPoint> = chunk
-                .iter()
-                .zip(&vectors)
-                .map(|(e, v)| IndexPoint {
-                    vector: v.clone(),
-                    payload: e.payload(),
-                })
-                .collect();
-            self.index.upsert(points).await?;
+            self.index
+                .upsert(points_now(&self.catalog, chunk, &vectors))
+                .await?;
             self.catalog.set_vectors(
                 chunk
                     .iter()
+                    .cloned()
                     .zip(vectors)
-                    .map(|(e, v)| (e.id().clone(), v.into_boxed_slice())),
+                    .map(|(e, v)| (e, v.into_boxed_slice())),
             );
         }
         if !entries.is_empty() {
@@ -643,48 +616,25 @@ impl Lifecycle {
     /// that collection's vectors, and items written while it was not live are upserted.
     /// Holds the lifecycle lock until done so that no other switch interleaves.
     fn spawn_reconcile(&self, guard: tokio::sync::OwnedMutexGuard<()>) {
-        let me = Reconciler {
+        Reconciler {
             model: self.model.load_full(),
             index: self.index.clone(),
             catalog: self.catalog.clone(),
             arm: None,
-        };
-        tokio::spawn(async move {
-            let started = Instant::now();
-            match me.run().await {
-                Ok(n) => tracing::info!(
-                    version = me.model.version(),
-                    replayed = n,
-                    secs = started.elapsed().as_secs_f64(),
-                    "catalog reconciled with the live collection"
-                ),
-                Err(e) => tracing::error!(error = %e, "reconciling the catalog after a switch"),
-            }
-            drop(guard);
-        });
+        }
+        .spawn(Some(guard));
     }
 
     /// An arm new to the set: its collection takes the writes it missed while not serving
     /// (items added or patched; items deleted are dropped by the business rules).
     fn spawn_reconcile_arm(&self, arm: Arc<Arm>) {
-        let me = Reconciler {
+        Reconciler {
             model: arm.model.clone(),
             index: self.index.clone(),
             catalog: self.catalog.clone(),
             arm: Some(arm.collection.clone()),
-        };
-        tokio::spawn(async move {
-            let started = Instant::now();
-            match me.run().await {
-                Ok(n) => tracing::info!(
-                    version = me.model.version(),
-                    replayed = n,
-                    secs = started.elapsed().as_secs_f64(),
-                    "experiment arm reconciled with the catalog"
-                ),
-                Err(e) => tracing::error!(error = %e, "reconciling an experiment arm"),
-            }
-        });
+        }
+        .spawn(None);
     }
 
     async fn drop_collections(&self, collections: Vec<String>) {
@@ -725,6 +675,31 @@ struct Reconciler {
 }
 
 impl Reconciler {
+    /// Runs in the background on a blocking thread (it walks the whole catalog, and the
+    /// embedded index answers its fetches synchronously), holding `guard` until done.
+    fn spawn(self, guard: Option<tokio::sync::OwnedMutexGuard<()>>) {
+        let runtime = tokio::runtime::Handle::current();
+        let what = match self.arm {
+            None => "catalog reconciled with the live collection",
+            Some(_) => "experiment arm reconciled with the catalog",
+        };
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            match runtime.block_on(self.run()) {
+                Ok(n) => tracing::info!(
+                    version = self.model.version(),
+                    replayed = n,
+                    secs = started.elapsed().as_secs_f64(),
+                    "{what}"
+                ),
+                Err(e) => {
+                    tracing::error!(version = self.model.version(), error = %e, "reconciling a collection with the catalog")
+                }
+            }
+            drop(guard);
+        });
+    }
+
     async fn fetch(
         &self,
         ids: &[ItemId],
@@ -753,7 +728,7 @@ impl Reconciler {
         }
     }
 
-    fn set_vectors(&self, vectors: impl IntoIterator<Item = (ItemId, Box<[f32]>)>) {
+    fn set_vectors(&self, vectors: impl IntoIterator<Item = (Arc<CatalogEntry>, Box<[f32]>)>) {
         if self.arm.is_none() {
             self.catalog.set_vectors(vectors);
         }
@@ -763,6 +738,7 @@ impl Reconciler {
         let entries = self.catalog.entries();
         let mut missing = Vec::new();
         for chunk in entries.chunks(FETCH_BATCH) {
+            let chunk_started = Instant::now();
             let ids: Vec<ItemId> = chunk.iter().map(|e| e.id().clone()).collect();
             let stored: HashMap<ItemId, (crate::index::Payload, Vec<f32>)> = self
                 .fetch(&ids)
@@ -775,7 +751,7 @@ impl Reconciler {
                 match stored.get(e.id()) {
                     Some((payload, vector)) => {
                         if self.arm.is_none() {
-                            moved.push((e.id().clone(), vector.clone().into_boxed_slice()));
+                            moved.push((e.clone(), vector.clone().into_boxed_slice()));
                         }
                         let current = e.payload();
                         if payload.available != current.available || payload.price != current.price
@@ -792,7 +768,8 @@ impl Reconciler {
                 }
             }
             self.set_vectors(moved);
-            tokio::task::yield_now().await;
+            // At most half a core: requests keep the rest.
+            tokio::time::sleep(chunk_started.elapsed()).await;
         }
         let n = missing.len();
         for chunk in missing.chunks(EMBED_BATCH) {
@@ -802,24 +779,76 @@ impl Reconciler {
                     source: Box::new(source),
                 }
             })?;
-            let points = chunk
-                .iter()
-                .zip(&vectors)
-                .map(|(e, v)| IndexPoint {
-                    vector: v.clone(),
-                    payload: e.payload(),
-                })
-                .collect();
-            self.upsert(points).await?;
+            self.upsert(points_now(&self.catalog, chunk, &vectors))
+                .await?;
             self.set_vectors(
                 chunk
                     .iter()
+                    .cloned()
                     .zip(vectors)
-                    .map(|(e, v)| (e.id().clone(), v.into_boxed_slice())),
+                    .map(|(e, v)| (e, v.into_boxed_slice())),
             );
         }
         Ok(n)
     }
+}
+
+/// After an activation's switch, on a blocking thread: moves the catalog entries that did
+/// not change during the build to their new vectors, `VECTOR_CHUNK` per lock and pausing as
+/// long as each chunk took. Returns the entries that changed (to re-embed) and the ids
+/// deleted during the build.
+fn move_unchanged(
+    catalog: &Catalog,
+    snapshot: &[Arc<CatalogEntry>],
+    mut fresh: HashMap<ItemId, Box<[f32]>>,
+) -> (Vec<Arc<CatalogEntry>>, Vec<ItemId>) {
+    let before: HashMap<&ItemId, &Arc<CatalogEntry>> =
+        snapshot.iter().map(|e| (e.id(), e)).collect();
+    let now = catalog.entries();
+    let mut changed = Vec::new();
+    for chunk in now.chunks(VECTOR_CHUNK) {
+        let started = Instant::now();
+        let mut moved = Vec::with_capacity(chunk.len());
+        for entry in chunk {
+            match before.get(entry.id()) {
+                Some(old) if Arc::ptr_eq(old, entry) => {
+                    if let Some(v) = fresh.remove(entry.id()) {
+                        moved.push((entry.clone(), v));
+                    }
+                }
+                _ => changed.push(entry.clone()),
+            }
+        }
+        catalog.set_vectors(moved);
+        std::thread::sleep(started.elapsed());
+    }
+    let live: std::collections::HashSet<&ItemId> = now.iter().map(|e| e.id()).collect();
+    let deleted = snapshot
+        .iter()
+        .filter(|e| !live.contains(e.id()))
+        .map(|e| e.id().clone())
+        .collect();
+    (changed, deleted)
+}
+
+/// Index points for entries embedded as `read`, with each item's payload as it is now: an
+/// entry removed or re-embedded by a live write since it was read is left out (that write
+/// updated the index), and a patch since (price, availability) is kept.
+fn points_now(
+    catalog: &Catalog,
+    read: &[Arc<CatalogEntry>],
+    vectors: &[Vec<f32>],
+) -> Vec<IndexPoint> {
+    read.iter()
+        .zip(vectors)
+        .filter_map(|(e, v)| {
+            let now = catalog.get(e.id())?;
+            (now.vector == e.vector).then(|| IndexPoint {
+                vector: v.clone(),
+                payload: now.payload(),
+            })
+        })
+        .collect()
 }
 
 /// The item tower over a batch, off the async runtime.

@@ -656,6 +656,100 @@ async fn an_experiment_serves_a_second_model_beside_the_active_one() {
     }
 }
 
+/// The model an experiment pins keeps its collection and keeps serving its variant while the
+/// active model moves on twice (which would otherwise retire it), and a prepared version
+/// keeps its collection through an activation of another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_experiments_model_keeps_serving_while_the_active_one_moves_on() {
+    let app = spawn_app(Some(KEY), 5).await;
+    let root = app.ckpt_b.parent().unwrap().to_path_buf();
+    let d = root.join("tt-c");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::copy(
+        app.ckpt_b.join("model.safetensors"),
+        d.join("model.safetensors"),
+    )
+    .unwrap();
+    let mut m: Value =
+        serde_json::from_str(&std::fs::read_to_string(app.ckpt_b.join("manifest.json")).unwrap())
+            .unwrap();
+    m["model_version"] = "tt-c".into();
+    std::fs::write(d.join("manifest.json"), m.to_string()).unwrap();
+    app.client
+        .register(app.ckpt_b.to_str().unwrap())
+        .await
+        .unwrap();
+    app.client.register(d.to_str().unwrap()).await.unwrap();
+    app.client.prepare("tt-c").await.unwrap();
+    app.client
+        .wait_ready("tt-c", Duration::from_secs(30), |_| {})
+        .await
+        .unwrap();
+    let err = app.client.prepare("tt-c").await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Api { status: 409, message, .. } if message.contains("already has a collection")),
+        "{err}"
+    );
+
+    // The start-up model is the challenger: it serves its variant as the active model now.
+    let r = app
+        .http
+        .put(format!("{}/admin/experiments", app.base))
+        .header("X-API-Key", KEY)
+        .json(&json!({"experiments": [{
+            "name": "keep-a", "salt": "k1",
+            "variants": [
+                {"name": "control", "share": 0.5},
+                {"name": "old-model", "share": 0.5, "model_version": "tt-a"}
+            ]
+        }]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    app.client.activate("tt-b").await.unwrap();
+    app.client
+        .wait_active("tt-b", Duration::from_secs(30), |_| {})
+        .await
+        .unwrap();
+    let list = app.client.list().await.unwrap();
+    let c = list.models.iter().find(|m| m.version == "tt-c").unwrap();
+    assert_eq!(c.status, ModelStatus::Ready, "the prepared version is kept");
+    assert!(c.collection.is_some());
+    // tt-c was prepared, so this switch is instant; tt-a falls out of the rollback slot.
+    let switched = app.client.activate("tt-c").await.unwrap();
+    assert_eq!(
+        switched.outcome,
+        tandem::lifecycle::ActivateOutcome::Switched
+    );
+    let list = app.client.list().await.unwrap();
+    let a = list.models.iter().find(|m| m.version == "tt-a").unwrap();
+    assert!(
+        a.collection.is_some(),
+        "the pinned version keeps its collection: {a:?}"
+    );
+
+    let mut served = std::collections::HashMap::<String, String>::new();
+    for u in 0..30 {
+        let body = app.recommend(&format!("keep-{u}")).await.unwrap();
+        served.insert(
+            body["variant"].as_str().unwrap().to_string(),
+            body["model_version"].as_str().unwrap().to_string(),
+        );
+    }
+    assert_eq!(
+        served.get("old-model").map(String::as_str),
+        Some("tt-a"),
+        "{served:?}"
+    );
+    assert_eq!(
+        served.get("control").map(String::as_str),
+        Some("tt-c"),
+        "{served:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clicks_with_a_variant_show_up_in_that_variants_ctr() {
     let app = spawn_app(Some(KEY), 5).await;

@@ -1,4 +1,4 @@
-// The admin dashboard: models (activate, roll back, indexing progress), experiments
+// The admin dashboard: models (activate, prepare, roll back, indexing progress), experiments
 // (CTR and conversion per variant with confidence intervals) and live serving figures.
 // The admin key lives in sessionStorage only: never in a URL, never in localStorage.
 "use strict";
@@ -7,6 +7,8 @@
   const $ = (id) => document.getElementById(id);
   const KEY = "tandem.adminKey";
   let pollModels = null;
+  // The version a Prepare click is building, until the table shows it ready.
+  let preparing = null;
 
   const key = () => sessionStorage.getItem(KEY) || "";
   const admin = (method, path, opts = {}) => api(method, path, { ...opts, headers: { "X-API-Key": key() } });
@@ -91,6 +93,13 @@
         const b = el("button", { type: "button", "aria-label": `Activate model ${v}` }, "Activate");
         b.addEventListener("click", () => activate(v, b));
         act.append(b);
+        // Without a collection, a version can be prepared: its collection is built without
+        // switching, so an experiment variant can serve it beside the active model.
+        if (!m.collection) {
+          const p = el("button", { type: "button", class: "secondary", "aria-label": `Prepare model ${v} for an experiment` }, "Prepare");
+          p.addEventListener("click", () => prepare(v, p));
+          act.append(" ", p);
+        }
       }
       return el("tr", { "data-version": v, "data-status": status, "data-source": "registry" },
         el("th", { scope: "row" }, v), statusCell,
@@ -102,8 +111,16 @@
       el("tbody", {}, ...rows)));
     $("rollback").hidden = models.length < 2;
     say("models-status", `${models.length} registered · active ${active || "none"}`);
+    const prepared = preparing && models.find((m) => versionOf(m) === preparing);
+    if (prepared && prepared.status === "ready") {
+      say("models-action", `${preparing} is ready: an experiment variant with "model_version": "${preparing}" serves it beside the active model.`);
+      preparing = null;
+    } else if (prepared && prepared.status !== "indexing" && prepared.last_error) {
+      say("models-action", `Preparing ${preparing} failed: ${prepared.last_error}`, "error");
+      preparing = null;
+    }
     // Keep polling while something is indexing, so the progress bar moves.
-    const busy = models.some((m) => m.status === "indexing");
+    const busy = preparing !== null || models.some((m) => m.status === "indexing");
     clearTimeout(pollModels);
     if (busy) pollModels = setTimeout(loadModels, 1000);
     return 200;
@@ -123,15 +140,20 @@
 
   async function activate(version, button) {
     button.disabled = true;
-    say("models-status", `Activating ${version}: embedding the catalog into a new collection…`);
+    say("models-action", `Activating ${version}: embedding the catalog into a new collection…`);
     const started = Date.now();
     const poll = setInterval(loadModels, 1000);
     try {
-      await admin("POST", `/admin/models/${encodeURIComponent(version)}/activate`);
-      say("models-status", `Activated ${version} in ${((Date.now() - started) / 1000).toFixed(1)} s.`);
+      const { data } = await admin("POST", `/admin/models/${encodeURIComponent(version)}/activate`);
+      if (data && data.outcome === "started") {
+        // 202: the catalog is embedded in the background; the table polls while it indexes.
+        say("models-action", `Activating ${version}: embedding the catalog into a new collection (progress above); it switches when done.`);
+      } else {
+        say("models-action", `Activated ${version} in ${((Date.now() - started) / 1000).toFixed(1)} s.`);
+      }
     } catch (e) {
       const [msg, cls] = explain(e, `Activating ${version}`);
-      say("models-status", msg, cls);
+      say("models-action", msg, cls);
     } finally {
       clearInterval(poll);
       button.disabled = false;
@@ -139,14 +161,29 @@
     }
   }
 
+  async function prepare(version, button) {
+    button.disabled = true;
+    try {
+      await admin("POST", `/admin/models/${encodeURIComponent(version)}/prepare`);
+      say("models-action", `Preparing ${version}: embedding the catalog into its own collection (progress above).`);
+      preparing = version;
+    } catch (e) {
+      const [msg, cls] = explain(e, `Preparing ${version}`);
+      say("models-action", msg, cls);
+      button.disabled = false;
+      return;
+    }
+    loadModels();
+  }
+
   $("rollback").addEventListener("click", async () => {
     try {
       const { data } = await admin("POST", "/admin/models/rollback");
       const to = data && data.active ? versionOf(data.active) : "";
-      say("models-status", `Rolled back${to ? " to " + to : ""}.`);
+      say("models-action", `Rolled back${to ? " to " + to : ""}.`);
     } catch (e) {
       const [msg, cls] = explain(e, "Rollback");
-      say("models-status", msg, cls);
+      say("models-action", msg, cls);
     }
     loadModels();
   });

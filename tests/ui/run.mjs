@@ -8,7 +8,7 @@
 //   node tests/ui/run.mjs            (after `cargo build --bin tandem`; `make test-ui` does both)
 //   CHROMIUM=/path/to/chrome TANDEM_BIN=target/release/tandem node tests/ui/run.mjs
 import { spawn, spawnSync } from "node:child_process";
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import net from "node:net";
 import os from "node:os";
@@ -371,6 +371,32 @@ await test("admin shows an experiment's CTR and conversion per variant with conf
   const impressions = await rows.evaluateAll((trs) => trs.map((tr) => Number(tr.children[3].textContent)));
   assert(impressions.reduce((a, b) => a + b, 0) >= 30, `the 30 rails count as impressions: ${impressions}`);
   await shoot(page, "admin-experiment");
+});
+
+await test("admin prepares a registered model for an experiment, showing progress until ready", async (page) => {
+  // A second checkpoint: the demo one under another version id.
+  const second = path.join(work, "ui-second");
+  mkdirSync(second, { recursive: true });
+  copyFileSync(path.join(model, "model.safetensors"), path.join(second, "model.safetensors"));
+  const manifest = JSON.parse(readFileSync(path.join(model, "manifest.json"), "utf8"));
+  manifest.model_version = "ui-second";
+  writeFileSync(path.join(second, "manifest.json"), JSON.stringify(manifest));
+  const reg = await fetch(`${base}/admin/models`, {
+    method: "POST", headers: { "Content-Type": "application/json", "X-API-Key": ADMIN_KEY }, body: JSON.stringify({ path: second }),
+  });
+  assert(reg.status === 201, `POST /admin/models: HTTP ${reg.status} ${await reg.text()}`);
+  await page.goto(`${base}/admin`);
+  await page.getByLabel("Admin key").fill(ADMIN_KEY);
+  await page.getByRole("button", { name: "Unlock" }).click();
+  await page.getByRole("button", { name: "Prepare model ui-second for an experiment" }).click();
+  await until(page, () => /Preparing ui-second/.test(document.getElementById("models-action").textContent), null, "the preparing message");
+  await until(page, () => document.querySelector('#models tr[data-version="ui-second"]')?.dataset.status === "ready", null, "ui-second ready", 60_000);
+  await until(page, () => /ui-second is ready/.test(document.getElementById("models-action").textContent), null, "the ready message");
+  const row = page.locator('#models tr[data-version="ui-second"]');
+  assert((await row.getByRole("button", { name: /^Prepare/ }).count()) === 0, "a ready version offers no second Prepare");
+  const active = await page.locator('#models tr[data-status="active"]').getAttribute("data-version");
+  assert(active === ready.model_version, `preparing does not switch: the active model is ${active}`);
+  await shoot(page, "admin-prepared");
 });
 
 await test("admin shows live latency and cache figures from GET /v1/stats", async (page) => {
