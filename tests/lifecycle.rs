@@ -382,24 +382,28 @@ async fn admin_auth_401_for_missing_or_wrong_key_and_403_when_disabled() {
     );
 }
 
+/// Checkpoint b's weights under another version id, beside it.
+fn checkpoint_b_as(app: &App, version: &str) -> PathBuf {
+    let d = app.ckpt_b.parent().unwrap().join(version);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::copy(
+        app.ckpt_b.join("model.safetensors"),
+        d.join("model.safetensors"),
+    )
+    .unwrap();
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(app.ckpt_b.join("manifest.json")).unwrap())
+            .unwrap();
+    m["model_version"] = version.into();
+    std::fs::write(d.join("manifest.json"), m.to_string()).unwrap();
+    d
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_last_n_collects_old_versions_but_never_the_active_or_rollback_target() {
     let app = spawn_app(Some(KEY), 2).await;
-    let root = app.ckpt_b.parent().unwrap().to_path_buf();
     for v in ["tt-c", "tt-d", "tt-e"] {
-        let d = root.join(v);
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::copy(
-            app.ckpt_b.join("model.safetensors"),
-            d.join("model.safetensors"),
-        )
-        .unwrap();
-        let mut m: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(app.ckpt_b.join("manifest.json")).unwrap(),
-        )
-        .unwrap();
-        m["model_version"] = v.into();
-        std::fs::write(d.join("manifest.json"), m.to_string()).unwrap();
+        let d = checkpoint_b_as(&app, v);
         app.client.register(d.to_str().unwrap()).await.unwrap();
     }
     let versions: Vec<String> = app
@@ -662,19 +666,7 @@ async fn an_experiment_serves_a_second_model_beside_the_active_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_experiments_model_keeps_serving_while_the_active_one_moves_on() {
     let app = spawn_app(Some(KEY), 5).await;
-    let root = app.ckpt_b.parent().unwrap().to_path_buf();
-    let d = root.join("tt-c");
-    std::fs::create_dir_all(&d).unwrap();
-    std::fs::copy(
-        app.ckpt_b.join("model.safetensors"),
-        d.join("model.safetensors"),
-    )
-    .unwrap();
-    let mut m: Value =
-        serde_json::from_str(&std::fs::read_to_string(app.ckpt_b.join("manifest.json")).unwrap())
-            .unwrap();
-    m["model_version"] = "tt-c".into();
-    std::fs::write(d.join("manifest.json"), m.to_string()).unwrap();
+    let d = checkpoint_b_as(&app, "tt-c");
     app.client
         .register(app.ckpt_b.to_str().unwrap())
         .await
