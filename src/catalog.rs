@@ -196,26 +196,38 @@ impl Catalog {
         Ok((catalog, report))
     }
 
+    /// Every read takes the lock without queueing behind a waiting writer. A whole-catalog
+    /// snapshot (`entries`, a model switch's passes) holds the read lock for tens of
+    /// milliseconds at 1M items; with the lock's default fairness, one writer arriving
+    /// meanwhile (an item upsert, a pass moving vectors) makes every request's read wait
+    /// behind it (the likely cause of a 67 ms stall of the whole runtime at 1M, when two
+    /// passes overlapped; BENCHMARKS.md, 2026-12-03). Writers
+    /// still get in whenever no read is held, which on request paths is microseconds at a
+    /// time.
+    fn read(&self) -> parking_lot::RwLockReadGuard<'_, Entries> {
+        self.entries.read_recursive()
+    }
+
     pub fn len(&self) -> usize {
-        self.entries.read().by_id.len()
+        self.read().by_id.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.read().by_id.is_empty()
+        self.read().by_id.is_empty()
     }
 
     /// Some entry, for checks that any one answers (vector dimensions).
     pub fn any(&self) -> Option<Arc<CatalogEntry>> {
-        self.entries.read().by_id.values().next().cloned()
+        self.read().by_id.values().next().cloned()
     }
 
     /// Every entry, as of now (model activation embeds this snapshot).
     pub fn entries(&self) -> Vec<Arc<CatalogEntry>> {
-        self.entries.read().by_id.values().cloned().collect()
+        self.read().by_id.values().cloned().collect()
     }
 
     pub fn get(&self, id: &ItemId) -> Option<Arc<CatalogEntry>> {
-        self.entries.read().by_id.get(id).cloned()
+        self.read().by_id.get(id).cloned()
     }
 
     /// Resolves many ids under one lock; unknown ids are `None`.
@@ -223,7 +235,7 @@ impl Catalog {
         &self,
         ids: impl IntoIterator<Item = &'a ItemId>,
     ) -> Vec<Option<Arc<CatalogEntry>>> {
-        let entries = self.entries.read();
+        let entries = self.read();
         ids.into_iter()
             .map(|id| entries.by_id.get(id).cloned())
             .collect()
@@ -284,13 +296,27 @@ impl Catalog {
     /// an entry whose vector changed since it was read (a live write re-embedded it under
     /// the new model) keeps its own, and one removed since is skipped. A patch, which keeps
     /// the vector, does not stop the move.
+    ///
+    /// The new entries are made before the lock is taken, so that the lock is held for
+    /// lookups and pointer swaps only (measured at 1M: copying 2,000 entries under it held
+    /// requests' reads off for milliseconds per chunk).
     pub fn set_vectors(&self, vectors: impl IntoIterator<Item = (Arc<CatalogEntry>, Box<[f32]>)>) {
+        let moved: Vec<(Arc<CatalogEntry>, Arc<CatalogEntry>)> = vectors
+            .into_iter()
+            .map(|(read, v)| {
+                let mut entry = CatalogEntry::clone(&read);
+                entry.vector = v;
+                (read, Arc::new(entry))
+            })
+            .collect();
         let mut all = self.entries.write();
-        for (read, v) in vectors {
+        for (read, new) in moved {
             match all.by_id.get_mut(read.id()) {
+                Some(slot) if Arc::ptr_eq(slot, &read) => *slot = new,
+                // Patched since it was read (same vector, other fields): move the patched one.
                 Some(slot) if slot.vector == read.vector => {
                     let mut entry = CatalogEntry::clone(slot);
-                    entry.vector = v;
+                    entry.vector = new.vector.clone();
                     *slot = Arc::new(entry);
                 }
                 _ => {}
@@ -335,7 +361,7 @@ impl Catalog {
                 return live;
             }
         }
-        let all = self.entries.read();
+        let all = self.read();
         let walked: Vec<&Arc<CatalogEntry>> = all
             .by_popularity
             .iter()

@@ -26,7 +26,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -69,6 +69,10 @@ pub enum LifecycleError {
     },
     #[error(transparent)]
     Index(#[from] IndexError),
+    #[error(
+        "the server is shutting down; the pass stopped and the next start resumes from the index"
+    )]
+    ShuttingDown,
 }
 
 /// What `activate` did.
@@ -114,6 +118,9 @@ pub struct Lifecycle {
     arms: Arc<Arms>,
     /// The versions enabled experiments name (the active one among them serves as itself).
     pins: Mutex<Vec<String>>,
+    /// Set when the server stops: the background passes end at their next chunk instead of
+    /// holding the process (and the runtime's shutdown) for their remaining minute.
+    stopping: Arc<AtomicBool>,
 }
 
 /// What a background build does when its collection is ready.
@@ -152,7 +159,14 @@ impl Lifecycle {
             busy: Arc::new(tokio::sync::Mutex::new(())),
             running: Mutex::new(None),
             pins: Mutex::new(Vec::new()),
+            stopping: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// Stops the background passes at their next chunk (the server is stopping). A pass cut
+    /// short loses nothing: the catalog is rebuilt from the live collection at the next start.
+    pub fn shut_down(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
@@ -477,8 +491,14 @@ impl Lifecycle {
         bar: &ProgressBar,
     ) -> Result<(), LifecycleError> {
         let model = self.load_model(version).await?;
-        let built = self.build(&model, Then::Keep, phase, embedded, bar).await?;
-        self.registry.mark_ready(version, built.collection)?;
+        let Built {
+            collection,
+            snapshot,
+            ..
+        } = self.build(&model, Then::Keep, phase, embedded, bar).await?;
+        // A million references to let go of: not on a runtime worker.
+        off_runtime(move || drop(snapshot)).await;
+        self.registry.mark_ready(version, collection)?;
         self.sync_arms().await;
         Ok(())
     }
@@ -495,7 +515,11 @@ impl Lifecycle {
     ) -> Result<Built, LifecycleError> {
         let version = model.version();
         *phase.lock() = "embedding";
-        let snapshot = self.catalog.entries();
+        let snapshot = off_runtime({
+            let catalog = self.catalog.clone();
+            move || catalog.entries()
+        })
+        .await;
         let mut points = Vec::with_capacity(snapshot.len());
         let mut last_log = Instant::now();
         for chunk in snapshot.chunks(EMBED_BATCH) {
@@ -533,19 +557,24 @@ impl Lifecycle {
             "{version}-{}",
             chrono::Utc::now().format("%Y%m%dT%H%M%S%3f")
         );
-        // Keep the new vectors by id: the catalog moves to them after a switch.
-        let fresh: HashMap<ItemId, Box<[f32]>> = match then {
-            Then::Switch => points
-                .iter()
-                .map(|p| {
-                    (
-                        p.payload.item_id.clone(),
-                        p.vector.clone().into_boxed_slice(),
-                    )
-                })
-                .collect(),
-            Then::Keep => HashMap::new(),
-        };
+        // Keep the new vectors by id: the catalog moves to them after a switch. A million
+        // entries take most of a second to copy and hash: not on a runtime worker.
+        let (points, fresh) = off_runtime(move || {
+            let fresh: HashMap<ItemId, Box<[f32]>> = match then {
+                Then::Switch => points
+                    .iter()
+                    .map(|p| {
+                        (
+                            p.payload.item_id.clone(),
+                            p.vector.clone().into_boxed_slice(),
+                        )
+                    })
+                    .collect(),
+                Then::Keep => HashMap::new(),
+            };
+            (points, fresh)
+        })
+        .await;
         let (index, dim, points) = (self.index.as_ref(), model.dim(), points.into_iter());
         match then {
             Then::Switch => {
@@ -572,12 +601,9 @@ impl Lifecycle {
         fresh: HashMap<ItemId, Box<[f32]>>,
     ) -> Result<(), LifecycleError> {
         let catalog = self.catalog.clone();
-        // A million-entry pass: on a blocking thread, so that no runtime worker (and no
-        // request queued on it) waits for it.
+        let stopping = self.stopping.clone();
         let (changed, deleted) =
-            tokio::task::spawn_blocking(move || move_unchanged(&catalog, &snapshot, fresh))
-                .await
-                .expect("moving catalog vectors does not panic");
+            off_runtime(move || move_unchanged(&catalog, &snapshot, fresh, &stopping)).await?;
         if !deleted.is_empty() {
             self.index.delete(&deleted).await?;
         }
@@ -627,6 +653,7 @@ impl Lifecycle {
             index: self.index.clone(),
             catalog: self.catalog.clone(),
             arm: None,
+            stopping: self.stopping.clone(),
         }
         .spawn(Some(guard));
     }
@@ -639,6 +666,7 @@ impl Lifecycle {
             index: self.index.clone(),
             catalog: self.catalog.clone(),
             arm: Some(arm.collection.clone()),
+            stopping: self.stopping.clone(),
         }
         .spawn(None);
     }
@@ -678,6 +706,7 @@ struct Reconciler {
     index: Arc<dyn VectorIndex>,
     catalog: Arc<Catalog>,
     arm: Option<String>,
+    stopping: Arc<AtomicBool>,
 }
 
 impl Reconciler {
@@ -744,6 +773,9 @@ impl Reconciler {
         let entries = self.catalog.entries();
         let mut missing = Vec::new();
         for chunk in entries.chunks(FETCH_BATCH) {
+            if self.stopping.load(Ordering::Relaxed) {
+                return Err(LifecycleError::ShuttingDown);
+            }
             let chunk_started = Instant::now();
             let ids: Vec<ItemId> = chunk.iter().map(|e| e.id().clone()).collect();
             let stored: HashMap<ItemId, (crate::index::Payload, Vec<f32>)> = self
@@ -774,7 +806,8 @@ impl Reconciler {
                 }
             }
             self.set_vectors(moved);
-            tokio::time::sleep(chunk_started.elapsed() * AFTER_SWITCH_PAUSE).await;
+            // A blocking thread: its own sleep (the runtime's timer ends with the runtime).
+            std::thread::sleep(chunk_started.elapsed() * AFTER_SWITCH_PAUSE);
         }
         let n = missing.len();
         for chunk in missing.chunks(EMBED_BATCH) {
@@ -806,12 +839,16 @@ fn move_unchanged(
     catalog: &Catalog,
     snapshot: &[Arc<CatalogEntry>],
     mut fresh: HashMap<ItemId, Box<[f32]>>,
-) -> (Vec<Arc<CatalogEntry>>, Vec<ItemId>) {
+    stopping: &AtomicBool,
+) -> Result<(Vec<Arc<CatalogEntry>>, Vec<ItemId>), LifecycleError> {
     let before: HashMap<&ItemId, &Arc<CatalogEntry>> =
         snapshot.iter().map(|e| (e.id(), e)).collect();
     let now = catalog.entries();
     let mut changed = Vec::new();
     for chunk in now.chunks(VECTOR_CHUNK) {
+        if stopping.load(Ordering::Relaxed) {
+            return Err(LifecycleError::ShuttingDown);
+        }
         let started = Instant::now();
         let mut moved = Vec::with_capacity(chunk.len());
         for entry in chunk {
@@ -833,7 +870,7 @@ fn move_unchanged(
         .filter(|e| !live.contains(e.id()))
         .map(|e| e.id().clone())
         .collect();
-    (changed, deleted)
+    Ok((changed, deleted))
 }
 
 /// Index points for entries embedded as `read`, with each item's payload as it is now: an
@@ -854,6 +891,15 @@ fn points_now(
             })
         })
         .collect()
+}
+
+/// Runs a step that walks the whole catalog (a million entries: tens to hundreds of
+/// milliseconds) on a blocking thread, so that no runtime worker, and no request queued on
+/// it, waits for it.
+async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("a catalog pass does not panic")
 }
 
 /// The item tower over a batch, off the async runtime.

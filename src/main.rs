@@ -222,6 +222,15 @@ struct ExportEventsArgs {
     since: Option<String>,
 }
 
+/// mimalloc instead of glibc's malloc, for the server. Measured at 1M items (BENCHMARKS.md,
+/// 2026-12-03): the serving load test went from 1,146 to 1,279 rps, and the end of the
+/// catch-up after a model switch (a blocking thread letting go of a million old catalog
+/// entries, allocated by the request threads) stalled the async runtime eight times for
+/// 51-111 ms with glibc and not once with mimalloc, which frees other threads' memory
+/// without taking their arena's lock.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tandem::telemetry::init_logging();

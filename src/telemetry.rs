@@ -15,6 +15,7 @@
 //! | `tandem_model_active` | gauge | `version` (1 for the live model, 0 for the ones before) |
 //! | `tandem_degraded_total` | counter | `cause` (`session`, `index`, `cache`, `trending`, `model`) |
 //! | `tandem_dependency_up` | gauge | `dependency` (`session`, `index`): 0 while its breaker is open |
+//! | `tandem_runtime_lag_seconds` | histogram | none: how late a 10 ms timer on the async runtime fired |
 //!
 //! Per-variant experiment counters (`tandem_experiment_{impressions,clicks,purchases}_total`,
 //! `tandem_experiment_latency_seconds`) are recorded by `experiment::export_metrics` into the
@@ -38,6 +39,10 @@ pub const EVENTS: &str = "tandem_events_total";
 pub const MODEL_ACTIVE: &str = "tandem_model_active";
 pub const DEGRADED: &str = "tandem_degraded_total";
 pub const DEPENDENCY_UP: &str = "tandem_dependency_up";
+pub const RUNTIME_LAG: &str = "tandem_runtime_lag_seconds";
+
+/// A timer firing this much late is logged: every request on the runtime waited as long.
+const LAG_WARN: Duration = Duration::from_millis(50);
 
 /// Latency buckets in seconds: fine below 5 ms where the serving targets sit, coarse up to the
 /// request timeout.
@@ -89,6 +94,26 @@ pub fn render() -> String {
         .and_then(Option::as_ref)
         .map(PrometheusHandle::render)
         .unwrap_or_default()
+}
+
+/// Watches the async runtime for stalls, for as long as the runtime runs: a task asks to
+/// wake every 10 ms and records how late it woke. A late wake-up means the worker threads
+/// were busy or blocked (a long synchronous step, a lock, the allocator, the box's CPU), and
+/// every request queued behind them waited as long; stalls past 50 ms are logged with their
+/// time, so they can be lined up with what the service was doing.
+pub fn spawn_lag_monitor() -> tokio::task::JoinHandle<()> {
+    const TICK: Duration = Duration::from_millis(10);
+    tokio::spawn(async {
+        loop {
+            let asked = std::time::Instant::now();
+            tokio::time::sleep(TICK).await;
+            let lag = asked.elapsed().saturating_sub(TICK);
+            metrics::histogram!(RUNTIME_LAG).record(lag.as_secs_f64());
+            if lag >= LAG_WARN {
+                tracing::warn!(lag_ms = lag.as_millis() as u64, "the async runtime stalled");
+            }
+        }
+    })
 }
 
 /// One HTTP request, by its route template (`/v1/items/{item_id}`, never the raw path, so

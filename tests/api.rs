@@ -734,6 +734,22 @@ async fn health_readiness_metrics_and_openapi() {
         .await
         .unwrap();
     assert!(metrics.contains("tandem_stage_seconds"), "{metrics}");
+    // The runtime's stall watch reports from the server's first 10 ms on.
+    let mut lag_reported = false;
+    for _ in 0..100 {
+        let metrics = app.client.get(app.url("/metrics")).send().await.unwrap();
+        if metrics
+            .text()
+            .await
+            .unwrap()
+            .contains("tandem_runtime_lag_seconds_bucket")
+        {
+            lag_reported = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(lag_reported, "no tandem_runtime_lag_seconds in /metrics");
     let (status, served) = app.get("/openapi.json").await;
     assert_eq!(status, StatusCode::OK);
     assert!(served["paths"]["/v1/recommendations"]["get"].is_object());

@@ -295,6 +295,9 @@ impl AdminError {
                 LifecycleError::Index(_) => {
                     (StatusCode::SERVICE_UNAVAILABLE, "index_unavailable", None)
                 }
+                LifecycleError::ShuttingDown => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "shutting_down", None)
+                }
             },
             AdminError::Experiment(e) => match e {
                 ExperimentError::Invalid { field, .. } => (

@@ -59,6 +59,7 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     let addr = listener.local_addr().map_err(ServeError::Io)?;
     tracing::info!(%addr, items = state.catalog.len(), "serving");
+    let lag_monitor = telemetry::spawn_lag_monitor();
     let grace = Duration::from_millis(state.settings.server.shutdown_grace_ms);
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
@@ -88,6 +89,8 @@ pub async fn run(
             Ok(())
         }
     };
+    lag_monitor.abort();
+    state.lifecycle.shut_down();
     drop(state);
     tracing::info!("server stopped");
     result

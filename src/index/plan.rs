@@ -18,6 +18,8 @@ pub struct PlanConfig {
     /// At most this many categories fan out; more fall back to one graph search.
     pub fanout_max: usize,
     /// A filter keeping at least this fraction of the points needs no special treatment.
+    /// (At 0.5, a filter excluding half the categories missed 3.2-3.8 % of the exact top 10
+    /// in `edge_recall_against_exact`, over its 3 % budget; below 0.9 the beam is widened.)
     pub broad_fraction: f64,
 }
 
@@ -28,7 +30,7 @@ impl Default for PlanConfig {
             ef_max: 2_048,
             exact_max_points: 20_000,
             fanout_max: 16,
-            broad_fraction: 0.5,
+            broad_fraction: 0.9,
         }
     }
 }
