@@ -199,9 +199,8 @@ impl Catalog {
     /// Every read takes the lock without queueing behind a waiting writer. A whole-catalog
     /// snapshot (`entries`, a model switch's passes) holds the read lock for tens of
     /// milliseconds at 1M items; with the lock's default fairness, one writer arriving
-    /// meanwhile (an item upsert, a pass moving vectors) makes every request's read wait
-    /// behind it (the likely cause of a 67 ms stall of the whole runtime at 1M, when two
-    /// passes overlapped; BENCHMARKS.md, 2026-12-03). Writers
+    /// meanwhile (an item upsert, a pass moving vectors) would make every request's read
+    /// wait behind it for as long. Writers
     /// still get in whenever no read is held, which on request paths is microseconds at a
     /// time.
     fn read(&self) -> parking_lot::RwLockReadGuard<'_, Entries> {
