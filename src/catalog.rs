@@ -200,9 +200,8 @@ impl Catalog {
     /// snapshot (`entries`, a model switch's passes) holds the read lock for tens of
     /// milliseconds at 1M items; with the lock's default fairness, one writer arriving
     /// meanwhile (an item upsert, a pass moving vectors) would make every request's read
-    /// wait behind it for as long. Writers
-    /// still get in whenever no read is held, which on request paths is microseconds at a
-    /// time.
+    /// wait behind it for as long. Writers still get in whenever no read is held, which on
+    /// request paths is microseconds at a time.
     fn read(&self) -> parking_lot::RwLockReadGuard<'_, Entries> {
         self.entries.read_recursive()
     }

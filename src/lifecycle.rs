@@ -69,9 +69,7 @@ pub enum LifecycleError {
     },
     #[error(transparent)]
     Index(#[from] IndexError),
-    #[error(
-        "the server is shutting down; the pass stopped and the next start resumes from the index"
-    )]
+    #[error("the server is shutting down; the background pass stopped")]
     ShuttingDown,
 }
 
@@ -163,8 +161,9 @@ impl Lifecycle {
         })
     }
 
-    /// Stops the background passes at their next chunk (the server is stopping). A pass cut
-    /// short loses nothing: the catalog is rebuilt from the live collection at the next start.
+    /// Stops the background passes at their next chunk (the server is stopping). The next
+    /// start rebuilds the catalog from the live collection; as after a crash, items written
+    /// during an activation's build that its catch-up had not replayed yet are missing there.
     pub fn shut_down(&self) {
         self.stopping.store(true, Ordering::Relaxed);
     }

@@ -226,8 +226,9 @@ struct ExportEventsArgs {
 /// 2026-12-03): the serving load test went from 1,146 to 1,279 rps, and the end of the
 /// catch-up after a model switch (a blocking thread letting go of a million old catalog
 /// entries, allocated by the request threads) stalled the async runtime eight times for
-/// 51-111 ms with glibc and not once with mimalloc, which frees other threads' memory
-/// without taking their arena's lock.
+/// 51-111 ms with glibc, and in none of three runs with mimalloc, which frees other
+/// threads' memory without taking their arena's lock. (The library, and so the tests, keep
+/// the system allocator; `index::edge` trims glibc's heap after a build for them.)
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
