@@ -892,13 +892,13 @@ fn points_now(
         .collect()
 }
 
-/// Runs a step that walks the whole catalog (a million entries: tens to hundreds of
-/// milliseconds) on a blocking thread, so that no runtime worker, and no request queued on
-/// it, waits for it.
+/// Runs a CPU-bound step (a walk of the whole catalog, a million entries: tens to hundreds
+/// of milliseconds; a batch through the item tower) on a blocking thread, so that no runtime
+/// worker, and no request queued on it, waits for it.
 async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f)
         .await
-        .expect("a catalog pass does not panic")
+        .expect("a catalog pass or an embedding batch does not panic")
 }
 
 /// The item tower over a batch, off the async runtime.
@@ -907,10 +907,9 @@ async fn embed(
     entries: Vec<Arc<CatalogEntry>>,
 ) -> Result<Vec<Vec<f32>>, ModelError> {
     let model = model.clone();
-    tokio::task::spawn_blocking(move || {
+    off_runtime(move || {
         let items: Vec<_> = entries.iter().map(|e| e.item.clone()).collect();
         model.embed_items(&items)
     })
     .await
-    .expect("embedding does not panic")
 }
