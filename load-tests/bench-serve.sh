@@ -10,7 +10,7 @@ set -euo pipefail
 DIR=${1:-data/bench-1m}
 SECS=${2:-30}
 CONN=${3:-8}
-BIN=./target/release
+BIN=${BENCH_BIN:-./target/release}
 PORT=${BENCH_PORT:-18080}
 mkdir -p "$DIR"
 

@@ -88,16 +88,20 @@ fn rank(e: &CatalogEntry) -> Rank {
 /// One write to the catalog: the entry before it and the entry after it.
 type Change = (Option<Arc<CatalogEntry>>, Option<Arc<CatalogEntry>>);
 
+/// The catalog by id. A request looks up hundreds of ids (candidates, session items, the
+/// business rules' live check), so it uses foldhash (seeded per process) rather than SipHash.
+type ById = HashMap<ItemId, Arc<CatalogEntry>, foldhash::fast::RandomState>;
+
 #[derive(Default)]
 struct Entries {
-    by_id: HashMap<ItemId, Arc<CatalogEntry>>,
+    by_id: ById,
     /// Every entry's rank, kept in step with `by_id` by each write (a write moves one key,
     /// O(log n)), so that the fallback order never needs a sort of the whole catalog.
     by_popularity: BTreeSet<Rank>,
 }
 
 impl Entries {
-    fn from_map(by_id: HashMap<ItemId, Arc<CatalogEntry>>) -> Self {
+    fn from_map(by_id: ById) -> Self {
         let by_popularity = by_id.values().map(|e| rank(e)).collect();
         Entries {
             by_id,
@@ -159,7 +163,7 @@ impl Catalog {
         const BATCH: usize = 2_000;
         let total = items.len();
         let mut report = LoadReport::default();
-        let mut map = HashMap::with_capacity(total);
+        let mut map = ById::with_capacity_and_hasher(total, Default::default());
         let mut done = 0;
         let mut items = items.into_iter().peekable();
         while items.peek().is_some() {

@@ -35,7 +35,11 @@ pub struct Budgets {
 
 /// Timeouts in a row that open a closed breaker. An outage error (connection refused, a
 /// dead socket) opens it at once; a slow answer on a saturated CPU is not an outage until
-/// it repeats, or one late read would refuse every event for a cooldown.
+/// it repeats, or one late read would refuse every event for a cooldown. Calls that were
+/// in flight together count once: a 55 ms stall of this process's own runtime timed out
+/// every read in flight at once, and opened the breaker for a store that had answered
+/// (BENCHMARKS.md, 2026-12-04). A timeout counts only if its call started after the last
+/// counted one, so the third takes three budgets in a row.
 pub const TIMEOUTS_TO_OPEN: u32 = 3;
 
 /// A circuit breaker: closed (calls go through), open (calls fail at once) until the
@@ -45,8 +49,10 @@ pub struct Breaker {
     name: &'static str,
     cooldown: Duration,
     state: Mutex<BreakerState>,
-    /// Timeouts since the last answer.
+    /// Counted timeouts since the last answer.
     timeouts: AtomicU32,
+    /// When the last counted timeout was seen.
+    last_timeout: Mutex<Option<Instant>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +71,7 @@ impl Breaker {
             cooldown,
             state: Mutex::new(BreakerState::Closed),
             timeouts: AtomicU32::new(0),
+            last_timeout: Mutex::new(None),
         }
     }
 
@@ -116,12 +123,23 @@ impl Breaker {
         };
     }
 
-    /// A call that ran past its budget: opens the breaker on the [`TIMEOUTS_TO_OPEN`]th in a
-    /// row, or at once when it was the half-open probe.
-    pub fn record_timeout(&self, reason: &str) {
+    /// A call started at `started` ran past its budget: opens the breaker on the
+    /// [`TIMEOUTS_TO_OPEN`]th in a row (not counting calls that overlapped the last counted
+    /// one), or at once when it was the half-open probe.
+    pub fn record_timeout(&self, reason: &str, started: Instant) {
+        if *self.state.lock() == BreakerState::Probing {
+            self.record_failure(reason);
+            return;
+        }
+        {
+            let mut last = self.last_timeout.lock();
+            if last.is_some_and(|t| started < t) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
         let n = self.timeouts.fetch_add(1, Ordering::Relaxed) + 1;
-        let probing = *self.state.lock() == BreakerState::Probing;
-        if n >= TIMEOUTS_TO_OPEN || probing {
+        if n >= TIMEOUTS_TO_OPEN {
             self.record_failure(reason);
         }
     }
@@ -144,6 +162,7 @@ impl Breaker {
                 self.cooldown.as_millis()
             )));
         }
+        let started = Instant::now();
         match tokio::time::timeout(budget, call).await {
             Ok(Ok(v)) => {
                 self.record_success();
@@ -160,7 +179,7 @@ impl Breaker {
             }
             Err(_) => {
                 let reason = format!("{what}: no answer within {} ms", budget.as_millis());
-                self.record_timeout(&reason);
+                self.record_timeout(&reason, started);
                 Err(unavailable(reason))
             }
         }
@@ -244,6 +263,19 @@ impl SessionStore for GuardedSession {
 
     async fn history(&self, user: &UserId, limit: usize) -> Result<Vec<RecentItem>, SessionError> {
         self.read("history", self.inner.history(user, limit)).await
+    }
+
+    async fn user_activity(
+        &self,
+        user: &UserId,
+        recent_limit: usize,
+        history_limit: usize,
+    ) -> Result<(Vec<RecentItem>, Vec<RecentItem>), SessionError> {
+        self.read(
+            "user activity",
+            self.inner.user_activity(user, recent_limit, history_limit),
+        )
+        .await
     }
 
     async fn seed_history(&self, user: &UserId, items: &[RecentItem]) -> Result<(), SessionError> {
@@ -598,6 +630,29 @@ mod tests {
             store.calls.load(Ordering::SeqCst),
             TIMEOUTS_TO_OPEN as usize
         );
+    }
+
+    #[tokio::test]
+    async fn timeouts_of_calls_in_flight_together_count_once() {
+        // As when the runtime itself stalls: every read in flight misses its budget at once.
+        let store = Flaky::new();
+        *store.delay.lock() = Duration::from_millis(200);
+        let guarded = Arc::new(GuardedSession::new(store.clone(), BUDGETS));
+        let reads: Vec<_> = (0..8)
+            .map(|_| {
+                let g = guarded.clone();
+                tokio::spawn(async move { g.recent(&user(), 10).await })
+            })
+            .collect();
+        for r in reads {
+            assert!(r.await.unwrap().is_err());
+        }
+        assert!(guarded.breaker().is_closed(), "one slow spell, not three");
+        // Calls that keep timing out one after another are an outage.
+        for _ in 1..TIMEOUTS_TO_OPEN {
+            assert!(guarded.recent(&user(), 10).await.is_err());
+        }
+        assert!(!guarded.breaker().is_closed());
     }
 
     #[tokio::test]

@@ -416,22 +416,20 @@ impl Recommender {
                 None => Ok(Vec::new()),
             }
         };
-        let user_recent = async {
+        let user = async {
             match &req.user {
-                Some(u) => store.recent(&Actor::User(u.clone()), limit).await,
+                Some(u) => {
+                    let read = store.user_activity(u, limit, self.settings.history_limit);
+                    read.await
+                        .map(|(recent, history)| [recent, history].concat())
+                }
                 None => Ok(Vec::new()),
             }
         };
-        let history = async {
-            match &req.user {
-                Some(u) => store.history(u, self.settings.history_limit).await,
-                None => Ok(Vec::new()),
-            }
-        };
-        let (s, u, h) = tokio::join!(session_recent, user_recent, history);
+        let (s, u) = tokio::join!(session_recent, user);
         let mut all = Vec::new();
         let mut failed = false;
-        for part in [s, u, h] {
+        for part in [s, u] {
             match part {
                 Ok(list) => all.extend(list),
                 Err(e) => {

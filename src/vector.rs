@@ -130,6 +130,94 @@ unsafe fn dot_rows_avx2(q: &[f32], rows: &[f32], out: &mut Vec<f32>) {
     }
 }
 
+/// Symmetric int8 codes of `v`, appended to `out`: `v[i] ≈ code[i] * scale`. Returns the
+/// scale (0 for an all-zero vector, whose codes are all 0). Codes stay in -127..=127, which
+/// [`dot_rows_i8`] relies on.
+pub fn quantize_i8(v: &[f32], out: &mut Vec<i8>) -> f32 {
+    let max = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+    if max == 0.0 || !max.is_finite() {
+        out.extend(std::iter::repeat_n(0, v.len()));
+        return 0.0;
+    }
+    let inv = 127.0 / max;
+    out.extend(
+        v.iter()
+            .map(|x| (x * inv).round().clamp(-127.0, 127.0) as i8),
+    );
+    max / 127.0
+}
+
+/// The integer dot product of the code vector `q` with each row of `rows` (row-major, of
+/// `q.len()` columns), written to `out` (cleared first). A quarter of the bytes of
+/// [`dot_rows`], which matters because a scan of a category's rows is bound by memory
+/// bandwidth, not arithmetic (BENCHMARKS.md, 2026-12-04).
+pub fn dot_rows_i8(q: &[i8], rows: &[i8], out: &mut Vec<i32>) {
+    out.clear();
+    let dim = q.len();
+    if dim == 0 {
+        return;
+    }
+    debug_assert_eq!(rows.len() % dim, 0);
+    #[cfg(target_arch = "x86_64")]
+    if dim.is_multiple_of(32) && std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above; dim is a multiple of 32.
+        unsafe { dot_rows_i8_avx2(q, rows, out) };
+        return;
+    }
+    out.extend(rows.chunks_exact(dim).map(|r| dot_i8_portable(q, r)));
+}
+
+fn dot_i8_portable(a: &[i8], b: &[i8]) -> i32 {
+    a.iter().zip(b).map(|(&x, &y)| x as i32 * y as i32).sum()
+}
+
+/// Four rows at a time. `maddubs` multiplies unsigned by signed bytes, so the query's sign
+/// moves onto the row (`sign`), and |q| * ±x over adjacent pairs fits i16 (2 * 127 * 127);
+/// `madd` by ones widens the pairs to i32 before they are summed.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_rows_i8_avx2(q: &[i8], rows: &[i8], out: &mut Vec<i32>) {
+    use std::arch::x86_64::*;
+    let dim = q.len();
+    let n = rows.len() / dim;
+    out.reserve(n);
+    let (pq, pr) = (q.as_ptr(), rows.as_ptr());
+    let ones = _mm256_set1_epi16(1);
+    let mut r = 0;
+    // SAFETY (all loads): row r + 3 < n and j + 32 <= dim, so every load of rows r..r+4 stays
+    // inside `rows`, and every load of `q` inside `q`.
+    while r + 4 <= n {
+        let base = pr.add(r * dim);
+        let mut acc = [_mm256_setzero_si256(); 4];
+        let mut j = 0;
+        while j < dim {
+            let qj = _mm256_loadu_si256(pq.add(j) as *const __m256i);
+            let abs_q = _mm256_sign_epi8(qj, qj);
+            for (t, a) in acc.iter_mut().enumerate() {
+                let x = _mm256_loadu_si256(base.add(t * dim + j) as *const __m256i);
+                let pairs = _mm256_maddubs_epi16(abs_q, _mm256_sign_epi8(x, qj));
+                *a = _mm256_add_epi32(*a, _mm256_madd_epi16(pairs, ones));
+            }
+            j += 32;
+        }
+        let ab = _mm256_hadd_epi32(acc[0], acc[1]);
+        let cd = _mm256_hadd_epi32(acc[2], acc[3]);
+        let abcd = _mm256_hadd_epi32(ab, cd);
+        let sums = _mm_add_epi32(
+            _mm256_castsi256_si128(abcd),
+            _mm256_extracti128_si256(abcd, 1),
+        );
+        let mut four = [0i32; 4];
+        _mm_storeu_si128(four.as_mut_ptr() as *mut __m128i, sums);
+        out.extend_from_slice(&four);
+        r += 4;
+    }
+    while r < n {
+        out.push(dot_i8_portable(q, &rows[r * dim..(r + 1) * dim]));
+        r += 1;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,5 +249,46 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn dot_rows_i8_matches_the_integer_dot_at_the_extremes() {
+        for dim in [3, 32, 64, 96] {
+            // Full-scale codes of both signs: the case that would overflow i16 pair sums.
+            let q: Vec<i8> = (0..dim)
+                .map(|i| if i % 3 == 0 { -127 } else { 127 })
+                .collect();
+            for n in [0, 1, 4, 7] {
+                let rows: Vec<i8> = (0..n * dim)
+                    .map(|i| [127i8, -127, 0, 5, -64][i % 5])
+                    .collect();
+                let mut out = vec![9];
+                dot_rows_i8(&q, &rows, &mut out);
+                assert_eq!(out.len(), n, "dim {dim}, {n} rows");
+                for (i, s) in out.iter().enumerate() {
+                    let want = dot_i8_portable(&q, &rows[i * dim..(i + 1) * dim]);
+                    assert_eq!(*s, want, "dim {dim}, row {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn int8_codes_approximate_the_dot_product() {
+        let a: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin() / 5.7).collect();
+        let b: Vec<f32> = (0..64).map(|i| (i as f32 * 0.91).cos() / 5.7).collect();
+        let (mut ca, mut cb) = (Vec::new(), Vec::new());
+        let (sa, sb) = (quantize_i8(&a, &mut ca), quantize_i8(&b, &mut cb));
+        let mut out = Vec::new();
+        dot_rows_i8(&ca, &cb, &mut out);
+        let approx = out[0] as f32 * sa * sb;
+        assert!(
+            (approx - dot(&a, &b)).abs() < 2e-3,
+            "{approx} vs {}",
+            dot(&a, &b)
+        );
+        let mut zero = Vec::new();
+        assert_eq!(quantize_i8(&[0.0; 4], &mut zero), 0.0);
+        assert_eq!(zero, vec![0; 4]);
     }
 }

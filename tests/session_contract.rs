@@ -360,6 +360,13 @@ async fn history_is_bounded_and_seedable(backend: Backend) {
         h.store.read_log(0, i64::MAX).await.unwrap().len() == 3,
         "seeds are not events"
     );
+    // The request path reads both lists in one call; it answers what the two calls do.
+    let (recent, history) = h.store.user_activity(&u, 2, 3).await.unwrap();
+    assert_eq!(ids(&recent), ["e2", "e1"]);
+    assert_eq!(ids(&history), ["e2", "e1", "e0"]);
+    let (recent, history) = h.store.user_activity(&u, 0, 10).await.unwrap();
+    assert!(recent.is_empty(), "a zero limit reads nothing");
+    assert_eq!(history.len(), 4);
     h.cleanup().await;
 }
 

@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,9 +36,16 @@ struct Args {
     /// Stop after this many requests (0: no limit).
     #[arg(long, default_value_t = 0)]
     requests: u64,
-    /// Concurrent connections (each one request at a time).
+    /// Concurrent connections (each one request at a time), for the closed loop.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
+    /// Open loop instead: start this many requests per second on a fixed schedule, and time
+    /// each from its scheduled start (0: closed loop with `--concurrency` connections).
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Open loop: requests in flight past which a new one is counted as an error, not sent.
+    #[arg(long, default_value_t = 256)]
+    max_in_flight: usize,
     /// Known users (warmed up with events before the run).
     #[arg(long, default_value_t = 2_000)]
     users: usize,
@@ -137,6 +144,29 @@ impl Stats {
         }
     }
 
+    /// One answered request, timed from `from`.
+    fn record(&mut self, scenario: Scenario, from: Instant, outcome: Result<(), String>) {
+        match outcome {
+            Ok(()) => {
+                let us = from.elapsed().as_micros().max(1) as u64;
+                let i = Scenario::ALL
+                    .iter()
+                    .position(|s| *s == scenario)
+                    .unwrap_or(0);
+                self.hist[i].saturating_record(us);
+                self.total.saturating_record(us);
+            }
+            Err(e) => self.error(e),
+        }
+    }
+
+    fn error(&mut self, msg: String) {
+        self.errors += 1;
+        if self.error_samples.len() < 10 {
+            self.error_samples.push(msg);
+        }
+    }
+
     fn merge(&mut self, o: &Stats) {
         for (a, b) in self.hist.iter_mut().zip(&o.hist) {
             a.add(b).expect("same bounds");
@@ -201,9 +231,146 @@ fn read_catalog(args: &Args) -> anyhow::Result<Catalog> {
     })
 }
 
+/// N connections, each sending its next request as soon as the previous one is answered:
+/// the server's saturation throughput, with queueing in the latencies once it is saturated.
+async fn closed_loop(
+    args: &Args,
+    client: &reqwest::Client,
+    base: &str,
+    catalog: &Arc<Catalog>,
+) -> anyhow::Result<Stats> {
+    let sent = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(args.duration);
+    let mut workers = Vec::new();
+    for w in 0..args.concurrency {
+        let (client, base, catalog, sent, args) = (
+            client.clone(),
+            base.to_string(),
+            catalog.clone(),
+            sent.clone(),
+            args.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(args.seed ^ ((w as u64 + 1) * 0x9e37_79b9));
+            let mut stats = Stats::new();
+            let mut upserts = 0u64;
+            while Instant::now() < deadline {
+                let n = sent.fetch_add(1, Ordering::Relaxed);
+                if args.requests > 0 && n >= args.requests {
+                    break;
+                }
+                let scenario = Scenario::pick(&mut rng);
+                let req = build(
+                    scenario,
+                    &client,
+                    &base,
+                    &catalog,
+                    &args,
+                    &mut rng,
+                    w,
+                    &mut upserts,
+                );
+                let t = Instant::now();
+                let outcome = send(scenario, req).await;
+                stats.record(scenario, t, outcome);
+            }
+            stats
+        }));
+    }
+    let mut stats = Stats::new();
+    for w in workers {
+        stats.merge(&w.await?);
+    }
+    Ok(stats)
+}
+
+/// Requests start on a fixed schedule of `--rate` per second, whether or not earlier ones
+/// were answered, and each latency counts from its scheduled start (so a stalled server
+/// cannot hide its stall by slowing the generator: no coordinated omission). This is the
+/// latency a server shows at a given traffic level, below saturation.
+async fn open_loop(
+    args: &Args,
+    client: &reqwest::Client,
+    base: &str,
+    catalog: &Arc<Catalog>,
+) -> anyhow::Result<Stats> {
+    let interval = Duration::from_secs_f64(1.0 / args.rate);
+    let total = (args.rate * args.duration as f64) as u64;
+    let total = if args.requests > 0 {
+        total.min(args.requests)
+    } else {
+        total
+    };
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(args.max_in_flight));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    let mut upserts = 0u64;
+    let mut refused = 0u64;
+    let start = tokio::time::Instant::now();
+    for n in 0..total {
+        let due = start + interval.mul_f64(n as f64);
+        tokio::time::sleep_until(due).await;
+        let scenario = Scenario::pick(&mut rng);
+        let req = build(
+            scenario,
+            client,
+            base,
+            catalog,
+            args,
+            &mut rng,
+            0,
+            &mut upserts,
+        );
+        // Past the cap the server is not keeping up; count the request as an error rather
+        // than letting in-flight requests (and the generator's memory) grow without bound.
+        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+            refused += 1;
+            continue;
+        };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let outcome = send(scenario, req).await;
+            let _ = tx.send((scenario, due.into_std(), outcome));
+            drop(permit);
+        });
+    }
+    drop(tx);
+    let mut stats = Stats::new();
+    while let Some((scenario, due, outcome)) = rx.recv().await {
+        stats.record(scenario, due, outcome);
+    }
+    for _ in 0..refused {
+        stats.error(format!("over {} requests in flight", args.max_in_flight));
+    }
+    Ok(stats)
+}
+
+/// Sends one request and reads the whole body (the latency includes it); an error names the
+/// scenario and what went wrong.
+async fn send(scenario: Scenario, req: reqwest::RequestBuilder) -> Result<(), String> {
+    let r = req
+        .send()
+        .await
+        .map_err(|e| format!("{}: {e}", scenario.name()))?;
+    let status = r.status();
+    let body = r
+        .bytes()
+        .await
+        .map_err(|e| format!("{}: {e}", scenario.name()))?;
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} {status}: {}",
+            scenario.name(),
+            String::from_utf8_lossy(&body)
+        ))
+    }
+}
+
 async fn run(args: Args, catalog: Arc<Catalog>) -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.concurrency * 2)
+        .pool_max_idle_per_host(args.concurrency.max(args.max_in_flight))
         .timeout(Duration::from_secs(10))
         .build()?;
     let base = args.url.trim_end_matches('/').to_string();
@@ -243,89 +410,12 @@ async fn run(args: Args, catalog: Arc<Catalog>) -> anyhow::Result<()> {
     }
     eprintln!("warm-up done in {:.1}s", warm.elapsed().as_secs_f64());
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + Duration::from_secs(args.duration);
     let started = Instant::now();
-    let mut workers = Vec::new();
-    for w in 0..args.concurrency {
-        let (client, base, catalog, stop, sent, args) = (
-            client.clone(),
-            base.clone(),
-            catalog.clone(),
-            stop.clone(),
-            sent.clone(),
-            args.clone(),
-        );
-        workers.push(tokio::spawn(async move {
-            let mut rng = StdRng::seed_from_u64(args.seed ^ ((w as u64 + 1) * 0x9e37_79b9));
-            let mut stats = Stats::new();
-            let mut upserts = 0u64;
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                let n = sent.fetch_add(1, Ordering::Relaxed);
-                if args.requests > 0 && n >= args.requests {
-                    break;
-                }
-                let scenario = Scenario::pick(&mut rng);
-                let req = build(
-                    scenario,
-                    &client,
-                    &base,
-                    &catalog,
-                    &args,
-                    &mut rng,
-                    w,
-                    &mut upserts,
-                );
-                let t = Instant::now();
-                let outcome = req.send().await;
-                let ok = match outcome {
-                    Ok(r) => {
-                        let status = r.status();
-                        // Read the whole body: the latency includes it.
-                        let body = r.bytes().await;
-                        match body {
-                            Ok(_) if status.is_success() => true,
-                            Ok(b) => {
-                                record_error(
-                                    &mut stats,
-                                    format!(
-                                        "{} {status}: {}",
-                                        scenario.name(),
-                                        String::from_utf8_lossy(&b)
-                                    ),
-                                );
-                                false
-                            }
-                            Err(e) => {
-                                record_error(&mut stats, format!("{}: {e}", scenario.name()));
-                                false
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        record_error(&mut stats, format!("{}: {e}", scenario.name()));
-                        false
-                    }
-                };
-                let us = t.elapsed().as_micros().max(1) as u64;
-                if ok {
-                    let i = Scenario::ALL
-                        .iter()
-                        .position(|s| *s == scenario)
-                        .unwrap_or(0);
-                    stats.hist[i].saturating_record(us);
-                    stats.total.saturating_record(us);
-                }
-            }
-            stats
-        }));
-    }
-    let mut stats = Stats::new();
-    for w in workers {
-        stats.merge(&w.await?);
-    }
-    stop.store(true, Ordering::Relaxed);
+    let stats = if args.rate > 0.0 {
+        open_loop(&args, &client, &base, &catalog).await?
+    } else {
+        closed_loop(&args, &client, &base, &catalog).await?
+    };
     let elapsed = started.elapsed().as_secs_f64();
     report(&args, &stats, elapsed);
 
@@ -334,13 +424,6 @@ async fn run(args: Args, catalog: Arc<Catalog>) -> anyhow::Result<()> {
         Err(e) => eprintln!("could not read /metrics: {e}"),
     }
     Ok(())
-}
-
-fn record_error(stats: &mut Stats, msg: String) {
-    stats.errors += 1;
-    if stats.error_samples.len() < 10 {
-        stats.error_samples.push(msg);
-    }
 }
 
 fn actor(n: usize, users: usize) -> (&'static str, String) {
@@ -427,13 +510,17 @@ fn encode(s: &str) -> String {
 fn report(args: &Args, stats: &Stats, elapsed: f64) {
     let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let ok = stats.total.len();
+    let mode = if args.rate > 0.0 {
+        format!("open loop at {} req/s offered", args.rate)
+    } else {
+        format!("{} connections", args.concurrency)
+    };
     println!(
-        "{} requests ok, {} errors, {:.1}s, {:.0} req/s ({} connections{})",
+        "{} requests ok, {} errors, {:.1}s, {:.0} req/s ({mode}{})",
         ok,
         stats.errors,
         elapsed,
         ok as f64 / elapsed,
-        args.concurrency,
         if args.label.is_empty() {
             String::new()
         } else {
@@ -474,6 +561,7 @@ fn report(args: &Args, stats: &Stats, elapsed: f64) {
         "p99_ms": ms(&stats.total, 0.99),
         "p999_ms": ms(&stats.total, 0.999),
         "concurrency": args.concurrency,
+        "rate": args.rate,
     });
     println!("{json}");
 }

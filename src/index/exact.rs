@@ -51,14 +51,14 @@ impl TopK {
         }
     }
 
-    /// Whether a row with this score could enter the list (ties are decided by `push`).
+    /// The lowest score that could still enter the list (ties are decided by `push`): the
+    /// worst kept one once the list is full, and -inf before.
     #[inline]
-    pub(super) fn would_keep(&self, score: f32) -> bool {
-        self.heap.len() < self.k
-            || self
-                .heap
-                .peek()
-                .is_some_and(|Reverse((worst, _))| score >= worst.0)
+    pub(super) fn floor(&self) -> f32 {
+        match self.heap.peek() {
+            Some(Reverse((worst, _))) if self.heap.len() >= self.k => worst.0,
+            _ => f32::NEG_INFINITY,
+        }
     }
 
     #[inline]

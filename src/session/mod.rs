@@ -108,6 +108,22 @@ pub trait SessionStore: Send + Sync {
     async fn recent(&self, actor: &Actor, limit: usize) -> Result<Vec<RecentItem>, SessionError>;
     /// Long-term history of a user (bounded), newest first.
     async fn history(&self, user: &UserId, limit: usize) -> Result<Vec<RecentItem>, SessionError>;
+    /// A user's recent items and history, as [`SessionStore::recent`] and
+    /// [`SessionStore::history`] answer them, in one call: the request path reads both for
+    /// every known user, and a networked backend answers them in one round trip.
+    async fn user_activity(
+        &self,
+        user: &UserId,
+        recent_limit: usize,
+        history_limit: usize,
+    ) -> Result<(Vec<RecentItem>, Vec<RecentItem>), SessionError> {
+        let actor = Actor::User(user.clone());
+        let (recent, history) = tokio::join!(
+            self.recent(&actor, recent_limit),
+            self.history(user, history_limit)
+        );
+        Ok((recent?, history?))
+    }
     /// Seeds a user's history directly (onboarding), without going through the event log.
     async fn seed_history(&self, user: &UserId, items: &[RecentItem]) -> Result<(), SessionError>;
     /// Top trending items with decayed scores, globally or in one category.

@@ -544,6 +544,38 @@ impl SessionStore for RedisStore {
             .await
     }
 
+    /// Both lists in one pipeline: their keys share the user's hash tag, so this is one
+    /// round trip to one node, in a cluster too.
+    async fn user_activity(
+        &self,
+        user: &UserId,
+        recent_limit: usize,
+        history_limit: usize,
+    ) -> Result<(Vec<RecentItem>, Vec<RecentItem>), SessionError> {
+        let mut pipe = redis::pipe();
+        for (key, limit) in [
+            (self.recent_key(&Actor::User(user.clone())), recent_limit),
+            (self.history_key(user), history_limit),
+        ] {
+            // LRANGE 0 -1 would be the whole list: a zero limit asks for nothing instead.
+            pipe.cmd("LRANGE").arg(key).arg(0).arg(limit as i64 - 1);
+        }
+        let (recent, history): (Vec<String>, Vec<String>) = self
+            .bounded("read user activity", async {
+                let mut con = self.manager().await?;
+                pipe.query_async(&mut con).await
+            })
+            .await?;
+        let take = |raw: Vec<String>, limit: usize| {
+            if limit == 0 {
+                Vec::new()
+            } else {
+                parse_entries(raw)
+            }
+        };
+        Ok((take(recent, recent_limit), take(history, history_limit)))
+    }
+
     async fn seed_history(&self, user: &UserId, items: &[RecentItem]) -> Result<(), SessionError> {
         if items.is_empty() {
             return Ok(());
