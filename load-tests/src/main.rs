@@ -144,11 +144,11 @@ impl Stats {
         }
     }
 
-    /// One answered request, timed from `from`.
-    fn record(&mut self, scenario: Scenario, from: Instant, outcome: Result<(), String>) {
+    /// One answered request and its latency.
+    fn record(&mut self, scenario: Scenario, latency: Duration, outcome: Result<(), String>) {
         match outcome {
             Ok(()) => {
-                let us = from.elapsed().as_micros().max(1) as u64;
+                let us = latency.as_micros().max(1) as u64;
                 let i = Scenario::ALL
                     .iter()
                     .position(|s| *s == scenario)
@@ -272,7 +272,7 @@ async fn closed_loop(
                 );
                 let t = Instant::now();
                 let outcome = send(scenario, req).await;
-                stats.record(scenario, t, outcome);
+                stats.record(scenario, t.elapsed(), outcome);
             }
             stats
         }));
@@ -309,7 +309,11 @@ async fn open_loop(
     let start = tokio::time::Instant::now();
     for n in 0..total {
         let due = start + interval.mul_f64(n as f64);
-        tokio::time::sleep_until(due).await;
+        // A sleep, even to a past instant, waits for the timer's next 1 ms tick: behind
+        // schedule, send at once.
+        if due > tokio::time::Instant::now() {
+            tokio::time::sleep_until(due).await;
+        }
         let scenario = Scenario::pick(&mut rng);
         let req = build(
             scenario,
@@ -330,14 +334,14 @@ async fn open_loop(
         let tx = tx.clone();
         tokio::spawn(async move {
             let outcome = send(scenario, req).await;
-            let _ = tx.send((scenario, due.into_std(), outcome));
+            let _ = tx.send((scenario, due.elapsed(), outcome));
             drop(permit);
         });
     }
     drop(tx);
     let mut stats = Stats::new();
-    while let Some((scenario, due, outcome)) = rx.recv().await {
-        stats.record(scenario, due, outcome);
+    while let Some((scenario, latency, outcome)) = rx.recv().await {
+        stats.record(scenario, latency, outcome);
     }
     for _ in 0..refused {
         stats.error(format!("over {} requests in flight", args.max_in_flight));
