@@ -10,6 +10,7 @@
 use crate::domain::{Filter, Item, ItemId};
 use crate::index::{IndexError, Payload, VectorIndex};
 use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -395,12 +396,32 @@ impl Catalog {
 
 /// Items added through the API since the catalog file was written, so that they survive a
 /// restart (the index keeps their vectors; the catalog file does not know them). One item per
-/// line in the common JSONL format, appended and fsynced before the write is acknowledged.
-/// Availability and price changes need no journal: they live in the index payload, which
-/// `Catalog::load` reads.
+/// line in the common JSONL format (plus the item's `popularity`, which the format ignores),
+/// appended and fsynced before the write is acknowledged.
+///
+/// The journal is also what makes an acknowledged upsert durable: the API writes items to the
+/// index without waiting for the engine's flush (`VectorIndex::upsert_buffered`), and a
+/// sidecar file (`<journal>.flushed`) holds the journal's length as of the last index flush
+/// that covered it. A start replays the lines past that mark into the index. Every flush
+/// moves the mark forward: the periodic one, and those of patches and deletes, which must,
+/// or a replay would undo them with an older line. Availability and price changes need no
+/// journal lines: they live in the index payload, which `Catalog::load` reads.
 pub struct CatalogJournal {
     path: PathBuf,
     file: Mutex<Option<std::fs::File>>,
+    /// The mark as last written; it only moves forward.
+    marked: Mutex<Option<u64>>,
+    /// Lines appended since the last flush mark was taken.
+    unflushed: std::sync::atomic::AtomicBool,
+}
+
+/// One journal line: an item in the common format, and its popularity.
+#[derive(Serialize, Deserialize)]
+struct JournalLine {
+    #[serde(flatten)]
+    item: Item,
+    #[serde(default)]
+    popularity: f32,
 }
 
 impl CatalogJournal {
@@ -408,29 +429,38 @@ impl CatalogJournal {
         CatalogJournal {
             path,
             file: Mutex::new(None),
+            marked: Mutex::new(None),
+            unflushed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     /// The journaled items, oldest first. A torn last line (a crash mid-append, before the
     /// write was acknowledged) is skipped with a warning; a bad line elsewhere is an error.
     pub fn read(&self) -> Result<Vec<Item>, CatalogError> {
-        let text = match std::fs::read_to_string(&self.path) {
-            Ok(t) => t,
+        Ok(self.read_from(0)?.into_iter().map(|(i, _)| i).collect())
+    }
+
+    /// The items (with their popularity) of the lines at or past byte `offset`.
+    fn read_from(&self, offset: u64) -> Result<Vec<(Item, f32)>, CatalogError> {
+        let bytes = match std::fs::read(&self.path) {
+            Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(self.io(e)),
         };
+        let tail = bytes.get(offset as usize..).unwrap_or_default();
+        let text = String::from_utf8_lossy(tail);
         let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
         let mut items = Vec::with_capacity(lines.len());
         for (n, line) in lines.iter().enumerate() {
-            match serde_json::from_str::<Item>(line) {
-                Ok(item) => items.push(item),
+            match serde_json::from_str::<JournalLine>(line) {
+                Ok(l) => items.push((l.item, l.popularity)),
                 Err(e) if n + 1 == lines.len() && !text.ends_with('\n') => {
                     tracing::warn!(file = %self.path.display(), error = %e, "skipping a torn last line");
                 }
                 Err(e) => {
                     return Err(CatalogError::Journal {
                         file: self.path.clone(),
-                        reason: format!("line {}: {e}", n + 1),
+                        reason: format!("line {} past byte {offset}: {e}", n + 1),
                     })
                 }
             }
@@ -438,12 +468,94 @@ impl CatalogJournal {
         Ok(items)
     }
 
-    /// Appends items durably (blocking I/O: call it off the async workers).
-    pub fn append(&self, items: &[Item]) -> Result<(), CatalogError> {
+    fn mark_path(&self) -> PathBuf {
+        let mut name = self.path.file_name().unwrap_or_default().to_os_string();
+        name.push(".flushed");
+        self.path.with_file_name(name)
+    }
+
+    /// The journal's length in bytes: a flush mark to take before a flush.
+    pub fn byte_len(&self) -> Result<u64, CatalogError> {
+        // Under the append lock, so the length is never in the middle of an append.
+        let _file = self.file.lock();
+        match std::fs::metadata(&self.path) {
+            Ok(m) => Ok(m.len()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(self.io(e)),
+        }
+    }
+
+    /// Records that every line before byte `offset` is in a flushed index (a mark taken with
+    /// [`CatalogJournal::byte_len`] before the flush); durable when this returns.
+    pub fn mark_flushed(&self, offset: u64) -> Result<(), CatalogError> {
+        let mut marked = self.marked.lock();
+        if marked.is_some_and(|m| m >= offset) {
+            return Ok(());
+        }
+        let path = self.mark_path();
+        let tmp = path.with_extension("flushed.tmp");
+        let write = || -> std::io::Result<()> {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let mut f = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, offset.to_string().as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            if let Some(dir) = path.parent() {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            Ok(())
+        };
+        write().map_err(|e| self.io(e))?;
+        *marked = Some(offset);
+        Ok(())
+    }
+
+    /// The items of the lines past the flush mark: acknowledged, but perhaps not in the
+    /// index after a crash. A journal without a mark comes from a version that flushed the
+    /// index before every acknowledgement, so all of it is flushed; the mark is written then.
+    /// Returns the items and the journal's length they end at.
+    pub fn unflushed(&self) -> Result<(Vec<(Item, f32)>, u64), CatalogError> {
+        let end = self.byte_len()?;
+        let mark = match std::fs::read_to_string(self.mark_path()) {
+            Ok(t) => t.trim().parse::<u64>().map_err(|e| CatalogError::Journal {
+                file: self.mark_path(),
+                reason: format!("not a byte offset: {e}"),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.mark_flushed(end)?;
+                end
+            }
+            Err(e) => return Err(self.io(e)),
+        };
+        *self.marked.lock() = Some(mark);
+        Ok((self.read_from(mark)?, end))
+    }
+
+    /// Whether lines were appended since the last call; the periodic flusher asks.
+    pub fn take_unflushed(&self) -> bool {
+        self.unflushed
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    /// Says the last [`CatalogJournal::take_unflushed`] still holds (its flush failed).
+    pub fn keep_unflushed(&self) {
+        self.unflushed
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Appends items and their popularity durably (blocking I/O: call it off the async
+    /// workers).
+    pub fn append(&self, items: &[(Item, f32)]) -> Result<(), CatalogError> {
         use std::io::Write;
         let mut buf = Vec::new();
-        for item in items {
-            serde_json::to_writer(&mut buf, item).map_err(|e| CatalogError::Journal {
+        for (item, popularity) in items {
+            let line = JournalLine {
+                item: item.clone(),
+                popularity: *popularity,
+            };
+            serde_json::to_writer(&mut buf, &line).map_err(|e| CatalogError::Journal {
                 file: self.path.clone(),
                 reason: e.to_string(),
             })?;
@@ -474,7 +586,10 @@ impl CatalogJournal {
         }
         let f = file.as_mut().expect("opened above");
         f.write_all(&buf).map_err(|e| self.io(e))?;
-        f.sync_data().map_err(|e| self.io(e))
+        f.sync_data().map_err(|e| self.io(e))?;
+        self.unflushed
+            .store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
     }
 
     fn io(&self, e: std::io::Error) -> CatalogError {
@@ -630,8 +745,8 @@ mod tests {
         assert!(j.read().unwrap().is_empty());
         let a = entry("a", "x", 1.0).item;
         let b = entry("b", "y", 1.0).item;
-        j.append(std::slice::from_ref(&a)).unwrap();
-        j.append(std::slice::from_ref(&b)).unwrap();
+        j.append(&[(a.clone(), 1.0)]).unwrap();
+        j.append(&[(b.clone(), 1.0)]).unwrap();
         assert_eq!(j.read().unwrap(), vec![a.clone(), b.clone()]);
         // A crash in the middle of an append leaves half a line.
         use std::io::Write;
@@ -644,11 +759,37 @@ mod tests {
         // A fresh writer (after the restart) cuts the torn tail before appending.
         let j = CatalogJournal::new(path.clone());
         let c = entry("c", "z", 1.0).item;
-        j.append(std::slice::from_ref(&c)).unwrap();
+        j.append(&[(c.clone(), 1.0)]).unwrap();
         assert_eq!(j.read().unwrap(), vec![a, b, c]);
         // Damage anywhere else is reported with the line.
         std::fs::write(&path, "not json\n{}\n").unwrap();
         let err = j.read().unwrap_err().to_string();
         assert!(err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn the_flush_mark_splits_the_journal_into_flushed_and_pending_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("items-added.jsonl");
+        let j = CatalogJournal::new(path.clone());
+        let a = entry("a", "x", 1.0).item;
+        j.append(&[(a, 1.0)]).unwrap();
+        // A journal written before marks existed was flushed line by line: nothing pending.
+        let (pending, end) = j.unflushed().unwrap();
+        assert!(pending.is_empty());
+        assert_eq!(end, j.byte_len().unwrap());
+        // A restart sees what was appended past the mark, with its popularity.
+        let b = entry("b", "y", 1.0).item;
+        j.append(&[(b.clone(), 7.5)]).unwrap();
+        assert!(j.take_unflushed());
+        assert!(!j.take_unflushed(), "taken once");
+        let j = CatalogJournal::new(path.clone());
+        let (pending, end) = j.unflushed().unwrap();
+        assert_eq!(pending, vec![(b, 7.5)]);
+        // A mark moves forward only.
+        j.mark_flushed(end).unwrap();
+        j.mark_flushed(0).unwrap();
+        let (pending, _) = CatalogJournal::new(path).unflushed().unwrap();
+        assert!(pending.is_empty());
     }
 }

@@ -376,6 +376,20 @@ impl VectorIndex for GuardedIndex {
             .await
     }
 
+    async fn upsert_buffered(&self, points: Vec<IndexPoint>) -> Result<(), IndexError> {
+        self.guarded(
+            "upsert",
+            self.budgets.write,
+            self.inner.upsert_buffered(points),
+        )
+        .await
+    }
+
+    async fn flush(&self) -> Result<(), IndexError> {
+        self.guarded("flush", self.budgets.write, self.inner.flush())
+            .await
+    }
+
     async fn delete(&self, ids: &[ItemId]) -> Result<(), IndexError> {
         self.guarded("delete", self.budgets.write, self.inner.delete(ids))
             .await

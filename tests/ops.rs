@@ -705,6 +705,134 @@ async fn sigkill_loses_no_acknowledged_event() {
     }
 }
 
+/// Item upserts are acknowledged before the embedded engine flushes (the catalog journal is
+/// what makes them durable). SIGKILL right after a run of upserts, then a restart: every
+/// acknowledged item is served with its content, an item deleted before them stays deleted,
+/// and a patch made before them is kept, though the journal holds older lines of both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_loses_no_acknowledged_item_upsert() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let env = [
+        ("TANDEM_INDEX__BACKEND", "embedded".to_string()),
+        ("RUST_LOG", "info".to_string()),
+    ];
+    let mut server = Server::start(&data, &env).await;
+    let upsert = |id: String, title: &str, category: &str| json!({"items": [{"item_id": id, "title": title, "categories": [category], "price": 9.5}]});
+    let post = |api: Api, body: Value| async move {
+        let r = api.http.post(api.url("/v1/items")).json(&body).send().await;
+        r.map(|r| r.status().as_u16()).unwrap_or(0)
+    };
+    // Lines the journal will hold, then undone by a delete and a patch (durable writes).
+    assert_eq!(
+        post(server.api.clone(), upsert("gone".into(), "gone", "Books")).await,
+        200
+    );
+    assert_eq!(
+        post(
+            server.api.clone(),
+            upsert("patched".into(), "patched", "Books")
+        )
+        .await,
+        200
+    );
+    let r = server
+        .http
+        .delete(server.url("/v1/items/gone"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let r = server
+        .http
+        .patch(server.url("/v1/items/patched"))
+        .json(&json!({"available": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // Four posters; the kill lands right after their last acknowledgements, well inside the
+    // one-second flush interval.
+    let mut tasks = Vec::new();
+    for p in 0..4 {
+        let api = server.api.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for n in 0..40 {
+                let id = format!("new-{p}-{n}");
+                let title = format!("crash test item {p} {n}");
+                if post(api.clone(), upsert(id.clone(), &title, "Garden")).await == 200 {
+                    acked.push((id, title));
+                }
+            }
+            acked
+        }));
+    }
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.extend(t.await.unwrap());
+    }
+    server.sigkill();
+    assert_eq!(
+        acked.len(),
+        160,
+        "every upsert before the kill was acknowledged"
+    );
+
+    let server = Server::start(&data, &env).await;
+    assert!(
+        server.log_text().contains("replaying item upserts"),
+        "the kill left unflushed upserts to replay: {}",
+        server.log_text()
+    );
+    for (id, title) in &acked {
+        let r = server
+            .http
+            .get(server.url(&format!("/v1/items/{id}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "acknowledged item {id} lost");
+        let item: Value = r.json().await.unwrap();
+        assert_eq!(item["title"], title.as_str());
+    }
+    let r = server
+        .http
+        .get(server.url("/v1/items/gone"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "a deleted item came back");
+    let r = server
+        .http
+        .get(server.url("/v1/items/patched"))
+        .send()
+        .await
+        .unwrap();
+    let item: Value = r.json().await.unwrap();
+    assert_eq!(item["available"], false, "the patch was undone: {item}");
+    // And the replayed items are searchable, not only known to the catalog.
+    let r = server
+        .http
+        .get(server.url(&format!(
+            "/v1/items/{}/similar?k=50&category=Garden",
+            acked[0].0
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let similar: Value = r.json().await.unwrap();
+    let ids: Vec<&str> = similar["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["item_id"].as_str().unwrap())
+        .collect();
+    assert!(ids.iter().any(|i| i.starts_with("new-")), "{ids:?}");
+}
+
 /// With room for two requests in flight, two slow clients (bodies that trickle in) fill it:
 /// the next requests get 429 with `Retry-After` at once instead of waiting, health checks
 /// still answer, and once the slow ones are gone requests are served again.

@@ -60,6 +60,7 @@ pub async fn run(
     let addr = listener.local_addr().map_err(ServeError::Io)?;
     tracing::info!(%addr, items = state.catalog.len(), "serving");
     let lag_monitor = telemetry::spawn_lag_monitor();
+    let flusher = state::spawn_flusher(state.index.clone(), state.journal.clone());
     let grace = Duration::from_millis(state.settings.server.shutdown_grace_ms);
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
@@ -90,6 +91,7 @@ pub async fn run(
         }
     };
     lag_monitor.abort();
+    flusher.abort();
     state.lifecycle.shut_down();
     drop(state);
     tracing::info!("server stopped");

@@ -197,19 +197,16 @@ pub async fn upsert_items(
             payload: e.payload(),
         })
         .collect();
-    // The index first: the catalog only mirrors what search can return. Then the journal,
-    // so the item is still known to the catalog after a restart.
-    s.index.upsert(points).await?;
+    // The index first: the catalog only mirrors what search can return. It is not flushed
+    // here (an engine flush is 10-30 ms): the journal line, fsynced next, is what makes the
+    // write durable, and a restart replays lines past the last flush (`CatalogJournal`).
+    s.index.upsert_buffered(points).await?;
     let journal = s.journal.clone();
-    let added: Vec<_> = entries.iter().map(|e| e.item.clone()).collect();
-    tokio::task::spawn_blocking(move || journal.append(&added))
-        .await
-        .map_err(|e| AppError::Internal {
-            detail: format!("journal task: {e}"),
-        })?
-        .map_err(|e| AppError::Internal {
-            detail: e.to_string(),
-        })?;
+    let added: Vec<_> = entries
+        .iter()
+        .map(|e| (e.item.clone(), e.popularity))
+        .collect();
+    off_runtime(move || journal.append(&added)).await?;
     let n = entries.len();
     s.lifecycle.arms().upserted(&entries).await;
     s.catalog.upsert(entries);
@@ -217,6 +214,34 @@ pub async fn upsert_items(
         upserted: n,
         model_version,
     }))
+}
+
+/// Runs a durable index write (it flushes the engine), then moves the journal's flush mark
+/// to where the journal was before it: a restart must not replay an older journal line of
+/// the item over this write. The write is acknowledged only once the mark has moved.
+async fn durably(
+    s: &AppState,
+    write: impl std::future::Future<Output = Result<(), crate::index::IndexError>>,
+) -> ApiResult<()> {
+    let journal = s.journal.clone();
+    let mark = off_runtime(move || journal.byte_len()).await?;
+    write.await?;
+    let journal = s.journal.clone();
+    off_runtime(move || journal.mark_flushed(mark)).await
+}
+
+/// Runs blocking journal I/O on the blocking pool.
+async fn off_runtime<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, crate::catalog::CatalogError> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AppError::Internal {
+            detail: format!("journal task: {e}"),
+        })?
+        .map_err(|e| AppError::Internal {
+            detail: e.to_string(),
+        })
 }
 
 /// One item as the catalog holds it.
@@ -273,7 +298,7 @@ pub async fn patch_item(
         price,
         popularity: None,
     };
-    s.index.set_payload(&id, &index_patch).await?;
+    durably(&s, s.index.set_payload(&id, &index_patch)).await?;
     s.lifecycle.arms().patched(&id, &index_patch).await;
     let updated = s
         .catalog
@@ -303,7 +328,7 @@ pub async fn delete_item(
 ) -> ApiResult<StatusCode> {
     let id = parse_item_id(item_id)?;
     known_item(&s, &id)?;
-    s.index.delete(std::slice::from_ref(&id)).await?;
+    durably(&s, s.index.delete(std::slice::from_ref(&id))).await?;
     s.lifecycle.arms().deleted(std::slice::from_ref(&id)).await;
     s.catalog.remove(&id);
     Ok(StatusCode::NO_CONTENT)

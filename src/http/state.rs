@@ -22,6 +22,8 @@ use tokio::sync::Semaphore;
 
 /// Items embedded per item-tower call when the server indexes its catalog itself.
 const EMBED_BATCH: usize = 1_024;
+/// How often buffered item upserts are flushed to the index.
+const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -115,6 +117,7 @@ impl AppState {
             guard_budgets(&settings, settings.server.session_budget_ms),
         ));
         let journal = CatalogJournal::new(journal_path(&settings));
+        replay_unflushed(&journal, index.as_ref(), &model).await?;
         let mut items = read_catalog(&settings.server.catalog_dir)?;
         let added = journal.read()?;
         if !added.is_empty() {
@@ -273,6 +276,86 @@ fn read_catalog(dir: &Path) -> Result<Vec<Item>, ServeError> {
     }
     let file = crate::data::find_file(dir, "items")?;
     Ok(crate::data::read_items(&file)?)
+}
+
+/// Item upserts acknowledged before the process stopped whose index write may not have been
+/// flushed (the journal past its flush mark, see [`CatalogJournal`]): embedded and written to
+/// the index again, durably. On an empty index there is nothing to repair: the whole
+/// catalog, journal included, is indexed next.
+async fn replay_unflushed(
+    journal: &CatalogJournal,
+    index: &dyn VectorIndex,
+    model: &TwoTower,
+) -> Result<(), ServeError> {
+    let (pending, end) = journal.unflushed()?;
+    if pending.is_empty() || index_is_empty(index).await? {
+        return Ok(());
+    }
+    tracing::info!(
+        items = pending.len(),
+        "replaying item upserts that may not have reached the index before the last stop"
+    );
+    let mut points = Vec::with_capacity(pending.len());
+    for chunk in pending.chunks(EMBED_BATCH) {
+        let items: Vec<Item> = chunk.iter().map(|(i, _)| i.clone()).collect();
+        let vectors = model.embed_items(&items).map_err(|e| ServeError::Model {
+            path: model.version().to_string(),
+            source: Box::new(e),
+        })?;
+        for ((item, popularity), vector) in chunk.iter().zip(vectors) {
+            points.push(IndexPoint {
+                vector,
+                payload: Payload {
+                    item_id: item.item_id.clone(),
+                    categories: item.genres.clone(),
+                    available: item.available,
+                    price: item.price,
+                    created_at: item.created_at,
+                    title: item.title.clone(),
+                    popularity: *popularity,
+                },
+            });
+        }
+    }
+    index.upsert(points).await?;
+    journal.mark_flushed(end)?;
+    Ok(())
+}
+
+/// Flushes the index about once a second while items are being upserted, and moves the
+/// journal's flush mark, so that a restart replays at most about a second of upserts.
+pub fn spawn_flusher(
+    index: Arc<dyn VectorIndex>,
+    journal: Arc<CatalogJournal>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(FLUSH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if !journal.take_unflushed() {
+                continue;
+            }
+            if let Err(e) = flush_once(index.as_ref(), &journal).await {
+                tracing::warn!(error = %e, "flushing buffered item upserts; retrying");
+                journal.keep_unflushed();
+            }
+        }
+    })
+}
+
+async fn flush_once(index: &dyn VectorIndex, journal: &Arc<CatalogJournal>) -> Result<(), String> {
+    let j = journal.clone();
+    let mark = tokio::task::spawn_blocking(move || j.byte_len())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    index.flush().await.map_err(|e| e.to_string())?;
+    let j = journal.clone();
+    tokio::task::spawn_blocking(move || j.mark_flushed(mark))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
 }
 
 async fn index_is_empty(index: &dyn VectorIndex) -> Result<bool, ServeError> {

@@ -831,6 +831,19 @@ impl VectorIndex for EdgeIndex {
         self.live()?.upsert(points, true).await
     }
 
+    async fn upsert_buffered(&self, points: Vec<IndexPoint>) -> Result<(), IndexError> {
+        self.live()?.upsert(points, false).await
+    }
+
+    async fn flush(&self) -> Result<(), IndexError> {
+        self.live()?
+            .write(WriteOp::Update {
+                ops: Vec::new(),
+                durable: true,
+            })
+            .await
+    }
+
     async fn delete(&self, ids: &[ItemId]) -> Result<(), IndexError> {
         self.live()?.delete(ids).await
     }

@@ -71,8 +71,20 @@ pub enum IndexError {
 /// What every backend does. Methods without a `version` act on the live (aliased) collection.
 #[async_trait]
 pub trait VectorIndex: Send + Sync {
-    /// Upserts into the live collection; visible to search when this returns.
+    /// Upserts into the live collection; visible to search and durable when this returns.
     async fn upsert(&self, points: Vec<IndexPoint>) -> Result<(), IndexError>;
+    /// Upserts into the live collection, visible to search when this returns but durable
+    /// only after the next [`VectorIndex::flush`] (or a durable write). The caller keeps its
+    /// own durable record of the write until then: the API's item upserts are in the catalog
+    /// journal, which a restart replays past its flushed mark. Backends whose every write is
+    /// durable anyway (the Qdrant server has its own WAL) just upsert.
+    async fn upsert_buffered(&self, points: Vec<IndexPoint>) -> Result<(), IndexError> {
+        self.upsert(points).await
+    }
+    /// Makes every write to the live collection before it durable.
+    async fn flush(&self) -> Result<(), IndexError> {
+        Ok(())
+    }
     async fn delete(&self, ids: &[ItemId]) -> Result<(), IndexError>;
     async fn set_payload(&self, id: &ItemId, patch: &PayloadPatch) -> Result<(), IndexError>;
     /// The `k` nearest items that pass `filter`, best first.
