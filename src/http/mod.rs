@@ -92,6 +92,12 @@ pub async fn run(
     };
     lag_monitor.abort();
     flusher.abort();
+    // A clean stop leaves nothing for the next start to replay.
+    if state.journal.take_unflushed() {
+        if let Err(e) = state::flush_once(state.index.as_ref(), &state.journal).await {
+            tracing::warn!(error = %e, "final flush of buffered item upserts; the next start replays them");
+        }
+    }
     state.lifecycle.shut_down();
     drop(state);
     tracing::info!("server stopped");

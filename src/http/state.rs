@@ -344,7 +344,11 @@ pub fn spawn_flusher(
     })
 }
 
-async fn flush_once(index: &dyn VectorIndex, journal: &Arc<CatalogJournal>) -> Result<(), String> {
+/// Flushes the index and moves the journal's flush mark past every line appended so far.
+pub async fn flush_once(
+    index: &dyn VectorIndex,
+    journal: &Arc<CatalogJournal>,
+) -> Result<(), String> {
     let j = journal.clone();
     let mark = tokio::task::spawn_blocking(move || j.byte_len())
         .await
