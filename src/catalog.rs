@@ -35,15 +35,7 @@ impl CatalogEntry {
 
     /// The payload the index stores for this entry.
     pub fn payload(&self) -> Payload {
-        Payload {
-            item_id: self.item.item_id.clone(),
-            categories: self.item.genres.clone(),
-            available: self.item.available,
-            price: self.item.price,
-            created_at: self.item.created_at,
-            title: self.item.title.clone(),
-            popularity: self.popularity,
-        }
+        Payload::of(&self.item, self.popularity)
     }
 }
 

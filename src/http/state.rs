@@ -305,15 +305,7 @@ async fn replay_unflushed(
         for ((item, popularity), vector) in chunk.iter().zip(vectors) {
             points.push(IndexPoint {
                 vector,
-                payload: Payload {
-                    item_id: item.item_id.clone(),
-                    categories: item.genres.clone(),
-                    available: item.available,
-                    price: item.price,
-                    created_at: item.created_at,
-                    title: item.title.clone(),
-                    popularity: *popularity,
-                },
+                payload: Payload::of(item, *popularity),
             });
         }
     }
@@ -392,17 +384,10 @@ pub async fn index_catalog(
             source: Box::new(e),
         })?;
         for (item, vector) in chunk.iter().zip(vectors) {
+            let popularity = popularity.get(&item.item_id).copied().unwrap_or(0.0);
             points.push(IndexPoint {
                 vector,
-                payload: Payload {
-                    item_id: item.item_id.clone(),
-                    categories: item.genres.clone(),
-                    available: item.available,
-                    price: item.price,
-                    created_at: item.created_at,
-                    title: item.title.clone(),
-                    popularity: popularity.get(&item.item_id).copied().unwrap_or(0.0),
-                },
+                payload: Payload::of(item, popularity),
             });
         }
         if (n + 1) % 100 == 0 {

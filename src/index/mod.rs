@@ -6,7 +6,7 @@
 //! Collections are versioned: an index command or a model activation writes a new version,
 //! then switches the serving alias to it, so readers never see a half-built collection.
 
-use crate::domain::{Filter, ItemId};
+use crate::domain::{Filter, Item, ItemId};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +29,21 @@ pub struct Payload {
 pub struct IndexPoint {
     pub vector: Vec<f32>,
     pub payload: Payload,
+}
+
+impl Payload {
+    /// The payload of a catalog item with the given popularity.
+    pub fn of(item: &Item, popularity: f32) -> Payload {
+        Payload {
+            item_id: item.item_id.clone(),
+            categories: item.genres.clone(),
+            available: item.available,
+            price: item.price,
+            created_at: item.created_at,
+            title: item.title.clone(),
+            popularity,
+        }
+    }
 }
 
 /// A partial payload update: the fields that are `Some` are set.
