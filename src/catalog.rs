@@ -434,13 +434,17 @@ impl CatalogJournal {
 
     /// The items (with their popularity) of the lines at or past byte `offset`.
     fn read_from(&self, offset: u64) -> Result<Vec<(Item, f32)>, CatalogError> {
-        let bytes = match std::fs::read(&self.path) {
-            Ok(b) => b,
+        use std::io::{Read, Seek};
+        let mut file = match std::fs::File::open(&self.path) {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(self.io(e)),
         };
-        let tail = bytes.get(offset as usize..).unwrap_or_default();
-        let text = String::from_utf8_lossy(tail);
+        let mut tail = Vec::new();
+        file.seek(std::io::SeekFrom::Start(offset))
+            .and_then(|_| file.read_to_end(&mut tail))
+            .map_err(|e| self.io(e))?;
+        let text = String::from_utf8_lossy(&tail);
         let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
         let mut items = Vec::with_capacity(lines.len());
         for (n, line) in lines.iter().enumerate() {
