@@ -168,11 +168,13 @@ fn writer_loop(shard: Arc<EdgeShard>, rx: mpsc::Receiver<WriteCmd>) {
                     // Acknowledge what came before, then optimize with nothing in flight.
                     acknowledge(&shard, &mut pending, &mut need_flush);
                     let started = Instant::now();
+                    let heartbeat = Heartbeat::start("building the HNSW graph");
                     let r = shard
                         .optimize()
                         .map(|_| ())
                         .map_err(|e| e.to_string())
                         .and_then(|_| flush(&shard));
+                    drop(heartbeat);
                     tracing::info!(secs = started.elapsed().as_secs_f64(), "index optimized");
                     release_freed_memory();
                     let _ = cmd.reply.send(r);
@@ -180,6 +182,40 @@ fn writer_loop(shard: Arc<EdgeShard>, rx: mpsc::Receiver<WriteCmd>) {
             }
         }
         acknowledge(&shard, &mut pending, &mut need_flush);
+    }
+}
+
+/// Logs `what` with the time so far every [`HEARTBEAT`] until dropped: the engine's graph
+/// build is one call that runs for minutes at 1M points and reports nothing itself.
+struct Heartbeat {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(15);
+
+impl Heartbeat {
+    fn start(what: &'static str) -> Heartbeat {
+        let (stop, rx) = mpsc::channel::<()>();
+        let started = Instant::now();
+        let thread = std::thread::spawn(move || {
+            while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(HEARTBEAT) {
+                tracing::info!(secs = started.elapsed().as_secs(), "{what}");
+            }
+        });
+        Heartbeat {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.stop.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
