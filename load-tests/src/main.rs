@@ -39,8 +39,8 @@ struct Args {
     /// Concurrent connections (each one request at a time), for the closed loop.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
-    /// Open loop instead: start this many requests per second on a fixed schedule, and time
-    /// each from its scheduled start (0: closed loop with `--concurrency` connections).
+    /// Open loop instead: start this many requests per second on a fixed schedule, whatever
+    /// the server does (0: closed loop with `--concurrency` connections).
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
     /// Open loop: requests in flight past which a new one is counted as an error, not sent.
@@ -135,10 +135,9 @@ struct Stats {
 
 impl Stats {
     fn new() -> Self {
-        let h = || Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
         Stats {
-            hist: Scenario::ALL.iter().map(|_| h()).collect(),
-            total: h(),
+            hist: Scenario::ALL.iter().map(|_| latency_histogram()).collect(),
+            total: latency_histogram(),
             errors: 0,
             error_samples: Vec::new(),
         }
@@ -231,6 +230,11 @@ fn read_catalog(args: &Args) -> anyhow::Result<Catalog> {
     })
 }
 
+/// Microseconds from 1 µs to 60 s, 3 significant digits.
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
+}
+
 /// N connections, each sending its next request as soon as the previous one is answered:
 /// the server's saturation throughput, with queueing in the latencies once it is saturated.
 async fn closed_loop(
@@ -308,7 +312,7 @@ async fn open_loop(
     let mut rng = StdRng::seed_from_u64(args.seed);
     let mut upserts = 0u64;
     let mut refused = 0u64;
-    let mut lateness = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+    let mut lateness = latency_histogram();
     let start = tokio::time::Instant::now();
     for n in 0..total {
         let due = start + interval.mul_f64(n as f64);
