@@ -44,6 +44,9 @@ struct Args {
     /// Score the validation slice instead (val/train.csv known, val/test.csv scored).
     #[arg(long)]
     val: bool,
+    /// Candidates fetched from the index per request (the server's `k_candidates`).
+    #[arg(long)]
+    k_candidates: Option<usize>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -99,6 +102,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     settings.index.backend = IndexBackend::Exact;
     settings.session.backend = SessionBackend::Memory;
     settings.server.history_limit = 50;
+    if let Some(k) = args.k_candidates {
+        settings.server.k_candidates = k;
+    }
     let control = RerankWeights {
         session_window: args.session,
         ..settings.rerank.for_variant("control").clone()

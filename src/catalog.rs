@@ -7,7 +7,7 @@
 //! are immutable `Arc`s replaced on update: a request that resolved an entry keeps a
 //! consistent snapshot, and the next lookup sees the change.
 
-use crate::domain::{Filter, Item, ItemId};
+use crate::domain::{Filter, IdMap, Item, ItemId};
 use crate::index::{IndexError, Payload, VectorIndex};
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
@@ -81,9 +81,8 @@ fn rank(e: &CatalogEntry) -> Rank {
 /// One write to the catalog: the entry before it and the entry after it.
 type Change = (Option<Arc<CatalogEntry>>, Option<Arc<CatalogEntry>>);
 
-/// The catalog by id. A request looks up hundreds of ids (candidates, session items, the
-/// business rules' live check), so it uses foldhash (seeded per process) rather than SipHash.
-type ById = HashMap<ItemId, Arc<CatalogEntry>, foldhash::fast::RandomState>;
+/// The catalog by id.
+type ById = IdMap<Arc<CatalogEntry>>;
 
 #[derive(Default)]
 struct Entries {

@@ -263,7 +263,9 @@ pub struct ServerSettings {
     pub max_concurrency: usize,
     /// Whole-request budget; a slower request gets 503.
     pub request_timeout_ms: u64,
-    /// Candidates fetched from the index before re-ranking.
+    /// Candidates fetched from the index before re-ranking. 100, not 200: on the
+    /// ml-latest-small replay (`examples/rerank_value.rs --k-candidates`) 200 changed no
+    /// metric, and it costs about a third more CPU per request at 1M items (BENCHMARKS.md).
     pub k_candidates: usize,
     /// How long a user's candidate list stays in the cache. The key also holds the model
     /// version, the filter and the user's latest activity, so the TTL only bounds how long a
@@ -299,7 +301,7 @@ impl Default for ServerSettings {
             max_body_bytes: 1 << 20,
             max_concurrency: 512,
             request_timeout_ms: 2_000,
-            k_candidates: 200,
+            k_candidates: 100,
             cache_ttl_ms: 30_000,
             recent_limit: 20,
             history_limit: 50,

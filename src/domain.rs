@@ -2,8 +2,15 @@
 //! (CSV/JSONL readers, HTTP extractors); deeper code trusts them.
 
 use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::str::FromStr;
+
+/// Sets and maps keyed by item id. The request path looks items up by the hundred (the
+/// catalog, the re-ranker's purchased, viewed and trending checks), so they hash with
+/// foldhash, seeded per process, rather than SipHash.
+pub type IdSet = HashSet<ItemId, foldhash::fast::RandomState>;
+pub type IdMap<V> = HashMap<ItemId, V, foldhash::fast::RandomState>;
 
 /// Longest id accepted on the wire.
 pub const MAX_ID_LEN: usize = 256;

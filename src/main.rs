@@ -296,7 +296,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 s.seconds
             );
         }
-        Command::Serve(args) => serve(settings, args)?,
+        Command::Serve(args) => {
+            // candle sizes every matrix product's thread pool from RAYON_NUM_THREADS, and
+            // without it reads /proc/cpuinfo each time: ~3% of the server's CPU under load.
+            if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+                set_threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
+            }
+            serve(settings, args)?
+        }
         Command::Index(args) => index_catalog(settings, args)?,
         Command::ExportEvents(args) => export_events(&settings, &args)?,
         Command::Models(args) => models(args)?,

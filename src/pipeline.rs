@@ -9,7 +9,7 @@
 use crate::arms::{Arm, Arms};
 use crate::catalog::{Catalog, CatalogEntry};
 use crate::config::{RerankSettings, ServerSettings};
-use crate::domain::{EventType, Filter, ItemId, SessionId, UserId};
+use crate::domain::{EventType, Filter, IdMap, IdSet, ItemId, SessionId, UserId};
 use crate::index::VectorIndex;
 use crate::model::{TwoTower, UserEvent};
 use crate::rerank::{self, Candidate, Context, Ranked, SessionItem};
@@ -112,8 +112,8 @@ pub enum PipelineError {
 #[derive(Debug, Default)]
 struct Activity {
     events: Vec<(Arc<CatalogEntry>, RecentItem)>,
-    purchased: HashSet<ItemId>,
-    viewed: HashSet<ItemId>,
+    purchased: IdSet,
+    viewed: IdSet,
 }
 
 /// Per-request stage timings.
@@ -165,7 +165,7 @@ impl Stages {
 #[derive(Debug, Default)]
 struct Trending {
     ranked: Vec<(ItemId, f32)>,
-    scores: HashMap<ItemId, f32>,
+    scores: IdMap<f32>,
 }
 
 /// A short-lived in-process copy of the trending lists, so that a request does not pay a
@@ -232,8 +232,7 @@ impl Recommender {
         };
         let trending = step!(stages, "trending", self.trending_list(None, &mut degraded).await);
         let ranked = step!(stages, "rerank", self.rerank(req, &activity, &trending.scores, candidates));
-        let kept = step!(stages, "business_rules", self.apply_business_rules(ranked, &req.filter, &activity.purchased));
-        let items = truncate(kept, req.k);
+        let items = step!(stages, "business_rules", self.apply_business_rules(ranked, &req.filter, &activity.purchased, req.k));
         stages.finish(&req.request_id, "recommend");
         respond(req, &model, source, degraded, items)
     }
@@ -252,9 +251,8 @@ impl Recommender {
         let filter = filter_excluding(&req.filter, [anchor.id().clone()]);
         let candidates = step!(stages, "fetch_candidates", self.search(None, &anchor.vector, &filter, req.k + MMR_SLACK, &mut degraded).await);
         let candidates = candidates.unwrap_or_default();
-        let ranked = step!(stages, "rerank", self.rerank(req, &Activity::default(), &HashMap::new(), candidates));
-        let kept = step!(stages, "business_rules", self.apply_business_rules(ranked, &filter, &HashSet::new()));
-        let items = truncate(kept, req.k);
+        let ranked = step!(stages, "rerank", self.rerank(req, &Activity::default(), &IdMap::default(), candidates));
+        let items = step!(stages, "business_rules", self.apply_business_rules(ranked, &filter, &IdSet::default(), req.k));
         stages.finish(&req.request_id, "similar");
         Ok(respond(req, &model, Source::Similar, degraded, items))
     }
@@ -277,8 +275,7 @@ impl Recommender {
                 entry: c.entry,
             })
             .collect();
-        let kept = step!(stages, "business_rules", self.apply_business_rules(ranked, &req.filter, &HashSet::new()));
-        let items = truncate(kept, req.k);
+        let items = step!(stages, "business_rules", self.apply_business_rules(ranked, &req.filter, &IdSet::default(), req.k));
         stages.finish(&req.request_id, "trending");
         respond(req, &model, Source::Trending, degraded, items)
     }
@@ -447,7 +444,7 @@ impl Recommender {
     fn merge_activity(&self, mut all: Vec<RecentItem>) -> Activity {
         all.sort_by_key(|r| std::cmp::Reverse(r.timestamp_ms));
         let mut activity = Activity::default();
-        let mut seen = HashSet::new();
+        let mut seen = IdSet::default();
         let entries = self.catalog.get_many(all.iter().map(|r| &r.item_id));
         for (r, entry) in all.into_iter().zip(entries) {
             match r.event_type {
@@ -588,7 +585,7 @@ impl Recommender {
             return found;
         }
         if prior.weight(history_len) > 0.0 {
-            let seen: HashSet<ItemId> = found.iter().map(|c| c.entry.id().clone()).collect();
+            let seen: IdSet = found.iter().map(|c| c.entry.id().clone()).collect();
             let mut popular = self.catalog.popular(filter, POPULAR_CANDIDATES);
             if let Some(arm) = arm {
                 // Scored against the arm's user vector, so in the arm's space.
@@ -678,7 +675,7 @@ impl Recommender {
         degraded: &mut Vec<Degraded>,
     ) -> Vec<Candidate> {
         let mut out = Vec::with_capacity(k);
-        let mut seen = HashSet::new();
+        let mut seen = IdSet::default();
         let categories: Vec<Option<String>> = if filter.include_categories.is_empty() {
             vec![None]
         } else {
@@ -780,7 +777,7 @@ impl Recommender {
         &self,
         req: &RecommendRequest,
         activity: &Activity,
-        trending: &HashMap<ItemId, f32>,
+        trending: &IdMap<f32>,
         candidates: Vec<Candidate>,
     ) -> Vec<Ranked> {
         let rerank = self.rerank.load();
@@ -809,31 +806,32 @@ impl Recommender {
     /// The last word: every item is checked against the live catalog (an item made
     /// unavailable or deleted since the candidates were fetched or cached drops out here) and
     /// the request's filter, and purchased items never pass.
+    /// The ranked items, in order, that pass the filter against the live catalog (a patch or
+    /// a delete since the candidates were fetched counts), cut at `k`: the first `k` that
+    /// pass are all that is looked up.
     fn apply_business_rules(
         &self,
         ranked: Vec<Ranked>,
         filter: &Filter,
-        purchased: &HashSet<ItemId>,
+        purchased: &IdSet,
+        k: usize,
     ) -> Vec<Ranked> {
-        let live = self.catalog.get_many(ranked.iter().map(|r| r.entry.id()));
-        ranked
-            .into_iter()
-            .zip(live)
-            .filter_map(|(mut r, current)| {
-                let current = current?;
-                if purchased.contains(current.id()) || !filter.matches(&current.item) {
-                    return None;
-                }
-                r.entry = current;
-                Some(r)
-            })
-            .collect()
+        let mut kept = Vec::with_capacity(k.min(ranked.len()));
+        for mut r in ranked {
+            if kept.len() == k {
+                break;
+            }
+            let Some(current) = self.catalog.get(r.entry.id()) else {
+                continue;
+            };
+            if purchased.contains(current.id()) || !filter.matches(&current.item) {
+                continue;
+            }
+            r.entry = current;
+            kept.push(r);
+        }
+        kept
     }
-}
-
-fn truncate(mut items: Vec<Ranked>, k: usize) -> Vec<Ranked> {
-    items.truncate(k);
-    items
 }
 
 fn respond(

@@ -13,9 +13,9 @@
 
 use crate::catalog::CatalogEntry;
 use crate::config::RerankWeights;
-use crate::domain::{EventType, ItemId};
+use crate::domain::{EventType, IdMap, IdSet};
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Recency half-life, in positions, of the category affinity (the model pools with the same).
@@ -35,11 +35,11 @@ pub struct Context<'a> {
     /// The user's and session's recent items, newest first.
     pub session: &'a [SessionItem],
     /// Never returned.
-    pub purchased: &'a HashSet<ItemId>,
+    pub purchased: &'a IdSet,
     /// Returned, but pushed down by `viewed_penalty`.
-    pub viewed: &'a HashSet<ItemId>,
+    pub viewed: &'a IdSet,
     /// Trending scores normalised to 0..=1; absent items count 0.
-    pub trending: &'a HashMap<ItemId, f32>,
+    pub trending: &'a IdMap<f32>,
     /// Unix seconds, for freshness.
     pub now_s: i64,
     /// How many leading positions the MMR pass orders; the tail keeps relevance order.
@@ -85,7 +85,7 @@ pub fn rerank(ctx: &Context<'_>, candidates: Vec<Candidate>) -> Vec<Ranked> {
     // product per candidate.
     let window = &ctx.session[..ctx.session.len().min(w.session_window)];
     let affinity = category_affinity(window);
-    let mut seen = HashSet::with_capacity(candidates.len());
+    let mut seen = IdSet::with_capacity_and_hasher(candidates.len(), Default::default());
     let mut scored: Vec<Ranked> = candidates
         .into_iter()
         .filter(|c| !ctx.purchased.contains(c.entry.id()))
@@ -223,7 +223,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::Item;
+    use crate::domain::{Item, ItemId};
 
     fn entry(id: &str, genre: &str, vector: [f32; 2]) -> Arc<CatalogEntry> {
         let mut item = Item::new(ItemId::parse(id).unwrap(), id);
@@ -246,9 +246,9 @@ mod tests {
     struct Fixture {
         weights: RerankWeights,
         session: Vec<SessionItem>,
-        purchased: HashSet<ItemId>,
-        viewed: HashSet<ItemId>,
-        trending: HashMap<ItemId, f32>,
+        purchased: IdSet,
+        viewed: IdSet,
+        trending: IdMap<f32>,
     }
 
     impl Fixture {
@@ -259,9 +259,9 @@ mod tests {
                     ..RerankWeights::default()
                 },
                 session: vec![],
-                purchased: HashSet::new(),
-                viewed: HashSet::new(),
-                trending: HashMap::new(),
+                purchased: IdSet::default(),
+                viewed: IdSet::default(),
+                trending: IdMap::default(),
             }
         }
         fn ctx(&self) -> Context<'_> {

@@ -26,6 +26,7 @@ use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::Router;
 use std::future::{Future, IntoFuture};
 use std::time::Duration;
@@ -67,6 +68,13 @@ pub async fn run(
         shutdown.await;
         let _ = stopping_tx.send(());
     };
+    // Responses go out at once: with Nagle's algorithm on, a response written in two parts
+    // waits for the client's delayed ACK (40 ms on Linux).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY on an accepted connection");
+        }
+    });
     let server = axum::serve(listener, router(state.clone()))
         .with_graceful_shutdown(signal)
         .into_future();

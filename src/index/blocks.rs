@@ -312,6 +312,7 @@ impl CategoryBlocks {
             // The score a row needs to enter the shortlist; most rows fail this one compare.
             let mut floor = f32::NEG_INFINITY;
             let mut dots = Vec::with_capacity(SCAN_CHUNK);
+            let mut scores = Vec::with_capacity(SCAN_CHUNK);
             for (c, rows) in b.rows.chunks(SCAN_CHUNK).enumerate() {
                 let first = c * SCAN_CHUNK;
                 dot_rows_i8(
@@ -319,10 +320,17 @@ impl CategoryBlocks {
                     &b.codes[first * dim..(first + rows.len()) * dim],
                     &mut dots,
                 );
+                // Scaled in one vectorised pass; the row itself is read only for a score
+                // good enough to keep.
                 let scales = &b.scales[first..first + rows.len()];
-                for (j, ((r, &d), &scale)) in rows.iter().zip(&dots).zip(scales).enumerate() {
-                    let s = d as f32 * q_scale * scale;
-                    if s >= floor && rf.fields_pass(r) && rf.lookups_pass(r) {
+                scores.clear();
+                scores.extend(
+                    dots.iter()
+                        .zip(scales)
+                        .map(|(&d, &sc)| d as f32 * sc * q_scale),
+                );
+                for (j, &s) in scores.iter().enumerate() {
+                    if s >= floor && rf.fields_pass(&rows[j]) && rf.lookups_pass(&rows[j]) {
                         approx.push(s, first + j);
                         floor = approx.floor();
                     }
