@@ -727,17 +727,22 @@ impl Recommender {
     }
 
     /// The trending list of one category (or all), normalised to 0..=1, from the in-process
-    /// snapshot when it is fresh enough.
+    /// snapshot when it is fresh enough. One request refreshes a stale snapshot; the requests
+    /// meanwhile, and the next `trending_refresh_ms` after a failed refresh, use the old one.
     async fn trending_list(
         &self,
         category: Option<String>,
         degraded: &mut Vec<Degraded>,
     ) -> Arc<Trending> {
         let refresh = Duration::from_millis(self.settings.trending_refresh_ms);
-        if let Some((at, list)) = self.trending.lists.lock().get(&category) {
+        if let Some((at, list)) = self.trending.lists.lock().get_mut(&category) {
             if at.elapsed() < refresh {
                 return list.clone();
             }
+            // This request refreshes the list; until it is done, the others keep the old one
+            // rather than all asking the store at once (the memory store sums its buckets
+            // under the lock that event writes and session reads take).
+            *at = Instant::now();
         }
         let list = match self
             .sessions
@@ -803,12 +808,10 @@ impl Recommender {
         rerank::rerank(&ctx, candidates)
     }
 
-    /// The last word: every item is checked against the live catalog (an item made
-    /// unavailable or deleted since the candidates were fetched or cached drops out here) and
-    /// the request's filter, and purchased items never pass.
-    /// The ranked items, in order, that pass the filter against the live catalog (a patch or
-    /// a delete since the candidates were fetched counts), cut at `k`: the first `k` that
-    /// pass are all that is looked up.
+    /// The last word, and the cut to `k`: in rank order, each item is checked against the
+    /// live catalog (an item made unavailable or deleted since the candidates were fetched or
+    /// cached drops out here) and the request's filter, and purchased items never pass. The
+    /// check stops once `k` have passed.
     fn apply_business_rules(
         &self,
         ranked: Vec<Ranked>,
