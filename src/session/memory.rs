@@ -11,7 +11,7 @@
 use super::log::{EventLog, LogError};
 use super::{Actor, AppendOutcome, Event, RecentItem, SessionError, SessionStore};
 use crate::config::SessionSettings;
-use crate::domain::{ItemId, UserId};
+use crate::domain::{IdMap, ItemId, UserId};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -381,7 +381,7 @@ impl SessionStore for MemoryStore {
         let s = &self.settings;
         let now_bucket = bucket_of(now_ms(), s);
         let oldest = now_bucket - s.trending_buckets as i64 + 1;
-        let mut scores: HashMap<ItemId, f64> = HashMap::new();
+        let mut scores: IdMap<f64> = IdMap::default();
         {
             let st = self.state.lock();
             let Some(buckets) = st.trending.get(&category.map(str::to_string)) else {
