@@ -6,7 +6,8 @@
 //! Durability comes from the append-only log (`session::log`): `append` returns only after
 //! its events are fsynced, and on start-up every piece of state, idempotency included, is
 //! rebuilt by replaying the log. The state itself lives under one mutex: every operation on
-//! it is a few hash-map touches, far shorter than the fsync it waits for.
+//! it is a few hash-map touches, far shorter than the fsync it waits for, except a trending
+//! read, which is one pass over the trending items' running sums (`TrendingCounts`).
 
 use super::log::{EventLog, LogError};
 use super::{Actor, AppendOutcome, Event, RecentItem, SessionError, SessionStore};
@@ -58,13 +59,102 @@ struct State {
     seen_order: VecDeque<(i64, uuid::Uuid)>,
     recent: HashMap<Actor, RecentList>,
     history: HashMap<UserId, VecDeque<RecentItem>>,
-    /// Category (None: global) -> bucket -> item -> weighted count.
-    trending: HashMap<Option<String>, BTreeMap<i64, HashMap<ItemId, f64>>>,
+    /// Category (None: global) -> its trending counters.
+    trending: HashMap<Option<String>, TrendingCounts>,
     cache: HashMap<String, (Vec<u8>, i64)>,
     /// Named counter hashes (experiment counts). Not in the event log: they are aggregates
     /// that start again from zero with the process, like the cache.
     counters: HashMap<String, HashMap<String, i64>>,
     appends: u64,
+}
+
+/// One trending key's counters: the weighted count of each item per time bucket, and each
+/// item's decayed sum over the live buckets, kept up to date on every event so that a read
+/// ranks the sums instead of adding up every bucket under the store's lock (tens of
+/// thousands of items on a busy store, read every couple of seconds).
+///
+/// The sums are relative to bucket `base`: an event in bucket `b` adds
+/// `weight / decay_weight(b - base)`, so an item's score at bucket `now` is its sum times
+/// `decay_weight(now - base)`, a factor common to all items.
+#[derive(Default)]
+struct TrendingCounts {
+    buckets: BTreeMap<i64, IdMap<f64>>,
+    sums: IdMap<f64>,
+    base: i64,
+}
+
+/// The sums are moved to a newer base once the factor between the base and a bucket passes
+/// this, long before `f64` would overflow.
+const MAX_GROWTH: f64 = 1e12;
+
+impl TrendingCounts {
+    fn add(&mut self, item: &ItemId, bucket: i64, weight: f64, s: &SessionSettings) {
+        if self.buckets.is_empty() {
+            self.base = bucket;
+        }
+        if 1.0 / decay_weight(bucket - self.base, s) > MAX_GROWTH {
+            self.rebase(bucket, s);
+        }
+        *self
+            .buckets
+            .entry(bucket)
+            .or_default()
+            .entry(item.clone())
+            .or_default() += weight;
+        *self.sums.entry(item.clone()).or_default() += weight / decay_weight(bucket - self.base, s);
+    }
+
+    /// Drops the buckets older than `oldest` and takes them out of the sums, as their Redis
+    /// keys would expire.
+    fn expire(&mut self, oldest: i64, s: &SessionSettings) {
+        while self
+            .buckets
+            .first_key_value()
+            .is_some_and(|(&b, _)| b < oldest)
+        {
+            let Some((b, items)) = self.buckets.pop_first() else {
+                break;
+            };
+            let g = 1.0 / decay_weight(b - self.base, s);
+            for (item, count) in items {
+                let gone = count * g;
+                if let Some(sum) = self.sums.get_mut(&item) {
+                    *sum -= gone;
+                    // What is left of an item no live bucket holds is rounding error.
+                    if *sum <= gone * 1e-9 {
+                        self.sums.remove(&item);
+                    }
+                }
+            }
+        }
+        if self.buckets.is_empty() {
+            self.sums.clear();
+        }
+    }
+
+    /// Re-expresses the sums relative to bucket `base`.
+    fn rebase(&mut self, base: i64, s: &SessionSettings) {
+        let f = decay_weight(base - self.base, s);
+        self.sums.values_mut().for_each(|v| *v *= f);
+        self.base = base;
+    }
+
+    /// The `k` best items at bucket `now`, best first (ties by id).
+    fn top(&mut self, now: i64, k: usize, s: &SessionSettings) -> Vec<(ItemId, f64)> {
+        if 1.0 / decay_weight(now - self.base, s) > MAX_GROWTH {
+            self.rebase(now, s);
+        }
+        let w = decay_weight(now - self.base, s);
+        let by_score =
+            |a: &(&ItemId, f64), b: &(&ItemId, f64)| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0));
+        let mut all: Vec<(&ItemId, f64)> = self.sums.iter().map(|(id, &v)| (id, v)).collect();
+        if all.len() > k && k > 0 {
+            all.select_nth_unstable_by(k - 1, by_score);
+        }
+        all.truncate(k);
+        all.sort_by(by_score);
+        all.into_iter().map(|(id, v)| (id.clone(), v * w)).collect()
+    }
 }
 
 struct RecentList {
@@ -202,16 +292,9 @@ impl State {
         }
         let keys = std::iter::once(None).chain(e.categories.iter().map(|c| Some(c.clone())));
         for key in keys {
-            let buckets = self.trending.entry(key).or_default();
-            *buckets
-                .entry(bucket)
-                .or_default()
-                .entry(e.item_id.clone())
-                .or_default() += weight;
-            // Drop buckets that fell out of the window, as their Redis keys would expire.
-            while buckets.first_key_value().is_some_and(|(&b, _)| b < oldest) {
-                buckets.pop_first();
-            }
+            let counts = self.trending.entry(key).or_default();
+            counts.add(&e.item_id, bucket, weight, s);
+            counts.expire(oldest, s);
         }
     }
 
@@ -381,23 +464,12 @@ impl SessionStore for MemoryStore {
         let s = &self.settings;
         let now_bucket = bucket_of(now_ms(), s);
         let oldest = now_bucket - s.trending_buckets as i64 + 1;
-        let mut scores: IdMap<f64> = IdMap::default();
-        {
-            let st = self.state.lock();
-            let Some(buckets) = st.trending.get(&category.map(str::to_string)) else {
-                return Ok(Vec::new());
-            };
-            for (&b, items) in buckets.range(oldest..=now_bucket) {
-                let w = decay_weight(now_bucket - b, s);
-                for (item, count) in items {
-                    *scores.entry(item.clone()).or_default() += count * w;
-                }
-            }
-        }
-        let mut out: Vec<(ItemId, f64)> = scores.into_iter().collect();
-        out.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        out.truncate(k);
-        Ok(out)
+        let mut st = self.state.lock();
+        let Some(counts) = st.trending.get_mut(&category.map(str::to_string)) else {
+            return Ok(Vec::new());
+        };
+        counts.expire(oldest, s);
+        Ok(counts.top(now_bucket, k, s))
     }
 
     async fn cache_get(&self, key: &str) -> Result<Option<Vec<u8>>, SessionError> {
@@ -461,5 +533,77 @@ impl SessionStore for MemoryStore {
     async fn ping(&self) -> Result<(), SessionError> {
         // The store is in-process; the only thing that can be down is the log.
         self.log.check().map_err(SessionError::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> ItemId {
+        ItemId::parse(s).unwrap()
+    }
+
+    /// What the sums must equal: every live bucket's counts, decayed from their age.
+    fn summed(counts: &TrendingCounts, now: i64, s: &SessionSettings) -> IdMap<f64> {
+        let mut out = IdMap::default();
+        for (&b, items) in &counts.buckets {
+            for (item, c) in items {
+                *out.entry(item.clone()).or_default() += c * decay_weight(now - b, s);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn running_sums_match_the_buckets_through_expiry_and_rebasing() {
+        // A two-bucket half-life moves the base every ~80 buckets (growth past 1e12).
+        let s = SessionSettings {
+            trending_bucket_secs: 60,
+            trending_half_life_secs: 120.0,
+            trending_buckets: 10,
+            ..SessionSettings::default()
+        };
+        let mut counts = TrendingCounts::default();
+        let items = ["a", "b", "c", "d"];
+        for bucket in 0..300i64 {
+            // "a" every bucket, the others now and then, with different weights.
+            for (n, name) in items.iter().enumerate() {
+                if bucket % (n as i64 + 1) == 0 {
+                    counts.add(&id(name), bucket, 1.0 + n as f64, &s);
+                }
+            }
+            counts.expire(bucket - s.trending_buckets as i64 + 1, &s);
+            let top = counts.top(bucket, 10, &s);
+            let want = summed(&counts, bucket, &s);
+            assert_eq!(top.len(), want.len(), "bucket {bucket}: {top:?}");
+            for (item, score) in &top {
+                let w = want[item];
+                assert!(
+                    (score - w).abs() <= 1e-9 * w,
+                    "bucket {bucket}: {item:?} {score} vs {w}"
+                );
+            }
+            assert!(top.windows(2).all(|p| p[0].1 >= p[1].1), "best first");
+        }
+        assert!(counts.base > 0, "the base moved");
+        // Once every bucket has left the window, nothing trends.
+        counts.expire(400, &s);
+        assert!(counts.top(400, 10, &s).is_empty());
+    }
+
+    #[test]
+    fn top_k_keeps_the_best_and_breaks_ties_by_id() {
+        let s = SessionSettings::default();
+        let mut counts = TrendingCounts::default();
+        for (name, w) in [("x", 1.0), ("b", 3.0), ("a", 3.0), ("y", 2.0), ("z", 0.5)] {
+            counts.add(&id(name), 7, w, &s);
+        }
+        let top: Vec<String> = counts
+            .top(7, 3, &s)
+            .into_iter()
+            .map(|(i, _)| i.as_str().to_string())
+            .collect();
+        assert_eq!(top, ["a", "b", "y"]);
     }
 }
