@@ -22,11 +22,10 @@ use tokio::sync::Semaphore;
 
 /// Items embedded per item-tower call when the server indexes its catalog itself.
 const EMBED_BATCH: usize = 1_024;
-/// How often buffered item upserts are flushed to the index. A flush at 1M items takes
-/// 15-60 ms on the engine's one writer thread, and every item write waits behind it; once a
-/// second, that put 3-5% of upserts under load behind a flush (their p99 17-21 ms against
-/// 5 ms with the store on tmpfs). The journal keeps the writes durable meanwhile, and a
-/// restart re-embeds at most this much of it.
+/// How often buffered item upserts are flushed to the index. Under load at 1M items a flush
+/// took 15-60 ms (strace of the engine's writer thread), and every item write waits behind
+/// it, so once a second put a few percent of upserts behind one. The journal keeps the
+/// writes durable meanwhile, and a restart re-embeds at most this much of it.
 const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
