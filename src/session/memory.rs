@@ -6,8 +6,9 @@
 //! Durability comes from the append-only log (`session::log`): `append` returns only after
 //! its events are fsynced, and on start-up every piece of state, idempotency included, is
 //! rebuilt by replaying the log. The state itself lives under one mutex: every operation on
-//! it is a few hash-map touches, far shorter than the fsync it waits for, except a trending
-//! read, which is one pass over the trending items' running sums (`TrendingCounts`).
+//! it is a few hash-map touches, far shorter than the fsync it waits for. Trending counters
+//! have a mutex of their own: a trending read is one pass over every trending item's running
+//! sum (`TrendingCounts`), and session reads on the request path must not wait for it.
 
 use super::log::{EventLog, LogError};
 use super::{Actor, AppendOutcome, Event, RecentItem, SessionError, SessionStore};
@@ -49,7 +50,11 @@ pub struct MemoryStore {
     settings: SessionSettings,
     log: Arc<EventLog>,
     state: parking_lot::Mutex<State>,
+    trending: Arc<parking_lot::Mutex<Trending>>,
 }
+
+/// Category (None: global) -> its trending counters.
+type Trending = HashMap<Option<String>, TrendingCounts>;
 
 #[derive(Default)]
 struct State {
@@ -59,8 +64,6 @@ struct State {
     seen_order: VecDeque<(i64, uuid::Uuid)>,
     recent: HashMap<Actor, RecentList>,
     history: HashMap<UserId, VecDeque<RecentItem>>,
-    /// Category (None: global) -> its trending counters.
-    trending: HashMap<Option<String>, TrendingCounts>,
     cache: HashMap<String, (Vec<u8>, i64)>,
     /// Named counter hashes (experiment counts). Not in the event log: they are aggregates
     /// that start again from zero with the process, like the cache.
@@ -175,6 +178,7 @@ impl MemoryStore {
     /// the whole log); `session::open` runs it on the blocking pool.
     pub fn open(settings: &SessionSettings, log_path: &Path) -> Result<Self, SessionError> {
         let mut state = State::default();
+        let mut trending = Trending::default();
         let now = now_ms();
         let mut bad_records = 0u64;
         let (log, _recovery) = EventLog::open(log_path, |payload| {
@@ -182,6 +186,7 @@ impl MemoryStore {
                 Ok(LogRecord::Event { at_ms, event }) => {
                     state.remember(event.event_id, 0, at_ms);
                     state.apply(&event, at_ms, settings);
+                    count_trending(&mut trending, &event, at_ms, settings);
                 }
                 Ok(LogRecord::SeedHistory {
                     at_ms: _,
@@ -204,6 +209,7 @@ impl MemoryStore {
             settings: settings.clone(),
             log: Arc::new(log),
             state: parking_lot::Mutex::new(state),
+            trending: Arc::new(parking_lot::Mutex::new(trending)),
         })
     }
 
@@ -284,18 +290,6 @@ impl State {
                 s.recent_cap,
             );
         }
-        // A timestamp ahead of the server clock counts as now, as in the Redis backend.
-        let bucket = bucket_of(e.timestamp_ms.min(at_ms), s);
-        let oldest = bucket_of(at_ms, s) - s.trending_buckets as i64 + 1;
-        if bucket < oldest {
-            return;
-        }
-        let keys = std::iter::once(None).chain(e.categories.iter().map(|c| Some(c.clone())));
-        for key in keys {
-            let counts = self.trending.entry(key).or_default();
-            counts.add(&e.item_id, bucket, weight, s);
-            counts.expire(oldest, s);
-        }
     }
 
     fn push_recent(
@@ -334,6 +328,26 @@ impl State {
     }
 }
 
+/// Counts an accepted event in trending, globally and per category.
+fn count_trending(trending: &mut Trending, e: &Event, at_ms: i64, s: &SessionSettings) {
+    let weight = s.event_weights.get(e.event_type);
+    if weight <= 0.0 {
+        return;
+    }
+    // A timestamp ahead of the server clock counts as now, as in the Redis backend.
+    let bucket = bucket_of(e.timestamp_ms.min(at_ms), s);
+    let oldest = bucket_of(at_ms, s) - s.trending_buckets as i64 + 1;
+    if bucket < oldest {
+        return;
+    }
+    let keys = std::iter::once(None).chain(e.categories.iter().map(|c| Some(c.clone())));
+    for key in keys {
+        let counts = trending.entry(key).or_default();
+        counts.add(&e.item_id, bucket, weight, s);
+        counts.expire(oldest, s);
+    }
+}
+
 fn bucket_of(ts_ms: i64, s: &SessionSettings) -> i64 {
     ts_ms.div_euclid(s.trending_bucket_secs as i64 * 1000)
 }
@@ -361,7 +375,7 @@ impl SessionStore for MemoryStore {
         // lock, so a resent id can never be accepted twice and state order follows log order.
         // State is updated before the fsync completes: if the fsync fails the log refuses
         // every later write, so the store stops acknowledging anything.
-        let (wait_for, outcome) = {
+        let (wait_for, outcome, fresh) = {
             let mut st = self.state.lock();
             st.expire_seen(now, &self.settings);
             let mut fresh = Vec::new();
@@ -395,8 +409,15 @@ impl SessionStore for MemoryStore {
                 accepted: fresh.len(),
                 duplicates: events.len() - fresh.len(),
             };
-            (wait_for, outcome)
+            (wait_for, outcome, fresh)
         };
+        // Trending after the session state's lock is released (it has its own).
+        if !fresh.is_empty() {
+            let mut trending = self.trending.lock();
+            for &i in &fresh {
+                count_trending(&mut trending, &events[i], now, &self.settings);
+            }
+        }
         if wait_for > 0 {
             self.log.wait_durable(wait_for).await?;
         }
@@ -464,12 +485,20 @@ impl SessionStore for MemoryStore {
         let s = &self.settings;
         let now_bucket = bucket_of(now_ms(), s);
         let oldest = now_bucket - s.trending_buckets as i64 + 1;
-        let mut st = self.state.lock();
-        let Some(counts) = st.trending.get_mut(&category.map(str::to_string)) else {
-            return Ok(Vec::new());
-        };
-        counts.expire(oldest, s);
-        Ok(counts.top(now_bucket, k, s))
+        let key = category.map(str::to_string);
+        let trending = self.trending.clone();
+        let s = s.clone();
+        // A pass over every trending item: on the blocking pool, not a runtime worker.
+        tokio::task::spawn_blocking(move || {
+            let mut trending = trending.lock();
+            let Some(counts) = trending.get_mut(&key) else {
+                return Vec::new();
+            };
+            counts.expire(oldest, &s);
+            counts.top(now_bucket, k, &s)
+        })
+        .await
+        .map_err(|e| SessionError::Backend(format!("reading trending: {e}")))
     }
 
     async fn cache_get(&self, key: &str) -> Result<Option<Vec<u8>>, SessionError> {
