@@ -739,8 +739,8 @@ impl Recommender {
                 return list.clone();
             }
             // This request refreshes the list; until it is done, the others keep the old one
-            // rather than all asking the store at once (the memory store sums its buckets
-            // under the lock that event writes and session reads take).
+            // rather than all asking the store at once (a trending read is a pass over every
+            // trending item, in Redis or in the memory store).
             *at = Instant::now();
         }
         let list = match self
