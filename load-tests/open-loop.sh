@@ -4,6 +4,9 @@
 # Starts `tandem serve` on DATA_DIR's store (built by bench-serve.sh first), runs
 # `tandem-load --rate RATE` against it, and prints the cores used by the server, the load
 # generator and redis-server over 10 s of the run (from /proc/<pid>/stat).
+# WARMUP (default 5) seconds of the same load run first and are not counted: a server's first
+# seconds after a start are not its steady state. SEED (default 42) picks the requests;
+# TIMELINE=1 adds each second's p99 and max, to tell a stall from a steady tail.
 set -euo pipefail
 BACKEND=$1
 RATE=$2
@@ -25,12 +28,14 @@ until curl -sf "127.0.0.1:$PORT/readyz" >/dev/null 2>&1; do
   sleep 0.5
 done
 
+WARMUP=${WARMUP:-5}
 $BIN/tandem-load --url "http://127.0.0.1:$PORT" --catalog "$DIR/raw" --rate "$RATE" \
-  --duration "$SECS" --label "$BACKEND" &
+  --duration "$SECS" --warmup "$WARMUP" --seed "${SEED:-42}" --label "$BACKEND" \
+  ${TIMELINE:+--timeline} &
 load=$!
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 redis=$(pgrep -x redis-server | head -1 || true)
-sleep 3
+sleep $((WARMUP + 3))
 s0=$(ticks $server); l0=$(ticks $load); r0=$( [ -n "$redis" ] && ticks "$redis" || echo 0)
 sleep 10
 s1=$(ticks $server); l1=$(ticks $load); r1=$( [ -n "$redis" ] && ticks "$redis" || echo 0)

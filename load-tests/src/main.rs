@@ -33,6 +33,10 @@ struct Args {
     /// Timed run length in seconds.
     #[arg(long, default_value_t = 30)]
     duration: u64,
+    /// Seconds of the same load run first and not counted: the timed run then measures a
+    /// warm server (its first requests after a start pay for cold caches and lazy set-up).
+    #[arg(long, default_value_t = 0)]
+    warmup: u64,
     /// Stop after this many requests (0: no limit).
     #[arg(long, default_value_t = 0)]
     requests: u64,
@@ -60,6 +64,10 @@ struct Args {
     threads: usize,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Open loop: also print each second's request count, p99 and max latency, to tell a
+    /// stall (a few bad seconds) from a steady tail.
+    #[arg(long)]
+    timeline: bool,
     /// A label for the report (e.g. "memory", "redis").
     #[arg(long, default_value = "")]
     label: String,
@@ -230,6 +238,9 @@ fn read_catalog(args: &Args) -> anyhow::Result<Catalog> {
     })
 }
 
+/// The `--timeline` counts requests at least this slow, per scenario.
+const SLOW: Duration = Duration::from_millis(5);
+
 /// Microseconds from 1 µs to 60 s, 3 significant digits.
 fn latency_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
@@ -340,10 +351,11 @@ async fn open_loop(
         };
         let sent = Instant::now();
         lateness.saturating_record(due.elapsed().as_micros().max(1) as u64);
+        let second = (n as f64 / args.rate) as usize;
         let tx = tx.clone();
         tokio::spawn(async move {
             let outcome = send(scenario, req).await;
-            let _ = tx.send((scenario, sent.elapsed(), outcome));
+            let _ = tx.send((scenario, second, sent.elapsed(), outcome));
             drop(permit);
         });
     }
@@ -355,8 +367,34 @@ async fn open_loop(
         lateness.max() as f64 / 1000.0
     );
     let mut stats = Stats::new();
-    while let Some((scenario, latency, outcome)) = rx.recv().await {
+    let mut per_second: Vec<(Histogram<u64>, [u32; 6])> = Vec::new();
+    while let Some((scenario, second, latency, outcome)) = rx.recv().await {
+        if args.timeline {
+            if per_second.len() <= second {
+                per_second.resize_with(second + 1, || (latency_histogram(), [0; 6]));
+            }
+            let (h, slow) = &mut per_second[second];
+            h.saturating_record(latency.as_micros().max(1) as u64);
+            if latency >= SLOW {
+                slow[scenario as usize] += 1;
+            }
+        }
         stats.record(scenario, latency, outcome);
+    }
+    for (second, (h, slow)) in per_second.iter().enumerate() {
+        let slow: Vec<String> = Scenario::ALL
+            .iter()
+            .filter(|s| slow[**s as usize] > 0)
+            .map(|s| format!("{} {}", s.name(), slow[*s as usize]))
+            .collect();
+        println!(
+            "second {second:>3}: {:>5} requests, p99 {:>7.3} ms, max {:>7.3} ms; over {} ms: {}",
+            h.len(),
+            h.value_at_quantile(0.99) as f64 / 1000.0,
+            h.max() as f64 / 1000.0,
+            SLOW.as_millis(),
+            slow.join(", ")
+        );
     }
     for _ in 0..refused {
         stats.error(format!("over {} requests in flight", args.max_in_flight));
@@ -429,6 +467,27 @@ async fn run(args: Args, catalog: Arc<Catalog>) -> anyhow::Result<()> {
     }
     eprintln!("warm-up done in {:.1}s", warm.elapsed().as_secs_f64());
 
+    if args.warmup > 0 {
+        eprintln!(
+            "warm-up load: {} s, not counted (its lines below are not the run's)",
+            args.warmup
+        );
+        let warm_args = Args {
+            duration: args.warmup,
+            requests: 0,
+            timeline: false,
+            // Other requests than the timed run's, so that it finds no answers cached for it.
+            seed: args.seed.wrapping_add(1),
+            ..args.clone()
+        };
+        if args.rate > 0.0 {
+            open_loop(&warm_args, &client, &base, &catalog).await?;
+        } else {
+            closed_loop(&warm_args, &client, &base, &catalog).await?;
+        }
+    }
+    let cache_before = candidate_cache(&client, &base).await;
+
     let started = Instant::now();
     let stats = if args.rate > 0.0 {
         open_loop(&args, &client, &base, &catalog).await?
@@ -437,6 +496,17 @@ async fn run(args: Args, catalog: Arc<Catalog>) -> anyhow::Result<()> {
     };
     let elapsed = started.elapsed().as_secs_f64();
     report(&args, &stats, elapsed);
+    let cache_after = candidate_cache(&client, &base).await;
+    let (hits, misses) = (
+        cache_after.0 - cache_before.0,
+        cache_after.1 - cache_before.1,
+    );
+    if hits + misses > 0.0 {
+        println!(
+            "candidate cache during the timed run: {hits} hits, {misses} misses ({:.1}% hits)",
+            100.0 * hits / (hits + misses)
+        );
+    }
 
     match client.get(format!("{base}/metrics")).send().await {
         Ok(r) => print_stage_breakdown(&r.text().await.unwrap_or_default()),
@@ -583,6 +653,22 @@ fn report(args: &Args, stats: &Stats, elapsed: f64) {
         "rate": args.rate,
     });
     println!("{json}");
+}
+
+/// The server's candidate-cache (hits, misses) so far, from `/metrics` (zeros if unreadable).
+async fn candidate_cache(client: &reqwest::Client, base: &str) -> (f64, f64) {
+    let Ok(r) = client.get(format!("{base}/metrics")).send().await else {
+        return (0.0, 0.0);
+    };
+    let text = r.text().await.unwrap_or_default();
+    let count = |result: &str| -> f64 {
+        let prefix = format!("tandem_candidate_cache_total{{result=\"{result}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    (count("hit"), count("miss"))
 }
 
 /// Prints the server's per-stage latencies from its Prometheus histograms
