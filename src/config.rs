@@ -276,11 +276,6 @@ pub struct ServerSettings {
     /// Long-term history read per request, pooled by the user tower.
     pub history_limit: usize,
     /// How long the in-process trending snapshot is reused before the store is asked again.
-    /// 30 s, not 2 s: with Redis, a trending read is a ZUNIONSTORE over every item trending
-    /// in the window, which held Redis for 21-30 ms at 1M items in the serving load test
-    /// (SLOWLOG), and every Redis call of every request waited behind it; at 2 s that was the
-    /// 1,500 rps tail (p99 12-14 ms, against 8.5 ms at 30 s). Trending decays with a half-life
-    /// of hours, so a snapshot 30 s old misses only the last 30 s of events.
     pub trending_refresh_ms: u64,
     /// Budget of a session-store read on the request path (recent activity, history,
     /// trending, cache); past it the answer is served without it, `degraded:["session"]`.
@@ -310,7 +305,7 @@ impl Default for ServerSettings {
             cache_ttl_ms: 30_000,
             recent_limit: 20,
             history_limit: 50,
-            trending_refresh_ms: 30_000,
+            trending_refresh_ms: 2_000,
             session_budget_ms: 50,
             index_budget_ms: 250,
             write_budget_ms: 1_000,
