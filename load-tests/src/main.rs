@@ -367,11 +367,13 @@ async fn open_loop(
         lateness.max() as f64 / 1000.0
     );
     let mut stats = Stats::new();
-    let mut per_second: Vec<(Histogram<u64>, [u32; 6])> = Vec::new();
+    let mut per_second: Vec<(Histogram<u64>, [u32; Scenario::ALL.len()])> = Vec::new();
     while let Some((scenario, second, latency, outcome)) = rx.recv().await {
         if args.timeline {
             if per_second.len() <= second {
-                per_second.resize_with(second + 1, || (latency_histogram(), [0; 6]));
+                per_second.resize_with(second + 1, || {
+                    (latency_histogram(), [0; Scenario::ALL.len()])
+                });
             }
             let (h, slow) = &mut per_second[second];
             h.saturating_record(latency.as_micros().max(1) as u64);
