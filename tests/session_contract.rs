@@ -190,6 +190,7 @@ contract!(
     recent_lists_are_capped_and_expire,
     history_is_bounded_and_seedable,
     trending_decays_with_age,
+    trending_forgets_buckets_that_leave_the_window,
     export_round_trips_through_the_common_format,
     concurrent_appends_lose_nothing,
     cache_entries_expire,
@@ -424,6 +425,83 @@ async fn trending_decays_with_age(backend: Backend) {
         .await
         .unwrap()
         .is_empty());
+    h.cleanup().await;
+}
+
+/// One-second buckets, a two-bucket window and a one-second half-life, so that a bucket
+/// leaves the window within the test.
+async fn trending_forgets_buckets_that_leave_the_window(backend: Backend) {
+    let h = Harness::new(backend, |s| {
+        s.session.trending_half_life_secs = 1.0;
+        s.session.trending_bucket_secs = 1;
+        s.session.trending_buckets = 2;
+    })
+    .await;
+    let scores = |top: Vec<(ItemId, f64)>| -> Vec<(String, f64)> {
+        top.into_iter()
+            .map(|(i, s)| (i.as_str().to_string(), s))
+            .collect()
+    };
+    let close = |got: &[(String, f64)], want: &[(&str, f64)]| {
+        got.len() == want.len()
+            && got
+                .iter()
+                .zip(want)
+                .all(|(g, w)| g.0 == w.0 && (g.1 - w.1).abs() < 1e-9)
+    };
+    // Start early in a second, so that the steps below stay inside the buckets they mean.
+    tokio::time::sleep(Duration::from_millis(
+        1_050 - now_ms().rem_euclid(1_000) as u64,
+    ))
+    .await;
+    let now = now_ms();
+    let mut events = vec![event(Some("u"), None, "old", EventType::View, now - 1_000)];
+    for item in ["new", "new", "tie-c", "tie-a", "tie-b"] {
+        events.push(event(Some("u"), None, item, EventType::View, now));
+    }
+    h.store.append(&events).await.unwrap();
+    let top = scores(h.store.trending(None, 10).await.unwrap());
+    let want = [
+        ("new", 2.0),
+        ("tie-a", 1.0),
+        ("tie-b", 1.0),
+        ("tie-c", 1.0),
+        ("old", 0.5),
+    ];
+    assert!(
+        close(&top, &want),
+        "last second's view counts half: {top:?}"
+    );
+    let top = scores(h.store.trending(None, 2).await.unwrap());
+    assert!(
+        close(&top, &[("new", 2.0), ("tie-a", 1.0)]),
+        "ties at the cut go to the lowest id: {top:?}"
+    );
+
+    // One second on, "old"'s bucket is out of the window and everything else is a second old.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let top = scores(h.store.trending(None, 10).await.unwrap());
+    let want = [("new", 1.0), ("tie-a", 0.5), ("tie-b", 0.5), ("tie-c", 0.5)];
+    assert!(close(&top, &want), "the expired bucket is gone: {top:?}");
+    // A new view of "old" counts on its own: the expired one does not come back.
+    let old = event(Some("u"), None, "old", EventType::View, now_ms());
+    h.store.append(&[old]).await.unwrap();
+    let top = scores(h.store.trending(None, 1).await.unwrap());
+    assert!(close(&top, &[("new", 1.0)]), "{top:?}");
+    let top = scores(h.store.trending(None, 10).await.unwrap());
+    assert!(
+        top.iter()
+            .any(|(i, s)| i == "old" && (s - 1.0).abs() < 1e-9),
+        "one fresh view of old: {top:?}"
+    );
+
+    // Two seconds on, nothing is left, and counting starts again from nothing.
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    assert!(h.store.trending(None, 10).await.unwrap().is_empty());
+    let fresh = event(Some("u"), None, "fresh", EventType::View, now_ms());
+    h.store.append(&[fresh]).await.unwrap();
+    let top = scores(h.store.trending(None, 10).await.unwrap());
+    assert!(close(&top, &[("fresh", 1.0)]), "{top:?}");
     h.cleanup().await;
 }
 

@@ -9,9 +9,17 @@
 //!   that one Lua script does the check and the XADD atomically: they cannot disagree.
 //! - `P:{user:<id>}:recent`, `P:{session:<id>}:recent`: recent lists (LPUSH, LTRIM, PEXPIRE).
 //! - `P:{user:<id>}:history`: long-term history (LPUSH, LTRIM; no TTL).
-//! - `P:{trending}:g:<bucket>`, `P:{trending}:c:<category>:<bucket>`: trending counters per
-//!   time bucket (ZINCRBY), expiring when they leave the window; reads merge them with decay
-//!   weights in one script (ZUNIONSTORE ... WEIGHTS, then the top k).
+//! - Trending, per trending key `T` = `P:{trending}:g:` (global) or `P:{trending}:c:<category>:`:
+//!   - `T<bucket>`: each item's weighted count in one time bucket (a sorted set);
+//!   - `Tsums`: each item's decayed sum over the live buckets, relative to bucket `base`, so
+//!     that a read is the top k of one sorted set (a read that merged every bucket cost
+//!     O(items trending) and held Redis for 20-30 ms at 100k items);
+//!   - `Tmeta`: `base`, `through` (the buckets before it are out of the window and have been
+//!     subtracted from the sums) and `newest` (the newest bucket written).
+//!
+//!   Scripts keep the three consistent: every write and read first subtracts the buckets that
+//!   left the window, once, whichever replica gets there first. The scripts name the bucket
+//!   keys from `T`, which the hash tag keeps in the declared keys' slot.
 //! - `P:cache:<key>`: the candidate cache (SET PX).
 //!
 //! With `session.redis_cluster = true`, `redis_url` lists seed nodes of a Redis Cluster
@@ -32,6 +40,7 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{RedisError, RedisFuture, RedisResult};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,16 +62,116 @@ end
 return out
 "#;
 
-/// Merges trending buckets with decay weights and returns the top k, flat [member, score, ...].
-/// KEYS[1] = scratch key, KEYS[2..] = bucket keys; ARGV[1] = k, ARGV[2..] = bucket weights.
-const TRENDING_SCRIPT: &str = r#"
-local args = {KEYS[1], #KEYS - 1}
-for i = 2, #KEYS do args[#args + 1] = KEYS[i] end
-args[#args + 1] = 'WEIGHTS'
-for i = 2, #ARGV do args[#args + 1] = ARGV[i] end
-redis.call('ZUNIONSTORE', unpack(args))
-local top = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1, 'REV', 'WITHSCORES')
-redis.call('DEL', KEYS[1])
+/// What both trending scripts share. ARGV[1..4] = now (bucket), window (buckets), bucket
+/// seconds, half-life seconds. `settle` brings one trending key up to `now`: it subtracts the
+/// buckets that left the window from the sums and deletes them, drops the sums once no bucket
+/// is live, builds them from the live buckets when they are missing, and re-bases them before
+/// their factor grows too large, as `TrendingCounts` does in the memory store.
+const TRENDING_LIB: &str = r#"
+local now, window = tonumber(ARGV[1]), tonumber(ARGV[2])
+local bucket_secs, half_life = tonumber(ARGV[3]), tonumber(ARGV[4])
+local oldest = now - window + 1
+local function decay(age) return 0.5 ^ (age * bucket_secs / half_life) end
+local function num(x) return string.format('%.17g', x) end
+
+local function settle(prefix, meta, sums)
+  local m = redis.call('HMGET', meta, 'base', 'through', 'newest')
+  local base, through, newest = tonumber(m[1]), tonumber(m[2]), tonumber(m[3])
+  if not base then
+    redis.call('DEL', sums)
+    base = now
+    for b = oldest, now do
+      local counts = redis.call('ZRANGE', prefix .. b, 0, -1, 'WITHSCORES')
+      for i = 1, #counts, 2 do
+        redis.call('ZINCRBY', sums, num(tonumber(counts[i + 1]) / decay(b - base)), counts[i])
+      end
+      if #counts > 0 then newest = b end
+    end
+    if not newest then return nil end
+    redis.call('HSET', meta, 'base', base, 'through', oldest, 'newest', newest)
+    return base
+  end
+  if newest < oldest then
+    redis.call('DEL', meta, sums)
+    return nil
+  end
+  for b = through, oldest - 1 do
+    local g = 1 / decay(b - base)
+    local counts = redis.call('ZRANGE', prefix .. b, 0, -1, 'WITHSCORES')
+    for i = 1, #counts, 2 do
+      local gone = tonumber(counts[i + 1]) * g
+      local left = tonumber(redis.call('ZINCRBY', sums, num(-gone), counts[i]))
+      -- What is left of an item no live bucket holds is rounding error.
+      if left <= gone * 1e-9 then redis.call('ZREM', sums, counts[i]) end
+    end
+    redis.call('DEL', prefix .. b)
+  end
+  if through < oldest then redis.call('HSET', meta, 'through', oldest) end
+  if 1 / decay(now - base) > 1e12 then
+    redis.call('ZUNIONSTORE', sums, 1, sums, 'WEIGHTS', num(decay(now - base)))
+    base = now
+    redis.call('HSET', meta, 'base', base)
+  end
+  return base
+end
+"#;
+
+/// Counts events in trending. KEYS = (meta, sums) per trending key; ARGV[5] = how many trending
+/// keys, then their prefixes, then groups of counts: key number, bucket, how many counts, and
+/// (item, weight) per count. Groups out of the window (by this script's `now`) are dropped.
+const TRENDING_ADD_SCRIPT: &str = r#"
+local n = tonumber(ARGV[5])
+local bucket_ms = bucket_secs * 1000
+local bases, newest = {}, {}
+for j = 1, n do bases[j] = settle(ARGV[5 + j], KEYS[2 * j - 1], KEYS[2 * j]) end
+local i = 6 + n
+while i <= #ARGV do
+  local j, b, m = tonumber(ARGV[i]), tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  if b >= oldest then
+    local bucket, meta, sums = ARGV[5 + j] .. b, KEYS[2 * j - 1], KEYS[2 * j]
+    if not bases[j] then
+      bases[j] = now
+      redis.call('HSET', meta, 'base', now, 'through', oldest, 'newest', b)
+    end
+    local g = 1 / decay(b - bases[j])
+    for c = i + 3, i + 1 + 2 * m, 2 do
+      redis.call('ZINCRBY', bucket, ARGV[c + 1], ARGV[c])
+      redis.call('ZINCRBY', sums, num(tonumber(ARGV[c + 1]) * g), ARGV[c])
+    end
+    -- Kept a window past leaving it, so that a later settle can still subtract it.
+    redis.call('PEXPIREAT', bucket, (b + 2 * window) * bucket_ms)
+    if not newest[j] or b > newest[j] then newest[j] = b end
+  end
+  i = i + 3 + 2 * m
+end
+for j, b in pairs(newest) do
+  local meta, sums = KEYS[2 * j - 1], KEYS[2 * j]
+  local known = tonumber(redis.call('HGET', meta, 'newest'))
+  if b > known then
+    redis.call('HSET', meta, 'newest', b)
+    known = b
+  end
+  redis.call('PEXPIREAT', meta, (known + window) * bucket_ms)
+  redis.call('PEXPIREAT', sums, (known + window) * bucket_ms)
+end
+return 1
+"#;
+
+/// The top k of one trending key, flat [member, score, ...]: the k best, then the members tied
+/// with the k-th (lowest ids first), so that the caller breaks ties by id as the memory store
+/// does. KEYS = meta, sums; ARGV[5] = prefix, ARGV[6] = k.
+const TRENDING_TOP_SCRIPT: &str = r#"
+local base = settle(ARGV[5], KEYS[1], KEYS[2])
+if not base then return {} end
+local k = tonumber(ARGV[6])
+local top = redis.call('ZRANGE', KEYS[2], 0, k - 1, 'REV', 'WITHSCORES')
+if #top == 2 * k then
+  local last = top[#top]
+  local tied = redis.call('ZRANGE', KEYS[2], last, last, 'BYSCORE', 'LIMIT', 0, k, 'WITHSCORES')
+  for i = 1, #tied do top[#top + 1] = tied[i] end
+end
+local w = decay(now - base)
+for i = 2, #top, 2 do top[i] = num(tonumber(top[i]) * w) end
 return top
 "#;
 
@@ -117,7 +226,8 @@ pub struct RedisStore {
     connecting: tokio::sync::Mutex<()>,
     timeout: Duration,
     append_script: redis::Script,
-    trending_script: redis::Script,
+    trending_add_script: redis::Script,
+    trending_top_script: redis::Script,
 }
 
 impl RedisStore {
@@ -176,7 +286,12 @@ impl RedisStore {
             connecting: tokio::sync::Mutex::new(()),
             timeout,
             append_script: redis::Script::new(APPEND_SCRIPT),
-            trending_script: redis::Script::new(TRENDING_SCRIPT),
+            trending_add_script: redis::Script::new(&format!(
+                "{TRENDING_LIB}{TRENDING_ADD_SCRIPT}"
+            )),
+            trending_top_script: redis::Script::new(&format!(
+                "{TRENDING_LIB}{TRENDING_TOP_SCRIPT}"
+            )),
         };
         // Try once so that a healthy start is connected at once; a failure is not fatal.
         if let Err(e) = store.ping().await {
@@ -204,11 +319,23 @@ impl RedisStore {
         self.key("{log}:stream")
     }
 
-    fn trending_key(&self, category: Option<&str>, bucket: i64) -> String {
+    /// The prefix of one trending key's Redis keys: `<prefix><bucket>`, `<prefix>sums` and
+    /// `<prefix>meta`.
+    fn trending_prefix(&self, category: Option<&str>) -> String {
         match category {
-            None => self.key(&format!("{{trending}}:g:{bucket}")),
-            Some(c) => self.key(&format!("{{trending}}:c:{c}:{bucket}")),
+            None => self.key("{trending}:g:"),
+            Some(c) => self.key(&format!("{{trending}}:c:{c}:")),
         }
+    }
+
+    /// ARGV[1..4] of both trending scripts, at bucket `now`.
+    fn trending_args(&self, invocation: &mut redis::ScriptInvocation<'_>, now: i64) {
+        let s = &self.settings;
+        invocation
+            .arg(now)
+            .arg(s.trending_buckets)
+            .arg(s.trending_bucket_secs)
+            .arg(s.trending_half_life_secs);
     }
 
     fn bucket_ms(&self) -> i64 {
@@ -320,10 +447,17 @@ impl RedisStore {
         .await
     }
 
-    /// Queues the session, history and trending updates of the accepted events, one pipeline
-    /// per hash tag, since a Redis Cluster takes a pipeline only within one slot.
-    fn state_updates(&self, events: &[&Event], now: i64) -> Vec<redis::Pipeline> {
-        let mut pipes: std::collections::BTreeMap<String, redis::Pipeline> = Default::default();
+    /// Queues the session and history updates of the accepted events, one pipeline per hash
+    /// tag, since a Redis Cluster takes a pipeline only within one slot, and their trending
+    /// counts, one script call.
+    fn state_updates(
+        &self,
+        events: &[&Event],
+        now: i64,
+    ) -> (Vec<redis::Pipeline>, Option<redis::ScriptInvocation<'_>>) {
+        let mut pipes: BTreeMap<String, redis::Pipeline> = Default::default();
+        // (trending key, bucket) -> item -> summed weight
+        let mut counts: BTreeMap<(Option<&str>, i64), BTreeMap<&str, f64>> = BTreeMap::new();
         let s = &self.settings;
         let window_buckets = s.trending_buckets as i64;
         let now_bucket = now.div_euclid(self.bucket_ms());
@@ -362,22 +496,41 @@ impl RedisStore {
             if bucket <= now_bucket - window_buckets {
                 continue;
             }
-            // The bucket key expires when the bucket leaves the window.
-            let expire_at_ms = (bucket + window_buckets) * self.bucket_ms();
             let categories =
                 std::iter::once(None).chain(e.categories.iter().map(|c| Some(c.as_str())));
-            let pipe = pipes.entry("trending".into()).or_default();
             for category in categories {
-                let key = self.trending_key(category, bucket);
-                pipe.cmd("ZINCRBY")
-                    .arg(&key)
-                    .arg(weight)
-                    .arg(e.item_id.as_str())
-                    .ignore();
-                pipe.cmd("PEXPIREAT").arg(&key).arg(expire_at_ms).ignore();
+                *counts
+                    .entry((category, bucket))
+                    .or_default()
+                    .entry(e.item_id.as_str())
+                    .or_default() += weight;
             }
         }
-        pipes.into_values().collect()
+        let trending = (!counts.is_empty()).then(|| {
+            // Each trending key's number in the script, from 1, in the order of its KEYS.
+            let mut keys: BTreeMap<Option<&str>, usize> =
+                counts.keys().map(|(category, _)| (*category, 0)).collect();
+            for (j, number) in keys.values_mut().enumerate() {
+                *number = j + 1;
+            }
+            let mut invocation = self.trending_add_script.prepare_invoke();
+            self.trending_args(&mut invocation, now_bucket);
+            invocation.arg(keys.len());
+            for category in keys.keys() {
+                let prefix = self.trending_prefix(*category);
+                invocation.key(format!("{prefix}meta"));
+                invocation.key(format!("{prefix}sums"));
+                invocation.arg(prefix);
+            }
+            for ((category, bucket), items) in &counts {
+                invocation.arg(keys[category]).arg(*bucket).arg(items.len());
+                for (item, weight) in items {
+                    invocation.arg(*item).arg(*weight);
+                }
+            }
+            invocation
+        });
+        (pipes.into_values().collect(), trending)
     }
 }
 
@@ -468,17 +621,27 @@ impl SessionStore for RedisStore {
             duplicates: events.len() - accepted.len(),
         };
         if !accepted.is_empty() {
-            let pipes = self.state_updates(&accepted, super::event::now_ms());
+            let (pipes, trending) = self.state_updates(&accepted, super::event::now_ms());
             let result: Result<(), SessionError> = self
                 .bounded("update sessions", async {
                     let con = self.manager().await?;
                     // Sent together: on one connection they share the round trip.
-                    futures::future::try_join_all(pipes.iter().map(|pipe| {
+                    let sessions = futures::future::try_join_all(pipes.iter().map(|pipe| {
                         let mut con = con.clone();
                         async move { pipe.query_async::<()>(&mut con).await }
-                    }))
-                    .await
-                    .map(|_| ())
+                    }));
+                    let trending = async {
+                        match &trending {
+                            Some(invocation) => {
+                                let mut con = con.clone();
+                                invocation.invoke_async::<()>(&mut con).await
+                            }
+                            None => Ok(()),
+                        }
+                    };
+                    futures::future::try_join(sessions, trending)
+                        .await
+                        .map(|_| ())
                 })
                 .await;
             // The events are in the log, which is what acknowledgement promises; the derived
@@ -608,15 +771,13 @@ impl SessionStore for RedisStore {
         if k == 0 {
             return Ok(Vec::new());
         }
-        let s = &self.settings;
         let now_bucket = super::event::now_ms().div_euclid(self.bucket_ms());
-        let mut invocation = self.trending_script.prepare_invoke();
-        invocation.key(self.key(&format!("{{trending}}:scratch:{}", uuid::Uuid::new_v4())));
-        invocation.arg(k);
-        for age in 0..s.trending_buckets as i64 {
-            invocation.key(self.trending_key(category, now_bucket - age));
-            invocation.arg(super::memory::decay_weight(age, s));
-        }
+        let prefix = self.trending_prefix(category);
+        let mut invocation = self.trending_top_script.prepare_invoke();
+        invocation.key(format!("{prefix}meta"));
+        invocation.key(format!("{prefix}sums"));
+        self.trending_args(&mut invocation, now_bucket);
+        invocation.arg(prefix).arg(k);
         let flat: Vec<String> = self
             .bounded("read trending", async {
                 let mut con = self.manager().await?;
@@ -631,8 +792,11 @@ impl SessionStore for RedisStore {
             };
             out.push((item, score));
         }
-        // Same tie order as the memory backend: score descending, then item id ascending.
+        // Same tie order as the memory backend: score descending, then item id ascending. The
+        // members tied with the k-th come twice when they are among the k best.
         out.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        out.dedup_by(|a, b| a.0 == b.0);
+        out.truncate(k);
         Ok(out)
     }
 
