@@ -191,6 +191,7 @@ contract!(
     history_is_bounded_and_seedable,
     trending_decays_with_age,
     trending_forgets_buckets_that_leave_the_window,
+    trending_forgets_a_bucket_of_many_items,
     export_round_trips_through_the_common_format,
     concurrent_appends_lose_nothing,
     cache_entries_expire,
@@ -502,6 +503,49 @@ async fn trending_forgets_buckets_that_leave_the_window(backend: Backend) {
     h.store.append(&[fresh]).await.unwrap();
     let top = scores(h.store.trending(None, 10).await.unwrap());
     assert!(close(&top, &[("fresh", 1.0)]), "{top:?}");
+    h.cleanup().await;
+}
+
+/// A bucket of more items than Redis subtracts in one script call (2,000) still leaves the
+/// sums entirely, over the next few calls.
+async fn trending_forgets_a_bucket_of_many_items(backend: Backend) {
+    let h = Harness::new(backend, |s| {
+        s.session.trending_half_life_secs = 1.0;
+        s.session.trending_bucket_secs = 1;
+        s.session.trending_buckets = 2;
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(
+        1_050 - now_ms().rem_euclid(1_000) as u64,
+    ))
+    .await;
+    let now = now_ms();
+    let mut events: Vec<Event> = (0..4_500)
+        .map(|i| {
+            event(
+                Some("u"),
+                None,
+                &format!("many-{i}"),
+                EventType::View,
+                now - 1_000,
+            )
+        })
+        .collect();
+    events.push(event(Some("u"), None, "fresh", EventType::View, now));
+    h.store.append(&events).await.unwrap();
+    assert_eq!(h.store.trending(None, 5_000).await.unwrap().len(), 4_501);
+
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let mut top = Vec::new();
+    for _ in 0..3 {
+        top = h.store.trending(None, 5_000).await.unwrap();
+    }
+    let names: Vec<&str> = top.iter().map(|(i, _)| i.as_str()).collect();
+    assert_eq!(
+        names,
+        ["fresh"],
+        "the expired bucket is gone after three reads"
+    );
     h.cleanup().await;
 }
 

@@ -15,7 +15,8 @@
 //!     that a read is the top k of one sorted set (a read that merged every bucket cost
 //!     O(items trending) and held Redis for 20-30 ms at 100k items);
 //!   - `Tmeta`: `base`, `through` (the buckets before it are out of the window and have been
-//!     subtracted from the sums) and `newest` (the newest bucket written).
+//!     subtracted from the sums; the one at it may be in part) and `newest` (the newest bucket
+//!     written).
 //!
 //!   Scripts keep the three consistent: every write and read first subtracts the buckets that
 //!   left the window, once, whichever replica gets there first. The scripts name the bucket
@@ -73,6 +74,7 @@ local bucket_secs, half_life = tonumber(ARGV[3]), tonumber(ARGV[4])
 local oldest = now - window + 1
 local function decay(age) return 0.5 ^ (age * bucket_secs / half_life) end
 local function num(x) return string.format('%.17g', x) end
+local SETTLE_BUDGET = 2000
 
 local function settle(prefix, meta, sums)
   local m = redis.call('HMGET', meta, 'base', 'through', 'newest')
@@ -95,18 +97,29 @@ local function settle(prefix, meta, sums)
     redis.call('DEL', meta, sums)
     return nil
   end
-  for b = through, oldest - 1 do
-    local g = 1 / decay(b - base)
-    local counts = redis.call('ZRANGE', prefix .. b, 0, -1, 'WITHSCORES')
+  -- At most SETTLE_BUDGET counts per call, so that an hour's bucket of 100k items does not
+  -- hold Redis at once: the next calls go on where this one stopped. Meanwhile the sums still
+  -- hold the rest of a bucket a whole window old, at its decayed weight.
+  local budget, done = SETTLE_BUDGET, through
+  while done < oldest and budget > 0 do
+    local bucket = prefix .. done
+    local g = 1 / decay(done - base)
+    local counts = redis.call('ZRANGE', bucket, 0, budget - 1, 'WITHSCORES')
     for i = 1, #counts, 2 do
       local gone = tonumber(counts[i + 1]) * g
       local left = tonumber(redis.call('ZINCRBY', sums, num(-gone), counts[i]))
       -- What is left of an item no live bucket holds is rounding error.
       if left <= gone * 1e-9 then redis.call('ZREM', sums, counts[i]) end
     end
-    redis.call('DEL', prefix .. b)
+    budget = budget - #counts / 2
+    if budget > 0 then
+      redis.call('DEL', bucket)
+      done = done + 1
+    else
+      redis.call('ZREMRANGEBYRANK', bucket, 0, #counts / 2 - 1)
+    end
   end
-  if through < oldest then redis.call('HSET', meta, 'through', oldest) end
+  if done > through then redis.call('HSET', meta, 'through', done) end
   if 1 / decay(now - base) > 1e12 then
     redis.call('ZUNIONSTORE', sums, 1, sums, 'WEIGHTS', num(decay(now - base)))
     base = now
