@@ -353,7 +353,7 @@ fn bucket_of(ts_ms: i64, s: &SessionSettings) -> i64 {
 }
 
 /// The decay weight of a bucket `age` buckets old.
-pub(crate) fn decay_weight(age: i64, s: &SessionSettings) -> f64 {
+fn decay_weight(age: i64, s: &SessionSettings) -> f64 {
     0.5f64.powf(age as f64 * s.trending_bucket_secs as f64 / s.trending_half_life_secs)
 }
 
