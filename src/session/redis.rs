@@ -407,16 +407,22 @@ impl RedisStore {
                     redis::cmd("KEYS").arg(&pattern).query_async(&mut con).await
                 })
                 .await?;
-            if keys.is_empty() {
-                return Ok(0);
+            // The cluster client splits a multi-key UNLINK by slot and sums the answers. A
+            // hundred keys at a time, so that each call fits in the time budget: a thousand
+            // took over 200 ms on a local three-node cluster.
+            let mut deleted = 0usize;
+            for chunk in keys.chunks(100) {
+                deleted += self
+                    .bounded("delete keys", async {
+                        let mut con = self.manager().await?;
+                        redis::cmd("UNLINK")
+                            .arg(chunk)
+                            .query_async::<usize>(&mut con)
+                            .await
+                    })
+                    .await?;
             }
-            // The cluster client splits a multi-key UNLINK by slot and sums the answers.
-            return self
-                .bounded("delete keys", async {
-                    let mut con = self.manager().await?;
-                    redis::cmd("UNLINK").arg(&keys).query_async(&mut con).await
-                })
-                .await;
+            return Ok(deleted);
         }
         let mut deleted = 0usize;
         let mut cursor: u64 = 0;
