@@ -430,15 +430,25 @@ async fn trending_decays_with_age(backend: Backend) {
     h.cleanup().await;
 }
 
-/// One-second buckets, a two-bucket window and a one-second half-life, so that a bucket
-/// leaves the window within the test.
-async fn trending_forgets_buckets_that_leave_the_window(backend: Backend) {
+/// A store with one-second trending buckets, a two-bucket window and a one-second half-life,
+/// so that a bucket leaves the window within a test; returned 50 ms into a second, so that
+/// the test's first steps stay inside the bucket they mean.
+async fn one_second_trending(backend: Backend) -> Harness {
     let h = Harness::new(backend, |s| {
         s.session.trending_half_life_secs = 1.0;
         s.session.trending_bucket_secs = 1;
         s.session.trending_buckets = 2;
     })
     .await;
+    tokio::time::sleep(Duration::from_millis(
+        1_050 - now_ms().rem_euclid(1_000) as u64,
+    ))
+    .await;
+    h
+}
+
+async fn trending_forgets_buckets_that_leave_the_window(backend: Backend) {
+    let h = one_second_trending(backend).await;
     let scores = |top: Vec<(ItemId, f64)>| -> Vec<(String, f64)> {
         top.into_iter()
             .map(|(i, s)| (i.as_str().to_string(), s))
@@ -451,11 +461,6 @@ async fn trending_forgets_buckets_that_leave_the_window(backend: Backend) {
                 .zip(want)
                 .all(|(g, w)| g.0 == w.0 && (g.1 - w.1).abs() < 1e-9)
     };
-    // Start early in a second, so that the steps below stay inside the buckets they mean.
-    tokio::time::sleep(Duration::from_millis(
-        1_050 - now_ms().rem_euclid(1_000) as u64,
-    ))
-    .await;
     let now = now_ms();
     let mut events = vec![event(Some("u"), None, "old", EventType::View, now - 1_000)];
     for item in ["new", "new", "tie-c", "tie-a", "tie-b"] {
@@ -510,16 +515,7 @@ async fn trending_forgets_buckets_that_leave_the_window(backend: Backend) {
 /// A bucket of more items than Redis subtracts in one script call (2,000) still leaves the
 /// sums entirely, over the next calls.
 async fn trending_forgets_a_bucket_of_many_items(backend: Backend) {
-    let h = Harness::new(backend, |s| {
-        s.session.trending_half_life_secs = 1.0;
-        s.session.trending_bucket_secs = 1;
-        s.session.trending_buckets = 2;
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(
-        1_050 - now_ms().rem_euclid(1_000) as u64,
-    ))
-    .await;
+    let h = one_second_trending(backend).await;
     let now = now_ms();
     let mut events: Vec<Event> = (0..2_500)
         .map(|i| {
