@@ -6,7 +6,8 @@
 # generator and redis-server over 10 s of the run (from /proc/<pid>/stat).
 # WARMUP (default 5) seconds of the same load run first and are not counted: a server's first
 # seconds after a start are not its steady state. SEED (default 42) picks the requests;
-# TIMELINE=1 adds each second's p99 and max, to tell a stall from a steady tail.
+# TIMELINE=1 adds each second's p99 and max, to tell a stall from a steady tail. MIX (passed
+# to --mix, e.g. MIX=event=0,upsert=0) changes the scenario weights.
 set -euo pipefail
 BACKEND=$1
 RATE=$2
@@ -31,7 +32,7 @@ done
 WARMUP=${WARMUP:-5}
 $BIN/tandem-load --url "http://127.0.0.1:$PORT" --catalog "$DIR/raw" --rate "$RATE" \
   --duration "$SECS" --warmup "$WARMUP" --seed "${SEED:-42}" --label "$BACKEND" \
-  ${TIMELINE:+--timeline} &
+  ${TIMELINE:+--timeline} ${MIX:+--mix "$MIX"} &
 load=$!
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 redis=$(pgrep -x redis-server | head -1 || true)

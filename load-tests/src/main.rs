@@ -1,7 +1,7 @@
 //! `tandem-load`: a closed-loop HTTP load generator for `tandem serve`, loopback only.
 //!
-//! N workers each send one request at a time, picking a scenario by weight:
-//! 70% recommendations (known users, anonymous sessions, filtered requests), 20% events,
+//! N workers each send one request at a time, picking a scenario by weight (`--mix`; by
+//! default the mix): 70% recommendations (known users, anonymous sessions, filtered requests), 20% events,
 //! 5% similar items, 5% item upserts. The run stops at `--duration` or `--requests`,
 //! whichever comes first. Latencies go into HDR histograms, per scenario and overall; at the
 //! end the server's own per-stage timings are read from `/metrics`.
@@ -71,6 +71,45 @@ struct Args {
     /// A label for the report (e.g. "memory", "redis").
     #[arg(long, default_value = "")]
     label: String,
+    /// Scenario weights, e.g. `rec_known_user=30,event=0`: named scenarios take the weight
+    /// given, the others keep the default mix (rec_known_user 30, rec_session 20,
+    /// rec_filtered 20, event 20, similar 5, upsert 5). Weights are relative, not percent.
+    #[arg(long, default_value = "", value_parser = parse_mix)]
+    mix: Mix,
+}
+
+/// Relative weight of each scenario, in the order of [`Scenario::ALL`].
+#[derive(Clone, Debug)]
+struct Mix([u32; 6]);
+
+impl Default for Mix {
+    fn default() -> Self {
+        Mix(Scenario::ALL.map(Scenario::default_weight))
+    }
+}
+
+fn parse_mix(s: &str) -> Result<Mix, String> {
+    let mut mix = Mix::default();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (name, weight) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?}: expected scenario=weight"))?;
+        let i = Scenario::ALL
+            .iter()
+            .position(|sc| sc.name() == name.trim())
+            .ok_or_else(|| {
+                let names: Vec<_> = Scenario::ALL.iter().map(|sc| sc.name()).collect();
+                format!("unknown scenario {name:?}; known: {}", names.join(", "))
+            })?;
+        mix.0[i] = weight
+            .trim()
+            .parse()
+            .map_err(|_| format!("{part:?}: the weight must be a whole number"))?;
+    }
+    if mix.0.iter().all(|&w| w == 0) {
+        return Err("every scenario has weight 0".into());
+    }
+    Ok(mix)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,9 +132,9 @@ impl Scenario {
         Scenario::Upsert,
     ];
 
-    /// Weights in percent: 70 recommendations (30 known users, 20 sessions, 20 filtered),
-    /// 20 events, 5 similar, 5 upserts.
-    fn weight(self) -> u32 {
+    /// The mix, in percent: 70 recommendations (30 known users, 20 sessions, 20
+    /// filtered), 20 events, 5 similar, 5 upserts.
+    fn default_weight(self) -> u32 {
         match self {
             Scenario::RecKnownUser => 30,
             Scenario::RecSession => 20,
@@ -117,15 +156,15 @@ impl Scenario {
         }
     }
 
-    fn pick(rng: &mut StdRng) -> Scenario {
-        let mut x = rng.gen_range(0..100);
-        for s in Scenario::ALL {
-            if x < s.weight() {
-                return s;
+    fn pick(rng: &mut StdRng, mix: &Mix) -> Scenario {
+        let mut x = rng.gen_range(0..mix.0.iter().sum::<u32>());
+        for (s, &w) in Scenario::ALL.iter().zip(&mix.0) {
+            if x < w {
+                return *s;
             }
-            x -= s.weight();
+            x -= w;
         }
-        Scenario::RecKnownUser
+        unreachable!("x is below the sum of the weights")
     }
 }
 
@@ -274,7 +313,7 @@ async fn closed_loop(
                 if args.requests > 0 && n >= args.requests {
                     break;
                 }
-                let scenario = Scenario::pick(&mut rng);
+                let scenario = Scenario::pick(&mut rng, &args.mix);
                 let req = build(
                     scenario,
                     &client,
@@ -332,7 +371,7 @@ async fn open_loop(
         if due > tokio::time::Instant::now() {
             tokio::time::sleep_until(due).await;
         }
-        let scenario = Scenario::pick(&mut rng);
+        let scenario = Scenario::pick(&mut rng, &args.mix);
         let req = build(
             scenario,
             client,
@@ -653,6 +692,7 @@ fn report(args: &Args, stats: &Stats, elapsed: f64) {
         "p999_ms": ms(&stats.total, 0.999),
         "concurrency": args.concurrency,
         "rate": args.rate,
+        "mix": Scenario::ALL.iter().zip(&args.mix.0).map(|(s, w)| (s.name(), *w)).collect::<BTreeMap<_, _>>(),
     });
     println!("{json}");
 }
@@ -740,5 +780,32 @@ fn print_stage_breakdown(metrics: &str) {
             q(0.5) * 1e3,
             q(0.99) * 1e3
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mix_overrides_named_scenarios_and_keeps_the_rest() {
+        assert_eq!(parse_mix("").unwrap().0, [30, 20, 20, 20, 5, 5]);
+        let m = parse_mix("event=0, upsert=0").unwrap();
+        assert_eq!(m.0, [30, 20, 20, 0, 5, 0]);
+        let mut rng = StdRng::seed_from_u64(1);
+        let picked: Vec<Scenario> = (0..2_000).map(|_| Scenario::pick(&mut rng, &m)).collect();
+        assert!(!picked.contains(&Scenario::Event) && !picked.contains(&Scenario::Upsert));
+        assert!(picked.contains(&Scenario::Similar));
+    }
+
+    #[test]
+    fn bad_mix_names_the_problem() {
+        assert!(parse_mix("events=1")
+            .unwrap_err()
+            .contains("unknown scenario"));
+        assert!(parse_mix("event").unwrap_err().contains("scenario=weight"));
+        assert!(parse_mix("event=-1").unwrap_err().contains("whole number"));
+        let all_zero = Scenario::ALL.map(|s| format!("{}=0", s.name())).join(",");
+        assert!(parse_mix(&all_zero).unwrap_err().contains("weight 0"));
     }
 }
