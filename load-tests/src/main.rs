@@ -1,8 +1,8 @@
 //! `tandem-load`: a closed-loop HTTP load generator for `tandem serve`, loopback only.
 //!
 //! N workers each send one request at a time, picking a scenario by weight (`--mix`; by
-//! default the mix): 70% recommendations (known users, anonymous sessions, filtered requests), 20% events,
-//! 5% similar items, 5% item upserts. The run stops at `--duration` or `--requests`,
+//! default the mix): 70% recommendations (known users, anonymous sessions, filtered
+//! requests), 20% events, 5% similar items, 5% item upserts. The run stops at `--duration` or `--requests`,
 //! whichever comes first. Latencies go into HDR histograms, per scenario and overall; at the
 //! end the server's own per-stage timings are read from `/metrics`.
 //!
@@ -78,6 +78,9 @@ struct Args {
     mix: Mix,
 }
 
+/// The largest weight `--mix` takes (so that the sum cannot overflow).
+const MAX_WEIGHT: u32 = 1_000_000;
+
 /// Relative weight of each scenario, in the order of [`Scenario::ALL`].
 #[derive(Clone, Debug)]
 struct Mix([u32; 6]);
@@ -104,7 +107,11 @@ fn parse_mix(s: &str) -> Result<Mix, String> {
         mix.0[i] = weight
             .trim()
             .parse()
-            .map_err(|_| format!("{part:?}: the weight must be a whole number"))?;
+            .ok()
+            .filter(|&w| w <= MAX_WEIGHT)
+            .ok_or_else(|| {
+                format!("{part:?}: the weight must be a whole number up to {MAX_WEIGHT}")
+            })?;
     }
     if mix.0.iter().all(|&w| w == 0) {
         return Err("every scenario has weight 0".into());
@@ -805,6 +812,9 @@ mod tests {
             .contains("unknown scenario"));
         assert!(parse_mix("event").unwrap_err().contains("scenario=weight"));
         assert!(parse_mix("event=-1").unwrap_err().contains("whole number"));
+        assert!(parse_mix("event=4000000000")
+            .unwrap_err()
+            .contains("up to 1000000"));
         let all_zero = Scenario::ALL.map(|s| format!("{}=0", s.name())).join(",");
         assert!(parse_mix(&all_zero).unwrap_err().contains("weight 0"));
     }
