@@ -2,9 +2,9 @@
 //!
 //! N workers each send one request at a time, picking a scenario by weight (`--mix`; by
 //! default the mix): 70% recommendations (known users, anonymous sessions, filtered
-//! requests), 20% events, 5% similar items, 5% item upserts. The run stops at `--duration` or `--requests`,
-//! whichever comes first. Latencies go into HDR histograms, per scenario and overall; at the
-//! end the server's own per-stage timings are read from `/metrics`.
+//! requests), 20% events, 5% similar items, 5% item upserts. The run stops at `--duration`
+//! or `--requests`, whichever comes first. Latencies go into HDR histograms, per scenario and
+//! overall; at the end the server's own per-stage timings are read from `/metrics`.
 //!
 //! Before the timed run, a warm-up posts a few events for every "known" user and session, so
 //! those requests take the personal path (session read, user tower, ANN, re-rank).
