@@ -85,6 +85,9 @@ pub fn rerank(ctx: &Context<'_>, candidates: Vec<Candidate>) -> Vec<Ranked> {
     // product per candidate.
     let window = &ctx.session[..ctx.session.len().min(w.session_window)];
     let affinity = category_affinity(window);
+    let dim = candidates.first().map_or(0, |c| c.entry.vector.len());
+    let window_rows = Rows::new(window.iter().map(|s| &s.entry.vector[..]), dim);
+    let mut sims = Vec::with_capacity(window.len());
     let mut seen = IdSet::with_capacity_and_hasher(candidates.len(), Default::default());
     let mut scored: Vec<Ranked> = candidates
         .into_iter()
@@ -96,9 +99,9 @@ pub fn rerank(ctx: &Context<'_>, candidates: Vec<Candidate>) -> Vec<Ranked> {
                 ..Components::default()
             };
             if !window.is_empty() {
+                window_rows.similarities(&c.entry.vector, &mut sims);
                 let (mut max, mut sum) = (f32::MIN, 0.0);
-                for s in window {
-                    let sim = dot(&c.entry.vector, &s.entry.vector);
+                for &sim in &sims {
                     max = max.max(sim);
                     sum += sim;
                 }
@@ -149,6 +152,10 @@ fn mmr(mut pool: Vec<Ranked>, lambda: f32, depth: usize) -> Vec<Ranked> {
         return pool;
     }
     let depth = depth.min(pool.len());
+    // One matrix of the pool's vectors, so that each step scores all of them in one pass.
+    let dim = pool[0].entry.vector.len();
+    let rows = Rows::new(pool.iter().map(|r| &r.entry.vector[..]), dim);
+    let mut sims = Vec::with_capacity(pool.len());
     // Picks are marked, not removed, so that no step shifts the pool.
     let mut taken = vec![false; pool.len()];
     let mut order = Vec::with_capacity(depth);
@@ -173,10 +180,10 @@ fn mmr(mut pool: Vec<Ranked>, lambda: f32, depth: usize) -> Vec<Ranked> {
         taken[best] = true;
         order.push(best);
         pool[best].components.redundancy = if step == 0 { 0.0 } else { redundancy[best] };
-        let picked = &pool[best].entry.vector;
-        for (i, r) in pool.iter().enumerate() {
+        rows.similarities(rows.row(best), &mut sims);
+        for (i, (red, sim)) in redundancy.iter_mut().zip(&sims).enumerate() {
             if !taken[i] {
-                redundancy[i] = redundancy[i].max(dot(&r.entry.vector, picked));
+                *red = red.max(*sim);
             }
         }
     }
@@ -184,6 +191,47 @@ fn mmr(mut pool: Vec<Ranked>, lambda: f32, depth: usize) -> Vec<Ranked> {
     let mut out: Vec<Ranked> = order.iter().filter_map(|&i| slots[i].take()).collect();
     out.extend(slots.into_iter().flatten());
     out
+}
+
+/// Vectors as the rows of one matrix, so that the similarities of one vector to all of them
+/// are one pass ([`crate::vector::dot_rows`]) rather than a call per pair.
+struct Rows {
+    data: Vec<f32>,
+    dim: usize,
+    n: usize,
+}
+
+impl Rows {
+    /// A vector of another length than `dim` (a model swap in progress) becomes a row of
+    /// zeros: unrelated to everything, as [`dot`] has it.
+    fn new<'a>(vectors: impl Iterator<Item = &'a [f32]>, dim: usize) -> Rows {
+        let mut data = Vec::new();
+        let mut n = 0;
+        for v in vectors {
+            if v.len() == dim {
+                data.extend_from_slice(v);
+            } else {
+                data.extend(std::iter::repeat_n(0.0, dim));
+            }
+            n += 1;
+        }
+        Rows { data, dim, n }
+    }
+
+    fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.dim..(i + 1) * self.dim]
+    }
+
+    /// The cosine similarity of `v` to each row, into `out`; all 0 when `v` has another
+    /// length.
+    fn similarities(&self, v: &[f32], out: &mut Vec<f32>) {
+        if v.len() != self.dim || self.dim == 0 {
+            out.clear();
+            out.resize(self.n, 0.0);
+            return;
+        }
+        crate::vector::dot_rows(v, &self.data, out);
+    }
 }
 
 /// Recency-weighted share of the session in each category (0..=1).

@@ -51,16 +51,6 @@ impl TopK {
         }
     }
 
-    /// The lowest score that could still enter the list (ties are decided by `push`): the
-    /// worst kept one once the list is full, and -inf before.
-    #[inline]
-    pub(super) fn floor(&self) -> f32 {
-        match self.heap.peek() {
-            Some(Reverse((worst, _))) if self.heap.len() >= self.k => worst.0,
-            _ => f32::NEG_INFINITY,
-        }
-    }
-
     #[inline]
     pub(super) fn push(&mut self, score: f32, row: usize) {
         let entry = Reverse((Score(score), Reverse(row)));
