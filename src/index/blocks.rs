@@ -535,7 +535,7 @@ mod tests {
     fn the_int8_scan_returns_the_exact_top_k_of_a_crowded_block() {
         // 20,000 rows close together (one cluster, as trained embeddings of a category are),
         // where approximate scores alone would misorder neighbours; the shortlist re-ranked
-        // on f32 is 100 of them.
+        // on f32 is 114 of them.
         let dim = 64;
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
         let centre: Vec<f32> = (0..dim).map(|_| rng.gen_range(-1.0..1.0)).collect();
