@@ -218,6 +218,65 @@ unsafe fn dot_rows_i8_avx2(q: &[i8], rows: &[i8], out: &mut Vec<i32>) {
     }
 }
 
+/// The eigenvalues and eigenvectors of a symmetric `n × n` matrix (row-major), largest
+/// eigenvalue first; eigenvector `i` is row `i` of the returned matrix. Cyclic Jacobi
+/// rotations, in f64: for the small covariance matrices of the index (one per category
+/// block, `dim × dim`), where simplicity beats speed.
+pub fn symmetric_eigen(a: &[f64], n: usize) -> (Vec<f64>, Vec<f64>) {
+    assert_eq!(a.len(), n * n, "an n × n matrix");
+    let mut a = a.to_vec();
+    // v's columns are the eigenvectors as they converge.
+    let mut v = vec![0f64; n * n];
+    (0..n).for_each(|i| v[i * n + i] = 1.0);
+    let scale: f64 = a.iter().map(|x| x * x).sum::<f64>().max(f64::MIN_POSITIVE);
+    for _sweep in 0..64 {
+        let off: f64 = (0..n)
+            .flat_map(|i| (i + 1..n).map(move |j| (i, j)))
+            .map(|(i, j)| a[i * n + j] * a[i * n + j])
+            .sum();
+        if off <= 1e-24 * scale {
+            break;
+        }
+        for p in 0..n {
+            for q in p + 1..n {
+                let apq = a[p * n + q];
+                if apq == 0.0 {
+                    continue;
+                }
+                // The rotation that zeroes a[p][q] (Numerical Recipes, 11.1).
+                let theta = (a[q * n + q] - a[p * n + p]) / (2.0 * apq);
+                let t = if theta >= 0.0 { 1.0 } else { -1.0 }
+                    / (theta.abs() + (theta * theta + 1.0).sqrt());
+                let c = 1.0 / (t * t + 1.0).sqrt();
+                let s = t * c;
+                let rotate = |m: &mut [f64], x: usize, y: usize| {
+                    let (mx, my) = (m[x], m[y]);
+                    m[x] = c * mx - s * my;
+                    m[y] = s * mx + c * my;
+                };
+                for k in 0..n {
+                    rotate(&mut a, k * n + p, k * n + q);
+                }
+                for k in 0..n {
+                    rotate(&mut a, p * n + k, q * n + k);
+                }
+                for k in 0..n {
+                    rotate(&mut v, k * n + p, k * n + q);
+                }
+            }
+        }
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&x, &y| a[y * n + y].total_cmp(&a[x * n + x]));
+    let values = order.iter().map(|&i| a[i * n + i]).collect();
+    let vectors = order
+        .iter()
+        .flat_map(|&i| (0..n).map(move |k| (k, i)))
+        .map(|(k, i)| v[k * n + i])
+        .collect();
+    (values, vectors)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,5 +349,35 @@ mod tests {
         let mut zero = Vec::new();
         assert_eq!(quantize_i8(&[0.0; 4], &mut zero), 0.0);
         assert_eq!(zero, vec![0; 4]);
+    }
+
+    #[test]
+    fn eigenvectors_of_a_symmetric_matrix() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let n = 12;
+        // A covariance: B^T B of random rows, so every eigenvalue is >= 0.
+        let b: Vec<f64> = (0..40 * n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let mut a = vec![0f64; n * n];
+        for row in b.chunks_exact(n) {
+            for i in 0..n {
+                for j in 0..n {
+                    a[i * n + j] += row[i] * row[j];
+                }
+            }
+        }
+        let (values, vectors) = symmetric_eigen(&a, n);
+        assert!(values.windows(2).all(|w| w[0] >= w[1]), "largest first");
+        for (i, &lambda) in values.iter().enumerate() {
+            let v = &vectors[i * n..(i + 1) * n];
+            let norm: f64 = v.iter().map(|x| x * x).sum();
+            assert!((norm - 1.0).abs() < 1e-9);
+            for r in 0..n {
+                let av: f64 = (0..n).map(|c| a[r * n + c] * v[c]).sum();
+                assert!((av - lambda * v[r]).abs() < 1e-8, "A v = λ v");
+            }
+        }
+        let trace: f64 = (0..n).map(|i| a[i * n + i]).sum();
+        assert!((values.iter().sum::<f64>() - trace).abs() < 1e-8);
     }
 }
