@@ -15,7 +15,6 @@ use crate::catalog::CatalogEntry;
 use crate::config::RerankWeights;
 use crate::domain::{EventType, IdMap, IdSet};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Recency half-life, in positions, of the category affinity (the model pools with the same).
@@ -112,7 +111,8 @@ pub fn rerank(ctx: &Context<'_>, candidates: Vec<Candidate>) -> Vec<Ranked> {
                     .item
                     .genres
                     .iter()
-                    .filter_map(|g| affinity.get(g.as_str()))
+                    .filter_map(|g| affinity.iter().find(|(c, _)| *c == g.as_str()))
+                    .map(|(_, a)| a)
                     .fold(0.0, |a: f32, &b| a.max(b));
             }
             comp.trending = ctx.trending.get(c.entry.id()).copied().unwrap_or(0.0);
@@ -234,19 +234,23 @@ impl Rows {
     }
 }
 
-/// Recency-weighted share of the session in each category (0..=1).
-fn category_affinity(window: &[SessionItem]) -> HashMap<&str, f32> {
-    let mut weights: HashMap<&str, f32> = HashMap::new();
+/// Recency-weighted share of the session in each category (0..=1). A list, not a map: a
+/// session window touches a handful of categories, and every candidate looks its own up.
+fn category_affinity(window: &[SessionItem]) -> Vec<(&str, f32)> {
+    let mut weights: Vec<(&str, f32)> = Vec::new();
     let mut total = 0.0;
     for (pos, s) in window.iter().enumerate() {
         let w = 0.5f32.powf(pos as f32 / AFFINITY_HALF_LIFE);
         total += w;
         for g in &s.entry.item.genres {
-            *weights.entry(g.as_str()).or_default() += w;
+            match weights.iter_mut().find(|(c, _)| *c == g.as_str()) {
+                Some((_, sum)) => *sum += w,
+                None => weights.push((g.as_str(), w)),
+            }
         }
     }
     if total > 0.0 {
-        weights.values_mut().for_each(|v| *v /= total);
+        weights.iter_mut().for_each(|(_, v)| *v /= total);
     }
     weights
 }

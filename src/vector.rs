@@ -132,7 +132,7 @@ unsafe fn dot_rows_avx2(q: &[f32], rows: &[f32], out: &mut Vec<f32>) {
 
 /// Symmetric int8 codes of `v`, appended to `out`: `v[i] ≈ code[i] * scale`. Returns the
 /// scale (0 for an all-zero vector, whose codes are all 0). Codes stay in -127..=127, which
-/// [`dot_rows_i8`] relies on.
+/// [`i8_rows_at_least`] relies on.
 pub fn quantize_i8(v: &[f32], out: &mut Vec<i8>) -> f32 {
     let max = v.iter().fold(0f32, |m, x| m.max(x.abs()));
     if max == 0.0 || !max.is_finite() {
@@ -147,24 +147,36 @@ pub fn quantize_i8(v: &[f32], out: &mut Vec<i8>) -> f32 {
     max / 127.0
 }
 
-/// The integer dot product of the code vector `q` with each row of `rows` (row-major, of
-/// `q.len()` columns), written to `out` (cleared first). A quarter of the bytes of
-/// [`dot_rows`], which matters because a scan of a category's rows is bound by memory
-/// bandwidth, not arithmetic (BENCHMARKS.md, 2026-12-04).
-pub fn dot_rows_i8(q: &[i8], rows: &[i8], out: &mut Vec<i32>) {
-    out.clear();
+/// The rows of int8 codes (row-major, `q.len()` columns) that score at least `floor`, where
+/// row `r` scores `(q · row_r) * (scales[r] * q_scale)`: `(r, score)` is appended to `out`
+/// for each. One pass that keeps the scores in registers and writes out only the rows that
+/// pass: in a scan of a category, most rows fail the floor, and the codes are a quarter of
+/// the bytes of the f32 rows (a scan is bound by memory bandwidth; BENCHMARKS.md, 12-04).
+pub fn i8_rows_at_least(
+    q: &[i8],
+    q_scale: f32,
+    rows: &[i8],
+    scales: &[f32],
+    floor: f32,
+    out: &mut Vec<(usize, f32)>,
+) {
     let dim = q.len();
     if dim == 0 {
         return;
     }
-    debug_assert_eq!(rows.len() % dim, 0);
+    debug_assert_eq!(rows.len(), scales.len() * dim);
     #[cfg(target_arch = "x86_64")]
     if dim.is_multiple_of(32) && std::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above; dim is a multiple of 32.
-        unsafe { dot_rows_i8_avx2(q, rows, out) };
+        unsafe { i8_rows_at_least_avx2(q, q_scale, rows, scales, floor, out) };
         return;
     }
-    out.extend(rows.chunks_exact(dim).map(|r| dot_i8_portable(q, r)));
+    for (r, (row, sc)) in rows.chunks_exact(dim).zip(scales).enumerate() {
+        let score = dot_i8_portable(q, row) as f32 * (sc * q_scale);
+        if score >= floor {
+            out.push((r, score));
+        }
+    }
 }
 
 fn dot_i8_portable(a: &[i8], b: &[i8]) -> i32 {
@@ -173,19 +185,27 @@ fn dot_i8_portable(a: &[i8], b: &[i8]) -> i32 {
 
 /// Four rows at a time. `maddubs` multiplies unsigned by signed bytes, so the query's sign
 /// moves onto the row (`sign`), and |q| * ±x over adjacent pairs fits i16 (2 * 127 * 127);
-/// `madd` by ones widens the pairs to i32 before they are summed.
+/// `madd` by ones widens the pairs to i32 before they are summed. The four sums are scaled
+/// and compared with the floor together; a row is written out only when it passes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn dot_rows_i8_avx2(q: &[i8], rows: &[i8], out: &mut Vec<i32>) {
+unsafe fn i8_rows_at_least_avx2(
+    q: &[i8],
+    q_scale: f32,
+    rows: &[i8],
+    scales: &[f32],
+    floor: f32,
+    out: &mut Vec<(usize, f32)>,
+) {
     use std::arch::x86_64::*;
     let dim = q.len();
-    let n = rows.len() / dim;
-    out.reserve(n);
-    let (pq, pr) = (q.as_ptr(), rows.as_ptr());
+    let n = scales.len();
+    let (pq, pr, ps) = (q.as_ptr(), rows.as_ptr(), scales.as_ptr());
     let ones = _mm256_set1_epi16(1);
+    let (qs, fl) = (_mm_set1_ps(q_scale), _mm_set1_ps(floor));
     let mut r = 0;
     // SAFETY (all loads): row r + 3 < n and j + 32 <= dim, so every load of rows r..r+4 stays
-    // inside `rows`, and every load of `q` inside `q`.
+    // inside `rows` (n * dim bytes), of `scales` inside `scales`, and of `q` inside `q`.
     while r + 4 <= n {
         let base = pr.add(r * dim);
         let mut acc = [_mm256_setzero_si256(); 4];
@@ -207,13 +227,28 @@ unsafe fn dot_rows_i8_avx2(q: &[i8], rows: &[i8], out: &mut Vec<i32>) {
             _mm256_castsi256_si128(abcd),
             _mm256_extracti128_si256(abcd, 1),
         );
-        let mut four = [0i32; 4];
-        _mm_storeu_si128(four.as_mut_ptr() as *mut __m128i, sums);
-        out.extend_from_slice(&four);
+        let scores = _mm_mul_ps(
+            _mm_cvtepi32_ps(sums),
+            _mm_mul_ps(_mm_loadu_ps(ps.add(r)), qs),
+        );
+        let pass = _mm_movemask_ps(_mm_cmp_ps::<_CMP_GE_OQ>(scores, fl));
+        if pass != 0 {
+            let mut four = [0f32; 4];
+            _mm_storeu_ps(four.as_mut_ptr(), scores);
+            for (t, &score) in four.iter().enumerate() {
+                if pass & (1 << t) != 0 {
+                    out.push((r + t, score));
+                }
+            }
+        }
         r += 4;
     }
     while r < n {
-        out.push(dot_i8_portable(q, &rows[r * dim..(r + 1) * dim]));
+        let score =
+            dot_i8_portable(q, &rows[r * dim..(r + 1) * dim]) as f32 * (scales[r] * q_scale);
+        if score >= floor {
+            out.push((r, score));
+        }
         r += 1;
     }
 }
@@ -311,22 +346,33 @@ mod tests {
     }
 
     #[test]
-    fn dot_rows_i8_matches_the_integer_dot_at_the_extremes() {
+    fn i8_rows_at_least_matches_the_integer_dot_at_the_extremes() {
         for dim in [3, 32, 64, 96] {
             // Full-scale codes of both signs: the case that would overflow i16 pair sums.
             let q: Vec<i8> = (0..dim)
                 .map(|i| if i % 3 == 0 { -127 } else { 127 })
                 .collect();
-            for n in [0, 1, 4, 7] {
+            for n in [0, 1, 4, 7, 13] {
                 let rows: Vec<i8> = (0..n * dim)
                     .map(|i| [127i8, -127, 0, 5, -64][i % 5])
                     .collect();
-                let mut out = vec![9];
-                dot_rows_i8(&q, &rows, &mut out);
-                assert_eq!(out.len(), n, "dim {dim}, {n} rows");
-                for (i, s) in out.iter().enumerate() {
-                    let want = dot_i8_portable(&q, &rows[i * dim..(i + 1) * dim]);
-                    assert_eq!(*s, want, "dim {dim}, row {i}");
+                let scales: Vec<f32> = (0..n).map(|r| 0.5 + r as f32).collect();
+                let want: Vec<(usize, f32)> = (0..n)
+                    .map(|r| {
+                        let d = dot_i8_portable(&q, &rows[r * dim..(r + 1) * dim]);
+                        (r, d as f32 * (scales[r] * 0.25))
+                    })
+                    .collect();
+                let mut all = Vec::new();
+                i8_rows_at_least(&q, 0.25, &rows, &scales, f32::NEG_INFINITY, &mut all);
+                assert_eq!(all, want, "dim {dim}, {n} rows");
+                // A floor keeps exactly the rows at or above it, in row order.
+                if let Some(&(_, floor)) = want.get(n / 2) {
+                    let mut passed = Vec::new();
+                    i8_rows_at_least(&q, 0.25, &rows, &scales, floor, &mut passed);
+                    let kept: Vec<(usize, f32)> =
+                        want.iter().copied().filter(|&(_, s)| s >= floor).collect();
+                    assert_eq!(passed, kept, "dim {dim}, {n} rows, floor {floor}");
                 }
             }
         }
@@ -339,8 +385,8 @@ mod tests {
         let (mut ca, mut cb) = (Vec::new(), Vec::new());
         let (sa, sb) = (quantize_i8(&a, &mut ca), quantize_i8(&b, &mut cb));
         let mut out = Vec::new();
-        dot_rows_i8(&ca, &cb, &mut out);
-        let approx = out[0] as f32 * sa * sb;
+        i8_rows_at_least(&ca, sa, &cb, &[sb], f32::NEG_INFINITY, &mut out);
+        let approx = out[0].1;
         assert!(
             (approx - dot(&a, &b)).abs() < 2e-3,
             "{approx} vs {}",

@@ -28,12 +28,12 @@
 use super::exact::TopK;
 use super::{IndexPoint, Payload, PayloadPatch};
 use crate::domain::{point_id, Filter};
-use crate::vector::{dot, dot_rows_i8, quantize_i8, symmetric_eigen};
+use crate::vector::{dot, i8_rows_at_least, quantize_i8, symmetric_eigen};
 use rayon::prelude::*;
 use std::collections::{HashMap, HashSet};
 use uuid::Uuid;
 
-/// Rows scored per call of [`dot_rows_i8`].
+/// Rows scored per call of [`i8_rows_at_least`] (the floor rises between calls).
 const SCAN_CHUNK: usize = 512;
 /// Rows kept by the approximate (int8) score beyond the `k` asked for, to be re-ranked on
 /// the f32 rows: at least this many, and at least `k` more.
@@ -428,25 +428,20 @@ impl CategoryBlocks {
             // Projected codes drop a little of every score, so more rows are re-ranked.
             let extra = k.max(RESCORE_EXTRA) * if b.basis.is_empty() { 1 } else { 2 };
             let mut approx = Shortlist::new(k + extra);
-            let mut dots = Vec::with_capacity(SCAN_CHUNK);
-            let mut scores = Vec::with_capacity(SCAN_CHUNK);
+            let mut passed = Vec::with_capacity(SCAN_CHUNK);
             for (c, rows) in b.rows.chunks(SCAN_CHUNK).enumerate() {
                 let first = c * SCAN_CHUNK;
-                dot_rows_i8(
+                passed.clear();
+                i8_rows_at_least(
                     &q_code,
+                    q_scale,
                     &b.codes[first * width..(first + rows.len()) * width],
-                    &mut dots,
+                    &b.scales[first..first + rows.len()],
+                    approx.floor,
+                    &mut passed,
                 );
-                // Scaled in one vectorised pass; the row itself is read only for a score
-                // good enough to keep.
-                let scales = &b.scales[first..first + rows.len()];
-                scores.clear();
-                scores.extend(
-                    dots.iter()
-                        .zip(scales)
-                        .map(|(&d, &sc)| d as f32 * sc * q_scale),
-                );
-                for (j, &s) in scores.iter().enumerate() {
+                // The row's fields are read only for a score good enough to keep.
+                for &(j, s) in &passed {
                     if s >= approx.floor && rf.fields_pass(&rows[j]) && rf.lookups_pass(&rows[j]) {
                         approx.push(s, first + j);
                     }
