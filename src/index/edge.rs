@@ -80,7 +80,7 @@ pub struct EdgeOptions {
     pub quantization: bool,
     /// A filter whose included categories hold at most this many points is answered by an
     /// exact scan of tandem's per-category RAM blocks ([`CategoryBlocks`]) instead of the
-    /// engine; 0 turns the blocks off (and saves their memory: 5 × dim + 4 bytes per point).
+    /// engine; 0 turns the blocks off (and saves their memory: up to 5 × dim + 4 bytes per point).
     pub scan_max_points: usize,
 }
 
