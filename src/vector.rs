@@ -164,7 +164,8 @@ pub fn i8_rows_at_least(
     if dim == 0 {
         return;
     }
-    debug_assert_eq!(rows.len(), scales.len() * dim);
+    // The AVX2 loads rely on it.
+    assert_eq!(rows.len(), scales.len() * dim, "one scale per row");
     #[cfg(target_arch = "x86_64")]
     if dim.is_multiple_of(32) && std::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above; dim is a multiple of 32.
