@@ -28,7 +28,7 @@
 use super::exact::TopK;
 use super::{IndexPoint, Payload, PayloadPatch};
 use crate::domain::{point_id, Filter};
-use crate::vector::{dot, i8_rows_at_least, quantize_i8, symmetric_eigen};
+use crate::vector::{dot, dot_rows, i8_rows_at_least, quantize_i8, symmetric_eigen};
 use rayon::prelude::*;
 use std::collections::{HashMap, HashSet};
 use uuid::Uuid;
@@ -45,7 +45,7 @@ const PROJECTED_DIM: usize = 32;
 /// ...when that many principal directions hold at least this fraction of their variance.
 const PROJECTED_VARIANCE: f64 = 0.99;
 /// The covariance of a block's offsets is estimated on at most this many rows, evenly spaced.
-const COVARIANCE_SAMPLE: usize = 16_384;
+const COVARIANCE_SAMPLE: usize = 8_192;
 
 /// Appends the int8 codes of `v - mean` (of `v` when `mean` is empty), or of its
 /// coordinates on the rows of `basis` when there is one, and returns their scale.
@@ -63,7 +63,9 @@ fn project(basis: &[f32], v: &[f32]) -> Vec<f32> {
     if basis.is_empty() {
         return v.to_vec();
     }
-    basis.chunks_exact(v.len()).map(|b| dot(b, v)).collect()
+    let mut out = Vec::with_capacity(basis.len() / v.len());
+    dot_rows(v, basis, &mut out);
+    out
 }
 
 /// The [`PROJECTED_DIM`] principal directions of the rows' offsets from `mean`, as rows of
