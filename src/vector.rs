@@ -166,14 +166,15 @@ pub fn i8_rows_at_least(
     }
     // The AVX2 loads rely on it.
     assert_eq!(rows.len(), scales.len() * dim, "one scale per row");
+    let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if dim.is_multiple_of(32) && std::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above; dim is a multiple of 32.
-        unsafe { i8_rows_at_least_avx2(q, q_scale, rows, scales, floor, out) };
-        return;
+        done = unsafe { i8_rows_at_least_avx2(q, q_scale, rows, scales, floor, out) };
     }
-    for (r, (row, sc)) in rows.chunks_exact(dim).zip(scales).enumerate() {
-        let score = dot_i8_portable(q, row) as f32 * (sc * q_scale);
+    for r in done..scales.len() {
+        let score =
+            dot_i8_portable(q, &rows[r * dim..(r + 1) * dim]) as f32 * (scales[r] * q_scale);
         if score >= floor {
             out.push((r, score));
         }
@@ -187,7 +188,8 @@ fn dot_i8_portable(a: &[i8], b: &[i8]) -> i32 {
 /// Four rows at a time. `maddubs` multiplies unsigned by signed bytes, so the query's sign
 /// moves onto the row (`sign`), and |q| * ±x over adjacent pairs fits i16 (2 * 127 * 127);
 /// `madd` by ones widens the pairs to i32 before they are summed. The four sums are scaled
-/// and compared with the floor together; a row is written out only when it passes.
+/// and compared with the floor together; a row is written out only when it passes. Returns
+/// how many rows it scanned (all but the last `n % 4`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn i8_rows_at_least_avx2(
@@ -197,7 +199,7 @@ unsafe fn i8_rows_at_least_avx2(
     scales: &[f32],
     floor: f32,
     out: &mut Vec<(usize, f32)>,
-) {
+) -> usize {
     use std::arch::x86_64::*;
     let dim = q.len();
     let n = scales.len();
@@ -244,14 +246,7 @@ unsafe fn i8_rows_at_least_avx2(
         }
         r += 4;
     }
-    while r < n {
-        let score =
-            dot_i8_portable(q, &rows[r * dim..(r + 1) * dim]) as f32 * (scales[r] * q_scale);
-        if score >= floor {
-            out.push((r, score));
-        }
-        r += 1;
-    }
+    r
 }
 
 /// The eigenvalues and eigenvectors of a symmetric `n × n` matrix (row-major), largest
