@@ -24,6 +24,10 @@
 //! principal directions hold 99.6% of a block's variance in 64 dimensions. A block where 32
 //! hold at least [`PROJECTED_VARIANCE`] keeps codes of the offsets' coordinates on those
 //! directions only (half the bytes and half the work per row), and its shortlist is longer.
+//!
+//! A block's centre and directions are fitted again each time it doubles. The service fits
+//! off the lock, on a sample, and re-encodes the rows a chunk at a time while the block
+//! goes on scanning its old codes ([`CategoryBlocks::start_fits`]).
 
 use super::exact::TopK;
 use super::{IndexPoint, Payload, PayloadPatch};
@@ -38,13 +42,13 @@ const SCAN_CHUNK: usize = 512;
 /// Rows kept by the approximate (int8) score beyond the `k` asked for, to be re-ranked on
 /// the f32 rows: at least this many, and at least `k` more.
 const RESCORE_EXTRA: usize = 64;
-/// A block is first centred when it holds this many rows.
-const MIN_CENTRE_ROWS: usize = 64;
+/// A block is first fitted when it holds this many rows.
+const MIN_FIT_ROWS: usize = 64;
 /// Coordinates kept per row by a block whose offsets are projected...
 const PROJECTED_DIM: usize = 32;
 /// ...when that many principal directions hold at least this fraction of their variance.
 const PROJECTED_VARIANCE: f64 = 0.99;
-/// The covariance of a block's offsets is estimated on at most this many rows, evenly spaced.
+/// A block's centre and covariance are estimated on at most this many rows, evenly spaced.
 const COVARIANCE_SAMPLE: usize = 8_192;
 
 /// Appends the int8 codes of `v - mean` (of `v` when `mean` is empty), or of its
@@ -68,18 +72,40 @@ fn project(basis: &[f32], v: &[f32]) -> Vec<f32> {
     out
 }
 
+/// A block's centre and, when its offsets vary in few directions, those directions.
+#[derive(Debug, Clone)]
+pub struct Fit {
+    mean: Vec<f32>,
+    basis: Vec<f32>,
+}
+
+impl Fit {
+    /// Fits on sampled rows (`dim` values each). The expensive part of a re-fit (a 64 × 64
+    /// covariance and its eigenvectors: about 10 ms), so callers run it holding no lock.
+    pub fn of_sample(dim: usize, sample: &[f32]) -> Fit {
+        let n = sample.len() / dim;
+        let mut mean = vec![0f32; dim];
+        for v in sample.chunks_exact(dim) {
+            for (m, x) in mean.iter_mut().zip(v) {
+                *m += x;
+            }
+        }
+        mean.iter_mut().for_each(|m| *m /= n.max(1) as f32);
+        let basis = principal_basis(dim, sample, &mean);
+        Fit { mean, basis }
+    }
+}
+
 /// The [`PROJECTED_DIM`] principal directions of the rows' offsets from `mean`, as rows of
 /// one matrix, when they hold at least [`PROJECTED_VARIANCE`] of the variance; otherwise
 /// empty (no projection).
 fn principal_basis(dim: usize, vectors: &[f32], mean: &[f32]) -> Vec<f32> {
-    let n = vectors.len() / dim;
-    if dim <= PROJECTED_DIM || n == 0 {
+    if dim <= PROJECTED_DIM || vectors.is_empty() {
         return Vec::new();
     }
-    let step = n.div_ceil(COVARIANCE_SAMPLE);
     let mut cov = vec![0f64; dim * dim];
     let mut offset = vec![0f64; dim];
-    for v in vectors.chunks_exact(dim).step_by(step) {
+    for v in vectors.chunks_exact(dim) {
         for ((o, x), m) in offset.iter_mut().zip(v).zip(mean) {
             *o = (x - m) as f64;
         }
@@ -124,27 +150,29 @@ impl Row {
     }
 }
 
-/// One category's rows: row `i` of `rows` is `vectors[i * dim..(i + 1) * dim]`, and the
-/// int8 codes of its offset from `mean` (projected on `basis` when there is one) are
-/// `codes[i * c..(i + 1) * c]` for `c` = [`Block::code_dim`], with scale `scales[i]`.
+/// Int8 codes of rows' offsets from `mean` (of the rows themselves while `mean` is empty),
+/// projected on `basis` when there is one: row `i`'s codes are `codes[i * w..(i + 1) * w]`
+/// for `w` = [`Codes::width`], with scale `scales[i]`.
 #[derive(Debug, Default)]
-struct Block {
-    vectors: Vec<f32>,
-    codes: Vec<i8>,
-    scales: Vec<f32>,
-    /// Empty (the origin) until the block is first re-centred.
+struct Codes {
     mean: Vec<f32>,
     /// [`PROJECTED_DIM`] rows of `dim` (principal directions of the offsets), or empty.
     basis: Vec<f32>,
-    /// Rows at the last re-centring; the mean is recomputed each time the block doubles.
-    centred_at: usize,
-    rows: Vec<Row>,
-    at: HashMap<Uuid, usize>,
+    codes: Vec<i8>,
+    scales: Vec<f32>,
 }
 
-impl Block {
+impl Codes {
+    fn of_fit(fit: Fit) -> Codes {
+        Codes {
+            mean: fit.mean,
+            basis: fit.basis,
+            ..Codes::default()
+        }
+    }
+
     /// Codes per row.
-    fn code_dim(&self, dim: usize) -> usize {
+    fn width(&self, dim: usize) -> usize {
         if self.basis.is_empty() {
             dim
         } else {
@@ -152,70 +180,131 @@ impl Block {
         }
     }
 
+    /// Rows encoded.
+    fn len(&self) -> usize {
+        self.scales.len()
+    }
+
+    fn push(&mut self, v: &[f32]) {
+        self.scales
+            .push(encode(&self.mean, &self.basis, v, &mut self.codes));
+    }
+
+    fn set(&mut self, i: usize, v: &[f32]) {
+        let w = self.width(v.len());
+        let mut code = Vec::with_capacity(w);
+        self.scales[i] = encode(&self.mean, &self.basis, v, &mut code);
+        self.codes[i * w..(i + 1) * w].copy_from_slice(&code);
+    }
+
+    /// Moves the last row's codes into row `i` and drops the last row.
+    fn swap_remove(&mut self, dim: usize, i: usize) {
+        let w = self.width(dim);
+        let last = self.len() - 1;
+        if i != last {
+            let (head, tail) = self.codes.split_at_mut(last * w);
+            head[i * w..(i + 1) * w].copy_from_slice(&tail[..w]);
+        }
+        self.scales.swap_remove(i);
+        self.codes.truncate(last * w);
+    }
+}
+
+/// One category's rows: row `i` of `rows` is `vectors[i * dim..(i + 1) * dim]`, and
+/// `codes` holds its int8 codes for the scan.
+#[derive(Debug, Default)]
+struct Block {
+    vectors: Vec<f32>,
+    codes: Codes,
+    /// The codes of a new fit, filled a chunk of rows at a time (rows `0..next.len()` so far)
+    /// and swapped in for `codes` when every row has them.
+    next: Option<Codes>,
+    /// Rows at the last fit; the block is fitted again each time it doubles.
+    centred_at: usize,
+    /// A fit of this block is under way (see [`CategoryBlocks::start_fits`]).
+    fitting: bool,
+    rows: Vec<Row>,
+    at: HashMap<Uuid, usize>,
+}
+
+impl Block {
     fn put(&mut self, dim: usize, row: Row, v: &[f32]) {
         match self.at.get(&row.id) {
             Some(&i) => {
                 self.vectors[i * dim..(i + 1) * dim].copy_from_slice(v);
-                let c = self.code_dim(dim);
-                let mut code = Vec::with_capacity(c);
-                self.scales[i] = encode(&self.mean, &self.basis, v, &mut code);
-                self.codes[i * c..(i + 1) * c].copy_from_slice(&code);
+                self.codes.set(i, v);
+                if let Some(next) = self.next.as_mut().filter(|n| i < n.len()) {
+                    next.set(i, v);
+                }
                 self.rows[i] = row;
             }
             None => {
                 self.at.insert(row.id, self.rows.len());
                 self.rows.push(row);
                 self.vectors.extend_from_slice(v);
-                self.scales
-                    .push(encode(&self.mean, &self.basis, v, &mut self.codes));
+                self.codes.push(v);
             }
         }
     }
 
-    /// Recomputes the mean, the principal directions and every row's codes once the block
-    /// has doubled since the last time (so the work is amortized over the writes), keeping
-    /// the codes' precision as the block fills.
-    fn recentre_if_grown(&mut self, dim: usize) {
-        let n = self.rows.len();
-        if n < (2 * self.centred_at).max(MIN_CENTRE_ROWS) {
-            return;
+    /// Whether the block has doubled since it was last fitted (so that re-fits are amortized
+    /// over the writes) and no fit of it is under way.
+    fn due(&self) -> bool {
+        !self.fitting && self.rows.len() >= (2 * self.centred_at).max(MIN_FIT_ROWS)
+    }
+
+    /// Up to [`COVARIANCE_SAMPLE`] rows, evenly spaced, to fit on.
+    fn sample(&self, dim: usize) -> Vec<f32> {
+        let step = self.rows.len().div_ceil(COVARIANCE_SAMPLE).max(1);
+        let mut sample = Vec::with_capacity(self.rows.len().div_ceil(step) * dim);
+        for v in self.vectors.chunks_exact(dim).step_by(step) {
+            sample.extend_from_slice(v);
         }
-        let mut mean = vec![0f32; dim];
-        for v in self.vectors.chunks_exact(dim) {
-            for (m, x) in mean.iter_mut().zip(v) {
-                *m += x;
-            }
+        sample
+    }
+
+    /// Encodes up to `max_rows` more rows with the new fit; once every row has them, scans
+    /// switch to them. Returns whether the fit is done.
+    fn continue_fit(&mut self, dim: usize, max_rows: usize) -> bool {
+        let Some(next) = self.next.as_mut() else {
+            return true;
+        };
+        let from = next.len();
+        let to = self.rows.len().min(from.saturating_add(max_rows));
+        for v in self.vectors[from * dim..to * dim].chunks_exact(dim) {
+            next.push(v);
         }
-        mean.iter_mut().for_each(|m| *m /= n as f32);
-        self.basis = principal_basis(dim, &self.vectors, &mean);
-        self.mean = mean;
-        self.codes.clear();
-        self.scales.clear();
-        for v in self.vectors.chunks_exact(dim) {
-            self.scales
-                .push(encode(&self.mean, &self.basis, v, &mut self.codes));
+        if to < self.rows.len() {
+            return false;
         }
-        self.centred_at = n;
+        self.codes = self.next.take().expect("checked above");
+        self.centred_at = self.rows.len();
+        self.fitting = false;
+        true
     }
 
     /// Moves the last row into the hole, so the block stays contiguous.
     fn remove(&mut self, dim: usize, id: &Uuid) {
         let Some(i) = self.at.remove(id) else { return };
         let last = self.rows.len() - 1;
-        let c = self.code_dim(dim);
         if i != last {
             let (head, tail) = self.vectors.split_at_mut(last * dim);
             head[i * dim..(i + 1) * dim].copy_from_slice(&tail[..dim]);
-            let (head, tail) = self.codes.split_at_mut(last * c);
-            head[i * c..(i + 1) * c].copy_from_slice(&tail[..c]);
-            self.scales.swap(i, last);
             self.rows.swap(i, last);
             self.at.insert(self.rows[i].id, i);
         }
+        self.codes.swap_remove(dim, i);
+        if let Some(next) = self.next.as_mut().filter(|n| i < n.len()) {
+            if next.len() == self.rows.len() {
+                // The moved row was encoded with the new fit too.
+                next.swap_remove(dim, i);
+            } else {
+                // It was not yet: encode its new place.
+                next.set(i, &self.vectors[i * dim..(i + 1) * dim]);
+            }
+        }
         self.rows.pop();
-        self.scales.pop();
         self.vectors.truncate(last * dim);
-        self.codes.truncate(last * c);
     }
 
     #[cfg(test)]
@@ -336,9 +425,46 @@ impl CategoryBlocks {
                     .put(self.dim, row, &v);
             }
         }
+    }
+
+    /// The blocks that have doubled since they were last fitted, each with a sample of its
+    /// rows to fit on ([`Fit::of_sample`]); they are not offered again until
+    /// the fit is done ([`Self::begin_fit`], [`Self::continue_fit`]). Until then they keep
+    /// scanning with their old codes, which new rows are encoded with too. Cheap: copies at most [`COVARIANCE_SAMPLE`] rows per block.
+    pub fn start_fits(&mut self) -> Vec<(String, Vec<f32>)> {
         let dim = self.dim;
-        for b in self.blocks.values_mut() {
-            b.recentre_if_grown(dim);
+        self.blocks
+            .iter_mut()
+            .filter(|(_, b)| b.due())
+            .map(|(c, b)| {
+                b.fitting = true;
+                (c.clone(), b.sample(dim))
+            })
+            .collect()
+    }
+
+    /// Hands a block its new fit, computed from the sample [`Self::start_fits`] gave.
+    pub fn begin_fit(&mut self, category: &str, fit: Fit) {
+        if let Some(b) = self.blocks.get_mut(category) {
+            b.next = Some(Codes::of_fit(fit));
+        }
+    }
+
+    /// Encodes up to `max_rows` more of the block's rows with its new fit (about 0.2 ms per
+    /// 1,000 rows), so that a caller sharing the blocks with searches can release its lock
+    /// between chunks; returns whether the fit is done (scans then use the new codes).
+    pub fn continue_fit(&mut self, category: &str, max_rows: usize) -> bool {
+        let dim = self.dim;
+        self.blocks
+            .get_mut(category)
+            .is_none_or(|b| b.continue_fit(dim, max_rows))
+    }
+
+    /// Fits every block that is due, in place: for callers that hold the blocks alone.
+    pub fn fit_due(&mut self) {
+        for (c, sample) in self.start_fits() {
+            self.begin_fit(&c, Fit::of_sample(self.dim, &sample));
+            self.continue_fit(&c, usize::MAX);
         }
     }
 
@@ -424,11 +550,12 @@ impl CategoryBlocks {
             .collect();
         let dim = self.dim;
         let scan = |b: &&Block| {
-            let width = b.code_dim(dim);
+            let codes = &b.codes;
+            let width = codes.width(dim);
             let mut q_code = Vec::with_capacity(width);
-            let q_scale = quantize_i8(&project(&b.basis, q), &mut q_code);
+            let q_scale = quantize_i8(&project(&codes.basis, q), &mut q_code);
             // Projected codes drop a little of every score, so more rows are re-ranked.
-            let extra = k.max(RESCORE_EXTRA) * if b.basis.is_empty() { 1 } else { 2 };
+            let extra = k.max(RESCORE_EXTRA) * if codes.basis.is_empty() { 1 } else { 2 };
             let mut approx = Shortlist::new(k + extra);
             let mut passed = Vec::with_capacity(SCAN_CHUNK);
             for (c, rows) in b.rows.chunks(SCAN_CHUNK).enumerate() {
@@ -437,8 +564,8 @@ impl CategoryBlocks {
                 i8_rows_at_least(
                     &q_code,
                     q_scale,
-                    &b.codes[first * width..(first + rows.len()) * width],
-                    &b.scales[first..first + rows.len()],
+                    &codes.codes[first * width..(first + rows.len()) * width],
+                    &codes.scales[first..first + rows.len()],
                     approx.floor,
                     &mut passed,
                 );
@@ -653,7 +780,8 @@ mod tests {
             .collect();
         let mut b = CategoryBlocks::new(dim);
         b.upsert(&points);
-        assert!(b.blocks["x"].basis.is_empty());
+        b.fit_due();
+        assert!(b.blocks["x"].codes.basis.is_empty());
         for _ in 0..20 {
             let q: Vec<f32> = centre
                 .iter()
@@ -663,46 +791,72 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_block_varying_in_few_directions_scans_projected_codes_and_stays_exact() {
-        // Rows vary along 12 directions (and a little noise in all 64), as trained item
-        // vectors of one category do: the block keeps 32 coordinates per row.
-        let dim = 64;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(8);
-        let mut random =
-            |scale: f32| -> Vec<f32> { (0..dim).map(|_| rng.gen_range(-scale..scale)).collect() };
-        let centre = random(1.0);
-        let directions: Vec<Vec<f32>> = (0..12).map(|_| random(0.1)).collect();
-        let row = |n: usize, rng: &mut rand::rngs::StdRng| {
-            let mut v = centre.clone();
-            for d in &directions {
+    /// Rows that vary along 12 directions around a centre, with a little noise in all 64
+    /// dimensions, as trained item vectors of one category do.
+    struct LowRank {
+        centre: Vec<f32>,
+        directions: Vec<Vec<f32>>,
+    }
+
+    impl LowRank {
+        const DIM: usize = 64;
+
+        fn new(seed: u64) -> LowRank {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut random = |scale: f32| -> Vec<f32> {
+                (0..Self::DIM)
+                    .map(|_| rng.gen_range(-scale..scale))
+                    .collect()
+            };
+            LowRank {
+                centre: random(1.0),
+                directions: (0..12).map(|_| random(0.1)).collect(),
+            }
+        }
+
+        fn row(&self, n: usize, rng: &mut rand::rngs::StdRng) -> IndexPoint {
+            let mut v = self.centre.clone();
+            for d in &self.directions {
                 let a: f32 = rng.gen_range(-1.0..1.0);
                 v.iter_mut().zip(d).for_each(|(x, y)| *x += a * y);
             }
             v.iter_mut()
                 .for_each(|x| *x += rng.gen_range(-0.002..0.002));
             in_x(n, v)
-        };
+        }
+
+        /// Queries near the block, and from elsewhere (a user whose taste is another
+        /// category).
+        fn queries(&self, n: usize, rng: &mut rand::rngs::StdRng) -> Vec<Vec<f32>> {
+            (0..n)
+                .map(|i| {
+                    let q: Vec<f32> = if i % 2 == 0 {
+                        self.centre
+                            .iter()
+                            .map(|c| c + rng.gen_range(-0.3..0.3))
+                            .collect()
+                    } else {
+                        (0..Self::DIM).map(|_| rng.gen_range(-1.0..1.0)).collect()
+                    };
+                    crate::index::validate::normalized(&q)
+                })
+                .collect()
+        }
+    }
+
+    #[test]
+    fn a_block_varying_in_few_directions_scans_projected_codes_and_stays_exact() {
+        // The block keeps 32 coordinates per row.
+        let dim = LowRank::DIM;
+        let shape = LowRank::new(8);
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
-        let mut points: Vec<IndexPoint> = (0..20_000).map(|n| row(n, &mut rng)).collect();
+        let mut points: Vec<IndexPoint> = (0..20_000).map(|n| shape.row(n, &mut rng)).collect();
         let mut b = CategoryBlocks::new(dim);
         b.upsert(&points);
-        assert_eq!(b.blocks["x"].basis.len(), PROJECTED_DIM * dim);
-        assert_eq!(b.blocks["x"].codes.len(), 20_000 * PROJECTED_DIM);
-        let queries: Vec<Vec<f32>> = (0..20)
-            .map(|i| {
-                // Near the block, and from elsewhere (a user whose taste is another category).
-                let q: Vec<f32> = if i % 2 == 0 {
-                    centre
-                        .iter()
-                        .map(|c| c + rng.gen_range(-0.3..0.3))
-                        .collect()
-                } else {
-                    (0..dim).map(|_| rng.gen_range(-1.0..1.0)).collect()
-                };
-                crate::index::validate::normalized(&q)
-            })
-            .collect();
+        b.fit_due();
+        assert_eq!(b.blocks["x"].codes.basis.len(), PROJECTED_DIM * dim);
+        assert_eq!(b.blocks["x"].codes.codes.len(), 20_000 * PROJECTED_DIM);
+        let queries = shape.queries(20, &mut rng);
         for q in &queries {
             assert_exact(&b, &points, q, 100);
         }
@@ -713,11 +867,11 @@ mod tests {
             if best.contains(&point_id(&p.payload.item_id)) {
                 *p = IndexPoint {
                     payload: p.payload.clone(),
-                    ..row(0, &mut rng)
+                    ..shape.row(0, &mut rng)
                 };
             }
         }
-        let fresh: Vec<IndexPoint> = (20_000..20_500).map(|n| row(n, &mut rng)).collect();
+        let fresh: Vec<IndexPoint> = (20_000..20_500).map(|n| shape.row(n, &mut rng)).collect();
         b.upsert(
             &points
                 .iter()
@@ -727,6 +881,69 @@ mod tests {
         );
         b.upsert(&fresh);
         points.extend(fresh);
+        for q in &queries {
+            assert_exact(&b, &points, q, 100);
+        }
+    }
+
+    #[test]
+    fn a_block_that_doubled_is_fitted_again_a_chunk_at_a_time_and_stays_exact() {
+        let dim = LowRank::DIM;
+        let shape = LowRank::new(10);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mut points: Vec<IndexPoint> = (0..10_000).map(|n| shape.row(n, &mut rng)).collect();
+        let mut b = CategoryBlocks::new(dim);
+        b.upsert(&points);
+        b.fit_due();
+        let first_mean = b.blocks["x"].codes.mean.clone();
+        assert!(b.start_fits().is_empty(), "a fitted block is not due");
+        let more: Vec<IndexPoint> = (10_000..20_000).map(|n| shape.row(n, &mut rng)).collect();
+        b.upsert(&more);
+        points.extend(more);
+        let due = b.start_fits();
+        assert_eq!(due.len(), 1);
+        // Every third row of the 20,000 (at most COVARIANCE_SAMPLE).
+        assert_eq!(due[0].1.len(), 6_667 * dim);
+        assert!(
+            b.start_fits().is_empty(),
+            "a fit under way is not offered twice"
+        );
+        let (category, sample) = due.into_iter().next().unwrap();
+        let fit = Fit::of_sample(dim, &sample);
+        b.begin_fit(&category, fit.clone());
+        // Between chunks (when the service releases the lock), rows move, leave and arrive,
+        // on both sides of the rows encoded so far; searches stay exact throughout.
+        let queries = shape.queries(6, &mut rng);
+        let mut chunks = 0;
+        while !b.continue_fit(&category, 3_000) {
+            chunks += 1;
+            let k = rng.gen_range(0..points.len());
+            points[k] = IndexPoint {
+                payload: points[k].payload.clone(),
+                ..shape.row(0, &mut rng)
+            };
+            b.upsert(&[points[k].clone()]);
+            let gone = points.swap_remove(rng.gen_range(0..points.len()));
+            b.delete([point_id(&gone.payload.item_id)]);
+            let fresh = shape.row(20_000 + chunks, &mut rng);
+            b.upsert(std::slice::from_ref(&fresh));
+            points.push(fresh);
+            for q in &queries {
+                assert_exact(&b, &points, q, 100);
+            }
+        }
+        assert!(chunks >= 6, "{chunks} chunks");
+        let block = &b.blocks["x"];
+        assert_eq!(block.centred_at, 20_000);
+        assert_ne!(block.codes.mean, first_mean);
+        assert!(block.next.is_none() && !block.fitting);
+        // The same codes as a fresh encoding of the final rows with the new fit.
+        let mut expected = Codes::of_fit(fit);
+        for v in block.vectors.chunks_exact(dim) {
+            expected.push(v);
+        }
+        assert_eq!(block.codes.codes, expected.codes);
+        assert_eq!(block.codes.scales, expected.scales);
         for q in &queries {
             assert_exact(&b, &points, q, 100);
         }

@@ -22,14 +22,14 @@
 //!   walks and scans score on it and re-score the best `2 × k` on the full vectors.
 //!   Collections built before it keep their config when reopened.
 
-use super::blocks::CategoryBlocks;
+use super::blocks::{CategoryBlocks, Fit};
 use super::payloads::{self, PayloadStore, F_AVAILABLE, F_CATEGORIES, F_CREATED_AT, F_PRICE};
 use super::plan::{Plan, PlanConfig};
 use super::validate::{check_dim, check_points, check_query, check_version_name, normalized};
 use super::{Hit, IndexError, IndexPoint, Payload, PayloadPatch, VectorIndex};
 use crate::domain::{point_id, Filter, ItemId};
 use async_trait::async_trait;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 use qdrant_edge::external::ordered_float::OrderedFloat;
 use qdrant_edge::{
     BoolIndexParams, Condition, CountRequest, CreateIndex, Distance, EdgeConfig,
@@ -58,6 +58,9 @@ const SHARD_DIR: &str = "shard";
 const SCROLL_PAGE: usize = 10_000;
 /// Writes applied together before one flush.
 const MAX_GROUP: usize = 256;
+/// Rows of a category block re-encoded per hold of the blocks' lock when the block is fitted
+/// again (about 1 ms at d = 64).
+const FIT_CHUNK: usize = 4_096;
 
 /// Tuning of the embedded engine.
 #[derive(Debug, Clone, PartialEq)]
@@ -250,7 +253,7 @@ struct Collection {
     shard: Arc<EdgeShard>,
     payloads: PayloadStore,
     /// `None` when `scan_max_points` is 0.
-    blocks: Option<RwLock<CategoryBlocks>>,
+    blocks: Option<Arc<RwLock<CategoryBlocks>>>,
     writer: Mutex<Option<mpsc::Sender<WriteCmd>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -276,7 +279,8 @@ impl Collection {
             dir,
             shard,
             payloads: PayloadStore::default(),
-            blocks: (opts.scan_max_points > 0).then(|| RwLock::new(CategoryBlocks::new(dim))),
+            blocks: (opts.scan_max_points > 0)
+                .then(|| Arc::new(RwLock::new(CategoryBlocks::new(dim)))),
             writer: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
         })
@@ -327,10 +331,46 @@ impl Collection {
         .await?;
         if let Some(b) = &self.blocks {
             b.write().upsert(&points);
+            self.fit_blocks_in_background(b);
         }
         self.payloads
             .insert_many(points.into_iter().map(|p| p.payload));
         Ok(())
+    }
+
+    /// Fits again the category blocks that writes have doubled, on the blocking pool: the
+    /// fit itself (about 10 ms, on a sample of the rows) holds no lock, and the rows are re-encoded
+    /// [`FIT_CHUNK`] at a time, releasing the lock (fairly, to waiting searches) between
+    /// chunks. Detached, so that a cancelled request cannot leave a fit half done.
+    fn fit_blocks_in_background(&self, blocks: &Arc<RwLock<CategoryBlocks>>) {
+        let due = blocks.write().start_fits();
+        if due.is_empty() {
+            return;
+        }
+        let (blocks, dim) = (blocks.clone(), self.dim);
+        tokio::task::spawn_blocking(move || {
+            for (category, sample) in due {
+                let started = Instant::now();
+                blocks
+                    .write()
+                    .begin_fit(&category, Fit::of_sample(dim, &sample));
+                let mut chunks = 1;
+                loop {
+                    let mut guard = blocks.write();
+                    if guard.continue_fit(&category, FIT_CHUNK) {
+                        break;
+                    }
+                    RwLockWriteGuard::unlock_fair(guard);
+                    chunks += 1;
+                }
+                tracing::info!(
+                    category,
+                    ms = started.elapsed().as_secs_f64() * 1e3,
+                    chunks,
+                    "category block fitted again"
+                );
+            }
+        });
     }
 
     async fn delete(&self, ids: &[ItemId]) -> Result<(), IndexError> {
@@ -576,7 +616,9 @@ impl Collection {
                 }
             }
             if let Some(b) = &self.blocks {
-                b.write().upsert(&batch);
+                let mut b = b.write();
+                b.upsert(&batch);
+                b.fit_due();
             }
             self.payloads
                 .insert_many(batch.into_iter().map(|p| p.payload));
