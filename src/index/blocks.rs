@@ -428,9 +428,10 @@ impl CategoryBlocks {
     }
 
     /// The blocks that have doubled since they were last fitted, each with a sample of its
-    /// rows to fit on ([`Fit::of_sample`]); they are not offered again until
-    /// the fit is done ([`Self::begin_fit`], [`Self::continue_fit`]). Until then they keep
-    /// scanning with their old codes, which new rows are encoded with too. Cheap: copies at most [`COVARIANCE_SAMPLE`] rows per block.
+    /// rows to fit on ([`Fit::of_sample`]); they are not offered again until the fit is done
+    /// ([`Self::begin_fit`], [`Self::continue_fit`]). Until then they keep scanning with
+    /// their old codes, which new rows are encoded with too. Cheap: copies at most
+    /// [`COVARIANCE_SAMPLE`] rows per block.
     pub fn start_fits(&mut self) -> Vec<(String, Vec<f32>)> {
         let dim = self.dim;
         self.blocks
