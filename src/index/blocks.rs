@@ -826,6 +826,19 @@ mod tests {
             in_x(n, v)
         }
 
+        /// `n` rows, and a fitted block of them (category "x").
+        fn fitted_block(
+            &self,
+            n: usize,
+            rng: &mut rand::rngs::StdRng,
+        ) -> (Vec<IndexPoint>, CategoryBlocks) {
+            let points: Vec<IndexPoint> = (0..n).map(|i| self.row(i, rng)).collect();
+            let mut b = CategoryBlocks::new(Self::DIM);
+            b.upsert(&points);
+            b.fit_due();
+            (points, b)
+        }
+
         /// Queries near the block, and from elsewhere (a user whose taste is another
         /// category).
         fn queries(&self, n: usize, rng: &mut rand::rngs::StdRng) -> Vec<Vec<f32>> {
@@ -851,10 +864,7 @@ mod tests {
         let dim = LowRank::DIM;
         let shape = LowRank::new(8);
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
-        let mut points: Vec<IndexPoint> = (0..20_000).map(|n| shape.row(n, &mut rng)).collect();
-        let mut b = CategoryBlocks::new(dim);
-        b.upsert(&points);
-        b.fit_due();
+        let (mut points, mut b) = shape.fitted_block(20_000, &mut rng);
         assert_eq!(b.blocks["x"].codes.basis.len(), PROJECTED_DIM * dim);
         assert_eq!(b.blocks["x"].codes.codes.len(), 20_000 * PROJECTED_DIM);
         let queries = shape.queries(20, &mut rng);
@@ -892,10 +902,7 @@ mod tests {
         let dim = LowRank::DIM;
         let shape = LowRank::new(10);
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-        let mut points: Vec<IndexPoint> = (0..10_000).map(|n| shape.row(n, &mut rng)).collect();
-        let mut b = CategoryBlocks::new(dim);
-        b.upsert(&points);
-        b.fit_due();
+        let (mut points, mut b) = shape.fitted_block(10_000, &mut rng);
         let first_mean = b.blocks["x"].codes.mean.clone();
         assert!(b.start_fits().is_empty(), "a fitted block is not due");
         let more: Vec<IndexPoint> = (10_000..20_000).map(|n| shape.row(n, &mut rng)).collect();
