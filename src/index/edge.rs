@@ -83,7 +83,8 @@ pub struct EdgeOptions {
     pub quantization: bool,
     /// A filter whose included categories hold at most this many points is answered by an
     /// exact scan of tandem's per-category RAM blocks ([`CategoryBlocks`]) instead of the
-    /// engine; 0 turns the blocks off (and saves their memory: up to 5 × dim + 4 bytes per point).
+    /// engine; 0 turns the blocks off (and saves their memory: up to 5 × dim + 4 bytes per
+    /// point).
     pub scan_max_points: usize,
 }
 
@@ -339,9 +340,9 @@ impl Collection {
     }
 
     /// Fits again the category blocks that writes have doubled, on the blocking pool: the
-    /// fit itself (about 10 ms, on a sample of the rows) holds no lock, and the rows are re-encoded
-    /// [`FIT_CHUNK`] at a time, releasing the lock (fairly, to waiting searches) between
-    /// chunks. Detached, so that a cancelled request cannot leave a fit half done.
+    /// fit itself (about 10 ms, on a sample of the rows) holds no lock, and the rows are
+    /// re-encoded [`FIT_CHUNK`] at a time, releasing the lock (fairly, to waiting searches)
+    /// between chunks. Detached, so that a cancelled request cannot leave a fit half done.
     fn fit_blocks_in_background(&self, blocks: &Arc<RwLock<CategoryBlocks>>) {
         let due = blocks.write().start_fits();
         if due.is_empty() {
