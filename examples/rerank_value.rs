@@ -142,6 +142,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 created_at: it.created_at,
                 title: it.title.clone(),
                 popularity: counts.get(&it.item_id).copied().unwrap_or(0.0),
+                tags: Vec::new(),
+                year: None,
             },
         })
         .collect();

@@ -83,6 +83,8 @@ fn payload(item: &str, cats: &[&str]) -> Payload {
         created_at: None,
         title: format!("title of {item}"),
         popularity: 1.0,
+        tags: Vec::new(),
+        year: None,
     }
 }
 

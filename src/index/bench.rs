@@ -136,6 +136,8 @@ impl Generator {
                     created_at: Some(i as i64),
                     title: String::new(),
                     popularity: 0.0,
+                    tags: Vec::new(),
+                    year: None,
                 },
             }
         })
@@ -273,6 +275,8 @@ pub async fn run(
             created_at: None,
             title: String::new(),
             popularity: 0.0,
+            tags: Vec::new(),
+            year: None,
         },
     };
     let probe_filter = Filter {

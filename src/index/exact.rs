@@ -406,6 +406,8 @@ mod tests {
                 created_at: None,
                 title: id.into(),
                 popularity: 0.0,
+                tags: Vec::new(),
+                year: None,
             },
         };
         c.upsert(vec![

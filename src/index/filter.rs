@@ -95,6 +95,8 @@ mod tests {
                 created_at,
                 title: String::new(),
                 popularity: 0.0,
+                tags: Vec::new(),
+                year: None,
             })
     }
 

@@ -22,6 +22,10 @@ pub struct Payload {
     pub title: String,
     /// Training interaction count (or a live counter), used by rerank and cold-start priors.
     pub popularity: f32,
+    /// The rest of the item's content, so that the collection holds the whole item: with a
+    /// Qdrant server, a new replica loads its catalog from the collection (see `cluster`).
+    pub tags: Vec<String>,
+    pub year: Option<i32>,
 }
 
 /// A vector with its payload, ready to upsert.
@@ -42,6 +46,22 @@ impl Payload {
             created_at: item.created_at,
             title: item.title.clone(),
             popularity,
+            tags: item.tags.clone(),
+            year: item.year,
+        }
+    }
+
+    /// The item this payload describes.
+    pub fn to_item(&self) -> Item {
+        Item {
+            item_id: self.item_id.clone(),
+            title: self.title.clone(),
+            genres: self.categories.clone(),
+            tags: self.tags.clone(),
+            price: self.price,
+            available: self.available,
+            year: self.year,
+            created_at: self.created_at,
         }
     }
 }

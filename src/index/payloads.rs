@@ -34,6 +34,12 @@ pub fn to_json(p: &Payload) -> Map<String, Value> {
     }
     m.insert("title".into(), json!(p.title));
     m.insert("popularity".into(), json!(f64::from(p.popularity)));
+    if !p.tags.is_empty() {
+        m.insert("tags".into(), json!(p.tags));
+    }
+    if let Some(y) = p.year {
+        m.insert("year".into(), json!(y));
+    }
     m
 }
 
@@ -67,6 +73,10 @@ struct Stored {
     title: String,
     #[serde(default)]
     popularity: f64,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    year: Option<i32>,
 }
 
 fn yes() -> bool {
@@ -85,6 +95,8 @@ pub fn from_json(m: Map<String, Value>) -> Result<Payload, IndexError> {
         created_at: s.created_at,
         title: s.title,
         popularity: s.popularity as f32,
+        tags: s.tags,
+        year: s.year,
     })
 }
 
@@ -168,11 +180,15 @@ mod tests {
             created_at: Some(1_700_000_000),
             title: "T".into(),
             popularity: 3.0,
+            tags: vec!["classic".into()],
+            year: Some(1999),
         };
         assert_eq!(from_json(to_json(&p)).unwrap(), p);
         let bare = Payload {
             price: None,
             created_at: None,
+            tags: Vec::new(),
+            year: None,
             ..p
         };
         assert_eq!(from_json(to_json(&bare)).unwrap(), bare);
