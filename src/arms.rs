@@ -30,10 +30,16 @@ pub struct Arm {
     pub collection: String,
 }
 
-/// The arms now serving, by model version. Cheap to share behind an `Arc`.
+/// The arms now serving, by model version, and the collection of every version that has
+/// one. Cheap to share behind an `Arc`.
 pub struct Arms {
     index: Arc<dyn VectorIndex>,
     by_version: ArcSwap<HashMap<String, Arc<Arm>>>,
+    /// Model version -> the collection its item tower filled. A request searches the
+    /// collection of the model it holds, never the alias: with several replicas the alias
+    /// moves on one replica before another has swapped its model, and one model's user
+    /// vector in another's item space finds nonsense.
+    collections: ArcSwap<HashMap<String, String>>,
 }
 
 impl Arms {
@@ -41,7 +47,26 @@ impl Arms {
         Arms {
             index,
             by_version: ArcSwap::from_pointee(HashMap::new()),
+            collections: ArcSwap::from_pointee(HashMap::new()),
         }
+    }
+
+    /// The collection `version`'s item tower filled, if known; `None` means the live alias
+    /// (a single process before its first activation, or a version being switched to).
+    pub fn collection_of(&self, version: &str) -> Option<String> {
+        self.collections.load().get(version).cloned()
+    }
+
+    /// Replaces the version -> collection map (from the registry).
+    pub fn set_collections(&self, map: HashMap<String, String>) {
+        self.collections.store(Arc::new(map));
+    }
+
+    /// Records one version's collection (just before a switch to it).
+    pub fn set_collection(&self, version: &str, collection: &str) {
+        let mut map = self.collections.load().as_ref().clone();
+        map.insert(version.to_string(), collection.to_string());
+        self.collections.store(Arc::new(map));
     }
 
     pub fn get(&self, version: &str) -> Option<Arc<Arm>> {

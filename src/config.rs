@@ -75,18 +75,36 @@ impl std::fmt::Debug for AdminKey {
     }
 }
 
-/// `[registry]`: registered checkpoints under `<data_dir>/models/`.
+/// `[registry]`: registered checkpoints, under `model_store` (default `<data_dir>/models/`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RegistrySettings {
     /// Registered versions kept; older ones are deleted with their index collections (the
     /// active version and the rollback target are always kept). At least 2.
     pub keep_last: usize,
+    /// The directory registered checkpoints are copied into; empty means
+    /// `<data_dir>/models`. With several replicas it is a volume every replica mounts: a
+    /// model registered on one replica is loaded from here by all of them.
+    pub model_store: PathBuf,
 }
 
 impl Default for RegistrySettings {
     fn default() -> Self {
-        RegistrySettings { keep_last: 5 }
+        RegistrySettings {
+            keep_last: 5,
+            model_store: PathBuf::new(),
+        }
+    }
+}
+
+impl RegistrySettings {
+    /// Where registered checkpoints live.
+    pub fn model_store(&self, data_dir: &Path) -> PathBuf {
+        if self.model_store.as_os_str().is_empty() {
+            data_dir.join("models")
+        } else {
+            self.model_store.clone()
+        }
     }
 }
 
@@ -577,6 +595,16 @@ impl Settings {
         })?;
         self.session.validate()?;
         Ok(())
+    }
+}
+
+impl Settings {
+    /// Replicas share one state: the index is a Qdrant server and the session store is
+    /// Redis, so the catalog's changes, the model registry and the experiments live there
+    /// too (see `cluster`), and every replica serves the same. Any other combination is one
+    /// process that keeps them itself.
+    pub fn shared(&self) -> bool {
+        self.index.backend == IndexBackend::Qdrant && self.session.backend == SessionBackend::Redis
     }
 }
 

@@ -11,6 +11,10 @@
 //! - [`catalog`], [`rerank`], [`pipeline`], [`http`]: serving. The in-memory catalog, the
 //!   re-ranker (a pure function), the online flow (`Recommender`), and the axum API with
 //!   `http::serve`, the one entry point of `tandem serve` and the API tests.
+//! - [`items`]: the catalog's write path (embed, index, journal, arms, catalog, announce)
+//!   and its start-up loading.
+//! - [`cluster`]: what replicas share through Redis (the change stream, the registry, the
+//!   experiments), so that several replicas behind a load balancer serve as one.
 //! - [`registry`], [`lifecycle`], [`experiment`]: registered checkpoints, zero-downtime
 //!   activation and rollback, A/B experiments; driven by the admin API (`http::admin`).
 //! - [`telemetry`], [`degrade`]: operations. Logs, `/metrics` and its metric names; time
@@ -22,6 +26,7 @@
 
 pub mod arms;
 pub mod catalog;
+pub mod cluster;
 pub mod config;
 pub mod data;
 pub mod degrade;
@@ -30,6 +35,7 @@ pub mod eval;
 pub mod experiment;
 pub mod http;
 pub mod index;
+pub mod items;
 pub mod lifecycle;
 pub mod model;
 pub mod pipeline;

@@ -9,6 +9,14 @@
 //! collection is kept, so a rollback is an alias switch and a handle swap, with no
 //! re-embedding.
 //!
+//! With several replicas the registry is shared (see `cluster`): the replica that is asked
+//! to activate or roll back does the work above, and every other one follows
+//! ([`Lifecycle::follow`]): it loads the version the registry now names as active from the
+//! model store, swaps its model handle, and moves its catalog to that collection's vectors,
+//! without writing anything. Each replica searches the collection of the model it holds
+//! ([`Arms::collection_of`]), so the moment between the alias switch and its own swap is
+//! served by the old model from the old collection.
+//!
 //! A version can also be prepared: its collection is built without switching to it, so that
 //! an experiment can serve it beside the active model ([`crate::arms`]). The versions that
 //! enabled experiments pin keep their collections, and every switch re-derives which of them
@@ -71,6 +79,8 @@ pub enum LifecycleError {
     Index(#[from] IndexError),
     #[error("the server is shutting down; the background pass stopped")]
     ShuttingDown,
+    #[error("the replicas' shared store: {0}")]
+    Shared(String),
 }
 
 /// What `activate` did.
@@ -119,6 +129,17 @@ pub struct Lifecycle {
     /// Set when the server stops: the background passes end at their next chunk instead of
     /// holding the process (and the runtime's shutdown) for their remaining minute.
     stopping: Arc<AtomicBool>,
+    /// The replicas' shared stream, when there are replicas (the switch lease).
+    bus: Option<Arc<crate::cluster::Bus>>,
+}
+
+/// How long the cluster-wide switch lease lives without renewal (it is renewed while held).
+const SWITCH_LEASE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Held while a switch runs (see [`Lifecycle::lock`]); released when dropped.
+struct SwitchGuard {
+    _local: tokio::sync::OwnedMutexGuard<()>,
+    _lease: Option<crate::cluster::Lease>,
 }
 
 /// What a background build does when its collection is ready.
@@ -140,6 +161,7 @@ impl Lifecycle {
         catalog: Arc<Catalog>,
         arms: Arc<Arms>,
         model_source: &Path,
+        bus: Option<Arc<crate::cluster::Bus>>,
     ) -> Result<Self, LifecycleError> {
         let live = match index.versions().await {
             Ok((_, live)) => live,
@@ -147,7 +169,7 @@ impl Lifecycle {
             Err(e) => return Err(e.into()),
         };
         registry.adopt_startup_model(&model.load(), model_source, live)?;
-        Ok(Lifecycle {
+        let lifecycle = Lifecycle {
             registry,
             model,
             arms,
@@ -158,7 +180,75 @@ impl Lifecycle {
             running: Mutex::new(None),
             pins: Mutex::new(Vec::new()),
             stopping: Arc::new(AtomicBool::new(false)),
-        })
+            bus,
+        };
+        lifecycle.refresh_collections();
+        Ok(lifecycle)
+    }
+
+    /// Tells the pipeline which collection each version's item tower filled.
+    fn refresh_collections(&self) {
+        self.arms.set_collections(
+            self.registry
+                .list()
+                .into_iter()
+                .filter_map(|m| Some((m.version, m.collection?)))
+                .collect(),
+        );
+    }
+
+    /// Another replica changed the shared registry (or it is time to check): serve the
+    /// version it names as active. Loads the model from the model store, swaps the handle
+    /// and moves the catalog to that collection's vectors in the background; writes nothing,
+    /// since the replica that activated did. A version still being built is followed once it
+    /// is active; if this replica is running a switch of its own, the next check retries.
+    pub async fn follow(&self) {
+        if let Err(e) = self.registry.reload() {
+            tracing::warn!(error = %e, "re-reading the shared model registry");
+            return;
+        }
+        self.refresh_collections();
+        let Some(active) = self.registry.active() else {
+            return;
+        };
+        let held = self.model.load().version().to_string();
+        let Some(collection) = active.collection.clone() else {
+            return;
+        };
+        if active.version == held {
+            return;
+        }
+        let Ok(local) = self.lock_local() else {
+            return;
+        };
+        let guard = SwitchGuard {
+            _local: local,
+            _lease: None,
+        };
+        let model = match self.load_model(&active.version).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(version = active.version, error = %e, "cannot load the model another replica activated; still serving {held}");
+                return;
+            }
+        };
+        self.arms.set_collection(model.version(), &collection);
+        crate::telemetry::set_model_version(model.version());
+        let previous = self.model.swap(model);
+        self.standby
+            .lock()
+            .insert(previous.version().to_string(), previous);
+        self.sync_arms().await;
+        tracing::info!(version = active.version, previous = held, "serving the model another replica made active");
+        Reconciler {
+            model: self.model.load_full(),
+            index: self.index.clone(),
+            catalog: self.catalog.clone(),
+            arm: Some(collection),
+            read_only: true,
+            stopping: self.stopping.clone(),
+        }
+        .spawn(Some(guard));
     }
 
     /// Stops the background passes at their next chunk (the server is stopping). The next
@@ -280,6 +370,7 @@ impl Lifecycle {
         self: &Arc<Self>,
         version: &str,
     ) -> Result<ActivateOutcome, LifecycleError> {
+        self.registry.reload()?;
         let record = self
             .registry
             .get(version)
@@ -287,11 +378,12 @@ impl Lifecycle {
         if record.status == ModelStatus::Active {
             return Err(LifecycleError::AlreadyActive(version.to_string()));
         }
-        let guard = self.lock()?;
+        let guard = self.lock().await?;
         if let Some(collection) = record.collection.clone() {
             let model = self.load_model(version).await?;
             self.switch(model, &collection).await?;
             let dropped = self.registry.mark_active(version, Some(collection))?;
+            self.refresh_collections();
             self.drop_collections(dropped).await;
             self.spawn_reconcile(guard);
             return Ok(ActivateOutcome::Switched);
@@ -304,6 +396,7 @@ impl Lifecycle {
     /// experiment can serve it beside the active model. Fails at once if another activation,
     /// preparation or rollback is running.
     pub async fn prepare(self: &Arc<Self>, version: &str) -> Result<ModelRecord, LifecycleError> {
+        self.registry.reload()?;
         let record = self
             .registry
             .get(version)
@@ -317,7 +410,7 @@ impl Lifecycle {
                 c.clone(),
             ));
         }
-        let guard = self.lock()?;
+        let guard = self.lock().await?;
         self.start_build(guard, record, Then::Keep)?;
         Ok(self
             .models()
@@ -329,7 +422,7 @@ impl Lifecycle {
     /// Starts embedding and indexing the catalog for `record` in the background.
     fn start_build(
         self: &Arc<Self>,
-        guard: tokio::sync::OwnedMutexGuard<()>,
+        guard: SwitchGuard,
         record: ModelRecord,
         then: Then,
     ) -> Result<(), LifecycleError> {
@@ -393,7 +486,8 @@ impl Lifecycle {
     /// Returns to the previously active version at once: alias switch and handle swap, no
     /// re-embedding. Returns the version now active.
     pub async fn rollback(&self) -> Result<ModelRecord, LifecycleError> {
-        let guard = self.lock()?;
+        let guard = self.lock().await?;
+        self.registry.reload()?;
         let target = self
             .registry
             .rollback_target()
@@ -405,6 +499,7 @@ impl Lifecycle {
         let model = self.load_model(&target.version).await?;
         self.switch(model, &collection).await?;
         self.registry.mark_rolled_back(&target.version)?;
+        self.refresh_collections();
         tracing::info!(version = target.version, "rolled back");
         self.spawn_reconcile(guard);
         Ok(self
@@ -413,7 +508,8 @@ impl Lifecycle {
             .expect("rollback target is registered"))
     }
 
-    fn lock(&self) -> Result<tokio::sync::OwnedMutexGuard<()>, LifecycleError> {
+    /// This process's switch lock, for following another replica's switch.
+    fn lock_local(&self) -> Result<tokio::sync::OwnedMutexGuard<()>, LifecycleError> {
         self.busy.clone().try_lock_owned().map_err(|_| {
             LifecycleError::Busy(
                 self.running
@@ -425,9 +521,32 @@ impl Lifecycle {
         })
     }
 
+    /// The lock a switch of this replica's own holds: this process's and, with replicas,
+    /// the cluster-wide lease, so that two replicas never switch at once.
+    async fn lock(&self) -> Result<SwitchGuard, LifecycleError> {
+        let local = self.lock_local()?;
+        let lease = match &self.bus {
+            None => None,
+            Some(bus) => match bus.hold(&bus.keys().lifecycle, SWITCH_LEASE).await {
+                Ok(Some(lease)) => Some(lease),
+                Ok(None) => {
+                    return Err(LifecycleError::Busy(
+                        "a model switch on another replica".into(),
+                    ))
+                }
+                Err(e) => return Err(LifecycleError::Shared(e.to_string())),
+            },
+        };
+        Ok(SwitchGuard {
+            _local: local,
+            _lease: lease,
+        })
+    }
+
     /// The alias first, then the handle: from here on new requests use the new model.
     async fn switch(&self, model: Arc<TwoTower>, collection: &str) -> Result<(), LifecycleError> {
         self.index.switch_to(collection).await?;
+        self.arms.set_collection(model.version(), collection);
         crate::telemetry::set_model_version(model.version());
         let previous = self.model.swap(model);
         self.standby
@@ -464,12 +583,14 @@ impl Lifecycle {
             .build(&model, Then::Switch, phase, embedded, bar)
             .await?;
         // The alias now points at the new collection; swap the model right behind it.
+        self.arms.set_collection(model.version(), &built.collection);
         let previous = self.model.swap(model.clone());
         self.standby
             .lock()
             .insert(previous.version().to_string(), previous);
         // Serving the new model from here on, whatever happens next.
         let dropped = self.registry.mark_active(version, Some(built.collection))?;
+        self.refresh_collections();
         self.sync_arms().await;
         *phase.lock() = "catching up";
         if let Err(e) = self.catch_up(&model, built.snapshot, built.fresh).await {
@@ -498,6 +619,7 @@ impl Lifecycle {
         // A million references to let go of: not on a runtime worker.
         off_runtime(move || drop(snapshot)).await;
         self.registry.mark_ready(version, collection)?;
+        self.refresh_collections();
         self.sync_arms().await;
         Ok(())
     }
@@ -552,10 +674,7 @@ impl Lifecycle {
             }
         }
         *phase.lock() = "indexing";
-        let collection = format!(
-            "{version}-{}",
-            chrono::Utc::now().format("%Y%m%dT%H%M%S%3f")
-        );
+        let collection = crate::items::load::collection_name(version);
         // Keep the new vectors by id: the catalog moves to them after a switch. A million
         // entries take most of a second to copy and hash: not on a runtime worker.
         let (points, fresh) = off_runtime(move || {
@@ -646,12 +765,13 @@ impl Lifecycle {
     /// After a switch to a kept collection (rollback or re-activation): the catalog takes
     /// that collection's vectors, and items written while it was not live are upserted.
     /// Holds the lifecycle lock until done so that no other switch interleaves.
-    fn spawn_reconcile(&self, guard: tokio::sync::OwnedMutexGuard<()>) {
+    fn spawn_reconcile(&self, guard: SwitchGuard) {
         Reconciler {
             model: self.model.load_full(),
             index: self.index.clone(),
             catalog: self.catalog.clone(),
             arm: None,
+            read_only: false,
             stopping: self.stopping.clone(),
         }
         .spawn(Some(guard));
@@ -665,6 +785,7 @@ impl Lifecycle {
             index: self.index.clone(),
             catalog: self.catalog.clone(),
             arm: Some(arm.collection.clone()),
+            read_only: false,
             stopping: self.stopping.clone(),
         }
         .spawn(None);
@@ -700,22 +821,28 @@ impl Lifecycle {
 /// items it lacks are embedded and upserted. For the live collection (`arm: None`) the
 /// catalog also moves to the collection's vectors; an arm's collection (`arm: Some`) serves
 /// its own vectors and the catalog keeps the live ones.
+///
+/// `read_only`: a replica following another's switch. The catalog moves to the vectors of
+/// collection `arm` (the new live one) and nothing is written: the replica that switched
+/// reconciles the collection itself.
 struct Reconciler {
     model: Arc<TwoTower>,
     index: Arc<dyn VectorIndex>,
     catalog: Arc<Catalog>,
     arm: Option<String>,
+    read_only: bool,
     stopping: Arc<AtomicBool>,
 }
 
 impl Reconciler {
     /// Runs in the background on a blocking thread (it walks the whole catalog, and the
     /// embedded index answers its fetches synchronously), holding `guard` until done.
-    fn spawn(self, guard: Option<tokio::sync::OwnedMutexGuard<()>>) {
+    fn spawn(self, guard: Option<SwitchGuard>) {
         let runtime = tokio::runtime::Handle::current();
-        let what = match self.arm {
-            None => "catalog reconciled with the live collection",
-            Some(_) => "experiment arm reconciled with the catalog",
+        let what = match (&self.arm, self.read_only) {
+            (_, true) => "catalog moved to the vectors of the collection another replica made live",
+            (None, false) => "catalog reconciled with the live collection",
+            (Some(_), false) => "experiment arm reconciled with the catalog",
         };
         tokio::task::spawn_blocking(move || {
             let started = Instant::now();
@@ -763,7 +890,7 @@ impl Reconciler {
     }
 
     fn set_vectors(&self, vectors: impl IntoIterator<Item = (Arc<CatalogEntry>, Box<[f32]>)>) {
-        if self.arm.is_none() {
+        if self.arm.is_none() || self.read_only {
             self.catalog.set_vectors(vectors);
         }
     }
@@ -787,11 +914,13 @@ impl Reconciler {
             for e in chunk {
                 match stored.get(e.id()) {
                     Some((payload, vector)) => {
-                        if self.arm.is_none() {
+                        if self.arm.is_none() || self.read_only {
                             moved.push((e.clone(), vector.clone().into_boxed_slice()));
                         }
                         let current = e.payload();
-                        if payload.available != current.available || payload.price != current.price
+                        if !self.read_only
+                            && (payload.available != current.available
+                                || payload.price != current.price)
                         {
                             let patch = crate::index::PayloadPatch {
                                 available: Some(current.available),
@@ -807,6 +936,9 @@ impl Reconciler {
             self.set_vectors(moved);
             // A blocking thread: its own sleep (the runtime's timer ends with the runtime).
             std::thread::sleep(chunk_started.elapsed() * AFTER_SWITCH_PAUSE);
+        }
+        if self.read_only {
+            return Ok(0);
         }
         let n = missing.len();
         for chunk in missing.chunks(EMBED_BATCH) {

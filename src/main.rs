@@ -353,7 +353,7 @@ fn index_catalog(mut settings: Settings, args: IndexArgs) -> anyhow::Result<()> 
     let started = std::time::Instant::now();
     tokio::runtime::Runtime::new()?.block_on(async {
         let index = tandem::index::open(&settings, &settings.data_dir).await?;
-        tandem::http::state::index_catalog(index.as_ref(), &model, &items, &args.data).await?;
+        tandem::items::load::index_catalog(index.as_ref(), &model, &items, &args.data).await?;
         anyhow::Ok(())
     })?;
     let secs = started.elapsed().as_secs_f64();

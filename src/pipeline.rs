@@ -249,7 +249,7 @@ impl Recommender {
         let model = self.model.load_full();
         let anchor = self.catalog.get(item).ok_or_else(|| PipelineError::UnknownItem(item.clone()))?;
         let filter = filter_excluding(&req.filter, [anchor.id().clone()]);
-        let candidates = step!(stages, "fetch_candidates", self.search(None, &anchor.vector, &filter, req.k + MMR_SLACK, &mut degraded).await);
+        let candidates = step!(stages, "fetch_candidates", self.search(&model, None, &anchor.vector, &filter, req.k + MMR_SLACK, &mut degraded).await);
         let candidates = candidates.unwrap_or_default();
         let ranked = step!(stages, "rerank", self.rerank(req, &Activity::default(), &IdMap::default(), candidates));
         let items = step!(stages, "business_rules", self.apply_business_rules(ranked, &filter, &IdSet::default(), req.k));
@@ -546,7 +546,7 @@ impl Recommender {
         }
         let k = self.settings.k_candidates.max(req.k + MMR_SLACK);
         if let Some(v) = user_vector {
-            if let Some(found) = self.search(arm, &v, &req.filter, k, degraded).await {
+            if let Some(found) = self.search(model, arm, &v, &req.filter, k, degraded).await {
                 let found = self
                     .with_popularity_prior(
                         model,
@@ -606,21 +606,24 @@ impl Recommender {
         found
     }
 
-    /// The live collection, or the arm's when the request is an arm's.
+    /// The collection of the model that made `vector`: the arm's when the request is an
+    /// arm's, else the active model's (the live alias only while its collection is not
+    /// known yet, see [`Arms::collection_of`]).
     async fn search(
         &self,
+        model: &TwoTower,
         arm: Option<&Arm>,
         vector: &[f32],
         filter: &Filter,
         k: usize,
         degraded: &mut Vec<Degraded>,
     ) -> Option<Vec<Candidate>> {
-        let hits = match arm {
-            Some(arm) => {
-                self.index
-                    .search_in(&arm.collection, vector, filter, k)
-                    .await
-            }
+        let collection = match arm {
+            Some(arm) => Some(arm.collection.clone()),
+            None => self.arms.collection_of(model.version()),
+        };
+        let hits = match &collection {
+            Some(c) => self.index.search_in(c, vector, filter, k).await,
             None => self.index.search(vector, filter, k).await,
         };
         let hits = match hits {

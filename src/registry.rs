@@ -13,11 +13,19 @@
 //!
 //! Only the registry's own bookkeeping lives here; building collections and swapping the
 //! serving model is `lifecycle`'s job. This module knows no HTTP.
+//!
+//! Where it is kept: one process keeps `registry.json` beside the checkpoints. Replicas
+//! ([`crate::config::Settings::shared`]) keep one document in Redis, changed in a WATCH/MULTI
+//! transaction that also announces the change on the replicas' stream (`cluster`), and each
+//! keeps a copy that it reloads when told ([`Registry::reload`]). The checkpoints are in the
+//! model store, a directory every replica reads.
 
+use crate::cluster::{Bus, Change};
 use crate::model::{Manifest, Metrics, ModelError, TwoTower};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 const REGISTRY_FILE: &str = "registry.json";
 /// Files a checkpoint directory holds (see `model::checkpoint`).
@@ -86,6 +94,17 @@ pub enum RegistryError {
     Storage { path: String, reason: String },
 }
 
+/// Where the registry document is kept.
+enum Store {
+    /// `registry.json` in the model store.
+    File,
+    /// One JSON document in Redis, shared by the replicas.
+    Redis {
+        bus: Arc<Bus>,
+        conn: Mutex<Option<redis::Connection>>,
+    },
+}
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct State {
     /// In registration order.
@@ -99,6 +118,8 @@ struct State {
 pub struct Registry {
     dir: PathBuf,
     keep_last: usize,
+    store: Store,
+    /// The document as last read or written.
     state: Mutex<State>,
     /// Versions an enabled experiment serves: they keep their collections (set from the
     /// experiments at start-up and on every change, so not saved).
@@ -106,10 +127,11 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Opens (or creates) `<data_dir>/models/`. A version left `indexing` by a crash goes
-    /// back to `registered` with the reason, since its half-built collection is gone.
-    pub fn open(data_dir: &Path, keep_last: usize) -> Result<Self, RegistryError> {
-        let dir = data_dir.join("models");
+    /// Opens (or creates) the registry of one process, in the model store `dir`. A version
+    /// left `indexing` by a crash goes back to `registered` with the reason, since its
+    /// half-built collection is gone.
+    pub fn open(dir: &Path, keep_last: usize) -> Result<Self, RegistryError> {
+        let dir = dir.to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|e| storage(&dir, e))?;
         let file = dir.join(REGISTRY_FILE);
         let mut state: State = match std::fs::read_to_string(&file) {
@@ -131,11 +153,47 @@ impl Registry {
         let registry = Registry {
             dir,
             keep_last: keep_last.max(2),
+            store: Store::File,
             state: Mutex::new(state),
             pinned: Mutex::new(Vec::new()),
         };
-        registry.save(&registry.state.lock())?;
+        registry.save_file(&registry.state.lock())?;
         Ok(registry)
+    }
+
+    /// Opens the registry the replicas share: the document in Redis, the checkpoints in the
+    /// model store `dir` (a volume every replica mounts). A version another replica is
+    /// indexing stays `indexing`.
+    pub fn open_shared(dir: &Path, keep_last: usize, bus: Arc<Bus>) -> Result<Self, RegistryError> {
+        let dir = dir.to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(|e| storage(&dir, e))?;
+        let registry = Registry {
+            dir,
+            keep_last: keep_last.max(2),
+            store: Store::Redis {
+                bus,
+                conn: Mutex::new(None),
+            },
+            state: Mutex::new(State::default()),
+            pinned: Mutex::new(Vec::new()),
+        };
+        registry.reload()?;
+        Ok(registry)
+    }
+
+    /// Reads the shared document again (another replica changed it). A no-op for one
+    /// process's registry.
+    pub fn reload(&self) -> Result<(), RegistryError> {
+        let Store::Redis { bus, .. } = &self.store else {
+            return Ok(());
+        };
+        let key = bus.keys().registry.clone();
+        let st = self.with_redis(|con| {
+            let text: Option<String> = redis::cmd("GET").arg(&key).query(con)?;
+            Ok(text)
+        })?;
+        *self.state.lock() = parse_state(&key, st)?;
+        Ok(())
     }
 
     /// The checkpoint directory of a registered version.
@@ -190,13 +248,14 @@ impl Registry {
         }
         self.copy_in(path, &version)?;
         let record = record_for(model.manifest(), path, ModelStatus::Registered);
-        let mut st = self.state.lock();
-        // A concurrent register of the same version may have won the race.
-        if st.models.iter().any(|m| m.version == version) {
-            return Err(RegistryError::AlreadyRegistered(version));
-        }
-        st.models.push(record.clone());
-        self.save(&st)?;
+        self.mutate(|st| {
+            // A concurrent register of the same version may have won the race.
+            if st.models.iter().any(|m| m.version == version) {
+                return Err(RegistryError::AlreadyRegistered(version.clone()));
+            }
+            st.models.push(record.clone());
+            Ok(())
+        })?;
         Ok((record, model))
     }
 
@@ -221,7 +280,12 @@ impl Registry {
                 self.copy_in(source, &version)?;
             }
             let record = record_for(model.manifest(), source, ModelStatus::Registered);
-            self.state.lock().models.push(record);
+            self.mutate(|st| {
+                if !st.models.iter().any(|m| m.version == version) {
+                    st.models.push(record.clone());
+                }
+                Ok(())
+            })?;
         }
         self.mark_active(&version, collection)?;
         Ok(self.get(&version).expect("just marked active"))
@@ -231,18 +295,17 @@ impl Registry {
     pub fn update(
         &self,
         version: &str,
-        change: impl FnOnce(&mut ModelRecord),
+        change: impl Fn(&mut ModelRecord),
     ) -> Result<ModelRecord, RegistryError> {
-        let mut st = self.state.lock();
-        let m = st
-            .models
-            .iter_mut()
-            .find(|m| m.version == version)
-            .ok_or_else(|| RegistryError::Unknown(version.to_string()))?;
-        change(m);
-        let out = m.clone();
-        self.save(&st)?;
-        Ok(out)
+        self.mutate(|st| {
+            let m = st
+                .models
+                .iter_mut()
+                .find(|m| m.version == version)
+                .ok_or_else(|| RegistryError::Unknown(version.to_string()))?;
+            change(m);
+            Ok(m.clone())
+        })
     }
 
     /// Makes `version` the active one with `collection`; the previously active version
@@ -253,7 +316,7 @@ impl Registry {
         version: &str,
         collection: Option<String>,
     ) -> Result<Vec<String>, RegistryError> {
-        let mut st = self.state.lock();
+        self.mutate(|st| {
         if !st.models.iter().any(|m| m.version == version) {
             return Err(RegistryError::Unknown(version.to_string()));
         }
@@ -276,25 +339,20 @@ impl Registry {
         }
         st.history.retain(|v| v != version);
         st.history.push(version.to_string());
-        let dropped = retire_beyond_rollback(&mut st, collection.as_deref(), &self.pinned.lock());
-        self.save(&st)?;
-        Ok(dropped)
+        Ok(retire_beyond_rollback(st, collection.as_deref(), &self.pinned.lock()))
+        })
     }
 
     /// A version whose collection was built without switching to it (`prepare`): `ready`,
     /// so that an experiment can serve it or an activation switch to it at once.
     pub fn mark_ready(&self, version: &str, collection: String) -> Result<(), RegistryError> {
-        let mut st = self.state.lock();
-        let m = st
-            .models
-            .iter_mut()
-            .find(|m| m.version == version)
-            .ok_or_else(|| RegistryError::Unknown(version.to_string()))?;
-        m.status = ModelStatus::Ready;
-        m.collection = Some(collection);
-        m.progress = None;
-        m.last_error = None;
-        self.save(&st)
+        self.update(version, |m| {
+            m.status = ModelStatus::Ready;
+            m.collection = Some(collection.clone());
+            m.progress = None;
+            m.last_error = None;
+        })
+        .map(|_| ())
     }
 
     /// The versions enabled experiments serve; they keep their collections until unpinned.
@@ -320,7 +378,7 @@ impl Registry {
     /// After a rollback switched to `target`: it is active again and the version rolled back
     /// from is `ready` (its collection kept, so re-activating it is instant).
     pub fn mark_rolled_back(&self, target: &str) -> Result<(), RegistryError> {
-        let mut st = self.state.lock();
+        self.mutate(|st| {
         let from = st.history.pop();
         let now = now();
         for m in &mut st.models {
@@ -332,13 +390,14 @@ impl Registry {
             }
         }
         // The rolled-back-from version stays reachable by activating it again.
-        self.save(&st)
+        Ok(())
+        })
     }
 
     /// Keep-last-N: removes the oldest versions beyond `keep_last`, never the active one or
     /// the rollback target. Returns the collections of the removed versions, to be dropped.
     pub fn gc(&self) -> Result<Vec<String>, RegistryError> {
-        let mut st = self.state.lock();
+        let (collections, removed) = self.mutate(|st| {
         let mut protected: Vec<String> = st.history.iter().rev().take(2).cloned().collect();
         protected.extend(self.pinned.lock().iter().cloned());
         let mut removable: Vec<usize> = (0..st.models.len())
@@ -352,19 +411,24 @@ impl Registry {
         let excess = st.models.len().saturating_sub(self.keep_last);
         removable.truncate(excess);
         let mut collections = Vec::new();
+        let mut removed = Vec::new();
         for &i in removable.iter().rev() {
             let m = st.models.remove(i);
             if let Some(c) = m.collection {
                 collections.push(c);
             }
             st.history.retain(|v| v != &m.version);
-            let dir = self.model_dir(&m.version);
+            removed.push(m.version);
+        }
+        Ok((collections, removed))
+        })?;
+        for version in removed {
+            let dir = self.model_dir(&version);
             if let Err(e) = std::fs::remove_dir_all(&dir) {
                 tracing::warn!(dir = %dir.display(), error = %e, "could not remove a collected model");
             }
-            tracing::info!(version = m.version, "model version garbage-collected");
+            tracing::info!(version, "model version garbage-collected");
         }
-        self.save(&st)?;
         Ok(collections)
     }
 
@@ -382,7 +446,82 @@ impl Registry {
         std::fs::rename(&tmp, &dest).map_err(|e| storage(&dest, e))
     }
 
-    fn save(&self, st: &State) -> Result<(), RegistryError> {
+    /// Changes the document and keeps it: in one process under the lock, then to the file;
+    /// shared, as a Redis transaction on the newest document (retried if another replica
+    /// changed it meanwhile, so `change` may run more than once) that also tells the other
+    /// replicas.
+    fn mutate<T>(
+        &self,
+        mut change: impl FnMut(&mut State) -> Result<T, RegistryError>,
+    ) -> Result<T, RegistryError> {
+        let Store::Redis { bus, .. } = &self.store else {
+            let mut st = self.state.lock();
+            let out = change(&mut st)?;
+            self.save_file(&st)?;
+            return Ok(out);
+        };
+        let keys = bus.keys().clone();
+        let origin = bus.origin().to_string();
+        let outcome = self.with_redis(|con| {
+            redis::transaction(con, &[&keys.registry], |con, pipe| {
+                let text: Option<String> = redis::cmd("GET").arg(&keys.registry).query(con)?;
+                let mut st = match parse_state(&keys.registry, text) {
+                    Ok(st) => st,
+                    Err(e) => return Ok(Some(Err(e))),
+                };
+                let out = match change(&mut st) {
+                    Ok(out) => out,
+                    Err(e) => return Ok(Some(Err(e))),
+                };
+                let text = serde_json::to_string(&st).expect("registry serializes");
+                let mut xadd = redis::cmd("XADD");
+                xadd.arg(&keys.stream)
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(crate::cluster::STREAM_MAXLEN)
+                    .arg("*");
+                for (k, v) in crate::cluster::entry_fields(&origin, &Change::Registry) {
+                    xadd.arg(k).arg(v);
+                }
+                let done: Option<()> = pipe
+                    .set(&keys.registry, text)
+                    .ignore()
+                    .add_command(xadd)
+                    .ignore()
+                    .query(con)?;
+                Ok(done.map(|()| Ok((out, st))))
+            })
+        })?;
+        let (out, st) = outcome?;
+        *self.state.lock() = st;
+        Ok(out)
+    }
+
+    /// Runs `f` on the shared registry's Redis connection, connecting first if needed; a
+    /// failed call drops the connection so that the next one reconnects.
+    fn with_redis<T>(
+        &self,
+        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> Result<T, RegistryError> {
+        let Store::Redis { bus, conn } = &self.store else {
+            unreachable!("only the shared registry talks to Redis");
+        };
+        let unavailable = |reason: String| RegistryError::Storage {
+            path: bus.keys().registry.clone(),
+            reason,
+        };
+        let mut guard = conn.lock();
+        if guard.is_none() {
+            *guard = Some(bus.blocking_connection().map_err(|e| unavailable(e.to_string()))?);
+        }
+        let result = f(guard.as_mut().expect("connected above"));
+        if result.is_err() {
+            *guard = None;
+        }
+        result.map_err(|e| unavailable(e.to_string()))
+    }
+
+    fn save_file(&self, st: &State) -> Result<(), RegistryError> {
         let file = self.dir.join(REGISTRY_FILE);
         let tmp = self.dir.join(format!("{REGISTRY_FILE}.tmp"));
         let text = serde_json::to_string_pretty(st).expect("registry serializes");
@@ -448,6 +587,17 @@ fn valid_version(v: &str) -> bool {
 
 fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// The shared document, or an empty registry when there is none yet.
+fn parse_state(key: &str, text: Option<String>) -> Result<State, RegistryError> {
+    match text {
+        None => Ok(State::default()),
+        Some(t) => serde_json::from_str(&t).map_err(|e| RegistryError::Storage {
+            path: key.to_string(),
+            reason: format!("not a registry document: {e}"),
+        }),
+    }
 }
 
 fn storage(path: &Path, e: std::io::Error) -> RegistryError {

@@ -1191,7 +1191,7 @@ async fn an_index_outage_serves_the_fallback_list_and_recovers() {
         inner: Arc::new(tandem::index::exact::ExactIndex::new()),
         down: false.into(),
     });
-    tandem::http::state::index_catalog(outage.as_ref(), &model, &items, &catalog_dir)
+    tandem::items::load::index_catalog(outage.as_ref(), &model, &items, &catalog_dir)
         .await
         .unwrap();
     let index: Arc<dyn tandem::index::VectorIndex> = Arc::new(tandem::degrade::GuardedIndex::new(

@@ -28,6 +28,8 @@ pub const ADMIN_KEY_ENV: &str = "TANDEM_ADMIN_KEY";
 pub struct AdminState {
     pub lifecycle: Arc<Lifecycle>,
     pub experiments: Arc<Experiments>,
+    /// The replicas' shared stream: experiments set here are set on every replica.
+    pub bus: Option<Arc<crate::cluster::Bus>>,
     /// SHA-256 of the configured key; `None` disables the admin API.
     key_digest: Option<[u8; 32]>,
 }
@@ -37,11 +39,13 @@ impl AdminState {
     pub fn new(
         lifecycle: Arc<Lifecycle>,
         experiments: Arc<Experiments>,
+        bus: Option<Arc<crate::cluster::Bus>>,
         key: Option<&str>,
     ) -> Self {
         AdminState {
             lifecycle,
             experiments,
+            bus,
             key_digest: key.filter(|k| !k.is_empty()).map(digest),
         }
     }
@@ -211,7 +215,13 @@ async fn put_experiments(
             }
         }
     }
-    // The models first, so that the first request assigned to a new arm finds it serving.
+    // Every replica first (they apply it within a second), then this one: the models
+    // first, so that the first request assigned to a new arm finds it serving.
+    if let Some(bus) = &s.bus {
+        bus.set_experiments(&body.experiments)
+            .await
+            .map_err(|e| AdminError::Unavailable(e.to_string()))?;
+    }
     s.lifecycle
         .pin(crate::experiment::pinned_models(&body.experiments))
         .await;
@@ -249,6 +259,9 @@ pub enum AdminError {
     Lifecycle(#[from] LifecycleError),
     #[error(transparent)]
     Experiment(#[from] ExperimentError),
+    /// The replicas' shared store did not take the change.
+    #[error("the shared store did not answer: {0}")]
+    Unavailable(String),
 }
 
 impl AdminError {
@@ -298,7 +311,11 @@ impl AdminError {
                 LifecycleError::ShuttingDown => {
                     (StatusCode::SERVICE_UNAVAILABLE, "shutting_down", None)
                 }
+                LifecycleError::Shared(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None),
             },
+            AdminError::Unavailable(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None)
+            }
             AdminError::Experiment(e) => match e {
                 ExperimentError::Invalid { field, .. } => (
                     StatusCode::UNPROCESSABLE_ENTITY,

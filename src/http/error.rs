@@ -146,6 +146,26 @@ impl From<crate::index::IndexError> for AppError {
     }
 }
 
+impl From<crate::items::WriteError> for AppError {
+    fn from(e: crate::items::WriteError) -> Self {
+        use crate::items::WriteError as E;
+        match e {
+            E::UnknownItem(id) => AppError::NotFound {
+                what: "item",
+                id: id.to_string(),
+            },
+            E::Index(e) => e.into(),
+            E::Announce(e) => AppError::Unavailable {
+                dependency: "replica stream",
+                detail: e.to_string(),
+            },
+            E::Model(_) | E::Journal(_) | E::Task(_) => AppError::Internal {
+                detail: e.to_string(),
+            },
+        }
+    }
+}
+
 impl From<crate::session::SessionError> for AppError {
     fn from(e: crate::session::SessionError) -> Self {
         use crate::session::SessionError as E;

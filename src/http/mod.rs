@@ -61,7 +61,11 @@ pub async fn run(
     let addr = listener.local_addr().map_err(ServeError::Io)?;
     tracing::info!(%addr, items = state.catalog.len(), "serving");
     let lag_monitor = telemetry::spawn_lag_monitor();
-    let flusher = state::spawn_flusher(state.index.clone(), state.journal.clone());
+    let flusher = state
+        .items
+        .journal
+        .clone()
+        .map(|j| crate::items::load::spawn_flusher(state.index.clone(), j));
     let grace = Duration::from_millis(state.settings.server.shutdown_grace_ms);
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
@@ -99,14 +103,21 @@ pub async fn run(
         }
     };
     lag_monitor.abort();
-    flusher.abort();
+    if let Some(f) = flusher {
+        f.abort();
+    }
     // A clean stop leaves nothing for the next start to replay.
-    if state.journal.take_unflushed() {
-        if let Err(e) = state::flush_once(state.index.as_ref(), &state.journal).await {
-            tracing::warn!(error = %e, "final flush of buffered item upserts; the next start replays them");
+    if let Some(journal) = &state.items.journal {
+        if journal.take_unflushed() {
+            if let Err(e) = crate::items::load::flush_once(state.index.as_ref(), journal).await {
+                tracing::warn!(error = %e, "final flush of buffered item upserts; the next start replays them");
+            }
         }
     }
     state.lifecycle.shut_down();
+    if let Some(f) = state.follower.lock().take() {
+        f.abort();
+    }
     drop(state);
     tracing::info!("server stopped");
     result
@@ -143,6 +154,7 @@ pub fn router(state: AppState) -> Router {
             admin::router(admin::AdminState::new(
                 state.lifecycle.clone(),
                 state.experiments.clone(),
+                state.bus.clone(),
                 state.settings.admin_key.0.as_deref(),
             )),
         )

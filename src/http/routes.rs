@@ -1,5 +1,5 @@
 //! The handlers: each turns wire input into validated domain input, calls the pipeline or the
-//! catalog, and shapes the answer. No business logic lives here.
+//! catalog's write path (`items`), and shapes the answer.
 
 use super::error::{AppError, ErrorBody};
 use super::extract::{read_body, ApiJson, ApiPath, QueryPairs, RequestId};
@@ -7,7 +7,7 @@ use super::types::*;
 use super::AppState;
 use crate::catalog::CatalogEntry;
 use crate::domain::{ItemId, UserId};
-use crate::index::{IndexPoint, PayloadPatch};
+use crate::items;
 use crate::pipeline::RecommendRequest;
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
@@ -166,82 +166,11 @@ pub async fn upsert_items(
         items.push(item);
         popularity.push(pop);
     }
-    let model = s.model.load_full();
-    let model_version = model.version().to_string();
-    // Embedding is CPU work; keep it off the async workers.
-    let (items, vectors) = tokio::task::spawn_blocking(move || {
-        let v = model.embed_items(&items);
-        (items, v)
-    })
-    .await
-    .map_err(|e| AppError::Internal {
-        detail: format!("embedding task: {e}"),
-    })?;
-    let vectors = vectors.map_err(|e| AppError::Internal {
-        detail: format!("item tower: {e}"),
-    })?;
-    let entries: Vec<CatalogEntry> = items
-        .into_iter()
-        .zip(vectors)
-        .zip(popularity)
-        .map(|((item, vector), popularity)| CatalogEntry {
-            item,
-            popularity,
-            vector: vector.into_boxed_slice(),
-        })
-        .collect();
-    let points = entries
-        .iter()
-        .map(|e| IndexPoint {
-            vector: e.vector.to_vec(),
-            payload: e.payload(),
-        })
-        .collect();
-    // The index first: the catalog only mirrors what search can return. It is not flushed
-    // here (an engine flush is 10-30 ms): the journal line, fsynced next, is what makes the
-    // write durable, and a restart replays lines past the last flush (`CatalogJournal`).
-    s.index.upsert_buffered(points).await?;
-    let journal = s.journal.clone();
-    let added: Vec<_> = entries
-        .iter()
-        .map(|e| (e.item.clone(), e.popularity))
-        .collect();
-    off_runtime(move || journal.append(&added)).await?;
-    let n = entries.len();
-    s.lifecycle.arms().upserted(&entries).await;
-    s.catalog.upsert(entries);
+    let done = s.items.upsert(items.into_iter().zip(popularity).collect()).await?;
     Ok(Json(ItemsUpserted {
-        upserted: n,
-        model_version,
+        upserted: done.count,
+        model_version: done.model_version,
     }))
-}
-
-/// Runs a durable index write (it flushes the engine), then moves the journal's flush mark
-/// to where the journal was before it: a restart must not replay an older journal line of
-/// the item over this write. The write is acknowledged only once the mark has moved.
-async fn durably(
-    s: &AppState,
-    write: impl std::future::Future<Output = Result<(), crate::index::IndexError>>,
-) -> ApiResult<()> {
-    let journal = s.journal.clone();
-    let mark = off_runtime(move || journal.byte_len()).await?;
-    write.await?;
-    let journal = s.journal.clone();
-    off_runtime(move || journal.mark_flushed(mark)).await
-}
-
-/// Runs blocking journal I/O on the blocking pool.
-async fn off_runtime<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, crate::catalog::CatalogError> + Send + 'static,
-) -> ApiResult<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| AppError::Internal {
-            detail: format!("journal task: {e}"),
-        })?
-        .map_err(|e| AppError::Internal {
-            detail: e.to_string(),
-        })
 }
 
 /// One item as the catalog holds it.
@@ -292,25 +221,16 @@ pub async fn patch_item(
             ))
         }
     };
-    known_item(&s, &id)?;
-    let index_patch = PayloadPatch {
-        available: patch.available,
-        price,
-        popularity: None,
-    };
-    durably(&s, s.index.set_payload(&id, &index_patch)).await?;
-    s.lifecycle.arms().patched(&id, &index_patch).await;
     let updated = s
-        .catalog
-        .update(&id, |e| {
-            if let Some(a) = patch.available {
-                e.item.available = a;
-            }
-            if let Some(p) = price {
-                e.item.price = Some(p);
-            }
-        })
-        .ok_or_else(|| not_found(&id))?;
+        .items
+        .patch(
+            &id,
+            items::ItemPatch {
+                available: patch.available,
+                price,
+            },
+        )
+        .await?;
     Ok(Json(ItemView::from(updated.as_ref())))
 }
 
@@ -327,10 +247,7 @@ pub async fn delete_item(
     ApiPath(item_id): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
     let id = parse_item_id(item_id)?;
-    known_item(&s, &id)?;
-    durably(&s, s.index.delete(std::slice::from_ref(&id))).await?;
-    s.lifecycle.arms().deleted(std::slice::from_ref(&id)).await;
-    s.catalog.remove(&id);
+    s.items.delete(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -1,32 +1,25 @@
 //! What every handler shares, and how it is built from `Settings` at start-up.
 
 use crate::arms::Arms;
-use crate::catalog::{Catalog, CatalogError, CatalogJournal};
+use crate::catalog::Catalog;
+use crate::cluster::{Bus, Change, ClusterError};
 use crate::config::{Settings, CONTROL_VARIANT};
-use crate::data::DataError;
 use crate::degrade::{Budgets, GuardedIndex, GuardedSession};
-use crate::domain::{Item, ItemId, SessionId, UserId};
-use crate::experiment::{Assignment, Experiments};
-use crate::index::{IndexError, IndexPoint, Payload, VectorIndex};
+use crate::domain::{SessionId, UserId};
+use crate::experiment::{Assignment, Experiment, Experiments};
+use crate::index::{IndexError, VectorIndex};
+use crate::items::load::{journal_path, LoadError};
+use crate::items::{CatalogJournal, ItemWriter};
 use crate::lifecycle::{Lifecycle, LifecycleError};
 use crate::model::{ModelError, TwoTower};
 use crate::pipeline::Recommender;
 use crate::registry::Registry;
 use crate::session::{SessionError, SessionStore};
 use arc_swap::ArcSwap;
-use std::collections::HashMap;
+use futures::FutureExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
 use tokio::sync::Semaphore;
-
-/// Items embedded per item-tower call when the server indexes its catalog itself.
-const EMBED_BATCH: usize = 1_024;
-/// How often buffered item upserts are flushed to the index. Under load at 1M items a flush
-/// took 15-60 ms (strace of the engine's writer thread), and every item write waits behind
-/// it, so once a second put a few percent of upserts behind one. The journal keeps the
-/// writes durable meanwhile, and a restart re-embeds at most this much of it.
-const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -40,10 +33,8 @@ pub enum ServeError {
     Index(#[from] IndexError),
     #[error("opening the session store: {0}")]
     Session(#[from] SessionError),
-    #[error("reading the catalog: {0}")]
-    Data(#[from] DataError),
-    #[error("loading the catalog: {0}")]
-    Catalog(#[from] CatalogError),
+    #[error("{0}")]
+    Load(#[from] LoadError),
     #[error("the index holds {index}-d vectors but model {model_version} makes {model}-d ones; re-run `tandem index` with this model")]
     DimMismatch {
         index: usize,
@@ -52,6 +43,8 @@ pub enum ServeError {
     },
     #[error("model registry: {0}")]
     Lifecycle(#[from] LifecycleError),
+    #[error("{0}")]
+    Cluster(#[from] ClusterError),
     #[error("server: {0}")]
     Io(std::io::Error),
 }
@@ -65,8 +58,8 @@ pub struct AppState {
     pub index: Arc<dyn VectorIndex>,
     pub sessions: Arc<dyn SessionStore>,
     pub catalog: Arc<Catalog>,
-    /// Items added through the API, replayed into the catalog at start-up.
-    pub journal: Arc<CatalogJournal>,
+    /// The catalog's write path (`POST`, `PATCH`, `DELETE /v1/items`).
+    pub items: Arc<ItemWriter>,
     pub recommender: Arc<Recommender>,
     pub limiter: Arc<Semaphore>,
     /// Live request and cache figures for `GET /v1/stats`.
@@ -75,19 +68,33 @@ pub struct AppState {
     pub lifecycle: Arc<Lifecycle>,
     /// A/B assignment and outcome counting.
     pub experiments: Arc<Experiments>,
+    /// The replicas' shared stream, when this server is one of several (`Settings::shared`).
+    pub bus: Option<Arc<Bus>>,
+    /// The task following the other replicas' changes; stopped with the server.
+    pub follower: Arc<parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 impl AppState {
-    /// Loads the model, opens the index and the session store, and loads the catalog. When
-    /// the index is empty and a catalog dir is configured, the catalog is embedded and indexed
-    /// first (the embedded demo and the tests start this way).
+    /// Loads the model, opens the index and the session store, and loads the catalog (see
+    /// `items::load`). With replicas (`Settings::shared`) the registry, the experiments and
+    /// the catalog come from the shared Redis and Qdrant, and the replica follows the other
+    /// replicas' changes from the moment its load began.
     pub async fn build(settings: Settings) -> Result<Self, ServeError> {
+        let bus = match settings.shared() {
+            true => Some(Bus::connect(&settings).await?),
+            false => None,
+        };
+        let store = settings.registry.model_store(&settings.data_dir);
+        let keep = settings.registry.keep_last;
         let registry = Arc::new(
-            Registry::open(&settings.data_dir, settings.registry.keep_last)
-                .map_err(LifecycleError::from)?,
+            match &bus {
+                Some(bus) => Registry::open_shared(&store, keep, bus.clone()),
+                None => Registry::open(&store, keep),
+            }
+            .map_err(LifecycleError::from)?,
         );
-        // After an activation the registry's active version is what serves, across restarts;
-        // `model_path` is the first model only.
+        // After an activation the registry's active version is what serves, across restarts
+        // and on every replica; `model_path` is the first model only.
         let model_path = match registry.active() {
             Some(active) if registry.model_dir(&active.version).is_dir() => {
                 tracing::info!(
@@ -119,25 +126,33 @@ impl AppState {
             crate::session::open(&settings).await?,
             guard_budgets(&settings, settings.server.session_budget_ms),
         ));
-        let journal = CatalogJournal::new(journal_path(&settings));
-        replay_unflushed(&journal, index.as_ref(), &model).await?;
-        let mut items = read_catalog(&settings.server.catalog_dir)?;
-        let added = journal.read()?;
-        if !added.is_empty() {
-            tracing::info!(items = added.len(), "replaying items added through the API");
-            items = merge_items(items, added);
-        }
-        if !items.is_empty() && index_is_empty(index.as_ref()).await? {
-            index_catalog(index.as_ref(), &model, &items, &settings.server.catalog_dir).await?;
-        }
-        let started = Instant::now();
-        let total = items.len();
-        let (catalog, report) = Catalog::load(items, index.as_ref(), |done, total| {
-            if done % 100_000 < 2_000 || done == total {
-                tracing::info!(done, total, "loading the catalog");
+        let catalog_dir = settings.server.catalog_dir.clone();
+        let (catalog, journal, follow_from) = match &bus {
+            Some(bus) => {
+                // Taken before the load: changes made while it runs are applied after it.
+                let from = bus.head().await?;
+                let collection = registry
+                    .active()
+                    .filter(|a| a.version == model.version())
+                    .and_then(|a| a.collection);
+                let catalog = crate::items::load::load_shared(
+                    index.as_ref(),
+                    &model,
+                    &catalog_dir,
+                    bus,
+                    collection.as_deref(),
+                )
+                .await?;
+                (catalog, None, Some(from))
             }
-        })
-        .await?;
+            None => {
+                let journal = CatalogJournal::new(journal_path(&settings.data_dir));
+                let catalog =
+                    crate::items::load::load_local(index.as_ref(), &model, &catalog_dir, &journal)
+                        .await?;
+                (catalog, Some(Arc::new(journal)), None)
+            }
+        };
         if let Some(entry) = catalog.any() {
             if entry.vector.len() != model.dim() {
                 return Err(ServeError::DimMismatch {
@@ -147,14 +162,17 @@ impl AppState {
                 });
             }
         }
-        tracing::info!(
-            loaded = report.loaded,
-            missing_from_index = report.missing_from_index,
-            of = total,
-            secs = started.elapsed().as_secs_f64(),
-            "catalog loaded"
-        );
-        Self::from_parts(
+        let mut settings = settings;
+        if let Some(bus) = &bus {
+            // The experiments an admin set on any replica outlive the configured ones.
+            if let Some(shared) = bus
+                .get_json::<Vec<Experiment>>(&bus.keys().experiments)
+                .await?
+            {
+                settings.experiments = shared;
+            }
+        }
+        let state = Self::from_parts(
             settings,
             model,
             index,
@@ -162,12 +180,19 @@ impl AppState {
             Arc::new(catalog),
             registry,
             &model_path,
+            journal,
+            bus,
         )
-        .await
+        .await?;
+        if let Some(from) = follow_from {
+            state.follow_replicas(from);
+        }
+        Ok(state)
     }
 
     /// Assembles a state from parts that are already open; `model_source` is the directory
     /// `model` was loaded from (the registry adopts it if it does not know it yet).
+    #[allow(clippy::too_many_arguments)]
     pub async fn from_parts(
         settings: Settings,
         model: TwoTower,
@@ -176,6 +201,8 @@ impl AppState {
         catalog: Arc<Catalog>,
         registry: Arc<Registry>,
         model_source: &Path,
+        journal: Option<Arc<CatalogJournal>>,
+        bus: Option<Arc<Bus>>,
     ) -> Result<Self, ServeError> {
         let model = Arc::new(ArcSwap::from_pointee(model));
         let experiments = Arc::new(Experiments::new(
@@ -200,8 +227,9 @@ impl AppState {
                 model.clone(),
                 index.clone(),
                 catalog.clone(),
-                arms,
+                arms.clone(),
                 model_source,
+                bus.clone(),
             )
             .await?,
         );
@@ -209,18 +237,28 @@ impl AppState {
         lifecycle
             .pin(crate::experiment::pinned_models(&experiments.list()))
             .await;
+        let items = Arc::new(ItemWriter {
+            index: index.clone(),
+            catalog: catalog.clone(),
+            model: model.clone(),
+            arms,
+            journal,
+            bus: bus.clone(),
+        });
         Ok(AppState {
             limiter: Arc::new(Semaphore::new(settings.server.max_concurrency)),
-            journal: Arc::new(CatalogJournal::new(journal_path(&settings))),
             settings: Arc::new(settings),
             model,
             index,
             sessions,
             catalog,
+            items,
             recommender,
             lifecycle,
             experiments,
             stats: Arc::new(super::stats::ServerStats::new()),
+            bus,
+            follower: Arc::default(),
         })
     }
 
@@ -236,6 +274,66 @@ impl AppState {
     pub fn assign(&self, user: Option<&UserId>, session: Option<&SessionId>) -> Option<Assignment> {
         self.experiments.assign(user, session)
     }
+
+    /// Experiments another replica set: their models first, as `PUT /admin/experiments`
+    /// does.
+    async fn apply_experiments(&self, set: Vec<Experiment>) {
+        self.lifecycle
+            .pin(crate::experiment::pinned_models(&set))
+            .await;
+        if let Err(e) = self.experiments.replace(set) {
+            tracing::error!(error = %e, "experiments from the shared store do not validate; keeping the current ones");
+        }
+    }
+
+    /// Follows the other replicas' changes from stream id `from`: catalog writes, the
+    /// registry (the active model) and the experiments. When nothing arrives for a second
+    /// the registry is checked anyway, so a missed announcement cannot leave a replica on
+    /// an old model.
+    fn follow_replicas(&self, from: String) {
+        let Some(bus) = self.bus.clone() else { return };
+        let me = self.clone();
+        let idle = self.clone();
+        let task = bus.follow(
+            from,
+            move |batch| {
+                let s = me.clone();
+                async move {
+                    s.items.apply_remote(&batch).await;
+                    if batch.iter().any(|d| matches!(d.change, Change::Registry)) {
+                        s.lifecycle.follow().await;
+                    }
+                    if batch.iter().any(|d| {
+                        matches!(d.change, Change::Experiments)
+                            && Some(d.origin.as_str()) != s.bus.as_ref().map(|b| b.origin())
+                    }) {
+                        s.follow_experiments().await;
+                    }
+                }
+                .boxed()
+            },
+            move || {
+                let s = idle.clone();
+                async move { s.lifecycle.follow().await }.boxed()
+            },
+        );
+        *self.follower.lock() = Some(task);
+    }
+
+    async fn follow_experiments(&self) {
+        let Some(bus) = &self.bus else { return };
+        match bus
+            .get_json::<Vec<Experiment>>(&bus.keys().experiments)
+            .await
+        {
+            Ok(Some(set)) => {
+                tracing::info!(experiments = set.len(), "experiments changed on another replica");
+                self.apply_experiments(set).await;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "reading the shared experiments"),
+        }
+    }
 }
 
 fn guard_budgets(settings: &Settings, read_ms: u64) -> Budgets {
@@ -246,179 +344,4 @@ fn guard_budgets(settings: &Settings, read_ms: u64) -> Budgets {
         write: ms(server.write_budget_ms),
         cooldown: ms(server.breaker_cooldown_ms),
     }
-}
-
-fn journal_path(settings: &Settings) -> std::path::PathBuf {
-    settings.data_dir.join("catalog").join("items-added.jsonl")
-}
-
-/// The catalog file's items, then the journaled ones; a later entry for an id replaces the
-/// earlier one in place.
-fn merge_items(base: Vec<Item>, added: Vec<Item>) -> Vec<Item> {
-    let mut at: HashMap<ItemId, usize> = HashMap::with_capacity(base.len());
-    let mut items = base;
-    for (i, item) in items.iter().enumerate() {
-        at.insert(item.item_id.clone(), i);
-    }
-    for item in added {
-        match at.get(&item.item_id) {
-            Some(&i) => items[i] = item,
-            None => {
-                at.insert(item.item_id.clone(), items.len());
-                items.push(item);
-            }
-        }
-    }
-    items
-}
-
-fn read_catalog(dir: &Path) -> Result<Vec<Item>, ServeError> {
-    if dir.as_os_str().is_empty() {
-        tracing::warn!("server.catalog_dir is not set: the catalog starts empty; add items with POST /v1/items");
-        return Ok(Vec::new());
-    }
-    let file = crate::data::find_file(dir, "items")?;
-    Ok(crate::data::read_items(&file)?)
-}
-
-/// Item upserts acknowledged before the process stopped whose index write may not have been
-/// flushed (the journal past its flush mark, see [`CatalogJournal`]): embedded and written to
-/// the index again, durably. On an empty index there is nothing to repair: the whole
-/// catalog, journal included, is indexed next.
-async fn replay_unflushed(
-    journal: &CatalogJournal,
-    index: &dyn VectorIndex,
-    model: &TwoTower,
-) -> Result<(), ServeError> {
-    let (pending, end) = journal.unflushed()?;
-    if pending.is_empty() || index_is_empty(index).await? {
-        return Ok(());
-    }
-    tracing::info!(
-        items = pending.len(),
-        "replaying item upserts that may not have reached the index before the last stop"
-    );
-    let mut points = Vec::with_capacity(pending.len());
-    for chunk in pending.chunks(EMBED_BATCH) {
-        let items: Vec<Item> = chunk.iter().map(|(i, _)| i.clone()).collect();
-        let vectors = model.embed_items(&items).map_err(|e| ServeError::Model {
-            path: model.version().to_string(),
-            source: Box::new(e),
-        })?;
-        for ((item, popularity), vector) in chunk.iter().zip(vectors) {
-            points.push(IndexPoint {
-                vector,
-                payload: Payload::of(item, *popularity),
-            });
-        }
-    }
-    index.upsert(points).await?;
-    journal.mark_flushed(end)?;
-    Ok(())
-}
-
-/// Flushes the index every [`FLUSH_EVERY`] while items are being upserted, and moves the
-/// journal's flush mark, so that a restart replays at most that much of the upserts.
-pub fn spawn_flusher(
-    index: Arc<dyn VectorIndex>,
-    journal: Arc<CatalogJournal>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(FLUSH_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            if !journal.take_unflushed() {
-                continue;
-            }
-            if let Err(e) = flush_once(index.as_ref(), &journal).await {
-                tracing::warn!(error = %e, "flushing buffered item upserts; retrying");
-                journal.keep_unflushed();
-            }
-        }
-    })
-}
-
-/// Flushes the index and moves the journal's flush mark past every line appended so far.
-pub async fn flush_once(
-    index: &dyn VectorIndex,
-    journal: &Arc<CatalogJournal>,
-) -> Result<(), String> {
-    let j = journal.clone();
-    let mark = tokio::task::spawn_blocking(move || j.byte_len())
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-    index.flush().await.map_err(|e| e.to_string())?;
-    let j = journal.clone();
-    tokio::task::spawn_blocking(move || j.mark_flushed(mark))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())
-}
-
-async fn index_is_empty(index: &dyn VectorIndex) -> Result<bool, ServeError> {
-    match index.count().await {
-        Ok(n) => Ok(n == 0),
-        Err(IndexError::NoActiveVersion) => Ok(true),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Embeds the catalog with the item tower and builds a new live collection version from it,
-/// with popularity counted from the catalog dir's interactions (when there are any). Used at
-/// start-up on an empty index and by `tandem index`. If it fails midway the live version is
-/// unchanged (see `index::build_version`).
-pub async fn index_catalog(
-    index: &dyn VectorIndex,
-    model: &TwoTower,
-    items: &[Item],
-    dir: &Path,
-) -> Result<(), ServeError> {
-    tracing::info!(
-        items = items.len(),
-        "the index is empty: indexing the catalog"
-    );
-    let popularity = count_interactions(dir)?;
-    let mut points = Vec::with_capacity(items.len());
-    for (n, chunk) in items.chunks(EMBED_BATCH).enumerate() {
-        let vectors = model.embed_items(chunk).map_err(|e| ServeError::Model {
-            path: model.version().to_string(),
-            source: Box::new(e),
-        })?;
-        for (item, vector) in chunk.iter().zip(vectors) {
-            let popularity = popularity.get(&item.item_id).copied().unwrap_or(0.0);
-            points.push(IndexPoint {
-                vector,
-                payload: Payload::of(item, popularity),
-            });
-        }
-        if (n + 1) % 100 == 0 {
-            tracing::info!(
-                embedded = points.len(),
-                of = items.len(),
-                "embedding the catalog"
-            );
-        }
-    }
-    let version = format!(
-        "{}-{}",
-        model.version(),
-        chrono::Utc::now().format("%Y%m%dT%H%M%S")
-    );
-    let bar = indicatif::ProgressBar::new(points.len() as u64);
-    crate::index::build_version(index, &version, model.dim(), points.into_iter(), &bar).await?;
-    Ok(())
-}
-
-fn count_interactions(dir: &Path) -> Result<HashMap<ItemId, f32>, ServeError> {
-    let mut counts = HashMap::new();
-    let Ok(file) = crate::data::find_file(dir, "interactions") else {
-        return Ok(counts);
-    };
-    crate::data::for_each_interaction(&file, |i| {
-        *counts.entry(i.item_id).or_insert(0.0) += 1.0;
-        Ok(())
-    })?;
-    Ok(counts)
 }

@@ -170,7 +170,21 @@ pub trait VectorIndex: Send + Sync {
     async fn drop_version(&self, version: &str) -> Result<(), IndexError>;
     /// All versions, and which one is live.
     async fn versions(&self) -> Result<(Vec<String>, Option<String>), IndexError>;
+    /// One page of every point of a collection (the live one when `version` is `None`) and
+    /// the cursor of the next page. (Placeholder until the backends implement it.)
+    async fn scroll(
+        &self,
+        _version: Option<&str>,
+        _offset: Option<String>,
+        _limit: usize,
+    ) -> Result<ScrollPage, IndexError> {
+        Err(IndexError::Backend("scroll is not implemented".into()))
+    }
 }
+
+/// One page of [`VectorIndex::scroll`]: the points (payload and stored vector), and the
+/// cursor of the next page (`None` after the last page).
+pub type ScrollPage = (Vec<(Payload, Vec<f32>)>, Option<String>);
 
 pub mod bench;
 pub mod blocks;
