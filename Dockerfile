@@ -22,7 +22,8 @@ FROM debian:bookworm-slim AS runtime
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home-dir /var/lib/tandem tandem \
-    && mkdir -p /var/lib/tandem && chown tandem /var/lib/tandem
+    && mkdir -p /var/lib/tandem /srv/tandem /srv/tandem-models \
+    && chown tandem /var/lib/tandem /srv/tandem /srv/tandem-models
 COPY --from=build /src/target/release/tandem /usr/local/bin/tandem
 COPY models /opt/tandem/models
 USER tandem

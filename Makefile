@@ -1,6 +1,7 @@
 # tandem: the two commands are `make run` and `make test`.
 CARGO ?= cargo
 DEMO_DIR ?= data/demo
+CLUSTER_DIR ?= data/cluster
 
 .PHONY: run test bench lint fmt demo-data check-split bench-session bench-serve test-ui
 
@@ -15,9 +16,22 @@ demo-data:
 	test -f $(DEMO_DIR)/raw/items.csv || ./target/debug/tandem generate --out $(DEMO_DIR)/raw --items 2000 --users 500 --interactions 40000 --seed 7
 	test -f $(DEMO_DIR)/split/train.csv || ./target/debug/tandem split --data $(DEMO_DIR)/raw --out $(DEMO_DIR)/split
 
-## test: every test (Redis on 127.0.0.1:6379 must be up; .ci/run starts it)
+## test: every test (Redis on 127.0.0.1:6379 must be up; .ci/run starts it). The qdrant
+## backend's cases run against the server at QDRANT_URL; when it is unset and a server binary
+## is found (QDRANT_BIN, ../shared/bin/qdrant), one is started for the run and stopped after
 test: test-ui
-	$(CARGO) test --all-targets
+	scripts/qdrant-server.sh run $(CARGO) test --all-targets
+
+## cluster: two replicas (:8081, :8082) on one Qdrant server (QDRANT_BIN) and Redis (:6379,
+## reused when up), over the demo catalog, as scripts/cluster.sh describes; Ctrl-C stops it
+.PHONY: cluster
+cluster: demo-data
+	scripts/cluster.sh $(CLUSTER_DIR)
+
+## qdrant-server: start a throw-away Qdrant server in the foreground (Ctrl-C stops it)
+.PHONY: qdrant-server
+qdrant-server:
+	scripts/qdrant-server.sh run sh -c 'echo "QDRANT_URL=$$QDRANT_URL (REST $$QDRANT_HTTP_URL); Ctrl-C stops it"; while :; do sleep 3600; done'
 
 ## test-ui: the storefront, onboarding and admin pages in a real Chromium (tests/ui/run.mjs);
 ## fails with a clear message when Chromium or Node is missing. Screenshots: target/ui-screenshots/
@@ -59,9 +73,20 @@ BENCH_DIR ?= data/bench-1m
 BENCH_SECS ?= 30
 BENCH_CONN ?= 8
 .PHONY: bench-serve
+## BACKEND=qdrant: the same catalog size (BENCH_ITEMS) served from a Qdrant server
+## (scripts/qdrant-server.sh), against a bare Qdrant search on the same collection
+## (load-tests/bench-serve-qdrant.sh; 4 connections unless BENCH_CONN is given).
+BACKEND ?= embedded
+BENCH_ITEMS ?= 1000000
 bench-serve:
 	$(CARGO) build --release --bin tandem --bin tandem-load
+ifeq ($(BACKEND),qdrant)
+	flock /tmp/tandem-bench.lock nice load-tests/bench-serve-qdrant.sh \
+	  $(if $(filter 1000000,$(BENCH_ITEMS)),data/bench-qdrant-1m,data/bench-qdrant-$(BENCH_ITEMS)) \
+	  $(BENCH_ITEMS) $(BENCH_SECS) $(if $(filter command line,$(origin BENCH_CONN)),$(BENCH_CONN),4)
+else
 	flock /tmp/tandem-bench.lock load-tests/bench-serve.sh $(BENCH_DIR) $(BENCH_SECS) $(BENCH_CONN)
+endif
 
 ## bench-lifecycle: activate and roll back a model under steady recommendation traffic
 ## (release build, under the benchmark lock). Numbers go to BENCHMARKS.md.

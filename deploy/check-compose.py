@@ -42,4 +42,22 @@ for name, svc in services.items():
     for dep in (svc.get("depends_on") or {}):
         if dep not in services:
             fail(f"service {name!r} depends on unknown {dep!r}")
+# Replicas: every tandem service reads the same model store from a shared named volume, and
+# keeps its data dir off shared volumes (two replicas must never write one data dir).
+replicas = {n: s for n, s in services.items() if n == "tandem" or n.startswith("tandem-")}
+stores = set()
+for name, svc in replicas.items():
+    renv = svc.get("environment") or {}
+    store = renv.get("TANDEM_REGISTRY__MODEL_STORE")
+    if not store:
+        fail(f"replica {name!r} has no TANDEM_REGISTRY__MODEL_STORE")
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in svc.get("volumes", []) if ":" in v}
+    if mounts.get(store) not in declared:
+        fail(f"replica {name!r}: the model store {store!r} is not on a named volume")
+    stores.add((store, mounts[store]))
+    data_dir = renv.get("TANDEM_DATA_DIR", "")
+    if len(replicas) > 1 and any(data_dir == m or data_dir.startswith(m + "/") for m in mounts):
+        fail(f"replica {name!r}: TANDEM_DATA_DIR {data_dir!r} is on a volume the replicas share")
+if len(stores) > 1:
+    fail(f"the replicas read different model stores: {sorted(stores)}")
 print(f"{path}: ok ({', '.join(services)})")

@@ -10,7 +10,7 @@
 //! (half-open); its success closes the breaker, so recovery takes at most about one cooldown.
 
 use crate::domain::{Filter, ItemId, UserId};
-use crate::index::{Hit, IndexError, IndexPoint, Payload, PayloadPatch, VectorIndex};
+use crate::index::{Hit, IndexError, IndexPoint, Payload, PayloadPatch, ScrollPage, VectorIndex};
 use crate::session::{Actor, AppendOutcome, Event, RecentItem, SessionError, SessionStore};
 use crate::telemetry;
 use async_trait::async_trait;
@@ -501,6 +501,21 @@ impl VectorIndex for GuardedIndex {
 
     async fn versions(&self) -> Result<(Vec<String>, Option<String>), IndexError> {
         self.inner.versions().await
+    }
+
+    /// Under the breaker with the write budget (a page of thousands of points, at start-up).
+    async fn scroll(
+        &self,
+        version: Option<&str>,
+        offset: Option<String>,
+        limit: usize,
+    ) -> Result<ScrollPage, IndexError> {
+        self.guarded(
+            "scroll",
+            self.budgets.write,
+            self.inner.scroll(version, offset, limit),
+        )
+        .await
     }
 }
 

@@ -634,9 +634,7 @@ impl Recommender {
                 return None;
             }
         };
-        let entries = self
-            .catalog
-            .get_many(hits.iter().map(|h| &h.payload.item_id));
+        let entries = self.catalog.get_many(hits.iter().map(|h| &h.item_id));
         Some(
             hits.into_iter()
                 .zip(entries)

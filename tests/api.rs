@@ -1172,6 +1172,15 @@ impl tandem::index::VectorIndex for Outage {
         self.check()?;
         self.inner.versions().await
     }
+    async fn scroll(
+        &self,
+        version: Option<&str>,
+        offset: Option<String>,
+        limit: usize,
+    ) -> Result<tandem::index::ScrollPage, tandem::index::IndexError> {
+        self.check()?;
+        self.inner.scroll(version, offset, limit).await
+    }
 }
 
 /// The vector index stops answering (a Qdrant restart): a user with history still gets a

@@ -8,6 +8,13 @@
 //!
 //! Before the timed run, a warm-up posts a few events for every "known" user and session, so
 //! those requests take the personal path (session read, user tower, ANN, re-rank).
+//!
+//! `--qdrant-collection NAME` is the bare-search baseline: `--url` is then a Qdrant server's
+//! REST URL, and each recommendation scenario becomes the one search tandem's qdrant backend
+//! sends for it, on that collection: top `--bare-k` (100, tandem's `k_candidates`) with
+//! `hnsw_ef` 256, int8 candidates re-scored (oversampling 2), the `item_id` payload field only;
+//! `rec_filtered` with its filter (category, available, and in 30% of them price <= 50).
+//! The query vectors are stored item vectors, read from the collection first.
 
 use clap::Parser;
 use hdrhistogram::Histogram;
@@ -76,6 +83,13 @@ struct Args {
     /// rec_filtered 20, event 20, similar 5, upsert 5). Weights are relative, not percent.
     #[arg(long, default_value = "", value_parser = parse_mix)]
     mix: Mix,
+    /// Bare-search baseline: `--url` is a Qdrant REST URL and the recommendation scenarios
+    /// search this collection (or alias) directly; the other scenarios must weigh 0.
+    #[arg(long)]
+    qdrant_collection: Option<String>,
+    /// Bare-search baseline: results per search.
+    #[arg(long, default_value_t = 100)]
+    bare_k: usize,
 }
 
 /// The largest weight `--mix` takes (so that the sum cannot overflow).
@@ -178,6 +192,8 @@ impl Scenario {
 struct Catalog {
     ids: Vec<String>,
     categories: Vec<String>,
+    /// Bare-search baseline: query vectors (stored item vectors).
+    vectors: Vec<Vec<f32>>,
 }
 
 struct Stats {
@@ -281,7 +297,71 @@ fn read_catalog(args: &Args) -> anyhow::Result<Catalog> {
     Ok(Catalog {
         ids,
         categories: categories.into_iter().collect(),
+        vectors: Vec::new(),
     })
+}
+
+/// Query vectors for the bare-search baseline: the first `n` stored vectors of the
+/// collection, by the server's scroll.
+async fn sample_vectors(
+    client: &reqwest::Client,
+    base: &str,
+    collection: &str,
+    n: usize,
+) -> anyhow::Result<Vec<Vec<f32>>> {
+    let r: serde_json::Value = client
+        .post(format!("{base}/collections/{collection}/points/scroll"))
+        .json(&json!({ "limit": n, "with_payload": false, "with_vector": true }))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let points = r["result"]["points"]
+        .as_array()
+        .ok_or_else(|| anyhow::anyhow!("scroll of {collection}: no points in {r}"))?;
+    let vectors: Vec<Vec<f32>> = points
+        .iter()
+        .filter_map(|p| serde_json::from_value(p["vector"].clone()).ok())
+        .collect();
+    anyhow::ensure!(
+        !vectors.is_empty(),
+        "collection {collection} holds no vectors"
+    );
+    Ok(vectors)
+}
+
+/// The search tandem's qdrant backend sends for a recommendation (see the module doc).
+fn bare_search(
+    scenario: Scenario,
+    client: &reqwest::Client,
+    base: &str,
+    collection: &str,
+    catalog: &Catalog,
+    args: &Args,
+    rng: &mut StdRng,
+) -> reqwest::RequestBuilder {
+    let vector = &catalog.vectors[rng.gen_range(0..catalog.vectors.len())];
+    let mut body = json!({
+        "query": vector,
+        "limit": args.bare_k,
+        "with_payload": ["item_id"],
+        "params": { "hnsw_ef": 256, "quantization": { "rescore": true, "oversampling": 2.0 } },
+    });
+    if scenario == Scenario::RecFiltered && !catalog.categories.is_empty() {
+        let c = &catalog.categories[rng.gen_range(0..catalog.categories.len())];
+        let mut must = vec![
+            json!({ "key": "categories", "match": { "any": [c] } }),
+            json!({ "key": "available", "match": { "value": true } }),
+        ];
+        if rng.gen_bool(0.3) {
+            must.push(json!({ "key": "price", "range": { "lte": 50.0 } }));
+        }
+        body["filter"] = json!({ "must": must });
+    }
+    client
+        .post(format!("{base}/collections/{collection}/points/query"))
+        .json(&body)
 }
 
 /// The `--timeline` counts requests at least this slow, per scenario.
@@ -485,6 +565,9 @@ async fn run(args: Args, catalog: Arc<Catalog>) -> anyhow::Result<()> {
         "server not ready: {}",
         ready.text().await?
     );
+    if let Some(collection) = &args.qdrant_collection {
+        return run_bare(&args, catalog, &client, &base, collection).await;
+    }
 
     eprintln!(
         "warming up: events for {} users and {} sessions",
@@ -563,6 +646,62 @@ async fn run(args: Args, catalog: Arc<Catalog>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The bare-search baseline: no warm-up events, no tandem metrics.
+async fn run_bare(
+    args: &Args,
+    catalog: Arc<Catalog>,
+    client: &reqwest::Client,
+    base: &str,
+    collection: &str,
+) -> anyhow::Result<()> {
+    let recs = [
+        Scenario::RecKnownUser,
+        Scenario::RecSession,
+        Scenario::RecFiltered,
+    ];
+    anyhow::ensure!(
+        Scenario::ALL
+            .iter()
+            .zip(&args.mix.0)
+            .all(|(s, &w)| w == 0 || recs.contains(s)),
+        "--qdrant-collection: only the rec_* scenarios can have a weight"
+    );
+    let mut catalog = Arc::try_unwrap(catalog).unwrap_or_else(|c| Catalog {
+        ids: c.ids.clone(),
+        categories: c.categories.clone(),
+        vectors: Vec::new(),
+    });
+    catalog.vectors = sample_vectors(client, base, collection, 2_000).await?;
+    eprintln!(
+        "bare Qdrant search on {collection}: {} query vectors, {} categories",
+        catalog.vectors.len(),
+        catalog.categories.len()
+    );
+    let catalog = Arc::new(catalog);
+    if args.warmup > 0 {
+        let warm_args = Args {
+            duration: args.warmup,
+            requests: 0,
+            timeline: false,
+            seed: args.seed.wrapping_add(1),
+            ..args.clone()
+        };
+        if args.rate > 0.0 {
+            open_loop(&warm_args, client, base, &catalog).await?;
+        } else {
+            closed_loop(&warm_args, client, base, &catalog).await?;
+        }
+    }
+    let started = Instant::now();
+    let stats = if args.rate > 0.0 {
+        open_loop(args, client, base, &catalog).await?
+    } else {
+        closed_loop(args, client, base, &catalog).await?
+    };
+    report(args, &stats, started.elapsed().as_secs_f64());
+    Ok(())
+}
+
 fn actor(n: usize, users: usize) -> (&'static str, String) {
     if n < users {
         ("user_id", format!("load-u{n}"))
@@ -588,6 +727,9 @@ fn build(
     worker: usize,
     upserts: &mut u64,
 ) -> reqwest::RequestBuilder {
+    if let Some(collection) = &args.qdrant_collection {
+        return bare_search(scenario, client, base, collection, catalog, args, rng);
+    }
     let url = |path: &str| format!("{base}{path}");
     match scenario {
         Scenario::RecKnownUser => {

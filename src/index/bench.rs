@@ -199,11 +199,7 @@ async fn run_queries(
         let t = Instant::now();
         let hits = index.search(q, filter, K).await?;
         ms.push(t.elapsed().as_secs_f64() * 1e3);
-        found.push(
-            hits.into_iter()
-                .map(|h| h.payload.item_id.clone())
-                .collect(),
-        );
+        found.push(hits.into_iter().map(|h| h.item_id.clone()).collect());
     }
     Ok((found, ms))
 }
@@ -323,7 +319,7 @@ pub async fn run(
                 Ok(oracle
                     .search(q, f, K)?
                     .into_iter()
-                    .map(|h| h.payload.item_id.clone())
+                    .map(|h| h.item_id.clone())
                     .collect())
             })
             .collect()

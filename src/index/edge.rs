@@ -26,7 +26,7 @@ use super::blocks::{CategoryBlocks, Fit};
 use super::payloads::{self, PayloadStore, F_AVAILABLE, F_CATEGORIES, F_CREATED_AT, F_PRICE};
 use super::plan::{Plan, PlanConfig};
 use super::validate::{check_dim, check_points, check_query, check_version_name, normalized};
-use super::{Hit, IndexError, IndexPoint, Payload, PayloadPatch, VectorIndex};
+use super::{Hit, IndexError, IndexPoint, Payload, PayloadPatch, ScrollPage, VectorIndex};
 use crate::domain::{point_id, Filter, ItemId};
 use async_trait::async_trait;
 use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
@@ -501,7 +501,12 @@ impl Collection {
             .into_iter()
             .zip(found)
             // A point written to the engine but not yet to the RAM copy is still in flight.
-            .filter_map(|((_, score), payload)| payload.map(|payload| Hit { score, payload }))
+            .filter_map(|((_, score), payload)| {
+                payload.map(|p| Hit {
+                    score,
+                    item_id: p.item_id.clone(),
+                })
+            })
             .collect())
     }
 
@@ -589,6 +594,41 @@ impl Collection {
             out.push((payload, vector));
         }
         Ok(out)
+    }
+
+    /// One page of points in point-id order, from `offset` (inclusive), with the payloads
+    /// from the RAM copy and the vectors from the engine; and the point id of the next page.
+    fn scroll(&self, offset: Option<Uuid>, limit: usize) -> Result<ScrollPage, IndexError> {
+        let (records, next) = self
+            .shard
+            .scroll(ScrollRequest {
+                offset: offset.map(PointId::Uuid),
+                limit: Some(limit.max(1)),
+                filter: None,
+                with_payload: Some(WithPayloadInterface::Bool(false)),
+                with_vector: WithVector::Bool(true),
+                order_by: None,
+            })
+            .map_err(backend("scroll"))?;
+        let mut out = Vec::with_capacity(records.len());
+        for r in records {
+            let PointId::Uuid(u) = r.id else { continue };
+            // A point in the engine but not yet in the RAM copy is a write still in flight.
+            let (Some(payload), Some(vector)) = (self.payloads.get(&u), dense(r.vector)) else {
+                continue;
+            };
+            out.push((Payload::clone(&payload), vector));
+        }
+        let next = match next {
+            Some(PointId::Uuid(u)) => Some(u.to_string()),
+            Some(PointId::NumId(n)) => {
+                return Err(IndexError::Backend(format!(
+                    "scroll: numeric point id {n} in a tandem collection"
+                )))
+            }
+            None => None,
+        };
+        Ok((out, next))
     }
 
     /// Rebuilds the RAM copies (payloads, and the category blocks' vectors) from the engine
@@ -1088,6 +1128,29 @@ impl VectorIndex for EdgeIndex {
         }
         names.sort();
         Ok((names, self.live.read().as_ref().map(|c| c.name.clone())))
+    }
+
+    async fn scroll(
+        &self,
+        version: Option<&str>,
+        offset: Option<String>,
+        limit: usize,
+    ) -> Result<ScrollPage, IndexError> {
+        let c = match version {
+            Some(v) => self.collection(v)?,
+            None => self.live()?,
+        };
+        let offset = offset
+            .map(|o| {
+                Uuid::parse_str(&o)
+                    .map_err(|_| IndexError::Backend(format!("invalid scroll cursor {o:?}")))
+            })
+            .transpose()?;
+        // A page of a few thousand points reads the engine's mmapped vectors: off the
+        // async workers.
+        tokio::task::spawn_blocking(move || c.scroll(offset, limit))
+            .await
+            .map_err(|e| IndexError::Backend(format!("scroll: {e}")))?
     }
 }
 

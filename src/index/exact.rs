@@ -8,14 +8,15 @@
 
 use super::filter::CompiledFilter;
 use super::validate::{check_dim, check_points, check_query, check_version_name, normalized};
-use super::{Hit, IndexError, IndexPoint, Payload, PayloadPatch, VectorIndex};
+use super::{Hit, IndexError, IndexPoint, Payload, PayloadPatch, ScrollPage, VectorIndex};
 use crate::domain::{Filter, ItemId};
 use crate::vector::dot;
 use async_trait::async_trait;
 use parking_lot::RwLock;
 use rayon::prelude::*;
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::ops::Bound;
 use std::sync::Arc;
 
 /// Below this many rows one thread scans; above, rayon splits the scan in chunks of this size.
@@ -89,7 +90,8 @@ pub struct ExactCollection {
     dim: usize,
     vectors: Vec<f32>,
     payloads: Vec<Payload>,
-    rows: HashMap<ItemId, usize>,
+    /// Ordered by item id, so that [`ExactCollection::scroll`] pages in a stable order.
+    rows: BTreeMap<ItemId, usize>,
 }
 
 impl ExactCollection {
@@ -98,7 +100,7 @@ impl ExactCollection {
             dim,
             vectors: Vec::new(),
             payloads: Vec::new(),
-            rows: HashMap::new(),
+            rows: BTreeMap::new(),
         }
     }
 
@@ -207,7 +209,7 @@ impl ExactCollection {
             .into_iter()
             .map(|(score, row)| Hit {
                 score,
-                payload: Arc::new(self.payloads[row].clone()),
+                item_id: self.payloads[row].item_id.clone(),
             })
             .collect())
     }
@@ -222,6 +224,25 @@ impl ExactCollection {
                 )
             })
             .collect()
+    }
+
+    /// Up to `limit` points in item-id order from `from` (inclusive; the start when `None`),
+    /// and the item id that starts the next page.
+    pub fn scroll(&self, from: Option<&ItemId>, limit: usize) -> ScrollPage {
+        let start = match from {
+            Some(id) => Bound::Included(id),
+            None => Bound::Unbounded,
+        };
+        let mut page = Vec::with_capacity(limit.min(self.len()));
+        let mut rows = self.rows.range::<ItemId, _>((start, Bound::Unbounded));
+        for (_, &row) in rows.by_ref().take(limit.max(1)) {
+            page.push((
+                self.payloads[row].clone(),
+                self.vectors[row * self.dim..(row + 1) * self.dim].to_vec(),
+            ));
+        }
+        let next = rows.next().map(|(id, _)| id.to_string());
+        (page, next)
     }
 }
 
@@ -377,6 +398,26 @@ impl VectorIndex for ExactIndex {
         names.sort();
         Ok((names, self.live.read().as_ref().map(|(n, _)| n.clone())))
     }
+
+    async fn scroll(
+        &self,
+        version: Option<&str>,
+        offset: Option<String>,
+        limit: usize,
+    ) -> Result<ScrollPage, IndexError> {
+        let c = match version {
+            Some(v) => self.version(v)?,
+            None => self.live()?,
+        };
+        let from = offset
+            .map(|o| {
+                ItemId::parse(&o)
+                    .map_err(|_| IndexError::Backend(format!("invalid scroll cursor {o:?}")))
+            })
+            .transpose()?;
+        let page = c.read().scroll(from.as_ref(), limit);
+        Ok(page)
+    }
 }
 
 #[cfg(test)]
@@ -422,7 +463,7 @@ mod tests {
         assert_eq!(got[0].0.item_id.as_str(), "c");
         assert!((got[0].1[0] - std::f32::consts::FRAC_1_SQRT_2).abs() < 1e-6);
         let hits = c.search(&[1.0, 0.0], &Filter::default(), 5).unwrap();
-        let ids: Vec<&str> = hits.iter().map(|h| h.payload.item_id.as_str()).collect();
+        let ids: Vec<&str> = hits.iter().map(|h| h.item_id.as_str()).collect();
         assert_eq!(ids, vec!["c", "b"]);
     }
 }

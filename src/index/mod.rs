@@ -75,13 +75,20 @@ pub struct PayloadPatch {
 }
 
 /// One search result. `score` is cosine similarity (higher is closer).
+///
+/// A hit names the item only: the serving process holds the catalog in memory, keyed by item
+/// id, and reads everything else there. So the `qdrant` backend asks the server for the
+/// `item_id` field alone (not the whole payload), and the other backends copy no payload.
+/// [`VectorIndex::fetch`] returns payloads when they are needed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Hit {
     pub score: f32,
-    /// Shared with the backend's RAM copy where it has one: a search returns hundreds of
-    /// hits, and copying each title and category list showed in profiles.
-    pub payload: Arc<Payload>,
+    pub item_id: ItemId,
 }
+
+/// One page of [`VectorIndex::scroll`]: the points (payload and stored vector), and the
+/// cursor of the next page (`None` after the last page).
+pub type ScrollPage = (Vec<(Payload, Vec<f32>)>, Option<String>);
 
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
@@ -170,21 +177,25 @@ pub trait VectorIndex: Send + Sync {
     async fn drop_version(&self, version: &str) -> Result<(), IndexError>;
     /// All versions, and which one is live.
     async fn versions(&self) -> Result<(Vec<String>, Option<String>), IndexError>;
-    /// One page of every point of a collection (the live one when `version` is `None`) and
-    /// the cursor of the next page. (Placeholder until the backends implement it.)
+    /// One page of every point of a collection (the live one when `version` is `None`):
+    /// payloads with their stored vectors (unit length: the collections are cosine), at most
+    /// `limit` of them (a `limit` of 0 counts as 1), and the cursor of the next page, `None`
+    /// after the last. Pass `offset: None` for the first page, then each returned cursor.
+    ///
+    /// The cursor is opaque and backend-specific. Pages follow a stable order of the points
+    /// (point id, or item id for `exact`), so a point present during the whole scroll comes
+    /// exactly once, even when other points are written meanwhile; a point written or deleted
+    /// during the scroll may or may not appear. A replica loads its whole catalog with it at
+    /// start-up (1M points in pages of a few thousand). A cursor that no page returned gives
+    /// [`IndexError::Backend`].
     async fn scroll(
         &self,
-        _version: Option<&str>,
-        _offset: Option<String>,
-        _limit: usize,
-    ) -> Result<ScrollPage, IndexError> {
-        Err(IndexError::Backend("scroll is not implemented".into()))
-    }
+        version: Option<&str>,
+        offset: Option<String>,
+        limit: usize,
+    ) -> Result<ScrollPage, IndexError>;
 }
 
-/// One page of [`VectorIndex::scroll`]: the points (payload and stored vector), and the
-/// cursor of the next page (`None` after the last page).
-pub type ScrollPage = (Vec<(Payload, Vec<f32>)>, Option<String>);
 
 pub mod bench;
 pub mod blocks;
