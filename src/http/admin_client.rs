@@ -1,7 +1,8 @@
 //! A typed client of the admin API, behind `tandem models ...` (scripts and CI pipelines) and
 //! the lifecycle tests.
 
-use super::admin::{ActivateResponse, AdminErrorBody, ModelList, RollbackResponse, API_KEY_HEADER};
+use super::admin::{ActivateResponse, ModelList, RollbackResponse, API_KEY_HEADER};
+use super::error::ErrorBody;
 use crate::registry::{ModelRecord, ModelStatus};
 use serde::de::DeserializeOwned;
 use std::time::{Duration, Instant};
@@ -172,7 +173,7 @@ impl AdminClient {
             source,
         })?;
         if !status.is_success() {
-            return Err(match serde_json::from_slice::<AdminErrorBody>(&bytes) {
+            return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
                 Ok(b) => ClientError::Api {
                     status: status.as_u16(),
                     code: b.code,

@@ -30,6 +30,17 @@ pub enum AppError {
     PayloadTooLarge { limit: usize },
     #[error("{what} {id:?} not found")]
     NotFound { what: &'static str, id: String },
+    /// A registered-model operation that the registry's state does not allow now (already
+    /// active, busy with another switch, nothing to roll back...).
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
+    /// A checkpoint failed validation; the reason names the file.
+    #[error("rejected checkpoint: {reason}")]
+    InvalidCheckpoint { reason: String },
+    #[error("the admin API is disabled: set the {env} environment variable to a secret and send it in the X-API-Key header", env = crate::http::admin::ADMIN_KEY_ENV)]
+    AdminDisabled,
+    #[error("{0}")]
+    Unauthorized(&'static str),
     #[error("no route for {method} {path}")]
     NoRoute { method: String, path: String },
     #[error("method {method} is not allowed here")]
@@ -59,9 +70,12 @@ impl AppError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            AppError::Invalid { .. } | AppError::MalformedJson { .. } => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            AppError::Invalid { .. }
+            | AppError::MalformedJson { .. }
+            | AppError::InvalidCheckpoint { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            AppError::Conflict { .. } => StatusCode::CONFLICT,
+            AppError::AdminDisabled => StatusCode::FORBIDDEN,
+            AppError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             AppError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::NotFound { .. } | AppError::NoRoute { .. } => StatusCode::NOT_FOUND,
             AppError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -77,6 +91,10 @@ impl AppError {
         match self {
             AppError::Invalid { .. } => "invalid_input",
             AppError::MalformedJson { .. } => "malformed_json",
+            AppError::InvalidCheckpoint { .. } => "invalid_checkpoint",
+            AppError::Conflict { code, .. } => code,
+            AppError::AdminDisabled => "admin_disabled",
+            AppError::Unauthorized(_) => "unauthorized",
             AppError::PayloadTooLarge { .. } => "payload_too_large",
             AppError::NotFound { .. } => "not_found",
             AppError::NoRoute { .. } => "no_route",
@@ -92,7 +110,11 @@ impl AppError {
         match self {
             AppError::Invalid { field, .. } => Some(field),
             AppError::MalformedJson { .. } | AppError::PayloadTooLarge { .. } => Some("body"),
+            AppError::InvalidCheckpoint { .. } => Some("path"),
             AppError::NotFound { .. }
+            | AppError::Conflict { .. }
+            | AppError::AdminDisabled
+            | AppError::Unauthorized(_)
             | AppError::NoRoute { .. }
             | AppError::MethodNotAllowed { .. }
             | AppError::Overloaded
@@ -141,6 +163,76 @@ impl From<crate::index::IndexError> for AppError {
             | E::BadVersionName(_)
             | E::Backend(_) => AppError::Internal {
                 detail: e.to_string(),
+            },
+        }
+    }
+}
+
+impl From<crate::lifecycle::LifecycleError> for AppError {
+    fn from(e: crate::lifecycle::LifecycleError) -> Self {
+        use crate::lifecycle::LifecycleError as E;
+        use crate::registry::RegistryError as R;
+        let conflict = |code, e: &E| AppError::Conflict {
+            code,
+            message: e.to_string(),
+        };
+        match e {
+            E::Registry(R::Invalid(m)) => AppError::InvalidCheckpoint {
+                reason: m.to_string(),
+            },
+            E::Registry(R::BadPath { path, reason }) => {
+                AppError::invalid("path", format!("{path:?}: {reason}"))
+            }
+            E::Registry(R::AlreadyRegistered(_)) => conflict("already_registered", &e),
+            E::Registry(R::Unknown(version)) => AppError::NotFound {
+                what: "model version",
+                id: version,
+            },
+            E::Registry(R::Storage { .. }) => AppError::Unavailable {
+                dependency: "model registry",
+                detail: e.to_string(),
+            },
+            E::AlreadyActive(_) => conflict("already_active", &e),
+            E::AlreadyPrepared(..) => conflict("already_prepared", &e),
+            E::Busy(_) => conflict("busy", &e),
+            E::NothingToRollBack => conflict("nothing_to_roll_back", &e),
+            E::Model { .. } => AppError::Internal {
+                detail: e.to_string(),
+            },
+            E::Index(e) => e.into(),
+            E::ShuttingDown => AppError::Unavailable {
+                dependency: "server (shutting down)",
+                detail: e.to_string(),
+            },
+            E::Shared(detail) => AppError::Unavailable {
+                dependency: "the replicas' shared store",
+                detail,
+            },
+        }
+    }
+}
+
+impl From<crate::experiment::ExperimentError> for AppError {
+    fn from(e: crate::experiment::ExperimentError) -> Self {
+        use crate::experiment::ExperimentError as E;
+        match e {
+            E::Unknown(name) => AppError::NotFound {
+                what: "experiment",
+                id: name,
+            },
+            E::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<crate::config::ConfigError> for AppError {
+    fn from(e: crate::config::ConfigError) -> Self {
+        match e {
+            crate::config::ConfigError::Invalid { field, reason } => {
+                AppError::Invalid { field, reason }
+            }
+            other => AppError::Internal {
+                detail: other.to_string(),
             },
         }
     }

@@ -149,15 +149,7 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(openapi::serve_openapi))
         .merge(stats::routes(live.clone()))
         .merge(ui::routes())
-        .nest(
-            "/admin",
-            admin::router(admin::AdminState::new(
-                state.lifecycle.clone(),
-                state.experiments.clone(),
-                state.bus.clone(),
-                state.settings.admin_key.0.as_deref(),
-            )),
-        )
+        .nest("/admin", admin::router(state.clone()))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard))

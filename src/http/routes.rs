@@ -166,7 +166,10 @@ pub async fn upsert_items(
         items.push(item);
         popularity.push(pop);
     }
-    let done = s.items.upsert(items.into_iter().zip(popularity).collect()).await?;
+    let done = s
+        .items
+        .upsert(items.into_iter().zip(popularity).collect())
+        .await?;
     Ok(Json(ItemsUpserted {
         upserted: done.count,
         model_version: done.model_version,

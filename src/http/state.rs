@@ -3,10 +3,12 @@
 use crate::arms::Arms;
 use crate::catalog::Catalog;
 use crate::cluster::{Bus, Change, ClusterError};
+use crate::config::experiments::{pinned_models, Assignment};
+use crate::config::Experiment;
 use crate::config::{Settings, CONTROL_VARIANT};
 use crate::degrade::{Budgets, GuardedIndex, GuardedSession};
 use crate::domain::{SessionId, UserId};
-use crate::experiment::{Assignment, Experiment, Experiments};
+use crate::experiment::Experiments;
 use crate::index::{IndexError, VectorIndex};
 use crate::items::load::{journal_path, LoadError};
 use crate::items::{CatalogJournal, ItemWriter};
@@ -234,9 +236,7 @@ impl AppState {
             .await?,
         );
         // The configured experiments' models serve from the first request.
-        lifecycle
-            .pin(crate::experiment::pinned_models(&experiments.list()))
-            .await;
+        lifecycle.pin(pinned_models(&experiments.list())).await;
         let items = Arc::new(ItemWriter {
             index: index.clone(),
             catalog: catalog.clone(),
@@ -278,12 +278,12 @@ impl AppState {
     /// Experiments another replica set: their models first, as `PUT /admin/experiments`
     /// does.
     async fn apply_experiments(&self, set: Vec<Experiment>) {
-        self.lifecycle
-            .pin(crate::experiment::pinned_models(&set))
-            .await;
-        if let Err(e) = self.experiments.replace(set) {
+        if let Err(e) = crate::config::experiments::validate(&set) {
             tracing::error!(error = %e, "experiments from the shared store do not validate; keeping the current ones");
+            return;
         }
+        self.lifecycle.pin(pinned_models(&set)).await;
+        self.experiments.replace(set);
     }
 
     /// Follows the other replicas' changes from stream id `from`: catalog writes, the
@@ -327,7 +327,10 @@ impl AppState {
             .await
         {
             Ok(Some(set)) => {
-                tracing::info!(experiments = set.len(), "experiments changed on another replica");
+                tracing::info!(
+                    experiments = set.len(),
+                    "experiments changed on another replica"
+                );
                 self.apply_experiments(set).await;
             }
             Ok(None) => {}

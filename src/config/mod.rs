@@ -4,6 +4,10 @@
 //! Environment variables use `__` between section and key: `TANDEM_INDEX__BACKEND=qdrant`,
 //! `TANDEM_SESSION__REDIS_URL=redis://..`. Top-level keys are plain: `TANDEM_DATA_DIR`.
 
+pub mod experiments;
+
+pub use experiments::{Experiment, Unit, Variant};
+
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -55,7 +59,7 @@ pub struct Settings {
     /// The model registry (`[registry]`).
     pub registry: RegistrySettings,
     /// A/B experiments (`[[experiments]]`); `PUT /admin/experiments` replaces them at run time.
-    pub experiments: Vec<crate::experiment::Experiment>,
+    pub experiments: Vec<Experiment>,
     /// The admin API key, from `TANDEM_ADMIN_KEY` only (never from the file, never printed).
     #[serde(skip)]
     pub admin_key: AdminKey,
@@ -587,12 +591,7 @@ impl Settings {
                 "must be at least 2 (the active version and its rollback target)".into(),
             ));
         }
-        crate::experiment::validate(&self.experiments).map_err(|e| match e {
-            crate::experiment::ExperimentError::Invalid { field, reason } => {
-                ConfigError::Invalid { field, reason }
-            }
-            other => invalid("experiments", other.to_string()),
-        })?;
+        experiments::validate(&self.experiments)?;
         self.session.validate()?;
         Ok(())
     }
