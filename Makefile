@@ -16,11 +16,18 @@ demo-data:
 	test -f $(DEMO_DIR)/raw/items.csv || ./target/debug/tandem generate --out $(DEMO_DIR)/raw --items 2000 --users 500 --interactions 40000 --seed 7
 	test -f $(DEMO_DIR)/split/train.csv || ./target/debug/tandem split --data $(DEMO_DIR)/raw --out $(DEMO_DIR)/split
 
-## test: every test (Redis on 127.0.0.1:6379 must be up; .ci/run starts it). The qdrant
+## test: every test. Redis: the one at REDIS_URL (default 127.0.0.1:6379) if it answers,
+## else one started for the run. The qdrant
 ## backend's cases run against the server at QDRANT_URL; when it is unset and a server binary
 ## is found (QDRANT_BIN, ../shared/bin/qdrant), one is started for the run and stopped after
-test: test-ui
-	scripts/qdrant-server.sh run $(CARGO) test --all-targets
+test: prereqs test-ui
+	scripts/redis-server.sh run scripts/qdrant-server.sh run $(CARGO) test --all-targets
+
+## prereqs: what make test needs beyond Rust (one line says what to install); Redis itself is
+## started for the run when none answers at REDIS_URL (scripts/redis-server.sh)
+.PHONY: prereqs
+prereqs:
+	@scripts/check-prereqs.sh
 
 ## cluster: two replicas (:8081, :8082) on one Qdrant server (QDRANT_BIN) and Redis (:6379,
 ## reused when up), over the demo catalog, as scripts/cluster.sh describes; Ctrl-C stops it

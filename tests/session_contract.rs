@@ -16,7 +16,11 @@ use tandem::session::{
     self, Actor, Event, MemoryStore, RecentItem, RedisStore, SessionError, SessionStore,
 };
 
-const REDIS_URL: &str = "redis://127.0.0.1:6379";
+/// The Redis the tests use: `REDIS_URL` (which `make test` sets, starting one if none
+/// answers), else 127.0.0.1:6379.
+fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
 const HOUR_MS: i64 = 3_600_000;
 
 #[derive(Clone, Copy, Debug)]
@@ -42,7 +46,7 @@ impl Harness {
             data_dir: dir.path().to_path_buf(),
             ..Settings::default()
         };
-        settings.session.redis_url = REDIS_URL.into();
+        settings.session.redis_url = redis_url();
         settings.session.key_prefix = format!("tandem-test-{}", uuid::Uuid::new_v4().simple());
         settings.session.backend = match backend {
             Backend::Memory => SessionBackend::Memory,
