@@ -41,7 +41,8 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-eval "$(scripts/qdrant-server.sh start "$QDIR")"
+qdrant_env=$(scripts/qdrant-server.sh start "$QDIR")
+eval "$qdrant_env"
 COLLECTION=tandem_bench
 
 export TANDEM_DATA_DIR="$DIR/store"

@@ -50,7 +50,8 @@ else
 fi
 
 echo "== Qdrant"
-eval "$(scripts/qdrant-server.sh start "$DIR/qdrant")"
+qdrant_env=$(scripts/qdrant-server.sh start "$DIR/qdrant")
+eval "$qdrant_env"
 
 export TANDEM_INDEX__BACKEND=qdrant
 export TANDEM_INDEX__QDRANT_URL=$QDRANT_URL
