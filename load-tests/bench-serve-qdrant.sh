@@ -77,6 +77,25 @@ grep -E "collection|catalog loaded|indexed|serving" "$DIR/serve-qdrant.log" | ta
 info=$(curl -fs "$QDRANT_HTTP_URL/collections/$COLLECTION")
 echo "collection: $(echo "$info" | python3 -c 'import json,sys; r=json.load(sys.stdin)["result"]; print("status", r["status"], "points", r["points_count"], "indexed", r["indexed_vectors_count"], "segments", r["segments_count"])')"
 
+# What a new replica's start-up scroll costs the server: every point with payload and vector,
+# in pages of 2,000 (REST here, so JSON; tandem's scroll uses gRPC).
+python3 - "$QDRANT_HTTP_URL" "$COLLECTION" <<'PY'
+import json, sys, time, urllib.request
+base, coll = sys.argv[1], sys.argv[2]
+t, n, offset, pages = time.time(), 0, None, 0
+while True:
+    body = {"limit": 2000, "with_payload": True, "with_vector": True}
+    if offset is not None:
+        body["offset"] = offset
+    req = urllib.request.Request(f"{base}/collections/{coll}/points/scroll", json.dumps(body).encode(),
+                                 {"content-type": "application/json"})
+    r = json.load(urllib.request.urlopen(req))["result"]
+    n, pages, offset = n + len(r["points"]), pages + 1, r.get("next_page_offset")
+    if offset is None:
+        break
+print(f"scroll of every point (payload + vector), pages of 2,000 over REST: {n} points, {pages} pages, {time.time() - t:.1f} s")
+PY
+
 rss() { grep -E 'VmRSS|VmHWM' "/proc/$1/status" | tr -s ' ' | tr '\n' ' '; }
 
 echo "== a. tandem, closed loop, $CONN connections, cache out of play"
