@@ -41,7 +41,8 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-eval "$(scripts/qdrant-server.sh start "$QDIR")"
+qdrant_env=$(scripts/qdrant-server.sh start "$QDIR")
+eval "$qdrant_env"
 COLLECTION=tandem_bench
 
 export TANDEM_DATA_DIR="$DIR/store"
@@ -62,7 +63,7 @@ SERVE_PID=$!
 # The live alias appears once the collection is green (finalize_version waits for it).
 green=
 for _ in $(seq 1 7200); do
-  if [ -z "$green" ] && curl -fs "$QDRANT_HTTP_URL/collections/aliases" 2>/dev/null | grep -q "\"$COLLECTION\""; then
+  if [ -z "$green" ] && curl -fs "$QDRANT_HTTP_URL/aliases" 2>/dev/null | grep -q "\"$COLLECTION\""; then
     green=$(date +%s.%N)
     echo "collection green and live after $(echo "$green - $started" | bc) s"
   fi
@@ -75,6 +76,25 @@ echo "tandem ready after $(echo "$ready - $started" | bc) s"
 grep -E "collection|catalog loaded|indexed|serving" "$DIR/serve-qdrant.log" | tail -8 || true
 info=$(curl -fs "$QDRANT_HTTP_URL/collections/$COLLECTION")
 echo "collection: $(echo "$info" | python3 -c 'import json,sys; r=json.load(sys.stdin)["result"]; print("status", r["status"], "points", r["points_count"], "indexed", r["indexed_vectors_count"], "segments", r["segments_count"])')"
+
+# What a new replica's start-up scroll costs the server: every point with payload and vector,
+# in pages of 2,000 (REST here, so JSON; tandem's scroll uses gRPC).
+python3 - "$QDRANT_HTTP_URL" "$COLLECTION" <<'PY'
+import json, sys, time, urllib.request
+base, coll = sys.argv[1], sys.argv[2]
+t, n, offset, pages = time.time(), 0, None, 0
+while True:
+    body = {"limit": 2000, "with_payload": True, "with_vector": True}
+    if offset is not None:
+        body["offset"] = offset
+    req = urllib.request.Request(f"{base}/collections/{coll}/points/scroll", json.dumps(body).encode(),
+                                 {"content-type": "application/json"})
+    r = json.load(urllib.request.urlopen(req))["result"]
+    n, pages, offset = n + len(r["points"]), pages + 1, r.get("next_page_offset")
+    if offset is None:
+        break
+print(f"scroll of every point (payload + vector), pages of 2,000 over REST: {n} points, {pages} pages, {time.time() - t:.1f} s")
+PY
 
 rss() { grep -E 'VmRSS|VmHWM' "/proc/$1/status" | tr -s ' ' | tr '\n' ' '; }
 

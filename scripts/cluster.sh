@@ -50,7 +50,8 @@ else
 fi
 
 echo "== Qdrant"
-eval "$(scripts/qdrant-server.sh start "$DIR/qdrant")"
+qdrant_env=$(scripts/qdrant-server.sh start "$DIR/qdrant")
+eval "$qdrant_env"
 
 export TANDEM_INDEX__BACKEND=qdrant
 export TANDEM_INDEX__QDRANT_URL=$QDRANT_URL
@@ -87,5 +88,5 @@ start_replica 2 8082
 echo "== cluster up: http://$HOST:8081 and http://$HOST:8082 (Qdrant REST $QDRANT_HTTP_URL); Ctrl-C stops it"
 # Stop everything when either replica exits.
 wait -n "${PIDS[@]}"
-echo "a replica exited; see $DIR/replica-*.log" >&2
+echo "a replica stopped (see $DIR/replica-*.log); stopping the rest" >&2
 exit 1

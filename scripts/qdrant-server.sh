@@ -110,7 +110,8 @@ case "${1:-}" in
     dir=$(mktemp -d "${TMPDIR:-/tmp}/tandem-qdrant.XXXXXX")
     trap 'stop "$dir"; rm -rf "$dir"' EXIT
     trap 'exit 130' INT TERM
-    eval "$(start "$dir")"
+    qdrant_env=$(start "$dir")
+    eval "$qdrant_env"
     status=0
     "$@" || status=$?
     exit $status

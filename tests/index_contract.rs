@@ -1219,3 +1219,116 @@ async fn qdrant_filtered_recall_against_exact() {
         assert!(recall >= 0.95, "{name}: recall@{TOP} {recall:.4} < 0.95");
     }
 }
+
+/// The server's collections get the embedded index's configuration (`edge.rs`): int8 scalar
+/// quantization kept in RAM, HNSW m 16 / ef_construct 100, payloads in RAM, and payload
+/// indexes on the four filter fields with payload-aware graph links on `categories` only.
+#[tokio::test]
+#[allow(deprecated)] // `on_disk_payload` and `always_ram`: what the 1.18 server reports
+async fn qdrant_collections_have_the_embedded_index_config() {
+    use qdrant_client::qdrant::{
+        payload_index_params::IndexParams, quantization_config::Quantization, PayloadSchemaType,
+        QuantizationType,
+    };
+    let Some(server) = qdrant("config", Thresholds::default()).await else {
+        return;
+    };
+    server.create_version("v1", 8).await.unwrap();
+    let client = qdrant_client::Qdrant::from_url(&std::env::var("QDRANT_URL").unwrap())
+        .skip_compatibility_check()
+        .build()
+        .unwrap();
+    let info = client
+        .collection_info(server.collection_name("v1"))
+        .await
+        .unwrap()
+        .result
+        .unwrap();
+    let config = info.config.unwrap();
+    assert!(!config.params.unwrap().on_disk_payload, "payloads in RAM");
+    let hnsw = config.hnsw_config.unwrap();
+    assert_eq!((hnsw.m, hnsw.ef_construct), (Some(16), Some(100)));
+    match config.quantization_config.and_then(|q| q.quantization) {
+        Some(Quantization::Scalar(s)) => {
+            assert_eq!(s.r#type, QuantizationType::Int8 as i32);
+            assert_eq!(s.always_ram, Some(true));
+        }
+        other => panic!("no int8 scalar quantization: {other:?}"),
+    }
+    let schema = info.payload_schema;
+    let field = |name: &str| {
+        schema
+            .get(name)
+            .unwrap_or_else(|| panic!("no payload index on {name}: {schema:?}"))
+    };
+    assert_eq!(
+        field("categories").data_type,
+        PayloadSchemaType::Keyword as i32
+    );
+    assert_eq!(field("available").data_type, PayloadSchemaType::Bool as i32);
+    assert_eq!(field("price").data_type, PayloadSchemaType::Float as i32);
+    assert_eq!(
+        field("created_at").data_type,
+        PayloadSchemaType::Integer as i32
+    );
+    let links = |name: &str| match field(name)
+        .params
+        .as_ref()
+        .and_then(|p| p.index_params.clone())
+    {
+        Some(IndexParams::KeywordIndexParams(p)) => p.enable_hnsw,
+        Some(IndexParams::BoolIndexParams(p)) => p.enable_hnsw,
+        Some(IndexParams::FloatIndexParams(p)) => p.enable_hnsw,
+        Some(IndexParams::IntegerIndexParams(p)) => p.enable_hnsw,
+        None => None,
+        other => panic!("{name}: unexpected index params {other:?}"),
+    };
+    assert_ne!(links("categories"), Some(false), "category links");
+    for name in ["available", "price", "created_at"] {
+        assert_eq!(links(name), Some(false), "{name}: no payload-aware links");
+    }
+}
+
+/// Two replicas on one server: a version switch made by one is seen by the other's very next
+/// search, even when the new version has another dimension (the other replica's cached
+/// resolution of the alias is then stale, and the search resolves it again).
+#[tokio::test]
+async fn qdrant_a_switch_by_another_replica_is_seen_at_once() {
+    let Ok(url) = std::env::var("QDRANT_URL") else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "QDRANT_URL is not set under CI=true"
+        );
+        println!("skipped: QDRANT_URL not set");
+        return;
+    };
+    let settings = IndexSettings {
+        qdrant_url: url,
+        collection: format!("tandem_test_replicas_{}", uuid::Uuid::new_v4().simple()),
+        ..IndexSettings::default()
+    };
+    let a = QdrantIndex::connect(&settings).await.unwrap();
+    let b = QdrantIndex::connect(&settings).await.unwrap();
+    live_with(&a, "v1", vec![point("old", &[1.0, 0.0, 0.0, 0.0], &[])]).await;
+    let all = Filter::default();
+    assert_eq!(
+        ids(&b.search(&[1.0, 0.0, 0.0, 0.0], &all, 5).await.unwrap()),
+        vec!["old"]
+    );
+    // b now holds the alias' resolution (4 dimensions); a switches to 3.
+    live_with(&a, "v2", vec![point("new", &[0.0, 1.0, 0.0], &[])]).await;
+    assert_eq!(
+        ids(&b.search(&[0.0, 1.0, 0.0], &all, 5).await.unwrap()),
+        vec!["new"],
+        "b searches the new version at once"
+    );
+    assert!(matches!(
+        b.search(&[1.0, 0.0, 0.0, 0.0], &all, 5).await,
+        Err(IndexError::WrongDim { want: 3, got: 4 })
+    ));
+    assert_eq!(b.count().await.unwrap(), 1);
+    b.upsert(vec![point("via-b", &[0.0, 0.0, 1.0], &[])])
+        .await
+        .unwrap();
+    assert_eq!(a.count().await.unwrap(), 2);
+}

@@ -183,7 +183,8 @@ impl QdrantIndex {
         ))
     }
 
-    fn collection_name(&self, version: &str) -> String {
+    /// The server's name of a version's collection: `<collection>__<version>`.
+    pub fn collection_name(&self, version: &str) -> String {
         format!("{}__{version}", self.alias)
     }
 
@@ -738,7 +739,7 @@ impl VectorIndex for QdrantIndex {
                     .on_disk_payload(false)
                     .hnsw_config(hnsw.clone())
                     .optimizers_config(optimizers.clone())
-                    .quantization_config(quantization.clone()),
+                    .quantization_config(quantization),
             )
         })
         .await?;
