@@ -9,6 +9,7 @@
 # Usage: scripts/cluster.sh [DIR]   (default data/cluster; the Qdrant storage, the replicas'
 #        data dirs, the model store and the logs live under it, and survive a restart)
 # Env: TANDEM_BIN (default ./target/debug/tandem), CATALOG (data/demo/raw), MODEL (models/demo),
+#      TANDEM_ADMIN_KEY (default cluster-demo-key, printed),
 #      CLUSTER_HOST (127.0.0.1), QDRANT_BIN (see scripts/qdrant-server.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,6 +61,8 @@ export TANDEM_SESSION__BACKEND=redis
 export TANDEM_SESSION__REDIS_URL=redis://127.0.0.1:$REDIS_PORT
 export TANDEM_SESSION__KEY_PREFIX=${TANDEM_SESSION__KEY_PREFIX:-tandem-cluster}
 export TANDEM_REGISTRY__MODEL_STORE=$DIR/models
+# The admin API (models, experiments) on either replica; one key for both.
+export TANDEM_ADMIN_KEY=${TANDEM_ADMIN_KEY:-cluster-demo-key}
 mkdir -p "$DIR/models"
 
 start_replica() {
@@ -86,6 +89,7 @@ start_replica() {
 start_replica 1 8081
 start_replica 2 8082
 echo "== cluster up: http://$HOST:8081 and http://$HOST:8082 (Qdrant REST $QDRANT_HTTP_URL); Ctrl-C stops it"
+echo "   admin key (X-API-Key): $TANDEM_ADMIN_KEY"
 # Stop everything when either replica exits.
 wait -n "${PIDS[@]}"
 echo "a replica stopped (see $DIR/replica-*.log); stopping the rest" >&2
