@@ -92,7 +92,7 @@ impl Default for TrainConfig {
             min_item_count: 1,
             content_loss: 0.0,
             similar_popularity_removal: 0.0,
-            similar_content_weight: 0.0,
+            similar_content_weight: 1.0,
             patience: 2,
             seed: 42,
             threads: 2,
