@@ -365,6 +365,8 @@ pub struct Ranker<'a> {
     /// Known items per user (excluded), and the history length the prior sees.
     known: Vec<HashSet<usize>>,
     history_len: Vec<usize>,
+    /// Training counts of each user's newest `pooling.max_history` history items.
+    history_counts: Vec<Vec<f32>>,
     /// Training count and the prior's value per catalog item.
     counts: Vec<f32>,
     popularity: Vec<f32>,
@@ -391,6 +393,8 @@ impl<'a> Ranker<'a> {
         let mut user_flat = Vec::with_capacity(users.len() * dim);
         let mut known = Vec::with_capacity(users.len());
         let mut history_len = Vec::with_capacity(users.len());
+        let mut history_counts = Vec::with_capacity(users.len());
+        let max_history = model.manifest().pooling.max_history;
         for u in users {
             let rows = histories.get(u).map(Vec::as_slice).unwrap_or(&[]);
             let events: Vec<UserEvent<'_>> = rows
@@ -405,6 +409,13 @@ impl<'a> Ranker<'a> {
                 .collect();
             user_flat.extend(model.embed_user(&events)?);
             history_len.push(events.len());
+            history_counts.push(
+                events
+                    .iter()
+                    .take(max_history)
+                    .map(|e| model.popularity(e.item))
+                    .collect(),
+            );
             known.push(
                 rows.iter()
                     .filter_map(|r| item_index.get(&r.item_id).copied())
@@ -425,37 +436,42 @@ impl<'a> Ranker<'a> {
             scores,
             known,
             history_len,
+            history_counts,
             counts,
             popularity,
         })
     }
 
-    /// The top `k` per user under `prior`.
+    /// The top `k` per user under `prior` (users split over the thread pool).
     pub fn top_k(&self, prior: &PopularityPrior, k: usize) -> HashMap<UserId, Vec<ItemId>> {
+        use rayon::prelude::*;
         let n_items = self.split.items.len();
-        let mut out = HashMap::with_capacity(self.users.len());
-        let mut row = vec![0f32; n_items];
-        for (u, user) in self.users.iter().enumerate() {
-            let n = self.history_len[u];
-            let base = &self.scores[u * n_items..(u + 1) * n_items];
-            for (((r, &s), &c), &p) in row
-                .iter_mut()
-                .zip(base)
-                .zip(&self.counts)
-                .zip(&self.popularity)
-            {
-                *r = s + prior.term(n, c, p);
-            }
-            let known = &self.known[u];
-            out.insert(
-                user.clone(),
-                top_k(&row, k, |i| !known.contains(&i))
-                    .into_iter()
-                    .map(|i| self.split.items[i].item_id.clone())
-                    .collect(),
-            );
-        }
-        out
+        self.users
+            .par_iter()
+            .enumerate()
+            .map_init(
+                || vec![0f32; n_items],
+                |row, (u, user)| {
+                    let n = self.history_len[u];
+                    let cold_share = prior.cold_share(self.history_counts[u].iter().copied());
+                    let base = &self.scores[u * n_items..(u + 1) * n_items];
+                    for (((r, &s), &c), &p) in row
+                        .iter_mut()
+                        .zip(base)
+                        .zip(&self.counts)
+                        .zip(&self.popularity)
+                    {
+                        *r = s + prior.user_term(n, cold_share, c, p);
+                    }
+                    let known = &self.known[u];
+                    let list = top_k(row, k, |i| !known.contains(&i))
+                        .into_iter()
+                        .map(|i| self.split.items[i].item_id.clone())
+                        .collect();
+                    (user.clone(), list)
+                },
+            )
+            .collect()
     }
 }
 
@@ -543,6 +559,238 @@ pub fn format_metrics(m: &BTreeMap<String, f64>) -> String {
         fmt("cold_recall@20")
     );
     s
+}
+
+/// How `tandem eval --similar` samples its anchors.
+#[derive(Debug, Clone, Copy)]
+pub struct SimilarConfig {
+    /// Neighbours per anchor (`similar@k`).
+    pub k: usize,
+    /// The most-interacted items, by training count.
+    pub bestsellers: usize,
+    /// A wider slice of the head (the top 100 of ml-latest-small).
+    pub head: usize,
+    /// Items drawn uniformly from the catalog.
+    pub random: usize,
+    /// Items given a content twin (same title, categories, tags, year, price; a new id).
+    pub twins: usize,
+    /// A twin counts as placed when it is among its original's `twin_k` nearest neighbours.
+    pub twin_k: usize,
+    pub seed: u64,
+}
+
+impl Default for SimilarConfig {
+    fn default() -> Self {
+        SimilarConfig {
+            k: 10,
+            bestsellers: 20,
+            head: 100,
+            random: 100,
+            twins: 100,
+            twin_k: 50,
+            seed: 7,
+        }
+    }
+}
+
+/// Categories of an item as `similar` compares them (trimmed, lower-cased, no placeholder).
+fn categories(item: &Item) -> HashSet<String> {
+    item.genres
+        .iter()
+        .map(|g| g.trim().to_lowercase())
+        .filter(|g| !g.is_empty() && g != "(no genres listed)")
+        .collect()
+}
+
+/// Share of `neighbours` sharing at least one category with `anchor`.
+fn same_category_share(
+    cats: &[HashSet<String>],
+    anchor: usize,
+    neighbours: &[usize],
+) -> Option<f64> {
+    if neighbours.is_empty() || cats[anchor].is_empty() {
+        return None;
+    }
+    let same = neighbours
+        .iter()
+        .filter(|&&j| !cats[anchor].is_disjoint(&cats[j]))
+        .count();
+    Some(same as f64 / neighbours.len() as f64)
+}
+
+/// A deterministic sample of `n` distinct indices below `len` (xorshift from `seed`).
+fn sample_indices(len: usize, n: usize, seed: u64, keep: impl Fn(usize) -> bool) -> Vec<usize> {
+    let mut pool: Vec<usize> = (0..len).filter(|&i| keep(i)).collect();
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let n = n.min(pool.len());
+    for i in 0..n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let j = i + (x % (pool.len() - i) as u64) as usize;
+        pool.swap(i, j);
+    }
+    pool.truncate(n);
+    pool
+}
+
+/// The item-to-item metrics of a model on a catalog and its training rows:
+///
+/// - `similar_same_category@k_{bestsellers,head,random}`: for anchors among the top
+///   `bestsellers` / `head` items by training count and `random` uniform items, the share of
+///   the `k` nearest neighbours by [`TwoTower::similar_query`] (exact search over the whole
+///   catalog, the anchor excluded) that share at least one category with the anchor;
+/// - `itemknn_same_category@k_*`: the same for the co-occurrence baseline (cosine on the
+///   binary user-item matrix of `rows`);
+/// - `twin_in_top{twin_k}`: the share of `twins` content twins (a new id with the original's
+///   title, categories, tags, year and price, so a content-only vector) that are among their
+///   original's `twin_k` nearest neighbours by the same query, and `..._by_item_vector` by
+///   the original's plain item vector (the twin's reach in personal recommendations);
+/// - `twin_rank_median`: the twin's median rank by the query (0 = nearest).
+pub fn similar_metrics(
+    model: &TwoTower,
+    items: &[Item],
+    rows: &[Interaction],
+    cfg: &SimilarConfig,
+) -> Result<BTreeMap<String, f64>, EvalError> {
+    let index: HashMap<&ItemId, usize> = items
+        .iter()
+        .enumerate()
+        .map(|(i, it)| (&it.item_id, i))
+        .collect();
+    let mut users: HashMap<&UserId, Vec<usize>> = HashMap::new();
+    for r in rows {
+        if let Some(&i) = index.get(&r.item_id) {
+            users.entry(&r.user_id).or_default().push(i);
+        }
+    }
+    let mut by_item: Vec<Vec<u32>> = vec![Vec::new(); items.len()];
+    for (u, (_, list)) in users.iter_mut().enumerate() {
+        list.sort_unstable();
+        list.dedup();
+        for &i in list.iter() {
+            by_item[i].push(u as u32);
+        }
+    }
+    let user_items: Vec<&Vec<usize>> = users.values().collect();
+    let counts: Vec<usize> = by_item.iter().map(Vec::len).collect();
+    let cats: Vec<HashSet<String>> = items.iter().map(categories).collect();
+
+    let mut by_count: Vec<usize> = (0..items.len()).filter(|&i| counts[i] > 0).collect();
+    by_count.sort_by_key(|&i| (std::cmp::Reverse(counts[i]), i));
+    let with_cats = |i: usize| !cats[i].is_empty();
+    let head_of = |n: usize| -> Vec<usize> {
+        by_count
+            .iter()
+            .copied()
+            .filter(|&i| with_cats(i))
+            .take(n)
+            .collect()
+    };
+    let anchors = [
+        ("bestsellers", head_of(cfg.bestsellers)),
+        ("head", head_of(cfg.head)),
+        (
+            "random",
+            sample_indices(items.len(), cfg.random, cfg.seed, with_cats),
+        ),
+    ];
+
+    let dim = model.dim();
+    let vectors: Vec<f32> = model.embed_items(items)?.into_iter().flatten().collect();
+    let score_all = |query: &[f32], out: &mut Vec<f32>| {
+        out.clear();
+        out.extend(vectors.chunks(dim).map(|v| dot(query, v)));
+    };
+
+    let mut m = BTreeMap::new();
+    let k = cfg.k;
+    let mut scores = Vec::with_capacity(items.len());
+    for (name, list) in &anchors {
+        let (mut model_share, mut knn_share) = (Vec::new(), Vec::new());
+        for &a in list {
+            let q = model.similar_query(&items[a])?;
+            score_all(&q, &mut scores);
+            let nn = top_k(&scores, k, |j| j != a);
+            model_share.extend(same_category_share(&cats, a, &nn));
+            // Item-kNN: co-occurrence counts with every item, cosine-normalized.
+            let mut co = vec![0f32; items.len()];
+            for &u in &by_item[a] {
+                for &j in user_items[u as usize] {
+                    co[j] += 1.0;
+                }
+            }
+            for (j, c) in co.iter_mut().enumerate() {
+                if *c > 0.0 {
+                    *c /= ((counts[a] * counts[j]) as f32).sqrt();
+                }
+            }
+            let nn = top_k(&co, k, |j| j != a && co[j] > 0.0);
+            knn_share.extend(same_category_share(&cats, a, &nn));
+        }
+        if let Some(v) = np_mean(&model_share) {
+            m.insert(format!("similar_same_category@{k}_{name}"), v);
+        }
+        if let Some(v) = np_mean(&knn_share) {
+            m.insert(format!("itemknn_same_category@{k}_{name}"), v);
+        }
+        m.insert(format!("anchors_{name}"), list.len() as f64);
+    }
+
+    // Content twins of trained items: embedded with no id row, as a brand-new item is.
+    let originals = sample_indices(items.len(), cfg.twins, cfg.seed ^ 0x7457, |i| counts[i] > 0);
+    // Placed by the `similar` query, and by the original's item vector alone (what decides
+    // whether the twin reaches the users who like the original).
+    let mut ranks = Vec::with_capacity(originals.len());
+    let mut placed = [0usize; 2];
+    for &o in &originals {
+        let mut twin = items[o].clone();
+        twin.item_id = ItemId::parse(format!("twin-of-{}", items[o].item_id))
+            .map_err(|e| EvalError::Invalid(e.to_string()))?;
+        let tv = model.embed_items(std::slice::from_ref(&twin))?.remove(0);
+        let queries = [
+            model.similar_query(&items[o])?,
+            vectors[o * dim..(o + 1) * dim].to_vec(),
+        ];
+        for (k, q) in queries.iter().enumerate() {
+            score_all(q, &mut scores);
+            let twin_score = dot(q, &tv);
+            let rank = scores
+                .iter()
+                .enumerate()
+                .filter(|&(j, &s)| j != o && s > twin_score)
+                .count();
+            if rank < cfg.twin_k {
+                placed[k] += 1;
+            }
+            if k == 0 {
+                ranks.push(rank as f64);
+            }
+        }
+    }
+    if !originals.is_empty() {
+        let share = |n: usize| n as f64 / originals.len() as f64;
+        m.insert(format!("twin_in_top{}", cfg.twin_k), share(placed[0]));
+        m.insert(
+            format!("twin_in_top{}_by_item_vector", cfg.twin_k),
+            share(placed[1]),
+        );
+        ranks.sort_by(f64::total_cmp);
+        m.insert("twin_rank_median".into(), ranks[ranks.len() / 2]);
+    }
+    Ok(m)
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// The metrics of [`similar_metrics`] as lines of text.
+pub fn format_similar(m: &BTreeMap<String, f64>) -> String {
+    m.iter()
+        .map(|(k, v)| format!("{k:<42} {v:.4}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[cfg(test)]

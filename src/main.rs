@@ -585,6 +585,16 @@ struct HyperArgs {
     /// Popularity bucket given to items unseen in training (a prior; 1 = "seen once").
     #[arg(long, default_value_t = 1)]
     unseen_popularity_bucket: usize,
+    /// Weight of the content alignment loss (a target's content-only vector must find its
+    /// full vector in the batch), so that new items land near their content twins; 0 = off.
+    #[arg(long, default_value_t = TrainConfig::default().content_loss)]
+    content_loss: f64,
+    /// `similar`: how much of the popularity direction to take out of the anchor's vector.
+    #[arg(long, default_value_t = TrainConfig::default().similar_popularity_removal)]
+    similar_popularity_removal: f32,
+    /// `similar`: weight of the anchor's content-only vector added to the query.
+    #[arg(long, default_value_t = TrainConfig::default().similar_content_weight)]
+    similar_content_weight: f32,
     /// Validation epochs without improvement before stopping.
     #[arg(long, default_value_t = 2)]
     patience: usize,
@@ -611,6 +621,9 @@ impl HyperArgs {
             id_dropout: self.id_dropout,
             logq: self.logq,
             min_item_count: self.min_item_count,
+            content_loss: self.content_loss,
+            similar_popularity_removal: self.similar_popularity_removal,
+            similar_content_weight: self.similar_content_weight,
             patience: self.patience,
             seed: self.seed,
             threads: self.threads,
@@ -643,8 +656,17 @@ struct TrainArgs {
 #[derive(clap::Args, Debug)]
 struct EvalArgs {
     /// Split directory (items.csv, train.csv, onboard.csv, test.csv, onboard_test.csv, val/).
+    #[arg(long, required_unless_present = "data", conflicts_with = "data")]
+    split: Option<PathBuf>,
+    /// With --similar: a data directory (items.csv + interactions.csv, e.g. the demo
+    /// catalog) instead of a split; every interaction counts as training data.
+    #[arg(long, requires = "similar")]
+    data: Option<PathBuf>,
+    /// Report the item-to-item (`similar`) metrics instead: same-category share of the 10
+    /// nearest neighbours for the best-sellers, the top 100 and 100 random items, against
+    /// the item-kNN co-occurrence baseline, and content twins found among the 50 nearest.
     #[arg(long)]
-    split: PathBuf,
+    similar: bool,
     /// Checkpoint to score; without it, one is trained on train.csv + onboard.csv first.
     #[arg(long)]
     model: Option<PathBuf>,
@@ -715,16 +737,66 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `tandem eval --similar`: the item-to-item metrics on a split's known rows (train +
+/// onboard) or on a data directory's interactions.
+fn run_eval_similar(args: &EvalArgs) -> anyhow::Result<()> {
+    let cfg = args.hp.config();
+    let validate = !args.hp.no_validate;
+    let (items, rows, source) = match (&args.data, &args.split) {
+        (Some(dir), _) => {
+            let d = tandem::data::Dataset::load(dir)?;
+            (d.items, d.interactions, dir)
+        }
+        (None, Some(dir)) => {
+            let s = Split::load(dir, On::Test)?;
+            let rows = s.known_rows().cloned().collect();
+            (s.items, rows, dir)
+        }
+        (None, None) => unreachable!("clap requires --split or --data"),
+    };
+    let model = match (&args.model, &args.data, &args.split) {
+        (Some(dir), _, _) => TwoTower::load(dir)
+            .with_context(|| format!("loading the checkpoint {}", dir.display()))?,
+        (None, Some(dir), _) => model::train_on_data(&cfg, dir, validate)?.0,
+        (None, None, Some(dir)) => model::train_on_split(&cfg, dir, validate)?.0,
+        (None, None, None) => unreachable!("clap requires --split or --data"),
+    };
+    if args.model.is_none() {
+        if let Some(out) = &args.out {
+            model.save(out)?;
+        }
+    }
+    let metrics = eval::similar_metrics(&model, &items, &rows, &eval::SimilarConfig::default())?;
+    println!(
+        "similar: data={} model={} query={:?}",
+        source.display(),
+        model.version(),
+        model.manifest().similar
+    );
+    println!("{}", eval::format_similar(&metrics));
+    if args.json {
+        println!("{}", serde_json::to_string(&metrics)?);
+    }
+    Ok(())
+}
+
 fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
+    if args.similar {
+        return run_eval_similar(&args);
+    }
+    let split_dir = args
+        .split
+        .clone()
+        .expect("clap requires --split without --similar");
     let on = if args.on == "val" { On::Val } else { On::Test };
-    let split = Split::load(&args.split, on)?;
+    let split = Split::load(&split_dir, on)?;
     let cfg = args.hp.config();
     let model = match &args.model {
         Some(dir) => TwoTower::load(dir)
             .with_context(|| format!("loading the checkpoint {}", dir.display()))?,
         None => {
             let (m, report) = match on {
-                On::Test => model::train_on_split(&cfg, &args.split, !args.hp.no_validate)?,
+                On::Test => model::train_on_split(&cfg, &split_dir, !args.hp.no_validate)?,
                 // Tuning: fit on val/train.csv, scoring val/test.csv after every epoch.
                 On::Val => {
                     let val = if args.hp.no_validate {
@@ -750,7 +822,7 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     let metrics = eval::score(&lists, &split);
     println!(
         "dataset={} on={} model={}",
-        args.split.display(),
+        split_dir.display(),
         args.on,
         model.version()
     );

@@ -23,6 +23,9 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 /// Tensors of the id table (not trained by gradient; written by the trainer).
 pub const ID_KEYS_TENSOR: &str = "item_tower.id_keys";
 pub const ID_COUNTS_TENSOR: &str = "item_tower.id_counts";
+/// `[dim]`, optional: the popularity direction of [`SimilarQuery`] (checkpoints before it
+/// lack it and load without it).
+pub const POPULARITY_DIRECTION_TENSOR: &str = "item_tower.popularity_direction";
 
 /// `manifest.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -48,8 +51,33 @@ pub struct Manifest {
     /// A popularity term added to the tower score at ranking time, tuned on validation.
     #[serde(default)]
     pub popularity_prior: PopularityPrior,
+    /// How `similar` builds its query from an anchor item (absent: the anchor's own vector).
+    #[serde(default)]
+    pub similar: SimilarQuery,
     /// The command line that produced this checkpoint.
     pub command: String,
+}
+
+/// The query `similar` searches with for an anchor item `a` (see [`TwoTower::similar_query`]):
+/// `q = normalize(v - popularity_removal * (v . p) p + content_weight * c)`, where `v` is the
+/// anchor's item vector, `p` the checkpoint's popularity direction (tensor
+/// `item_tower.popularity_direction`, the training-count-weighted mean item vector, unit
+/// length) and `c` the anchor's content-only vector (no id row, the unseen popularity bucket).
+///
+/// Why: every user interacts with best-sellers, so their vectors share a large component
+/// along `p`, and by `v` alone best-sellers are each other's nearest neighbours whatever
+/// their category. Taking `p` out of the query and adding the anchor's content lets category
+/// and content decide. Only `similar` uses it; personal recommendations score `u . v`. Zero
+/// weights (the default, and every checkpoint written before this field) query with `v`.
+///
+/// [`TwoTower::similar_query`]: super::TwoTower::similar_query
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SimilarQuery {
+    #[serde(default)]
+    pub popularity_removal: f32,
+    #[serde(default)]
+    pub content_weight: f32,
 }
 
 /// `score(u, i) = cos(u, i) + w(n) * ln(1 + count_i) / ln(1 + max_count)`, where `count_i` is
@@ -73,6 +101,11 @@ pub struct PopularityPrior {
     pub cold_below: usize,
     #[serde(default)]
     pub cold_bonus: f32,
+    /// Added to cold items' scores in proportion to the user's own share of cold items
+    /// (see [`PopularityPrior::cold_share`]): people who watch obscure films get more of
+    /// them, and people who never do get none. 0 in checkpoints written before it.
+    #[serde(default)]
+    pub cold_affinity: f32,
 }
 
 impl Default for PopularityPrior {
@@ -83,6 +116,7 @@ impl Default for PopularityPrior {
             long: 0.0,
             cold_below: 5,
             cold_bonus: 0.0,
+            cold_affinity: 0.0,
         }
     }
 }
@@ -108,9 +142,37 @@ impl PopularityPrior {
         self.weight(n) * value + cold
     }
 
+    /// The user's share of cold items: of the training counts of the items in their history
+    /// (the newest `pooling.max_history` events, as the user tower sees them), the share
+    /// below `cold_below`; 0 for an empty history.
+    pub fn cold_share(&self, history_counts: impl IntoIterator<Item = f32>) -> f32 {
+        let (mut cold, mut n) = (0usize, 0usize);
+        for c in history_counts {
+            n += 1;
+            cold += usize::from(c < self.cold_below as f32);
+        }
+        if n == 0 {
+            0.0
+        } else {
+            cold as f32 / n as f32
+        }
+    }
+
+    /// [`PopularityPrior::term`] plus the user's cold affinity: `cold_affinity *
+    /// cold_share` for cold items, where `cold_share` is [`PopularityPrior::cold_share`] of
+    /// the user's history.
+    pub fn user_term(&self, n: usize, cold_share: f32, count: f32, value: f32) -> f32 {
+        let affinity = if count < self.cold_below as f32 {
+            self.cold_affinity * cold_share
+        } else {
+            0.0
+        };
+        self.term(n, count, value) + affinity
+    }
+
     /// Whether the prior changes any score.
     pub fn is_active(&self) -> bool {
-        self.short > 0.0 || self.long > 0.0 || self.cold_bonus > 0.0
+        self.short > 0.0 || self.long > 0.0 || self.cold_bonus > 0.0 || self.cold_affinity > 0.0
     }
 }
 
@@ -130,6 +192,9 @@ pub struct TrainingInfo {
     pub logq: f64,
     /// Items with fewer training interactions get no id embedding (content-only).
     pub min_item_count: usize,
+    /// Weight of the content alignment loss (0 in checkpoints written before it).
+    #[serde(default)]
+    pub content_loss: f64,
     pub seed: u64,
     pub threads: usize,
     pub examples_per_epoch: usize,
@@ -247,6 +312,8 @@ pub struct Weights {
     /// Network tensors by name, ready for `VarBuilder::from_tensors`.
     pub tensors: HashMap<String, Tensor>,
     pub ids: IdTable,
+    /// `item_tower.popularity_direction`, when the checkpoint has it.
+    pub popularity_direction: Option<Vec<f32>>,
 }
 
 /// Reads `dir/model.safetensors` (memory-mapped) and checks every tensor the manifest implies.
@@ -310,6 +377,25 @@ pub fn read_weights(
         .expect("checked")
         .to_vec1()?;
     let ids = IdTable { keys, counts };
+    let popularity_direction = match st.get(POPULARITY_DIRECTION_TENSOR) {
+        Err(_) => None,
+        Ok(view) if view.shape() != [manifest.dim] => {
+            return Err(ModelError::ShapeMismatch {
+                path: path.clone(),
+                name: POPULARITY_DIRECTION_TENSOR.into(),
+                expected: vec![manifest.dim],
+                found: view.shape().to_vec(),
+            })
+        }
+        Ok(_) => Some(
+            st.load(POPULARITY_DIRECTION_TENSOR, device)
+                .and_then(|t| t.to_dtype(DType::F32)?.to_vec1::<f32>())
+                .map_err(|e| ModelError::CorruptFile {
+                    path: path.clone(),
+                    reason: format!("tensor `{POPULARITY_DIRECTION_TENSOR}`: {e}"),
+                })?,
+        ),
+    };
     if ids.len() * 2 > buckets {
         return Err(ModelError::CorruptFile {
             path,
@@ -319,7 +405,11 @@ pub fn read_weights(
             ),
         });
     }
-    Ok(Weights { tensors, ids })
+    Ok(Weights {
+        tensors,
+        ids,
+        popularity_direction,
+    })
 }
 
 /// Writes `dir/model.safetensors` and `dir/manifest.json` (creating `dir`).
@@ -328,6 +418,7 @@ pub fn write_checkpoint(
     manifest: &Manifest,
     net_tensors: Vec<(String, Tensor)>,
     ids: &IdTable,
+    popularity_direction: Option<&[f32]>,
 ) -> Result<(), ModelError> {
     std::fs::create_dir_all(dir).map_err(|source| ModelError::Io {
         path: dir.to_path_buf(),
@@ -343,6 +434,12 @@ pub fn write_checkpoint(
         ID_COUNTS_TENSOR.into(),
         Tensor::from_slice(&ids.counts, n, &Device::Cpu)?,
     );
+    if let Some(p) = popularity_direction {
+        map.insert(
+            POPULARITY_DIRECTION_TENSOR.into(),
+            Tensor::from_slice(p, p.len(), &Device::Cpu)?,
+        );
+    }
     let path = dir.join(WEIGHTS_FILE);
     let tmp: PathBuf = path.with_extension("tmp");
     candle_core::safetensors::save(&map, &tmp).map_err(|e| ModelError::Io {

@@ -342,10 +342,23 @@ impl Featurizer {
     }
 
     pub fn features(&self, item: &Item) -> ItemFeatures {
+        let slot = self
+            .ids
+            .lookup(self.config.hash_seed, item.item_id.as_str());
+        self.features_in_slot(item, slot)
+    }
+
+    /// The features the item would have as a brand-new item: no id row and the unseen
+    /// popularity bucket, so content alone (categories, tokens, year, price) places it.
+    /// A trained item's content twin gets exactly these.
+    pub fn content_features(&self, item: &Item) -> ItemFeatures {
+        self.features_in_slot(item, None)
+    }
+
+    fn features_in_slot(&self, item: &Item, slot: Option<usize>) -> ItemFeatures {
         let c = &self.config;
         let o = &self.offsets;
         let seed = c.hash_seed;
-        let slot = self.ids.lookup(seed, item.item_id.as_str());
         let mut content = Vec::with_capacity(12);
 
         let cats: Vec<&str> = item

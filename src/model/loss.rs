@@ -8,18 +8,38 @@
 //! log-sum-exp per row, keeping the softmax) and one backward (`softmax - onehot`).
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 use std::sync::Arc;
 
-/// Mean over rows of `-log softmax(scores[r] * inv_temp + bias[r])[r]`, a scalar.
-/// `bias` is row-major `[n, n]`.
+/// What is added to the scaled scores: a bias per column (the logQ correction; empty = none)
+/// and cells taken out of the softmax altogether (duplicates of a row's target, which are
+/// positives and not negatives), as `(row, column)` pairs sorted by row.
+#[derive(Debug, Clone, Default)]
+pub struct LogitBias {
+    pub columns: Vec<f32>,
+    pub masked: Vec<(u32, u32)>,
+}
+
+/// Mean over rows of `-log softmax(scores[r] * inv_temp + columns)[r]`, with the masked cells
+/// excluded, a scalar.
 pub fn in_batch_softmax_loss(
     scores: &Tensor,
-    bias: Arc<Vec<f32>>,
+    bias: Arc<LogitBias>,
     inv_temp: f32,
 ) -> Result<Tensor> {
     let (n, m) = scores.dims2()?;
-    if n != m || bias.len() != n * n {
-        candle_core::bail!("in-batch loss needs square scores and bias, got {n}x{m}");
+    if n != m || !(bias.columns.is_empty() || bias.columns.len() == n) {
+        candle_core::bail!(
+            "in-batch loss needs square scores and one bias per column, got {n}x{m}"
+        );
+    }
+    if bias.masked.windows(2).any(|w| w[0].0 > w[1].0)
+        || bias
+            .masked
+            .iter()
+            .any(|&(r, c)| r as usize >= n || c as usize >= n || r == c)
+    {
+        candle_core::bail!("in-batch loss: masked cells must be off-diagonal and sorted by row");
     }
     scores.contiguous()?.apply_op1(InBatchSoftmax {
         bias,
@@ -29,8 +49,27 @@ pub fn in_batch_softmax_loss(
     })
 }
 
+/// `exp(x)` to about 3e-7 relative error, in a form the compiler vectorizes (no libm call):
+/// `x = n ln 2 + r` with `n` an integer (its power of two built in the exponent bits) and
+/// `|r| <= ln 2 / 2`, `r` computed in two parts (Cody-Waite) so it stays exact, and `e^r` by
+/// its degree-6 Taylor polynomial. Inputs below -87 give about 1e-38, not 0.
+#[inline(always)]
+pub fn fast_exp(x: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
 struct InBatchSoftmax {
-    bias: Arc<Vec<f32>>,
+    bias: Arc<LogitBias>,
     inv_temp: f32,
     n: usize,
     /// The softmax of the forward pass, for the backward pass.
@@ -38,18 +77,39 @@ struct InBatchSoftmax {
 }
 
 impl InBatchSoftmax {
-    /// The logits of row `r` into `out`; returns their log-sum-exp.
-    fn row(&self, scores: &[f32], r: usize, out: &mut [f32]) -> f32 {
+    /// Row `r`'s softmax into `out`; returns the row's loss `lse - logit[r]`.
+    fn row(&self, scores: &[f32], r: usize, masked: &[(u32, u32)], out: &mut [f32]) -> f32 {
         let n = self.n;
         let s = &scores[r * n..(r + 1) * n];
-        let b = &self.bias[r * n..(r + 1) * n];
-        let mut max = f32::NEG_INFINITY;
-        for ((o, &x), &bb) in out.iter_mut().zip(s).zip(b) {
-            *o = x * self.inv_temp + bb;
-            max = max.max(*o);
+        if self.bias.columns.is_empty() {
+            for (o, &x) in out.iter_mut().zip(s) {
+                *o = x * self.inv_temp;
+            }
+        } else {
+            for ((o, &x), &b) in out.iter_mut().zip(s).zip(&self.bias.columns) {
+                *o = x * self.inv_temp + b;
+            }
         }
-        let sum: f32 = out.iter().map(|&z| (z - max).exp()).sum();
-        max + sum.ln()
+        for &(_, c) in masked {
+            out[c as usize] = f32::NEG_INFINITY;
+        }
+        let max = out.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let own = out[r];
+        let mut sum = 0f32;
+        for o in out.iter_mut() {
+            let e = fast_exp(*o - max);
+            *o = e;
+            sum += e;
+        }
+        for &(_, c) in masked {
+            sum -= out[c as usize];
+            out[c as usize] = 0.0;
+        }
+        let inv = 1.0 / sum;
+        for o in out.iter_mut() {
+            *o *= inv;
+        }
+        max + sum.ln() - own
     }
 
     fn scores<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
@@ -72,15 +132,18 @@ impl CustomOp1 for InBatchSoftmax {
         let n = self.n;
         let scores = Self::scores(storage, layout)?;
         let mut probs = vec![0f32; n * n];
-        let mut total = 0f64;
-        for r in 0..n {
-            let p = &mut probs[r * n..(r + 1) * n];
-            let lse = self.row(scores, r, p);
-            total += (lse - p[r]) as f64;
-            for v in p.iter_mut() {
-                *v = (*v - lse).exp();
-            }
-        }
+        let masked = &self.bias.masked;
+        // Rows are independent: split them over the pool (the second core in training).
+        let losses: Vec<f32> = probs
+            .par_chunks_mut(n)
+            .enumerate()
+            .map(|(r, p)| {
+                let lo = masked.partition_point(|m| (m.0 as usize) < r);
+                let hi = masked.partition_point(|m| (m.0 as usize) <= r);
+                self.row(scores, r, &masked[lo..hi], p)
+            })
+            .collect();
+        let total: f64 = losses.iter().map(|&l| l as f64).sum();
         *self.probs.lock() = Some(probs);
         let loss = (total / n as f64) as f32;
         Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
@@ -92,12 +155,12 @@ impl CustomOp1 for InBatchSoftmax {
             candle_core::bail!("in-batch loss: backward ran twice or before forward");
         };
         let scale = grad_res.to_scalar::<f32>()? * self.inv_temp / n as f32;
-        for v in grad.iter_mut() {
-            *v *= scale;
-        }
-        for r in 0..n {
-            grad[r * n + r] -= scale;
-        }
+        grad.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
+            for v in row.iter_mut() {
+                *v *= scale;
+            }
+            row[r] -= scale;
+        });
         Ok(Some(Tensor::from_vec(grad, (n, n), arg.device())?))
     }
 }
@@ -115,16 +178,21 @@ mod tests {
         let vals: Vec<f32> = (0..n * n)
             .map(|i| ((i * 37 % 11) as f32 - 5.0) / 7.0)
             .collect();
-        let mut bias: Vec<f32> = (0..n * n).map(|i| (i % n) as f32 * 0.1).collect();
-        bias[n + 3] = -1e9; // a masked duplicate
+        let columns: Vec<f32> = (0..n).map(|j| j as f32 * 0.1).collect();
+        let mut dense: Vec<f32> = (0..n * n).map(|i| columns[i % n]).collect();
+        dense[n + 3] = -1e9; // a masked duplicate
+        dense[4 * n] = -1e9;
+        let bias = LogitBias {
+            columns,
+            masked: vec![(1, 3), (4, 0)],
+        };
         let scores = Var::from_vec(vals, (n, n), &dev).unwrap();
         let inv_temp = 10.0f32;
 
-        let fused =
-            in_batch_softmax_loss(scores.as_tensor(), Arc::new(bias.clone()), inv_temp).unwrap();
+        let fused = in_batch_softmax_loss(scores.as_tensor(), Arc::new(bias), inv_temp).unwrap();
         let g1 = fused.backward().unwrap();
 
-        let b = Tensor::from_vec(bias, (n, n), &dev).unwrap();
+        let b = Tensor::from_vec(dense, (n, n), &dev).unwrap();
         let logits = ((scores.as_tensor() * inv_temp as f64).unwrap() + b).unwrap();
         let labels = Tensor::arange(0u32, n as u32, &dev).unwrap();
         let plain = candle_nn::loss::cross_entropy(&logits, &labels).unwrap();
@@ -141,8 +209,23 @@ mod tests {
                 .to_vec1()
                 .unwrap()
         };
-        for (x, y) in v(&g1).iter().zip(v(&g2)) {
+        let (v1, v2) = (v(&g1), v(&g2));
+        assert_eq!(v1[n + 3], 0.0, "a masked cell gets no gradient");
+        for (x, y) in v1.iter().zip(v2) {
             assert!((x - y).abs() < 1e-5, "{x} vs {y}");
         }
+    }
+
+    #[test]
+    fn fast_exp_is_close_to_exp() {
+        let worst = |lo: i32, hi: i32| -> f32 {
+            (lo..=hi)
+                .map(|i| i as f32 / 100.0)
+                .map(|x| ((fast_exp(x) - x.exp()) / x.exp()).abs())
+                .fold(0.0, f32::max)
+        };
+        assert!(worst(-8700, 8800) < 1e-6, "{}", worst(-8700, 8800));
+        assert!(fast_exp(-1e9) < 1e-37);
+        assert_eq!(fast_exp(0.0), 1.0);
     }
 }

@@ -16,7 +16,9 @@ pub mod towers;
 pub mod train;
 pub mod two_tower;
 
-pub use checkpoint::{DataInfo, Manifest, Metrics, PopularityPrior, TrainingInfo, FORMAT_VERSION};
+pub use checkpoint::{
+    DataInfo, Manifest, Metrics, PopularityPrior, SimilarQuery, TrainingInfo, FORMAT_VERSION,
+};
 pub use train::{train_on_data, train_on_split, FitReport, TrainConfig};
 pub use two_tower::TwoTower;
 

@@ -133,22 +133,79 @@ impl Bag {
         })
     }
 
-    /// `out[seg] += weight * input[row]` over contiguous row-major slices of width `width`.
+    /// `out[seg] += weight * input[row]` over contiguous row-major slices of width `width`
+    /// (with `transpose`, `out[row] += weight * input[seg]`).
+    ///
+    /// Big bags are split by columns over the thread pool: each worker owns a disjoint range
+    /// of every output row's columns, so no two write the same float and no entry is
+    /// visited twice per column. (Splitting by entries would need atomics or per-thread
+    /// copies of `out`, which in the backward pass is as large as the table slice.)
     fn scatter(&self, input: &[f32], out: &mut [f32], width: usize, transpose: bool) {
+        let threads = rayon::current_num_threads().min(width / 16).max(1);
+        if threads == 1 || self.rows.len() * width < PARALLEL_SCATTER_MIN {
+            self.scatter_columns(
+                input,
+                out.as_mut_ptr(),
+                out.len(),
+                width,
+                0..width,
+                transpose,
+            );
+            return;
+        }
+        let out_len = out.len();
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        let step = width.div_ceil(threads);
+        rayon::scope(|scope| {
+            for t in 0..threads {
+                let cols = (t * step).min(width)..((t + 1) * step).min(width);
+                let out_ptr = &out_ptr;
+                scope.spawn(move |_| {
+                    self.scatter_columns(input, out_ptr.0, out_len, width, cols, transpose)
+                });
+            }
+        });
+    }
+
+    /// [`Bag::scatter`] restricted to the columns `cols` of every row.
+    fn scatter_columns(
+        &self,
+        input: &[f32],
+        out: *mut f32,
+        out_len: usize,
+        width: usize,
+        cols: std::ops::Range<usize>,
+        transpose: bool,
+    ) {
+        let span = cols.len();
         for ((&r, &w), &s) in self.rows.iter().zip(&self.weights).zip(&self.segs) {
             let (from, to) = if transpose {
                 (s as usize, r as usize)
             } else {
                 (r as usize, s as usize)
             };
-            let src = &input[from * width..(from + 1) * width];
-            let dst = &mut out[to * width..(to + 1) * width];
+            let src = &input[from * width + cols.start..from * width + cols.end];
+            let start = to * width + cols.start;
+            assert!(start + span <= out_len, "bag entry outside the output");
+            // SAFETY: in bounds (checked above), and the callers give concurrent calls
+            // disjoint column ranges, so this slice aliases no other live one.
+            let dst = unsafe { std::slice::from_raw_parts_mut(out.add(start), span) };
             for (d, x) in dst.iter_mut().zip(src) {
                 *d += w * x;
             }
         }
     }
 }
+
+/// Bags smaller than this many multiply-adds are pooled on the calling thread.
+const PARALLEL_SCATTER_MIN: usize = 1 << 16;
+
+/// A raw output pointer shared by the column workers of [`Bag::scatter`].
+struct SendPtr(*mut f32);
+// SAFETY: the workers write disjoint column ranges through it, and `rayon::scope` ends
+// before the buffer it points into is used again.
+unsafe impl Sync for SendPtr {}
+unsafe impl Send for SendPtr {}
 
 /// The candle op behind [`Bag::pool`] (CPU only, f32).
 struct BagOp {
@@ -359,5 +416,46 @@ mod tests {
             v(g1.get(table.as_tensor()).unwrap()),
             v(g2.get(table.as_tensor()).unwrap())
         );
+    }
+
+    /// Bags big enough to be split over the thread pool give the serial result, forward and
+    /// backward (each output float is written by one worker only).
+    #[test]
+    fn big_bags_pool_the_same_when_split_by_columns() {
+        let (rows, width, n, nnz) = (500usize, 64usize, 300usize, 4000usize);
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let data: Vec<f32> = (0..rows * width)
+            .map(|_| (next() % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let mut bag = Bag::with_capacity(n, nnz);
+        for _ in 0..nnz {
+            let (seg, row) = ((next() % n as u64) as u32, (next() % rows as u64) as u32);
+            bag.push(seg, row, (next() % 100) as f32 / 50.0);
+        }
+        assert!(bag.rows.len() * width >= PARALLEL_SCATTER_MIN);
+        let serial = |input: &[f32], out_rows: usize, transpose: bool| -> Vec<f32> {
+            let mut out = vec![0f32; out_rows * width];
+            bag.scatter_columns(
+                input,
+                out.as_mut_ptr(),
+                out.len(),
+                width,
+                0..width,
+                transpose,
+            );
+            out
+        };
+        let mut forward = vec![0f32; n * width];
+        bag.scatter(&data, &mut forward, width, false);
+        assert_eq!(forward, serial(&data, n, false));
+        let mut backward = vec![0f32; rows * width];
+        bag.scatter(&forward, &mut backward, width, true);
+        assert_eq!(backward, serial(&forward, rows, true));
     }
 }

@@ -15,9 +15,10 @@
 //! way), and after it [`tune_prior`] picks the manifest's popularity prior on that slice.
 
 use super::checkpoint::{
-    DataInfo, Manifest, Metrics, PopularityPrior, TrainingInfo, FORMAT_VERSION,
+    DataInfo, Manifest, Metrics, PopularityPrior, SimilarQuery, TrainingInfo, FORMAT_VERSION,
 };
 use super::features::{FeatureConfig, Featurizer, IdTable, ItemFeatures, PoolingConfig};
+use super::loss::{in_batch_softmax_loss, LogitBias};
 use super::towers::{length_bucket, Bag, Mlp, NetConfig, TwoTowerNet};
 use super::{ModelError, TwoTower};
 use crate::domain::{EventType, Interaction, Item, ItemId, UserId};
@@ -51,6 +52,14 @@ pub struct TrainConfig {
     pub logq: f64,
     /// Items with fewer training rows than this get no id row.
     pub min_item_count: usize,
+    /// Weight of the content alignment loss: each target's content-only vector (no id row,
+    /// the unseen popularity bucket: the vector a brand-new twin would get) must pick out
+    /// the target's full vector among the batch's, by the same in-batch softmax. 0 = off.
+    pub content_loss: f64,
+    /// `SimilarQuery::popularity_removal` written to the manifest.
+    pub similar_popularity_removal: f32,
+    /// `SimilarQuery::content_weight` written to the manifest.
+    pub similar_content_weight: f32,
     /// Epochs without a better validation Recall@20 before the validation fit stops.
     pub patience: usize,
     pub seed: u64,
@@ -81,6 +90,9 @@ impl Default for TrainConfig {
             id_dropout: 0.25,
             logq: 1.0,
             min_item_count: 1,
+            content_loss: 0.0,
+            similar_popularity_removal: 0.0,
+            similar_content_weight: 1.0,
             patience: 2,
             seed: 42,
             threads: 2,
@@ -129,6 +141,15 @@ impl TrainConfig {
         if !(0.0..1.0).contains(&self.id_dropout) {
             return bad("id_dropout", "must be in [0, 1)");
         }
+        if !(self.content_loss >= 0.0 && self.content_loss.is_finite()) {
+            return bad("content_loss", "must be a non-negative number");
+        }
+        if !(self.similar_popularity_removal.is_finite() && self.similar_content_weight >= 0.0) {
+            return bad(
+                "similar",
+                "popularity_removal must be finite and content_weight not negative",
+            );
+        }
         if !(self.weight_decay >= 0.0 && self.logq >= 0.0) {
             return bad("weight_decay", "weight_decay and logq must not be negative");
         }
@@ -174,11 +195,16 @@ const COLD_BONUS_GRID: [f32; 16] = [
     0.02, 0.04, 0.06, 0.08, 0.1, 0.11, 0.12, 0.13, 0.14, 0.15, 0.16, 0.18, 0.2, 0.25, 0.3, 0.45,
 ];
 const COLD_BONUS_COST: f64 = 0.05;
+/// Cold affinities tried on validation with each cold bonus (a user's cold share is 0..=1;
+/// the mean on ml-latest-small is about 0.07, the top fifth of users about 0.2).
+const COLD_AFFINITY_GRID: [f32; 10] = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
 
 /// Chooses the popularity prior on a validation split: the weight for short histories by the
 /// new users' Recall@20, the weight for the rest by the main users' Recall@20 (ties go to the
-/// smaller weight), then the cold-item bonus (see [`PopularityPrior`]). Returns it with the
-/// validation metrics it gives.
+/// smaller weight), then the cold-item bonus and the users' cold affinity together (see
+/// [`PopularityPrior`]): the pair with the best cold-item Recall@20 that costs at most
+/// `COLD_BONUS_COST` of either other Recall@20. Returns it with the validation metrics it
+/// gives.
 pub fn tune_prior(
     model: &TwoTower,
     val: &Split,
@@ -216,30 +242,34 @@ pub fn tune_prior(
     };
     let base = eval::score(&ranker.top_k(&prior, eval::MAX_K), val);
     let get = |m: &BTreeMap<String, f64>, k: &str| m.get(k).copied().unwrap_or(0.0);
-    let mut best = (get(&base, "cold_recall@20"), 0.0f32, base.clone());
-    for bonus in COLD_BONUS_GRID {
-        let trial = PopularityPrior {
-            cold_bonus: bonus,
-            ..prior
-        };
-        let m = eval::score(&ranker.top_k(&trial, eval::MAX_K), val);
-        let cold = get(&m, "cold_recall@20");
-        let affordable = ["recall@20", "newuser_recall@20"]
-            .iter()
-            .all(|k| get(&m, k) >= (1.0 - COLD_BONUS_COST) * get(&base, k));
-        tracing::info!(
-            bonus,
-            val_cold_recall_20 = cold,
-            val_recall_20 = get(&m, "recall@20"),
-            val_newuser_recall_20 = get(&m, "newuser_recall@20"),
-            affordable,
-            "cold bonus"
-        );
-        if affordable && cold > best.0 + 1e-9 {
-            best = (cold, bonus, m);
+    let mut best = (get(&base, "cold_recall@20"), (0.0f32, 0.0f32), base.clone());
+    for bonus in std::iter::once(0.0).chain(COLD_BONUS_GRID) {
+        for affinity in COLD_AFFINITY_GRID {
+            let trial = PopularityPrior {
+                cold_bonus: bonus,
+                cold_affinity: affinity,
+                ..prior
+            };
+            let m = eval::score(&ranker.top_k(&trial, eval::MAX_K), val);
+            let cold = get(&m, "cold_recall@20");
+            let affordable = ["recall@20", "newuser_recall@20"]
+                .iter()
+                .all(|k| get(&m, k) >= (1.0 - COLD_BONUS_COST) * get(&base, k));
+            tracing::info!(
+                bonus,
+                affinity,
+                val_cold_recall_20 = cold,
+                val_recall_20 = get(&m, "recall@20"),
+                val_newuser_recall_20 = get(&m, "newuser_recall@20"),
+                affordable,
+                "cold bonus"
+            );
+            if affordable && cold > best.0 + 1e-9 {
+                best = (cold, (bonus, affinity), m);
+            }
         }
     }
-    prior.cold_bonus = best.1;
+    (prior.cold_bonus, prior.cold_affinity) = best.1;
     Ok((prior, best.2))
 }
 
@@ -399,6 +429,8 @@ struct Prepared {
     /// (sequence, position) of every example.
     examples: Vec<(u32, u32)>,
     features: Vec<ItemFeatures>,
+    /// Content-only rows per catalog item (as a brand-new item has them).
+    content: Vec<Vec<(u32, f32)>>,
     /// `-logq * ln(q_i)` per catalog item, the logit correction.
     logq_correction: Vec<f32>,
     ids: IdTable,
@@ -483,6 +515,10 @@ fn prepare(
     }
     let featurizer = Featurizer::new(fc.clone(), ids);
     let features: Vec<ItemFeatures> = items.iter().map(|it| featurizer.features(it)).collect();
+    let content = items
+        .iter()
+        .map(|it| featurizer.content_features(it).content)
+        .collect();
     let logq_correction = counts
         .iter()
         .map(|&c| {
@@ -501,6 +537,7 @@ fn prepare(
         sequences,
         examples,
         features,
+        content,
         logq_correction,
         ids: featurizer.ids,
         feature_config: fc,
@@ -649,6 +686,8 @@ struct Batch {
     rows: Vec<u32>,
     item_bag: Bag,
     target_bag: Bag,
+    /// Content-only rows of each target (empty without the content loss).
+    content_bag: Bag,
     history: Bag,
     lengths: Vec<u32>,
     targets: Vec<u32>,
@@ -696,6 +735,7 @@ impl BatchBuilder {
         let mut lengths = Vec::with_capacity(b);
         let mut targets = Vec::with_capacity(b);
         let mut target_bag = Bag::with_capacity(b, b * 10);
+        let mut content_bag = Bag::with_capacity(b, 0);
         let mut new_items: Vec<u32> = Vec::new();
         for (e, &(s, t)) in examples.iter().enumerate() {
             let seq = &p.sequences[s as usize];
@@ -712,6 +752,12 @@ impl BatchBuilder {
             for &(r, w) in &f.content {
                 let lr = self.row(r);
                 target_bag.push(e as u32, lr, w);
+            }
+            if cfg.content_loss > 0.0 {
+                for &(r, w) in &p.content[target as usize] {
+                    let lr = self.row(r);
+                    content_bag.push(e as u32, lr, w);
+                }
             }
             let start = t.saturating_sub(l);
             let hist = &seq[start..t];
@@ -758,6 +804,7 @@ impl BatchBuilder {
             rows,
             item_bag,
             target_bag,
+            content_bag,
             history,
             lengths,
             targets,
@@ -818,6 +865,7 @@ pub fn fit(
             id_dropout: cfg.id_dropout,
             logq: cfg.logq,
             min_item_count: cfg.min_item_count,
+            content_loss: cfg.content_loss,
             seed: cfg.seed,
             threads: cfg.threads,
             examples_per_epoch: p.examples.len(),
@@ -837,6 +885,10 @@ pub fn fit(
             test: BTreeMap::new(),
         },
         popularity_prior: PopularityPrior::default(),
+        similar: SimilarQuery {
+            popularity_removal: cfg.similar_popularity_removal,
+            content_weight: cfg.similar_content_weight,
+        },
         command: cfg.command.clone(),
     };
     manifest.model_version = format!(
@@ -861,6 +913,7 @@ pub fn fit(
     );
 
     let mut builder = BatchBuilder::new(net.rows, items.len());
+    let mut builder_rng = StdRng::seed_from_u64(cfg.seed ^ 0x6261_7463_6865_7321);
     let mut report = FitReport::default();
     let mut order = p.examples.clone();
     let mut train_time = 0.0f64;
@@ -872,30 +925,41 @@ pub fn fit(
         order.shuffle(&mut rng);
         let epoch_start = Instant::now();
         let mut loss_sum = 0.0f64;
-        for chunk in order.chunks(cfg.batch_size) {
-            if chunk.len() < 2 {
-                continue;
+        // Batches are assembled on a thread of their own, one or two steps ahead, while this
+        // thread runs the step (the gather must wait for the previous step's update, so it
+        // stays here). Id dropout draws from the builder's own seeded stream.
+        std::thread::scope(|scope| -> Result<(), ModelError> {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(2);
+            let (order, p, builder, builder_rng) = (&order, &p, &mut builder, &mut builder_rng);
+            scope.spawn(move || {
+                for chunk in order.chunks(cfg.batch_size).filter(|c| c.len() >= 2) {
+                    if tx.send(builder.build(p, cfg, chunk, builder_rng)).is_err() {
+                        break; // the step failed and its error is on the way out
+                    }
+                }
+            });
+            for batch in rx {
+                step += 1;
+                let leaf = Var::from_tensor(&table.gather(&batch.rows, &Device::Cpu)?)?;
+                let step_net = TwoTowerNet {
+                    cfg: net,
+                    embeddings: leaf.as_tensor().clone(),
+                    length_embeddings: dense.length_embeddings.clone(),
+                    item_mlp: dense.item_mlp.clone(),
+                    user_mlp: dense.user_mlp.clone(),
+                };
+                let loss = batch_loss(&step_net, &batch, p, inv_temp, cfg.content_loss)?;
+                let grads = loss.backward()?;
+                opt.step(&grads)?;
+                if let Some(g) = grads.get(leaf.as_tensor()) {
+                    let g: Vec<f32> = g.flatten_all()?.to_vec1()?;
+                    table.update(&batch.rows, &g, step, cfg);
+                }
+                loss_sum += loss.to_scalar::<f32>()? as f64 * batch.targets.len() as f64;
+                bar.inc(1);
             }
-            step += 1;
-            let batch = builder.build(&p, cfg, chunk, &mut rng);
-            let leaf = Var::from_tensor(&table.gather(&batch.rows, &Device::Cpu)?)?;
-            let step_net = TwoTowerNet {
-                cfg: net,
-                embeddings: leaf.as_tensor().clone(),
-                length_embeddings: dense.length_embeddings.clone(),
-                item_mlp: dense.item_mlp.clone(),
-                user_mlp: dense.user_mlp.clone(),
-            };
-            let loss = batch_loss(&step_net, &batch, &p, inv_temp)?;
-            let grads = loss.backward()?;
-            opt.step(&grads)?;
-            if let Some(g) = grads.get(leaf.as_tensor()) {
-                let g: Vec<f32> = g.flatten_all()?.to_vec1()?;
-                table.update(&batch.rows, &g, step, cfg);
-            }
-            loss_sum += loss.to_scalar::<f32>()? as f64 * chunk.len() as f64;
-            bar.inc(1);
-        }
+            Ok(())
+        })?;
         let secs = epoch_start.elapsed().as_secs_f64();
         train_time += secs;
         report.examples += order.len();
@@ -937,7 +1001,8 @@ pub fn fit(
     if let (Some(val), Some(best)) = (val, &report.best_model) {
         report.prior = Some(tune_prior(best, val)?);
     }
-    let model = snapshot(&table, &dense, &net, &p.ids, &manifest)?;
+    let mut model = snapshot(&table, &dense, &net, &p.ids, &manifest)?;
+    model.fit_popularity_direction(items)?;
     Ok((model, report))
 }
 
@@ -948,36 +1013,54 @@ fn batch_loss(
     b: &Batch,
     p: &Prepared,
     inv_temp: f64,
+    content_loss: f64,
 ) -> candle_core::Result<Tensor> {
-    let n = b.targets.len();
     let item_inputs = net.item_inputs(&b.item_bag)?;
     let users = net.user_tower(&net.user_inputs(&item_inputs, &b.history, &b.lengths)?)?;
     let targets = net.item_tower(&net.item_inputs(&b.target_bag)?)?;
     // Column j's logQ correction (kept finite for a zero count, which targets cannot have).
-    let correction: Vec<f32> = b
+    let columns: Vec<f32> = b
         .targets
         .iter()
         .map(|&t| p.logq_correction[t as usize])
         .map(|c| if c.is_finite() { c } else { 0.0 })
         .collect();
-    let mut bias: Vec<f32> = Vec::with_capacity(n * n);
-    for _ in 0..n {
-        bias.extend_from_slice(&correction);
-    }
     // Every row whose target appears more than once masks the other columns with that target.
-    let mut columns: HashMap<u32, Vec<usize>> = HashMap::with_capacity(n);
-    for (j, &t) in b.targets.iter().enumerate() {
-        columns.entry(t).or_default().push(j);
-    }
-    for same in columns.values().filter(|c| c.len() > 1) {
-        for &r in same {
-            for &j in same {
+    let mut by_target: Vec<(u32, u32)> = b
+        .targets
+        .iter()
+        .enumerate()
+        .map(|(j, &t)| (t, j as u32))
+        .collect();
+    by_target.sort_unstable();
+    let mut masked = Vec::new();
+    for same in by_target
+        .chunk_by(|a, b| a.0 == b.0)
+        .filter(|c| c.len() > 1)
+    {
+        for &(_, r) in same {
+            for &(_, j) in same {
                 if j != r {
-                    bias[r * n + j] = -1e9;
+                    masked.push((r, j));
                 }
             }
         }
     }
+    masked.sort_unstable();
     let scores = users.matmul(&targets.t()?)?;
-    super::loss::in_batch_softmax_loss(&scores, std::sync::Arc::new(bias), inv_temp as f32)
+    let bias = std::sync::Arc::new(LogitBias { columns, masked });
+    let loss = in_batch_softmax_loss(&scores, bias.clone(), inv_temp as f32)?;
+    if content_loss <= 0.0 {
+        return Ok(loss);
+    }
+    // Content alignment: target r's content-only vector against every target's full vector,
+    // duplicates of r's item masked as above, no logQ (the negatives are items, not draws).
+    let content = net.item_tower(&net.item_inputs(&b.content_bag)?)?;
+    let aligned = content.matmul(&targets.t()?)?;
+    let mask = std::sync::Arc::new(LogitBias {
+        columns: Vec::new(),
+        masked: bias.masked.clone(),
+    });
+    let aux = in_batch_softmax_loss(&aligned, mask, inv_temp as f32)?;
+    loss + (aux * content_loss)?
 }

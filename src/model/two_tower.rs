@@ -22,6 +22,9 @@ pub struct TwoTower {
     manifest: Manifest,
     /// `ln(1 + max training count)`, the popularity prior's scale.
     log_max_count: f32,
+    /// Unit `[dim]`: the direction best-sellers share (see `SimilarQuery`); `None` in
+    /// checkpoints written before it.
+    popularity_direction: Option<Vec<f32>>,
 }
 
 impl TwoTower {
@@ -33,7 +36,9 @@ impl TwoTower {
         let weights = read_weights(dir, &manifest, &device)?;
         let vb = VarBuilder::from_tensors(weights.tensors, DType::F32, &device);
         let net = TwoTowerNet::load(vb, &manifest.net_config())?;
-        Ok(Self::from_parts(net, weights.ids, manifest))
+        let mut model = Self::from_parts(net, weights.ids, manifest);
+        model.popularity_direction = weights.popularity_direction;
+        Ok(model)
     }
 
     /// Wraps a freshly trained network.
@@ -45,6 +50,7 @@ impl TwoTower {
             featurizer,
             manifest,
             log_max_count: max_count.ln_1p(),
+            popularity_direction: None,
         }
     }
 
@@ -55,6 +61,7 @@ impl TwoTower {
             &self.manifest,
             self.net.named_tensors(),
             &self.featurizer.ids,
+            self.popularity_direction.as_deref(),
         )
     }
 
@@ -107,6 +114,75 @@ impl TwoTower {
             out.extend(v);
         }
         Ok(out)
+    }
+
+    /// Content-only item vectors: each item as if it were brand new (no id row, the unseen
+    /// popularity bucket), whether or not it was trained. A new item with the same title,
+    /// categories, tags, year and price as a trained one gets exactly this vector.
+    pub fn embed_content(&self, items: &[Item]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let mut out = Vec::with_capacity(items.len());
+        for chunk in items.chunks(ITEM_BATCH) {
+            let mut bag = Bag::with_capacity(chunk.len(), chunk.len() * 10);
+            for (i, item) in chunk.iter().enumerate() {
+                for (row, w) in self.featurizer.content_features(item).content {
+                    bag.push(i as u32, row, w);
+                }
+            }
+            let v: Vec<Vec<f32>> = self
+                .net
+                .item_tower(&self.net.item_inputs(&bag)?)?
+                .to_vec2()?;
+            out.extend(v);
+        }
+        Ok(out)
+    }
+
+    /// The unit direction best-sellers share, if the checkpoint has one.
+    pub fn popularity_direction(&self) -> Option<&[f32]> {
+        self.popularity_direction.as_deref()
+    }
+
+    /// Sets the popularity direction to the training-count-weighted mean of the trained
+    /// items' vectors (normalized). Items with no count do not weigh in.
+    pub fn fit_popularity_direction(&mut self, items: &[Item]) -> Result<(), ModelError> {
+        let vectors = self.embed_items(items)?;
+        let mut p = vec![0f32; self.dim()];
+        for (item, v) in items.iter().zip(&vectors) {
+            let c = self.popularity(item);
+            for (pj, vj) in p.iter_mut().zip(v) {
+                *pj += c * vj;
+            }
+        }
+        let norm = p.iter().map(|x| x * x).sum::<f32>().sqrt();
+        self.popularity_direction = (norm > 0.0).then(|| p.iter().map(|x| x / norm).collect());
+        Ok(())
+    }
+
+    /// The vector `similar` searches the item index with for the anchor `item` (see
+    /// `SimilarQuery` in the manifest): the anchor's vector without its popularity
+    /// component, plus its content-only vector, normalized. With the manifest's default
+    /// weights (and for checkpoints without a popularity direction) it is the anchor's own
+    /// item vector.
+    pub fn similar_query(&self, item: &Item) -> Result<Vec<f32>, ModelError> {
+        let cfg = self.manifest.similar;
+        let mut v = self.embed_items(std::slice::from_ref(item))?.remove(0);
+        if let (Some(p), true) = (&self.popularity_direction, cfg.popularity_removal != 0.0) {
+            let along: f32 = v.iter().zip(p).map(|(a, b)| a * b).sum();
+            for (vj, pj) in v.iter_mut().zip(p) {
+                *vj -= cfg.popularity_removal * along * pj;
+            }
+        }
+        if cfg.content_weight != 0.0 {
+            let c = self.embed_content(std::slice::from_ref(item))?.remove(0);
+            for (vj, cj) in v.iter_mut().zip(&c) {
+                *vj += cfg.content_weight * cj;
+            }
+        }
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        if norm > 0.0 {
+            v.iter_mut().for_each(|x| *x /= norm);
+        }
+        Ok(v)
     }
 
     /// Item tower inputs `[items.len(), input_dim]`, with the id row of trained items.
