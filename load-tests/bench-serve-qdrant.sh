@@ -63,7 +63,9 @@ SERVE_PID=$!
 # The live alias appears once the collection is green (finalize_version waits for it).
 green=
 for _ in $(seq 1 7200); do
-  if [ -z "$green" ] && curl -fs "$QDRANT_HTTP_URL/aliases" 2>/dev/null | grep -q "\"$COLLECTION\""; then
+  # (curl's output captured first: `curl | grep -q` fails under pipefail when grep exits early)
+  aliases=$(curl -fs "$QDRANT_HTTP_URL/aliases" 2>/dev/null || true)
+  if [ -z "$green" ] && [[ $aliases == *"\"$COLLECTION\""* ]]; then
     green=$(date +%s.%N)
     echo "collection green and live after $(echo "$green - $started" | bc) s"
   fi
