@@ -249,7 +249,7 @@ pub struct AdminErrorBody {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
-    #[error("the admin API is disabled: set the {ADMIN_KEY_ENV} environment variable to a secret and send it in the X-API-Key header")]
+    #[error("the admin API is disabled: start the server with {ADMIN_KEY_ENV} set to a secret (`make run` sets one and prints it), then send it in the X-API-Key header")]
     Disabled,
     #[error("{0}")]
     Unauthorized(&'static str),
