@@ -383,6 +383,10 @@ pub struct RerankWeights {
     pub viewed_penalty: f32,
     /// MMR trade-off: 1.0 is pure relevance, lower values favour diversity.
     pub mmr_lambda: f32,
+    /// MMR's category term: subtracted, times the largest share of the items already placed
+    /// that is in one of the candidate's categories, so that one clicked category cannot fill
+    /// the whole page (0 turns it off).
+    pub category_repeat: f32,
     /// How many of the newest session/history items the session components look at.
     pub session_window: usize,
 }
@@ -404,6 +408,7 @@ impl RerankWeights {
         freshness_half_life_days: 30.0,
         viewed_penalty: 0.3,
         mmr_lambda: 0.85,
+        category_repeat: 0.0,
         session_window: 10,
     };
 
@@ -416,6 +421,7 @@ impl RerankWeights {
             ("trending", self.trending),
             ("freshness", self.freshness),
             ("viewed_penalty", self.viewed_penalty),
+            ("category_repeat", self.category_repeat),
         ];
         for (name, w) in fields {
             if !w.is_finite() || w < 0.0 {

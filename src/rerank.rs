@@ -141,14 +141,30 @@ pub fn rerank(ctx: &Context<'_>, candidates: Vec<Candidate>) -> Vec<Ranked> {
             .total_cmp(&a.score)
             .then_with(|| a.entry.id().cmp(b.entry.id()))
     });
-    mmr(scored, w.mmr_lambda, ctx.mmr_depth)
+    // The category term counters what a session does to a page (its category pulls the ANN,
+    // session and affinity parts at once); without a session (strangers, similar items,
+    // where sameness is the point) it stays off.
+    let category_repeat = if window.is_empty() {
+        0.0
+    } else {
+        w.category_repeat
+    };
+    mmr(scored, w.mmr_lambda, category_repeat, ctx.mmr_depth)
 }
 
 /// Greedy MMR over the first `depth` positions: each step picks the candidate maximising
-/// `lambda * relevance - (1 - lambda) * max similarity to the already picked`. The input is
-/// sorted by relevance, which also settles ties.
-fn mmr(mut pool: Vec<Ranked>, lambda: f32, depth: usize) -> Vec<Ranked> {
-    if lambda >= 1.0 || depth == 0 || pool.len() < 2 {
+/// `lambda * relevance - (1 - lambda) * max similarity to the already picked
+/// - category_repeat * the largest share of the already picked in one of its categories`.
+/// The input is sorted by relevance, which also settles ties.
+///
+/// The similarity term alone cannot keep a page diverse after a click: the clicked
+/// category's items are far more relevant than the rest (the ANN, session and affinity parts
+/// all favour them), and not similar enough to each other for the penalty to catch up, so
+/// they took all 20 places on the demo (BENCHMARKS.md, "Diversity after one click"). The
+/// category term grows with the category's share of the page, so the page settles where
+/// the clicked category holds about as much as its lead in relevance is worth.
+fn mmr(mut pool: Vec<Ranked>, lambda: f32, category_repeat: f32, depth: usize) -> Vec<Ranked> {
+    if (lambda >= 1.0 && category_repeat <= 0.0) || depth == 0 || pool.len() < 2 {
         return pool;
     }
     let depth = depth.min(pool.len());
@@ -162,6 +178,8 @@ fn mmr(mut pool: Vec<Ranked>, lambda: f32, depth: usize) -> Vec<Ranked> {
     // Max similarity of each pooled candidate to everything picked so far, kept up to date
     // incrementally so each step costs one dot product per remaining candidate.
     let mut redundancy = vec![f32::MIN; pool.len()];
+    // How many of the picked items are in each category (a page has a handful).
+    let mut picked_in: Vec<(String, usize)> = Vec::new();
     for step in 0..depth {
         let mut best: Option<usize> = None;
         let mut best_val = f32::MIN;
@@ -170,7 +188,21 @@ fn mmr(mut pool: Vec<Ranked>, lambda: f32, depth: usize) -> Vec<Ranked> {
                 continue;
             }
             let red = if step == 0 { 0.0 } else { redundancy[i] };
-            let val = lambda * r.score - (1.0 - lambda) * red;
+            let repeat = if step == 0 || category_repeat <= 0.0 {
+                0.0
+            } else {
+                let most = r
+                    .entry
+                    .item
+                    .genres
+                    .iter()
+                    .filter_map(|g| picked_in.iter().find(|(c, _)| c == g))
+                    .map(|(_, n)| *n)
+                    .max()
+                    .unwrap_or(0);
+                most as f32 / step as f32
+            };
+            let val = lambda * r.score - (1.0 - lambda) * red - category_repeat * repeat;
             if best.is_none() || val > best_val {
                 best_val = val;
                 best = Some(i);
@@ -179,6 +211,12 @@ fn mmr(mut pool: Vec<Ranked>, lambda: f32, depth: usize) -> Vec<Ranked> {
         let Some(best) = best else { break };
         taken[best] = true;
         order.push(best);
+        for g in &pool[best].entry.item.genres {
+            match picked_in.iter_mut().find(|(c, _)| c == g) {
+                Some((_, n)) => *n += 1,
+                None => picked_in.push((g.clone(), 1)),
+            }
+        }
         pool[best].components.redundancy = if step == 0 { 0.0 } else { redundancy[best] };
         rows.similarities(rows.row(best), &mut sims);
         for (i, (red, sim)) in redundancy.iter_mut().zip(&sims).enumerate() {
@@ -260,8 +298,18 @@ fn freshness(created_at: Option<i64>, now_s: i64, w: &RerankWeights) -> f32 {
         return 0.0;
     };
     let age_days = (now_s - created).max(0) as f32 / 86_400.0;
-    (-age_days / w.freshness_half_life_days * std::f32::consts::LN_2).exp()
+    let f = (-age_days / w.freshness_half_life_days * std::f32::consts::LN_2).exp();
+    // Past about 20 half-lives the value says nothing; `1.57e-14` in an explanation reads
+    // as noise, so it is 0.
+    if f < FRESHNESS_FLOOR {
+        0.0
+    } else {
+        f
+    }
 }
+
+/// Freshness below this is 0.
+const FRESHNESS_FLOOR: f32 = 1e-6;
 
 /// Cosine similarity of two L2-normalised vectors. Vectors of different lengths (a model
 /// swap in progress) compare as unrelated instead of panicking.
@@ -402,6 +450,8 @@ mod tests {
         let out = rerank(&f.ctx(), vec![cand(&old, 0.52), cand(&fresh, 0.5)]);
         assert_eq!(ids(&out), ["b", "a"]);
         assert!(out[0].components.freshness > 0.9 && out[1].components.freshness < 0.01);
+        // Ten years at a 30-day half-life is 2^-122: reported as 0, not 1e-37.
+        assert_eq!(out[1].components.freshness, 0.0);
     }
 
     #[test]
