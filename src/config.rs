@@ -408,7 +408,8 @@ impl RerankWeights {
         freshness_half_life_days: 30.0,
         viewed_penalty: 0.3,
         mmr_lambda: 0.85,
-        category_repeat: 0.0,
+        // Tuned on the demo catalog (BENCHMARKS.md, "Diversity after one click").
+        category_repeat: 0.3,
         session_window: 10,
     };
 

@@ -324,6 +324,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 mod tests {
     use super::*;
     use crate::domain::{Item, ItemId};
+    use std::collections::HashSet;
 
     fn entry(id: &str, genre: &str, vector: [f32; 2]) -> Arc<CatalogEntry> {
         let mut item = Item::new(ItemId::parse(id).unwrap(), id);
@@ -473,6 +474,73 @@ mod tests {
         assert!(out[2].components.redundancy > 0.99);
         f.weights.mmr_lambda = 1.0;
         assert_eq!(ids(&rerank(&f.ctx(), cands)), ["x1", "x2", "x3", "y1"]);
+    }
+
+    /// After one click, the clicked category leads the blend through its session parts
+    /// (similarity, affinity); the category term keeps it from taking every place, and is
+    /// off without a session.
+    #[test]
+    fn a_clicked_category_leads_the_page_without_taking_it_over() {
+        let mut f = Fixture::new();
+        f.weights.mmr_lambda = RerankWeights::DEFAULT.mmr_lambda;
+        // 8-d vectors: category i lies along axis i, its items tilted a little off it.
+        let on_axis = |id: String, genre: &str, axis: usize, tilt: f32| {
+            let mut item = Item::new(ItemId::parse(id).unwrap(), "t");
+            item.genres = vec![genre.into()];
+            let mut v = vec![0.0f32; 8];
+            v[axis] = 1.0;
+            v[7] = tilt;
+            let n = (1.0 + tilt * tilt).sqrt();
+            v.iter_mut().for_each(|x| *x /= n);
+            Arc::new(CatalogEntry {
+                item,
+                popularity: 0.0,
+                vector: v.into_boxed_slice(),
+            })
+        };
+        let clicked = on_axis("x-click".into(), "x", 0, 0.0);
+        // 20 items of the clicked category near it, and 5 other categories of 20 items with
+        // a better ANN score but nothing in common with the click.
+        let mut cands = Vec::new();
+        for n in 0..20 {
+            let e = on_axis(format!("x{n}"), "x", 0, 0.2 + n as f32 * 0.01);
+            cands.push(cand(&e, 0.6 - n as f32 * 0.001));
+        }
+        for (c, genre) in ["a", "b", "c", "d", "e"].iter().enumerate() {
+            for n in 0..20 {
+                let e = on_axis(format!("{genre}{n}"), genre, c + 1, 0.2 + n as f32 * 0.01);
+                cands.push(cand(&e, 0.9 - n as f32 * 0.001));
+            }
+        }
+        let top = |f: &Fixture, repeat: f32| {
+            let mut weights = f.weights.clone();
+            weights.category_repeat = repeat;
+            let ctx = Context {
+                weights: &weights,
+                mmr_depth: 25,
+                ..f.ctx()
+            };
+            let out = rerank(&ctx, cands.clone());
+            let top: Vec<String> = out[..20]
+                .iter()
+                .map(|r| r.entry.item.genres[0].clone())
+                .collect();
+            let x = top.iter().filter(|g| *g == "x").count();
+            let distinct = top.iter().collect::<HashSet<_>>().len();
+            (top, x, distinct)
+        };
+        let default = RerankWeights::DEFAULT.category_repeat;
+        // No session: the term is off.
+        assert_eq!(top(&f, default).0, top(&f, 0.0).0);
+        f.session = vec![SessionItem {
+            entry: clicked,
+            event_type: EventType::Click,
+        }];
+        let (_, x, _) = top(&f, 0.0);
+        assert_eq!(x, 20, "without the term, the clicked category takes the page");
+        let (_, x, distinct) = top(&f, default);
+        assert!((10..20).contains(&x), "the clicked category leads: {x} of 20");
+        assert!(distinct >= 4, "{distinct} categories in the top 20");
     }
 
     #[test]

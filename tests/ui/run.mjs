@@ -261,9 +261,14 @@ await test("clicking a card of category X moves more X items into the top 10", a
   await cards(page).nth(idx).locator("h3 button").focus();
   await page.keyboard.press("Enter");
   await waitStatus(page, `click on “${title}”`);
-  const x1 = countIn(await railCats(page), x);
-  log(`     category ${x}: ${x0} of the top 10 before the click, ${x1} after`);
+  const after = await railCats(page);
+  const x1 = countIn(after, x);
+  const distinct = new Set(after.flat()).size;
+  log(`     category ${x}: ${x0} of the top 10 before the click, ${x1} after; ${distinct} categories in the top 20 after (${new Set(before.flat()).size} before)`);
   assert(x1 > x0, `clicking a ${x} item should move more ${x} items into the top 10 (before ${x0}, after ${x1})`);
+  // The click moves the rail without taking it over.
+  assert(distinct >= 4, `one click left ${distinct} categories in the top 20: ${JSON.stringify(after)}`);
+  assert(after.filter((cs) => cs.includes(x)).length < 20, `one click turned all 20 cards to ${x}`);
   await until(page, () => document.querySelectorAll("#similar li[data-item-id]").length > 0, null, "similar items");
   await shoot(page, "storefront-after-click");
 });
