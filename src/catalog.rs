@@ -447,13 +447,23 @@ mod tests {
     #[test]
     fn category_counts_follow_upserts_updates_and_removes() {
         let c = Catalog::new();
-        c.upsert([entry("a", "Drama", 1.0), entry("b", "Drama", 2.0), entry("c", "Comedy", 3.0)]);
-        assert_eq!(c.categories(), [("Comedy".to_string(), 1), ("Drama".to_string(), 2)]);
+        c.upsert([
+            entry("a", "Drama", 1.0),
+            entry("b", "Drama", 2.0),
+            entry("c", "Comedy", 3.0),
+        ]);
+        assert_eq!(
+            c.categories(),
+            [("Comedy".to_string(), 1), ("Drama".to_string(), 2)]
+        );
         assert!(c.has_category("Drama") && !c.has_category("drama"));
         // Replacing an item moves its count to its new category.
         c.upsert([entry("b", "Horror", 2.0)]);
         c.remove(&ItemId::parse("c").unwrap());
-        assert_eq!(c.categories(), [("Drama".to_string(), 1), ("Horror".to_string(), 1)]);
+        assert_eq!(
+            c.categories(),
+            [("Drama".to_string(), 1), ("Horror".to_string(), 1)]
+        );
         // Emptied categories are not listed, but stay known: not a typo, just sold out.
         assert!(c.has_category("Comedy"));
         c.update(&ItemId::parse("a").unwrap(), |e| e.item.available = false);
@@ -582,5 +592,4 @@ mod tests {
         );
         assert_eq!(vector("removed"), None);
     }
-
 }

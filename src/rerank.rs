@@ -20,6 +20,9 @@ use std::sync::Arc;
 /// Recency half-life, in positions, of the category affinity (the model pools with the same).
 const AFFINITY_HALF_LIFE: f32 = 5.0;
 
+/// The share of the placed items one category may hold before MMR's category term applies.
+const FREE_CATEGORY_SHARE: f32 = 0.5;
+
 /// One thing the user did recently, newest first in [`Context::session`].
 #[derive(Debug, Clone)]
 pub struct SessionItem {
@@ -154,7 +157,8 @@ pub fn rerank(ctx: &Context<'_>, candidates: Vec<Candidate>) -> Vec<Ranked> {
 
 /// Greedy MMR over the first `depth` positions: each step picks the candidate maximising
 /// `lambda * relevance - (1 - lambda) * max similarity to the already picked
-/// - category_repeat * the largest share of the already picked in one of its categories`.
+/// - category_repeat * excess`, where `excess` is how far the largest share of the already
+/// picked in one of its categories is past [`FREE_CATEGORY_SHARE`], scaled to 0..=1.
 /// The input is sorted by relevance, which also settles ties.
 ///
 /// The similarity term alone cannot keep a page diverse after a click: the clicked
@@ -200,7 +204,10 @@ fn mmr(mut pool: Vec<Ranked>, lambda: f32, category_repeat: f32, depth: usize) -
                     .map(|(_, n)| *n)
                     .max()
                     .unwrap_or(0);
-                most as f32 / step as f32
+                // Only a share past half the page costs: a user who chose three
+                // categories gets them, one click does not get the whole page.
+                let share = most as f32 / step as f32;
+                ((share - FREE_CATEGORY_SHARE) / (1.0 - FREE_CATEGORY_SHARE)).max(0.0)
             };
             let val = lambda * r.score - (1.0 - lambda) * red - category_repeat * repeat;
             if best.is_none() || val > best_val {
@@ -537,9 +544,15 @@ mod tests {
             event_type: EventType::Click,
         }];
         let (_, x, _) = top(&f, 0.0);
-        assert_eq!(x, 20, "without the term, the clicked category takes the page");
+        assert_eq!(
+            x, 20,
+            "without the term, the clicked category takes the page"
+        );
         let (_, x, distinct) = top(&f, default);
-        assert!((10..20).contains(&x), "the clicked category leads: {x} of 20");
+        assert!(
+            (10..20).contains(&x),
+            "the clicked category leads: {x} of 20"
+        );
         assert!(distinct >= 4, "{distinct} categories in the top 20");
     }
 

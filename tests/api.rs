@@ -1326,14 +1326,20 @@ async fn an_unknown_or_mis_cased_category_is_a_422_naming_the_closest_names() {
         let message = r.1["message"].as_str().unwrap_or_default().to_string();
         app.expect_error(r, StatusCode::UNPROCESSABLE_ENTITY, field)
             .await;
-        assert!(message.contains(&format!("did you mean {near}")), "{path}: {message}");
+        assert!(
+            message.contains(&format!("did you mean {near}")),
+            "{path}: {message}"
+        );
     }
     // Nothing close: a few known names instead.
     let r = app.get("/v1/recommendations?category=Toys").await;
     let message = r.1["message"].as_str().unwrap_or_default().to_string();
     app.expect_error(r, StatusCode::UNPROCESSABLE_ENTITY, "category")
         .await;
-    assert!(message.contains("known categories include Action"), "{message}");
+    assert!(
+        message.contains("known categories include Action"),
+        "{message}"
+    );
     // The JSON form and onboarding say the same.
     let r = app
         .post("/v1/recommendations", &json!({"category": ["drama"]}))
@@ -1349,7 +1355,9 @@ async fn an_unknown_or_mis_cased_category_is_a_422_naming_the_closest_names() {
     app.expect_error(r, StatusCode::UNPROCESSABLE_ENTITY, "categories[1]")
         .await;
     // Known names are fine.
-    let ok = app.recommend("k=5&category=Comedy&exclude_category=Drama").await;
+    let ok = app
+        .recommend("k=5&category=Comedy&exclude_category=Drama")
+        .await;
     assert_eq!(ok.items.len(), 5);
 
     // GET /v1/categories: every name, with its number of items.
@@ -1369,7 +1377,10 @@ async fn an_unknown_or_mis_cased_category_is_a_422_naming_the_closest_names() {
     let want: Vec<(String, u64)> = CATEGORIES
         .iter()
         .map(|c| {
-            let n = app.items.values().filter(|i| i.genres.iter().any(|g| g == c));
+            let n = app
+                .items
+                .values()
+                .filter(|i| i.genres.iter().any(|g| g == c));
             (c.to_string(), n.count() as u64)
         })
         .collect();
@@ -1391,8 +1402,16 @@ async fn onboarding_leaves_the_liked_items_out_of_its_answer() {
     let recs = &on.recommendations;
     assert_eq!(recs.items.len(), 20);
     for l in liked {
-        assert!(!ids(recs).contains(&l.to_string()), "{l} came back: {:?}", ids(recs));
+        assert!(
+            !ids(recs).contains(&l.to_string()),
+            "{l} came back: {:?}",
+            ids(recs)
+        );
     }
     // Still about them.
-    assert!(app.share_in(recs, &["Horror", "SciFi"]) >= 0.5, "{:?}", ids(recs));
+    assert!(
+        app.share_in(recs, &["Horror", "SciFi"]) >= 0.5,
+        "{:?}",
+        ids(recs)
+    );
 }

@@ -54,8 +54,14 @@ fn targets_take_the_binary_from_cargo_target_dir() {
 #[test]
 fn make_run_listens_on_localhost_8080_unless_told_otherwise() {
     let plan = make_n("run", &[], &[]);
-    assert!(plan.contains("scripts/run-demo.sh data/demo/raw 127.0.0.1:8080"), "{plan}");
-    assert!(!plan.contains("0.0.0.0"), "listens on every interface by default:\n{plan}");
+    assert!(
+        plan.contains("scripts/run-demo.sh data/demo/raw 127.0.0.1:8080"),
+        "{plan}"
+    );
+    assert!(
+        !plan.contains("0.0.0.0"),
+        "listens on every interface by default:\n{plan}"
+    );
     let plan = make_n("run", &[], &["PORT=9090", "BIND=0.0.0.0"]);
     assert!(plan.contains(" 0.0.0.0:9090"), "{plan}");
     let plan = make_n("run", &[("TANDEM_BIND", "127.0.0.1:7000")], &[]);

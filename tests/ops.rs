@@ -1114,7 +1114,12 @@ async fn first_hour_plain_logs_replayed_history_and_a_busy_index_explained() {
     assert_eq!(before["source"], "trending", "{before}");
     let replay = |what: &'static str| {
         let out = Command::new(BIN)
-            .args(["replay-events", "--data", fx.catalog.to_str().unwrap(), "--url"])
+            .args([
+                "replay-events",
+                "--data",
+                fx.catalog.to_str().unwrap(),
+                "--url",
+            ])
             .arg(&server.base)
             .env("RUST_LOG", "warn")
             .output()
@@ -1143,7 +1148,10 @@ async fn first_hour_plain_logs_replayed_history_and_a_busy_index_explained() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&index.stderr);
-    assert!(!index.status.success(), "tandem index beside a server: {err}");
+    assert!(
+        !index.status.success(),
+        "tandem index beside a server: {err}"
+    );
     assert!(
         err.contains("in use by another process (is `tandem serve` running?"),
         "{err}"

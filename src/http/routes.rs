@@ -169,7 +169,10 @@ pub async fn upsert_items(
         items.push(item);
         popularity.push(pop);
     }
-    let done = s.items.upsert(items.into_iter().zip(popularity).collect()).await?;
+    let done = s
+        .items
+        .upsert(items.into_iter().zip(popularity).collect())
+        .await?;
     Ok(Json(ItemsUpserted {
         upserted: done.count,
         model_version: done.model_version,
@@ -475,9 +478,15 @@ fn known_category(s: &AppState, field: &str, name: &str) -> ApiResult<()> {
     let near = closest_names(name, &known, 3);
     let hint = if near.is_empty() {
         let some: Vec<&str> = known.iter().take(8).map(String::as_str).collect();
-        format!("known categories include {} (GET /v1/categories lists them all)", some.join(", "))
+        format!(
+            "known categories include {} (GET /v1/categories lists them all)",
+            some.join(", ")
+        )
     } else {
-        format!("did you mean {}? (GET /v1/categories lists them all)", near.join(", "))
+        format!(
+            "did you mean {}? (GET /v1/categories lists them all)",
+            near.join(", ")
+        )
     };
     Err(AppError::invalid(
         field,
