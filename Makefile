@@ -2,19 +2,30 @@
 CARGO ?= cargo
 DEMO_DIR ?= data/demo
 CLUSTER_DIR ?= data/cluster
+# Where cargo puts the binaries: $(CARGO_TARGET_DIR) when set (shared build folders), else
+# target/. TANDEM is the debug binary every target below runs (override it to run a copy).
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+TANDEM ?= $(TARGET_DIR)/debug/tandem
+RELEASE_DIR := $(TARGET_DIR)/release
+# make run listens on $(BIND):$(PORT), this machine only unless BIND=0.0.0.0; TANDEM_BIND
+# (HOST:PORT), when set, wins.
+BIND ?= 127.0.0.1
+PORT ?= 8080
 
 .PHONY: run test bench lint fmt demo-data check-split bench-session bench-serve test-ui
 
 ## run: the full demo on the embedded default: the demo catalog (generated if absent), indexed
 ## with the shipped models/demo checkpoint into the embedded Qdrant under data/ (at the first
-## start, when the index is empty), and the server on :8080
+## start, when the index is empty), the demo's interaction history replayed once through
+## POST /v1/events, and the server on $(BIND):$(PORT) with an admin key it prints
+## (scripts/run-demo.sh). Ctrl-C stops it.
 run: demo-data
-	./target/debug/tandem serve --catalog $(DEMO_DIR)/raw --model models/demo --bind 0.0.0.0:8080
+	TANDEM_BIN=$(TANDEM) scripts/run-demo.sh $(DEMO_DIR)/raw $(or $(TANDEM_BIND),$(BIND):$(PORT))
 
 demo-data:
 	$(CARGO) build --bin tandem
-	test -f $(DEMO_DIR)/raw/items.csv || ./target/debug/tandem generate --out $(DEMO_DIR)/raw --items 2000 --users 500 --interactions 40000 --seed 7
-	test -f $(DEMO_DIR)/split/train.csv || ./target/debug/tandem split --data $(DEMO_DIR)/raw --out $(DEMO_DIR)/split
+	test -f $(DEMO_DIR)/raw/items.csv || $(TANDEM) generate --out $(DEMO_DIR)/raw --items 2000 --users 500 --interactions 40000 --seed 7
+	test -f $(DEMO_DIR)/split/train.csv || $(TANDEM) split --data $(DEMO_DIR)/raw --out $(DEMO_DIR)/split
 
 ## test: every test. Redis: the one at REDIS_URL (default 127.0.0.1:6379) if it answers,
 ## else one started for the run. The qdrant
@@ -33,7 +44,7 @@ prereqs:
 ## reused when up), over the demo catalog, as scripts/cluster.sh describes; Ctrl-C stops it
 .PHONY: cluster
 cluster: demo-data
-	scripts/cluster.sh $(CLUSTER_DIR)
+	TANDEM_BIN=$(TANDEM) scripts/cluster.sh $(CLUSTER_DIR)
 
 ## qdrant-server: start a throw-away Qdrant server in the foreground (Ctrl-C stops it)
 .PHONY: qdrant-server
@@ -45,7 +56,7 @@ qdrant-server:
 test-ui:
 	$(CARGO) build --bin tandem
 	cd tests/ui && npm ci --no-audit --no-fund --silent
-	node tests/ui/run.mjs
+	TANDEM_BIN=$(TANDEM) node tests/ui/run.mjs
 
 bench:
 	$(CARGO) build --release --bin tandem
@@ -62,7 +73,7 @@ fmt:
 .PHONY: bench-ann
 bench-ann:
 	$(CARGO) build --release --bin tandem
-	flock /tmp/tandem-bench.lock ./target/release/tandem bench ann --items 100000 --dim 64 --queries 1000 --filter-selectivity 0.1,0.01
+	flock /tmp/tandem-bench.lock $(RELEASE_DIR)/tandem bench ann --items 100000 --dim 64 --queries 1000 --filter-selectivity 0.1,0.01
 
 ## check-split: tandem's split of ml-latest-small equals the shared one (needs ../shared; not in CI)
 check-split:
@@ -71,7 +82,7 @@ check-split:
 ## bench-session: session store benchmark (Redis ingest + no-loss check, read latency, outage); needs Redis on :6379
 bench-session:
 	$(CARGO) build --release --example session_bench
-	flock /tmp/tandem-bench.lock ./target/release/examples/session_bench
+	flock /tmp/tandem-bench.lock $(RELEASE_DIR)/examples/session_bench
 
 ## bench-serve: the serving load test at 1M items (release build, under the benchmark lock):
 ## generates the catalog once, indexes it, then runs tandem-load against `tandem serve`, once
@@ -88,11 +99,11 @@ BENCH_ITEMS ?= 1000000
 bench-serve:
 	$(CARGO) build --release --bin tandem --bin tandem-load
 ifeq ($(BACKEND),qdrant)
-	flock /tmp/tandem-bench.lock nice load-tests/bench-serve-qdrant.sh \
+	BENCH_BIN=$${BENCH_BIN:-$(RELEASE_DIR)} flock /tmp/tandem-bench.lock nice load-tests/bench-serve-qdrant.sh \
 	  $(if $(filter 1000000,$(BENCH_ITEMS)),data/bench-qdrant-1m,data/bench-qdrant-$(BENCH_ITEMS)) \
 	  $(BENCH_ITEMS) $(BENCH_SECS) $(if $(filter command line,$(origin BENCH_CONN)),$(BENCH_CONN),4)
 else
-	flock /tmp/tandem-bench.lock load-tests/bench-serve.sh $(BENCH_DIR) $(BENCH_SECS) $(BENCH_CONN)
+	BENCH_BIN=$${BENCH_BIN:-$(RELEASE_DIR)} flock /tmp/tandem-bench.lock load-tests/bench-serve.sh $(BENCH_DIR) $(BENCH_SECS) $(BENCH_CONN)
 endif
 
 ## bench-lifecycle: activate and roll back a model under steady recommendation traffic
@@ -101,13 +112,13 @@ LIFECYCLE_ITEMS ?= 1000000
 LIFECYCLE_RATE ?= 200
 bench-lifecycle:
 	$(CARGO) build --release --bin tandem --example lifecycle_bench
-	BENCH_MODEL=models/demo TANDEM_INDEX__INDEXING_THREADS=1 flock /tmp/tandem-bench.lock \
+	BIN=$${BIN:-$(RELEASE_DIR)} BENCH_MODEL=models/demo TANDEM_INDEX__INDEXING_THREADS=1 flock /tmp/tandem-bench.lock \
 	  load-tests/lifecycle-bench.sh data/bench-lifecycle $(LIFECYCLE_ITEMS) $(LIFECYCLE_RATE) 15
 
 ## model: the shipped demo checkpoint, reproducible from the demo data (seed 7)
 .PHONY: demo-model
 demo-model: demo-data
-	./target/debug/tandem train --data $(DEMO_DIR)/raw --out models/demo --seed 7 --threads 2
+	$(TANDEM) train --data $(DEMO_DIR)/raw --out models/demo --seed 7 --threads 2
 
 ## --- operations (issue 8) ---
 .PHONY: fuzz-api check-compose

@@ -118,6 +118,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         freshness: 0.0,
         viewed_penalty: 0.0,
         mmr_lambda: 1.0,
+        category_repeat: 0.0,
         ..control.clone()
     };
     settings.rerank.0.insert("on".into(), control);

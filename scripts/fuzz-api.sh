@@ -21,7 +21,7 @@ if ! "$VENV/bin/schemathesis" --version 2>/dev/null | grep -q "$SCHEMATHESIS_VER
 fi
 
 cargo build -q --bin tandem
-BIN=./target/debug/tandem
+BIN=${TANDEM_BIN:-${CARGO_TARGET_DIR:-./target}/debug/tandem}
 WORK=$(mktemp -d)
 SERVER_PID=
 cleanup() {

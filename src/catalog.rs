@@ -10,7 +10,7 @@
 use crate::domain::{Filter, IdMap, Item, ItemId};
 use crate::index::{IndexError, Payload, VectorIndex};
 use parking_lot::{Mutex, RwLock};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -89,22 +89,52 @@ struct Entries {
     /// Every entry's rank, kept in step with `by_id` by each write (a write moves one key,
     /// O(log n)), so that the fallback order never needs a sort of the whole catalog.
     by_popularity: BTreeSet<Rank>,
+    /// How many entries each category has, kept in step by each write, so that requests can
+    /// check a category name (and `GET /v1/categories` list them) without a catalog pass.
+    categories: BTreeMap<String, usize>,
 }
 
 impl Entries {
     fn from_map(by_id: ById) -> Self {
         let by_popularity = by_id.values().map(|e| rank(e)).collect();
-        Entries {
+        let mut entries = Entries {
             by_id,
             by_popularity,
+            categories: BTreeMap::new(),
+        };
+        let all: Vec<Arc<CatalogEntry>> = entries.by_id.values().cloned().collect();
+        for e in &all {
+            entries.count_categories(e, true);
         }
+        entries
+    }
+
+    fn count_categories(&mut self, entry: &CatalogEntry, add: bool) {
+        for g in &entry.item.genres {
+            if add {
+                *self.categories.entry(g.clone()).or_default() += 1;
+            } else if let Some(n) = self.categories.get_mut(g) {
+                // A category whose last item went stays known (at 0): a page for it answers
+                // an empty list, not "unknown category", until the process restarts.
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
+
+    fn take(&mut self, id: &ItemId) -> Option<Arc<CatalogEntry>> {
+        let removed = self.by_id.remove(id)?;
+        self.by_popularity.remove(&rank(&removed));
+        self.count_categories(&removed, false);
+        Some(removed)
     }
 
     /// Puts `entry` in place of whatever had its id, in both views; returns what it replaced.
     fn put(&mut self, entry: Arc<CatalogEntry>) -> Option<Arc<CatalogEntry>> {
         let new_rank = rank(&entry);
+        self.count_categories(&entry, true);
         let old = self.by_id.insert(entry.id().clone(), entry);
         if let Some(old) = &old {
+            self.count_categories(old, false);
             let old_rank = rank(old);
             if old_rank == new_rank {
                 return Some(old.clone());
@@ -219,6 +249,23 @@ impl Catalog {
         self.read().by_id.values().cloned().collect()
     }
 
+    /// Every category with its number of items (available or not), by name.
+    pub fn categories(&self) -> Vec<(String, usize)> {
+        let entries = self.read();
+        entries
+            .categories
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(c, n)| (c.clone(), *n))
+            .collect()
+    }
+
+    /// Whether `category` is a name this catalog knows (exact, case-sensitive, as filters
+    /// match): some item has it, or had it since the process started.
+    pub fn has_category(&self, category: &str) -> bool {
+        self.read().categories.contains_key(category)
+    }
+
     pub fn get(&self, id: &ItemId) -> Option<Arc<CatalogEntry>> {
         self.read().by_id.get(id).cloned()
     }
@@ -319,8 +366,7 @@ impl Catalog {
 
     pub fn remove(&self, id: &ItemId) -> Option<Arc<CatalogEntry>> {
         let mut all = self.entries.write();
-        let removed = all.by_id.remove(id)?;
-        all.by_popularity.remove(&rank(&removed));
+        let removed = all.take(id)?;
         self.forget_popular(&[(Some(removed.clone()), None)]);
         Some(removed)
     }
@@ -396,6 +442,32 @@ mod tests {
             popularity,
             vector: vec![1.0, 0.0].into_boxed_slice(),
         }
+    }
+
+    #[test]
+    fn category_counts_follow_upserts_updates_and_removes() {
+        let c = Catalog::new();
+        c.upsert([
+            entry("a", "Drama", 1.0),
+            entry("b", "Drama", 2.0),
+            entry("c", "Comedy", 3.0),
+        ]);
+        assert_eq!(
+            c.categories(),
+            [("Comedy".to_string(), 1), ("Drama".to_string(), 2)]
+        );
+        assert!(c.has_category("Drama") && !c.has_category("drama"));
+        // Replacing an item moves its count to its new category.
+        c.upsert([entry("b", "Horror", 2.0)]);
+        c.remove(&ItemId::parse("c").unwrap());
+        assert_eq!(
+            c.categories(),
+            [("Drama".to_string(), 1), ("Horror".to_string(), 1)]
+        );
+        // Emptied categories are not listed, but stay known: not a typo, just sold out.
+        assert!(c.has_category("Comedy"));
+        c.update(&ItemId::parse("a").unwrap(), |e| e.item.available = false);
+        assert_eq!(c.categories()[0], ("Drama".to_string(), 1));
     }
 
     #[test]

@@ -40,6 +40,10 @@ enum Command {
     /// Write the event log as `interactions.csv` in the common format, to retrain on live
     /// traffic.
     ExportEvents(ExportEventsArgs),
+    /// Send a data dir's interactions to a running server through `POST /v1/events`, as a
+    /// shop's event pipeline would (`make run` seeds the demo's history this way). Each event
+    /// gets an id derived from its fields, so a second replay is counted as duplicates.
+    ReplayEvents(ReplayEventsArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -213,6 +217,19 @@ struct SplitArgs {
 }
 
 #[derive(Args)]
+struct ReplayEventsArgs {
+    /// Data dir holding interactions.csv (or .jsonl).
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+    /// The server's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080", value_name = "URL")]
+    url: String,
+    /// Events per request (the server takes at most `session.max_batch`, default 1000).
+    #[arg(long, default_value_t = 500)]
+    batch: usize,
+}
+
+#[derive(Args)]
 struct ExportEventsArgs {
     /// Directory to write `interactions.csv` into (created if missing).
     #[arg(long, value_name = "DIR")]
@@ -306,6 +323,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Index(args) => index_catalog(settings, args)?,
         Command::ExportEvents(args) => export_events(&settings, &args)?,
+        Command::ReplayEvents(args) => replay_events(&args)?,
         Command::Models(args) => models(args)?,
         Command::Split(args) => {
             let s = split::split(&args.data, &args.out)?;
@@ -471,6 +489,59 @@ fn progress_printer(version: &str) -> impl FnMut(&tandem::registry::ModelRecord)
             }
         }
     }
+}
+
+fn replay_events(args: &ReplayEventsArgs) -> anyhow::Result<()> {
+    let path = tandem::data::find_file(&args.data, "interactions")?;
+    let interactions = tandem::data::read_interactions(&path)?;
+    let url = format!("{}/v1/events", args.url.trim_end_matches('/'));
+    let client = reqwest::Client::new();
+    let (mut accepted, mut duplicates) = (0u64, 0u64);
+    let runtime = tokio::runtime::Runtime::new()?;
+    for chunk in interactions.chunks(args.batch.max(1)) {
+        let events: Vec<serde_json::Value> = chunk
+            .iter()
+            .map(|i| {
+                let key = format!(
+                    "{}\0{}\0{}\0{}",
+                    i.user_id,
+                    i.item_id,
+                    i.timestamp,
+                    i.event_type.as_str()
+                );
+                serde_json::json!({
+                    "event_id": uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, key.as_bytes()),
+                    "user_id": i.user_id.as_str(),
+                    "item_id": i.item_id.as_str(),
+                    "type": i.event_type.as_str(),
+                    "value": i.rating,
+                    "timestamp": i.timestamp,
+                })
+            })
+            .collect();
+        let (status, body) = runtime.block_on(async {
+            let r = client
+                .post(&url)
+                .json(&events)
+                .send()
+                .await
+                .map_err(|e| anyhow::anyhow!("could not reach {url}: {e}"))?;
+            let status = r.status();
+            anyhow::Ok((status, r.text().await.unwrap_or_default()))
+        })?;
+        if status != reqwest::StatusCode::ACCEPTED {
+            anyhow::bail!("POST {url}: {status}: {body}");
+        }
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        accepted += v["accepted"].as_u64().unwrap_or(0);
+        duplicates += v["duplicates"].as_u64().unwrap_or(0);
+    }
+    println!(
+        "replayed {} interactions from {} to {url}: {accepted} accepted, {duplicates} duplicates",
+        thousands(interactions.len() as u64),
+        path.display()
+    );
+    Ok(())
 }
 
 fn export_events(settings: &Settings, args: &ExportEventsArgs) -> anyhow::Result<()> {

@@ -20,6 +20,9 @@ use std::sync::Arc;
 /// Recency half-life, in positions, of the category affinity (the model pools with the same).
 const AFFINITY_HALF_LIFE: f32 = 5.0;
 
+/// The share of the placed items one category may hold before MMR's category term applies.
+const FREE_CATEGORY_SHARE: f32 = 0.5;
+
 /// One thing the user did recently, newest first in [`Context::session`].
 #[derive(Debug, Clone)]
 pub struct SessionItem {
@@ -141,14 +144,31 @@ pub fn rerank(ctx: &Context<'_>, candidates: Vec<Candidate>) -> Vec<Ranked> {
             .total_cmp(&a.score)
             .then_with(|| a.entry.id().cmp(b.entry.id()))
     });
-    mmr(scored, w.mmr_lambda, ctx.mmr_depth)
+    // The category term counters what a session does to a page (its category pulls the ANN,
+    // session and affinity parts at once); without a session (strangers, similar items,
+    // where sameness is the point) it stays off.
+    let category_repeat = if window.is_empty() {
+        0.0
+    } else {
+        w.category_repeat
+    };
+    mmr(scored, w.mmr_lambda, category_repeat, ctx.mmr_depth)
 }
 
 /// Greedy MMR over the first `depth` positions: each step picks the candidate maximising
-/// `lambda * relevance - (1 - lambda) * max similarity to the already picked`. The input is
-/// sorted by relevance, which also settles ties.
-fn mmr(mut pool: Vec<Ranked>, lambda: f32, depth: usize) -> Vec<Ranked> {
-    if lambda >= 1.0 || depth == 0 || pool.len() < 2 {
+/// `lambda * relevance - (1 - lambda) * max similarity to the already picked
+/// - category_repeat * excess`, where `excess` is how far the largest share of the already
+/// picked in one of its categories is past [`FREE_CATEGORY_SHARE`], scaled to 0..=1.
+/// The input is sorted by relevance, which also settles ties.
+///
+/// The similarity term alone cannot keep a page diverse after a click: the clicked
+/// category's items are far more relevant than the rest (the ANN, session and affinity parts
+/// all favour them), and not similar enough to each other for the penalty to catch up, so
+/// they took all 20 places on the demo (BENCHMARKS.md, "Diversity after one click"). The
+/// category term grows with the category's share of the page, so the page settles where
+/// the clicked category holds about as much as its lead in relevance is worth.
+fn mmr(mut pool: Vec<Ranked>, lambda: f32, category_repeat: f32, depth: usize) -> Vec<Ranked> {
+    if (lambda >= 1.0 && category_repeat <= 0.0) || depth == 0 || pool.len() < 2 {
         return pool;
     }
     let depth = depth.min(pool.len());
@@ -162,6 +182,8 @@ fn mmr(mut pool: Vec<Ranked>, lambda: f32, depth: usize) -> Vec<Ranked> {
     // Max similarity of each pooled candidate to everything picked so far, kept up to date
     // incrementally so each step costs one dot product per remaining candidate.
     let mut redundancy = vec![f32::MIN; pool.len()];
+    // How many of the picked items are in each category (a page has a handful).
+    let mut picked_in: Vec<(String, usize)> = Vec::new();
     for step in 0..depth {
         let mut best: Option<usize> = None;
         let mut best_val = f32::MIN;
@@ -170,7 +192,24 @@ fn mmr(mut pool: Vec<Ranked>, lambda: f32, depth: usize) -> Vec<Ranked> {
                 continue;
             }
             let red = if step == 0 { 0.0 } else { redundancy[i] };
-            let val = lambda * r.score - (1.0 - lambda) * red;
+            let repeat = if step == 0 || category_repeat <= 0.0 {
+                0.0
+            } else {
+                let most = r
+                    .entry
+                    .item
+                    .genres
+                    .iter()
+                    .filter_map(|g| picked_in.iter().find(|(c, _)| c == g))
+                    .map(|(_, n)| *n)
+                    .max()
+                    .unwrap_or(0);
+                // Only a share past half the page costs: a user who chose three
+                // categories gets them, one click does not get the whole page.
+                let share = most as f32 / step as f32;
+                ((share - FREE_CATEGORY_SHARE) / (1.0 - FREE_CATEGORY_SHARE)).max(0.0)
+            };
+            let val = lambda * r.score - (1.0 - lambda) * red - category_repeat * repeat;
             if best.is_none() || val > best_val {
                 best_val = val;
                 best = Some(i);
@@ -179,6 +218,12 @@ fn mmr(mut pool: Vec<Ranked>, lambda: f32, depth: usize) -> Vec<Ranked> {
         let Some(best) = best else { break };
         taken[best] = true;
         order.push(best);
+        for g in &pool[best].entry.item.genres {
+            match picked_in.iter_mut().find(|(c, _)| c == g) {
+                Some((_, n)) => *n += 1,
+                None => picked_in.push((g.clone(), 1)),
+            }
+        }
         pool[best].components.redundancy = if step == 0 { 0.0 } else { redundancy[best] };
         rows.similarities(rows.row(best), &mut sims);
         for (i, (red, sim)) in redundancy.iter_mut().zip(&sims).enumerate() {
@@ -260,8 +305,18 @@ fn freshness(created_at: Option<i64>, now_s: i64, w: &RerankWeights) -> f32 {
         return 0.0;
     };
     let age_days = (now_s - created).max(0) as f32 / 86_400.0;
-    (-age_days / w.freshness_half_life_days * std::f32::consts::LN_2).exp()
+    let f = (-age_days / w.freshness_half_life_days * std::f32::consts::LN_2).exp();
+    // Past about 20 half-lives the value says nothing; `1.57e-14` in an explanation reads
+    // as noise, so it is 0.
+    if f < FRESHNESS_FLOOR {
+        0.0
+    } else {
+        f
+    }
 }
+
+/// Freshness below this is 0.
+const FRESHNESS_FLOOR: f32 = 1e-6;
 
 /// Cosine similarity of two L2-normalised vectors. Vectors of different lengths (a model
 /// swap in progress) compare as unrelated instead of panicking.
@@ -276,6 +331,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 mod tests {
     use super::*;
     use crate::domain::{Item, ItemId};
+    use std::collections::HashSet;
 
     fn entry(id: &str, genre: &str, vector: [f32; 2]) -> Arc<CatalogEntry> {
         let mut item = Item::new(ItemId::parse(id).unwrap(), id);
@@ -402,6 +458,8 @@ mod tests {
         let out = rerank(&f.ctx(), vec![cand(&old, 0.52), cand(&fresh, 0.5)]);
         assert_eq!(ids(&out), ["b", "a"]);
         assert!(out[0].components.freshness > 0.9 && out[1].components.freshness < 0.01);
+        // Ten years at a 30-day half-life is 2^-122: reported as 0, not 1e-37.
+        assert_eq!(out[1].components.freshness, 0.0);
     }
 
     #[test]
@@ -423,6 +481,79 @@ mod tests {
         assert!(out[2].components.redundancy > 0.99);
         f.weights.mmr_lambda = 1.0;
         assert_eq!(ids(&rerank(&f.ctx(), cands)), ["x1", "x2", "x3", "y1"]);
+    }
+
+    /// After one click, the clicked category leads the blend through its session parts
+    /// (similarity, affinity); the category term keeps it from taking every place, and is
+    /// off without a session.
+    #[test]
+    fn a_clicked_category_leads_the_page_without_taking_it_over() {
+        let mut f = Fixture::new();
+        f.weights.mmr_lambda = RerankWeights::DEFAULT.mmr_lambda;
+        // 8-d vectors: category i lies along axis i, its items tilted a little off it.
+        let on_axis = |id: String, genre: &str, axis: usize, tilt: f32| {
+            let mut item = Item::new(ItemId::parse(id).unwrap(), "t");
+            item.genres = vec![genre.into()];
+            let mut v = vec![0.0f32; 8];
+            v[axis] = 1.0;
+            v[7] = tilt;
+            let n = (1.0 + tilt * tilt).sqrt();
+            v.iter_mut().for_each(|x| *x /= n);
+            Arc::new(CatalogEntry {
+                item,
+                popularity: 0.0,
+                vector: v.into_boxed_slice(),
+            })
+        };
+        let clicked = on_axis("x-click".into(), "x", 0, 0.0);
+        // 20 items of the clicked category near it, and 5 other categories of 20 items with
+        // a better ANN score but nothing in common with the click.
+        let mut cands = Vec::new();
+        for n in 0..20 {
+            let e = on_axis(format!("x{n}"), "x", 0, 0.2 + n as f32 * 0.01);
+            cands.push(cand(&e, 0.6 - n as f32 * 0.001));
+        }
+        for (c, genre) in ["a", "b", "c", "d", "e"].iter().enumerate() {
+            for n in 0..20 {
+                let e = on_axis(format!("{genre}{n}"), genre, c + 1, 0.2 + n as f32 * 0.01);
+                cands.push(cand(&e, 0.9 - n as f32 * 0.001));
+            }
+        }
+        let top = |f: &Fixture, repeat: f32| {
+            let mut weights = f.weights.clone();
+            weights.category_repeat = repeat;
+            let ctx = Context {
+                weights: &weights,
+                mmr_depth: 25,
+                ..f.ctx()
+            };
+            let out = rerank(&ctx, cands.clone());
+            let top: Vec<String> = out[..20]
+                .iter()
+                .map(|r| r.entry.item.genres[0].clone())
+                .collect();
+            let x = top.iter().filter(|g| *g == "x").count();
+            let distinct = top.iter().collect::<HashSet<_>>().len();
+            (top, x, distinct)
+        };
+        let default = RerankWeights::DEFAULT.category_repeat;
+        // No session: the term is off.
+        assert_eq!(top(&f, default).0, top(&f, 0.0).0);
+        f.session = vec![SessionItem {
+            entry: clicked,
+            event_type: EventType::Click,
+        }];
+        let (_, x, _) = top(&f, 0.0);
+        assert_eq!(
+            x, 20,
+            "without the term, the clicked category takes the page"
+        );
+        let (_, x, distinct) = top(&f, default);
+        assert!(
+            (10..20).contains(&x),
+            "the clicked category leads: {x} of 20"
+        );
+        assert!(distinct >= 4, "{distinct} categories in the top 20");
     }
 
     #[test]

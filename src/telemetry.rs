@@ -219,9 +219,22 @@ pub fn init_logging() {
             "qdrant_edge::common::flags=error"
                 .parse()
                 .expect("valid directive"),
+        )
+        // Every start warned that MULTI_MMAP_SUPPORT_CHECK_RESULT was never set: the Qdrant
+        // server sets it after a file-system check at start-up, and qdrant-edge keeps both
+        // the flag and the check private, so an embedded user cannot. Unset means "supported",
+        // as it is on the file systems tandem runs on.
+        .add_directive(
+            "qdrant_edge::common::mmap::ops=error"
+                .parse()
+                .expect("valid directive"),
         );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour_logs(
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty()),
+        ))
         .with_writer(std::io::stderr);
     let json = std::env::var("TANDEM_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
     // A second init (tests, or a library user with its own subscriber) only fails to install.
@@ -234,6 +247,12 @@ pub fn init_logging() {
     } else {
         builder.try_init()
     };
+}
+
+/// ANSI colours only on a terminal, and never when `NO_COLOR` is set (no-color.org): a log
+/// redirected to a file reads as plain text.
+fn colour_logs(stderr_is_terminal: bool, no_color: bool) -> bool {
+    stderr_is_terminal && !no_color
 }
 
 #[cfg(test)]

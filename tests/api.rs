@@ -1304,3 +1304,114 @@ async fn an_index_outage_serves_the_fallback_list_and_recovers() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn an_unknown_or_mis_cased_category_is_a_422_naming_the_closest_names() {
+    let app = spawn_app().await;
+    for (path, field, near) in [
+        ("/v1/recommendations?category=comedy", "category", "Comedy"),
+        (
+            "/v1/recommendations?user_id=u&exclude_category=Horor",
+            "exclude_category",
+            "Horror",
+        ),
+        ("/v1/trending?category=scifi", "category", "SciFi"),
+        (
+            "/v1/items/drama-1/similar?category=Drama&category=romance",
+            "category",
+            "Romance",
+        ),
+    ] {
+        let r = app.get(path).await;
+        let message = r.1["message"].as_str().unwrap_or_default().to_string();
+        app.expect_error(r, StatusCode::UNPROCESSABLE_ENTITY, field)
+            .await;
+        assert!(
+            message.contains(&format!("did you mean {near}")),
+            "{path}: {message}"
+        );
+    }
+    // Nothing close: a few known names instead.
+    let r = app.get("/v1/recommendations?category=Toys").await;
+    let message = r.1["message"].as_str().unwrap_or_default().to_string();
+    app.expect_error(r, StatusCode::UNPROCESSABLE_ENTITY, "category")
+        .await;
+    assert!(
+        message.contains("known categories include Action"),
+        "{message}"
+    );
+    // The JSON form and onboarding say the same.
+    let r = app
+        .post("/v1/recommendations", &json!({"category": ["drama"]}))
+        .await;
+    app.expect_error(r, StatusCode::UNPROCESSABLE_ENTITY, "category")
+        .await;
+    let r = app
+        .post(
+            "/v1/users/typo/onboarding",
+            &json!({"categories": ["Romance", "romance"]}),
+        )
+        .await;
+    app.expect_error(r, StatusCode::UNPROCESSABLE_ENTITY, "categories[1]")
+        .await;
+    // Known names are fine.
+    let ok = app
+        .recommend("k=5&category=Comedy&exclude_category=Drama")
+        .await;
+    assert_eq!(ok.items.len(), 5);
+
+    // GET /v1/categories: every name, with its number of items.
+    let (status, body) = app.get("/v1/categories").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let listed: Vec<(String, u64)> = body["categories"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().to_string(),
+                c["items"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, u64)> = CATEGORIES
+        .iter()
+        .map(|c| {
+            let n = app
+                .items
+                .values()
+                .filter(|i| i.genres.iter().any(|g| g == c));
+            (c.to_string(), n.count() as u64)
+        })
+        .collect();
+    assert_eq!(listed, want);
+}
+
+#[tokio::test]
+async fn onboarding_leaves_the_liked_items_out_of_its_answer() {
+    let app = spawn_app().await;
+    let liked = ["horror-3", "horror-8", "scifi-2"];
+    let (status, body) = app
+        .post(
+            "/v1/users/fan/onboarding",
+            &json!({"liked_items": liked, "k": 20}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let on: OnboardingResponse = serde_json::from_value(body).unwrap();
+    let recs = &on.recommendations;
+    assert_eq!(recs.items.len(), 20);
+    for l in liked {
+        assert!(
+            !ids(recs).contains(&l.to_string()),
+            "{l} came back: {:?}",
+            ids(recs)
+        );
+    }
+    // Still about them.
+    assert!(
+        app.share_in(recs, &["Horror", "SciFi"]) >= 0.5,
+        "{:?}",
+        ids(recs)
+    );
+}

@@ -380,6 +380,16 @@ async fn admin_auth_401_for_missing_or_wrong_key_and_403_when_disabled() {
             .contains("TANDEM_ADMIN_KEY"),
         "{body}"
     );
+    // Said once: the admin page shows this message as it is.
+    assert_eq!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .matches("disabled")
+            .count(),
+        1,
+        "{body}"
+    );
 }
 
 /// Checkpoint b's weights under another version id, beside it.

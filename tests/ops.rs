@@ -1086,3 +1086,80 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
             .unwrap();
     assert!(logged.iter().any(|e| e.event_id.to_string() == id));
 }
+
+/// A first hour with the binary: `tandem serve` logs plain text to a file (no ANSI colours,
+/// no qdrant-edge start-up warning, no line per category block), `tandem replay-events` feeds
+/// a data dir's history through POST /v1/events so the next request is personal, and a second
+/// replay counts only duplicates; `tandem index` beside the running server says why it cannot
+/// open the index instead of "Can't init WAL: Kind(WouldBlock)".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_hour_plain_logs_replayed_history_and_a_busy_index_explained() {
+    let fx = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = Server::start(
+        &data,
+        &[
+            ("TANDEM_INDEX__BACKEND", "embedded".into()),
+            ("TANDEM_SESSION__BACKEND", "memory".into()),
+            ("RUST_LOG", "info".into()),
+        ],
+    )
+    .await;
+
+    let user = read_interactions(&fx.catalog.join("interactions.csv")).unwrap()[0]
+        .user_id
+        .to_string();
+    let (_, before) = server.recommend(&user).await;
+    assert_eq!(before["source"], "trending", "{before}");
+    let replay = |what: &'static str| {
+        let out = Command::new(BIN)
+            .args([
+                "replay-events",
+                "--data",
+                fx.catalog.to_str().unwrap(),
+                "--url",
+            ])
+            .arg(&server.base)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{what}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let first = replay("first replay");
+    assert!(first.contains("3000 accepted, 0 duplicates"), "{first}");
+    let second = replay("second replay");
+    assert!(second.contains("0 accepted, 3000 duplicates"), "{second}");
+    let (_, after) = server.recommend(&user).await;
+    assert_ne!(after["source"], "trending", "{after}");
+
+    let index = Command::new(BIN)
+        .args(["index", "--model", fx.model.to_str().unwrap()])
+        .args(["--data", fx.catalog.to_str().unwrap()])
+        .env("TANDEM_DATA_DIR", &data)
+        .env("TANDEM_INDEX__BACKEND", "embedded")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&index.stderr);
+    assert!(
+        !index.status.success(),
+        "tandem index beside a server: {err}"
+    );
+    assert!(
+        err.contains("in use by another process (is `tandem serve` running?"),
+        "{err}"
+    );
+
+    let log = server.log_text();
+    assert!(log.contains("serving"), "the log is at info: {log}");
+    assert!(!log.contains('\u{1b}'), "ANSI escapes in a log file: {log}");
+    assert!(!log.contains("MULTI_MMAP"), "{log}");
+    assert!(!log.contains("category block fitted again"), "{log}");
+}

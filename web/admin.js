@@ -19,9 +19,11 @@
 
   // What an admin error means for the page. 404: the server has no such admin route (an older
   // build, or the feature is not there), which is "not available", not a failure.
+  const upper = (s) => s.charAt(0).toUpperCase() + s.slice(1);
   function explain(e, what) {
     if (e.status === 401) return [`Wrong or missing admin key: ${e.message}`, "error"];
-    if (e.status === 403) return [`The admin API is disabled on this server: ${e.message}`, "error"];
+    // The server's 403 message already says the admin API is disabled and how to enable it.
+    if (e.status === 403) return [upper((e.body && e.body.message) || "The admin API is disabled on this server."), "error"];
     if (e.status === 404) return [`${what}: not available on this server.`, "notice"];
     return [`${what} failed: ${e.message}`, "error"];
   }

@@ -73,13 +73,11 @@ const tandem = (() => {
     return api("POST", "/v1/events", { body: ev });
   }
 
-  // Categories offered as chips and onboarding choices: what the trending list covers, in
-  // order of how often they appear there.
+  // Categories offered as chips and onboarding choices: the catalog's (GET /v1/categories),
+  // the largest first.
   async function categories() {
-    const { data } = await api("GET", "/v1/trending", { query: { k: 200 } });
-    const count = new Map();
-    for (const it of data.items || []) for (const c of it.categories || []) count.set(c, (count.get(c) || 0) + 1);
-    return [...count.entries()].sort((a, b) => b[1] - a[1] || a[0].localeCompare(b[0])).map(([c]) => c);
+    const { data } = await api("GET", "/v1/categories");
+    return (data.categories || []).slice().sort((a, b) => b.items - a.items || a.name.localeCompare(b.name)).map((c) => c.name);
   }
 
   // The explain components drawn as bars, in this order; `viewed` and `redundancy` are
@@ -91,9 +89,12 @@ const tandem = (() => {
     ["trending", "trending", "trending"],
     ["freshness", "fresh", "new"],
   ];
-  function explainNodes(ex) {
+  // `source` is the response's: with "trending" nothing personal was known, and the `ann`
+  // part holds the trending list's own score (not a model match), so it is drawn as trending.
+  function explainNodes(ex, source) {
     const frag = document.createDocumentFragment();
     if (!ex) return frag;
+    if (source === "trending") ex = { ...ex, trending: Math.max(Number(ex.trending) || 0, Number(ex.ann) || 0), ann: 0 };
     const vals = PARTS.map(([k]) => Math.max(0, Number(ex[k]) || 0));
     const total = vals.reduce((a, b) => a + b, 0) || 1;
     const bar = el("div", { class: "why", role: "img" });
@@ -121,7 +122,7 @@ const tandem = (() => {
 
   // One item card. `actions` are [label, handler, {secondary}] triples; `onOpen` makes the
   // title a button that opens the item.
-  function card(item, rank, { onOpen, actions = [] } = {}) {
+  function card(item, rank, { onOpen, actions = [], source } = {}) {
     const li = el("li", { class: "card", "data-item-id": item.item_id, "data-categories": (item.categories || []).join("|") });
     li.append(el("span", { class: "rank" }, `#${rank}`));
     const title = onOpen
@@ -134,7 +135,7 @@ const tandem = (() => {
     li.append(cats);
     const price = item.price === null || item.price === undefined ? "" : `$${Number(item.price).toFixed(2)}`;
     li.append(el("div", { class: "meta" }, el("span", {}, price), el("span", { title: "blended score" }, `score ${Number(item.score || 0).toFixed(3)}`)));
-    li.append(explainNodes(item.explanation));
+    li.append(explainNodes(item.explanation, source));
     if (actions.length) {
       const row = el("div", { class: "actions" });
       for (const [label, handler, opts] of actions) {

@@ -22,7 +22,7 @@
       const { data, ms } = await api("GET", "/v1/recommendations", { query });
       if (mine !== generation) return;
       last = data;
-      render(data.items || []);
+      render(data.items || [], data.source);
       const degraded = (data.degraded || []).length ? ` · degraded: ${data.degraded.join(", ")}` : "";
       $("status").textContent = `${reason ? reason + " · " : ""}${(data.items || []).length} items · ${data.source || "ranked"} · model ${data.model_version} · variant ${data.variant} · ${Math.round(ms)} ms${degraded}`;
     } catch (e) {
@@ -32,9 +32,10 @@
     }
   }
 
-  function render(items) {
+  function render(items, source) {
     const rail = $("rail");
     rail.replaceChildren(...items.map((it, i) => card(it, i + 1, {
+      source,
       onOpen: openItem,
       actions: [["Buy", buy]],
     })));

@@ -387,6 +387,10 @@ pub struct RerankWeights {
     pub viewed_penalty: f32,
     /// MMR trade-off: 1.0 is pure relevance, lower values favour diversity.
     pub mmr_lambda: f32,
+    /// MMR's category term: subtracted, times how far the largest share of the items already
+    /// placed that is in one of the candidate's categories is past one half (scaled to 0..=1),
+    /// so that one clicked category cannot fill the whole page (0 turns it off).
+    pub category_repeat: f32,
     /// How many of the newest session/history items the session components look at.
     pub session_window: usize,
 }
@@ -408,6 +412,8 @@ impl RerankWeights {
         freshness_half_life_days: 30.0,
         viewed_penalty: 0.3,
         mmr_lambda: 0.85,
+        // Tuned on the demo catalog (BENCHMARKS.md, "Diversity after one click").
+        category_repeat: 1.0,
         session_window: 10,
     };
 
@@ -420,6 +426,7 @@ impl RerankWeights {
             ("trending", self.trending),
             ("freshness", self.freshness),
             ("viewed_penalty", self.viewed_penalty),
+            ("category_repeat", self.category_repeat),
         ];
         for (name, w) in fields {
             if !w.is_finite() || w < 0.0 {

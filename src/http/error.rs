@@ -37,7 +37,7 @@ pub enum AppError {
     /// A checkpoint failed validation; the reason names the file.
     #[error("rejected checkpoint: {reason}")]
     InvalidCheckpoint { reason: String },
-    #[error("the admin API is disabled: set the {env} environment variable to a secret and send it in the X-API-Key header", env = crate::http::admin::ADMIN_KEY_ENV)]
+    #[error("the admin API is disabled: start the server with {env} set to a secret (`make run` sets one and prints it), then send it in the X-API-Key header", env = crate::http::admin::ADMIN_KEY_ENV)]
     AdminDisabled,
     #[error("{0}")]
     Unauthorized(&'static str),

@@ -143,6 +143,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/events", post(routes::post_events))
         .route("/v1/users/{user_id}/onboarding", post(routes::onboarding))
         .route("/v1/trending", get(routes::trending))
+        .route("/v1/categories", get(routes::categories))
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
         .route("/metrics", get(routes::metrics))

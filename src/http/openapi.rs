@@ -21,6 +21,7 @@ use utoipa::OpenApi;
         routes::patch_item,
         routes::delete_item,
         routes::onboarding,
+        routes::categories,
         routes::post_events,
         routes::healthz,
         routes::readyz,

@@ -54,6 +54,7 @@ async fn recommend(
     params: RecommendParams,
 ) -> ApiResult<Json<RecommendationsResponse>> {
     let v = params.validate()?;
+    known_categories(s, &v.filter)?;
     let assignment = s.assign(v.user.as_ref(), v.session.as_ref());
     let variant = assignment
         .as_ref()
@@ -94,6 +95,7 @@ pub async fn similar(
 ) -> ApiResult<Json<RecommendationsResponse>> {
     let item = parse_item_id(item_id)?;
     let v = SimilarParams::from_query(&q)?.validate()?;
+    known_categories(&s, &v.filter)?;
     let req = RecommendRequest {
         request_id: rid,
         user: None,
@@ -117,6 +119,7 @@ pub async fn trending(
     q: QueryPairs,
 ) -> ApiResult<Json<RecommendationsResponse>> {
     let v = TrendingParams::from_query(&q)?.validate()?;
+    known_categories(&s, &v.filter)?;
     let req = RecommendRequest {
         request_id: rid,
         user: None,
@@ -284,6 +287,9 @@ pub async fn onboarding(
             format!("at most {MAX_LIST} categories and {MAX_LIST} liked items"),
         ));
     }
+    for (i, c) in input.categories.iter().enumerate() {
+        known_category(&s, &format!("categories[{i}]"), c)?;
+    }
     let mut liked = Vec::with_capacity(input.liked_items.len());
     for (i, raw) in input.liked_items.into_iter().enumerate() {
         let field = format!("liked_items[{i}]");
@@ -311,8 +317,11 @@ pub async fn onboarding(
         user: Some(user),
         session: None,
         k,
+        // What the user just said they like is history: answering with it again (at #1,
+        // as its own nearest neighbour) tells them nothing, as with purchased items.
         filter: crate::domain::Filter {
             available_only: true,
+            exclude_items: liked.iter().map(|e| e.id().clone()).collect(),
             ..Default::default()
         },
         variant: assignment
@@ -326,6 +335,35 @@ pub async fn onboarding(
         seeded_items: seeds.into_iter().map(|r| r.item_id.to_string()).collect(),
         recommendations: RecommendationsResponse::new(recs, false),
     }))
+}
+
+/// One category of the catalog.
+#[derive(Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct CategoryCount {
+    /// The exact name that `category` and `exclude_category` accept (case-sensitive).
+    pub name: String,
+    /// Items of the catalog in this category, available or not.
+    pub items: usize,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct CategoriesResponse {
+    /// Every category of the catalog, by name.
+    pub categories: Vec<CategoryCount>,
+}
+
+/// The catalog's categories and their item counts, for category chips and filters.
+#[utoipa::path(get, path = "/v1/categories", tag = "catalog",
+    responses((status = 200, body = CategoriesResponse)))]
+pub async fn categories(State(s): State<AppState>) -> Json<CategoriesResponse> {
+    Json(CategoriesResponse {
+        categories: s
+            .catalog
+            .categories()
+            .into_iter()
+            .map(|(name, items)| CategoryCount { name, items })
+            .collect(),
+    })
 }
 
 /// Ingests one event or an array of events: durable when the answer is 202.
@@ -420,6 +458,81 @@ pub async fn metrics() -> impl IntoResponse {
     )
 }
 
+/// An unknown (or mis-cased) category would filter everything out and answer an empty list
+/// that looks like "nothing matches": a 422 that names the field and the near names instead.
+fn known_categories(s: &AppState, filter: &crate::domain::Filter) -> ApiResult<()> {
+    for c in &filter.include_categories {
+        known_category(s, "category", c)?;
+    }
+    for c in &filter.exclude_categories {
+        known_category(s, "exclude_category", c)?;
+    }
+    Ok(())
+}
+
+fn known_category(s: &AppState, field: &str, name: &str) -> ApiResult<()> {
+    if s.catalog.has_category(name) {
+        return Ok(());
+    }
+    let known: Vec<String> = s.catalog.categories().into_iter().map(|(c, _)| c).collect();
+    let near = closest_names(name, &known, 3);
+    let hint = if near.is_empty() {
+        let some: Vec<&str> = known.iter().take(8).map(String::as_str).collect();
+        format!(
+            "known categories include {} (GET /v1/categories lists them all)",
+            some.join(", ")
+        )
+    } else {
+        format!(
+            "did you mean {}? (GET /v1/categories lists them all)",
+            near.join(", ")
+        )
+    };
+    Err(AppError::invalid(
+        field,
+        format!("unknown category {name:?}; names are case-sensitive; {hint}"),
+    ))
+}
+
+/// The known names nearest to `name`: a case-insensitive match first, then by edit distance
+/// (case-insensitive) within a third of the name's length, then names that contain it.
+fn closest_names(name: &str, known: &[String], n: usize) -> Vec<String> {
+    let lower = name.to_lowercase();
+    let limit = (lower.chars().count() / 3).max(1);
+    let mut scored: Vec<(usize, &String)> = known
+        .iter()
+        .filter_map(|k| {
+            let kl = k.to_lowercase();
+            let d = edit_distance(&lower, &kl);
+            if d <= limit {
+                Some((d, k))
+            } else if !lower.is_empty() && (kl.contains(&lower) || lower.contains(&kl)) {
+                Some((limit + 1, k))
+            } else {
+                None
+            }
+        })
+        .collect();
+    scored.sort();
+    scored.into_iter().take(n).map(|(_, k)| k.clone()).collect()
+}
+
+/// Levenshtein distance over chars.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    let mut cur = vec![0; b.len() + 1];
+    for (i, ca) in a.chars().enumerate() {
+        cur[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        std::mem::swap(&mut prev, &mut cur);
+    }
+    prev[b.len()]
+}
+
 fn parse_item_id(raw: String) -> ApiResult<ItemId> {
     ItemId::parse(raw).map_err(|e| AppError::invalid("item_id", e.to_string()))
 }
@@ -432,5 +545,23 @@ fn not_found(id: &ItemId) -> AppError {
     AppError::NotFound {
         what: "item",
         id: id.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn closest_names_prefer_case_then_spelling() {
+        let known = names(&["Books", "Comedy", "Toys", "Toys & Games", "Drama"]);
+        assert_eq!(closest_names("toys", &known, 3), ["Toys", "Toys & Games"]);
+        assert_eq!(closest_names("Comdy", &known, 3), ["Comedy"]);
+        assert!(closest_names("Spaceships", &known, 3).is_empty());
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
 }

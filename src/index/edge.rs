@@ -364,7 +364,8 @@ impl Collection {
                     RwLockWriteGuard::unlock_fair(guard);
                     chunks += 1;
                 }
-                tracing::info!(
+                // One per category at every start (16 lines on the demo): detail, not news.
+                tracing::debug!(
                     category,
                     ms = started.elapsed().as_secs_f64() * 1e3,
                     chunks,
@@ -904,8 +905,21 @@ impl EdgeIndex {
             }
             Err(e) => return Err(io(format!("cannot read {}", meta_path.display()))(e)),
         };
-        let shard = EdgeShard::load(&dir.join(SHARD_DIR), None)
-            .map_err(backend(&format!("cannot open collection {name:?}")))?;
+        let shard = EdgeShard::load(&dir.join(SHARD_DIR), None).map_err(|e| {
+            let e = e.to_string();
+            // The WAL's file lock is taken: another process (a running `tandem serve`, most
+            // likely) has this collection open. qdrant-edge says only "Can't init WAL:
+            // Kind(WouldBlock)".
+            if e.contains("WouldBlock") {
+                IndexError::Backend(format!(
+                    "cannot open collection {name:?}: the index in {} is in use by another \
+                     process (is `tandem serve` running? stop it first)",
+                    self.root.display()
+                ))
+            } else {
+                IndexError::Backend(format!("cannot open collection {name:?}: {e}"))
+            }
+        })?;
         let c = Arc::new(Collection::start(name, meta.dim, dir, shard, &self.opts)?);
         c.load_payloads()?;
         open.insert(name.to_string(), c.clone());

@@ -1,12 +1,15 @@
 // Real-browser tests of the storefront, onboarding and admin pages.
 //
-// Starts `tandem serve` on a free port with the demo data (a generated catalog, the shipped
-// models/demo checkpoint or a quickly trained one), drives the system Chromium through
-// playwright-core, and saves screenshots to target/ui-screenshots/. Exits non-zero on any
-// failure, and when Chromium or playwright-core is missing (it never skips silently).
+// Starts the demo the way `make run` does (scripts/run-demo.sh: `tandem serve`, the demo's
+// history replayed through POST /v1/events, an admin key printed) on a free port with the
+// demo data (a generated catalog, the shipped models/demo checkpoint or a quickly trained
+// one), drives the system Chromium through playwright-core, and saves screenshots to
+// target/ui-screenshots/. Exits non-zero on any failure, and when Chromium or
+// playwright-core is missing (it never skips silently).
 //
 //   node tests/ui/run.mjs            (after `cargo build --bin tandem`; `make test-ui` does both)
 //   CHROMIUM=/path/to/chrome TANDEM_BIN=target/release/tandem node tests/ui/run.mjs
+//   (the default binary is $CARGO_TARGET_DIR/debug/tandem, else target/debug/tandem)
 import { spawn, spawnSync } from "node:child_process";
 import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createRequire } from "node:module";
@@ -17,10 +20,11 @@ import { fileURLToPath } from "node:url";
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const ROOT = path.resolve(HERE, "..", "..");
-const BIN = path.resolve(ROOT, process.env.TANDEM_BIN || "target/debug/tandem");
+const BIN = path.resolve(ROOT, process.env.TANDEM_BIN || path.join(process.env.CARGO_TARGET_DIR || "target", "debug", "tandem"));
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 const SHOTS = path.join(ROOT, "target", "ui-screenshots");
-const ADMIN_KEY = "ui-test-admin-key";
+// Set from what the demo script prints when it is ready, as a `make run` user would read it.
+let ADMIN_KEY = null;
 const BUDGET_MS = 120_000;
 const CHROMIUM_ARGS = [
   "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -79,34 +83,37 @@ if (!existsSync(path.join(model, "manifest.json"))) {
 const port = await freePort();
 const base = `http://127.0.0.1:${port}`;
 const serverLog = [];
-const server = spawn(BIN, ["serve"], {
+const env = { ...process.env };
+delete env.TANDEM_ADMIN_KEY; // the script makes one and prints it, as `make run` does
+delete env.TANDEM_BIND;
+// In its own process group (detached), so that the script and its server stop together.
+const server = spawn(path.join(ROOT, "scripts", "run-demo.sh"), [raw, `127.0.0.1:${port}`], {
   cwd: ROOT,
+  detached: true,
   env: {
-    ...process.env,
+    ...env,
+    TANDEM_BIN: BIN,
+    MODEL: model,
     RUST_LOG: process.env.RUST_LOG || "warn",
-    NO_COLOR: "1",
-    TANDEM_BIND: `127.0.0.1:${port}`,
     TANDEM_DATA_DIR: path.join(work, "data"),
-    TANDEM_MODEL_PATH: model,
-    TANDEM_SERVER__CATALOG_DIR: raw,
     TANDEM_INDEX__BACKEND: "embedded",
     TANDEM_SESSION__BACKEND: "memory",
-    TANDEM_ADMIN_KEY: ADMIN_KEY,
   },
   stdio: ["ignore", "pipe", "pipe"],
 });
 for (const s of [server.stdout, server.stderr]) s.on("data", (d) => serverLog.push(String(d)));
 let serverExited = null;
 server.on("exit", (code) => { serverExited = code; });
+const signalServer = (sig) => { try { process.kill(-server.pid, sig); } catch { /* gone */ } };
 
 // On any exit the server goes too; `finish` also waits for it before removing its files.
 process.on("exit", () => {
-  if (serverExited === null) server.kill("SIGKILL");
+  if (serverExited === null) signalServer("SIGKILL");
 });
 async function finish(code) {
   if (serverExited === null) {
     const gone = new Promise((r) => server.once("exit", r));
-    server.kill("SIGTERM");
+    signalServer("SIGTERM");
     await Promise.race([gone, new Promise((r) => setTimeout(r, 10_000))]);
   }
   try {
@@ -118,33 +125,26 @@ async function finish(code) {
 }
 for (const sig of ["SIGINT", "SIGTERM"]) process.on(sig, () => process.exit(130));
 
+// Ready when the script says where to open the demo (after the history is seeded).
 async function waitReady() {
-  const deadline = Date.now() + 90_000;
+  const deadline = Date.now() + 180_000;
   while (Date.now() < deadline) {
-    if (serverExited !== null) die(`tandem serve exited with ${serverExited}:\n${serverLog.join("").slice(-3000)}`);
-    try {
-      const r = await fetch(`${base}/readyz`);
-      if (r.ok) return r.json();
-    } catch { /* not listening yet */ }
+    const out = serverLog.join("");
+    if (serverExited !== null) die(`scripts/run-demo.sh exited with ${serverExited}:\n${out.slice(-3000)}`);
+    const open = out.match(/^open (http:\/\/\S+)/m);
+    const key = out.match(/^admin key: (\S+)/m);
+    if (open && key) {
+      if (open[1] !== `http://localhost:${port}/`) die(`the demo script says to open ${open[1]}, not http://localhost:${port}/`);
+      ADMIN_KEY = key[1];
+      return (await fetch(`${base}/readyz`)).json();
+    }
     await new Promise((r) => setTimeout(r, 250));
   }
-  die(`tandem serve was not ready within 90 s:\n${serverLog.join("").slice(-3000)}`);
+  die(`the demo was not ready within 180 s:\n${serverLog.join("").slice(-3000)}`);
 }
-log(`starting tandem serve on ${base}`);
+log(`starting the demo (scripts/run-demo.sh) on ${base}`);
 const ready = await waitReady();
-log(`ready: model ${ready.model_version}`);
-
-// The storefront's "demo user" is user 1 of the generated data. The server learns histories
-// from its event stream, so replay that user's interactions through POST /v1/events, as a
-// shop's event pipeline would.
-const DEMO_USER = "1";
-const history = readFileSync(path.join(raw, "interactions.csv"), "utf8").trim().split("\n").slice(1)
-  .map((line) => line.split(","))
-  .filter((f) => f[0] === DEMO_USER)
-  .map(([user_id, item_id, , timestamp, type]) => ({ user_id, item_id, type, timestamp: Number(timestamp) }));
-const seeded = await fetch(`${base}/v1/events`, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(history) });
-if (seeded.status !== 202) die(`replaying user ${DEMO_USER}'s history: HTTP ${seeded.status} ${await seeded.text()}`);
-log(`replayed ${history.length} events of demo user ${DEMO_USER}: ${JSON.stringify(await seeded.json())}`);
+log(`ready: model ${ready.model_version}; ${(serverLog.join("").match(/^replayed .*/m) || ["no history replayed"])[0]}`);
 
 // ---- the browser ------------------------------------------------------------------------
 mkdirSync(SHOTS, { recursive: true });
@@ -239,6 +239,14 @@ await test("the demo user gets personal recommendations, unlike an anonymous ses
   assert(shared < 15, `the demo user's rail is almost the anonymous one (${shared} of 20 shared)`);
 });
 
+await test("an anonymous shopper's trending cards say trending, not model match", async (page) => {
+  await asAnonymous(page);
+  const status = await page.locator("#status").innerText();
+  assert(/· trending ·/.test(status), `an anonymous session with no history gets trending: ${status}`);
+  const why = await page.locator("#rail .why-text").allInnerTexts();
+  assert(why.length === 20 && why.every((t) => t === "Mostly: trending"), `trending cards are labelled: ${JSON.stringify([...new Set(why)])}`);
+});
+
 await test("clicking a card of category X moves more X items into the top 10", async (page) => {
   await asAnonymous(page);
   const before = await railCats(page);
@@ -253,9 +261,14 @@ await test("clicking a card of category X moves more X items into the top 10", a
   await cards(page).nth(idx).locator("h3 button").focus();
   await page.keyboard.press("Enter");
   await waitStatus(page, `click on “${title}”`);
-  const x1 = countIn(await railCats(page), x);
-  log(`     category ${x}: ${x0} of the top 10 before the click, ${x1} after`);
+  const after = await railCats(page);
+  const x1 = countIn(after, x);
+  const distinct = new Set(after.flat()).size;
+  log(`     category ${x}: ${x0} of the top 10 before the click, ${x1} after; ${distinct} categories in the top 20 after (${new Set(before.flat()).size} before)`);
   assert(x1 > x0, `clicking a ${x} item should move more ${x} items into the top 10 (before ${x0}, after ${x1})`);
+  // The click moves the rail without taking it over.
+  assert(distinct >= 4, `one click left ${distinct} categories in the top 20: ${JSON.stringify(after)}`);
+  assert(after.filter((cs) => cs.includes(x)).length < 20, `one click turned all 20 cards to ${x}`);
   await until(page, () => document.querySelectorAll("#similar li[data-item-id]").length > 0, null, "similar items");
   await shoot(page, "storefront-after-click");
 });
