@@ -249,7 +249,10 @@ impl Recommender {
         let model = self.model.load_full();
         let anchor = self.catalog.get(item).ok_or_else(|| PipelineError::UnknownItem(item.clone()))?;
         let filter = filter_excluding(&req.filter, [anchor.id().clone()]);
-        let candidates = step!(stages, "fetch_candidates", self.search(&model, None, &anchor.vector, &filter, req.k + MMR_SLACK, &mut degraded).await);
+        // The checkpoint's `similar` query (content in, see `TwoTower::similar_query`); an
+        // older checkpoint answers with the anchor's own vector.
+        let query = model.similar_query(&anchor.item).unwrap_or_else(|_| anchor.vector.to_vec());
+        let candidates = step!(stages, "fetch_candidates", self.search(&model, None, &query, &filter, req.k + MMR_SLACK, &mut degraded).await);
         let candidates = candidates.unwrap_or_default();
         let ranked = step!(stages, "rerank", self.rerank(req, &Activity::default(), &IdMap::default(), candidates));
         let items = step!(stages, "business_rules", self.apply_business_rules(ranked, &filter, &IdSet::default(), req.k));

@@ -205,7 +205,27 @@ async fn replicas_share_catalog_models_and_experiments() {
     assert_eq!(active.len(), 1, "{models}");
     assert_eq!(active[0]["version"], "rp-b");
 
-    admin(&a, reqwest::Method::POST, "/admin/models/rollback", None).await;
+    // The activation still catches the new collection up after the swap, and a switch
+    // answers 409 busy meanwhile: roll back once it has finished.
+    eventually(
+        "A accepts the rollback",
+        Duration::from_secs(60),
+        || async {
+            let r = a
+                .http
+                .post(a.url("/admin/models/rollback"))
+                .header("X-API-Key", KEY)
+                .send()
+                .await
+                .unwrap();
+            match r.status().as_u16() {
+                200 => true,
+                409 => false,
+                other => panic!("rollback: {other} {}", r.text().await.unwrap_or_default()),
+            }
+        },
+    )
+    .await;
     let took = eventually(
         "B serves the model rolled back to on A",
         MODEL_WITHIN,
