@@ -229,10 +229,6 @@ impl Experiment {
             .find(|v| v.share > 0.0)
             .unwrap_or(&self.variants[self.variants.len() - 1])
     }
-
-    fn has_variant(&self, name: &str) -> bool {
-        self.variants.iter().any(|v| v.name == name)
-    }
 }
 
 /// What a request was assigned to.
@@ -353,23 +349,36 @@ impl Experiments {
         });
     }
 
-    /// Attributes clicks and purchases to their variant: the event's own `variant` (within
-    /// the enabled experiment), or the variant of the `request_id` in its `context`.
+    /// Attributes clicks and purchases to the variant the server assigned: derived again
+    /// from the event's user or session (as for the response it follows), or else the one
+    /// the server recorded for the `request_id` in its `context`. The event's own `variant`
+    /// is the client's word and never decides: one that disagrees is ignored and counted
+    /// (`tandem_experiment_variant_mismatch_total`), so a client cannot move outcomes
+    /// between arms.
     pub async fn attribute(&self, events: &[Event]) {
-        let enabled = self.current.load().iter().find(|e| e.enabled).cloned();
         for ev in events {
             let outcome = match ev.event_type {
                 EventType::Click => Outcome::Click,
                 EventType::Purchase => Outcome::Purchase,
                 _ => continue,
             };
-            let target = match (&ev.variant, &enabled) {
-                (Some(v), Some(e)) if e.has_variant(v) => Some((e.name.clone(), v.clone())),
-                _ => self.variant_of_request(ev).await,
+            let target = match self.assign(ev.user_id.as_ref(), ev.session_id.as_ref()) {
+                Some(a) => Some((a.experiment.to_string(), a.variant)),
+                None => self.variant_of_request(ev).await,
             };
             let Some((experiment, variant)) = target else {
                 continue;
             };
+            if let Some(claimed) = ev.variant.as_deref().filter(|c| *c != variant) {
+                tracing::debug!(
+                    experiment,
+                    claimed,
+                    assigned = variant,
+                    "an event's variant disagrees with the server's assignment; ignored"
+                );
+                metrics::counter!("tandem_experiment_variant_mismatch_total", "experiment" => experiment.clone())
+                    .increment(1);
+            }
             {
                 let mut p = self.pending.lock();
                 let d = p.deltas.entry(experiment.clone()).or_default();
@@ -670,8 +679,66 @@ mod tests {
             let got = counts[name] as f64 / 100_000.0;
             assert!((got - share).abs() < 0.02, "{name}: {got} vs {share}");
         }
-        // The fixed hash makes the assignment the same on every machine and release.
-        assert_eq!(position("s1", "user-0"), position("s1", "user-0"));
+        // The fixed hash makes the assignment the same on every machine and release: golden
+        // values (SHA-256 of salt, 0, id), so a change to assignment across releases fails here.
+        assert_eq!(position("s1", "user-0"), 0.7515532906443237);
+        assert_eq!(position("s1", "user-2"), 0.19804126982009362);
+        let golden = [
+            ("user-0", "b"),
+            ("user-1", "c"),
+            ("user-2", "control"),
+            ("user-3", "b"),
+            ("user-4", "control"),
+            ("user-7", "c"),
+        ];
+        for (id, variant) in golden {
+            assert_eq!(e.assign(id).name, variant, "{id}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_sent_variant_cannot_move_an_outcome_to_another_arm() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn SessionStore> = Arc::new(
+            crate::session::MemoryStore::open(
+                &crate::config::SessionSettings::default(),
+                &dir.path().join("events.log"),
+            )
+            .unwrap(),
+        );
+        let e = exp("s1", &[("control", 0.5), ("alt", 0.5)]);
+        let user = (0..)
+            .map(|i| format!("user-{i}"))
+            .find(|u| e.assign(&format!("u:{u}")).name == "control")
+            .unwrap();
+        let experiments = Experiments::new(vec![e], store, RerankSettings::default());
+        let click = |variant: Option<&str>| Event {
+            event_id: uuid::Uuid::new_v4(),
+            user_id: Some(UserId::parse(&user).unwrap()),
+            session_id: None,
+            item_id: crate::domain::ItemId::parse("i1").unwrap(),
+            event_type: EventType::Click,
+            value: None,
+            timestamp_ms: 0,
+            variant: variant.map(str::to_string),
+            context: None,
+            categories: Vec::new(),
+        };
+        // A forged variant, an honest one and none: all three count for the assigned arm.
+        experiments
+            .attribute(&[click(Some("alt")), click(Some("control")), click(None)])
+            .await;
+        let report = experiments.report("home").await.unwrap();
+        let clicks = |name: &str| {
+            report
+                .variants
+                .iter()
+                .find(|v| v.name == name)
+                .unwrap()
+                .clicks
+        };
+        assert_eq!(clicks("alt"), 0, "the client's variant moved a click");
+        assert_eq!(clicks("control"), 3);
     }
 
     #[test]
