@@ -520,5 +520,4 @@ mod tests {
         );
         assert_eq!(vector("removed"), None);
     }
-
 }

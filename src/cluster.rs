@@ -164,7 +164,9 @@ impl Bus {
 
     /// A blocking connection, for the registry (its methods are synchronous and rare).
     pub fn blocking_connection(&self) -> Result<redis::Connection, ClusterError> {
-        let conn = self.client.get_connection_with_timeout(Duration::from_secs(5))?;
+        let conn = self
+            .client
+            .get_connection_with_timeout(Duration::from_secs(5))?;
         conn.set_read_timeout(Some(Duration::from_secs(5)))?;
         conn.set_write_timeout(Some(Duration::from_secs(5)))?;
         Ok(conn)
@@ -251,7 +253,11 @@ impl Bus {
     /// Takes a lease and keeps it until the returned guard is dropped: it is renewed every
     /// third of `ttl`, so it lapses within `ttl` only if this process dies. `None` if
     /// another replica holds it.
-    pub async fn hold(self: &Arc<Self>, key: &str, ttl: Duration) -> Result<Option<Lease>, ClusterError> {
+    pub async fn hold(
+        self: &Arc<Self>,
+        key: &str,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, ClusterError> {
         if !self.try_lease(key, ttl).await? {
             return Ok(None);
         }

@@ -239,7 +239,11 @@ impl Lifecycle {
             .lock()
             .insert(previous.version().to_string(), previous);
         self.sync_arms().await;
-        tracing::info!(version = active.version, previous = held, "serving the model another replica made active");
+        tracing::info!(
+            version = active.version,
+            previous = held,
+            "serving the model another replica made active"
+        );
         Reconciler {
             model: self.model.load_full(),
             index: self.index.clone(),

@@ -317,29 +317,33 @@ impl Registry {
         collection: Option<String>,
     ) -> Result<Vec<String>, RegistryError> {
         self.mutate(|st| {
-        if !st.models.iter().any(|m| m.version == version) {
-            return Err(RegistryError::Unknown(version.to_string()));
-        }
-        let previous = st
-            .models
-            .iter()
-            .find(|m| m.status == ModelStatus::Active && m.version != version)
-            .map(|m| m.version.clone());
-        let now = now();
-        for m in &mut st.models {
-            if m.version == version {
-                m.status = ModelStatus::Active;
-                m.collection = collection.clone();
-                m.activated_at = Some(now.clone());
-                m.progress = None;
-                m.last_error = None;
-            } else if Some(&m.version) == previous.as_ref() {
-                m.status = ModelStatus::Ready;
+            if !st.models.iter().any(|m| m.version == version) {
+                return Err(RegistryError::Unknown(version.to_string()));
             }
-        }
-        st.history.retain(|v| v != version);
-        st.history.push(version.to_string());
-        Ok(retire_beyond_rollback(st, collection.as_deref(), &self.pinned.lock()))
+            let previous = st
+                .models
+                .iter()
+                .find(|m| m.status == ModelStatus::Active && m.version != version)
+                .map(|m| m.version.clone());
+            let now = now();
+            for m in &mut st.models {
+                if m.version == version {
+                    m.status = ModelStatus::Active;
+                    m.collection = collection.clone();
+                    m.activated_at = Some(now.clone());
+                    m.progress = None;
+                    m.last_error = None;
+                } else if Some(&m.version) == previous.as_ref() {
+                    m.status = ModelStatus::Ready;
+                }
+            }
+            st.history.retain(|v| v != version);
+            st.history.push(version.to_string());
+            Ok(retire_beyond_rollback(
+                st,
+                collection.as_deref(),
+                &self.pinned.lock(),
+            ))
         })
     }
 
@@ -379,18 +383,18 @@ impl Registry {
     /// from is `ready` (its collection kept, so re-activating it is instant).
     pub fn mark_rolled_back(&self, target: &str) -> Result<(), RegistryError> {
         self.mutate(|st| {
-        let from = st.history.pop();
-        let now = now();
-        for m in &mut st.models {
-            if m.version == target {
-                m.status = ModelStatus::Active;
-                m.activated_at = Some(now.clone());
-            } else if Some(&m.version) == from.as_ref() {
-                m.status = ModelStatus::Ready;
+            let from = st.history.pop();
+            let now = now();
+            for m in &mut st.models {
+                if m.version == target {
+                    m.status = ModelStatus::Active;
+                    m.activated_at = Some(now.clone());
+                } else if Some(&m.version) == from.as_ref() {
+                    m.status = ModelStatus::Ready;
+                }
             }
-        }
-        // The rolled-back-from version stays reachable by activating it again.
-        Ok(())
+            // The rolled-back-from version stays reachable by activating it again.
+            Ok(())
         })
     }
 
@@ -398,29 +402,29 @@ impl Registry {
     /// the rollback target. Returns the collections of the removed versions, to be dropped.
     pub fn gc(&self) -> Result<Vec<String>, RegistryError> {
         let (collections, removed) = self.mutate(|st| {
-        let mut protected: Vec<String> = st.history.iter().rev().take(2).cloned().collect();
-        protected.extend(self.pinned.lock().iter().cloned());
-        let mut removable: Vec<usize> = (0..st.models.len())
-            .filter(|&i| {
-                let m = &st.models[i];
-                m.status != ModelStatus::Active
-                    && m.status != ModelStatus::Indexing
-                    && !protected.contains(&m.version)
-            })
-            .collect();
-        let excess = st.models.len().saturating_sub(self.keep_last);
-        removable.truncate(excess);
-        let mut collections = Vec::new();
-        let mut removed = Vec::new();
-        for &i in removable.iter().rev() {
-            let m = st.models.remove(i);
-            if let Some(c) = m.collection {
-                collections.push(c);
+            let mut protected: Vec<String> = st.history.iter().rev().take(2).cloned().collect();
+            protected.extend(self.pinned.lock().iter().cloned());
+            let mut removable: Vec<usize> = (0..st.models.len())
+                .filter(|&i| {
+                    let m = &st.models[i];
+                    m.status != ModelStatus::Active
+                        && m.status != ModelStatus::Indexing
+                        && !protected.contains(&m.version)
+                })
+                .collect();
+            let excess = st.models.len().saturating_sub(self.keep_last);
+            removable.truncate(excess);
+            let mut collections = Vec::new();
+            let mut removed = Vec::new();
+            for &i in removable.iter().rev() {
+                let m = st.models.remove(i);
+                if let Some(c) = m.collection {
+                    collections.push(c);
+                }
+                st.history.retain(|v| v != &m.version);
+                removed.push(m.version);
             }
-            st.history.retain(|v| v != &m.version);
-            removed.push(m.version);
-        }
-        Ok((collections, removed))
+            Ok((collections, removed))
         })?;
         for version in removed {
             let dir = self.model_dir(&version);
@@ -512,7 +516,10 @@ impl Registry {
         };
         let mut guard = conn.lock();
         if guard.is_none() {
-            *guard = Some(bus.blocking_connection().map_err(|e| unavailable(e.to_string()))?);
+            *guard = Some(
+                bus.blocking_connection()
+                    .map_err(|e| unavailable(e.to_string()))?,
+            );
         }
         let result = f(guard.as_mut().expect("connected above"));
         if result.is_err() {

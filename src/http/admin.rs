@@ -313,9 +313,7 @@ impl AdminError {
                 }
                 LifecycleError::Shared(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None),
             },
-            AdminError::Unavailable(_) => {
-                (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None)
-            }
+            AdminError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None),
             AdminError::Experiment(e) => match e {
                 ExperimentError::Invalid { field, .. } => (
                     StatusCode::UNPROCESSABLE_ENTITY,

@@ -327,7 +327,10 @@ impl AppState {
             .await
         {
             Ok(Some(set)) => {
-                tracing::info!(experiments = set.len(), "experiments changed on another replica");
+                tracing::info!(
+                    experiments = set.len(),
+                    "experiments changed on another replica"
+                );
                 self.apply_experiments(set).await;
             }
             Ok(None) => {}

@@ -196,7 +196,6 @@ pub trait VectorIndex: Send + Sync {
     ) -> Result<ScrollPage, IndexError>;
 }
 
-
 pub mod bench;
 pub mod blocks;
 pub mod build;

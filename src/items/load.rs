@@ -154,7 +154,9 @@ async fn bootstrap(
         }
         if waited.elapsed() >= Duration::from_secs(5) {
             waited = Instant::now();
-            tracing::info!("another replica is indexing the catalog into the shared collection; waiting");
+            tracing::info!(
+                "another replica is indexing the catalog into the shared collection; waiting"
+            );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

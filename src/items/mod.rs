@@ -221,12 +221,11 @@ impl ItemWriter {
     async fn apply_upsert(&self, writer: &str, items: &[UpsertedItem]) -> Result<(), WriteError> {
         let model = self.model.load_full();
         if model.version() == writer {
-            self.catalog
-                .upsert(items.iter().map(|u| CatalogEntry {
-                    item: u.item.clone(),
-                    popularity: u.popularity,
-                    vector: u.vector.clone().into_boxed_slice(),
-                }));
+            self.catalog.upsert(items.iter().map(|u| CatalogEntry {
+                item: u.item.clone(),
+                popularity: u.popularity,
+                vector: u.vector.clone().into_boxed_slice(),
+            }));
             return Ok(());
         }
         let own = items
@@ -355,7 +354,9 @@ pub fn embed_points<'a>(
 }
 
 /// Runs blocking work (journal I/O, the item tower) on the blocking pool.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, WriteError> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, WriteError> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| WriteError::Task(e.to_string()))

@@ -70,7 +70,10 @@ pub fn qdrant_url(test: &str) -> Option<String> {
 
 /// A unique name for one test's keys and collections.
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+    format!(
+        "{prefix}{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
 }
 
 /// A server on a random port, stopped when dropped.
@@ -157,10 +160,7 @@ where
         if check().await {
             return started.elapsed();
         }
-        assert!(
-            started.elapsed() < within,
-            "{what}: not within {within:?}"
-        );
+        assert!(started.elapsed() < within, "{what}: not within {within:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
