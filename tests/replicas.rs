@@ -52,7 +52,10 @@ async fn recommend(app: &TestApp, user: &str) -> Value {
 }
 
 async fn admin(app: &TestApp, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-    let mut req = app.http.request(method, app.url(path)).header("X-API-Key", KEY);
+    let mut req = app
+        .http
+        .request(method, app.url(path))
+        .header("X-API-Key", KEY);
     if let Some(b) = body {
         req = req.json(&b);
     }
@@ -106,8 +109,11 @@ async fn replicas_share_catalog_models_and_experiments() {
     let r = a
         .http
         .post(a.url("/v1/items"))
-        .json(&json!({"items": [{"item_id": "rp-new", "title": "Juno Vintage Guide",
-            "categories": ["Books"], "price": 12.5}]}))
+        .header("X-API-Key", KEY)
+        .json(
+            &json!({"items": [{"item_id": "rp-new", "title": "Juno Vintage Guide",
+            "categories": ["Books"], "price": 12.5}]}),
+        )
         .send()
         .await
         .unwrap();
@@ -118,19 +124,26 @@ async fn replicas_share_catalog_models_and_experiments() {
     .await;
     eprintln!("item upsert reached B in {took:?}");
     let similar_on_b = b.get("/v1/items/rp-new/similar?k=5").await;
-    assert_eq!(similar_on_b.0, 200, "B searches for the new item: {}", similar_on_b.1);
+    assert_eq!(
+        similar_on_b.0, 200,
+        "B searches for the new item: {}",
+        similar_on_b.1
+    );
 
     let r = a
         .http
         .patch(a.url("/v1/items/rp-new"))
+        .header("X-API-Key", KEY)
         .json(&json!({"available": false}))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    eventually("an item made unavailable on A is unavailable on B", ITEM_WITHIN, || async {
-        b.get("/v1/items/rp-new").await.1["available"] == json!(false)
-    })
+    eventually(
+        "an item made unavailable on A is unavailable on B",
+        ITEM_WITHIN,
+        || async { b.get("/v1/items/rp-new").await.1["available"] == json!(false) },
+    )
     .await;
     // A category page on B never shows it now.
     let (_, page) = b.get("/v1/recommendations?category=Books&k=50").await;
@@ -143,7 +156,13 @@ async fn replicas_share_catalog_models_and_experiments() {
         "{page}"
     );
 
-    let r = a.http.delete(a.url("/v1/items/rp-new")).send().await.unwrap();
+    let r = a
+        .http
+        .delete(a.url("/v1/items/rp-new"))
+        .header("X-API-Key", KEY)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 204);
     eventually("an item deleted on A is gone on B", ITEM_WITHIN, || async {
         b.get("/v1/items/rp-new").await.0 == 404
@@ -153,15 +172,29 @@ async fn replicas_share_catalog_models_and_experiments() {
     // --- Models: activate on A, B serves it within 10 s; then roll back. ---
     assert_eq!(recommend(&b, "u1").await["model_version"], "rp-a");
     let store_copy = ckpts[1].to_str().unwrap().to_string();
-    admin(&a, reqwest::Method::POST, "/admin/models", Some(json!({"path": store_copy}))).await;
-    admin(&a, reqwest::Method::POST, "/admin/models/rp-b/activate", None).await;
+    admin(
+        &a,
+        reqwest::Method::POST,
+        "/admin/models",
+        Some(json!({"path": store_copy})),
+    )
+    .await;
+    admin(
+        &a,
+        reqwest::Method::POST,
+        "/admin/models/rp-b/activate",
+        None,
+    )
+    .await;
     eventually("A serves rp-b", Duration::from_secs(60), || async {
         recommend(&a, "u1").await["model_version"] == "rp-b"
     })
     .await;
-    let took = eventually("B serves the model activated on A", MODEL_WITHIN, || async {
-        recommend(&b, "u1").await["model_version"] == "rp-b"
-    })
+    let took = eventually(
+        "B serves the model activated on A",
+        MODEL_WITHIN,
+        || async { recommend(&b, "u1").await["model_version"] == "rp-b" },
+    )
     .await;
     eprintln!("activation reached B in {took:?}");
     // The registry is one: B lists what A registered and activated.
@@ -176,9 +209,11 @@ async fn replicas_share_catalog_models_and_experiments() {
     assert_eq!(active[0]["version"], "rp-b");
 
     admin(&a, reqwest::Method::POST, "/admin/models/rollback", None).await;
-    let took = eventually("B serves the model rolled back to on A", MODEL_WITHIN, || async {
-        recommend(&b, "u1").await["model_version"] == "rp-a"
-    })
+    let took = eventually(
+        "B serves the model rolled back to on A",
+        MODEL_WITHIN,
+        || async { recommend(&b, "u1").await["model_version"] == "rp-a" },
+    )
     .await;
     eprintln!("rollback reached B in {took:?}");
 
@@ -193,11 +228,15 @@ async fn replicas_share_catalog_models_and_experiments() {
         }]})),
     )
     .await;
-    eventually("B assigns the experiment set on A", MODEL_WITHIN, || async {
-        recommend(&b, "u1").await["variant"] != "control"
-            || recommend(&b, "u2").await["variant"] != "control"
-            || recommend(&b, "u3").await["variant"] != "control"
-    })
+    eventually(
+        "B assigns the experiment set on A",
+        MODEL_WITHIN,
+        || async {
+            recommend(&b, "u1").await["variant"] != "control"
+                || recommend(&b, "u2").await["variant"] != "control"
+                || recommend(&b, "u3").await["variant"] != "control"
+        },
+    )
     .await;
     let mut variants = std::collections::BTreeSet::new();
     for u in 0..20 {
@@ -207,29 +246,46 @@ async fn replicas_share_catalog_models_and_experiments() {
         assert_eq!(on_a, on_b, "{user} gets one variant on every replica");
         variants.insert(on_a.to_string());
     }
-    assert_eq!(variants.len(), 2, "both variants are assigned: {variants:?}");
+    assert_eq!(
+        variants.len(),
+        2,
+        "both variants are assigned: {variants:?}"
+    );
 
     // --- A replica that starts now loads the catalog from the shared collection. ---
     let r = a
         .http
         .post(a.url("/v1/items"))
-        .json(&json!({"items": [{"item_id": "rp-late", "title": "Only in Qdrant",
-            "categories": ["Books"], "tags": ["rare"], "year": 2001}]}))
+        .header("X-API-Key", KEY)
+        .json(
+            &json!({"items": [{"item_id": "rp-late", "title": "Only in Qdrant",
+            "categories": ["Books"], "tags": ["rare"], "year": 2001}]}),
+        )
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
     let c = TestApp::spawn(replica(dir.path(), "c", &shared, &ckpts[0])).await;
     let (status, late) = c.get("/v1/items/rp-late").await;
-    assert_eq!(status, 200, "C loaded an item that no catalog file holds: {late}");
+    assert_eq!(
+        status, 200,
+        "C loaded an item that no catalog file holds: {late}"
+    );
     assert_eq!(late["title"], "Only in Qdrant");
-    assert_eq!(recommend(&c, "user-3").await["variant"], recommend(&a, "user-3").await["variant"]);
+    assert_eq!(
+        recommend(&c, "user-3").await["variant"],
+        recommend(&a, "user-3").await["variant"]
+    );
 
     stop.store(true, Ordering::Relaxed);
     looping.await.unwrap();
     let served = served.load(Ordering::Relaxed);
     assert!(served > 50, "the loop ran ({served} requests)");
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "requests on B failed during the changes");
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests on B failed during the changes"
+    );
     c.stop().await;
     drop(a);
 }

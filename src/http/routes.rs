@@ -166,7 +166,10 @@ pub async fn upsert_items(
         items.push(item);
         popularity.push(pop);
     }
-    let done = s.items.upsert(items.into_iter().zip(popularity).collect()).await?;
+    let done = s
+        .items
+        .upsert(items.into_iter().zip(popularity).collect())
+        .await?;
     Ok(Json(ItemsUpserted {
         upserted: done.count,
         model_version: done.model_version,
@@ -275,10 +278,19 @@ pub async fn onboarding(
             "give at least one category or liked item",
         ));
     }
-    if input.categories.len() > MAX_LIST || input.liked_items.len() > MAX_LIST {
+    if input.categories.len() > MAX_CATEGORIES {
         return Err(AppError::invalid(
             "categories",
-            format!("at most {MAX_LIST} categories and {MAX_LIST} liked items"),
+            format!(
+                "at most {MAX_CATEGORIES} values, got {}",
+                input.categories.len()
+            ),
+        ));
+    }
+    if input.liked_items.len() > MAX_LIST {
+        return Err(AppError::invalid(
+            "liked_items",
+            format!("at most {MAX_LIST} values, got {}", input.liked_items.len()),
         ));
     }
     let mut liked = Vec::with_capacity(input.liked_items.len());
