@@ -58,8 +58,45 @@ pub struct Breaker {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum BreakerState {
     Closed,
-    Open { until: Instant },
-    Probing,
+    Open {
+        until: Instant,
+    },
+    /// One probe is out; its lease ends at `until`, when another caller may probe (a probe
+    /// future that is never polled again, and never dropped, cannot hold the breaker).
+    Probing {
+        until: Instant,
+    },
+}
+
+/// How long a half-open probe may stay out before another caller may probe. Longer than any
+/// call's budget (a request's whole timeout), so a live probe is normally never doubled.
+pub const PROBE_LEASE: Duration = Duration::from_secs(10);
+
+/// Held by the half-open probe while its call runs. Dropped before the call reported back
+/// (the caller's future was cancelled: a request timeout, a client that went away), it
+/// reopens the breaker with the cooldown already over, so the next caller probes at once
+/// instead of every caller being refused for good.
+struct ProbeGuard<'a> {
+    breaker: &'a Breaker,
+    armed: bool,
+}
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut state = self.breaker.state.lock();
+        if matches!(*state, BreakerState::Probing { .. }) {
+            tracing::info!(
+                dependency = self.breaker.name,
+                "half-open probe was cancelled before it answered; the next call probes"
+            );
+            *state = BreakerState::Open {
+                until: Instant::now(),
+            };
+        }
+    }
 }
 
 impl Breaker {
@@ -78,14 +115,22 @@ impl Breaker {
     /// Whether a call may go to the dependency now. In the half-open state exactly one
     /// caller gets `true` (the probe) until it reports back.
     pub fn allow(&self) -> bool {
+        self.admit().is_some()
+    }
+
+    /// Like [`Breaker::allow`]; `Some(true)` when this caller is the half-open probe.
+    fn admit(&self) -> Option<bool> {
         let mut state = self.state.lock();
+        let now = Instant::now();
         match *state {
-            BreakerState::Closed => true,
-            BreakerState::Open { until } if Instant::now() >= until => {
-                *state = BreakerState::Probing;
-                true
+            BreakerState::Closed => Some(false),
+            BreakerState::Open { until } | BreakerState::Probing { until } if now >= until => {
+                *state = BreakerState::Probing {
+                    until: now + PROBE_LEASE,
+                };
+                Some(true)
             }
-            BreakerState::Open { .. } | BreakerState::Probing => false,
+            BreakerState::Open { .. } | BreakerState::Probing { .. } => None,
         }
     }
 
@@ -127,7 +172,7 @@ impl Breaker {
     /// [`TIMEOUTS_TO_OPEN`]th in a row (not counting calls that overlapped the last counted
     /// one), or at once when it was the half-open probe.
     pub fn record_timeout(&self, reason: &str, started: Instant) {
-        if *self.state.lock() == BreakerState::Probing {
+        if matches!(*self.state.lock(), BreakerState::Probing { .. }) {
             self.record_failure(reason);
             return;
         }
@@ -155,15 +200,22 @@ impl Breaker {
         unavailable: impl Fn(String) -> E,
         is_outage: impl Fn(&E) -> bool,
     ) -> Result<T, E> {
-        if !self.allow() {
+        let Some(probe) = self.admit() else {
             return Err(unavailable(format!(
                 "{what}: {} marked down, retrying within {} ms",
                 self.name,
                 self.cooldown.as_millis()
             )));
-        }
+        };
+        let mut guard = ProbeGuard {
+            breaker: self,
+            armed: probe,
+        };
         let started = Instant::now();
-        match tokio::time::timeout(budget, call).await {
+        let answer = tokio::time::timeout(budget, call).await;
+        // From here on the outcome is recorded below, whatever it is.
+        guard.armed = false;
+        match answer {
             Ok(Ok(v)) => {
                 self.record_success();
                 Ok(v)
@@ -740,6 +792,26 @@ mod tests {
         assert!(!breaker.allow(), "a failed probe opens the breaker again");
         tokio::time::sleep(BUDGETS.cooldown + Duration::from_millis(20)).await;
         assert!(breaker.allow());
+    }
+
+    #[tokio::test]
+    async fn a_dropped_probe_does_not_leave_the_breaker_half_open() {
+        let store = Flaky::new();
+        store.down.store(true, Ordering::SeqCst);
+        let guarded = GuardedSession::new(store.clone(), BUDGETS);
+        assert!(guarded.recent(&user(), 1).await.is_err());
+        tokio::time::sleep(BUDGETS.cooldown + Duration::from_millis(20)).await;
+        // The store is back but slow; the probe's caller gives up (a request timeout, a client
+        // that went away) before the probe's own budget ends, which drops the probe future.
+        store.down.store(false, Ordering::SeqCst);
+        *store.delay.lock() = Duration::from_secs(5);
+        let dropped =
+            tokio::time::timeout(Duration::from_millis(10), guarded.recent(&user(), 1)).await;
+        assert!(dropped.is_err(), "the probe was cancelled");
+        // The next caller probes in its place, and its answer closes the breaker.
+        *store.delay.lock() = Duration::ZERO;
+        assert!(guarded.recent(&user(), 1).await.is_ok());
+        assert!(guarded.breaker().is_closed());
     }
 
     #[tokio::test]

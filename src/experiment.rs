@@ -124,23 +124,36 @@ impl Experiments {
         });
     }
 
-    /// Attributes clicks and purchases to their variant: the event's own `variant` (within
-    /// the enabled experiment), or the variant of the `request_id` in its `context`.
+    /// Attributes clicks and purchases to the variant the server assigned: derived again
+    /// from the event's user or session (as for the response it follows), or else the one
+    /// the server recorded for the `request_id` in its `context`. The event's own `variant`
+    /// is the client's word and never decides: one that disagrees is ignored and counted
+    /// (`tandem_experiment_variant_mismatch_total`), so a client cannot move outcomes
+    /// between arms.
     pub async fn attribute(&self, events: &[Event]) {
-        let enabled = self.current.load().iter().find(|e| e.enabled).cloned();
         for ev in events {
             let outcome = match ev.event_type {
                 EventType::Click => Outcome::Click,
                 EventType::Purchase => Outcome::Purchase,
                 _ => continue,
             };
-            let target = match (&ev.variant, &enabled) {
-                (Some(v), Some(e)) if e.has_variant(v) => Some((e.name.clone(), v.clone())),
-                _ => self.variant_of_request(ev).await,
+            let target = match self.assign(ev.user_id.as_ref(), ev.session_id.as_ref()) {
+                Some(a) => Some((a.experiment.to_string(), a.variant)),
+                None => self.variant_of_request(ev).await,
             };
             let Some((experiment, variant)) = target else {
                 continue;
             };
+            if let Some(claimed) = ev.variant.as_deref().filter(|c| *c != variant) {
+                tracing::debug!(
+                    experiment,
+                    claimed,
+                    assigned = variant,
+                    "an event's variant disagrees with the server's assignment; ignored"
+                );
+                metrics::counter!("tandem_experiment_variant_mismatch_total", "experiment" => experiment.clone())
+                    .increment(1);
+            }
             {
                 let mut p = self.pending.lock();
                 let d = p.deltas.entry(experiment.clone()).or_default();
@@ -408,6 +421,69 @@ fn quantile_ms(buckets: &[(u32, u64)], q: f64) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn exp(salt: &str, shares: &[(&str, f64)]) -> Experiment {
+        Experiment {
+            name: "home".into(),
+            salt: salt.into(),
+            unit: Unit::User,
+            enabled: true,
+            variants: shares
+                .iter()
+                .map(|(n, s)| crate::config::Variant {
+                    name: n.to_string(),
+                    share: *s,
+                    model_version: None,
+                    rerank: None,
+                })
+                .collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_sent_variant_cannot_move_an_outcome_to_another_arm() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn SessionStore> = Arc::new(
+            crate::session::MemoryStore::open(
+                &crate::config::SessionSettings::default(),
+                &dir.path().join("events.log"),
+            )
+            .unwrap(),
+        );
+        let e = exp("s1", &[("control", 0.5), ("alt", 0.5)]);
+        let user = (0..)
+            .map(|i| format!("user-{i}"))
+            .find(|u| e.assign(&format!("u:{u}")).name == "control")
+            .unwrap();
+        let experiments = Experiments::new(vec![e], store, RerankSettings::default());
+        let click = |variant: Option<&str>| Event {
+            event_id: uuid::Uuid::new_v4(),
+            user_id: Some(UserId::parse(&user).unwrap()),
+            session_id: None,
+            item_id: crate::domain::ItemId::parse("i1").unwrap(),
+            event_type: EventType::Click,
+            value: None,
+            timestamp_ms: 0,
+            variant: variant.map(str::to_string),
+            context: None,
+            categories: Vec::new(),
+        };
+        // A forged variant, an honest one and none: all three count for the assigned arm.
+        experiments
+            .attribute(&[click(Some("alt")), click(Some("control")), click(None)])
+            .await;
+        let report = experiments.report("home").await.unwrap();
+        let clicks = |name: &str| {
+            report
+                .variants
+                .iter()
+                .find(|v| v.name == name)
+                .unwrap()
+                .clicks
+        };
+        assert_eq!(clicks("alt"), 0, "the client's variant moved a click");
+        assert_eq!(clicks("control"), 3);
+    }
 
     #[test]
     fn wilson_matches_known_values() {

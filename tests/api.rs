@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
-use tandem::config::{IndexBackend, SessionBackend, Settings};
+use tandem::config::{AdminKey, IndexBackend, SessionBackend, Settings};
 use tandem::domain::{EventType, Filter, Interaction, Item, ItemId, UserId};
 use tandem::http::types::{ItemView, OnboardingResponse, RecommendationsResponse};
 use tandem::http::ErrorBody;
@@ -154,6 +154,9 @@ fn init_logs() {
     }
 }
 
+/// The admin key the test servers run with; catalog writes need it.
+const CATALOG_KEY: &str = "test-catalog-key";
+
 async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
 }
@@ -175,6 +178,8 @@ async fn spawn_app_in(dir: tempfile::TempDir, tweak: impl FnOnce(&mut Settings))
     settings.index.backend = IndexBackend::Exact;
     settings.session.backend = SessionBackend::Memory;
     settings.server.catalog_dir = catalog_dir;
+    // Catalog writes need a key; the test client sends it with every request.
+    settings.admin_key = AdminKey(Some(CATALOG_KEY.into()));
     tweak(&mut settings);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -182,7 +187,12 @@ async fn spawn_app_in(dir: tempfile::TempDir, tweak: impl FnOnce(&mut Settings))
     let server = tokio::spawn(tandem::http::serve(listener, settings, async {
         let _ = rx.await;
     }));
-    let client = reqwest::Client::new();
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("x-api-key", CATALOG_KEY.parse().unwrap());
+    let client = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if server.is_finished() {
@@ -608,6 +618,182 @@ async fn events_are_accepted_one_or_many_and_deduplicated() {
         .events(json!({"item_id": "drama-2", "type": "click"}))
         .await;
     assert_eq!(r.0, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.1);
+}
+
+/// An event-log file whose fsync fails, as on a dying disk: the page cache of a SIGKILL test
+/// would hide a missing fsync; this shows that an acknowledgement waits for it.
+struct FsyncFails(std::fs::File);
+
+impl tandem::session::log::LogSink for FsyncFails {
+    fn append_bytes(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        std::io::Write::write_all(&mut self.0, buf)
+    }
+    fn sync(&mut self) -> std::io::Result<()> {
+        Err(std::io::Error::other("injected: fsync failed (EIO)"))
+    }
+}
+
+#[tokio::test]
+async fn an_event_log_whose_fsync_fails_answers_503_with_retry_after() {
+    let app = spawn_app_with(|s| {
+        let path = s.session.log_file(&s.data_dir);
+        tandem::session::log::inject_sink(&path, |f| Box::new(FsyncFails(f)));
+    })
+    .await;
+    for _ in 0..2 {
+        let r = app
+            .client
+            .post(app.url("/v1/events"))
+            .json(&json!({"user_id": "u", "item_id": "drama-1", "type": "click"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(r.headers().contains_key("retry-after"), "{:?}", r.headers());
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["code"], "unavailable", "{body}");
+    }
+}
+
+#[tokio::test]
+async fn catalog_writes_need_the_key_and_reads_and_events_do_not() {
+    let app = spawn_app().await;
+    let anonymous = reqwest::Client::new();
+    let item =
+        json!({"items": [{"item_id": "forged", "title": "Forged", "categories": ["Drama"]}]});
+    let writes = |key: Option<&'static str>| {
+        let a = anonymous.clone();
+        let item = item.clone();
+        let base = app.base.clone();
+        async move {
+            let with_key = |r: reqwest::RequestBuilder| match key {
+                Some(k) => r.header("X-API-Key", k),
+                None => r,
+            };
+            let mut statuses = Vec::new();
+            for r in [
+                a.post(format!("{base}/v1/items")).json(&item),
+                a.patch(format!("{base}/v1/items/drama-1"))
+                    .json(&json!({"available": false})),
+                a.delete(format!("{base}/v1/items/drama-1")),
+            ] {
+                let r = with_key(r).send().await.unwrap();
+                let status = r.status();
+                let body: Value = r.json().await.unwrap_or(Value::Null);
+                statuses.push((status, body["code"].clone()));
+            }
+            statuses
+        }
+    };
+    for key in [None, Some("wrong-key")] {
+        for (status, code) in writes(key).await {
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{key:?}");
+            assert_eq!(code, "unauthorized");
+        }
+    }
+    // Nothing changed; reads and events need no key.
+    let r = anonymous
+        .get(app.url("/v1/items/drama-1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = anonymous
+        .get(app.url("/v1/items/forged"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let r = anonymous
+        .post(app.url("/v1/events"))
+        .json(&json!({"user_id": "u", "item_id": "drama-1", "type": "click"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    // At most 32 values of a repeatable category filter.
+    let many: String = (0..33).map(|i| format!("category=c{i}&")).collect();
+    let r = app.get(&format!("/v1/recommendations?{many}k=3")).await;
+    app.expect_error(r.clone(), StatusCode::UNPROCESSABLE_ENTITY, "category")
+        .await;
+    assert!(r.1["message"].as_str().unwrap().contains("32"), "{}", r.1);
+    // A huge x-request-id is replaced, a fit one echoed.
+    let huge = "a".repeat(20_000);
+    let r = anonymous
+        .get(app.url("/healthz"))
+        .header("x-request-id", &huge)
+        .send()
+        .await
+        .unwrap();
+    let echoed = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert!(echoed.len() <= 128 && echoed != huge, "{}", echoed.len());
+    let r = anonymous
+        .get(app.url("/healthz"))
+        .header("x-request-id", "req-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "req-42");
+    // A JSON body sent as anything but application/json (a cross-site form post) gets 415.
+    for ct in ["text/plain", "application/x-www-form-urlencoded"] {
+        let r = anonymous
+            .post(app.url("/v1/events"))
+            .header("content-type", ct)
+            .body(r#"{"user_id": "u", "item_id": "drama-1", "type": "click"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "{ct}");
+    }
+    let r = anonymous
+        .post(app.url("/v1/events"))
+        .header("content-type", "application/json; charset=utf-8")
+        .body(r#"{"user_id": "u", "item_id": "drama-1", "type": "click"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    // A misspelt field is refused, not dropped.
+    let r = app
+        .events(json!({"user_id": "u", "item_id": "drama-1", "type": "click", "timestmap": 1}))
+        .await;
+    assert_eq!(r.0, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.1);
+    assert!(
+        r.1["message"].as_str().unwrap().contains("timestmap"),
+        "{}",
+        r.1
+    );
+    let r = anonymous
+        .get(app.url("/v1/recommendations?user_id=u&k=3"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // The key opens them.
+    let statuses: Vec<StatusCode> = writes(Some(CATALOG_KEY))
+        .await
+        .into_iter()
+        .map(|s| s.0)
+        .collect();
+    assert_eq!(
+        statuses,
+        [StatusCode::OK, StatusCode::OK, StatusCode::NO_CONTENT]
+    );
+
+    // With no key configured at all, catalog writes are off: 403, whatever is sent.
+    let app = spawn_app_with(|s| s.admin_key = AdminKey(None)).await;
+    let r = app.post("/v1/items", &item).await;
+    assert_eq!(r.0, StatusCode::FORBIDDEN, "{}", r.1);
+    assert_eq!(r.1["code"], "catalog_writes_disabled");
+    let r = app
+        .send_json(
+            reqwest::Method::PATCH,
+            "/v1/items/drama-1",
+            &json!({"available": false}),
+        )
+        .await;
+    assert_eq!(r.0, StatusCode::FORBIDDEN, "{}", r.1);
+    assert_eq!(app.get("/v1/items/drama-1").await.0, StatusCode::OK);
 }
 
 #[tokio::test]

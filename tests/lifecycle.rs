@@ -590,6 +590,7 @@ async fn an_experiment_serves_a_second_model_beside_the_active_one() {
     let hidden = arm_items[0].clone();
     let r = http
         .patch(format!("{}/v1/items/{hidden}", app.base))
+        .header("X-API-Key", KEY)
         .json(&json!({"available": false}))
         .send()
         .await
@@ -600,6 +601,7 @@ async fn an_experiment_serves_a_second_model_beside_the_active_one() {
     assert!(!items(&after).contains(&hidden), "{after}");
     let r = http
         .post(format!("{}/v1/items", app.base))
+        .header("X-API-Key", KEY)
         .json(&json!({"items": [{"item_id": "brand-new", "title": "Brand new", "categories": ["Novelty"]}]}))
         .send()
         .await
@@ -621,6 +623,7 @@ async fn an_experiment_serves_a_second_model_beside_the_active_one() {
     // Put the catalog back as it was when the arm's lists were taken.
     let r = http
         .delete(format!("{}/v1/items/brand-new", app.base))
+        .header("X-API-Key", KEY)
         .send()
         .await
         .unwrap();
@@ -638,6 +641,7 @@ async fn an_experiment_serves_a_second_model_beside_the_active_one() {
         .unwrap();
     assert_eq!(gone["items"], json!([]), "{gone}");
     http.patch(format!("{}/v1/items/{hidden}", app.base))
+        .header("X-API-Key", KEY)
         .json(&json!({"available": true}))
         .send()
         .await
@@ -828,17 +832,31 @@ async fn clicks_with_a_variant_show_up_in_that_variants_ctr() {
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
-    tokio::time::sleep(Duration::from_millis(200)).await; // attribution runs after the 202
-
-    let report: serde_json::Value = http
-        .get(format!("{}/admin/experiments/home", app.base))
-        .header("X-API-Key", KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    // Attribution runs after the 202: wait until every outcome is counted (a deadline, not
+    // a fixed sleep, which flakes on busy cores).
+    let outcomes = fresh_users + 1;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let report: serde_json::Value = loop {
+        let report: serde_json::Value = http
+            .get(format!("{}/admin/experiments/home", app.base))
+            .header("X-API-Key", KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let counted: u64 = report["variants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["clicks"].as_u64().unwrap_or(0) + v["purchases"].as_u64().unwrap_or(0))
+            .sum();
+        if counted >= outcomes || std::time::Instant::now() > deadline {
+            break report;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let variant = |name: &str| {
         report["variants"]
             .as_array()

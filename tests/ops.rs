@@ -274,6 +274,9 @@ impl std::ops::Deref for Server {
     }
 }
 
+/// The admin key every server here runs with (catalog writes need it); the client sends it.
+const OPS_KEY: &str = "ops-test-key";
+
 impl Server {
     /// Starts the server with `env` on top of the fixture's catalog and model, on `data_dir`,
     /// and waits until `/readyz` answers 200.
@@ -289,6 +292,7 @@ impl Server {
             .env("TANDEM_MODEL_PATH", &fx.model)
             .env("TANDEM_SERVER__CATALOG_DIR", &fx.catalog)
             .env("TANDEM_INDEX__BACKEND", "exact")
+            .env("TANDEM_ADMIN_KEY", OPS_KEY)
             .env(
                 "RUST_LOG",
                 std::env::var("TEST_LOG").unwrap_or("warn".into()),
@@ -305,6 +309,14 @@ impl Server {
                 base: format!("http://127.0.0.1:{port}"),
                 http: reqwest::Client::builder()
                     .timeout(Duration::from_secs(10))
+                    .default_headers(
+                        [(
+                            reqwest::header::HeaderName::from_static("x-api-key"),
+                            reqwest::header::HeaderValue::from_static(OPS_KEY),
+                        )]
+                        .into_iter()
+                        .collect(),
+                    )
                     .build()
                     .unwrap(),
             },

@@ -109,6 +109,7 @@ async fn replicas_share_catalog_models_and_experiments() {
     let r = a
         .http
         .post(a.url("/v1/items"))
+        .header("X-API-Key", KEY)
         .json(
             &json!({"items": [{"item_id": "rp-new", "title": "Juno Vintage Guide",
             "categories": ["Books"], "price": 12.5}]}),
@@ -132,6 +133,7 @@ async fn replicas_share_catalog_models_and_experiments() {
     let r = a
         .http
         .patch(a.url("/v1/items/rp-new"))
+        .header("X-API-Key", KEY)
         .json(&json!({"available": false}))
         .send()
         .await
@@ -157,6 +159,7 @@ async fn replicas_share_catalog_models_and_experiments() {
     let r = a
         .http
         .delete(a.url("/v1/items/rp-new"))
+        .header("X-API-Key", KEY)
         .send()
         .await
         .unwrap();
@@ -273,6 +276,7 @@ async fn replicas_share_catalog_models_and_experiments() {
     let r = a
         .http
         .post(a.url("/v1/items"))
+        .header("X-API-Key", KEY)
         .json(
             &json!({"items": [{"item_id": "rp-late", "title": "Only in Qdrant",
             "categories": ["Books"], "tags": ["rare"], "year": 2001}]}),

@@ -777,7 +777,12 @@ fn build(
                 "categories": [cat],
                 "price": rng.gen_range(1.0..100.0),
             }]});
-            client.post(url("/v1/items")).json(&body)
+            // Catalog writes need the admin key (the server's TANDEM_ADMIN_KEY).
+            let req = client.post(url("/v1/items")).json(&body);
+            match std::env::var("TANDEM_ADMIN_KEY") {
+                Ok(key) if !key.is_empty() => req.header("X-API-Key", key),
+                _ => req,
+            }
         }
     }
 }

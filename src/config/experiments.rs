@@ -282,6 +282,17 @@ mod tests {
         assert_eq!(position("s1", "user-0"), 0.7515532906443237);
         assert_eq!(position("s1", "user-1"), 0.8610756490568549);
         assert_eq!(position("home", "u:alice"), 0.4223753943057066);
+        let golden = [
+            ("user-0", "b"),
+            ("user-1", "c"),
+            ("user-2", "control"),
+            ("user-3", "b"),
+            ("user-4", "control"),
+            ("user-7", "c"),
+        ];
+        for (id, variant) in golden {
+            assert_eq!(e.assign(id).name, variant, "{id}");
+        }
     }
 
     #[test]

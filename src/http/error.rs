@@ -266,7 +266,14 @@ impl From<crate::session::SessionError> for AppError {
                 dependency: "session store",
                 detail,
             },
-            E::Backend(_) | E::Log { .. } => AppError::Internal {
+            // The event log refused or failed a write (a full disk, a failed fsync): the
+            // events were not acknowledged, and a retry (deduplicated by `event_id`) may
+            // succeed on another replica or after an operator's fix, so 503 + Retry-After.
+            E::Log { .. } => AppError::Unavailable {
+                dependency: "event log",
+                detail: e.to_string(),
+            },
+            E::Backend(_) => AppError::Internal {
                 detail: e.to_string(),
             },
         }

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod admin_client;
+pub mod auth;
 pub mod error;
 mod events;
 pub mod extract;
@@ -127,17 +128,27 @@ pub async fn run(
 pub fn router(state: AppState) -> Router {
     telemetry::install_metrics();
     let live = state.stats.clone();
+    // Catalog writes need the key (see `auth`); reads of the same paths stay open.
+    let catalog_key = axum::middleware::from_fn_with_state(
+        auth::CatalogKey::new(state.settings.admin_key.0.as_deref()),
+        auth::authorize_catalog_write,
+    );
     Router::new()
         .route(
             "/v1/recommendations",
             get(routes::get_recommendations).post(routes::post_recommendations),
         )
-        .route("/v1/items", post(routes::upsert_items))
+        .route(
+            "/v1/items",
+            post(routes::upsert_items).route_layer(catalog_key.clone()),
+        )
         .route(
             "/v1/items/{item_id}",
-            get(routes::get_item)
-                .patch(routes::patch_item)
-                .delete(routes::delete_item),
+            get(routes::get_item).merge(
+                axum::routing::patch(routes::patch_item)
+                    .delete(routes::delete_item)
+                    .route_layer(catalog_key),
+            ),
         )
         .route("/v1/items/{item_id}/similar", get(routes::similar))
         .route("/v1/events", post(routes::post_events))
@@ -151,6 +162,8 @@ pub fn router(state: AppState) -> Router {
         .merge(stats::routes(live.clone()))
         .merge(ui::routes())
         .nest("/admin", admin::router(state.clone()))
+        // On matched routes only: an unknown path or method keeps its 404 or 405.
+        .route_layer(axum::middleware::from_fn(require_json))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
@@ -160,7 +173,53 @@ pub fn router(state: AppState) -> Router {
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        // Outermost: an unfit client id is dropped before one is set, so a new one replaces it.
+        .layer(axum::middleware::from_fn(drop_unfit_request_id))
         .with_state(state)
+}
+
+/// The public API's bodies are JSON, and only JSON: a `POST`, `PUT` or `PATCH` under `/v1/`
+/// without `Content-Type: application/json` gets 415. A browser sends a cross-site form or
+/// `text/plain` post without a CORS preflight, so accepting any type would let any web page
+/// make its visitors' browsers write to tandem.
+async fn require_json(req: Request, next: Next) -> Response {
+    use axum::http::Method;
+    let has_body = matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH);
+    if has_body && req.uri().path().starts_with("/v1/") && !is_json(req.headers()) {
+        let body = ErrorBody {
+            code: "unsupported_media_type".into(),
+            message: "the body must be sent with Content-Type: application/json".into(),
+            field: Some("content-type".into()),
+        };
+        return (StatusCode::UNSUPPORTED_MEDIA_TYPE, axum::Json(body)).into_response();
+    }
+    next.run(req).await
+}
+
+fn is_json(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// Longest client `x-request-id` kept.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// A client's `x-request-id` is echoed, logged on every line of the request, and with an
+/// experiment on kept as a store key for a day: one longer than [`MAX_REQUEST_ID_LEN`] or with
+/// anything but printable ASCII is removed, and the server sets a new UUID in its place.
+async fn drop_unfit_request_id(mut req: Request, next: Next) -> Response {
+    let unfit = req.headers().get_all(REQUEST_ID).iter().any(|v| {
+        v.is_empty()
+            || v.len() > MAX_REQUEST_ID_LEN
+            || !v.as_bytes().iter().all(u8::is_ascii_graphic)
+    }) || req.headers().get_all(REQUEST_ID).iter().count() > 1;
+    if unfit {
+        req.headers_mut().remove(REQUEST_ID);
+    }
+    next.run(req).await
 }
 
 /// Overload and slowness get clear statuses: past `max_concurrency` requests in flight the

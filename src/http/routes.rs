@@ -281,10 +281,19 @@ pub async fn onboarding(
             "give at least one category or liked item",
         ));
     }
-    if input.categories.len() > MAX_LIST || input.liked_items.len() > MAX_LIST {
+    if input.categories.len() > MAX_CATEGORIES {
         return Err(AppError::invalid(
             "categories",
-            format!("at most {MAX_LIST} categories and {MAX_LIST} liked items"),
+            format!(
+                "at most {MAX_CATEGORIES} values, got {}",
+                input.categories.len()
+            ),
+        ));
+    }
+    if input.liked_items.len() > MAX_LIST {
+        return Err(AppError::invalid(
+            "liked_items",
+            format!("at most {MAX_LIST} values, got {}", input.liked_items.len()),
         ));
     }
     for (i, c) in input.categories.iter().enumerate() {

@@ -12,8 +12,11 @@ use utoipa::{IntoParams, ToSchema};
 
 pub const MAX_K: i64 = 200;
 pub const DEFAULT_K: i64 = 20;
-/// Longest list accepted for `category`, `exclude_category` and `exclude`.
-pub const MAX_LIST: usize = 1_000;
+/// Longest list accepted for `exclude` and the onboarding `liked_items`.
+pub const MAX_LIST: usize = 500;
+/// Most values accepted for `category` and `exclude_category` (each costs a filtered scan)
+/// and for the onboarding `categories`.
+pub const MAX_CATEGORIES: usize = 32;
 /// Largest `POST /v1/items` batch.
 pub const MAX_ITEMS_BATCH: usize = 1_000;
 const MAX_NAME_LEN: usize = 256;
@@ -281,10 +284,10 @@ fn build_filter(p: FilterParts) -> Result<Filter, AppError> {
 }
 
 fn check_names(field: &str, names: &[String]) -> Result<(), AppError> {
-    if names.len() > MAX_LIST {
+    if names.len() > MAX_CATEGORIES {
         return Err(AppError::invalid(
             field,
-            format!("at most {MAX_LIST} values, got {}", names.len()),
+            format!("at most {MAX_CATEGORIES} values, got {}", names.len()),
         ));
     }
     for (i, n) in names.iter().enumerate() {

@@ -124,6 +124,9 @@ enum WriteOp {
     },
     /// Build the HNSW graph and payload indexes, then flush.
     Optimize,
+    /// Panics in the writer thread, as an engine bug would (tests only).
+    #[cfg(test)]
+    Crash,
 }
 
 /// Candidates scored on the int8 vectors per result, re-scored on the full vectors.
@@ -183,6 +186,8 @@ fn writer_loop(shard: Arc<EdgeShard>, rx: mpsc::Receiver<WriteCmd>) {
                     release_freed_memory();
                     let _ = cmd.reply.send(r);
                 }
+                #[cfg(test)]
+                WriteOp::Crash => panic!("injected engine panic in the writer thread"),
             }
         }
         acknowledge(&shard, &mut pending, &mut need_flush);
@@ -299,6 +304,12 @@ impl Collection {
         rx.await
             .map_err(|_| IndexError::Backend(format!("writer of {:?} has stopped", self.name)))?
             .map_err(|e| IndexError::Backend(format!("collection {:?}: {e}", self.name)))
+    }
+
+    /// Whether the writer thread still runs (or was stopped on purpose). An engine panic
+    /// ends it: every later write fails, so readiness must say so (see `count`).
+    fn writer_alive(&self) -> bool {
+        !matches!(self.thread.lock().as_ref(), Some(t) if t.is_finished())
     }
 
     /// Stops the writer thread and waits for it, so that no write is in flight.
@@ -998,8 +1009,18 @@ impl VectorIndex for EdgeIndex {
         self.live()?.fetch(ids)
     }
 
+    /// Also the readiness probe's question: a live collection whose writer thread died (an
+    /// engine panic) can still be searched but never written again, so it answers
+    /// `Unavailable` and `/readyz` fails, for the orchestrator to restart the process.
     async fn count(&self) -> Result<usize, IndexError> {
-        Ok(self.live()?.payloads.len())
+        let live = self.live()?;
+        if !live.writer_alive() {
+            return Err(IndexError::Unavailable(format!(
+                "the writer thread of collection {:?} has died (an engine panic); writes fail until a restart",
+                live.name
+            )));
+        }
+        Ok(live.payloads.len())
     }
 
     async fn create_version(&self, version: &str, dim: usize) -> Result<(), IndexError> {
@@ -1172,5 +1193,35 @@ impl Drop for Collection {
     fn drop(&mut self) {
         self.close_writer();
         tracing::debug!(version = %self.name, dir = %self.dir.display(), "collection closed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_engine_panic_that_kills_the_writer_fails_the_readiness_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = EdgeIndex::open(&dir.path().join("index"), EdgeOptions::default()).unwrap();
+        index.create_version("v1", 4).await.unwrap();
+        index.switch_to("v1").await.unwrap();
+        assert_eq!(index.count().await.unwrap(), 0);
+        let live = index.live().unwrap();
+        assert!(live.write(WriteOp::Crash).await.is_err());
+        // The reply is dropped while the thread unwinds; it ends a moment later.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while index.count().await.is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "count still answers with a dead writer"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let err = index.count().await.unwrap_err();
+        assert!(
+            matches!(err, IndexError::Unavailable(ref m) if m.contains("writer thread")),
+            "{err}"
+        );
     }
 }

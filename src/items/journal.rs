@@ -9,7 +9,8 @@ use std::path::PathBuf;
 /// Items added through the API since the catalog file was written, so that they survive a
 /// restart (the index keeps their vectors; the catalog file does not know them). One item per
 /// line in the common JSONL format (plus the item's `popularity`, which the format ignores),
-/// appended and fsynced before the write is acknowledged.
+/// followed by a tab and the CRC-32 of the JSON in hex, appended and fsynced before the write
+/// is acknowledged. A damaged line costs that line only (see [`CatalogJournal::read`]).
 ///
 /// The journal is also what makes an acknowledged upsert durable: the API writes items to the
 /// index without waiting for the engine's flush (`VectorIndex::upsert_buffered`), and a
@@ -36,6 +37,24 @@ struct JournalLine {
     popularity: f32,
 }
 
+/// Parses one journal line: `<json>\t<crc32 of the json, 8 hex digits>`. A line without the
+/// checksum (written before checksums) is taken if its JSON parses. A JSON string never holds
+/// a raw tab (serde escapes it), so the last tab starts the checksum.
+fn parse_line(line: &str) -> Result<JournalLine, String> {
+    let (json, crc) = match line.rsplit_once('\t') {
+        Some((json, crc)) if crc.len() == 8 && crc.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            (json, u32::from_str_radix(crc, 16).ok())
+        }
+        _ => (line, None),
+    };
+    if let Some(crc) = crc {
+        if crc32fast::hash(json.as_bytes()) != crc {
+            return Err("checksum mismatch".into());
+        }
+    }
+    serde_json::from_str(json).map_err(|e| e.to_string())
+}
+
 impl CatalogJournal {
     pub fn new(path: PathBuf) -> Self {
         CatalogJournal {
@@ -46,8 +65,9 @@ impl CatalogJournal {
         }
     }
 
-    /// The journaled items, oldest first. A torn last line (a crash mid-append, before the
-    /// write was acknowledged) is skipped with a warning; a bad line elsewhere is an error.
+    /// The journaled items, oldest first. A damaged line (its checksum or its JSON does not
+    /// hold, or it is a torn last line from a crash mid-append) costs that line only: it is
+    /// skipped, counted and logged, and start-up goes on.
     pub fn read(&self) -> Result<Vec<Item>, CatalogError> {
         Ok(self.read_from(0)?.into_iter().map(|(i, _)| i).collect())
     }
@@ -67,19 +87,27 @@ impl CatalogJournal {
         let text = String::from_utf8_lossy(&tail);
         let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
         let mut items = Vec::with_capacity(lines.len());
+        let mut skipped = 0usize;
         for (n, line) in lines.iter().enumerate() {
-            match serde_json::from_str::<JournalLine>(line) {
+            match parse_line(line) {
                 Ok(l) => items.push((l.item, l.popularity)),
                 Err(e) if n + 1 == lines.len() && !text.ends_with('\n') => {
-                    tracing::warn!(file = %self.path.display(), error = %e, "skipping a torn last line");
+                    tracing::warn!(file = %self.path.display(), error = %e, "skipping a torn last line (a crash mid-append; it was never acknowledged)");
                 }
                 Err(e) => {
-                    return Err(CatalogError::Journal {
-                        file: self.path.clone(),
-                        reason: format!("line {} past byte {offset}: {e}", n + 1),
-                    })
+                    skipped += 1;
+                    tracing::error!(
+                        file = %self.path.display(),
+                        line = n + 1,
+                        past_byte = offset,
+                        error = %e,
+                        "catalog journal: skipping a damaged line (that item write is lost, no other)"
+                    );
                 }
             }
+        }
+        if skipped > 0 {
+            tracing::error!(file = %self.path.display(), skipped, kept = items.len(), "catalog journal had damaged lines; kept every intact one");
         }
         Ok(items)
     }
@@ -171,11 +199,12 @@ impl CatalogJournal {
                 item: item.clone(),
                 popularity: *popularity,
             };
-            serde_json::to_writer(&mut buf, &line).map_err(|e| CatalogError::Journal {
+            let json = serde_json::to_vec(&line).map_err(|e| CatalogError::Journal {
                 file: self.path.clone(),
                 reason: e.to_string(),
             })?;
-            buf.push(b'\n');
+            buf.extend_from_slice(&json);
+            buf.extend_from_slice(format!("\t{:08x}\n", crc32fast::hash(&json)).as_bytes());
         }
         let mut file = self.file.lock();
         if file.is_none() {
@@ -251,10 +280,48 @@ mod tests {
         let c = item("c", "z");
         j.append(&[(c.clone(), 1.0)]).unwrap();
         assert_eq!(j.read().unwrap(), vec![a, b, c]);
-        // Damage anywhere else is reported with the line.
+        // Damage anywhere else costs the damaged lines only.
         std::fs::write(&path, "not json\n{}\n").unwrap();
-        let err = j.read().unwrap_err().to_string();
-        assert!(err.contains("line 1"), "{err}");
+        assert!(j.read().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_damaged_line_in_the_middle_costs_only_that_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("items-added.jsonl");
+        let j = CatalogJournal::new(path.clone());
+        let items: Vec<Item> = (0..5).map(|i| item(&format!("i{i}"), "g")).collect();
+        for it in &items {
+            j.append(&[(it.clone(), 1.0)]).unwrap();
+        }
+        // Overwrite 4 bytes inside line 3 (i2): once so it no longer parses, once so it still
+        // parses but says something else (a flipped letter in its title).
+        let text = std::fs::read_to_string(&path).unwrap();
+        let start = text.find(r#""i2""#).unwrap();
+        let mut bytes = text.clone().into_bytes();
+        bytes[start..start + 4].copy_from_slice(b"\0\0\0\0");
+        std::fs::write(&path, &bytes).unwrap();
+        let got = CatalogJournal::new(path.clone()).read().unwrap();
+        let want: Vec<Item> = items
+            .iter()
+            .filter(|i| i.item_id.as_str() != "i2")
+            .cloned()
+            .collect();
+        assert_eq!(got, want);
+        let title = text.find("title i2").unwrap();
+        let mut bytes = text.into_bytes();
+        bytes[title..title + 4].copy_from_slice(b"TITL");
+        std::fs::write(&path, &bytes).unwrap();
+        let j = CatalogJournal::new(path.clone());
+        assert_eq!(j.read().unwrap(), want);
+        // The pending lines past a mark skip it the same way, and appends go on.
+        let (pending, _) = j.unflushed().unwrap();
+        assert!(pending.is_empty());
+        let last = item("i5", "g");
+        j.append(&[(last.clone(), 1.0)]).unwrap();
+        let mut want = want;
+        want.push(last);
+        assert_eq!(j.read().unwrap(), want);
     }
 
     #[test]
