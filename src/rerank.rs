@@ -156,8 +156,8 @@ pub fn rerank(ctx: &Context<'_>, candidates: Vec<Candidate>) -> Vec<Ranked> {
 }
 
 /// Greedy MMR over the first `depth` positions: each step picks the candidate maximising
-/// `lambda * relevance - (1 - lambda) * max similarity to the already picked
-/// - category_repeat * excess`, where `excess` is how far the largest share of the already
+/// `lambda * relevance - (1 - lambda) * max similarity to the already picked -
+/// category_repeat * excess`, where `excess` is how far the largest share of the already
 /// picked in one of its categories is past [`FREE_CATEGORY_SHARE`], scaled to 0..=1.
 /// The input is sorted by relevance, which also settles ties.
 ///
