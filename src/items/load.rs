@@ -38,7 +38,7 @@ pub enum LoadError {
     Model {
         version: String,
         #[source]
-        source: ModelError,
+        source: Box<ModelError>,
     },
     #[error("{0}")]
     Cluster(#[from] crate::cluster::ClusterError),
@@ -342,6 +342,6 @@ fn count_interactions(dir: &Path) -> Result<HashMap<ItemId, f32>, LoadError> {
 fn model_error(model: &TwoTower, source: ModelError) -> LoadError {
     LoadError::Model {
         version: model.version().to_string(),
-        source,
+        source: Box::new(source),
     }
 }
