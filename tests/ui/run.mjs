@@ -365,8 +365,8 @@ await test("admin shows an experiment's CTR and conversion per variant with conf
     const session_id = `ui-exp-${i}`;
     const r = await (await fetch(`${base}/v1/recommendations?session_id=${session_id}&k=10`)).json();
     const events = [];
-    if (i % 2 === 0) events.push({ session_id, item_id: r.items[0].item_id, type: "click", variant: r.variant, request_id: r.request_id });
-    if (i % 5 === 0) events.push({ session_id, item_id: r.items[1].item_id, type: "purchase", variant: r.variant, request_id: r.request_id });
+    if (i % 2 === 0) events.push({ session_id, item_id: r.items[0].item_id, type: "click", variant: r.variant, context: { request_id: r.request_id } });
+    if (i % 5 === 0) events.push({ session_id, item_id: r.items[1].item_id, type: "purchase", variant: r.variant, context: { request_id: r.request_id } });
     if (events.length) {
       const e = await fetch(`${base}/v1/events`, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(events) });
       assert(e.status === 202, `POST /v1/events: HTTP ${e.status} ${await e.text()}`);
