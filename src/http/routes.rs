@@ -36,6 +36,7 @@ pub async fn get_recommendations(
 #[utoipa::path(post, path = "/v1/recommendations", tag = "recommendations",
     request_body = RecommendParams,
     responses(
+        (status = 415, description = "the body is not sent as application/json", body = ErrorBody),
         (status = 200, body = RecommendationsResponse),
         (status = 413, body = ErrorBody),
         (status = 422, body = ErrorBody),
@@ -140,6 +141,9 @@ pub async fn trending(
 #[utoipa::path(post, path = "/v1/items", tag = "catalog",
     request_body = ItemsUpsert,
     responses(
+        (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
+        (status = 403, description = "no API key is configured: catalog writes are disabled", body = ErrorBody),
+        (status = 415, description = "the body is not sent as application/json", body = ErrorBody),
         (status = 200, body = ItemsUpserted),
         (status = 413, body = ErrorBody),
         (status = 422, body = ErrorBody),
@@ -201,6 +205,9 @@ pub async fn get_item(
     params(("item_id" = String, Path)),
     request_body = ItemPatch,
     responses(
+        (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
+        (status = 403, description = "no API key is configured: catalog writes are disabled", body = ErrorBody),
+        (status = 415, description = "the body is not sent as application/json", body = ErrorBody),
         (status = 200, body = ItemView),
         (status = 404, body = ErrorBody),
         (status = 422, body = ErrorBody),
@@ -244,6 +251,8 @@ pub async fn patch_item(
 #[utoipa::path(delete, path = "/v1/items/{item_id}", tag = "catalog",
     params(("item_id" = String, Path)),
     responses(
+        (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
+        (status = 403, description = "no API key is configured: catalog writes are disabled", body = ErrorBody),
         (status = 204, description = "deleted"),
         (status = 404, body = ErrorBody),
         (status = 422, body = ErrorBody),
@@ -263,6 +272,7 @@ pub async fn delete_item(
     params(("user_id" = String, Path)),
     request_body = OnboardingInput,
     responses(
+        (status = 415, description = "the body is not sent as application/json", body = ErrorBody),
         (status = 200, body = OnboardingResponse),
         (status = 422, body = ErrorBody),
         (status = 503, description = "the session store did not answer", body = ErrorBody),
@@ -379,6 +389,7 @@ pub async fn categories(State(s): State<AppState>) -> Json<CategoriesResponse> {
 #[utoipa::path(post, path = "/v1/events", tag = "events",
     request_body(content = Vec<crate::session::event::EventInput>, description = "one event, or an array of events"),
     responses(
+        (status = 415, description = "the body is not sent as application/json", body = ErrorBody),
         (status = 202, body = EventsAccepted),
         (status = 413, body = ErrorBody),
         (status = 422, body = ErrorBody),
