@@ -102,15 +102,20 @@ impl Keys {
     }
 }
 
-/// The fields of one stream entry: who wrote it and the change as JSON.
-pub fn entry_fields(origin: &str, change: &Change) -> [(&'static str, String); 2] {
-    [
-        ("origin", origin.to_string()),
-        (
-            "change",
-            serde_json::to_string(change).expect("a change serializes"),
-        ),
-    ]
+/// The XADD that announces `change` on `stream` as written by `origin` (trimmed to about
+/// [`STREAM_MAXLEN`] entries): the one shape of a stream entry, `origin` and `change` (JSON).
+pub fn announce(stream: &str, origin: &str, change: &Change) -> redis::Cmd {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(stream)
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(STREAM_MAXLEN)
+        .arg("*")
+        .arg("origin")
+        .arg(origin)
+        .arg("change")
+        .arg(serde_json::to_string(change).expect("a change serializes"));
+    cmd
 }
 
 /// A change read from the stream.
@@ -174,16 +179,9 @@ impl Bus {
 
     /// Announces a change; returns its stream id once Redis has it.
     pub async fn publish(&self, change: &Change) -> Result<String, ClusterError> {
-        let mut cmd = redis::cmd("XADD");
-        cmd.arg(&self.keys.stream)
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(STREAM_MAXLEN)
-            .arg("*");
-        for (k, v) in entry_fields(&self.origin, change) {
-            cmd.arg(k).arg(v);
-        }
-        Ok(cmd.query_async(&mut self.conn.clone()).await?)
+        Ok(announce(&self.keys.stream, &self.origin, change)
+            .query_async(&mut self.conn.clone())
+            .await?)
     }
 
     /// The id of the newest change, or `0-0`: following from here sees every later change.
@@ -223,16 +221,12 @@ impl Bus {
         let text = serde_json::to_string(value).expect("experiments serialize");
         let mut pipe = redis::pipe();
         pipe.atomic().set(&self.keys.experiments, text).ignore();
-        let mut xadd = redis::cmd("XADD");
-        xadd.arg(&self.keys.stream)
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(STREAM_MAXLEN)
-            .arg("*");
-        for (k, v) in entry_fields(&self.origin, &Change::Experiments) {
-            xadd.arg(k).arg(v);
-        }
-        pipe.add_command(xadd).ignore();
+        pipe.add_command(announce(
+            &self.keys.stream,
+            &self.origin,
+            &Change::Experiments,
+        ))
+        .ignore();
         pipe.query_async::<()>(&mut self.conn.clone()).await?;
         Ok(())
     }

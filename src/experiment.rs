@@ -421,24 +421,7 @@ fn quantile_ms(buckets: &[(u32, u64)], q: f64) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn exp(salt: &str, shares: &[(&str, f64)]) -> Experiment {
-        Experiment {
-            name: "home".into(),
-            salt: salt.into(),
-            unit: Unit::User,
-            enabled: true,
-            variants: shares
-                .iter()
-                .map(|(n, s)| crate::config::Variant {
-                    name: n.to_string(),
-                    share: *s,
-                    model_version: None,
-                    rerank: None,
-                })
-                .collect(),
-        }
-    }
+    use crate::config::experiments::sample as exp;
 
     #[tokio::test]
     async fn a_client_sent_variant_cannot_move_an_outcome_to_another_arm() {

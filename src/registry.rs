@@ -478,15 +478,7 @@ impl Registry {
                     Err(e) => return Ok(Some(Err(e))),
                 };
                 let text = serde_json::to_string(&st).expect("registry serializes");
-                let mut xadd = redis::cmd("XADD");
-                xadd.arg(&keys.stream)
-                    .arg("MAXLEN")
-                    .arg("~")
-                    .arg(crate::cluster::STREAM_MAXLEN)
-                    .arg("*");
-                for (k, v) in crate::cluster::entry_fields(&origin, &Change::Registry) {
-                    xadd.arg(k).arg(v);
-                }
+                let xadd = crate::cluster::announce(&keys.stream, &origin, &Change::Registry);
                 let done: Option<()> = pipe
                     .set(&keys.registry, text)
                     .ignore()

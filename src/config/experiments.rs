@@ -203,10 +203,6 @@ impl Experiment {
             .find(|v| v.share > 0.0)
             .unwrap_or(&self.variants[self.variants.len() - 1])
     }
-
-    pub fn has_variant(&self, name: &str) -> bool {
-        self.variants.iter().any(|v| v.name == name)
-    }
 }
 
 /// The assignment of a request under the running set: the enabled experiment's variant for
@@ -240,28 +236,31 @@ pub struct Assignment {
     pub model_version: Option<String>,
 }
 
+/// An enabled experiment `home` with these variant shares, for tests.
+#[cfg(test)]
+pub(crate) fn sample(salt: &str, shares: &[(&str, f64)]) -> Experiment {
+    Experiment {
+        name: "home".into(),
+        salt: salt.into(),
+        unit: Unit::User,
+        enabled: true,
+        variants: shares
+            .iter()
+            .map(|(n, s)| Variant {
+                name: n.to_string(),
+                share: *s,
+                model_version: None,
+                rerank: None,
+            })
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::sample as exp;
     use super::*;
     use std::collections::HashMap;
-
-    fn exp(salt: &str, shares: &[(&str, f64)]) -> Experiment {
-        Experiment {
-            name: "home".into(),
-            salt: salt.into(),
-            unit: Unit::User,
-            enabled: true,
-            variants: shares
-                .iter()
-                .map(|(n, s)| Variant {
-                    name: n.to_string(),
-                    share: *s,
-                    model_version: None,
-                    rerank: None,
-                })
-                .collect(),
-        }
-    }
 
     #[test]
     fn assignment_is_stable_and_shares_hold_over_100k_ids() {
