@@ -110,7 +110,7 @@ impl Entries {
     }
 
     fn count_categories(&mut self, entry: &CatalogEntry, add: bool) {
-        for g in &entry.item.genres {
+        for g in &entry.item.categories {
             if add {
                 *self.categories.entry(g.clone()).or_default() += 1;
             } else if let Some(n) = self.categories.get_mut(g) {
@@ -436,7 +436,7 @@ mod tests {
 
     fn entry(id: &str, genre: &str, popularity: f32) -> CatalogEntry {
         let mut item = Item::new(ItemId::parse(id).unwrap(), format!("title {id}"));
-        item.genres = vec![genre.into()];
+        item.categories = vec![genre.into()];
         CatalogEntry {
             item,
             popularity,
@@ -523,7 +523,7 @@ mod tests {
         assert_eq!(ids(c.popular(&only_x, 3)), ["i48", "new", "i44"]);
         // An item starts to match (changes category into x).
         c.update(&ItemId::parse("i49").unwrap(), |e| {
-            e.item.genres = vec!["x".into()]
+            e.item.categories = vec!["x".into()]
         });
         assert_eq!(ids(c.popular(&only_x, 3)), ["i49", "i48", "new"]);
         // Removal and an exclusion list.

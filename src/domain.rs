@@ -160,8 +160,9 @@ impl FromStr for EventType {
 pub struct Item {
     pub item_id: ItemId,
     pub title: String,
-    /// Categories; `genres` in the file format.
-    pub genres: Vec<String>,
+    /// Categories; `genres` in the file format (MovieLens' name), which stays as it is.
+    #[serde(rename = "genres", alias = "categories")]
+    pub categories: Vec<String>,
     #[serde(default)]
     pub tags: Vec<String>,
     #[serde(default)]
@@ -185,7 +186,7 @@ impl Item {
         Item {
             item_id,
             title: title.into(),
-            genres: Vec::new(),
+            categories: Vec::new(),
             tags: Vec::new(),
             price: None,
             available: true,
@@ -236,14 +237,14 @@ impl Filter {
     pub fn matches(&self, item: &Item) -> bool {
         if !self.include_categories.is_empty()
             && !item
-                .genres
+                .categories
                 .iter()
                 .any(|g| self.include_categories.contains(g))
         {
             return false;
         }
         if item
-            .genres
+            .categories
             .iter()
             .any(|g| self.exclude_categories.contains(g))
         {
@@ -294,7 +295,7 @@ mod tests {
     #[test]
     fn filter_matches_semantics() {
         let mut item = Item::new(ItemId::parse("1").unwrap(), "t");
-        item.genres = vec!["Drama".into()];
+        item.categories = vec!["Drama".into()];
         item.price = Some(10.0);
         let f = Filter {
             include_categories: vec!["Drama".into()],

@@ -595,7 +595,7 @@ impl Default for SimilarConfig {
 
 /// Categories of an item as `similar` compares them (trimmed, lower-cased, no placeholder).
 fn categories(item: &Item) -> HashSet<String> {
-    item.genres
+    item.categories
         .iter()
         .map(|g| g.trim().to_lowercase())
         .filter(|g| !g.is_empty() && g != "(no genres listed)")

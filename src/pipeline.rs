@@ -307,9 +307,9 @@ impl Recommender {
         // Per category, the most popular items that say the most about the choice: an item
         // only in chosen categories beats a more popular one that is mostly something else.
         let purity = |e: &CatalogEntry| {
-            let n = e.item.genres.len().max(1) as f32;
+            let n = e.item.categories.len().max(1) as f32;
             e.item
-                .genres
+                .categories
                 .iter()
                 .filter(|g| categories.contains(g))
                 .count() as f32

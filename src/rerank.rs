@@ -112,7 +112,7 @@ pub fn rerank(ctx: &Context<'_>, candidates: Vec<Candidate>) -> Vec<Ranked> {
                 comp.category_affinity = c
                     .entry
                     .item
-                    .genres
+                    .categories
                     .iter()
                     .filter_map(|g| affinity.iter().find(|(c, _)| *c == g.as_str()))
                     .map(|(_, a)| a)
@@ -198,7 +198,7 @@ fn mmr(mut pool: Vec<Ranked>, lambda: f32, category_repeat: f32, depth: usize) -
                 let most = r
                     .entry
                     .item
-                    .genres
+                    .categories
                     .iter()
                     .filter_map(|g| picked_in.iter().find(|(c, _)| c == g))
                     .map(|(_, n)| *n)
@@ -218,7 +218,7 @@ fn mmr(mut pool: Vec<Ranked>, lambda: f32, category_repeat: f32, depth: usize) -
         let Some(best) = best else { break };
         taken[best] = true;
         order.push(best);
-        for g in &pool[best].entry.item.genres {
+        for g in &pool[best].entry.item.categories {
             match picked_in.iter_mut().find(|(c, _)| c == g) {
                 Some((_, n)) => *n += 1,
                 None => picked_in.push((g.clone(), 1)),
@@ -287,7 +287,7 @@ fn category_affinity(window: &[SessionItem]) -> Vec<(&str, f32)> {
     for (pos, s) in window.iter().enumerate() {
         let w = 0.5f32.powf(pos as f32 / AFFINITY_HALF_LIFE);
         total += w;
-        for g in &s.entry.item.genres {
+        for g in &s.entry.item.categories {
             match weights.iter_mut().find(|(c, _)| *c == g.as_str()) {
                 Some((_, sum)) => *sum += w,
                 None => weights.push((g.as_str(), w)),
@@ -335,7 +335,7 @@ mod tests {
 
     fn entry(id: &str, genre: &str, vector: [f32; 2]) -> Arc<CatalogEntry> {
         let mut item = Item::new(ItemId::parse(id).unwrap(), id);
-        item.genres = vec![genre.into()];
+        item.categories = vec![genre.into()];
         let n = (vector[0] * vector[0] + vector[1] * vector[1]).sqrt();
         Arc::new(CatalogEntry {
             item,
@@ -493,7 +493,7 @@ mod tests {
         // 8-d vectors: category i lies along axis i, its items tilted a little off it.
         let on_axis = |id: String, genre: &str, axis: usize, tilt: f32| {
             let mut item = Item::new(ItemId::parse(id).unwrap(), "t");
-            item.genres = vec![genre.into()];
+            item.categories = vec![genre.into()];
             let mut v = vec![0.0f32; 8];
             v[axis] = 1.0;
             v[7] = tilt;
@@ -530,7 +530,7 @@ mod tests {
             let out = rerank(&ctx, cands.clone());
             let top: Vec<String> = out[..20]
                 .iter()
-                .map(|r| r.entry.item.genres[0].clone())
+                .map(|r| r.entry.item.categories[0].clone())
                 .collect();
             let x = top.iter().filter(|g| *g == "x").count();
             let distinct = top.iter().collect::<HashSet<_>>().len();

@@ -43,9 +43,9 @@ fn catalog() -> Vec<Item> {
                 ItemId::parse(id).unwrap(),
                 format!("{} {} {n}", w[n % 4], w[(n / 4) % 4]),
             );
-            item.genres = vec![cat.to_string()];
+            item.categories = vec![cat.to_string()];
             if n % 7 == 3 {
-                item.genres
+                item.categories
                     .push(CATEGORIES[(c + 1) % CATEGORIES.len()].to_string());
             }
             item.tags = vec![w[(n + 1) % 4].to_string()];
@@ -428,7 +428,7 @@ async fn a_new_item_shows_up_in_similar_within_a_second() {
     let body = json!({"items": [{
         "item_id": "scifi-new",
         "title": anchor.title,
-        "categories": anchor.genres,
+        "categories": anchor.categories,
         "tags": anchor.tags,
         "price": 12.5,
         "year": anchor.year,
@@ -459,7 +459,7 @@ async fn a_new_item_shows_up_in_similar_within_a_second() {
     assert_eq!(status, StatusCode::OK);
     let view: ItemView = serde_json::from_value(body).unwrap();
     assert_eq!(view.price, Some(12.5));
-    assert_eq!(view.categories, anchor.genres);
+    assert_eq!(view.categories, anchor.categories);
 }
 
 #[tokio::test]
@@ -1467,7 +1467,7 @@ async fn an_index_outage_serves_the_fallback_list_and_recovers() {
         );
         for r in &down.items {
             assert!(
-                r.entry.item.genres.iter().any(|g| g == category) && r.entry.item.available,
+                r.entry.item.categories.iter().any(|g| g == category) && r.entry.item.available,
                 "{category}: {} breaks the filter",
                 r.entry.id()
             );
@@ -1566,7 +1566,7 @@ async fn an_unknown_or_mis_cased_category_is_a_422_naming_the_closest_names() {
             let n = app
                 .items
                 .values()
-                .filter(|i| i.genres.iter().any(|g| g == c));
+                .filter(|i| i.categories.iter().any(|g| g == c));
             (c.to_string(), n.count() as u64)
         })
         .collect();

@@ -89,7 +89,7 @@ fn import_ml_latest_layout() {
     assert_eq!(items.len(), 12);
     let president = &items["11"];
     assert_eq!(president.title, "American President, The (1995)");
-    assert_eq!(president.genres, ["Comedy", "Drama", "Romance"]);
+    assert_eq!(president.categories, ["Comedy", "Drama", "Romance"]);
     assert_eq!(president.year, Some(1995));
     let city = &items["29"];
     assert_eq!(
@@ -105,7 +105,7 @@ fn import_ml_latest_layout() {
     assert_eq!(items["1"].tags, ["pixar", "fun"]);
     assert!(items["2"].tags.is_empty());
     // "(no genres listed)" is no category; the year still comes from the title.
-    assert!(items["114335"].genres.is_empty());
+    assert!(items["114335"].categories.is_empty());
     assert_eq!(items["114335"].year, Some(1957));
     assert_eq!(items["114335"].tags, ["french"]);
     assert_eq!(items["171749"].year, Some(2006));
@@ -117,7 +117,7 @@ fn import_ml_latest_layout() {
         "From Dusk Till Dawn 2: Texas Blood Money (1999) "
     );
     assert_eq!(items["27008"].year, Some(1999));
-    assert_eq!(items["260"].genres, ["Action", "Adventure", "Sci-Fi"]);
+    assert_eq!(items["260"].categories, ["Action", "Adventure", "Sci-Fi"]);
 
     let rows = read_interactions(&out.join("interactions.csv")).unwrap();
     assert_eq!(rows.len(), 36);
@@ -149,14 +149,14 @@ fn import_ml_100k_layout() {
     let items = items_by_id(&out.join("items.csv"));
     // u.item is latin-1: é is one byte there and must come out as UTF-8.
     assert_eq!(items["4"].title, "Misérables, Les (1995)");
-    assert_eq!(items["4"].genres, ["Drama", "Musical"]);
-    assert_eq!(items["1"].genres, ["Animation", "Children's", "Comedy"]);
+    assert_eq!(items["4"].categories, ["Drama", "Musical"]);
+    assert_eq!(items["1"].categories, ["Animation", "Children's", "Comedy"]);
     assert_eq!(items["1"].year, Some(1995));
     // No year in the title: the release date gives it.
     assert_eq!(items["6"].title, "Café au Lait");
     assert_eq!(items["6"].year, Some(1994));
     // The `unknown` genre flag means no category.
-    assert!(items["267"].genres.is_empty());
+    assert!(items["267"].categories.is_empty());
     assert_eq!(items["267"].year, None);
     let rows = read_interactions(&out.join("interactions.csv")).unwrap();
     assert_eq!(rows.len(), 20);
@@ -212,7 +212,7 @@ fn generate_is_deterministic_sized_and_structured() {
     assert!(items.iter().all(|i| i.price.is_some_and(|p| p > 0.0)));
     assert!(items
         .iter()
-        .all(|i| !i.genres.is_empty() && !i.tags.is_empty()));
+        .all(|i| !i.categories.is_empty() && !i.tags.is_empty()));
     assert!(items.iter().any(|i| !i.available));
     assert!(items.iter().all(|i| i.created_at.is_some()));
     let kinds: HashSet<_> = rows.iter().map(|r| r.event_type).collect();
@@ -261,7 +261,7 @@ fn generate_is_deterministic_sized_and_structured() {
     // far more than the catalog's 3 largest categories hold of it.
     let genre: HashMap<&str, &str> = items
         .iter()
-        .map(|i| (i.item_id.as_str(), i.genres[0].as_str()))
+        .map(|i| (i.item_id.as_str(), i.categories[0].as_str()))
         .collect();
     let mut per_user: HashMap<&str, HashMap<&str, usize>> = HashMap::new();
     for r in &rows {
@@ -497,7 +497,7 @@ fn generated_tastes_are_learnable() {
     let test = by_user(&rows_of(&out.join("test.csv")));
     let category: HashMap<&str, &str> = items
         .iter()
-        .map(|i| (i.item_id.as_str(), i.genres[0].as_str()))
+        .map(|i| (i.item_id.as_str(), i.categories[0].as_str()))
         .collect();
     let mut pop: HashMap<&str, f64> = HashMap::new();
     for r in &train {

@@ -283,7 +283,7 @@ fn parse_item_row(row: &Row<'_>) -> Result<Item, DataError> {
     Ok(Item {
         item_id,
         title: row.text("title"),
-        genres: row.list("genres"),
+        categories: row.list("genres"),
         tags: row.list("tags"),
         price,
         available,
@@ -429,7 +429,7 @@ impl ItemWriter {
         let mut rec = vec![
             item.item_id.to_string(),
             item.title.clone(),
-            item.genres.join("|"),
+            item.categories.join("|"),
         ];
         if self.extended {
             rec.push(item.tags.join("|"));
@@ -537,7 +537,7 @@ mod tests {
     fn round_trip_items_and_interactions() {
         let dir = tempfile::tempdir().unwrap();
         let mut item = Item::new(ItemId::parse("i,1").unwrap(), "A \"quoted\", title");
-        item.genres = vec!["Drama".into(), "Comedy".into()];
+        item.categories = vec!["Drama".into(), "Comedy".into()];
         item.tags = vec!["funny".into()];
         item.price = Some(9.5);
         item.available = false;

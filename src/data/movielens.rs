@@ -226,7 +226,7 @@ fn read_movies(
         }
         let title = row.text("title");
         let mut item = Item::new(item_id, title);
-        item.genres = row
+        item.categories = row
             .list("genres")
             .into_iter()
             .filter(|g| g != NO_GENRES)
@@ -390,7 +390,7 @@ fn read_ml100k_items(file: &Path) -> Result<Vec<Item>, DataError> {
         let mut item = Item::new(item_id, p[1]);
         for (k, name) in ML100K_GENRES.iter().enumerate() {
             match p[5 + k].trim() {
-                "1" if k > 0 => item.genres.push(name.to_string()),
+                "1" if k > 0 => item.categories.push(name.to_string()),
                 "0" | "1" => {}
                 other => {
                     return Err(id_error(

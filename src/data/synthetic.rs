@@ -338,7 +338,7 @@ fn generate_catalog(cfg: &GenerateConfig, file: &Path) -> Result<Catalog, Genera
         let price = spec.price * style_price * (0.45 * rng.normal()).exp();
         let id = ItemId::parse((i + 1).to_string()).expect("numeric ids are valid");
         let mut item = Item::new(id.clone(), title);
-        item.genres = std::iter::once(primary)
+        item.categories = std::iter::once(primary)
             .chain(secondary)
             .map(|c| CATEGORIES[c].name.to_string())
             .collect();

@@ -25,7 +25,7 @@ pub fn parse_events(s: &AppState, body: &[u8]) -> Result<Vec<Event>, AppError> {
     let entries = s.catalog.get_many(events.iter().map(|e| &e.item_id));
     for (e, entry) in events.iter_mut().zip(entries) {
         if let Some(entry) = entry {
-            e.categories = entry.item.genres.clone();
+            e.categories = entry.item.categories.clone();
         }
     }
     Ok(events)

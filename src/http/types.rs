@@ -344,7 +344,7 @@ impl RecommendationsResponse {
                     item_id: x.entry.item.item_id.to_string(),
                     score: x.score,
                     title: x.entry.item.title.clone(),
-                    categories: x.entry.item.genres.clone(),
+                    categories: x.entry.item.categories.clone(),
                     price: x.entry.item.price,
                     explanation: explain.then_some(x.components),
                 })
@@ -414,7 +414,7 @@ impl ItemInput {
         let item = Item {
             item_id,
             title: self.title,
-            genres: self.categories,
+            categories: self.categories,
             tags: self.tags,
             price,
             available: self.available,
@@ -465,7 +465,7 @@ impl From<&CatalogEntry> for ItemView {
         ItemView {
             item_id: e.item.item_id.to_string(),
             title: e.item.title.clone(),
-            categories: e.item.genres.clone(),
+            categories: e.item.categories.clone(),
             tags: e.item.tags.clone(),
             price: e.item.price,
             available: e.item.available,

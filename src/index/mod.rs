@@ -40,7 +40,7 @@ impl Payload {
     pub fn of(item: &Item, popularity: f32) -> Payload {
         Payload {
             item_id: item.item_id.clone(),
-            categories: item.genres.clone(),
+            categories: item.categories.clone(),
             available: item.available,
             price: item.price,
             created_at: item.created_at,
@@ -56,7 +56,7 @@ impl Payload {
         Item {
             item_id: self.item_id.clone(),
             title: self.title.clone(),
-            genres: self.categories.clone(),
+            categories: self.categories.clone(),
             tags: self.tags.clone(),
             price: self.price,
             available: self.available,

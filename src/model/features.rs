@@ -362,7 +362,7 @@ impl Featurizer {
         let mut content = Vec::with_capacity(12);
 
         let cats: Vec<&str> = item
-            .genres
+            .categories
             .iter()
             .map(|g| g.trim())
             .filter(|g| !g.is_empty() && *g != "(no genres listed)")
@@ -449,7 +449,7 @@ mod tests {
     fn unseen_item_has_no_id_row_but_has_content() {
         let f = Featurizer::new(FeatureConfig::default(), IdTable::new(1 << 15));
         let mut item = Item::new(ItemId::parse("x").unwrap(), "Heat (1995)");
-        item.genres = vec!["Crime".into(), "Action".into()];
+        item.categories = vec!["Crime".into(), "Action".into()];
         let feats = f.features(&item);
         assert_eq!(feats.id_row, None);
         // two categories, one token, year, popularity

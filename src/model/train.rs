@@ -496,7 +496,7 @@ fn prepare(
     let mut cats = std::collections::HashSet::new();
     let mut toks = std::collections::HashSet::new();
     for it in items {
-        cats.extend(it.genres.iter().map(|g| g.to_lowercase()));
+        cats.extend(it.categories.iter().map(|g| g.to_lowercase()));
         toks.extend(super::features::title_tokens(&it.title));
         toks.extend(it.tags.iter().map(|t| format!("tag:{}", t.to_lowercase())));
     }
