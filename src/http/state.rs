@@ -3,18 +3,16 @@
 use crate::arms::Arms;
 use crate::catalog::Catalog;
 use crate::cluster::{Bus, Change, ClusterError};
-use crate::config::experiments::{pinned_models, Assignment};
-use crate::config::Experiment;
-use crate::config::{Settings, CONTROL_VARIANT};
+use crate::config::experiments::pinned_models;
+use crate::config::{Experiment, Settings};
 use crate::degrade::{Budgets, GuardedIndex, GuardedSession};
-use crate::domain::{SessionId, UserId};
 use crate::experiment::Experiments;
 use crate::index::{IndexError, VectorIndex};
 use crate::items::load::{journal_path, LoadError};
 use crate::items::{CatalogJournal, ItemWriter};
 use crate::lifecycle::{Lifecycle, LifecycleError};
 use crate::model::{ModelError, TwoTower};
-use crate::pipeline::Recommender;
+use crate::pipeline::{self, Recommender};
 use crate::registry::Registry;
 use crate::session::{SessionError, SessionStore};
 use arc_swap::ArcSwap;
@@ -214,15 +212,15 @@ impl AppState {
         ));
         experiments.spawn_flusher();
         let arms = Arc::new(Arms::new(index.clone()));
-        let recommender = Arc::new(Recommender::new(
-            model.clone(),
-            index.clone(),
-            sessions.clone(),
-            catalog.clone(),
-            settings.server.clone(),
-            experiments.rerank_handle(),
-            arms.clone(),
-        ));
+        let recommender = Arc::new(Recommender::new(pipeline::Parts {
+            model: model.clone(),
+            index: index.clone(),
+            sessions: sessions.clone(),
+            catalog: catalog.clone(),
+            settings: settings.server.clone(),
+            experiments: experiments.clone(),
+            arms: arms.clone(),
+        }));
         let lifecycle = Arc::new(
             Lifecycle::start(
                 registry,
@@ -260,19 +258,6 @@ impl AppState {
             bus,
             follower: Arc::default(),
         })
-    }
-
-    /// The experiment arm of a request: the one place a variant is chosen. Without a running
-    /// experiment (or an id to hash) it is control.
-    pub fn choose_variant(&self, user: Option<&UserId>, session: Option<&SessionId>) -> String {
-        self.assign(user, session)
-            .map(|a| a.variant)
-            .unwrap_or_else(|| CONTROL_VARIANT.to_string())
-    }
-
-    /// The full assignment, for handlers that count the response as an impression.
-    pub fn assign(&self, user: Option<&UserId>, session: Option<&SessionId>) -> Option<Assignment> {
-        self.experiments.assign(user, session)
     }
 
     /// Experiments another replica set: their models first, as `PUT /admin/experiments`

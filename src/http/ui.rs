@@ -3,8 +3,9 @@
 //! the binary so that `tandem serve` needs nothing on disk, and they call only the public and
 //! admin APIs, like any storefront would.
 
+use super::error::AppError;
 use axum::extract::Path;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -53,14 +54,11 @@ pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
 async fn asset(Path(name): Path<String>) -> Response {
     match ASSETS.iter().find(|(n, _, _)| *n == name) {
         Some(&(_, kind, body)) => file(kind, body),
-        None => (
-            StatusCode::NOT_FOUND,
-            axum::Json(serde_json::json!({
-                "error": "not_found",
-                "message": format!("no UI asset named {name:?}"),
-            })),
-        )
-            .into_response(),
+        None => AppError::NotFound {
+            what: "UI asset",
+            id: name,
+        }
+        .into_response(),
     }
 }
 
@@ -90,6 +88,7 @@ mod tests {
     use super::*;
     use axum::body::Body;
     use axum::http::Request;
+    use axum::http::StatusCode;
     use tower::ServiceExt;
 
     async fn get_path(path: &str) -> (StatusCode, String, String) {
