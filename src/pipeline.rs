@@ -39,8 +39,8 @@ const TRENDING_DEPTH: usize = 500;
 /// dropping a few items still leave a diversified page.
 const MMR_SLACK: usize = 10;
 
-/// A part of the pipeline that did not answer, so the response was made without it. Declared
-/// in the order the steps meet them, which is the order `degraded:[..]` lists them in.
+/// A part of the pipeline that did not answer, so the response was made without it.
+/// `degraded` names each once, in the order a request meets them (the order declared here).
 #[derive(
     Debug,
     Clone,
@@ -154,6 +154,9 @@ struct Activity {
     events: Vec<(Arc<CatalogEntry>, RecentItem)>,
     purchased: IdSet,
     viewed: IdSet,
+    /// The candidate cache's key for this activity under the request's model and filter
+    /// ([`activity_fingerprint`]); `None` without activity.
+    cache_key: Option<String>,
 }
 
 /// One request on its way through the pipeline: what was asked, the experiment arm it was
@@ -177,9 +180,11 @@ struct Stages {
     laps: Vec<(&'static str, Duration)>,
 }
 
-/// Runs one pipeline step and records how long it took under its name.
+/// `step!(r, "name" => expr)`: runs one pipeline step and records how long it took under its
+/// name (the `stage` label of `tandem_stage_seconds`). The `=>` keeps each step on its own
+/// line: rustfmt leaves a macro call whose input is not an argument list as it is written.
 macro_rules! step {
-    ($serving:ident, $name:literal, $e:expr) => {{
+    ($serving:ident, $name:literal => $e:expr) => {{
         let t = Instant::now();
         let v = $e;
         $serving.stages.laps.push(($name, t.elapsed()));
@@ -288,40 +293,23 @@ impl Recommender {
     /// Personal recommendations for a user and/or session; trending for strangers.
     pub async fn recommend(&self, req: &RecommendRequest) -> Recommendations {
         let mut r = self.start(req);
-        let mut activity = step!(r, "read_session", self.read_activity(&mut r).await);
-        let fingerprint = activity_fingerprint(&r.model, &req.filter, &activity);
-        let cached = step!(
-            r,
-            "cache_get",
-            self.cached_candidates(&mut r, &fingerprint).await
-        );
-        let user_vector = step!(
-            r,
-            "user_vector",
-            self.user_vector(&mut r, &activity, &cached)
-        );
-        let (source, candidates) = step!(
-            r,
-            "fetch_candidates",
-            self.fetch_candidates(&mut r, &activity, cached, user_vector, &fingerprint)
-                .await
-        );
-        let candidates = step!(
-            r,
-            "arm_vectors",
-            self.in_arm_space(&mut r, &mut activity, candidates).await
-        );
-        let trending = step!(r, "trending", self.trending_list(&mut r, None).await);
-        let ranked = step!(
-            r,
-            "rerank",
-            self.rerank(&r, &activity, &trending.scores, candidates)
-        );
-        let items = step!(
-            r,
-            "business_rules",
-            self.apply_business_rules(ranked, &req.filter, &activity.purchased, req.k)
-        );
+        let mut activity = step!(r, "read_session" => self.read_activity(&mut r).await);
+        let cached = step!(r, "cache_get" => self.cached_candidates(&mut r, &activity).await);
+        let user_vector = step!(r, "user_vector" => self.user_vector(&mut r, &activity, &cached));
+        let (source, candidates) = step!(r, "fetch_candidates" => {
+            if let Some(found) = cached {
+                (Source::Cached, found)
+            } else if let Some(found) = self.personal(&mut r, &activity, user_vector).await {
+                (Source::Personal, found)
+            } else {
+                (Source::Trending, self.fallback_candidates(&mut r, self.depth(req)).await)
+            }
+        });
+        let candidates =
+            step!(r, "arm_vectors" => self.in_arm_space(&mut r, &mut activity, candidates).await);
+        let trending = step!(r, "trending" => self.trending_list(&mut r, None).await);
+        let ranked = step!(r, "rerank" => self.rerank(&r, &activity, &trending.scores, candidates));
+        let items = step!(r, "business_rules" => self.business_rules(&r, ranked, &activity));
         self.finish(r, "recommend", source, items)
     }
 
@@ -331,52 +319,36 @@ impl Recommender {
         item: &ItemId,
         req: &RecommendRequest,
     ) -> Result<Recommendations, PipelineError> {
-        let mut r = self.start(req);
         let anchor = self
             .catalog
             .get(item)
             .ok_or_else(|| PipelineError::UnknownItem(item.clone()))?;
-        let filter = filter_excluding(&req.filter, [anchor.id().clone()]);
+        let req = &RecommendRequest {
+            filter: filter_excluding(&req.filter, [anchor.id().clone()]),
+            ..req.clone()
+        };
+        let mut r = self.start(req);
         // The checkpoint's `similar` query (content in, see `TwoTower::similar_query`); an
         // older checkpoint answers with the anchor's own vector.
         let query = r
             .model
             .similar_query(&anchor.item)
             .unwrap_or_else(|_| anchor.vector.to_vec());
-        let candidates = step!(
-            r,
-            "fetch_candidates",
-            self.search(&mut r, &query, &filter, req.k + MMR_SLACK)
-                .await
-        );
-        let candidates = candidates.unwrap_or_default();
-        let ranked = step!(
-            r,
-            "rerank",
-            self.rerank(&r, &Activity::default(), &IdMap::default(), candidates)
-        );
-        let items = step!(
-            r,
-            "business_rules",
-            self.apply_business_rules(ranked, &filter, &IdSet::default(), req.k)
-        );
+        let found =
+            step!(r, "fetch_candidates" => self.search(&mut r, &query, req.k + MMR_SLACK).await);
+        let (none, found) = (Activity::default(), found.unwrap_or_default());
+        let ranked = step!(r, "rerank" => self.rerank(&r, &none, &IdMap::default(), found));
+        let items = step!(r, "business_rules" => self.business_rules(&r, ranked, &none));
         Ok(self.finish(r, "similar", Source::Similar, items))
     }
 
     /// Trending items under the filter; the catalog's popularity order when trending is empty.
     pub async fn trending(&self, req: &RecommendRequest) -> Recommendations {
         let mut r = self.start(req);
-        let candidates = step!(
-            r,
-            "fetch_candidates",
-            self.fallback_candidates(&mut r, req.k).await
-        );
-        let ranked = candidates.into_iter().map(unranked).collect();
-        let items = step!(
-            r,
-            "business_rules",
-            self.apply_business_rules(ranked, &req.filter, &IdSet::default(), req.k)
-        );
+        let found = step!(r, "fetch_candidates" => self.fallback_candidates(&mut r, req.k).await);
+        let ranked = found.into_iter().map(unranked).collect();
+        let items =
+            step!(r, "business_rules" => self.business_rules(&r, ranked, &Activity::default()));
         self.finish(r, "trending", Source::Trending, items)
     }
 
@@ -610,7 +582,9 @@ impl Recommender {
         if failed {
             r.degraded.insert(Degraded::Session);
         }
-        self.merge_activity(all)
+        let mut activity = self.merge_activity(all);
+        activity.cache_key = activity_fingerprint(&r.model, &req.filter, &activity);
+        activity
     }
 
     fn merge_activity(&self, mut all: Vec<RecentItem>) -> Activity {
@@ -646,9 +620,9 @@ impl Recommender {
     async fn cached_candidates(
         &self,
         r: &mut Serving<'_>,
-        key: &Option<String>,
+        activity: &Activity,
     ) -> Option<Vec<Candidate>> {
-        let key = key.as_ref()?;
+        let key = activity.cache_key.as_ref()?;
         let bytes = match self.sessions.cache_get(key).await {
             Ok(b) => {
                 telemetry::record_cache(b.is_some());
@@ -704,44 +678,26 @@ impl Recommender {
         }
     }
 
-    /// Where the candidates come from, first choice first: the cache, for activity it has
-    /// seen; an ANN search by the user vector (personal); and when there is no vector or the
-    /// index does not answer, trending and popular items (the fallback).
-    async fn fetch_candidates(
-        &self,
-        r: &mut Serving<'_>,
-        activity: &Activity,
-        cached: Option<Vec<Candidate>>,
-        user_vector: Option<Vec<f32>>,
-        cache_key: &Option<String>,
-    ) -> (Source, Vec<Candidate>) {
-        let k = self.settings.k_candidates.max(r.req.k + MMR_SLACK);
-        if let Some(found) = cached {
-            return (Source::Cached, found);
-        }
-        if let Some(found) = self.personal_candidates(r, activity, user_vector, k).await {
-            self.cache_candidates(cache_key, &found);
-            return (Source::Personal, found);
-        }
-        (Source::Trending, self.fallback_candidates(r, k).await)
+    /// How many candidates a personal request fetches.
+    fn depth(&self, req: &RecommendRequest) -> usize {
+        self.settings.k_candidates.max(req.k + MMR_SLACK)
     }
 
-    /// The ANN search by the user vector, with the popularity prior; `None` without a vector
-    /// or when the index does not answer.
-    async fn personal_candidates(
+    /// The ANN search by the user vector, with the popularity prior, written to the candidate
+    /// cache; `None` without a vector or when the index does not answer.
+    async fn personal(
         &self,
         r: &mut Serving<'_>,
         activity: &Activity,
         user_vector: Option<Vec<f32>>,
-        k: usize,
     ) -> Option<Vec<Candidate>> {
         let v = user_vector?;
-        let req = r.req;
-        let found = self.search(r, &v, &req.filter, k).await?;
-        Some(
-            self.with_popularity_prior(r, activity.events.len(), &v, found)
-                .await,
-        )
+        let found = self.search(r, &v, self.depth(r.req)).await?;
+        let found = self
+            .with_popularity_prior(r, activity.events.len(), &v, found)
+            .await;
+        self.cache_candidates(&activity.cache_key, &found);
+        Some(found)
     }
 
     /// Adds the checkpoint's popularity prior to the ANN scores, as offline evaluation ranks
@@ -789,9 +745,10 @@ impl Recommender {
         &self,
         r: &mut Serving<'_>,
         vector: &[f32],
-        filter: &Filter,
         k: usize,
     ) -> Option<Vec<Candidate>> {
+        let req = r.req;
+        let filter = &req.filter;
         let collection = match &r.arm {
             Some(arm) => Some(arm.collection.clone()),
             None => self.arms.collection_of(r.model.version()),
@@ -977,13 +934,13 @@ impl Recommender {
     /// live catalog (an item made unavailable or deleted since the candidates were fetched or
     /// cached drops out here) and the request's filter, and purchased items never pass. The
     /// check stops once `k` have passed.
-    fn apply_business_rules(
+    fn business_rules(
         &self,
+        r: &Serving<'_>,
         ranked: Vec<Ranked>,
-        filter: &Filter,
-        purchased: &IdSet,
-        k: usize,
+        activity: &Activity,
     ) -> Vec<Ranked> {
+        let (filter, purchased, k) = (&r.req.filter, &activity.purchased, r.req.k);
         let mut kept = Vec::with_capacity(k.min(ranked.len()));
         for mut r in ranked {
             if kept.len() == k {

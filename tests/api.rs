@@ -662,6 +662,9 @@ async fn catalog_writes_need_the_key_and_reads_and_events_do_not() {
             .await
             .unwrap();
         assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "{ct}");
+        let e: ErrorBody = r.json().await.unwrap();
+        assert_eq!(e.code, "unsupported_media_type");
+        assert_eq!(e.field.as_deref(), Some("content-type"));
     }
     let r = anonymous
         .post(app.url("/v1/events"))

@@ -181,13 +181,18 @@ fn click(user: &str, item: &str) -> (String, Value) {
     (id, e)
 }
 
+/// The response's `degraded` list, which names each cause once however many steps met it
+/// (with Redis down, the session read, the cache and two trending reads all fail).
 fn degraded(body: &Value) -> Vec<String> {
-    body["degraded"]
+    let list: Vec<String> = body["degraded"]
         .as_array()
         .unwrap_or_else(|| panic!("no degraded list in {body}"))
         .iter()
         .map(|v| v.as_str().unwrap().to_string())
-        .collect()
+        .collect();
+    let once: HashSet<&String> = list.iter().collect();
+    assert_eq!(once.len(), list.len(), "a cause named twice: {body}");
+    list
 }
 
 /// Redis dies mid-stream and comes back. Recommendations never fail: 200 with

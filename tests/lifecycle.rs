@@ -615,7 +615,7 @@ async fn an_experiment_serves_a_second_model_beside_the_active_one() {
     // tt-c answers at once; the catalog moves to tt-c's vectors in the background (300
     // items: milliseconds, but a busy box may take longer), and the lists match the arm's
     // once it has. Waited for with a deadline, then checked user by user.
-    for (user, _) in &arm_lists {
+    for user in arm_lists.keys() {
         assert_eq!(app.recommend(user).await.unwrap()["model_version"], "tt-c");
     }
     let same_as_arm = || async {
@@ -782,6 +782,20 @@ async fn clicks_with_a_variant_show_up_in_that_variants_ctr() {
         per_variant.len() == 2,
         "both arms get traffic: {per_variant:?}"
     );
+    // Onboarding's first page is served like any other: an impression of the user's variant.
+    let seen = app.recommend("user-0").await.unwrap();
+    *per_variant.entry(seen["variant"].as_str().unwrap().to_string()).or_default() += 1;
+    let liked = seen["items"][0]["item_id"].clone();
+    let r = http
+        .post(format!("{}/v1/users/newcomer/onboarding", app.base))
+        .json(&json!({"liked_items": [liked]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let onboarded: Value = r.json().await.unwrap();
+    let onboarded_variant = onboarded["recommendations"]["variant"].as_str().unwrap();
+    *per_variant.entry(onboarded_variant.to_string()).or_default() += 1;
     // A purchase that cites only its request id is attributed through it.
     let body = app.recommend("buyer").await.unwrap();
     let buyer_variant = body["variant"].as_str().unwrap().to_string();

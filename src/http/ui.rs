@@ -154,12 +154,15 @@ mod tests {
         assert!(body.starts_with("<svg"), "{body}");
     }
 
+    /// A 404 for an asset is the API's error body, like every other error.
     #[tokio::test]
     async fn unknown_asset_is_a_404_naming_it() {
         let (status, kind, body) = get_path("/ui/nope.js").await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert!(kind.starts_with("application/json"));
-        assert!(body.contains("nope.js"), "{body}");
+        let error: super::super::ErrorBody = serde_json::from_str(&body).unwrap();
+        assert_eq!(error.code, "not_found", "{body}");
+        assert!(error.message.contains("nope.js"), "{body}");
     }
 
     /// The server's 403 says "the admin API is disabled: ..."; the page shows that message
