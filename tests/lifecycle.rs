@@ -784,7 +784,9 @@ async fn clicks_with_a_variant_show_up_in_that_variants_ctr() {
     );
     // Onboarding's first page is served like any other: an impression of the user's variant.
     let seen = app.recommend("user-0").await.unwrap();
-    *per_variant.entry(seen["variant"].as_str().unwrap().to_string()).or_default() += 1;
+    *per_variant
+        .entry(seen["variant"].as_str().unwrap().to_string())
+        .or_default() += 1;
     let liked = seen["items"][0]["item_id"].clone();
     let r = http
         .post(format!("{}/v1/users/newcomer/onboarding", app.base))
@@ -795,7 +797,9 @@ async fn clicks_with_a_variant_show_up_in_that_variants_ctr() {
     assert_eq!(r.status(), 200);
     let onboarded: Value = r.json().await.unwrap();
     let onboarded_variant = onboarded["recommendations"]["variant"].as_str().unwrap();
-    *per_variant.entry(onboarded_variant.to_string()).or_default() += 1;
+    *per_variant
+        .entry(onboarded_variant.to_string())
+        .or_default() += 1;
     // A purchase that cites only its request id is attributed through it.
     let body = app.recommend("buyer").await.unwrap();
     let buyer_variant = body["variant"].as_str().unwrap().to_string();
