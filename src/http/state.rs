@@ -17,7 +17,7 @@ use crate::registry::Registry;
 use crate::session::{SessionError, SessionStore};
 use arc_swap::ArcSwap;
 use futures::FutureExt;
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
 
@@ -47,6 +47,21 @@ pub enum ServeError {
     Cluster(#[from] ClusterError),
     #[error("server: {0}")]
     Io(std::io::Error),
+}
+
+/// What `AppState::build` opened, before it is assembled into a state.
+struct Opened {
+    settings: Settings,
+    model: TwoTower,
+    index: Arc<dyn VectorIndex>,
+    sessions: Arc<dyn SessionStore>,
+    catalog: Arc<Catalog>,
+    registry: Arc<Registry>,
+    /// The directory `model` was loaded from (the registry adopts it if it does not know it
+    /// yet).
+    model_source: PathBuf,
+    journal: Option<Arc<CatalogJournal>>,
+    bus: Option<Arc<Bus>>,
 }
 
 /// Shared by every handler; cheap to clone.
@@ -172,17 +187,17 @@ impl AppState {
                 settings.experiments = shared;
             }
         }
-        let state = Self::from_parts(
+        let state = Self::assemble(Opened {
             settings,
             model,
             index,
             sessions,
-            Arc::new(catalog),
+            catalog: Arc::new(catalog),
             registry,
-            &model_path,
+            model_source: model_path,
             journal,
             bus,
-        )
+        })
         .await?;
         if let Some(from) = follow_from {
             state.follow_replicas(from);
@@ -190,20 +205,19 @@ impl AppState {
         Ok(state)
     }
 
-    /// Assembles a state from parts that are already open; `model_source` is the directory
-    /// `model` was loaded from (the registry adopts it if it does not know it yet).
-    #[allow(clippy::too_many_arguments)]
-    pub async fn from_parts(
-        settings: Settings,
-        model: TwoTower,
-        index: Arc<dyn VectorIndex>,
-        sessions: Arc<dyn SessionStore>,
-        catalog: Arc<Catalog>,
-        registry: Arc<Registry>,
-        model_source: &Path,
-        journal: Option<Arc<CatalogJournal>>,
-        bus: Option<Arc<Bus>>,
-    ) -> Result<Self, ServeError> {
+    /// Assembles a state from what `build` opened.
+    async fn assemble(opened: Opened) -> Result<Self, ServeError> {
+        let Opened {
+            settings,
+            model,
+            index,
+            sessions,
+            catalog,
+            registry,
+            model_source,
+            journal,
+            bus,
+        } = opened;
         let model = Arc::new(ArcSwap::from_pointee(model));
         let experiments = Arc::new(Experiments::new(
             settings.experiments.clone(),
@@ -228,7 +242,7 @@ impl AppState {
                 index.clone(),
                 catalog.clone(),
                 arms.clone(),
-                model_source,
+                &model_source,
                 bus.clone(),
             )
             .await?,
