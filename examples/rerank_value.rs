@@ -20,11 +20,12 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tandem::catalog::Catalog;
-use tandem::config::{IndexBackend, RerankWeights, SessionBackend, Settings};
+use tandem::config::{IndexBackend, RerankWeights, SessionBackend, Settings, CONTROL_VARIANT};
 use tandem::domain::{Filter, Interaction, ItemId, UserId};
+use tandem::experiment::Experiments;
 use tandem::index::{IndexPoint, Payload};
 use tandem::model::TwoTower;
-use tandem::pipeline::{RecommendRequest, Recommender};
+use tandem::pipeline::{Parts, RecommendRequest, Recommender};
 use tandem::session::RecentItem;
 
 #[derive(Parser)]
@@ -188,18 +189,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
         h.reverse();
         sessions.seed_history(u, &h).await?;
     }
-    let recommender = Recommender::new(
+    let (model, catalog) = (
         Arc::new(arc_swap::ArcSwap::from_pointee(model)),
-        index.clone(),
-        sessions,
         Arc::new(catalog),
-        settings.server.clone(),
-        Arc::new(arc_swap::ArcSwap::from_pointee(settings.rerank.clone())),
-        Arc::new(tandem::arms::Arms::new(index.clone())),
     );
+    // One recommender per variant, serving that variant's weights to everyone (as control).
+    let recommender = |variant: &str| {
+        let mut rerank = settings.rerank.clone();
+        let weights = rerank.for_variant(variant).clone();
+        rerank.0.insert(CONTROL_VARIANT.to_string(), weights);
+        Recommender::new(Parts {
+            model: model.clone(),
+            index: index.clone(),
+            sessions: sessions.clone(),
+            catalog: catalog.clone(),
+            settings: settings.server.clone(),
+            experiments: Arc::new(Experiments::new(Vec::new(), sessions.clone(), rerank)),
+            arms: Arc::new(tandem::arms::Arms::new(index.clone())),
+        })
+    };
 
     std::fs::create_dir_all(&args.out)?;
     for variant in ["off", "on"] {
+        let recommender = recommender(variant);
         let path = args.out.join(format!("{variant}.csv"));
         let mut out = std::io::BufWriter::new(std::fs::File::create(&path)?);
         writeln!(out, "user_id,item_id,rank")?;
@@ -218,8 +230,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     exclude_items: exclude,
                     ..Filter::default()
                 },
-                variant: variant.to_string(),
-                model_version: None,
             };
             let recs = recommender.recommend(&req).await;
             for (rank, r) in recs.items.iter().enumerate() {

@@ -8,8 +8,8 @@
 //! vector space ([`Arms::in_space`]).
 //!
 //! Catalog writes go to the live collection first (that write is what the API acknowledges)
-//! and then to every arm's collection ([`Arms::upserted`], [`Arms::patched`],
-//! [`Arms::deleted`]). An arm's collection that missed writes (it was not serving, or the
+//! and then to every arm's collection (upserts embedded by `items::ItemWriter` with each
+//! arm's item tower, [`Arms::patched`], [`Arms::deleted`]). An arm's collection that missed writes (it was not serving, or the
 //! process stopped before its engine flushed) is reconciled with the catalog when the arm
 //! starts. Whatever an arm's collection still gets wrong, the pipeline's business rules
 //! check every returned item against the live catalog, so an item deleted or made
@@ -17,7 +17,7 @@
 
 use crate::catalog::CatalogEntry;
 use crate::domain::ItemId;
-use crate::index::{IndexPoint, PayloadPatch, VectorIndex};
+use crate::index::{PayloadPatch, VectorIndex};
 use crate::model::TwoTower;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
@@ -88,35 +88,10 @@ impl Arms {
         self.by_version.store(Arc::new(map));
     }
 
-    /// Items the API added or replaced in the live collection: each arm embeds them with its
-    /// own item tower. A failure is logged, not returned: the live write stands, and the arm
-    /// is reconciled when it next starts.
-    pub async fn upserted(&self, entries: &[CatalogEntry]) {
-        for arm in self.by_version.load().values() {
-            let model = arm.model.clone();
-            let items: Vec<_> = entries.iter().map(|e| e.item.clone()).collect();
-            let vectors = tokio::task::spawn_blocking(move || model.embed_items(&items))
-                .await
-                .expect("embedding does not panic");
-            let vectors = match vectors {
-                Ok(v) => v,
-                Err(e) => {
-                    tracing::warn!(arm = %arm.collection, error = %e, "experiment arm: item tower");
-                    continue;
-                }
-            };
-            let points = entries
-                .iter()
-                .zip(vectors)
-                .map(|(e, vector)| IndexPoint {
-                    vector,
-                    payload: e.payload(),
-                })
-                .collect();
-            if let Err(e) = self.index.upsert_into(&arm.collection, points).await {
-                tracing::warn!(arm = %arm.collection, error = %e, "experiment arm: upsert");
-            }
-        }
+    /// The arms now serving. A catalog upsert embeds its items with each one's item tower
+    /// into its collection (`items::ItemWriter::upsert`, where every embedding is done).
+    pub fn serving(&self) -> Vec<Arc<Arm>> {
+        self.by_version.load().values().cloned().collect()
     }
 
     /// A PATCH the live collection took.

@@ -17,21 +17,10 @@ use std::sync::Arc;
 /// Distinct filters whose popularity lists are kept; past it the cache starts over.
 const POPULAR_CACHE_MAX: usize = 1024;
 
-/// One servable item.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CatalogEntry {
-    pub item: Item,
-    /// Interaction count (or a live counter); the cold-start prior and the fallback order.
-    pub popularity: f32,
-    /// The item-tower vector (L2-normalised), the same one the index holds.
-    pub vector: Box<[f32]>,
-}
+pub use crate::domain::CatalogEntry;
 
+/// What the catalog adds to its entries (`crate::domain::CatalogEntry`): their index form.
 impl CatalogEntry {
-    pub fn id(&self) -> &ItemId {
-        &self.item.item_id
-    }
-
     /// The payload the index stores for this entry.
     pub fn payload(&self) -> Payload {
         Payload::of(&self.item, self.popularity)

@@ -176,6 +176,26 @@ pub struct Item {
     pub created_at: Option<i64>,
 }
 
+/// One servable item as the serving process holds it: the item, its popularity and its
+/// item-tower vector. The catalog (`crate::catalog`) keeps these, and the re-ranker and the
+/// pipeline read them; it lives here, beside `Item`, so that neither needs the catalog or the
+/// index to name it. (Its index payload, `payload()`, is built in `crate::catalog`, which
+/// knows the index.)
+#[derive(Debug, Clone, PartialEq)]
+pub struct CatalogEntry {
+    pub item: Item,
+    /// Interaction count (or a live counter); the cold-start prior and the fallback order.
+    pub popularity: f32,
+    /// The item-tower vector (L2-normalised), the same one the index holds.
+    pub vector: Box<[f32]>,
+}
+
+impl CatalogEntry {
+    pub fn id(&self) -> &ItemId {
+        &self.item.item_id
+    }
+}
+
 fn default_true() -> bool {
     true
 }

@@ -37,7 +37,8 @@ struct Pending {
     deltas: HashMap<String, HashMap<String, i64>>,
 }
 
-/// The running experiments: assignment, counting, reports. Cheap to share behind an `Arc`.
+/// The running experiments: assignment, the variants' re-rank weights, counting, reports.
+/// Cheap to share behind an `Arc`.
 pub struct Experiments {
     current: ArcSwap<Vec<Experiment>>,
     store: Arc<dyn SessionStore>,
@@ -45,7 +46,7 @@ pub struct Experiments {
     /// `[rerank.*]` from config, and what the re-ranker reads: those plus each variant's own
     /// weights.
     base_rerank: RerankSettings,
-    rerank: Arc<ArcSwap<RerankSettings>>,
+    rerank: ArcSwap<RerankSettings>,
 }
 
 impl Experiments {
@@ -56,10 +57,7 @@ impl Experiments {
         store: Arc<dyn SessionStore>,
         base_rerank: RerankSettings,
     ) -> Self {
-        let rerank = Arc::new(ArcSwap::from_pointee(merged_weights(
-            &base_rerank,
-            &initial,
-        )));
+        let rerank = ArcSwap::from_pointee(merged_weights(&base_rerank, &initial));
         Experiments {
             current: ArcSwap::from_pointee(initial),
             store,
@@ -69,9 +67,10 @@ impl Experiments {
         }
     }
 
-    /// The per-variant weights the re-ranker reads; updated when experiments change.
-    pub fn rerank_handle(&self) -> Arc<ArcSwap<RerankSettings>> {
-        self.rerank.clone()
+    /// The per-variant re-rank weights now: `[rerank.*]` with the enabled experiment's
+    /// variant weights on top. A request reads them once.
+    pub fn weights(&self) -> Arc<RerankSettings> {
+        self.rerank.load_full()
     }
 
     pub fn list(&self) -> Vec<Experiment> {

@@ -9,8 +9,9 @@
 //! - [`model`]: the two-tower model (candle): featurization, towers, training, checkpoints.
 //! - [`eval`]: the offline protocol's metrics, identical to `score.py`, and `tandem eval`.
 //! - [`catalog`], [`rerank`], [`pipeline`], [`http`]: serving. The in-memory catalog, the
-//!   re-ranker (a pure function), the online flow (`Recommender`), and the axum API with
-//!   `http::serve`, the one entry point of `tandem serve` and the API tests.
+//!   re-ranker (a pure function), the online flow (`Recommender`: variant, serving and
+//!   impression), and the axum API (wire work only) with `http::serve`, the one entry point
+//!   of `tandem serve` and the API tests.
 //! - [`items`]: the catalog's write path (embed, index, journal, arms, catalog, announce)
 //!   and its start-up loading.
 //! - [`cluster`]: what replicas share through Redis (the change stream, the registry, the
@@ -22,7 +23,8 @@
 //!   answer instead of an error.
 //! - `http::ui` serves the storefront, onboarding and admin pages from `web/`, and
 //!   `http::stats` the live figures behind `GET /v1/stats`.
-//! - [`vector`]: the dot product (SIMD where the CPU has it) behind every similarity.
+//! - [`vector`]: the dot product (SIMD where the CPU has it) and the cosine similarity behind
+//!   every similarity.
 
 pub mod arms;
 pub mod catalog;

@@ -649,19 +649,14 @@ impl Lifecycle {
         let mut last_log = Instant::now();
         for chunk in snapshot.chunks(EMBED_BATCH) {
             let batch_started = Instant::now();
-            let vectors =
+            let batch =
                 embed(model, chunk.to_vec())
                     .await
                     .map_err(|source| LifecycleError::Model {
                         version: version.to_string(),
                         source: Box::new(source),
                     })?;
-            for (entry, vector) in chunk.iter().zip(vectors) {
-                points.push(IndexPoint {
-                    vector,
-                    payload: entry.payload(),
-                });
-            }
+            points.extend(batch);
             // Leave at least as much CPU to serving as the batch took: an activation may take
             // twice as long, but requests keep their latency.
             tokio::time::sleep(batch_started.elapsed()).await;
@@ -739,13 +734,13 @@ impl Lifecycle {
         entries: Vec<Arc<CatalogEntry>>,
     ) -> Result<(), LifecycleError> {
         for chunk in entries.chunks(EMBED_BATCH) {
-            let vectors =
-                embed(model, chunk.to_vec())
-                    .await
-                    .map_err(|source| LifecycleError::Model {
-                        version: model.version().to_string(),
-                        source: Box::new(source),
-                    })?;
+            let vectors = embed(model, chunk.to_vec())
+                .await
+                .map(vectors_of)
+                .map_err(|source| LifecycleError::Model {
+                    version: model.version().to_string(),
+                    source: Box::new(source),
+                })?;
             self.index
                 .upsert(points_now(&self.catalog, chunk, &vectors))
                 .await?;
@@ -946,12 +941,13 @@ impl Reconciler {
         }
         let n = missing.len();
         for chunk in missing.chunks(EMBED_BATCH) {
-            let vectors = embed(&self.model, chunk.to_vec()).await.map_err(|source| {
-                LifecycleError::Model {
+            let vectors = embed(&self.model, chunk.to_vec())
+                .await
+                .map(vectors_of)
+                .map_err(|source| LifecycleError::Model {
                     version: self.model.version().to_string(),
                     source: Box::new(source),
-                }
-            })?;
+                })?;
             self.upsert(points_now(&self.catalog, chunk, &vectors))
                 .await?;
             self.set_vectors(
@@ -1037,15 +1033,21 @@ async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) 
         .expect("a catalog pass or an embedding batch does not panic")
 }
 
-/// The item tower over a batch, off the async runtime.
+/// The item tower over one batch (`items::embed_points`), off the async runtime; the points
+/// in the entries' order.
 async fn embed(
     model: &Arc<TwoTower>,
     entries: Vec<Arc<CatalogEntry>>,
-) -> Result<Vec<Vec<f32>>, ModelError> {
+) -> Result<Vec<IndexPoint>, ModelError> {
     let model = model.clone();
     off_runtime(move || {
-        let items: Vec<_> = entries.iter().map(|e| e.item.clone()).collect();
-        model.embed_items(&items)
+        let items = entries.iter().map(|e| (&e.item, e.popularity));
+        crate::items::embed_points(&model, items, usize::MAX, |_| {})
     })
     .await
+}
+
+/// The vectors of embedded points, in order.
+fn vectors_of(points: Vec<IndexPoint>) -> Vec<Vec<f32>> {
+    points.into_iter().map(|p| p.vector).collect()
 }

@@ -760,8 +760,11 @@ struct EvalArgs {
 /// Sizes the CPU thread pools before any kernel runs: candle's gemm reads
 /// RAYON_NUM_THREADS, and the rayon global pool runs the rest.
 fn set_threads(n: usize) {
-    // SAFETY (edition 2021 allows it safely): called first thing in main, before any thread
-    // is spawned, so no other thread reads the environment concurrently.
+    // `set_var` races with any other thread reading the environment (edition 2024 marks it
+    // `unsafe` for that reason; this crate is edition 2021, where it is a safe call). It is
+    // sound here because every caller is on the main thread, in `run`, before a tokio runtime,
+    // the rayon pool or anything else has started a thread: `Cli::parse`, the logging set-up
+    // and `Settings::load` before it spawn none.
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     let _ = rayon::ThreadPoolBuilder::new()
         .num_threads(n)

@@ -1,6 +1,8 @@
-//! The online flow, in one place: the only module where session, model, index and re-ranker
-//! meet. `Recommender::recommend` reads as the product's story, one named step per line; each
-//! step is timed, and the timings are logged with the request id and exported as metrics.
+//! The online flow, in one place: the only module where experiments, session, model, index
+//! and re-ranker meet. A request's story runs here from the variant it is assigned to the
+//! impression it is counted as: `Recommender::recommend` reads as that story, one named step
+//! per line; each step is timed, and the timings are logged with the request id and exported
+//! as metrics. The HTTP handlers only validate input and shape the answer.
 //!
 //! Nothing here fails a request because a dependency is down: a session store that does not
 //! answer means no personalisation, an index that does not answer means trending or popular
@@ -8,18 +10,20 @@
 
 use crate::arms::{Arm, Arms};
 use crate::catalog::{Catalog, CatalogEntry};
-use crate::config::{RerankSettings, ServerSettings};
+use crate::config::experiments::Assignment;
+use crate::config::{ServerSettings, CONTROL_VARIANT};
 use crate::domain::{EventType, Filter, IdMap, IdSet, ItemId, SessionId, UserId};
+use crate::experiment::Experiments;
 use crate::index::VectorIndex;
 use crate::model::{TwoTower, UserEvent};
 use crate::rerank::{self, Candidate, Context, Ranked, SessionItem};
-use crate::session::{Actor, RecentItem, SessionStore};
+use crate::session::{Actor, RecentItem, SessionError, SessionStore};
 use crate::telemetry;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,19 +40,32 @@ const TRENDING_DEPTH: usize = 500;
 const MMR_SLACK: usize = 10;
 
 /// A part of the pipeline that did not answer, so the response was made without it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+/// `degraded` names each once, in the order a request meets them (the order declared here).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Degraded {
     /// The session store: no recent activity or history was used.
     Session,
+    /// The candidate cache: it was bypassed.
+    Cache,
     /// The user tower failed: the fallback list was served.
     Model,
     /// The vector index: the fallback list was served.
     Index,
     /// Trending counters: the catalog's popularity order was used.
     Trending,
-    /// The candidate cache: it was bypassed.
-    Cache,
 }
 
 impl Degraded {
@@ -78,6 +95,8 @@ pub enum Source {
     Similar,
 }
 
+/// What a client asked for, validated. The variant, the model and everything else a request
+/// picks up on its way are the pipeline's ([`Serving`]).
 #[derive(Debug, Clone)]
 pub struct RecommendRequest {
     pub request_id: String,
@@ -85,10 +104,24 @@ pub struct RecommendRequest {
     pub session: Option<SessionId>,
     pub k: usize,
     pub filter: Filter,
-    pub variant: String,
-    /// The model the variant's experiment arm pins, if it pins one; served when it is active
-    /// or serving as an arm, and otherwise the active model answers.
-    pub model_version: Option<String>,
+}
+
+/// Cold start for a user (`POST /v1/users/{id}/onboarding`), validated: the chosen categories
+/// and the liked items, which the catalog holds.
+#[derive(Debug, Clone)]
+pub struct OnboardRequest {
+    pub request_id: String,
+    pub user: UserId,
+    pub categories: Vec<String>,
+    pub liked: Vec<Arc<CatalogEntry>>,
+    pub k: usize,
+}
+
+/// What onboarding seeded, newest first, and the first recommendations made from it.
+#[derive(Debug, Clone)]
+pub struct Onboarded {
+    pub seeded: Vec<ItemId>,
+    pub recommendations: Recommendations,
 }
 
 #[derive(Debug, Clone)]
@@ -105,6 +138,13 @@ pub struct Recommendations {
 pub enum PipelineError {
     #[error("item {0} not found")]
     UnknownItem(ItemId),
+    /// Onboarding found nothing to seed: no liked item, and no available item in any chosen
+    /// category.
+    #[error("no available item is in any of these categories")]
+    NothingToSeed,
+    /// Onboarding could not write the seeded history.
+    #[error(transparent)]
+    Session(#[from] SessionError),
 }
 
 /// What the request knows about the user: recent activity and history, merged newest first
@@ -114,6 +154,24 @@ struct Activity {
     events: Vec<(Arc<CatalogEntry>, RecentItem)>,
     purchased: IdSet,
     viewed: IdSet,
+    /// The candidate cache's key for this activity under the request's model and filter
+    /// ([`activity_fingerprint`]); `None` without activity.
+    cache_key: Option<String>,
+}
+
+/// One request on its way through the pipeline: what was asked, the experiment arm it was
+/// assigned to and the model that answers it, what did not answer (each cause once, however
+/// many steps met it), and how long each step took.
+struct Serving<'r> {
+    req: &'r RecommendRequest,
+    /// `None`: no experiment runs, or the request has no id to hash; it gets control.
+    assignment: Option<Assignment>,
+    variant: String,
+    model: Arc<TwoTower>,
+    /// The experiment arm serving a model other than the active one, if this request's is.
+    arm: Option<Arc<Arm>>,
+    degraded: BTreeSet<Degraded>,
+    stages: Stages,
 }
 
 /// Per-request stage timings.
@@ -122,12 +180,14 @@ struct Stages {
     laps: Vec<(&'static str, Duration)>,
 }
 
-/// Runs one pipeline step and records how long it took under its name.
+/// `step!(r, "name" => expr)`: runs one pipeline step and records how long it took under its
+/// name (the `stage` label of `tandem_stage_seconds`). The `=>` keeps each step on its own
+/// line: rustfmt leaves a macro call whose input is not an argument list as it is written.
 macro_rules! step {
-    ($stages:ident, $name:literal, $e:expr) => {{
+    ($serving:ident, $name:literal => $e:expr) => {{
         let t = Instant::now();
         let v = $e;
-        $stages.laps.push(($name, t.elapsed()));
+        $serving.stages.laps.push(($name, t.elapsed()));
         v
     }};
 }
@@ -178,7 +238,9 @@ struct TrendingCache {
 
 type Fetched = (Instant, Arc<Trending>);
 
-pub struct Recommender {
+/// What the pipeline reads from. `Recommender::new` takes it whole, so that adding a
+/// dependency does not lengthen an argument list.
+pub struct Parts {
     /// Behind `ArcSwap` so a new checkpoint can be activated without a restart; each request
     /// takes one snapshot and uses it throughout.
     pub model: Arc<ArcSwap<TwoTower>>,
@@ -186,112 +248,208 @@ pub struct Recommender {
     pub sessions: Arc<dyn SessionStore>,
     pub catalog: Arc<Catalog>,
     pub settings: ServerSettings,
-    /// Per-variant weights; experiments replace it at run time (`experiment::Experiments`).
-    pub rerank: Arc<ArcSwap<RerankSettings>>,
+    /// The running experiments: each request's variant, its re-rank weights, and the
+    /// impression it is counted as.
+    pub experiments: Arc<Experiments>,
     /// Models serving beside the active one, for experiments.
     pub arms: Arc<Arms>,
+}
+
+/// The online flow; its fields are the [`Parts`] it was built from.
+pub struct Recommender {
+    model: Arc<ArcSwap<TwoTower>>,
+    index: Arc<dyn VectorIndex>,
+    sessions: Arc<dyn SessionStore>,
+    catalog: Arc<Catalog>,
+    settings: ServerSettings,
+    experiments: Arc<Experiments>,
+    arms: Arc<Arms>,
     trending: TrendingCache,
 }
 
 impl Recommender {
-    pub fn new(
-        model: Arc<ArcSwap<TwoTower>>,
-        index: Arc<dyn VectorIndex>,
-        sessions: Arc<dyn SessionStore>,
-        catalog: Arc<Catalog>,
-        settings: ServerSettings,
-        rerank: Arc<ArcSwap<RerankSettings>>,
-        arms: Arc<Arms>,
-    ) -> Self {
+    pub fn new(parts: Parts) -> Self {
+        let Parts {
+            model,
+            index,
+            sessions,
+            catalog,
+            settings,
+            experiments,
+            arms,
+        } = parts;
         Recommender {
             model,
             index,
             sessions,
             catalog,
             settings,
-            rerank,
+            experiments,
             arms,
             trending: TrendingCache::default(),
         }
     }
 
     /// Personal recommendations for a user and/or session; trending for strangers.
-    #[rustfmt::skip]
     pub async fn recommend(&self, req: &RecommendRequest) -> Recommendations {
-        let mut stages = Stages::new();
-        let mut degraded = Vec::new();
-        let (model, arm) = self.serving_model(req);
-        let mut activity = step!(stages, "read_session", self.read_activity(req, &mut degraded).await);
-        let fingerprint = activity_fingerprint(&model, &req.filter, &activity);
-        let cached = step!(stages, "cache_get", self.cached_candidates(&fingerprint, &mut degraded).await);
-        let user_vector = step!(stages, "user_vector", self.user_vector(&model, &activity, cached.is_some(), &mut degraded));
-        let (source, candidates) = step!(stages, "fetch_candidates", self.fetch_candidates(req, &model, arm.as_deref(), &activity, cached, user_vector, &fingerprint, &mut degraded).await);
-        let candidates = match &arm {
-            Some(arm) => step!(stages, "arm_vectors", self.in_arm_space(arm, &mut activity, candidates, &mut degraded).await),
-            None => candidates,
-        };
-        let trending = step!(stages, "trending", self.trending_list(None, &mut degraded).await);
-        let ranked = step!(stages, "rerank", self.rerank(req, &activity, &trending.scores, candidates));
-        let items = step!(stages, "business_rules", self.apply_business_rules(ranked, &req.filter, &activity.purchased, req.k));
-        stages.finish(&req.request_id, "recommend");
-        respond(req, &model, source, degraded, items)
+        let mut r = self.start(req);
+        let mut activity = step!(r, "read_session" => self.read_activity(&mut r).await);
+        let cached = step!(r, "cache_get" => self.cached_candidates(&mut r, &activity).await);
+        let user_vector = step!(r, "user_vector" => self.user_vector(&mut r, &activity, &cached));
+        let (source, candidates) = step!(r, "fetch_candidates" => {
+            if let Some(found) = cached {
+                (Source::Cached, found)
+            } else if let Some(found) = self.personal(&mut r, &activity, user_vector).await {
+                (Source::Personal, found)
+            } else {
+                (Source::Trending, self.fallback_candidates(&mut r, self.depth(req)).await)
+            }
+        });
+        let candidates =
+            step!(r, "arm_vectors" => self.in_arm_space(&mut r, &mut activity, candidates).await);
+        let trending = step!(r, "trending" => self.trending_list(&mut r, None).await);
+        let ranked = step!(r, "rerank" => self.rerank(&r, &activity, &trending.scores, candidates));
+        let items = step!(r, "business_rules" => self.business_rules(&r, ranked, &activity));
+        self.finish(r, "recommend", source, items)
     }
 
     /// Items like `item`, under the same filters.
-    #[rustfmt::skip]
     pub async fn similar(
         &self,
         item: &ItemId,
         req: &RecommendRequest,
     ) -> Result<Recommendations, PipelineError> {
-        let mut stages = Stages::new();
-        let mut degraded = Vec::new();
-        let model = self.model.load_full();
-        let anchor = self.catalog.get(item).ok_or_else(|| PipelineError::UnknownItem(item.clone()))?;
-        let filter = filter_excluding(&req.filter, [anchor.id().clone()]);
+        let anchor = self
+            .catalog
+            .get(item)
+            .ok_or_else(|| PipelineError::UnknownItem(item.clone()))?;
+        let req = &RecommendRequest {
+            filter: filter_excluding(&req.filter, [anchor.id().clone()]),
+            ..req.clone()
+        };
+        let mut r = self.start(req);
         // The checkpoint's `similar` query (content in, see `TwoTower::similar_query`); an
         // older checkpoint answers with the anchor's own vector.
-        let query = model.similar_query(&anchor.item).unwrap_or_else(|_| anchor.vector.to_vec());
-        let candidates = step!(stages, "fetch_candidates", self.search(&model, None, &query, &filter, req.k + MMR_SLACK, &mut degraded).await);
-        let candidates = candidates.unwrap_or_default();
-        let ranked = step!(stages, "rerank", self.rerank(req, &Activity::default(), &IdMap::default(), candidates));
-        let items = step!(stages, "business_rules", self.apply_business_rules(ranked, &filter, &IdSet::default(), req.k));
-        stages.finish(&req.request_id, "similar");
-        Ok(respond(req, &model, Source::Similar, degraded, items))
+        let query = r
+            .model
+            .similar_query(&anchor.item)
+            .unwrap_or_else(|_| anchor.vector.to_vec());
+        let found =
+            step!(r, "fetch_candidates" => self.search(&mut r, &query, req.k + MMR_SLACK).await);
+        let (none, found) = (Activity::default(), found.unwrap_or_default());
+        let ranked = step!(r, "rerank" => self.rerank(&r, &none, &IdMap::default(), found));
+        let items = step!(r, "business_rules" => self.business_rules(&r, ranked, &none));
+        Ok(self.finish(r, "similar", Source::Similar, items))
     }
 
     /// Trending items under the filter; the catalog's popularity order when trending is empty.
-    #[rustfmt::skip]
     pub async fn trending(&self, req: &RecommendRequest) -> Recommendations {
-        let mut stages = Stages::new();
-        let mut degraded = Vec::new();
-        let model = self.model.load_full();
-        let candidates = step!(stages, "fetch_candidates", self.fallback_candidates(&req.filter, req.k, &mut degraded).await);
-        let ranked: Vec<Ranked> = candidates
-            .into_iter()
-            .map(|c| Ranked {
-                score: c.ann_score,
-                components: rerank::Components {
-                    relevance: c.ann_score,
-                    ..Default::default()
-                },
-                entry: c.entry,
-            })
-            .collect();
-        let items = step!(stages, "business_rules", self.apply_business_rules(ranked, &req.filter, &IdSet::default(), req.k));
-        stages.finish(&req.request_id, "trending");
-        respond(req, &model, Source::Trending, degraded, items)
+        let mut r = self.start(req);
+        let found = step!(r, "fetch_candidates" => self.fallback_candidates(&mut r, req.k).await);
+        let ranked = found.into_iter().map(unranked).collect();
+        let items =
+            step!(r, "business_rules" => self.business_rules(&r, ranked, &Activity::default()));
+        self.finish(r, "trending", Source::Trending, items)
     }
 
     /// Cold start for users: seeds the history with the liked items and the most popular
-    /// items of each chosen category, so the very next request is personal. Returns the seeds.
-    pub async fn onboard(
+    /// items of each chosen category, so that this very answer, and every request after it,
+    /// is personal. What the user just said they like is history: answering with it again
+    /// (at #1, as its own nearest neighbour) tells them nothing, as with purchased items.
+    pub async fn onboard(&self, o: &OnboardRequest) -> Result<Onboarded, PipelineError> {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let seeds = self.seeds(&o.categories, &o.liked, now_ms);
+        if seeds.is_empty() {
+            return Err(PipelineError::NothingToSeed);
+        }
+        self.sessions.seed_history(&o.user, &seeds).await?;
+        let req = RecommendRequest {
+            request_id: o.request_id.clone(),
+            user: Some(o.user.clone()),
+            session: None,
+            k: o.k,
+            filter: Filter {
+                available_only: true,
+                exclude_items: o.liked.iter().map(|e| e.id().clone()).collect(),
+                ..Default::default()
+            },
+        };
+        Ok(Onboarded {
+            seeded: seeds.into_iter().map(|r| r.item_id).collect(),
+            recommendations: self.recommend(&req).await,
+        })
+    }
+
+    // ---- the request's frame --------------------------------------------------------------
+
+    /// A request's start: its experiment arm (the one place a variant is chosen), and the
+    /// model that answers it: the one the arm pins when that one is serving (as the active
+    /// model or as an arm), and otherwise the active model.
+    fn start<'r>(&self, req: &'r RecommendRequest) -> Serving<'r> {
+        let stages = Stages::new();
+        let assignment = self
+            .experiments
+            .assign(req.user.as_ref(), req.session.as_ref());
+        let variant = assignment
+            .as_ref()
+            .map_or_else(|| CONTROL_VARIANT.to_string(), |a| a.variant.clone());
+        let active = self.model.load_full();
+        let pinned = assignment.as_ref().and_then(|a| a.model_version.as_deref());
+        let (model, arm) = match pinned {
+            Some(v) if v != active.version() => match self.arms.get(v) {
+                Some(arm) => (arm.model.clone(), Some(arm)),
+                None => (active, None),
+            },
+            _ => (active, None),
+        };
+        Serving {
+            req,
+            assignment,
+            variant,
+            model,
+            arm,
+            degraded: BTreeSet::new(),
+            stages,
+        }
+    }
+
+    /// A request's end: its timings and degradations exported, and the answer counted as an
+    /// impression of its experiment arm.
+    fn finish(
         &self,
-        user: &UserId,
+        r: Serving<'_>,
+        kind: &'static str,
+        source: Source,
+        items: Vec<Ranked>,
+    ) -> Recommendations {
+        r.stages.finish(&r.req.request_id, kind);
+        for cause in &r.degraded {
+            telemetry::record_degraded(cause.as_str());
+        }
+        if let Some(a) = &r.assignment {
+            self.experiments
+                .record_served(a, &r.req.request_id, r.stages.started.elapsed());
+        }
+        Recommendations {
+            request_id: r.req.request_id.clone(),
+            model_version: r.model.version().to_string(),
+            variant: r.variant,
+            source,
+            degraded: r.degraded.into_iter().collect(),
+            items,
+        }
+    }
+
+    // ---- the steps ----------------------------------------------------------------------
+
+    /// Onboarding's seeds, newest first: the liked items, then round-robin over the chosen
+    /// categories, their most popular available items.
+    fn seeds(
+        &self,
         categories: &[String],
         liked: &[Arc<CatalogEntry>],
         now_ms: i64,
-    ) -> Result<Vec<RecentItem>, crate::session::SessionError> {
+    ) -> Vec<RecentItem> {
         let mut seeds: Vec<RecentItem> = Vec::new();
         let mut seen = HashSet::new();
         // Newest first: liked items are the strongest signal, so they get the latest stamps.
@@ -342,46 +500,30 @@ impl Recommender {
                 }
             }
         }
-        self.sessions.seed_history(user, &seeds).await?;
-        Ok(seeds)
-    }
-
-    // ---- the steps ----------------------------------------------------------------------
-
-    /// The model that answers: the one the request's experiment arm pins when that one is
-    /// serving (as the active model or as an arm), and otherwise the active model.
-    fn serving_model(&self, req: &RecommendRequest) -> (Arc<TwoTower>, Option<Arc<Arm>>) {
-        let active = self.model.load_full();
-        match req.model_version.as_deref() {
-            Some(v) if v != active.version() => match self.arms.get(v) {
-                Some(arm) => (arm.model.clone(), Some(arm)),
-                None => (active, None),
-            },
-            _ => (active, None),
-        }
+        seeds
     }
 
     /// An arm's request: the candidates and the session's items take the arm's vectors, so
     /// that the re-ranker's similarities are the arm model's. If the arm's collection does
     /// not answer, both keep the live model's vectors (still one space) and `index` is
-    /// reported degraded.
+    /// reported degraded. Any other request keeps its candidates as they are.
     async fn in_arm_space(
         &self,
-        arm: &Arm,
+        r: &mut Serving<'_>,
         activity: &mut Activity,
         candidates: Vec<Candidate>,
-        degraded: &mut Vec<Degraded>,
     ) -> Vec<Candidate> {
+        let Some(arm) = r.arm.clone() else {
+            return candidates;
+        };
         let n = candidates.len();
         let entries: Vec<Arc<CatalogEntry>> = candidates
             .iter()
             .map(|c| c.entry.clone())
             .chain(activity.events.iter().map(|(e, _)| e.clone()))
             .collect();
-        let Some(moved) = self.arms.in_space(arm, entries).await else {
-            if !degraded.contains(&Degraded::Index) {
-                degraded.push(Degraded::Index);
-            }
+        let Some(moved) = self.arms.in_space(&arm, entries).await else {
+            r.degraded.insert(Degraded::Index);
             return candidates;
         };
         let mut by_id: HashMap<ItemId, Arc<CatalogEntry>> =
@@ -403,11 +545,10 @@ impl Recommender {
         out
     }
 
-    async fn read_activity(
-        &self,
-        req: &RecommendRequest,
-        degraded: &mut Vec<Degraded>,
-    ) -> Activity {
+    /// The user's and the session's recent activity and the user's history, merged. A store
+    /// that does not answer leaves the request without them (`session` degraded).
+    async fn read_activity(&self, r: &mut Serving<'_>) -> Activity {
+        let req = r.req;
         let limit = self.settings.recent_limit;
         let store = &self.sessions;
         let session_recent = async {
@@ -439,9 +580,11 @@ impl Recommender {
             }
         }
         if failed {
-            degraded.push(Degraded::Session);
+            r.degraded.insert(Degraded::Session);
         }
-        self.merge_activity(all)
+        let mut activity = self.merge_activity(all);
+        activity.cache_key = activity_fingerprint(&r.model, &req.filter, &activity);
+        activity
     }
 
     fn merge_activity(&self, mut all: Vec<RecentItem>) -> Activity {
@@ -472,12 +615,14 @@ impl Recommender {
         activity
     }
 
+    /// The candidates an earlier request with the very same inputs found, if the cache still
+    /// holds them.
     async fn cached_candidates(
         &self,
-        key: &Option<String>,
-        degraded: &mut Vec<Degraded>,
+        r: &mut Serving<'_>,
+        activity: &Activity,
     ) -> Option<Vec<Candidate>> {
-        let key = key.as_ref()?;
+        let key = activity.cache_key.as_ref()?;
         let bytes = match self.sessions.cache_get(key).await {
             Ok(b) => {
                 telemetry::record_cache(b.is_some());
@@ -485,7 +630,7 @@ impl Recommender {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "candidate cache");
-                degraded.push(Degraded::Cache);
+                r.degraded.insert(Degraded::Cache);
                 return None;
             }
         };
@@ -504,14 +649,15 @@ impl Recommender {
         )
     }
 
+    /// The user tower over the activity; not needed when the candidates were cached, and
+    /// impossible without activity.
     fn user_vector(
         &self,
-        model: &TwoTower,
+        r: &mut Serving<'_>,
         activity: &Activity,
-        have_cached: bool,
-        degraded: &mut Vec<Degraded>,
+        cached: &Option<Vec<Candidate>>,
     ) -> Option<Vec<f32>> {
-        if have_cached || activity.events.is_empty() {
+        if cached.is_some() || activity.events.is_empty() {
             return None;
         }
         let history: Vec<UserEvent<'_>> = activity
@@ -522,52 +668,36 @@ impl Recommender {
                 event_type: r.event_type,
             })
             .collect();
-        match model.embed_user(&history) {
+        match r.model.embed_user(&history) {
             Ok(v) => Some(v),
             Err(e) => {
                 tracing::warn!(error = %e, "user tower");
-                degraded.push(Degraded::Model);
+                r.degraded.insert(Degraded::Model);
                 None
             }
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn fetch_candidates(
+    /// How many candidates a personal request fetches.
+    fn depth(&self, req: &RecommendRequest) -> usize {
+        self.settings.k_candidates.max(req.k + MMR_SLACK)
+    }
+
+    /// The ANN search by the user vector, with the popularity prior, written to the candidate
+    /// cache; `None` without a vector or when the index does not answer.
+    async fn personal(
         &self,
-        req: &RecommendRequest,
-        model: &TwoTower,
-        arm: Option<&Arm>,
+        r: &mut Serving<'_>,
         activity: &Activity,
-        cached: Option<Vec<Candidate>>,
         user_vector: Option<Vec<f32>>,
-        cache_key: &Option<String>,
-        degraded: &mut Vec<Degraded>,
-    ) -> (Source, Vec<Candidate>) {
-        if let Some(c) = cached {
-            return (Source::Cached, c);
-        }
-        let k = self.settings.k_candidates.max(req.k + MMR_SLACK);
-        if let Some(v) = user_vector {
-            if let Some(found) = self.search(model, arm, &v, &req.filter, k, degraded).await {
-                let found = self
-                    .with_popularity_prior(
-                        model,
-                        arm,
-                        activity.events.len(),
-                        &v,
-                        &req.filter,
-                        found,
-                    )
-                    .await;
-                self.cache_candidates(cache_key, &found);
-                return (Source::Personal, found);
-            }
-        }
-        (
-            Source::Trending,
-            self.fallback_candidates(&req.filter, k, degraded).await,
-        )
+    ) -> Option<Vec<Candidate>> {
+        let v = user_vector?;
+        let found = self.search(r, &v, self.depth(r.req)).await?;
+        let found = self
+            .with_popularity_prior(r, activity.events.len(), &v, found)
+            .await;
+        self.cache_candidates(&activity.cache_key, &found);
+        Some(found)
     }
 
     /// Adds the checkpoint's popularity prior to the ANN scores, as offline evaluation ranks
@@ -576,27 +706,26 @@ impl Recommender {
     /// by the user vector alone need not reach them.
     async fn with_popularity_prior(
         &self,
-        model: &TwoTower,
-        arm: Option<&Arm>,
+        r: &Serving<'_>,
         history_len: usize,
         user: &[f32],
-        filter: &Filter,
         mut found: Vec<Candidate>,
     ) -> Vec<Candidate> {
+        let model = &r.model;
         let prior = model.manifest().popularity_prior;
         if !prior.is_active() {
             return found;
         }
         if prior.weight(history_len) > 0.0 {
             let seen: IdSet = found.iter().map(|c| c.entry.id().clone()).collect();
-            let mut popular = self.catalog.popular(filter, POPULAR_CANDIDATES);
-            if let Some(arm) = arm {
+            let mut popular = self.catalog.popular(&r.req.filter, POPULAR_CANDIDATES);
+            if let Some(arm) = &r.arm {
                 // Scored against the arm's user vector, so in the arm's space.
                 popular = self.arms.in_space(arm, popular).await.unwrap_or_default();
             }
             for entry in popular {
                 if !seen.contains(entry.id()) && entry.vector.len() == user.len() {
-                    let ann_score = rerank::dot(user, &entry.vector);
+                    let ann_score = crate::vector::similarity(user, &entry.vector);
                     found.push(Candidate { entry, ann_score });
                 }
             }
@@ -614,16 +743,15 @@ impl Recommender {
     /// known yet, see [`Arms::collection_of`]).
     async fn search(
         &self,
-        model: &TwoTower,
-        arm: Option<&Arm>,
+        r: &mut Serving<'_>,
         vector: &[f32],
-        filter: &Filter,
         k: usize,
-        degraded: &mut Vec<Degraded>,
     ) -> Option<Vec<Candidate>> {
-        let collection = match arm {
+        let req = r.req;
+        let filter = &req.filter;
+        let collection = match &r.arm {
             Some(arm) => Some(arm.collection.clone()),
-            None => self.arms.collection_of(model.version()),
+            None => self.arms.collection_of(r.model.version()),
         };
         let hits = match &collection {
             Some(c) => self.index.search_in(c, vector, filter, k).await,
@@ -633,7 +761,7 @@ impl Recommender {
             Ok(h) => h,
             Err(e) => {
                 tracing::warn!(error = %e, "index search");
-                degraded.push(Degraded::Index);
+                r.degraded.insert(Degraded::Index);
                 return None;
             }
         };
@@ -671,12 +799,9 @@ impl Recommender {
     /// Trending items passing the filter, topped up with the catalog's most popular ones.
     /// The base score is the normalised trending score, and below every trending item, the
     /// popularity rank, so that the order survives re-ranking without a session.
-    async fn fallback_candidates(
-        &self,
-        filter: &Filter,
-        k: usize,
-        degraded: &mut Vec<Degraded>,
-    ) -> Vec<Candidate> {
+    async fn fallback_candidates(&self, r: &mut Serving<'_>, k: usize) -> Vec<Candidate> {
+        let req = r.req;
+        let filter = &req.filter;
         let mut out = Vec::with_capacity(k);
         let mut seen = IdSet::default();
         let categories: Vec<Option<String>> = if filter.include_categories.is_empty() {
@@ -692,7 +817,7 @@ impl Recommender {
         let mut trending: Vec<(ItemId, f32)> = Vec::new();
         for c in &categories {
             trending.extend(
-                self.trending_list(c.clone(), degraded)
+                self.trending_list(r, c.clone())
                     .await
                     .ranked
                     .iter()
@@ -732,11 +857,7 @@ impl Recommender {
     /// The trending list of one category (or all), normalised to 0..=1, from the in-process
     /// snapshot when it is fresh enough. One request refreshes a stale snapshot; the requests
     /// meanwhile, and the next `trending_refresh_ms` after a failed refresh, use the old one.
-    async fn trending_list(
-        &self,
-        category: Option<String>,
-        degraded: &mut Vec<Degraded>,
-    ) -> Arc<Trending> {
+    async fn trending_list(&self, r: &mut Serving<'_>, category: Option<String>) -> Arc<Trending> {
         let refresh = Duration::from_millis(self.settings.trending_refresh_ms);
         if let Some((at, list)) = self.trending.lists.lock().get_mut(&category) {
             if at.elapsed() < refresh {
@@ -764,9 +885,7 @@ impl Recommender {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "trending");
-                if !degraded.contains(&Degraded::Trending) {
-                    degraded.push(Degraded::Trending);
-                }
+                r.degraded.insert(Degraded::Trending);
                 // Keep serving the last snapshot, however old, rather than nothing.
                 if let Some((_, list)) = self.trending.lists.lock().get(&category) {
                     return list.clone();
@@ -783,13 +902,13 @@ impl Recommender {
 
     fn rerank(
         &self,
-        req: &RecommendRequest,
+        r: &Serving<'_>,
         activity: &Activity,
         trending: &IdMap<f32>,
         candidates: Vec<Candidate>,
     ) -> Vec<Ranked> {
-        let rerank = self.rerank.load();
-        let weights = rerank.for_variant(&req.variant);
+        let rerank = self.experiments.weights();
+        let weights = rerank.for_variant(&r.variant);
         let session: Vec<SessionItem> = activity
             .events
             .iter()
@@ -806,7 +925,7 @@ impl Recommender {
             viewed: &activity.viewed,
             trending,
             now_s: chrono::Utc::now().timestamp(),
-            mmr_depth: req.k + MMR_SLACK,
+            mmr_depth: r.req.k + MMR_SLACK,
         };
         rerank::rerank(&ctx, candidates)
     }
@@ -815,13 +934,13 @@ impl Recommender {
     /// live catalog (an item made unavailable or deleted since the candidates were fetched or
     /// cached drops out here) and the request's filter, and purchased items never pass. The
     /// check stops once `k` have passed.
-    fn apply_business_rules(
+    fn business_rules(
         &self,
+        r: &Serving<'_>,
         ranked: Vec<Ranked>,
-        filter: &Filter,
-        purchased: &IdSet,
-        k: usize,
+        activity: &Activity,
     ) -> Vec<Ranked> {
+        let (filter, purchased, k) = (&r.req.filter, &activity.purchased, r.req.k);
         let mut kept = Vec::with_capacity(k.min(ranked.len()));
         for mut r in ranked {
             if kept.len() == k {
@@ -840,23 +959,15 @@ impl Recommender {
     }
 }
 
-fn respond(
-    req: &RecommendRequest,
-    model: &TwoTower,
-    source: Source,
-    degraded: Vec<Degraded>,
-    items: Vec<Ranked>,
-) -> Recommendations {
-    for cause in &degraded {
-        telemetry::record_degraded(cause.as_str());
-    }
-    Recommendations {
-        request_id: req.request_id.clone(),
-        model_version: model.version().to_string(),
-        variant: req.variant.clone(),
-        source,
-        degraded,
-        items,
+/// A fallback candidate as it comes, for an answer that is not re-ranked (trending).
+fn unranked(c: Candidate) -> Ranked {
+    Ranked {
+        score: c.ann_score,
+        components: rerank::Components {
+            relevance: c.ann_score,
+            ..Default::default()
+        },
+        entry: c.entry,
     }
 }
 

@@ -11,9 +11,8 @@
 //! was already picked, so one cluster cannot fill the whole page. Business rules (filters,
 //! availability) are not here: the pipeline applies them after, against the live catalog.
 
-use crate::catalog::CatalogEntry;
 use crate::config::RerankWeights;
-use crate::domain::{EventType, IdMap, IdSet};
+use crate::domain::{CatalogEntry, EventType, IdMap, IdSet};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -248,7 +247,7 @@ struct Rows {
 
 impl Rows {
     /// A vector of another length than `dim` (a model swap in progress) becomes a row of
-    /// zeros: unrelated to everything, as [`dot`] has it.
+    /// zeros: unrelated to everything, as [`crate::vector::similarity`] has it.
     fn new<'a>(vectors: impl Iterator<Item = &'a [f32]>, dim: usize) -> Rows {
         let mut data = Vec::new();
         let mut n = 0;
@@ -317,15 +316,6 @@ fn freshness(created_at: Option<i64>, now_s: i64, w: &RerankWeights) -> f32 {
 
 /// Freshness below this is 0.
 const FRESHNESS_FLOOR: f32 = 1e-6;
-
-/// Cosine similarity of two L2-normalised vectors. Vectors of different lengths (a model
-/// swap in progress) compare as unrelated instead of panicking.
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    if a.len() != b.len() {
-        return 0.0;
-    }
-    crate::vector::dot(a, b)
-}
 
 #[cfg(test)]
 mod tests {
@@ -565,6 +555,6 @@ mod tests {
         odd.vector = vec![1.0, 0.0, 0.0].into_boxed_slice();
         let out = rerank(&f.ctx(), vec![cand(&a, 0.5), cand(&Arc::new(odd), 0.4)]);
         assert_eq!(out.len(), 2);
-        assert_eq!(dot(&[1.0], &[1.0, 2.0]), 0.0);
+        assert_eq!(crate::vector::similarity(&[1.0], &[1.0, 2.0]), 0.0);
     }
 }

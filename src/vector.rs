@@ -13,6 +13,15 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_portable(a, b)
 }
 
+/// Cosine similarity of two L2-normalised vectors. Vectors of different lengths (a model
+/// swap in progress) compare as unrelated instead of panicking.
+pub fn similarity(a: &[f32], b: &[f32]) -> f32 {
+    if a.len() != b.len() {
+        return 0.0;
+    }
+    dot(a, b)
+}
+
 /// Eight lanes summed independently, so that the compiler vectorizes it.
 #[inline]
 fn dot_portable(a: &[f32], b: &[f32]) -> f32 {

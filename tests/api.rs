@@ -10,13 +10,16 @@ use proptest::test_runner::{Config as PropConfig, TestRunner};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 use tandem::config::{AdminKey, IndexBackend, SessionBackend, Settings};
 use tandem::domain::{EventType, Filter, Interaction, Item, ItemId, UserId};
 use tandem::http::types::{ItemView, OnboardingResponse, RecommendationsResponse};
 use tandem::http::ErrorBody;
+
+mod common;
+use common::{repo_path, TestApp};
 
 // ---- the test catalog --------------------------------------------------------------------
 
@@ -123,51 +126,35 @@ fn model_dir() -> &'static Path {
     .path()
 }
 
-fn repo_path(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
-}
-
 // ---- spawn_app ---------------------------------------------------------------------------
 
-struct TestApp {
-    base: String,
-    client: reqwest::Client,
+/// A server over the test catalog (`common::TestApp`), and the catalog it serves.
+struct Api {
+    app: TestApp,
     items: HashMap<String, Item>,
-    dir: Option<tempfile::TempDir>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    server: Option<tokio::task::JoinHandle<Result<(), tandem::http::ServeError>>>,
 }
 
-impl Drop for TestApp {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
+impl std::ops::Deref for Api {
+    type Target = TestApp;
+    fn deref(&self) -> &TestApp {
+        &self.app
     }
 }
 
-fn init_logs() {
-    if std::env::var_os("TEST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter("info,tandem=debug")
-            .try_init();
-    }
-}
-
-/// The admin key the test servers run with; catalog writes need it.
+/// The admin key the test servers run with; catalog writes need it, and the test client
+/// sends it with every request.
 const CATALOG_KEY: &str = "test-catalog-key";
 
-async fn spawn_app() -> TestApp {
+async fn spawn_app() -> Api {
     spawn_app_with(|_| {}).await
 }
 
-async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
+async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> Api {
     spawn_app_in(tempfile::tempdir().unwrap(), tweak).await
 }
 
 /// Starts a server over `dir` (a new one, or one a previous server used: a restart).
-async fn spawn_app_in(dir: tempfile::TempDir, tweak: impl FnOnce(&mut Settings)) -> TestApp {
-    init_logs();
+async fn spawn_app_in(dir: tempfile::TempDir, tweak: impl FnOnce(&mut Settings)) -> Api {
     let catalog_dir = dir.path().join("catalog");
     let items = write_catalog(&catalog_dir);
     let mut settings = Settings {
@@ -178,90 +165,21 @@ async fn spawn_app_in(dir: tempfile::TempDir, tweak: impl FnOnce(&mut Settings))
     settings.index.backend = IndexBackend::Exact;
     settings.session.backend = SessionBackend::Memory;
     settings.server.catalog_dir = catalog_dir;
-    // Catalog writes need a key; the test client sends it with every request.
     settings.admin_key = AdminKey(Some(CATALOG_KEY.into()));
     tweak(&mut settings);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(tandem::http::serve(listener, settings, async {
-        let _ = rx.await;
-    }));
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert("x-api-key", CATALOG_KEY.parse().unwrap());
-    let client = reqwest::Client::builder()
-        .default_headers(headers)
-        .build()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if server.is_finished() {
-            panic!("server exited at start-up: {:?}", server.await);
-        }
-        if let Ok(r) = client.get(format!("{base}/readyz")).send().await {
-            if r.status() == StatusCode::OK {
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "server not ready within 60 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    TestApp {
-        base,
-        client,
+    Api {
+        app: TestApp::spawn(settings).await.in_dir(dir),
         items: items
             .into_iter()
             .map(|i| (i.item_id.to_string(), i))
             .collect(),
-        dir: Some(dir),
-        shutdown: Some(tx),
-        server: Some(server),
     }
 }
 
-impl TestApp {
+impl Api {
     /// Stops the server gracefully and hands back its directory.
-    async fn stop(mut self) -> tempfile::TempDir {
-        let _ = self.shutdown.take().unwrap().send(());
-        self.server.take().unwrap().await.unwrap().unwrap();
-        self.dir.take().unwrap()
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    async fn get(&self, path: &str) -> (StatusCode, Value) {
-        let r = self.client.get(self.url(path)).send().await.unwrap();
-        let status = r.status();
-        (status, r.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn send_json(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: &Value,
-    ) -> (StatusCode, Value) {
-        let r = self
-            .client
-            .request(method, self.url(path))
-            .json(body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status();
-        (status, r.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
-        self.send_json(reqwest::Method::POST, path, body).await
-    }
-
-    async fn recommend(&self, query: &str) -> RecommendationsResponse {
-        let (status, body) = self.get(&format!("/v1/recommendations?{query}")).await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        serde_json::from_value(body).unwrap()
+    async fn stop(self) -> tempfile::TempDir {
+        self.app.stop().await.expect("an Api owns its directory")
     }
 
     async fn similar(&self, item: &str, query: &str) -> (StatusCode, Value) {
@@ -571,7 +489,7 @@ async fn catalog_endpoints_read_update_and_delete() {
     );
 
     let r = app
-        .client
+        .http
         .delete(app.url("/v1/items/comedy-3"))
         .send()
         .await
@@ -580,7 +498,7 @@ async fn catalog_endpoints_read_update_and_delete() {
     let (status, _) = app.get("/v1/items/comedy-3").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let r = app
-        .client
+        .http
         .delete(app.url("/v1/items/comedy-3"))
         .send()
         .await
@@ -642,7 +560,7 @@ async fn an_event_log_whose_fsync_fails_answers_503_with_retry_after() {
     .await;
     for _ in 0..2 {
         let r = app
-            .client
+            .http
             .post(app.url("/v1/events"))
             .json(&json!({"user_id": "u", "item_id": "drama-1", "type": "click"}))
             .send()
@@ -744,6 +662,9 @@ async fn catalog_writes_need_the_key_and_reads_and_events_do_not() {
             .await
             .unwrap();
         assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "{ct}");
+        let e: ErrorBody = r.json().await.unwrap();
+        assert_eq!(e.code, "unsupported_media_type");
+        assert_eq!(e.field.as_deref(), Some("content-type"));
     }
     let r = anonymous
         .post(app.url("/v1/events"))
@@ -825,7 +746,7 @@ async fn bad_input_gets_a_json_error_naming_the_field() {
     // Bodies: malformed JSON, a wrong type deep inside, an unknown field, too large.
     let raw = |path: &str, body: &'static str| {
         let req = app
-            .client
+            .http
             .post(app.url(path))
             .header("content-type", "application/json")
             .body(body);
@@ -875,7 +796,7 @@ async fn bad_input_gets_a_json_error_naming_the_field() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body["code"], "no_route");
     let r = app
-        .client
+        .http
         .put(app.url("/v1/recommendations"))
         .send()
         .await
@@ -894,7 +815,7 @@ async fn health_readiness_metrics_and_openapi() {
     assert_eq!(body["catalog_items"], CATEGORIES.len() * PER_CATEGORY);
     assert_eq!(body["index_items"], CATEGORIES.len() * PER_CATEGORY);
     let r = app
-        .client
+        .http
         .get(app.url("/healthz"))
         .header("x-request-id", "my-id-1")
         .send()
@@ -902,7 +823,7 @@ async fn health_readiness_metrics_and_openapi() {
         .unwrap();
     assert_eq!(r.headers()["x-request-id"], "my-id-1");
     let r = app
-        .client
+        .http
         .get(app.url("/v1/recommendations?k=1"))
         .header("x-request-id", "my-id-2")
         .send()
@@ -911,7 +832,7 @@ async fn health_readiness_metrics_and_openapi() {
     assert_eq!(r.json::<Value>().await.unwrap()["request_id"], "my-id-2");
     app.recommend("user_id=nobody&k=3").await;
     let metrics = app
-        .client
+        .http
         .get(app.url("/metrics"))
         .send()
         .await
@@ -923,7 +844,7 @@ async fn health_readiness_metrics_and_openapi() {
     // The runtime's stall watch reports from the server's first 10 ms on.
     let mut lag_reported = false;
     for _ in 0..100 {
-        let metrics = app.client.get(app.url("/metrics")).send().await.unwrap();
+        let metrics = app.http.get(app.url("/metrics")).send().await.unwrap();
         if metrics
             .text()
             .await
@@ -1217,7 +1138,7 @@ fn no_input_produces_a_500() {
         ] {
             let r = rt.block_on(async {
                 let r = app
-                    .client
+                    .http
                     .post(app.url(path))
                     .body(body)
                     .send()
@@ -1376,7 +1297,7 @@ impl tandem::index::VectorIndex for Outage {
 async fn an_index_outage_serves_the_fallback_list_and_recovers() {
     use std::sync::atomic::Ordering;
     use std::sync::Arc;
-    use tandem::pipeline::{Degraded, RecommendRequest, Recommender, Source};
+    use tandem::pipeline::{Degraded, Parts, RecommendRequest, Recommender, Source};
 
     let dir = tempfile::tempdir().unwrap();
     let catalog_dir = dir.path().join("catalog");
@@ -1425,15 +1346,20 @@ async fn an_index_outage_serves_the_fallback_list_and_recovers() {
     tandem::session::SessionStore::append(sessions.as_ref(), &clicks)
         .await
         .unwrap();
-    let recommender = Recommender::new(
-        Arc::new(arc_swap::ArcSwap::from_pointee(model)),
-        index.clone(),
+    let experiments = Arc::new(tandem::experiment::Experiments::new(
+        Vec::new(),
+        sessions.clone(),
+        settings.rerank.clone(),
+    ));
+    let recommender = Recommender::new(Parts {
+        model: Arc::new(arc_swap::ArcSwap::from_pointee(model)),
+        index: index.clone(),
         sessions,
-        Arc::new(catalog),
-        settings.server.clone(),
-        Arc::new(arc_swap::ArcSwap::from_pointee(settings.rerank.clone())),
-        Arc::new(tandem::arms::Arms::new(index)),
-    );
+        catalog: Arc::new(catalog),
+        settings: settings.server.clone(),
+        experiments,
+        arms: Arc::new(tandem::arms::Arms::new(index)),
+    });
     let request = |n: usize, category: &str| RecommendRequest {
         request_id: format!("r{n}"),
         user: Some(UserId::parse("shopper").unwrap()),
@@ -1444,8 +1370,6 @@ async fn an_index_outage_serves_the_fallback_list_and_recovers() {
             available_only: true,
             ..Default::default()
         },
-        variant: "control".into(),
-        model_version: None,
     };
 
     let up = recommender.recommend(&request(0, "Drama")).await;

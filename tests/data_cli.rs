@@ -1,9 +1,11 @@
 //! The data commands as a user runs them: `tandem import movielens`, `tandem generate` and
 //! `tandem split`, through the built binary, checked against what the files must hold.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use tandem::data::format::{ITEM_COLUMNS, ITEM_OPTIONAL_COLUMNS};
 use tandem::data::split::{compare_ids, is_new_user};
 use tandem::data::{read_interactions, read_items};
@@ -34,16 +36,9 @@ fn fixture(name: &str) -> PathBuf {
     dst
 }
 
-/// Runs the binary with a clean `TANDEM_*` environment, so that the developer's settings do
-/// not leak into the test.
+/// The binary with a clean `TANDEM_*` environment (`common::tandem_cli`).
 fn tandem(args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tandem"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("TANDEM_") || k == "RUST_LOG" {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.args(args).output().expect("the tandem binary runs")
+    common::tandem_cli(args)
 }
 
 fn ok(args: &[&str]) -> String {

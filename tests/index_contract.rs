@@ -3,6 +3,8 @@
 //! `.ci/run` start a server and set it; under `CI=true` a missing `QDRANT_URL` fails the
 //! qdrant cases instead of skipping them).
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -67,15 +69,7 @@ async fn backends(test: &str) -> Vec<Backend> {
 /// The `qdrant` backend on the server at `QDRANT_URL`, on a collection of its own; `None`
 /// (the case is skipped) when it is unset, except under `CI=true`, where that fails.
 async fn qdrant(test: &str, thresholds: Thresholds) -> Option<QdrantIndex> {
-    let Ok(url) = std::env::var("QDRANT_URL") else {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "QDRANT_URL is not set under CI=true: the qdrant backend of {test} must run \
-             (scripts/qdrant-server.sh starts a server)"
-        );
-        println!("skipped: QDRANT_URL not set (qdrant backend of {test})");
-        return None;
-    };
+    let url = common::qdrant_url(&format!("the qdrant backend of {test}"))?;
     let settings = IndexSettings {
         qdrant_url: url,
         collection: format!("tandem_test_{test}_{}", uuid::Uuid::new_v4().simple()),
@@ -894,12 +888,7 @@ async fn edge_reopens_after_restart() {
 
 #[tokio::test]
 async fn unreachable_qdrant_names_the_url() {
-    // A port nothing listens on: bind, note the port, close.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let url = format!("http://127.0.0.1:{port}");
     let settings = IndexSettings {
         qdrant_url: url.clone(),

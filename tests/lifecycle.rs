@@ -3,6 +3,9 @@
 //! rejected checkpoints, admin auth, keep-last-N, and experiment assignment and attribution.
 //! Each app trains a tiny model on generated data (well under a second).
 
+mod common;
+
+use common::{eventually, tiny_checkpoints, TestApp};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -10,68 +13,34 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem::config::{AdminKey, IndexBackend, SessionBackend, Settings};
-use tandem::data::synthetic::{generate, GenerateConfig};
 use tandem::http::admin_client::{AdminClient, ClientError};
 use tandem::model::TrainConfig;
 use tandem::registry::ModelStatus;
 
 const KEY: &str = "s3cret-admin-key";
 
+/// A server on the tiny model `tt-a` (`common::TestApp`), with an admin client.
 struct App {
-    base: String,
-    http: reqwest::Client,
+    app: TestApp,
     client: AdminClient,
     /// A second checkpoint: the start-up one (`tt-a`) with another version id.
     ckpt_b: PathBuf,
     /// The generated catalog and interactions the models were trained on.
     data: PathBuf,
     _dir: tempfile::TempDir,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
-impl Drop for App {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
+impl std::ops::Deref for App {
+    type Target = TestApp;
+    fn deref(&self) -> &TestApp {
+        &self.app
     }
-}
-
-/// Generated data (the catalog) and a tiny model trained on it, saved as `tt-a` and `tt-b`.
-fn tiny_checkpoints(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let data = dir.join("data");
-    generate(
-        &GenerateConfig {
-            items: 300,
-            users: 60,
-            interactions: 3_000,
-            seed: 7,
-        },
-        &data,
-    )
-    .unwrap();
-    let cfg = TrainConfig {
-        dim: 16,
-        input_dim: 16,
-        hidden: 32,
-        epochs: 1,
-        batch_size: 512,
-        progress: false,
-        ..TrainConfig::default()
-    };
-    let (mut model, _) = tandem::model::train_on_data(&cfg, &data, false).unwrap();
-    let a = dir.join("ckpt-a");
-    let b = dir.join("ckpt-b");
-    model.manifest_mut().model_version = "tt-a".into();
-    model.save(&a).unwrap();
-    model.manifest_mut().model_version = "tt-b".into();
-    model.save(&b).unwrap();
-    (data, a, b)
 }
 
 async fn spawn_app(admin_key: Option<&str>, keep_last: usize) -> App {
     let dir = tempfile::tempdir().unwrap();
-    let (data, ckpt_a, ckpt_b) = tiny_checkpoints(dir.path());
+    let (data, ckpts) = tiny_checkpoints(dir.path(), &["tt-a", "tt-b"]);
+    let [ckpt_a, ckpt_b] = <[PathBuf; 2]>::try_from(ckpts).unwrap();
     let mut settings = Settings {
         data_dir: dir.path().join("srv"),
         model_path: ckpt_a,
@@ -81,36 +50,14 @@ async fn spawn_app(admin_key: Option<&str>, keep_last: usize) -> App {
     settings.index.backend = IndexBackend::Exact;
     settings.session.backend = SessionBackend::Memory;
     settings.server.catalog_dir = data.clone();
-    let settings_data = data;
     settings.registry.keep_last = keep_last;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(tandem::http::serve(listener, settings, async {
-        let _ = rx.await;
-    }));
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if server.is_finished() {
-            panic!("server exited at start-up: {:?}", server.await);
-        }
-        if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
-            if r.status() == StatusCode::OK {
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "server not ready within 60 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let app = TestApp::spawn(settings).await;
     App {
-        client: AdminClient::new(&base, admin_key.map(String::from)),
-        base,
-        http,
+        client: AdminClient::new(&app.base, admin_key.map(String::from)),
+        app,
         ckpt_b,
-        data: settings_data,
+        data,
         _dir: dir,
-        shutdown: Some(tx),
     }
 }
 
@@ -665,8 +612,26 @@ async fn an_experiment_serves_a_second_model_beside_the_active_one() {
         switched.outcome,
         tandem::lifecycle::ActivateOutcome::Switched
     );
-    // The catalog moves to tt-c's vectors in the background (300 items: milliseconds).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // tt-c answers at once; the catalog moves to tt-c's vectors in the background (300
+    // items: milliseconds, but a busy box may take longer), and the lists match the arm's
+    // once it has. Waited for with a deadline, then checked user by user.
+    for user in arm_lists.keys() {
+        assert_eq!(app.recommend(user).await.unwrap()["model_version"], "tt-c");
+    }
+    let same_as_arm = || async {
+        for (user, arm_items) in &arm_lists {
+            if &items(&app.recommend(user).await.unwrap()) != arm_items {
+                return false;
+            }
+        }
+        true
+    };
+    eventually(
+        "tt-c serves what its arm did",
+        Duration::from_secs(30),
+        same_as_arm,
+    )
+    .await;
     for (user, arm_items) in &arm_lists {
         let body = app.recommend(user).await.unwrap();
         assert_eq!(body["model_version"], "tt-c");
@@ -817,6 +782,24 @@ async fn clicks_with_a_variant_show_up_in_that_variants_ctr() {
         per_variant.len() == 2,
         "both arms get traffic: {per_variant:?}"
     );
+    // Onboarding's first page is served like any other: an impression of the user's variant.
+    let seen = app.recommend("user-0").await.unwrap();
+    *per_variant
+        .entry(seen["variant"].as_str().unwrap().to_string())
+        .or_default() += 1;
+    let liked = seen["items"][0]["item_id"].clone();
+    let r = http
+        .post(format!("{}/v1/users/newcomer/onboarding", app.base))
+        .json(&json!({"liked_items": [liked]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let onboarded: Value = r.json().await.unwrap();
+    let onboarded_variant = onboarded["recommendations"]["variant"].as_str().unwrap();
+    *per_variant
+        .entry(onboarded_variant.to_string())
+        .or_default() += 1;
     // A purchase that cites only its request id is attributed through it.
     let body = app.recommend("buyer").await.unwrap();
     let buyer_variant = body["variant"].as_str().unwrap().to_string();
@@ -835,28 +818,31 @@ async fn clicks_with_a_variant_show_up_in_that_variants_ctr() {
     // Attribution runs after the 202: wait until every outcome is counted (a deadline, not
     // a fixed sleep, which flakes on busy cores).
     let outcomes = fresh_users + 1;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let report: serde_json::Value = loop {
-        let report: serde_json::Value = http
-            .get(format!("{}/admin/experiments/home", app.base))
+    let report = || async {
+        http.get(format!("{}/admin/experiments/home", app.base))
             .header("X-API-Key", KEY)
             .send()
             .await
             .unwrap()
-            .json()
+            .json::<Value>()
             .await
-            .unwrap();
-        let counted: u64 = report["variants"]
+            .unwrap()
+    };
+    let counted = |report: &Value| -> u64 {
+        report["variants"]
             .as_array()
             .unwrap()
             .iter()
             .map(|v| v["clicks"].as_u64().unwrap_or(0) + v["purchases"].as_u64().unwrap_or(0))
-            .sum();
-        if counted >= outcomes || std::time::Instant::now() > deadline {
-            break report;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+            .sum()
     };
+    eventually(
+        "every outcome is counted",
+        Duration::from_secs(20),
+        || async { counted(&report().await) >= outcomes },
+    )
+    .await;
+    let report = report().await;
     let variant = |name: &str| {
         report["variants"]
             .as_array()

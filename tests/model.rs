@@ -1,6 +1,8 @@
 //! The two-tower model end to end on a small synthetic catalog with planted structure: every
 //! user mostly consumes one category, so a model that learns beats popularity by far.
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::OnceLock;
@@ -403,16 +405,18 @@ fn eval_cli_scores_a_checkpoint_and_names_a_missing_split_file() {
     let ckpt = tmp.path().join("ckpt");
     f.model.save(&ckpt).unwrap();
     let recs = tmp.path().join("recs.csv");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(["eval", "--split"])
-        .arg(&split_dir)
-        .arg("--model")
-        .arg(&ckpt)
-        .arg("--export-recs")
-        .arg(&recs)
-        .arg("--json")
-        .output()
-        .unwrap();
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    let (split_arg, ckpt_arg, recs_arg) = (path(&split_dir), path(&ckpt), path(&recs));
+    let out = common::tandem_cli(&[
+        "eval",
+        "--split",
+        &split_arg,
+        "--model",
+        &ckpt_arg,
+        "--export-recs",
+        &recs_arg,
+        "--json",
+    ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -433,13 +437,7 @@ fn eval_cli_scores_a_checkpoint_and_names_a_missing_split_file() {
     assert_eq!(text.lines().count(), 1 + (USERS + 2) * eval::MAX_K);
 
     std::fs::remove_file(split_dir.join("onboard_test.csv")).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(["eval", "--split"])
-        .arg(&split_dir)
-        .arg("--model")
-        .arg(&ckpt)
-        .output()
-        .unwrap();
+    let out = common::tandem_cli(&["eval", "--split", &split_arg, "--model", &ckpt_arg]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -65,6 +65,9 @@ pub struct Settings {
     pub admin_key: AdminKey,
 }
 
+/// The environment variable that holds the admin key (the admin API and catalog writes).
+pub const ADMIN_KEY_ENV: &str = "TANDEM_ADMIN_KEY";
+
 /// A secret that `Debug` does not print.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct AdminKey(pub Option<String>);

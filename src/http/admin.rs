@@ -3,6 +3,7 @@
 //! compared in constant time with `TANDEM_ADMIN_KEY`; with no key configured the API answers
 //! 403 and says how to enable it.
 
+use super::auth;
 use super::error::AppError;
 use super::extract::ApiJson;
 use super::AppState;
@@ -17,13 +18,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
-
-/// The header that carries the admin key.
-pub const API_KEY_HEADER: &str = "x-api-key";
-/// The environment variable that enables the admin API.
-pub const ADMIN_KEY_ENV: &str = "TANDEM_ADMIN_KEY";
 
 /// The admin routes, nested under `/admin` by `http::router`.
 pub fn router(state: AppState) -> Router<AppState> {
@@ -37,21 +31,17 @@ pub fn router(state: AppState) -> Router<AppState> {
         .layer(axum::middleware::from_fn_with_state(state, authorize))
 }
 
-/// 403 when disabled, 401 when the key is missing or wrong. Both keys are hashed first, so
-/// the comparison takes the same time whatever the length or content of the guess.
+/// 403 when disabled, 401 when the key is missing or wrong (`auth::check`).
 async fn authorize(State(s): State<AppState>, req: Request, next: Next) -> Response {
-    let Some(key) = s.settings.admin_key.0.as_deref().filter(|k| !k.is_empty()) else {
-        return AppError::AdminDisabled.into_response();
-    };
-    let want: [u8; 32] = Sha256::digest(key.as_bytes()).into();
-    let Some(given) = req.headers().get(API_KEY_HEADER) else {
-        return AppError::Unauthorized("missing X-API-Key header").into_response();
-    };
-    let given: [u8; 32] = Sha256::digest(given.as_bytes()).into();
-    if bool::from(given.ct_eq(&want)) {
-        next.run(req).await
-    } else {
-        AppError::Unauthorized("wrong X-API-Key").into_response()
+    let checked = auth::check(
+        auth::digest(s.settings.admin_key.0.as_deref()),
+        req.headers(),
+        AppError::AdminDisabled,
+        "missing X-API-Key header",
+    );
+    match checked {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
     }
 }
 

@@ -1,7 +1,8 @@
 //! A typed client of the admin API, behind `tandem models ...` (scripts and CI pipelines) and
 //! the lifecycle tests.
 
-use super::admin::{ActivateResponse, ModelList, RollbackResponse, API_KEY_HEADER};
+use super::admin::{ActivateResponse, ModelList, RollbackResponse};
+use super::auth::API_KEY_HEADER;
 use super::error::ErrorBody;
 use crate::registry::{ModelRecord, ModelStatus};
 use serde::de::DeserializeOwned;

@@ -37,10 +37,15 @@ pub enum AppError {
     /// A checkpoint failed validation; the reason names the file.
     #[error("rejected checkpoint: {reason}")]
     InvalidCheckpoint { reason: String },
-    #[error("the admin API is disabled: start the server with {env} set to a secret (`make run` sets one and prints it), then send it in the X-API-Key header", env = crate::http::admin::ADMIN_KEY_ENV)]
+    #[error("the admin API is disabled: start the server with {env} set to a secret (`make run` sets one and prints it), then send it in the X-API-Key header", env = crate::config::ADMIN_KEY_ENV)]
     AdminDisabled,
+    #[error("catalog writes are disabled: set the {env} environment variable to a secret and send it in the X-API-Key header", env = crate::config::ADMIN_KEY_ENV)]
+    CatalogWritesDisabled,
     #[error("{0}")]
     Unauthorized(&'static str),
+    /// A body sent as anything but `application/json`.
+    #[error("the body must be sent with Content-Type: application/json")]
+    UnsupportedMediaType,
     #[error("no route for {method} {path}")]
     NoRoute { method: String, path: String },
     #[error("method {method} is not allowed here")]
@@ -74,9 +79,10 @@ impl AppError {
             | AppError::MalformedJson { .. }
             | AppError::InvalidCheckpoint { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::Conflict { .. } => StatusCode::CONFLICT,
-            AppError::AdminDisabled => StatusCode::FORBIDDEN,
+            AppError::AdminDisabled | AppError::CatalogWritesDisabled => StatusCode::FORBIDDEN,
             AppError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             AppError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            AppError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AppError::NotFound { .. } | AppError::NoRoute { .. } => StatusCode::NOT_FOUND,
             AppError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             AppError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
@@ -94,6 +100,8 @@ impl AppError {
             AppError::InvalidCheckpoint { .. } => "invalid_checkpoint",
             AppError::Conflict { code, .. } => code,
             AppError::AdminDisabled => "admin_disabled",
+            AppError::CatalogWritesDisabled => "catalog_writes_disabled",
+            AppError::UnsupportedMediaType => "unsupported_media_type",
             AppError::Unauthorized(_) => "unauthorized",
             AppError::PayloadTooLarge { .. } => "payload_too_large",
             AppError::NotFound { .. } => "not_found",
@@ -111,9 +119,11 @@ impl AppError {
             AppError::Invalid { field, .. } => Some(field),
             AppError::MalformedJson { .. } | AppError::PayloadTooLarge { .. } => Some("body"),
             AppError::InvalidCheckpoint { .. } => Some("path"),
+            AppError::UnsupportedMediaType => Some("content-type"),
             AppError::NotFound { .. }
             | AppError::Conflict { .. }
             | AppError::AdminDisabled
+            | AppError::CatalogWritesDisabled
             | AppError::Unauthorized(_)
             | AppError::NoRoute { .. }
             | AppError::MethodNotAllowed { .. }
@@ -282,11 +292,15 @@ impl From<crate::session::SessionError> for AppError {
 
 impl From<crate::pipeline::PipelineError> for AppError {
     fn from(e: crate::pipeline::PipelineError) -> Self {
+        use crate::pipeline::PipelineError as E;
         match e {
-            crate::pipeline::PipelineError::UnknownItem(id) => AppError::NotFound {
+            E::UnknownItem(id) => AppError::NotFound {
                 what: "item",
                 id: id.to_string(),
             },
+            // Only onboarding seeds, and its `categories` chose nothing to seed.
+            E::NothingToSeed => AppError::invalid("categories", e.to_string()),
+            E::Session(e) => e.into(),
         }
     }
 }

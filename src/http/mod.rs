@@ -186,12 +186,7 @@ async fn require_json(req: Request, next: Next) -> Response {
     use axum::http::Method;
     let has_body = matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH);
     if has_body && req.uri().path().starts_with("/v1/") && !is_json(req.headers()) {
-        let body = ErrorBody {
-            code: "unsupported_media_type".into(),
-            message: "the body must be sent with Content-Type: application/json".into(),
-            field: Some("content-type".into()),
-        };
-        return (StatusCode::UNSUPPORTED_MEDIA_TYPE, axum::Json(body)).into_response();
+        return AppError::UnsupportedMediaType.into_response();
     }
     next.run(req).await
 }

@@ -1,5 +1,7 @@
-//! The handlers: each turns wire input into validated domain input, calls the pipeline or the
-//! catalog's write path (`items`), and shapes the answer.
+//! The public API's handlers, wire work only: each turns wire input into validated domain
+//! input (a 422 names the field at fault), calls the pipeline (`pipeline::Recommender`, which
+//! assigns the variant, serves and counts the impression) or the catalog's write path
+//! (`items::ItemWriter`, which holds every item-write rule), and shapes the answer.
 
 use super::error::{AppError, ErrorBody};
 use super::extract::{read_body, ApiJson, ApiPath, QueryPairs, RequestId};
@@ -8,7 +10,7 @@ use super::AppState;
 use crate::catalog::CatalogEntry;
 use crate::domain::{ItemId, UserId};
 use crate::items;
-use crate::pipeline::RecommendRequest;
+use crate::pipeline::{OnboardRequest, RecommendRequest};
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -56,27 +58,15 @@ async fn recommend(
 ) -> ApiResult<Json<RecommendationsResponse>> {
     let v = params.validate()?;
     known_categories(s, &v.filter)?;
-    let assignment = s.assign(v.user.as_ref(), v.session.as_ref());
-    let variant = assignment
-        .as_ref()
-        .map(|a| a.variant.clone())
-        .unwrap_or_else(|| crate::config::CONTROL_VARIANT.to_string());
     let req = RecommendRequest {
         request_id,
         user: v.user,
         session: v.session,
         k: v.k,
         filter: v.filter,
-        variant,
-        model_version: assignment.as_ref().and_then(|a| a.model_version.clone()),
     };
-    let started = std::time::Instant::now();
     let recs = s.recommender.recommend(&req).await;
     s.stats.record_source(recs.source);
-    if let Some(a) = &assignment {
-        s.experiments
-            .record_served(a, &req.request_id, started.elapsed());
-    }
     Ok(Json(RecommendationsResponse::new(recs, v.explain)))
 }
 
@@ -103,8 +93,6 @@ pub async fn similar(
         session: None,
         k: v.k,
         filter: v.filter,
-        variant: s.choose_variant(None, None),
-        model_version: None,
     };
     let recs = s.recommender.similar(&item, &req).await?;
     Ok(Json(RecommendationsResponse::new(recs, v.explain)))
@@ -127,8 +115,6 @@ pub async fn trending(
         session: None,
         k: v.k,
         filter: v.filter,
-        variant: s.choose_variant(None, None),
-        model_version: None,
     };
     Ok(Json(RecommendationsResponse::new(
         s.recommender.trending(&req).await,
@@ -319,40 +305,19 @@ pub async fn onboarding(
             .ok_or_else(|| AppError::invalid(&field, format!("unknown item {id}")))?;
         liked.push(entry);
     }
-    let now_ms = chrono::Utc::now().timestamp_millis();
-    let seeds = s
+    let onboarded = s
         .recommender
-        .onboard(&user, &input.categories, &liked, now_ms)
+        .onboard(&OnboardRequest {
+            request_id: rid,
+            user,
+            categories: input.categories,
+            liked,
+            k,
+        })
         .await?;
-    if seeds.is_empty() {
-        return Err(AppError::invalid(
-            "categories",
-            "no available item is in any of these categories",
-        ));
-    }
-    let assignment = s.assign(Some(&user), None);
-    let req = RecommendRequest {
-        request_id: rid,
-        user: Some(user),
-        session: None,
-        k,
-        // What the user just said they like is history: answering with it again (at #1,
-        // as its own nearest neighbour) tells them nothing, as with purchased items.
-        filter: crate::domain::Filter {
-            available_only: true,
-            exclude_items: liked.iter().map(|e| e.id().clone()).collect(),
-            ..Default::default()
-        },
-        variant: assignment
-            .as_ref()
-            .map(|a| a.variant.clone())
-            .unwrap_or_else(|| crate::config::CONTROL_VARIANT.to_string()),
-        model_version: assignment.and_then(|a| a.model_version),
-    };
-    let recs = s.recommender.recommend(&req).await;
     Ok(Json(OnboardingResponse {
-        seeded_items: seeds.into_iter().map(|r| r.item_id.to_string()).collect(),
-        recommendations: RecommendationsResponse::new(recs, false),
+        seeded_items: onboarded.seeded.iter().map(ItemId::to_string).collect(),
+        recommendations: RecommendationsResponse::new(onboarded.recommendations, false),
     }))
 }
 

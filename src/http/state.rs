@@ -3,23 +3,21 @@
 use crate::arms::Arms;
 use crate::catalog::Catalog;
 use crate::cluster::{Bus, Change, ClusterError};
-use crate::config::experiments::{pinned_models, Assignment};
-use crate::config::Experiment;
-use crate::config::{Settings, CONTROL_VARIANT};
+use crate::config::experiments::pinned_models;
+use crate::config::{Experiment, Settings};
 use crate::degrade::{Budgets, GuardedIndex, GuardedSession};
-use crate::domain::{SessionId, UserId};
 use crate::experiment::Experiments;
 use crate::index::{IndexError, VectorIndex};
 use crate::items::load::{journal_path, LoadError};
 use crate::items::{CatalogJournal, ItemWriter};
 use crate::lifecycle::{Lifecycle, LifecycleError};
 use crate::model::{ModelError, TwoTower};
-use crate::pipeline::Recommender;
+use crate::pipeline::{self, Recommender};
 use crate::registry::Registry;
 use crate::session::{SessionError, SessionStore};
 use arc_swap::ArcSwap;
 use futures::FutureExt;
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
 
@@ -49,6 +47,21 @@ pub enum ServeError {
     Cluster(#[from] ClusterError),
     #[error("server: {0}")]
     Io(std::io::Error),
+}
+
+/// What `AppState::build` opened, before it is assembled into a state.
+struct Opened {
+    settings: Settings,
+    model: TwoTower,
+    index: Arc<dyn VectorIndex>,
+    sessions: Arc<dyn SessionStore>,
+    catalog: Arc<Catalog>,
+    registry: Arc<Registry>,
+    /// The directory `model` was loaded from (the registry adopts it if it does not know it
+    /// yet).
+    model_source: PathBuf,
+    journal: Option<Arc<CatalogJournal>>,
+    bus: Option<Arc<Bus>>,
 }
 
 /// Shared by every handler; cheap to clone.
@@ -174,17 +187,17 @@ impl AppState {
                 settings.experiments = shared;
             }
         }
-        let state = Self::from_parts(
+        let state = Self::assemble(Opened {
             settings,
             model,
             index,
             sessions,
-            Arc::new(catalog),
+            catalog: Arc::new(catalog),
             registry,
-            &model_path,
+            model_source: model_path,
             journal,
             bus,
-        )
+        })
         .await?;
         if let Some(from) = follow_from {
             state.follow_replicas(from);
@@ -192,20 +205,19 @@ impl AppState {
         Ok(state)
     }
 
-    /// Assembles a state from parts that are already open; `model_source` is the directory
-    /// `model` was loaded from (the registry adopts it if it does not know it yet).
-    #[allow(clippy::too_many_arguments)]
-    pub async fn from_parts(
-        settings: Settings,
-        model: TwoTower,
-        index: Arc<dyn VectorIndex>,
-        sessions: Arc<dyn SessionStore>,
-        catalog: Arc<Catalog>,
-        registry: Arc<Registry>,
-        model_source: &Path,
-        journal: Option<Arc<CatalogJournal>>,
-        bus: Option<Arc<Bus>>,
-    ) -> Result<Self, ServeError> {
+    /// Assembles a state from what `build` opened.
+    async fn assemble(opened: Opened) -> Result<Self, ServeError> {
+        let Opened {
+            settings,
+            model,
+            index,
+            sessions,
+            catalog,
+            registry,
+            model_source,
+            journal,
+            bus,
+        } = opened;
         let model = Arc::new(ArcSwap::from_pointee(model));
         let experiments = Arc::new(Experiments::new(
             settings.experiments.clone(),
@@ -214,15 +226,15 @@ impl AppState {
         ));
         experiments.spawn_flusher();
         let arms = Arc::new(Arms::new(index.clone()));
-        let recommender = Arc::new(Recommender::new(
-            model.clone(),
-            index.clone(),
-            sessions.clone(),
-            catalog.clone(),
-            settings.server.clone(),
-            experiments.rerank_handle(),
-            arms.clone(),
-        ));
+        let recommender = Arc::new(Recommender::new(pipeline::Parts {
+            model: model.clone(),
+            index: index.clone(),
+            sessions: sessions.clone(),
+            catalog: catalog.clone(),
+            settings: settings.server.clone(),
+            experiments: experiments.clone(),
+            arms: arms.clone(),
+        }));
         let lifecycle = Arc::new(
             Lifecycle::start(
                 registry,
@@ -230,7 +242,7 @@ impl AppState {
                 index.clone(),
                 catalog.clone(),
                 arms.clone(),
-                model_source,
+                &model_source,
                 bus.clone(),
             )
             .await?,
@@ -260,19 +272,6 @@ impl AppState {
             bus,
             follower: Arc::default(),
         })
-    }
-
-    /// The experiment arm of a request: the one place a variant is chosen. Without a running
-    /// experiment (or an id to hash) it is control.
-    pub fn choose_variant(&self, user: Option<&UserId>, session: Option<&SessionId>) -> String {
-        self.assign(user, session)
-            .map(|a| a.variant)
-            .unwrap_or_else(|| CONTROL_VARIANT.to_string())
-    }
-
-    /// The full assignment, for handlers that count the response as an impression.
-    pub fn assign(&self, user: Option<&UserId>, session: Option<&SessionId>) -> Option<Assignment> {
-        self.experiments.assign(user, session)
     }
 
     /// Experiments another replica set: their models first, as `PUT /admin/experiments`

@@ -3,8 +3,9 @@
 //! the binary so that `tandem serve` needs nothing on disk, and they call only the public and
 //! admin APIs, like any storefront would.
 
+use super::error::AppError;
 use axum::extract::Path;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -53,14 +54,11 @@ pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
 async fn asset(Path(name): Path<String>) -> Response {
     match ASSETS.iter().find(|(n, _, _)| *n == name) {
         Some(&(_, kind, body)) => file(kind, body),
-        None => (
-            StatusCode::NOT_FOUND,
-            axum::Json(serde_json::json!({
-                "error": "not_found",
-                "message": format!("no UI asset named {name:?}"),
-            })),
-        )
-            .into_response(),
+        None => AppError::NotFound {
+            what: "UI asset",
+            id: name,
+        }
+        .into_response(),
     }
 }
 
@@ -90,6 +88,7 @@ mod tests {
     use super::*;
     use axum::body::Body;
     use axum::http::Request;
+    use axum::http::StatusCode;
     use tower::ServiceExt;
 
     async fn get_path(path: &str) -> (StatusCode, String, String) {
@@ -155,12 +154,15 @@ mod tests {
         assert!(body.starts_with("<svg"), "{body}");
     }
 
+    /// A 404 for an asset is the API's error body, like every other error.
     #[tokio::test]
     async fn unknown_asset_is_a_404_naming_it() {
         let (status, kind, body) = get_path("/ui/nope.js").await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert!(kind.starts_with("application/json"));
-        assert!(body.contains("nope.js"), "{body}");
+        let error: super::super::ErrorBody = serde_json::from_str(&body).unwrap();
+        assert_eq!(error.code, "not_found", "{body}");
+        assert!(error.message.contains("nope.js"), "{body}");
     }
 
     /// The server's 403 says "the admin API is disabled: ..."; the page shows that message

@@ -109,7 +109,7 @@ impl ItemWriter {
             (None, Some(collection)) => self.index.upsert_into(&collection, points).await?,
             (None, None) => self.index.upsert(points).await?,
         }
-        self.arms.upserted(&entries).await;
+        self.upsert_into_arms(&entries).await;
         let announced = self.bus.as_ref().map(|_| Change::Upsert {
             model: model.version().to_string(),
             items: entries
@@ -130,6 +130,40 @@ impl ItemWriter {
             count,
             model_version: model.version().to_string(),
         })
+    }
+
+    /// Step 4: items the live collection took go to every experiment arm's collection, each
+    /// embedded with that arm's item tower. A failure is logged, not returned: the live write
+    /// stands, and the arm is reconciled when it next starts.
+    async fn upsert_into_arms(&self, entries: &[CatalogEntry]) {
+        let arms = self.arms.serving();
+        if arms.is_empty() {
+            return;
+        }
+        let items: Arc<[(Item, f32)]> = entries
+            .iter()
+            .map(|e| (e.item.clone(), e.popularity))
+            .collect();
+        for arm in arms {
+            let (model, items) = (arm.model.clone(), items.clone());
+            let points = blocking(move || {
+                let items = items.iter().map(|(item, popularity)| (item, *popularity));
+                embed_points(&model, items, usize::MAX, |_| {})
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|embedded| embedded.map_err(|e| e.to_string()));
+            let points = match points {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(arm = %arm.collection, error = %e, "experiment arm: item tower");
+                    continue;
+                }
+            };
+            if let Err(e) = self.index.upsert_into(&arm.collection, points).await {
+                tracing::warn!(arm = %arm.collection, error = %e, "experiment arm: upsert");
+            }
+        }
     }
 
     /// Changes availability and/or price.
@@ -311,26 +345,31 @@ async fn embed_entries(
     items: Vec<(Item, f32)>,
 ) -> Result<Vec<CatalogEntry>, WriteError> {
     let model = model.clone();
-    let (items, vectors) = blocking(move || {
-        let plain: Vec<Item> = items.iter().map(|(i, _)| i.clone()).collect();
-        let v = model.embed_items(&plain);
-        (items, v)
+    let (items, points) = blocking(move || {
+        let points = embed_points(
+            &model,
+            items.iter().map(|(i, p)| (i, *p)),
+            usize::MAX,
+            |_| {},
+        );
+        (items, points)
     })
     .await?;
     Ok(items
         .into_iter()
-        .zip(vectors?)
-        .map(|((item, popularity), vector)| CatalogEntry {
+        .zip(points?)
+        .map(|((item, popularity), point)| CatalogEntry {
             item,
             popularity,
-            vector: vector.into_boxed_slice(),
+            vector: point.vector.into_boxed_slice(),
         })
         .collect())
 }
 
 /// Embeds items with `model`'s item tower in batches of `batch` and returns the index points,
-/// each with the popularity `popularity` gives it; `progress(done)` after each batch. The one
-/// embed-then-index loop of bulk work: start-up indexing, journal replay, activations.
+/// each with the popularity it comes with; `progress(done)` after each batch. The one place a
+/// batch of items goes through an item tower: API upserts (and their experiment arms),
+/// start-up indexing, journal replay, activations and reconciliation (`lifecycle`).
 pub fn embed_points<'a>(
     model: &TwoTower,
     items: impl IntoIterator<Item = (&'a Item, f32)>,
