@@ -344,10 +344,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Ann(args)) => bench_ann(settings, args)?,
         Command::Train(args) => {
             set_threads(args.hp.threads);
+            keep_freed_memory();
             run_train(args)?
         }
         Command::Eval(args) => {
             set_threads(args.hp.threads);
+            keep_freed_memory();
             run_eval(args)?
         }
     }
@@ -771,6 +773,28 @@ fn set_threads(n: usize) {
         .build_global();
 }
 
+/// For the training commands: mimalloc keeps the memory it frees instead of handing it back
+/// to the OS after its purge delay. A training step frees and allocates the same few-megabyte buffers
+/// (the `[batch, batch]` scores and their gradients, candle's intermediates) every few
+/// milliseconds, so the default purge had steps fault fresh zeroed pages in again
+/// (88k minor faults in three epochs of ml-latest-small, against 1.1k with this; BENCHMARKS.md,
+/// issue 31). The server keeps the default, so that memory freed after a bulk load is returned.
+fn keep_freed_memory() {
+    // -1: never purge.
+    // SAFETY: mimalloc's option setter takes plain integers and may be called at any time.
+    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}
+
+/// `mi_option_purge_delay` in mimalloc's `mi_option_e` (include/mimalloc.h); libmimalloc-sys
+/// does not name it. The test below pins it to the option's documented default.
+const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
+
+unsafe extern "C" {
+    fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
+    #[cfg(test)]
+    fn mi_option_get(option: std::ffi::c_int) -> std::ffi::c_long;
+}
+
 fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     let cfg = args.hp.config();
     let validate = !args.hp.no_validate;
@@ -909,4 +933,22 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&metrics)?);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod allocator_tests {
+    use super::*;
+
+    /// The option index is the one mimalloc reads `MIMALLOC_PURGE_DELAY` into: its neighbours
+    /// default to 1 and 0, the purge delay to 1,000 ms (mimalloc v3's options.c).
+    #[test]
+    fn keep_freed_memory_sets_mimallocs_purge_delay() {
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+            return; // the environment chose another default
+        }
+        // SAFETY: plain integer getter.
+        assert_eq!(unsafe { mi_option_get(MI_OPTION_PURGE_DELAY) }, 1000);
+        keep_freed_memory();
+        assert_eq!(unsafe { mi_option_get(MI_OPTION_PURGE_DELAY) }, -1);
+    }
 }
