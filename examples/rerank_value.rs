@@ -136,15 +136,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .map(|(it, vector)| IndexPoint {
             vector,
             payload: Payload {
-                item_id: it.item_id.clone(),
-                categories: it.genres.clone(),
-                available: it.available,
-                price: it.price,
-                created_at: it.created_at,
-                title: it.title.clone(),
-                popularity: counts.get(&it.item_id).copied().unwrap_or(0.0),
                 tags: Vec::new(),
                 year: None,
+                ..Payload::of(it, counts.get(&it.item_id).copied().unwrap_or(0.0))
             },
         })
         .collect();
@@ -220,6 +214,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 },
                 variant: variant.to_string(),
                 model_version: None,
+                boosts: Vec::new(),
             };
             let recs = recommender.recommend(&req).await;
             for (rank, r) in recs.items.iter().enumerate() {

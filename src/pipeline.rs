@@ -89,6 +89,8 @@ pub struct RecommendRequest {
     /// The model the variant's experiment arm pins, if it pins one; served when it is active
     /// or serving as an arm, and otherwise the active model answers.
     pub model_version: Option<String>,
+    /// The boost rules in force for this request (its variant's and its own `boost=`).
+    pub boosts: Vec<(String, crate::config::BoostRule)>,
 }
 
 #[derive(Debug, Clone)]
@@ -807,6 +809,7 @@ impl Recommender {
             trending,
             now_s: chrono::Utc::now().timestamp(),
             mmr_depth: req.k + MMR_SLACK,
+            boosts: &req.boosts,
         };
         rerank::rerank(&ctx, candidates)
     }

@@ -1072,6 +1072,7 @@ impl FilterCase {
                 .price_max
                 .map(|p| f32::from(p.max(self.price_min.unwrap_or(0)))),
             created_after: None,
+            attributes: Default::default(),
             exclude_items: self
                 .exclude_items
                 .iter()
@@ -1446,6 +1447,7 @@ async fn an_index_outage_serves_the_fallback_list_and_recovers() {
         },
         variant: "control".into(),
         model_version: None,
+        boosts: Vec::new(),
     };
 
     let up = recommender.recommend(&request(0, "Drama")).await;

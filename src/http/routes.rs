@@ -67,6 +67,7 @@ async fn recommend(
         session: v.session,
         k: v.k,
         filter: v.filter,
+        boosts: s.boosts(&variant, &v.boosts)?,
         variant,
         model_version: assignment.as_ref().and_then(|a| a.model_version.clone()),
     };
@@ -97,13 +98,15 @@ pub async fn similar(
     let item = parse_item_id(item_id)?;
     let v = SimilarParams::from_query(&q)?.validate()?;
     known_categories(&s, &v.filter)?;
+    let variant = s.choose_variant(None, None);
     let req = RecommendRequest {
         request_id: rid,
         user: None,
         session: None,
         k: v.k,
         filter: v.filter,
-        variant: s.choose_variant(None, None),
+        boosts: s.boosts(&variant, &v.boosts)?,
+        variant,
         model_version: None,
     };
     let recs = s.recommender.similar(&item, &req).await?;
@@ -129,6 +132,7 @@ pub async fn trending(
         filter: v.filter,
         variant: s.choose_variant(None, None),
         model_version: None,
+        boosts: Vec::new(),
     };
     Ok(Json(RecommendationsResponse::new(
         s.recommender.trending(&req).await,
@@ -285,6 +289,7 @@ pub async fn onboarding(
 ) -> ApiResult<Json<OnboardingResponse>> {
     let user = UserId::parse(user_id).map_err(|e| AppError::invalid("user_id", e.to_string()))?;
     let k = validate_k(input.k)?;
+    let attributes = input.attr_filter()?;
     if input.categories.is_empty() && input.liked_items.is_empty() {
         return Err(AppError::invalid(
             "categories",
@@ -341,6 +346,7 @@ pub async fn onboarding(
         filter: crate::domain::Filter {
             available_only: true,
             exclude_items: liked.iter().map(|e| e.id().clone()).collect(),
+            attributes,
             ..Default::default()
         },
         variant: assignment
@@ -348,6 +354,7 @@ pub async fn onboarding(
             .map(|a| a.variant.clone())
             .unwrap_or_else(|| crate::config::CONTROL_VARIANT.to_string()),
         model_version: assignment.and_then(|a| a.model_version),
+        boosts: Vec::new(),
     };
     let recs = s.recommender.recommend(&req).await;
     Ok(Json(OnboardingResponse {
@@ -481,6 +488,7 @@ pub async fn metrics() -> impl IntoResponse {
 /// An unknown (or mis-cased) category would filter everything out and answer an empty list
 /// that looks like "nothing matches": a 422 that names the field and the near names instead.
 fn known_categories(s: &AppState, filter: &crate::domain::Filter) -> ApiResult<()> {
+    check_filterable(filter, &s.settings.catalog)?;
     for c in &filter.include_categories {
         known_category(s, "category", c)?;
     }

@@ -270,6 +270,21 @@ impl AppState {
             .unwrap_or_else(|| CONTROL_VARIANT.to_string())
     }
 
+    /// The boost rules in force for a request of `variant` that asked for `requested`
+    /// (`boost=`): the variant's (`rerank.<variant>.boosts`), then the requested ones.
+    pub fn boosts(
+        &self,
+        variant: &str,
+        requested: &[String],
+    ) -> Result<Vec<(String, crate::config::BoostRule)>, super::error::AppError> {
+        let weights = self.recommender.rerank.load();
+        super::types::resolve_boosts(
+            &self.settings.boosts,
+            &weights.for_variant(variant).boosts,
+            requested,
+        )
+    }
+
     /// The full assignment, for handlers that count the response as an impression.
     pub fn assign(&self, user: Option<&UserId>, session: Option<&SessionId>) -> Option<Assignment> {
         self.experiments.assign(user, session)
