@@ -246,7 +246,9 @@ impl AttrValue {
             AttrValue::Text(s) => values.contains(s),
             AttrValue::List(l) => l.iter().any(|x| values.contains(x)),
             AttrValue::Number(n) => values.contains(&number_keyword(*n)),
-            AttrValue::Bool(b) => values.iter().any(|v| v == if *b { "true" } else { "false" }),
+            AttrValue::Bool(b) => values
+                .iter()
+                .any(|v| v == if *b { "true" } else { "false" }),
         }
     }
 
@@ -276,7 +278,9 @@ pub fn keyword_of_request(v: &str) -> String {
 /// Why an attribute name or value is refused (the caller names the field).
 pub fn check_attr_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > MAX_ATTR_NAME {
-        return Err(format!("attribute names are 1..={MAX_ATTR_NAME} characters"));
+        return Err(format!(
+            "attribute names are 1..={MAX_ATTR_NAME} characters"
+        ));
     }
     let starts_well = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_');
     if !starts_well || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
@@ -302,17 +306,20 @@ pub fn check_attributes(attrs: &Attributes) -> Result<(), (String, String)> {
         match value {
             AttrValue::Number(n) if !n.is_finite() => return bad(format!("{n} is not finite")),
             AttrValue::Text(s) if s.len() > MAX_ID_LEN || s.chars().any(char::is_control) => {
-                return bad(format!("values are at most {MAX_ID_LEN} printable characters"))
+                return bad(format!(
+                    "values are at most {MAX_ID_LEN} printable characters"
+                ))
             }
             AttrValue::List(l) if l.len() > MAX_ATTRS => {
                 return bad(format!("at most {MAX_ATTRS} values, got {}", l.len()))
             }
             AttrValue::List(l)
-                if l
-                    .iter()
+                if l.iter()
                     .any(|s| s.len() > MAX_ID_LEN || s.chars().any(char::is_control)) =>
             {
-                return bad(format!("values are at most {MAX_ID_LEN} printable characters"))
+                return bad(format!(
+                    "values are at most {MAX_ID_LEN} printable characters"
+                ))
             }
             _ => {}
         }
@@ -378,17 +385,28 @@ impl AttrFilter {
             }
         }
         for (name, values) in &self.any_or_unset {
-            if attrs.get(name).is_some_and(|v| !v.is_unset() && !v.has_any_of(values)) {
+            if attrs
+                .get(name)
+                .is_some_and(|v| !v.is_unset() && !v.has_any_of(values))
+            {
                 return false;
             }
         }
         for (name, min) in &self.min {
-            if attrs.get(name).and_then(AttrValue::number).is_none_or(|n| n < *min) {
+            if attrs
+                .get(name)
+                .and_then(AttrValue::number)
+                .is_none_or(|n| n < *min)
+            {
                 return false;
             }
         }
         for (name, max) in &self.max {
-            if attrs.get(name).and_then(AttrValue::number).is_none_or(|n| n > *max) {
+            if attrs
+                .get(name)
+                .and_then(AttrValue::number)
+                .is_none_or(|n| n > *max)
+            {
                 return false;
             }
         }
@@ -521,7 +539,10 @@ mod tests {
     }
 
     fn attrs(pairs: &[(&str, AttrValue)]) -> Attributes {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect()
     }
 
     #[test]
@@ -533,14 +554,16 @@ mod tests {
             ("promoted", AttrValue::Bool(true)),
         ]);
         let mut f = AttrFilter::default();
-        f.any.insert("brand".into(), vec!["zeta".into(), "acme".into()]);
+        f.any
+            .insert("brand".into(), vec!["zeta".into(), "acme".into()]);
         assert!(f.matches(&item));
         f.any.insert("region".into(), vec!["jp".into()]);
         assert!(!f.matches(&item), "names are ANDed");
         f.any.insert("region".into(), vec!["us".into()]);
         assert!(f.matches(&item), "a list matches any of its values");
         // Numbers and booleans by their spelling; request values are spelled the same way.
-        f.any.insert("size".into(), vec![keyword_of_request("42.0")]);
+        f.any
+            .insert("size".into(), vec![keyword_of_request("42.0")]);
         f.any.insert("promoted".into(), vec!["true".into()]);
         assert!(f.matches(&item));
         f.none.insert("brand".into(), vec!["acme".into()]);

@@ -16,8 +16,8 @@
 use crate::catalog::CatalogEntry;
 use crate::config::{BoostRule, RerankWeights};
 use crate::domain::{AttrValue, EventType, IdMap, IdSet, Item};
-use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// Recency half-life, in positions, of the category affinity (the model pools with the same).
@@ -664,7 +664,14 @@ mod tests {
         )];
         let plain = entry("plain", "x", [1.0, 0.0]);
         let p: Vec<_> = (0..3)
-            .map(|i| with_attr(&format!("p{i}"), [1.0, 0.0], "promoted", AttrValue::Bool(true)))
+            .map(|i| {
+                with_attr(
+                    &format!("p{i}"),
+                    [1.0, 0.0],
+                    "promoted",
+                    AttrValue::Bool(true),
+                )
+            })
             .collect();
         let out = rerank(
             &f.ctx(),

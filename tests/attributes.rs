@@ -113,10 +113,9 @@ fn assert_all_pass(
     for item in items {
         let id = item["item_id"].as_str().unwrap();
         let attrs = &catalog[id];
-        let shown: Attributes = serde_json::from_value(
-            item.get("attributes").cloned().unwrap_or_else(|| json!({})),
-        )
-        .unwrap();
+        let shown: Attributes =
+            serde_json::from_value(item.get("attributes").cloned().unwrap_or_else(|| json!({})))
+                .unwrap();
         assert_eq!(&shown, attrs, "{what}: item {id} shows its attributes");
         assert!(
             filter.matches(attrs),
@@ -203,7 +202,8 @@ async fn filters_hold_on_every_path(app: &TestApp, catalog: &BTreeMap<String, At
         let body: Value = r.json().await.unwrap();
         let mut f = AttrFilter::default();
         f.any_or_unset.insert("region".into(), vec![region.into()]);
-        f.any_or_unset.insert("language".into(), vec![language.into()]);
+        f.any_or_unset
+            .insert("language".into(), vec![language.into()]);
         let n = assert_all_pass("onboarding", &body["recommendations"], &f, catalog);
         assert!(n > 0, "onboarding returned nothing");
     }
@@ -219,8 +219,7 @@ async fn attribute_filters_hold_on_every_path_with_the_embedded_index() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attribute_filters_hold_on_every_path_with_a_qdrant_server() {
-    let Some(url) = qdrant_url("attribute_filters_hold_on_every_path_with_a_qdrant_server")
-    else {
+    let Some(url) = qdrant_url("attribute_filters_hold_on_every_path_with_a_qdrant_server") else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -254,7 +253,10 @@ async fn region_and_language_keep_items_that_name_them_or_nothing() {
             }
         }
     }
-    assert!(named > 0 && unnamed > 0, "jp items {named}, region-less {unnamed}");
+    assert!(
+        named > 0 && unnamed > 0,
+        "jp items {named}, region-less {unnamed}"
+    );
     // No item naming only other regions.
     let excluded = catalog
         .iter()
@@ -267,9 +269,7 @@ async fn region_and_language_keep_items_that_name_them_or_nothing() {
     assert!(ids.len() <= catalog.len() - excluded);
 
     // A region nobody names keeps exactly the region-less items.
-    let (_, body) = app
-        .get("/v1/trending?k=200&region=mars&language=en")
-        .await;
+    let (_, body) = app.get("/v1/trending?k=200&region=mars&language=en").await;
     for id in item_ids(&body) {
         assert!(catalog[&id].get("region").is_none(), "{id}");
         assert!(
@@ -308,7 +308,10 @@ async fn undeclared_or_malformed_filters_get_422_naming_the_parameter() {
         ("/v1/items/1/similar?attr_max.margin=3", "attr_max.margin"),
         ("/v1/trending?attr.promoted=true", "attr.promoted"),
         ("/v1/recommendations?attr_min.stock=lots", "attr_min.stock"),
-        ("/v1/recommendations?attr_min.stock=9&attr_max.stock=3", "attr_min.stock"),
+        (
+            "/v1/recommendations?attr_min.stock=9&attr_max.stock=3",
+            "attr_min.stock",
+        ),
         ("/v1/recommendations?attr.bad-name=x", "attr.bad-name"),
         ("/v1/recommendations?attr.brand=", "attr.brand[0]"),
         ("/v1/recommendations?region=eu&region=us", "region"),
@@ -340,8 +343,10 @@ async fn undeclared_or_malformed_filters_get_422_naming_the_parameter() {
             .json(&body)
             .send()
     };
-    let r = post(json!({"items": [{"item_id": "new-1", "title": "Νέο προϊόν", "categories": ["Books"],
-        "attributes": {"brand": "Zeta", "region": ["jp"], "margin": 0.4, "promoted": true}}]}))
+    let r = post(
+        json!({"items": [{"item_id": "new-1", "title": "Νέο προϊόν", "categories": ["Books"],
+        "attributes": {"brand": "Zeta", "region": ["jp"], "margin": 0.4, "promoted": true}}]}),
+    )
     .await
     .unwrap();
     assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
@@ -353,15 +358,18 @@ async fn undeclared_or_malformed_filters_get_422_naming_the_parameter() {
     );
     let (_, body) = app.get("/v1/recommendations?k=200&attr.brand=Zeta").await;
     assert!(item_ids(&body).contains(&"new-1".to_string()), "{body}");
-    let r = post(json!({"items": [{"item_id": "new-2", "title": "t", "attributes": {"bad name": 1}}]}))
-        .await
-        .unwrap();
+    let r =
+        post(json!({"items": [{"item_id": "new-2", "title": "t", "attributes": {"bad name": 1}}]}))
+            .await
+            .unwrap();
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["field"], "items[0].attributes.bad name", "{body}");
-    let r = post(json!({"items": [{"item_id": "new-3", "title": "t", "attributes": {"size": {"eu": 38}}}]}))
-        .await
-        .unwrap();
+    let r = post(
+        json!({"items": [{"item_id": "new-3", "title": "t", "attributes": {"size": {"eu": 38}}}]}),
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
 }
 
@@ -394,7 +402,10 @@ async fn promoted_items_rise_within_the_cap_and_explain_shows_why() {
         .filter(|(_, a)| a.get("promoted") == Some(&AttrValue::Bool(true)))
         .map(|(id, _)| id.clone())
         .collect();
-    assert!(promoted.len() >= 3, "the generator promotes 2%: {promoted:?}");
+    assert!(
+        promoted.len() >= 3,
+        "the generator promotes 2%: {promoted:?}"
+    );
 
     let user = unique("boost");
     let clicked: Vec<&String> = catalog.keys().take(5).collect();

@@ -1352,7 +1352,11 @@ fn attribute_catalog(gen: &tandem::index::bench::Generator, n: usize) -> Vec<Ind
                     a.insert("region".into(), AttrValue::List(vec!["eu".into()]));
                 }
                 _ => {
-                    let r = if i % 2 == 0 { vec!["eu".into(), "us".into()] } else { vec!["us".into()] };
+                    let r = if i % 2 == 0 {
+                        vec!["eu".into(), "us".into()]
+                    } else {
+                        vec!["us".into()]
+                    };
                     a.insert("region".into(), AttrValue::List(r));
                 }
             }
@@ -1372,24 +1376,33 @@ fn random_attribute_filter(rng: &mut rand::rngs::StdRng) -> Filter {
     match rng.gen_range(0..4) {
         // ~10%: ten tiers (spread over every cluster).
         0 => {
-            a.any.insert("tier".into(), (0..10).map(Generator::tier).collect());
+            a.any
+                .insert("tier".into(), (0..10).map(Generator::tier).collect());
         }
         // ~1%: one tier.
         1 => {
-            a.any.insert("tier".into(), vec![Generator::tier(rng.gen_range(0..100))]);
+            a.any
+                .insert("tier".into(), vec![Generator::tier(rng.gen_range(0..100))]);
         }
         // ~10%: ten brands, i.e. ten whole clusters.
         2 => {
             let first = rng.gen_range(0..90);
-            a.any.insert("brand".into(), (first..first + 10).map(Generator::brand).collect());
+            a.any.insert(
+                "brand".into(),
+                (first..first + 10).map(Generator::brand).collect(),
+            );
         }
         // ~1%: one brand (one cluster).
         _ => {
-            a.any.insert("brand".into(), vec![Generator::brand(rng.gen_range(0..100))]);
+            a.any.insert(
+                "brand".into(),
+                vec![Generator::brand(rng.gen_range(0..100))],
+            );
         }
     }
     if rng.gen_bool(0.3) {
-        a.none.insert("tier".into(), vec![Generator::tier(rng.gen_range(0..100))]);
+        a.none
+            .insert("tier".into(), vec![Generator::tier(rng.gen_range(0..100))]);
     }
     if rng.gen_bool(0.3) {
         a.min.insert("size".into(), rng.gen_range(0..25) as f64);
@@ -1451,7 +1464,11 @@ async fn attribute_filters_never_return_a_violating_item_and_keep_recall() {
         full_scan_threshold_kb: Some(16),
     };
     if let Some(q) = qdrant("attrs", thresholds).await {
-        backends.push(("qdrant".into(), Arc::new(q.with_filterable(filterable.clone())), None));
+        backends.push((
+            "qdrant".into(),
+            Arc::new(q.with_filterable(filterable.clone())),
+            None,
+        ));
     }
     let exact = ExactIndex::new();
     let gen = Generator::new(DIM, 11);
@@ -1460,16 +1477,30 @@ async fn attribute_filters_never_return_a_violating_item_and_keep_recall() {
         .iter()
         .map(|p| (p.payload.item_id.to_string(), as_item(&p.payload)))
         .collect();
-    build_version(&exact, "v1", DIM, catalog.clone().into_iter(), &indicatif::ProgressBar::hidden())
+    build_version(
+        &exact,
+        "v1",
+        DIM,
+        catalog.clone().into_iter(),
+        &indicatif::ProgressBar::hidden(),
+    )
+    .await
+    .unwrap();
+    for (_, index, _) in &backends {
+        build_version(
+            index.as_ref(),
+            "v1",
+            DIM,
+            catalog.clone().into_iter(),
+            &indicatif::ProgressBar::hidden(),
+        )
         .await
         .unwrap();
-    for (_, index, _) in &backends {
-        build_version(index.as_ref(), "v1", DIM, catalog.clone().into_iter(), &indicatif::ProgressBar::hidden())
-            .await
-            .unwrap();
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(34);
-    let filters: Vec<Filter> = (0..FILTERS).map(|_| random_attribute_filter(&mut rng)).collect();
+    let filters: Vec<Filter> = (0..FILTERS)
+        .map(|_| random_attribute_filter(&mut rng))
+        .collect();
     let queries = gen.queries(QUERIES);
     for (name, index, _) in &backends {
         let (mut found, mut wanted) = (0usize, 0usize);

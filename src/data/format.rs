@@ -293,11 +293,14 @@ fn parse_item_row(row: &Row<'_>) -> Result<Item, DataError> {
         Some(json) => serde_json::from_str(json).map_err(|e| {
             row.err(
                 "attributes",
-                format!("is not a JSON object of strings, lists of strings, numbers or booleans: {e}"),
+                format!(
+                    "is not a JSON object of strings, lists of strings, numbers or booleans: {e}"
+                ),
             )
         })?,
     };
-    check_attributes(&attributes).map_err(|(name, reason)| row.err("attributes", attr_reason(&name, &reason)))?;
+    check_attributes(&attributes)
+        .map_err(|(name, reason)| row.err("attributes", attr_reason(&name, &reason)))?;
     Ok(Item {
         item_id,
         title: row.text("title"),

@@ -242,7 +242,13 @@ const STREAM_ATTRS: u64 = 4;
 
 /// Regions an item may be sold in, and their weights; an item with no region is sold
 /// everywhere ([`NO_REGION`] of them).
-const REGIONS: &[(&str, f64)] = &[("eu", 4.0), ("us", 4.0), ("uk", 2.0), ("jp", 1.5), ("br", 1.0)];
+const REGIONS: &[(&str, f64)] = &[
+    ("eu", 4.0),
+    ("us", 4.0),
+    ("uk", 2.0),
+    ("jp", 1.5),
+    ("br", 1.0),
+];
 const NO_REGION: f64 = 0.5;
 /// Languages an item may be offered in; an item with no language suits every language.
 const LANGUAGES: &[(&str, f64)] = &[
@@ -279,7 +285,10 @@ fn item_attributes(seed: u64, i: u64, brand: &str) -> crate::domain::Attributes 
         a.insert("region".into(), AttrValue::List(regions));
     }
     if !rng.chance(NO_LANGUAGE) {
-        a.insert("language".into(), AttrValue::Text(pick(&mut rng, LANGUAGES)));
+        a.insert(
+            "language".into(),
+            AttrValue::Text(pick(&mut rng, LANGUAGES)),
+        );
     }
     let stock = if rng.chance(0.1) {
         rng.below(5)

@@ -148,7 +148,11 @@ impl QueryPairs {
         allowed: &[&str],
         prefixes: &[&str],
     ) -> Result<(), AppError> {
-        let prefixed = |k: &str| prefixes.iter().any(|p| k.len() > p.len() && k.starts_with(p));
+        let prefixed = |k: &str| {
+            prefixes
+                .iter()
+                .any(|p| k.len() > p.len() && k.starts_with(p))
+        };
         QueryPairs(
             self.0
                 .iter()

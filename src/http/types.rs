@@ -7,13 +7,12 @@ use crate::catalog::CatalogEntry;
 use crate::config::{BoostRule, BoostRules, CatalogSettings};
 use crate::domain::{
     check_attr_name, check_attributes, keyword_of_request, AttrFilter, AttrValue, Attributes,
-    Filter, Item,
-    ItemId, SessionId, UserId, LANGUAGE, REGION,
+    Filter, Item, ItemId, SessionId, UserId, LANGUAGE, REGION,
 };
-use std::collections::BTreeMap;
 use crate::pipeline::{Degraded, Recommendations, Source};
 use crate::rerank::Components;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use utoipa::{IntoParams, ToSchema};
 
 pub const MAX_K: i64 = 200;
@@ -187,7 +186,8 @@ impl AttrParams {
     /// filterable by [`check_filterable`] (it needs the settings).
     pub fn validate(self) -> Result<AttrFilter, AppError> {
         let mut f = AttrFilter::default();
-        let names = self.attr.len() + self.attr_not.len() + self.attr_min.len() + self.attr_max.len();
+        let names =
+            self.attr.len() + self.attr_not.len() + self.attr_min.len() + self.attr_max.len();
         if names > MAX_CATEGORIES {
             return Err(AppError::invalid(
                 "attr",
@@ -232,9 +232,13 @@ impl AttrParams {
         for (field, value) in [(REGION, self.region), (LANGUAGE, self.language)] {
             if let Some(v) = value {
                 check_names(field, std::slice::from_ref(&v)).map_err(|_| {
-                    AppError::invalid(field, format!("{v:?} must be 1..={MAX_NAME_LEN} printable characters"))
+                    AppError::invalid(
+                        field,
+                        format!("{v:?} must be 1..={MAX_NAME_LEN} printable characters"),
+                    )
                 })?;
-                f.any_or_unset.insert(field.to_string(), vec![keyword_of_request(&v)]);
+                f.any_or_unset
+                    .insert(field.to_string(), vec![keyword_of_request(&v)]);
             }
         }
         Ok(f)

@@ -193,7 +193,10 @@ impl Generator {
                     tags: Vec::new(),
                     year: None,
                     attributes: [
-                        ("tier".to_string(), AttrValue::Text(Self::tier(Self::tier_of(i)))),
+                        (
+                            "tier".to_string(),
+                            AttrValue::Text(Self::tier(Self::tier_of(i))),
+                        ),
                         ("brand".to_string(), AttrValue::Text(Self::brand(c))),
                     ]
                     .into(),

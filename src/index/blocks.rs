@@ -689,7 +689,10 @@ mod tests {
             price_max: Some(15.0),
             ..cats(&["x", "y"])
         };
-        assert_eq!(ids(&b.search(&[1.0, 0.0], &cheap, 10, None)), vec![pid("a")]);
+        assert_eq!(
+            ids(&b.search(&[1.0, 0.0], &cheap, 10, None)),
+            vec![pid("a")]
+        );
         b.patch(
             &pid("a"),
             &PayloadPatch {

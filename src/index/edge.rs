@@ -35,12 +35,11 @@ use qdrant_edge::{
     BoolIndexParams, Condition, CountRequest, CreateIndex, Distance, EdgeConfig,
     EdgeOptimizersConfig, EdgeShard, EdgeVectorParams, FieldCondition, FieldIndexOperations,
     FloatIndexParams, HasIdCondition, HnswIndexConfig, IntegerIndexParams, IsEmptyCondition,
-    JsonPath,
-    KeywordIndexParams, Match, NamedQuery, PayloadFieldSchema, PayloadOps, PayloadSchemaParams,
-    PointId, PointInsertOperations, PointOperations, PointStruct, QuantizationConfig,
-    QuantizationSearchParams, QueryEnum, QueryRequest, Range, ScalarQuantizationConfig, ScalarType,
-    ScoringQuery, ScrollRequest, SearchParams, SetPayloadOp, UpdateOperation, VectorStructInternal,
-    WithPayloadInterface, WithVector,
+    JsonPath, KeywordIndexParams, Match, NamedQuery, PayloadFieldSchema, PayloadOps,
+    PayloadSchemaParams, PointId, PointInsertOperations, PointOperations, PointStruct,
+    QuantizationConfig, QuantizationSearchParams, QueryEnum, QueryRequest, Range,
+    ScalarQuantizationConfig, ScalarType, ScoringQuery, ScrollRequest, SearchParams, SetPayloadOp,
+    UpdateOperation, VectorStructInternal, WithPayloadInterface, WithVector,
 };
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -821,9 +820,9 @@ fn attribute_conditions(a: &AttrFilter, must: &mut Vec<Condition>, must_not: &mu
         must_not.push(any_of(name, values));
     }
     for (name, values) in &a.any_or_unset {
-        let unset = Condition::IsEmpty(IsEmptyCondition::from(key(
-            &payloads::attr_keyword_path(name),
-        )));
+        let unset = Condition::IsEmpty(IsEmptyCondition::from(key(&payloads::attr_keyword_path(
+            name,
+        ))));
         let mut either = qdrant_edge::Filter::new_should(any_of(name, values));
         either.should.get_or_insert_with(Vec::new).push(unset);
         must.push(Condition::Filter(either));

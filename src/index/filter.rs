@@ -121,7 +121,10 @@ mod tests {
         let names = || (0usize..3).prop_map(|n| NAMES[n].to_string());
         let values = || {
             proptest::collection::vec(
-                prop_oneof![(0usize..4).prop_map(|v| VALUES[v].to_string()), Just("true".into())],
+                prop_oneof![
+                    (0usize..4).prop_map(|v| VALUES[v].to_string()),
+                    Just("true".into())
+                ],
                 1..3,
             )
         };
@@ -152,19 +155,21 @@ mod tests {
             proptest::collection::vec(0u8..6, 0..3),
             attr_filter_strategy(),
         )
-            .prop_map(|(inc, exc, avail, pmin, pmax, after, ex, attributes)| Filter {
-                include_categories: inc.into_iter().map(|c| CATS[c].to_string()).collect(),
-                exclude_categories: exc.into_iter().map(|c| CATS[c].to_string()).collect(),
-                available_only: avail,
-                price_min: pmin,
-                price_max: pmax,
-                created_after: after,
-                exclude_items: ex
-                    .into_iter()
-                    .map(|i| ItemId::parse(format!("i{i}")).unwrap())
-                    .collect(),
-                attributes,
-            })
+            .prop_map(
+                |(inc, exc, avail, pmin, pmax, after, ex, attributes)| Filter {
+                    include_categories: inc.into_iter().map(|c| CATS[c].to_string()).collect(),
+                    exclude_categories: exc.into_iter().map(|c| CATS[c].to_string()).collect(),
+                    available_only: avail,
+                    price_min: pmin,
+                    price_max: pmax,
+                    created_after: after,
+                    exclude_items: ex
+                        .into_iter()
+                        .map(|i| ItemId::parse(format!("i{i}")).unwrap())
+                        .collect(),
+                    attributes,
+                },
+            )
     }
 
     proptest! {

@@ -225,7 +225,10 @@ mod tests {
                 ("brand".to_string(), AttrValue::Text("Acme".into())),
                 ("size".to_string(), AttrValue::Number(42.0)),
                 ("promoted".to_string(), AttrValue::Bool(true)),
-                ("region".to_string(), AttrValue::List(vec!["eu".into(), "us".into()])),
+                (
+                    "region".to_string(),
+                    AttrValue::List(vec!["eu".into(), "us".into()]),
+                ),
             ]
             .into(),
         };
