@@ -50,20 +50,26 @@ pub struct RecommendParams {
     /// Item ids never to return (repeatable).
     #[serde(default)]
     pub exclude: Vec<String>,
-    /// `attr.<name>=<value>` (repeatable): keep items whose attribute `<name>` has one of
-    /// the values. See [`AttrParams`].
+    /// `attr.<name>=<value>`, or `attr[<name>]=<value>` (repeatable): keep items whose
+    /// attribute `<name>` has one of the values. Values of one name are ORed, names are
+    /// ANDed; a list attribute matches any of its strings, a number its shortest spelling
+    /// (`42`, `4.5`), a boolean `true`/`false`. The name must be `region`, `language` or
+    /// declared in `[catalog] filterable`, else 422 naming the parameter.
     #[serde(default)]
     #[param(value_type = Object, style = DeepObject)]
     pub attr: BTreeMap<String, Vec<String>>,
-    /// `attr_not.<name>=<value>` (repeatable): drop items whose attribute has one of them.
+    /// `attr_not.<name>=<value>` (repeatable): drop items whose attribute has one of the
+    /// values; items without the attribute stay.
     #[serde(default)]
     #[param(value_type = Object, style = DeepObject)]
     pub attr_not: BTreeMap<String, Vec<String>>,
-    /// `attr_min.<name>=<number>`: keep items whose attribute is a number >= this.
+    /// `attr_min.<name>=<number>`: keep items whose attribute is a number >= this (items
+    /// without a number fail).
     #[serde(default)]
     #[param(value_type = Object, style = DeepObject)]
     pub attr_min: BTreeMap<String, f64>,
-    /// `attr_max.<name>=<number>`: keep items whose attribute is a number <= this.
+    /// `attr_max.<name>=<number>`: keep items whose attribute is a number <= this (items
+    /// without a number fail).
     #[serde(default)]
     #[param(value_type = Object, style = DeepObject)]
     pub attr_max: BTreeMap<String, f64>,
@@ -140,8 +146,26 @@ attr_fields!(RecommendParams);
 attr_fields!(SimilarParams);
 attr_fields!(TrendingParams);
 
-/// The attribute filter prefixes of a query string.
-const ATTR_PREFIXES: &[&str] = &["attr.", "attr_not.", "attr_min.", "attr_max."];
+/// The attribute filter prefixes of a query string: `attr.brand`, or as OpenAPI's
+/// `deepObject` style spells it, `attr[brand]`.
+const ATTR_PREFIXES: &[&str] = &[
+    "attr.",
+    "attr_not.",
+    "attr_min.",
+    "attr_max.",
+    "attr[",
+    "attr_not[",
+    "attr_min[",
+    "attr_max[",
+];
+
+/// (`attr`, `brand`) of `attr.brand` or `attr[brand]`.
+fn split_attr_key(k: &str) -> Option<(&str, &str)> {
+    if let Some((prefix, rest)) = k.split_once('[') {
+        return Some((prefix, rest.strip_suffix(']')?));
+    }
+    k.split_once('.')
+}
 
 impl AttrParams {
     /// The `attr*.<name>`, `region` and `language` keys of a query string.
@@ -152,7 +176,7 @@ impl AttrParams {
             ..Default::default()
         };
         for (k, v) in &q.0 {
-            let Some((prefix, name)) = k.split_once('.') else {
+            let Some((prefix, name)) = split_attr_key(k) else {
                 continue;
             };
             let number = || {
@@ -309,20 +333,26 @@ pub struct SimilarParams {
     pub price_max: Option<f64>,
     #[serde(default)]
     pub exclude: Vec<String>,
-    /// `attr.<name>=<value>` (repeatable): keep items whose attribute `<name>` has one of
-    /// the values. See [`AttrParams`].
+    /// `attr.<name>=<value>`, or `attr[<name>]=<value>` (repeatable): keep items whose
+    /// attribute `<name>` has one of the values. Values of one name are ORed, names are
+    /// ANDed; a list attribute matches any of its strings, a number its shortest spelling
+    /// (`42`, `4.5`), a boolean `true`/`false`. The name must be `region`, `language` or
+    /// declared in `[catalog] filterable`, else 422 naming the parameter.
     #[serde(default)]
     #[param(value_type = Object, style = DeepObject)]
     pub attr: BTreeMap<String, Vec<String>>,
-    /// `attr_not.<name>=<value>` (repeatable): drop items whose attribute has one of them.
+    /// `attr_not.<name>=<value>` (repeatable): drop items whose attribute has one of the
+    /// values; items without the attribute stay.
     #[serde(default)]
     #[param(value_type = Object, style = DeepObject)]
     pub attr_not: BTreeMap<String, Vec<String>>,
-    /// `attr_min.<name>=<number>`: keep items whose attribute is a number >= this.
+    /// `attr_min.<name>=<number>`: keep items whose attribute is a number >= this (items
+    /// without a number fail).
     #[serde(default)]
     #[param(value_type = Object, style = DeepObject)]
     pub attr_min: BTreeMap<String, f64>,
-    /// `attr_max.<name>=<number>`: keep items whose attribute is a number <= this.
+    /// `attr_max.<name>=<number>`: keep items whose attribute is a number <= this (items
+    /// without a number fail).
     #[serde(default)]
     #[param(value_type = Object, style = DeepObject)]
     pub attr_max: BTreeMap<String, f64>,
@@ -345,20 +375,26 @@ pub struct TrendingParams {
     pub category: Option<String>,
     /// How many items (1..=200, default 20).
     pub k: Option<i64>,
-    /// `attr.<name>=<value>` (repeatable): keep items whose attribute `<name>` has one of
-    /// the values. See [`AttrParams`].
+    /// `attr.<name>=<value>`, or `attr[<name>]=<value>` (repeatable): keep items whose
+    /// attribute `<name>` has one of the values. Values of one name are ORed, names are
+    /// ANDed; a list attribute matches any of its strings, a number its shortest spelling
+    /// (`42`, `4.5`), a boolean `true`/`false`. The name must be `region`, `language` or
+    /// declared in `[catalog] filterable`, else 422 naming the parameter.
     #[serde(default)]
     #[param(value_type = Object, style = DeepObject)]
     pub attr: BTreeMap<String, Vec<String>>,
-    /// `attr_not.<name>=<value>` (repeatable): drop items whose attribute has one of them.
+    /// `attr_not.<name>=<value>` (repeatable): drop items whose attribute has one of the
+    /// values; items without the attribute stay.
     #[serde(default)]
     #[param(value_type = Object, style = DeepObject)]
     pub attr_not: BTreeMap<String, Vec<String>>,
-    /// `attr_min.<name>=<number>`: keep items whose attribute is a number >= this.
+    /// `attr_min.<name>=<number>`: keep items whose attribute is a number >= this (items
+    /// without a number fail).
     #[serde(default)]
     #[param(value_type = Object, style = DeepObject)]
     pub attr_min: BTreeMap<String, f64>,
-    /// `attr_max.<name>=<number>`: keep items whose attribute is a number <= this.
+    /// `attr_max.<name>=<number>`: keep items whose attribute is a number <= this (items
+    /// without a number fail).
     #[serde(default)]
     #[param(value_type = Object, style = DeepObject)]
     pub attr_max: BTreeMap<String, f64>,
