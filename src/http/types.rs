@@ -294,17 +294,30 @@ pub fn check_filterable(filter: &Filter, catalog: &CatalogSettings) -> Result<()
 }
 
 /// The boost rules in force: the variant's (`rerank.<variant>.boosts`), then the requested
-/// ones; an unknown requested name is 422 naming `boost`.
+/// ones. An unknown requested name is 422 naming `boost[i]`; an unknown name in a variant's
+/// list (an experiment's arm set at run time) is the operator's, not the caller's: it is
+/// skipped with a warning.
 pub fn resolve_boosts(
     rules: &BoostRules,
     variant: &[String],
     requested: &[String],
 ) -> Result<Vec<(String, BoostRule)>, AppError> {
     let mut out: Vec<(String, BoostRule)> = Vec::new();
-    for (i, name) in variant.iter().chain(requested).enumerate() {
+    for name in variant {
+        match rules.get(name) {
+            Some(rule) if !out.iter().any(|(n, _)| n == name) => {
+                out.push((name.clone(), rule.clone()))
+            }
+            Some(_) => {}
+            None => {
+                tracing::warn!(rule = %name, "the variant names an unknown boost rule; skipped")
+            }
+        }
+    }
+    for (i, name) in requested.iter().enumerate() {
         let Some(rule) = rules.get(name) else {
             return Err(AppError::invalid(
-                format!("boost[{}]", i - variant.len()),
+                format!("boost[{i}]"),
                 format!(
                     "unknown boost rule {name:?}; expected one of: {}",
                     rules.names().join(", ")
@@ -963,6 +976,28 @@ mod tests {
         assert_eq!(check(&[("exclude", "a"), ("exclude", "")]), "exclude[1]");
         assert_eq!(check(&[("category", " ")]), "category[0]");
         assert_eq!(check(&[("explain", "maybe")]), "explain");
+    }
+
+    #[test]
+    fn boosts_resolve_the_variant_and_the_request_and_name_an_unknown_one() {
+        let rules = BoostRules::default();
+        let names =
+            |v: &[(String, BoostRule)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+        let got = resolve_boosts(
+            &rules,
+            &["bury_low_stock".into(), "gone".into()],
+            &["promoted".into(), "bury_low_stock".into()],
+        )
+        .unwrap();
+        assert_eq!(names(&got), ["bury_low_stock", "promoted"]);
+        match resolve_boosts(
+            &rules,
+            &["gone".into()],
+            &["promoted".into(), "sparkle".into()],
+        ) {
+            Err(AppError::Invalid { field, .. }) => assert_eq!(field, "boost[1]"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
