@@ -137,15 +137,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .map(|(it, vector)| IndexPoint {
             vector,
             payload: Payload {
-                item_id: it.item_id.clone(),
-                categories: it.categories.clone(),
-                available: it.available,
-                price: it.price,
-                created_at: it.created_at,
-                title: it.title.clone(),
-                popularity: counts.get(&it.item_id).copied().unwrap_or(0.0),
                 tags: Vec::new(),
                 year: None,
+                ..Payload::of(it, counts.get(&it.item_id).copied().unwrap_or(0.0))
             },
         })
         .collect();
@@ -204,6 +198,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             sessions: sessions.clone(),
             catalog: catalog.clone(),
             settings: settings.server.clone(),
+            boosts: settings.boosts.clone(),
             experiments: Arc::new(Experiments::new(Vec::new(), sessions.clone(), rerank)),
             arms: Arc::new(tandem::arms::Arms::new(index.clone())),
         })
@@ -230,6 +225,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     exclude_items: exclude,
                     ..Filter::default()
                 },
+                boosts: Vec::new(),
             };
             let recs = recommender.recommend(&req).await;
             for (rank, r) in recs.items.iter().enumerate() {

@@ -2,7 +2,7 @@
 //! (CSV/JSONL readers, HTTP extractors); deeper code trusts them.
 
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::str::FromStr;
 
@@ -174,6 +174,10 @@ pub struct Item {
     /// Unix seconds.
     #[serde(default)]
     pub created_at: Option<i64>,
+    /// Free-form attributes (`brand`, `region`, `language`, `size`, `promoted`, ...). Only the
+    /// names declared in `[catalog] filterable` (and `region`, `language`) can be filtered on.
+    #[serde(default, skip_serializing_if = "Attributes::is_empty")]
+    pub attributes: Attributes,
 }
 
 /// One servable item as the serving process holds it: the item, its popularity and its
@@ -212,7 +216,221 @@ impl Item {
             available: true,
             year: None,
             created_at: None,
+            attributes: Attributes::new(),
         }
+    }
+}
+
+/// An item's attributes by name, in name order (so that they serialize the same every time).
+pub type Attributes = std::collections::BTreeMap<String, AttrValue>;
+
+/// Longest attribute name; names are `[A-Za-z0-9_]`, so that each is a plain payload path.
+pub const MAX_ATTR_NAME: usize = 64;
+/// Most attributes per item, and most strings in one list value.
+pub const MAX_ATTRS: usize = 64;
+
+/// The attribute names that `region=` and `language=` filter on; always filterable.
+pub const REGION: &str = "region";
+pub const LANGUAGE: &str = "language";
+
+/// One attribute value: a string, a list of strings, a number or a boolean.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum AttrValue {
+    Bool(bool),
+    Number(f64),
+    Text(String),
+    List(Vec<String>),
+}
+
+impl AttrValue {
+    /// The strings an equality filter (`attr.<name>=v`) compares with: the string, every
+    /// string of a list, a number in its shortest spelling (`42`, `4.5`), `true`/`false`.
+    pub fn keywords(&self) -> Vec<String> {
+        match self {
+            AttrValue::Text(s) => vec![s.clone()],
+            AttrValue::List(l) => l.clone(),
+            AttrValue::Number(n) => vec![number_keyword(*n)],
+            AttrValue::Bool(b) => vec![b.to_string()],
+        }
+    }
+
+    /// An empty list says nothing: `region=` treats it as no region at all.
+    pub fn is_unset(&self) -> bool {
+        matches!(self, AttrValue::List(l) if l.is_empty())
+    }
+
+    /// Whether one of [`Self::keywords`] is among `values` (without building them).
+    pub fn has_any_of(&self, values: &[String]) -> bool {
+        match self {
+            AttrValue::Text(s) => values.contains(s),
+            AttrValue::List(l) => l.iter().any(|x| values.contains(x)),
+            AttrValue::Number(n) => values.contains(&number_keyword(*n)),
+            AttrValue::Bool(b) => values
+                .iter()
+                .any(|v| v == if *b { "true" } else { "false" }),
+        }
+    }
+
+    /// The number a range filter (`attr_min.<name>`) compares with; only numbers have one.
+    pub fn number(&self) -> Option<f64> {
+        match self {
+            AttrValue::Number(n) => Some(*n),
+            _ => None,
+        }
+    }
+}
+
+/// A number as an equality filter spells it: `42` for 42.0, `4.5` for 4.5.
+pub fn number_keyword(n: f64) -> String {
+    format!("{n}")
+}
+
+/// The same value as a filter compares it: a request value that reads as a number is
+/// spelled as [`number_keyword`] spells numbers (`42.0` and `42` both match the number 42).
+pub fn keyword_of_request(v: &str) -> String {
+    match v.parse::<f64>() {
+        Ok(n) if n.is_finite() && !v.trim().is_empty() => number_keyword(n),
+        _ => v.to_string(),
+    }
+}
+
+/// Why an attribute name or value is refused (the caller names the field).
+pub fn check_attr_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_ATTR_NAME {
+        return Err(format!(
+            "attribute names are 1..={MAX_ATTR_NAME} characters"
+        ));
+    }
+    let starts_well = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_');
+    if !starts_well || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(format!(
+            "attribute name {name:?} must start with a letter or '_' and hold only ASCII \
+             letters, digits and '_'"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks every name and value of an item's attributes; the error is (attribute name, reason).
+pub fn check_attributes(attrs: &Attributes) -> Result<(), (String, String)> {
+    if attrs.len() > MAX_ATTRS {
+        return Err((
+            String::new(),
+            format!("at most {MAX_ATTRS} attributes, got {}", attrs.len()),
+        ));
+    }
+    for (name, value) in attrs {
+        check_attr_name(name).map_err(|r| (name.clone(), r))?;
+        let bad = |r: String| Err((name.clone(), r));
+        match value {
+            AttrValue::Number(n) if !n.is_finite() => return bad(format!("{n} is not finite")),
+            AttrValue::Text(s) if s.len() > MAX_ID_LEN || s.chars().any(char::is_control) => {
+                return bad(format!(
+                    "values are at most {MAX_ID_LEN} printable characters"
+                ))
+            }
+            AttrValue::List(l) if l.len() > MAX_ATTRS => {
+                return bad(format!("at most {MAX_ATTRS} values, got {}", l.len()))
+            }
+            AttrValue::List(l)
+                if l.iter()
+                    .any(|s| s.len() > MAX_ID_LEN || s.chars().any(char::is_control)) =>
+            {
+                return bad(format!(
+                    "values are at most {MAX_ID_LEN} printable characters"
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Conditions on attributes. Values of one name are ORed, names are ANDed; every map is keyed
+/// by attribute name, and its values are spelled as [`keyword_of_request`] spells them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AttrFilter {
+    /// `attr.<name>=v`: the item has one of these values.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub any: BTreeMap<String, Vec<String>>,
+    /// `attr_not.<name>=v`: the item has none of these values (an item without the attribute
+    /// passes).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub none: BTreeMap<String, Vec<String>>,
+    /// `attr_min.<name>`: the attribute is a number at least this.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub min: BTreeMap<String, f64>,
+    /// `attr_max.<name>`: the attribute is a number at most this.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub max: BTreeMap<String, f64>,
+    /// `region=`, `language=`: the item has one of these values, or no such attribute at all
+    /// (an item that names no region is sold everywhere).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub any_or_unset: BTreeMap<String, Vec<String>>,
+}
+
+impl AttrFilter {
+    pub fn is_empty(&self) -> bool {
+        self.any.is_empty()
+            && self.none.is_empty()
+            && self.min.is_empty()
+            && self.max.is_empty()
+            && self.any_or_unset.is_empty()
+    }
+
+    /// Every attribute name the filter reads.
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.any
+            .keys()
+            .chain(self.none.keys())
+            .chain(self.min.keys())
+            .chain(self.max.keys())
+            .chain(self.any_or_unset.keys())
+    }
+
+    /// Whether an item with these attributes passes: the oracle of every backend.
+    pub fn matches(&self, attrs: &Attributes) -> bool {
+        let has_any = |name: &String, values: &[String]| {
+            attrs.get(name).is_some_and(|v| v.has_any_of(values))
+        };
+        for (name, values) in &self.any {
+            if !has_any(name, values) {
+                return false;
+            }
+        }
+        for (name, values) in &self.none {
+            if has_any(name, values) {
+                return false;
+            }
+        }
+        for (name, values) in &self.any_or_unset {
+            if attrs
+                .get(name)
+                .is_some_and(|v| !v.is_unset() && !v.has_any_of(values))
+            {
+                return false;
+            }
+        }
+        for (name, min) in &self.min {
+            if attrs
+                .get(name)
+                .and_then(AttrValue::number)
+                .is_none_or(|n| n < *min)
+            {
+                return false;
+            }
+        }
+        for (name, max) in &self.max {
+            if attrs
+                .get(name)
+                .and_then(AttrValue::number)
+                .is_none_or(|n| n > *max)
+            {
+                return false;
+            }
+        }
+        true
     }
 }
 
@@ -249,6 +467,9 @@ pub struct Filter {
     pub created_after: Option<i64>,
     #[serde(default)]
     pub exclude_items: Vec<ItemId>,
+    /// Conditions on item attributes (`attr.*`, `region`, `language`).
+    #[serde(default, skip_serializing_if = "AttrFilter::is_empty")]
+    pub attributes: AttrFilter,
 }
 
 impl Filter {
@@ -284,7 +505,7 @@ impl Filter {
                 return false;
             }
         }
-        !self.exclude_items.contains(&item.item_id)
+        !self.exclude_items.contains(&item.item_id) && self.attributes.matches(&item.attributes)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -335,5 +556,74 @@ mod tests {
             ..Default::default()
         }
         .matches(&item));
+    }
+
+    fn attrs(pairs: &[(&str, AttrValue)]) -> Attributes {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn attribute_filters_or_within_a_name_and_across_names() {
+        let item = attrs(&[
+            ("brand", AttrValue::Text("acme".into())),
+            ("region", AttrValue::List(vec!["eu".into(), "us".into()])),
+            ("size", AttrValue::Number(42.0)),
+            ("promoted", AttrValue::Bool(true)),
+        ]);
+        let mut f = AttrFilter::default();
+        f.any
+            .insert("brand".into(), vec!["zeta".into(), "acme".into()]);
+        assert!(f.matches(&item));
+        f.any.insert("region".into(), vec!["jp".into()]);
+        assert!(!f.matches(&item), "names are ANDed");
+        f.any.insert("region".into(), vec!["us".into()]);
+        assert!(f.matches(&item), "a list matches any of its values");
+        // Numbers and booleans by their spelling; request values are spelled the same way.
+        f.any
+            .insert("size".into(), vec![keyword_of_request("42.0")]);
+        f.any.insert("promoted".into(), vec!["true".into()]);
+        assert!(f.matches(&item));
+        f.none.insert("brand".into(), vec!["acme".into()]);
+        assert!(!f.matches(&item));
+        f.none.clear();
+        f.min.insert("size".into(), 42.0);
+        f.max.insert("size".into(), 42.0);
+        assert!(f.matches(&item), "bounds are inclusive");
+        f.min.insert("brand".into(), 0.0);
+        assert!(!f.matches(&item), "a range needs a number");
+    }
+
+    #[test]
+    fn region_and_language_pass_items_that_name_none() {
+        let mut f = AttrFilter::default();
+        f.any_or_unset.insert("region".into(), vec!["jp".into()]);
+        assert!(f.matches(&Attributes::new()));
+        assert!(f.matches(&attrs(&[("region", AttrValue::List(vec![]))])));
+        assert!(f.matches(&attrs(&[("region", AttrValue::Text("jp".into()))])));
+        assert!(!f.matches(&attrs(&[("region", AttrValue::Text("eu".into()))])));
+        // attr_not passes items without the attribute too; attr does not.
+        let mut g = AttrFilter::default();
+        g.none.insert("brand".into(), vec!["acme".into()]);
+        assert!(g.matches(&Attributes::new()));
+        g.any.insert("brand".into(), vec!["zeta".into()]);
+        assert!(!g.matches(&Attributes::new()));
+    }
+
+    #[test]
+    fn attribute_names_and_values_are_checked() {
+        assert!(check_attr_name("brand_2").is_ok());
+        assert!(check_attr_name("2brand").is_err());
+        assert!(check_attr_name("a.b").is_err());
+        assert!(check_attr_name("").is_err());
+        let bad = attrs(&[("x", AttrValue::Number(f64::NAN))]);
+        assert_eq!(check_attributes(&bad).unwrap_err().0, "x");
+        let json: Attributes =
+            serde_json::from_str(r#"{"a":"s","b":["x","y"],"c":4.5,"d":false}"#).unwrap();
+        assert_eq!(json["c"], AttrValue::Number(4.5));
+        assert_eq!(json["b"].keywords(), ["x", "y"]);
+        assert!(serde_json::from_str::<Attributes>(r#"{"a":{"b":1}}"#).is_err());
     }
 }

@@ -581,6 +581,10 @@ fn bench_ann(mut settings: Settings, args: BenchAnnArgs) -> anyhow::Result<()> {
     };
     // Never touch the serving alias: the bench gets its own collection name.
     settings.index.collection = format!("tandem_bench_{}", uuid::Uuid::new_v4().simple());
+    // The generated catalog's attributes, filtered on by the attribute runs.
+    for name in tandem::index::bench::ATTRIBUTES {
+        settings.catalog.filterable.push(name.to_string());
+    }
     let temp = args.dir.is_none();
     let dir = args.dir.clone().unwrap_or_else(|| {
         std::env::temp_dir().join(format!("tandem-bench-{}", uuid::Uuid::new_v4()))

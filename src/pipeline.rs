@@ -11,7 +11,7 @@
 use crate::arms::{Arm, Arms};
 use crate::catalog::{Catalog, CatalogEntry};
 use crate::config::experiments::Assignment;
-use crate::config::{ServerSettings, CONTROL_VARIANT};
+use crate::config::{BoostRules, ServerSettings, CONTROL_VARIANT};
 use crate::domain::{EventType, Filter, IdMap, IdSet, ItemId, SessionId, UserId};
 use crate::experiment::Experiments;
 use crate::index::VectorIndex;
@@ -104,6 +104,9 @@ pub struct RecommendRequest {
     pub session: Option<SessionId>,
     pub k: usize,
     pub filter: Filter,
+    /// The boost rules this request asked for (`boost=`); its variant's own rules
+    /// (`rerank.<variant>.boosts`) are added when the variant is known.
+    pub boosts: Vec<(String, crate::config::BoostRule)>,
 }
 
 /// Cold start for a user (`POST /v1/users/{id}/onboarding`), validated: the chosen categories
@@ -115,6 +118,8 @@ pub struct OnboardRequest {
     pub categories: Vec<String>,
     pub liked: Vec<Arc<CatalogEntry>>,
     pub k: usize,
+    /// Region, language and attribute rules the first page keeps to.
+    pub attributes: crate::domain::AttrFilter,
 }
 
 /// What onboarding seeded, newest first, and the first recommendations made from it.
@@ -248,6 +253,8 @@ pub struct Parts {
     pub sessions: Arc<dyn SessionStore>,
     pub catalog: Arc<Catalog>,
     pub settings: ServerSettings,
+    /// The boost rules a variant or a request may name (`[boosts]`).
+    pub boosts: BoostRules,
     /// The running experiments: each request's variant, its re-rank weights, and the
     /// impression it is counted as.
     pub experiments: Arc<Experiments>,
@@ -262,6 +269,7 @@ pub struct Recommender {
     sessions: Arc<dyn SessionStore>,
     catalog: Arc<Catalog>,
     settings: ServerSettings,
+    boosts: BoostRules,
     experiments: Arc<Experiments>,
     arms: Arc<Arms>,
     trending: TrendingCache,
@@ -275,6 +283,7 @@ impl Recommender {
             sessions,
             catalog,
             settings,
+            boosts,
             experiments,
             arms,
         } = parts;
@@ -284,6 +293,7 @@ impl Recommender {
             sessions,
             catalog,
             settings,
+            boosts,
             experiments,
             arms,
             trending: TrendingCache::default(),
@@ -371,8 +381,10 @@ impl Recommender {
             filter: Filter {
                 available_only: true,
                 exclude_items: o.liked.iter().map(|e| e.id().clone()).collect(),
+                attributes: o.attributes.clone(),
                 ..Default::default()
             },
+            boosts: Vec::new(),
         };
         Ok(Onboarded {
             seeded: seeds.into_iter().map(|r| r.item_id).collect(),
@@ -909,6 +921,13 @@ impl Recommender {
     ) -> Vec<Ranked> {
         let rerank = self.experiments.weights();
         let weights = rerank.for_variant(&r.variant);
+        // The variant's boost rules, then the ones the request asked for.
+        let mut boosts = self.boosts.for_variant(&weights.boosts);
+        for (name, rule) in &r.req.boosts {
+            if !boosts.iter().any(|(n, _)| n == name) {
+                boosts.push((name.clone(), rule.clone()));
+            }
+        }
         let session: Vec<SessionItem> = activity
             .events
             .iter()
@@ -926,6 +945,7 @@ impl Recommender {
             trending,
             now_s: chrono::Utc::now().timestamp(),
             mmr_depth: r.req.k + MMR_SLACK,
+            boosts: &boosts,
         };
         rerank::rerank(&ctx, candidates)
     }

@@ -6,14 +6,17 @@
 //! - the session's (recency-weighted) affinity for the item's categories,
 //! - trending and freshness,
 //!
-//! minus a penalty for items the user viewed or clicked recently. Purchased items are dropped.
+//! minus a penalty for items the user viewed or clicked recently, plus the parts of the boost
+//! rules in force (`[boosts]`: new arrivals, promoted items up to a cap, low stock buried).
+//! Purchased items are dropped.
 //! An MMR pass then orders the head of the list, trading relevance against similarity to what
 //! was already picked, so one cluster cannot fill the whole page. Business rules (filters,
 //! availability) are not here: the pipeline applies them after, against the live catalog.
 
-use crate::config::RerankWeights;
-use crate::domain::{CatalogEntry, EventType, IdMap, IdSet};
+use crate::config::{BoostRule, RerankWeights};
+use crate::domain::{AttrValue, CatalogEntry, EventType, IdMap, IdSet, Item};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// Recency half-life, in positions, of the category affinity (the model pools with the same).
@@ -45,6 +48,8 @@ pub struct Context<'a> {
     pub now_s: i64,
     /// How many leading positions the MMR pass orders; the tail keeps relevance order.
     pub mmr_depth: usize,
+    /// The boost rules in force, by name (the variant's and the request's).
+    pub boosts: &'a [(String, BoostRule)],
 }
 
 /// A candidate from the index (or a fallback source) with its ANN similarity.
@@ -55,7 +60,7 @@ pub struct Candidate {
 }
 
 /// The unweighted components of a score, returned with `explain=true`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Components {
     pub ann: f32,
     pub session_max: f32,
@@ -65,7 +70,11 @@ pub struct Components {
     pub freshness: f32,
     /// 1 if the user viewed or clicked the item recently, else 0.
     pub viewed: f32,
-    /// The blended relevance (the weighted sum of the above).
+    /// What each boost rule that applied added to the relevance (negative: buried), by
+    /// rule name; a `promoted` item past the rule's cap is not boosted and not listed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub boosts: BTreeMap<String, f32>,
+    /// The blended relevance (the weighted sum of the above, plus the boosts).
     pub relevance: f32,
     /// Max similarity to the items ranked above it, when the MMR pass placed it.
     pub redundancy: f32,
@@ -131,6 +140,12 @@ pub fn rerank(ctx: &Context<'_>, candidates: Vec<Candidate>) -> Vec<Ranked> {
                 + w.trending * comp.trending
                 + w.freshness * comp.freshness
                 - w.viewed_penalty * comp.viewed;
+            for (name, rule) in ctx.boosts {
+                if let Some(part) = uncapped_boost(rule, &c.entry.item, ctx.now_s) {
+                    comp.boosts.insert(name.clone(), part);
+                    comp.relevance += part;
+                }
+            }
             Ranked {
                 score: comp.relevance,
                 entry: c.entry,
@@ -138,6 +153,7 @@ pub fn rerank(ctx: &Context<'_>, candidates: Vec<Candidate>) -> Vec<Ranked> {
             }
         })
         .collect();
+    apply_capped_boosts(ctx.boosts, &mut scored);
     scored.sort_by(|a, b| {
         b.score
             .total_cmp(&a.score)
@@ -152,6 +168,64 @@ pub fn rerank(ctx: &Context<'_>, candidates: Vec<Candidate>) -> Vec<Ranked> {
         w.category_repeat
     };
     mmr(scored, w.mmr_lambda, category_repeat, ctx.mmr_depth)
+}
+
+/// A rule's part for one item, for the rules without a cap; `None` when it does not apply.
+fn uncapped_boost(rule: &BoostRule, item: &Item, now_s: i64) -> Option<f32> {
+    match rule {
+        BoostRule::NewArrivals { weight, days } => {
+            let age_days = (now_s - item.created_at?) as f32 / 86_400.0;
+            (age_days < *days).then_some(*weight)
+        }
+        BoostRule::BuryLowStock {
+            weight,
+            below,
+            attribute,
+        } => {
+            let stock = item.attributes.get(attribute)?.number()?;
+            (stock < *below).then_some(-weight)
+        }
+        BoostRule::Promoted { .. } => None,
+    }
+}
+
+/// Whether an item is promoted: its attribute is `true` (or the string "true").
+fn is_promoted(item: &Item, attribute: &str) -> bool {
+    match item.attributes.get(attribute) {
+        Some(AttrValue::Bool(b)) => *b,
+        Some(v) => v.has_any_of(&["true".to_string()]),
+        None => false,
+    }
+}
+
+/// The capped rules (`promoted`): the `cap` best-scored promoted candidates get the weight,
+/// so that promotion lifts a few items without filling the page with them.
+fn apply_capped_boosts(rules: &[(String, BoostRule)], scored: &mut [Ranked]) {
+    for (name, rule) in rules {
+        let BoostRule::Promoted {
+            weight,
+            cap,
+            attribute,
+        } = rule
+        else {
+            continue;
+        };
+        let mut promoted: Vec<usize> = (0..scored.len())
+            .filter(|&i| is_promoted(&scored[i].entry.item, attribute))
+            .collect();
+        promoted.sort_by(|&a, &b| {
+            scored[b]
+                .score
+                .total_cmp(&scored[a].score)
+                .then_with(|| scored[a].entry.id().cmp(scored[b].entry.id()))
+        });
+        for &i in promoted.iter().take(*cap) {
+            let r = &mut scored[i];
+            r.components.boosts.insert(name.clone(), *weight);
+            r.components.relevance += weight;
+            r.score += weight;
+        }
+    }
 }
 
 /// Greedy MMR over the first `depth` positions: each step picks the candidate maximising
@@ -347,6 +421,7 @@ mod tests {
         purchased: IdSet,
         viewed: IdSet,
         trending: IdMap<f32>,
+        boosts: Vec<(String, BoostRule)>,
     }
 
     impl Fixture {
@@ -360,6 +435,7 @@ mod tests {
                 purchased: IdSet::default(),
                 viewed: IdSet::default(),
                 trending: IdMap::default(),
+                boosts: Vec::new(),
             }
         }
         fn ctx(&self) -> Context<'_> {
@@ -371,6 +447,7 @@ mod tests {
                 trending: &self.trending,
                 now_s: 1_000_000_000,
                 mmr_depth: 10,
+                boosts: &self.boosts,
             }
         }
     }
@@ -415,7 +492,7 @@ mod tests {
         // The ANN alone prefers the drama by a little.
         let out = rerank(&f.ctx(), vec![cand(&drama, 0.6), cand(&comedy, 0.5)]);
         assert_eq!(ids(&out), ["c", "d"]);
-        let c = out[0].components;
+        let c = out[0].components.clone();
         assert!(c.session_max > 0.99 && c.category_affinity == 1.0, "{c:?}");
         assert_eq!(out[1].components.category_affinity, 0.0);
     }
@@ -556,5 +633,89 @@ mod tests {
         let out = rerank(&f.ctx(), vec![cand(&a, 0.5), cand(&Arc::new(odd), 0.4)]);
         assert_eq!(out.len(), 2);
         assert_eq!(crate::vector::similarity(&[1.0], &[1.0, 2.0]), 0.0);
+    }
+
+    fn with_attr(id: &str, vector: [f32; 2], name: &str, v: AttrValue) -> Arc<CatalogEntry> {
+        let mut e = Arc::unwrap_or_clone(entry(id, "x", vector));
+        e.item.attributes.insert(name.into(), v);
+        Arc::new(e)
+    }
+
+    #[test]
+    fn promoted_items_rise_up_to_the_cap_and_explain_says_why() {
+        let mut f = Fixture::new();
+        f.boosts = vec![(
+            "promoted".into(),
+            BoostRule::Promoted {
+                weight: 0.5,
+                cap: 2,
+                attribute: "promoted".into(),
+            },
+        )];
+        let plain = entry("plain", "x", [1.0, 0.0]);
+        let p: Vec<_> = (0..3)
+            .map(|i| {
+                with_attr(
+                    &format!("p{i}"),
+                    [1.0, 0.0],
+                    "promoted",
+                    AttrValue::Bool(true),
+                )
+            })
+            .collect();
+        let out = rerank(
+            &f.ctx(),
+            vec![
+                cand(&plain, 0.9),
+                cand(&p[0], 0.5),
+                cand(&p[1], 0.45),
+                cand(&p[2], 0.4),
+            ],
+        );
+        // The two best promoted items pass the plain one; the third is past the cap.
+        assert_eq!(ids(&out), ["p0", "p1", "plain", "p2"]);
+        assert_eq!(out[0].components.boosts.get("promoted"), Some(&0.5));
+        assert!((out[0].components.relevance - 1.0).abs() < 1e-6);
+        assert!(out[3].components.boosts.is_empty());
+    }
+
+    #[test]
+    fn new_arrivals_rise_and_low_stock_sinks() {
+        let mut f = Fixture::new();
+        f.boosts = vec![
+            (
+                "new_arrivals".into(),
+                BoostRule::NewArrivals {
+                    weight: 0.3,
+                    days: 7.0,
+                },
+            ),
+            (
+                "bury_low_stock".into(),
+                BoostRule::BuryLowStock {
+                    weight: 0.3,
+                    below: 5.0,
+                    attribute: "stock".into(),
+                },
+            ),
+        ];
+        let mut fresh = Arc::unwrap_or_clone(entry("fresh", "x", [1.0, 0.0]));
+        fresh.item.created_at = Some(1_000_000_000 - 86_400);
+        let fresh = Arc::new(fresh);
+        let old = entry("old", "x", [1.0, 0.0]);
+        let scarce = with_attr("scarce", [1.0, 0.0], "stock", AttrValue::Number(2.0));
+        let stocked = with_attr("stocked", [1.0, 0.0], "stock", AttrValue::Number(50.0));
+        let out = rerank(
+            &f.ctx(),
+            vec![
+                cand(&scarce, 0.9),
+                cand(&old, 0.8),
+                cand(&fresh, 0.6),
+                cand(&stocked, 0.55),
+            ],
+        );
+        assert_eq!(ids(&out), ["fresh", "old", "scarce", "stocked"]);
+        assert_eq!(out[0].components.boosts.get("new_arrivals"), Some(&0.3));
+        assert_eq!(out[2].components.boosts.get("bury_low_stock"), Some(&-0.3));
     }
 }

@@ -993,6 +993,7 @@ impl FilterCase {
                 .price_max
                 .map(|p| f32::from(p.max(self.price_min.unwrap_or(0)))),
             created_after: None,
+            attributes: Default::default(),
             exclude_items: self
                 .exclude_items
                 .iter()
@@ -1357,6 +1358,7 @@ async fn an_index_outage_serves_the_fallback_list_and_recovers() {
         sessions,
         catalog: Arc::new(catalog),
         settings: settings.server.clone(),
+        boosts: settings.boosts.clone(),
         experiments,
         arms: Arc::new(tandem::arms::Arms::new(index)),
     });
@@ -1370,6 +1372,7 @@ async fn an_index_outage_serves_the_fallback_list_and_recovers() {
             available_only: true,
             ..Default::default()
         },
+        boosts: Vec::new(),
     };
 
     let up = recommender.recommend(&request(0, "Drama")).await;

@@ -105,6 +105,8 @@ const tandem = (() => {
     });
     if (ex.viewed) lines.push(`already viewed (penalty)`);
     if (ex.redundancy) lines.push(`similar to an item above ${Number(ex.redundancy).toFixed(2)}`);
+    // Boost rules that applied (`[boosts]`, `boost=`): a promoted item says so.
+    for (const [rule, part] of Object.entries(ex.boosts || {})) lines.push(`boost ${rule} ${part > 0 ? "+" : ""}${Number(part).toFixed(2)}`);
     const top = PARTS[vals.indexOf(Math.max(...vals))][2];
     bar.setAttribute("aria-label", `Why: mostly ${top}. ${lines.join(", ")}`);
     bar.title = lines.join("\n");
@@ -132,6 +134,9 @@ const tandem = (() => {
     li.append(el("h3", {}, title));
     const cats = el("div", { class: "cats" });
     for (const c of item.categories || []) cats.append(el("span", { class: "cat" }, c));
+    // Where the item is sold; an item naming no region is sold everywhere.
+    const region = (item.attributes || {}).region;
+    if (region !== undefined) cats.append(el("span", { class: "cat region", title: "sold in" }, [].concat(region).join(" · ")));
     li.append(cats);
     const price = item.price === null || item.price === undefined ? "" : `$${Number(item.price).toFixed(2)}`;
     li.append(el("div", { class: "meta" }, el("span", {}, price), el("span", { title: "blended score" }, `score ${Number(item.score || 0).toFixed(3)}`)));

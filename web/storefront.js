@@ -17,7 +17,7 @@
 
   async function refresh(reason) {
     const mine = ++generation;
-    const query = { ...who(me), k: 20, explain: true, available_only: $("available").checked, category: [...selected] };
+    const query = { ...who(me), k: 20, explain: true, available_only: $("available").checked, category: [...selected], region: $("region").value };
     try {
       const { data, ms } = await api("GET", "/v1/recommendations", { query });
       if (mine !== generation) return;
@@ -58,7 +58,7 @@
     const list = $("similar");
     try {
       const { data } = await api("GET", `/v1/items/${encodeURIComponent(item.item_id)}/similar`, {
-        query: { k: 8, available_only: $("available").checked },
+        query: { k: 8, available_only: $("available").checked, region: $("region").value },
       });
       list.replaceChildren(...(data.items || []).map((s) => el("li", { "data-item-id": s.item_id }, s.title, el("span", { class: "muted" }, ` · ${(s.categories || []).join(", ")}`))));
       if (!(data.items || []).length) list.replaceChildren(el("li", { class: "muted" }, "No similar items match the filters."));
@@ -112,6 +112,7 @@
     showIdentity();
     refresh(`now shopping as user ${v}`);
   });
+  $("region").addEventListener("change", () => refresh($("region").value ? `sold in ${$("region").selectedOptions[0].textContent}` : "every region"));
   $("available").addEventListener("change", () => refresh($("available").checked ? "available items only" : "including unavailable items"));
 
   $("legend").append(legend());

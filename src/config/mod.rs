@@ -56,6 +56,11 @@ pub struct Settings {
     pub session: SessionSettings,
     pub server: ServerSettings,
     pub rerank: RerankSettings,
+    /// Item attributes that filters may use (`[catalog]`).
+    pub catalog: CatalogSettings,
+    /// Named boost rules (`[boosts.NAME]`) that `rerank.<variant>.boosts` or a request's
+    /// `boost=` turn on.
+    pub boosts: BoostRules,
     /// The model registry (`[registry]`).
     pub registry: RegistrySettings,
     /// A/B experiments (`[[experiments]]`); `PUT /admin/experiments` replaces them at run time.
@@ -227,6 +232,8 @@ impl Default for Settings {
             session: SessionSettings::default(),
             server: ServerSettings::default(),
             rerank: RerankSettings::default(),
+            catalog: CatalogSettings::default(),
+            boosts: BoostRules::default(),
             registry: RegistrySettings::default(),
             experiments: Vec::new(),
             admin_key: AdminKey::default(),
@@ -341,6 +348,160 @@ impl Default for ServerSettings {
     }
 }
 
+/// `[catalog]`: which item attributes filters may use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct CatalogSettings {
+    /// Attribute names that `attr.<name>`, `attr_not.<name>`, `attr_min.<name>` and
+    /// `attr_max.<name>` may filter on; each gets payload indexes in collections built from
+    /// now on. `region` and `language` are always filterable. Other attributes are stored
+    /// but not filterable (a request filtering on one gets 422).
+    pub filterable: Vec<String>,
+}
+
+impl CatalogSettings {
+    /// Every filterable name: `region`, `language`, then the declared ones.
+    pub fn indexed_names(&self) -> Vec<String> {
+        let mut names = vec![
+            crate::domain::REGION.to_string(),
+            crate::domain::LANGUAGE.to_string(),
+        ];
+        for n in &self.filterable {
+            if !names.contains(n) {
+                names.push(n.clone());
+            }
+        }
+        names
+    }
+
+    pub fn is_filterable(&self, name: &str) -> bool {
+        name == crate::domain::REGION
+            || name == crate::domain::LANGUAGE
+            || self.filterable.iter().any(|n| n == name)
+    }
+}
+
+/// A boost rule: what it adds to (or takes from) the re-ranker's score, and to which items.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum BoostRule {
+    /// Items created less than `days` ago get `+weight`.
+    NewArrivals { weight: f32, days: f32 },
+    /// Items whose attribute `attribute` is `true` (or the string "true") get `+weight`, at
+    /// most `cap` of them per response (the best-scored ones).
+    Promoted {
+        weight: f32,
+        cap: usize,
+        #[serde(default = "promoted_attribute")]
+        attribute: String,
+    },
+    /// Items whose numeric attribute `attribute` is below `below` get `-weight`.
+    BuryLowStock {
+        weight: f32,
+        below: f64,
+        #[serde(default = "stock_attribute")]
+        attribute: String,
+    },
+}
+
+fn promoted_attribute() -> String {
+    "promoted".into()
+}
+
+fn stock_attribute() -> String {
+    "stock".into()
+}
+
+impl BoostRule {
+    fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        let (weight, extra) = match self {
+            BoostRule::NewArrivals { weight, days } => (*weight, ("days", f64::from(*days))),
+            BoostRule::Promoted { weight, cap, .. } => (*weight, ("cap", *cap as f64)),
+            BoostRule::BuryLowStock { weight, below, .. } => (*weight, ("below", *below)),
+        };
+        if !weight.is_finite() || weight < 0.0 {
+            return Err(ConfigError::Invalid {
+                field: format!("{at}.weight"),
+                reason: format!("{weight} must be a finite number >= 0"),
+            });
+        }
+        if !extra.1.is_finite() || (extra.0 == "days" && extra.1 <= 0.0) {
+            return Err(ConfigError::Invalid {
+                field: format!("{at}.{}", extra.0),
+                reason: format!("{} must be a finite number (days > 0)", extra.1),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// `[boosts.NAME]`: the named rules. The built-in three (`new_arrivals`, `promoted`,
+/// `bury_low_stock`) are there unless the file gives its own `[boosts]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct BoostRules(pub std::collections::BTreeMap<String, BoostRule>);
+
+impl Default for BoostRules {
+    fn default() -> Self {
+        BoostRules(
+            [
+                (
+                    "new_arrivals".to_string(),
+                    BoostRule::NewArrivals {
+                        weight: 0.1,
+                        days: 14.0,
+                    },
+                ),
+                (
+                    "promoted".to_string(),
+                    BoostRule::Promoted {
+                        weight: 0.3,
+                        cap: 2,
+                        attribute: promoted_attribute(),
+                    },
+                ),
+                (
+                    "bury_low_stock".to_string(),
+                    BoostRule::BuryLowStock {
+                        weight: 0.3,
+                        below: 5.0,
+                        attribute: stock_attribute(),
+                    },
+                ),
+            ]
+            .into(),
+        )
+    }
+}
+
+impl BoostRules {
+    pub fn get(&self, name: &str) -> Option<&BoostRule> {
+        self.0.get(name)
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.0.keys().map(String::as_str).collect()
+    }
+
+    /// The rules a variant's list names (`rerank.<variant>.boosts`), in its order, each once.
+    /// An unknown name is skipped with a warning: a variant's typo must not fail requests.
+    pub fn for_variant(&self, names: &[String]) -> Vec<(String, BoostRule)> {
+        let mut out: Vec<(String, BoostRule)> = Vec::new();
+        for name in names {
+            match self.get(name) {
+                Some(rule) if !out.iter().any(|(n, _)| n == name) => {
+                    out.push((name.clone(), rule.clone()))
+                }
+                Some(_) => {}
+                None => {
+                    tracing::warn!(rule = %name, "the variant names an unknown boost rule; skipped")
+                }
+            }
+        }
+        out
+    }
+}
+
 /// Re-rank weights per experiment variant: `[rerank.control]` is the default arm and
 /// `[rerank.NAME]` adds another. A variant table's missing keys take the built-in defaults,
 /// not control's values, so every arm reads complete on its own.
@@ -396,6 +557,9 @@ pub struct RerankWeights {
     pub category_repeat: f32,
     /// How many of the newest session/history items the session components look at.
     pub session_window: usize,
+    /// Boost rules (names of `[boosts.NAME]`) always on for this variant; a request's
+    /// `boost=` adds more.
+    pub boosts: Vec<String>,
 }
 
 impl Default for RerankWeights {
@@ -418,6 +582,7 @@ impl RerankWeights {
         // Tuned on the demo catalog (BENCHMARKS.md, "Diversity after one click").
         category_repeat: 1.0,
         session_window: 10,
+        boosts: Vec::new(),
     };
 
     pub fn validate(&self, at: &str) -> Result<(), ConfigError> {
@@ -594,6 +759,24 @@ impl Settings {
         }
         for (name, w) in &self.rerank.0 {
             w.validate(&format!("rerank.{name}"))?;
+            for (i, b) in w.boosts.iter().enumerate() {
+                if self.boosts.get(b).is_none() {
+                    return Err(invalid(
+                        &format!("rerank.{name}.boosts[{i}]"),
+                        format!(
+                            "unknown boost rule {b:?}; [boosts] has: {}",
+                            self.boosts.names().join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+        for (name, rule) in &self.boosts.0 {
+            rule.validate(&format!("boosts.{name}"))?;
+        }
+        for (i, name) in self.catalog.filterable.iter().enumerate() {
+            crate::domain::check_attr_name(name)
+                .map_err(|r| invalid(&format!("catalog.filterable[{i}]"), r))?;
         }
         if self.registry.keep_last < 2 {
             return Err(invalid(

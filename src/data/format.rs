@@ -2,13 +2,20 @@
 //! `.jsonl`). Readers check the header and every field, and report errors with the file, the
 //! line and the field. Writers stream, so that generators run in bounded memory.
 
-use crate::domain::{EventType, Interaction, Item, ItemId, UserId};
+use crate::domain::{check_attributes, Attributes, EventType, Interaction, Item, ItemId, UserId};
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 pub const ITEM_COLUMNS: &[&str] = &["item_id", "title", "genres"];
-pub const ITEM_OPTIONAL_COLUMNS: &[&str] = &["tags", "price", "available", "year", "created_at"];
+pub const ITEM_OPTIONAL_COLUMNS: &[&str] = &[
+    "tags",
+    "price",
+    "available",
+    "year",
+    "created_at",
+    "attributes",
+];
 pub const INTERACTION_COLUMNS: &[&str] = &["user_id", "item_id", "rating", "timestamp"];
 pub const INTERACTION_OPTIONAL_COLUMNS: &[&str] = &["event_type"];
 
@@ -280,6 +287,20 @@ fn parse_item_row(row: &Row<'_>) -> Result<Item, DataError> {
             _ => return Err(row.err("available", format!("{v:?} is not true or false"))),
         },
     };
+    // A JSON object in one cell: {"brand":"acme","region":["eu","us"],"size":42}.
+    let attributes = match row.get("attributes") {
+        None => Attributes::new(),
+        Some(json) => serde_json::from_str(json).map_err(|e| {
+            row.err(
+                "attributes",
+                format!(
+                    "is not a JSON object of strings, lists of strings, numbers or booleans: {e}"
+                ),
+            )
+        })?,
+    };
+    check_attributes(&attributes)
+        .map_err(|(name, reason)| row.err("attributes", attr_reason(&name, &reason)))?;
     Ok(Item {
         item_id,
         title: row.text("title"),
@@ -289,7 +310,16 @@ fn parse_item_row(row: &Row<'_>) -> Result<Item, DataError> {
         available,
         year: row.parse("year", "an integer year")?,
         created_at: row.parse("created_at", "an integer unix timestamp")?,
+        attributes,
     })
+}
+
+fn attr_reason(name: &str, reason: &str) -> String {
+    if name.is_empty() {
+        reason.to_string()
+    } else {
+        format!("{name}: {reason}")
+    }
 }
 
 fn parse_interaction_row(row: &Row<'_>) -> Result<Interaction, DataError> {
@@ -322,8 +352,10 @@ fn parse_interaction_row(row: &Row<'_>) -> Result<Interaction, DataError> {
 }
 
 /// Reads JSONL records one per line, reporting the line of a bad record.
+/// `check` refuses a record that parsed but is invalid, with the reason.
 fn read_jsonl<T: serde::de::DeserializeOwned>(
     file: &Path,
+    check: impl Fn(&T) -> Result<(), String>,
     mut f: impl FnMut(T) -> Result<(), DataError>,
 ) -> Result<(), DataError> {
     let reader = BufReader::new(File::open(file).map_err(|e| DataError::io(file, e))?);
@@ -334,11 +366,14 @@ fn read_jsonl<T: serde::de::DeserializeOwned>(
             continue;
         }
         seen = true;
-        let value: T = serde_json::from_str(&line).map_err(|e| DataError::Row {
-            file: file.to_path_buf(),
-            line: i as u64 + 1,
-            reason: e.to_string(),
-        })?;
+        let value: T = serde_json::from_str(&line)
+            .map_err(|e| e.to_string())
+            .and_then(|v| check(&v).map(|_| v))
+            .map_err(|reason| DataError::Row {
+                file: file.to_path_buf(),
+                line: i as u64 + 1,
+                reason,
+            })?;
         f(value)?;
     }
     if !seen {
@@ -356,7 +391,11 @@ pub fn for_each_item(
     mut f: impl FnMut(Item) -> Result<(), DataError>,
 ) -> Result<(), DataError> {
     if is_jsonl(file) {
-        return read_jsonl(file, f);
+        let check = |item: &Item| {
+            check_attributes(&item.attributes)
+                .map_err(|(name, reason)| format!("attributes: {}", attr_reason(&name, &reason)))
+        };
+        return read_jsonl(file, check, f);
     }
     CsvTable::open(file, ITEM_COLUMNS, ITEM_OPTIONAL_COLUMNS)?
         .for_each(|row| f(parse_item_row(row)?))
@@ -368,7 +407,7 @@ pub fn for_each_interaction(
     mut f: impl FnMut(Interaction) -> Result<(), DataError>,
 ) -> Result<(), DataError> {
     if is_jsonl(file) {
-        return read_jsonl(file, f);
+        return read_jsonl(file, |_: &Interaction| Ok(()), f);
     }
     CsvTable::open(file, INTERACTION_COLUMNS, INTERACTION_OPTIONAL_COLUMNS)?
         .for_each(|row| f(parse_interaction_row(row)?))
@@ -437,6 +476,11 @@ impl ItemWriter {
             rec.push(item.available.to_string());
             rec.push(item.year.map(|y| y.to_string()).unwrap_or_default());
             rec.push(item.created_at.map(|c| c.to_string()).unwrap_or_default());
+            rec.push(if item.attributes.is_empty() {
+                String::new()
+            } else {
+                serde_json::to_string(&item.attributes).expect("attributes serialize")
+            });
         }
         self.out
             .write_record(&rec)

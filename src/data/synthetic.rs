@@ -7,6 +7,9 @@
 //!   also has a *style* (classic, modern, ...) that appears in its title and tags and moves
 //!   its price. Prices are log-normal around a per-category base; about 8% of items are
 //!   unavailable; about 15% were created during the interaction window (tagged `new`).
+//!   Attributes: `brand`, `region` (half the items name one or two of eu, us, uk, jp, br; the
+//!   rest are sold everywhere), `language` (60% name one of en, de, fr, es, ja), `stock` and
+//!   `promoted` (2%), drawn from their own random stream.
 //! - **Popularity.** Item popularity follows a Zipf law over a random ranking, so a few items
 //!   take a large share of the traffic (the top 1% are tagged `bestseller`).
 //! - **Users.** Each user has 1 to 3 favourite categories with uneven weights and a preferred
@@ -234,6 +237,70 @@ impl Rng {
 const STREAM_RANKS: u64 = 1;
 const STREAM_ITEM: u64 = 2;
 const STREAM_USER: u64 = 3;
+/// Attributes come from their own stream, so that adding them changed nothing else.
+const STREAM_ATTRS: u64 = 4;
+
+/// Regions an item may be sold in, and their weights; an item with no region is sold
+/// everywhere ([`NO_REGION`] of them).
+const REGIONS: &[(&str, f64)] = &[
+    ("eu", 4.0),
+    ("us", 4.0),
+    ("uk", 2.0),
+    ("jp", 1.5),
+    ("br", 1.0),
+];
+const NO_REGION: f64 = 0.5;
+/// Languages an item may be offered in; an item with no language suits every language.
+const LANGUAGES: &[(&str, f64)] = &[
+    ("en", 5.0),
+    ("de", 2.0),
+    ("fr", 2.0),
+    ("es", 1.5),
+    ("ja", 1.0),
+];
+const NO_LANGUAGE: f64 = 0.4;
+/// Items marked `promoted`.
+const PROMOTED: f64 = 0.02;
+
+/// The generated attributes of one item: `brand` (the brand in its title), `region` (one or
+/// two regions, or none), `language` (or none), `stock` (units, 0..200, a few nearly sold
+/// out) and `promoted` (2% of items).
+fn item_attributes(seed: u64, i: u64, brand: &str) -> crate::domain::Attributes {
+    use crate::domain::AttrValue;
+    let mut rng = Rng::stream(seed, STREAM_ATTRS, i);
+    let pick = |rng: &mut Rng, table: &[(&'static str, f64)]| {
+        let weights: Vec<f64> = table.iter().map(|(_, w)| *w).collect();
+        table[rng.weighted(&weights)].0.to_string()
+    };
+    let mut a = crate::domain::Attributes::new();
+    a.insert("brand".into(), AttrValue::Text(brand.to_string()));
+    if !rng.chance(NO_REGION) {
+        let mut regions = vec![pick(&mut rng, REGIONS)];
+        if rng.chance(0.3) {
+            let second = pick(&mut rng, REGIONS);
+            if !regions.contains(&second) {
+                regions.push(second);
+            }
+        }
+        a.insert("region".into(), AttrValue::List(regions));
+    }
+    if !rng.chance(NO_LANGUAGE) {
+        a.insert(
+            "language".into(),
+            AttrValue::Text(pick(&mut rng, LANGUAGES)),
+        );
+    }
+    let stock = if rng.chance(0.1) {
+        rng.below(5)
+    } else {
+        rng.below(200)
+    };
+    a.insert("stock".into(), AttrValue::Number(stock as f64));
+    if rng.chance(PROMOTED) {
+        a.insert("promoted".into(), AttrValue::Bool(true));
+    }
+    a
+}
 
 /// Items with their cumulative popularity, for sampling by popularity in O(log n).
 #[derive(Default)]
@@ -346,6 +413,7 @@ fn generate_catalog(cfg: &GenerateConfig, file: &Path) -> Result<Catalog, Genera
         item.price = Some(((price * 100.0).round() / 100.0).max(0.5) as f32);
         item.available = !rng.chance(UNAVAILABLE);
         item.created_at = Some(created_at);
+        item.attributes = item_attributes(cfg.seed, i as u64, brand);
         writer.write(&item)?;
 
         let weight = (rank as f64).powf(-ZIPF_EXPONENT);

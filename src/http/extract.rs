@@ -141,6 +141,38 @@ impl QueryPairs {
         Ok(())
     }
 
+    /// Like [`Self::allow_only`], also letting through keys that start with one of
+    /// `prefixes` followed by a name (`attr.brand`).
+    pub fn allow_only_or_prefixed(
+        &self,
+        allowed: &[&str],
+        prefixes: &[&str],
+    ) -> Result<(), AppError> {
+        let prefixed = |k: &str| {
+            prefixes
+                .iter()
+                .any(|p| k.len() > p.len() && k.starts_with(p))
+        };
+        QueryPairs(
+            self.0
+                .iter()
+                .filter(|(k, _)| !prefixed(k))
+                .cloned()
+                .collect(),
+        )
+        .allow_only(allowed)
+        .map_err(|e| match e {
+            AppError::Invalid { field, reason } => AppError::Invalid {
+                field,
+                reason: format!(
+                    "{reason}, or an attribute filter ({}<name>)",
+                    prefixes.join("<name>, ")
+                ),
+            },
+            e => e,
+        })
+    }
+
     /// A key that may appear at most once.
     pub fn one(&self, key: &str) -> Result<Option<&str>, AppError> {
         let mut found = self

@@ -64,6 +64,7 @@ async fn recommend(
         session: v.session,
         k: v.k,
         filter: v.filter,
+        boosts: resolve_boosts(&s.settings.boosts, &[], &v.boosts)?,
     };
     let recs = s.recommender.recommend(&req).await;
     s.stats.record_source(recs.source);
@@ -93,6 +94,7 @@ pub async fn similar(
         session: None,
         k: v.k,
         filter: v.filter,
+        boosts: resolve_boosts(&s.settings.boosts, &[], &v.boosts)?,
     };
     let recs = s.recommender.similar(&item, &req).await?;
     Ok(Json(RecommendationsResponse::new(recs, v.explain)))
@@ -115,6 +117,7 @@ pub async fn trending(
         session: None,
         k: v.k,
         filter: v.filter,
+        boosts: Vec::new(),
     };
     Ok(Json(RecommendationsResponse::new(
         s.recommender.trending(&req).await,
@@ -271,6 +274,7 @@ pub async fn onboarding(
 ) -> ApiResult<Json<OnboardingResponse>> {
     let user = UserId::parse(user_id).map_err(|e| AppError::invalid("user_id", e.to_string()))?;
     let k = validate_k(input.k)?;
+    let attributes = input.attr_filter()?;
     if input.categories.is_empty() && input.liked_items.is_empty() {
         return Err(AppError::invalid(
             "categories",
@@ -313,6 +317,7 @@ pub async fn onboarding(
             categories: input.categories,
             liked,
             k,
+            attributes,
         })
         .await?;
     Ok(Json(OnboardingResponse {
@@ -446,6 +451,7 @@ pub async fn metrics() -> impl IntoResponse {
 /// An unknown (or mis-cased) category would filter everything out and answer an empty list
 /// that looks like "nothing matches": a 422 that names the field and the near names instead.
 fn known_categories(s: &AppState, filter: &crate::domain::Filter) -> ApiResult<()> {
+    check_filterable(filter, &s.settings.catalog)?;
     for c in &filter.include_categories {
         known_category(s, "category", c)?;
     }

@@ -232,6 +232,7 @@ impl AppState {
             sessions: sessions.clone(),
             catalog: catalog.clone(),
             settings: settings.server.clone(),
+            boosts: settings.boosts.clone(),
             experiments: experiments.clone(),
             arms: arms.clone(),
         }));

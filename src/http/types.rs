@@ -4,10 +4,15 @@
 use super::error::AppError;
 use super::extract::QueryPairs;
 use crate::catalog::CatalogEntry;
-use crate::domain::{Filter, Item, ItemId, SessionId, UserId};
+use crate::config::{BoostRule, BoostRules, CatalogSettings};
+use crate::domain::{
+    check_attr_name, check_attributes, keyword_of_request, AttrFilter, AttrValue, Attributes,
+    Filter, Item, ItemId, SessionId, UserId, LANGUAGE, REGION,
+};
 use crate::pipeline::{Degraded, Recommendations, Source};
 use crate::rerank::Components;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use utoipa::{IntoParams, ToSchema};
 
 pub const MAX_K: i64 = 200;
@@ -45,9 +50,274 @@ pub struct RecommendParams {
     /// Item ids never to return (repeatable).
     #[serde(default)]
     pub exclude: Vec<String>,
-    /// Return each item's score components.
+    /// `attr.<name>=<value>`, or `attr[<name>]=<value>` (repeatable): keep items whose
+    /// attribute `<name>` has one of the values. Values of one name are ORed, names are
+    /// ANDed; a list attribute matches any of its strings, a number its shortest spelling
+    /// (`42`, `4.5`), a boolean `true`/`false`. The name must be `region`, `language` or
+    /// declared in `[catalog] filterable`, else 422 naming the parameter.
+    #[serde(default)]
+    #[param(value_type = Object, style = DeepObject)]
+    pub attr: BTreeMap<String, Vec<String>>,
+    /// `attr_not.<name>=<value>` (repeatable): drop items whose attribute has one of the
+    /// values; items without the attribute stay.
+    #[serde(default)]
+    #[param(value_type = Object, style = DeepObject)]
+    pub attr_not: BTreeMap<String, Vec<String>>,
+    /// `attr_min.<name>=<number>`: keep items whose attribute is a number >= this (items
+    /// without a number fail).
+    #[serde(default)]
+    #[param(value_type = Object, style = DeepObject)]
+    pub attr_min: BTreeMap<String, f64>,
+    /// `attr_max.<name>=<number>`: keep items whose attribute is a number <= this (items
+    /// without a number fail).
+    #[serde(default)]
+    #[param(value_type = Object, style = DeepObject)]
+    pub attr_max: BTreeMap<String, f64>,
+    /// Keep items whose `region` attribute holds this, and items without one.
+    pub region: Option<String>,
+    /// Keep items whose `language` attribute holds this, and items without one.
+    pub language: Option<String>,
+    /// Boost rules to turn on besides the variant's (names of `[boosts.NAME]`, repeatable):
+    /// `new_arrivals`, `promoted`, `bury_low_stock` unless the settings define others.
+    #[serde(default)]
+    pub boost: Vec<String>,
+    /// Return each item's score components (and each boost's part).
     #[serde(default)]
     pub explain: bool,
+}
+
+/// Attribute filters, shared by the recommendation endpoints. In a query string a name
+/// follows the prefix (`attr.brand=acme&attr.brand=zeta&attr_min.size=38`); in a JSON body
+/// each is an object keyed by name (`"attr": {"brand": ["acme", "zeta"]}`). Values of one
+/// name are ORed, names are ANDed, and every name must be filterable (`region`, `language`
+/// and the names in `[catalog] filterable`), else 422 names it. Equality compares strings;
+/// a number attribute matches its shortest spelling (`42`, `4.5`) and a boolean `true` or
+/// `false`.
+#[derive(Debug, Default)]
+pub struct AttrParams {
+    /// `attr.<name>=<value>` (repeatable): keep items whose attribute `<name>` has one of
+    /// the values (a list attribute: any of its strings).
+    pub attr: BTreeMap<String, Vec<String>>,
+    /// `attr_not.<name>=<value>` (repeatable): drop items whose attribute has one of the
+    /// values; items without the attribute stay.
+    pub attr_not: BTreeMap<String, Vec<String>>,
+    /// `attr_min.<name>=<number>`: keep items whose attribute is a number >= this.
+    pub attr_min: BTreeMap<String, f64>,
+    /// `attr_max.<name>=<number>`: keep items whose attribute is a number <= this.
+    pub attr_max: BTreeMap<String, f64>,
+    /// Keep items sold in this region: items whose `region` attribute holds it, and items
+    /// without a `region` attribute (sold everywhere).
+    pub region: Option<String>,
+    /// Keep items offered in this language: items whose `language` attribute holds it, and
+    /// items without a `language` attribute.
+    pub language: Option<String>,
+}
+
+/// The attribute fields of a params struct, to and from [`AttrParams`].
+macro_rules! attr_fields {
+    ($t:ty) => {
+        impl $t {
+            fn with_attributes(a: AttrParams) -> Self {
+                Self {
+                    attr: a.attr,
+                    attr_not: a.attr_not,
+                    attr_min: a.attr_min,
+                    attr_max: a.attr_max,
+                    region: a.region,
+                    language: a.language,
+                    ..Default::default()
+                }
+            }
+
+            fn attr_params(&mut self) -> AttrParams {
+                AttrParams {
+                    attr: std::mem::take(&mut self.attr),
+                    attr_not: std::mem::take(&mut self.attr_not),
+                    attr_min: std::mem::take(&mut self.attr_min),
+                    attr_max: std::mem::take(&mut self.attr_max),
+                    region: self.region.take(),
+                    language: self.language.take(),
+                }
+            }
+        }
+    };
+}
+attr_fields!(RecommendParams);
+attr_fields!(SimilarParams);
+attr_fields!(TrendingParams);
+
+/// The attribute filter prefixes of a query string: `attr.brand`, or as OpenAPI's
+/// `deepObject` style spells it, `attr[brand]`.
+const ATTR_PREFIXES: &[&str] = &[
+    "attr.",
+    "attr_not.",
+    "attr_min.",
+    "attr_max.",
+    "attr[",
+    "attr_not[",
+    "attr_min[",
+    "attr_max[",
+];
+
+/// (`attr`, `brand`) of `attr.brand` or `attr[brand]`.
+fn split_attr_key(k: &str) -> Option<(&str, &str)> {
+    if let Some((prefix, rest)) = k.split_once('[') {
+        return Some((prefix, rest.strip_suffix(']')?));
+    }
+    k.split_once('.')
+}
+
+impl AttrParams {
+    /// The `attr*.<name>`, `region` and `language` keys of a query string.
+    pub fn from_query(q: &QueryPairs) -> Result<Self, AppError> {
+        let mut a = AttrParams {
+            region: q.one("region")?.map(str::to_string),
+            language: q.one("language")?.map(str::to_string),
+            ..Default::default()
+        };
+        for (k, v) in &q.0 {
+            let Some((prefix, name)) = split_attr_key(k) else {
+                continue;
+            };
+            let number = || {
+                v.parse::<f64>()
+                    .map_err(|_| AppError::invalid(k.clone(), format!("{v:?} is not a number")))
+            };
+            match prefix {
+                "attr" => a.attr.entry(name.to_string()).or_default().push(v.clone()),
+                "attr_not" => a
+                    .attr_not
+                    .entry(name.to_string())
+                    .or_default()
+                    .push(v.clone()),
+                "attr_min" | "attr_max" => {
+                    let map = if prefix == "attr_min" {
+                        &mut a.attr_min
+                    } else {
+                        &mut a.attr_max
+                    };
+                    if map.insert(name.to_string(), number()?).is_some() {
+                        return Err(AppError::invalid(k.clone(), "given more than once"));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(a)
+    }
+
+    /// The domain conditions; names and values are checked here, whether each name is
+    /// filterable by [`check_filterable`] (it needs the settings).
+    pub fn validate(self) -> Result<AttrFilter, AppError> {
+        let mut f = AttrFilter::default();
+        let names =
+            self.attr.len() + self.attr_not.len() + self.attr_min.len() + self.attr_max.len();
+        if names > MAX_CATEGORIES {
+            return Err(AppError::invalid(
+                "attr",
+                format!("at most {MAX_CATEGORIES} attribute conditions, got {names}"),
+            ));
+        }
+        for (prefix, map, out) in [
+            ("attr", self.attr, &mut f.any),
+            ("attr_not", self.attr_not, &mut f.none),
+        ] {
+            for (name, values) in map {
+                let field = format!("{prefix}.{name}");
+                check_attr_name(&name).map_err(|r| AppError::invalid(&field, r))?;
+                check_names(&field, &values)?;
+                if values.is_empty() {
+                    return Err(AppError::invalid(&field, "give at least one value"));
+                }
+                out.insert(name, values.iter().map(|v| keyword_of_request(v)).collect());
+            }
+        }
+        for (prefix, map, out) in [
+            ("attr_min", self.attr_min, &mut f.min),
+            ("attr_max", self.attr_max, &mut f.max),
+        ] {
+            for (name, bound) in map {
+                let field = format!("{prefix}.{name}");
+                check_attr_name(&name).map_err(|r| AppError::invalid(&field, r))?;
+                if !bound.is_finite() {
+                    return Err(AppError::invalid(&field, format!("{bound} is not finite")));
+                }
+                out.insert(name, bound);
+            }
+        }
+        for (name, lo) in &f.min {
+            if f.max.get(name).is_some_and(|hi| lo > hi) {
+                return Err(AppError::invalid(
+                    format!("attr_min.{name}"),
+                    format!("{lo} is greater than attr_max.{name}"),
+                ));
+            }
+        }
+        for (field, value) in [(REGION, self.region), (LANGUAGE, self.language)] {
+            if let Some(v) = value {
+                check_names(field, std::slice::from_ref(&v)).map_err(|_| {
+                    AppError::invalid(
+                        field,
+                        format!("{v:?} must be 1..={MAX_NAME_LEN} printable characters"),
+                    )
+                })?;
+                f.any_or_unset
+                    .insert(field.to_string(), vec![keyword_of_request(&v)]);
+            }
+        }
+        Ok(f)
+    }
+}
+
+/// 422 for a filter on an attribute that is not filterable, naming the parameter.
+pub fn check_filterable(filter: &Filter, catalog: &CatalogSettings) -> Result<(), AppError> {
+    let a = &filter.attributes;
+    for (prefix, names) in [
+        ("attr", a.any.keys().collect::<Vec<_>>()),
+        ("attr_not", a.none.keys().collect()),
+        ("attr_min", a.min.keys().collect()),
+        ("attr_max", a.max.keys().collect()),
+    ] {
+        for name in names {
+            if !catalog.is_filterable(name) {
+                return Err(AppError::invalid(
+                    format!("{prefix}.{name}"),
+                    format!(
+                        "attribute {name:?} is not filterable; filterable: {} (declare more in [catalog] filterable)",
+                        catalog.indexed_names().join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The boost rules in force: the variant's (`rerank.<variant>.boosts`), then the requested
+/// ones. An unknown requested name is 422 naming `boost[i]`; an unknown name in a variant's
+/// list (an experiment's arm set at run time) is the operator's, not the caller's: it is
+/// skipped with a warning.
+pub fn resolve_boosts(
+    rules: &BoostRules,
+    variant: &[String],
+    requested: &[String],
+) -> Result<Vec<(String, BoostRule)>, AppError> {
+    let mut out = rules.for_variant(variant);
+    for (i, name) in requested.iter().enumerate() {
+        let Some(rule) = rules.get(name) else {
+            return Err(AppError::invalid(
+                format!("boost[{i}]"),
+                format!(
+                    "unknown boost rule {name:?}; expected one of: {}",
+                    rules.names().join(", ")
+                ),
+            ));
+        };
+        if !out.iter().any(|(n, _)| n == name) {
+            out.push((name.clone(), rule.clone()));
+        }
+    }
+    Ok(out)
 }
 
 /// Query of `GET /v1/items/{item_id}/similar`.
@@ -65,6 +335,36 @@ pub struct SimilarParams {
     pub price_max: Option<f64>,
     #[serde(default)]
     pub exclude: Vec<String>,
+    /// `attr.<name>=<value>`, or `attr[<name>]=<value>` (repeatable): keep items whose
+    /// attribute `<name>` has one of the values. Values of one name are ORed, names are
+    /// ANDed; a list attribute matches any of its strings, a number its shortest spelling
+    /// (`42`, `4.5`), a boolean `true`/`false`. The name must be `region`, `language` or
+    /// declared in `[catalog] filterable`, else 422 naming the parameter.
+    #[serde(default)]
+    #[param(value_type = Object, style = DeepObject)]
+    pub attr: BTreeMap<String, Vec<String>>,
+    /// `attr_not.<name>=<value>` (repeatable): drop items whose attribute has one of the
+    /// values; items without the attribute stay.
+    #[serde(default)]
+    #[param(value_type = Object, style = DeepObject)]
+    pub attr_not: BTreeMap<String, Vec<String>>,
+    /// `attr_min.<name>=<number>`: keep items whose attribute is a number >= this (items
+    /// without a number fail).
+    #[serde(default)]
+    #[param(value_type = Object, style = DeepObject)]
+    pub attr_min: BTreeMap<String, f64>,
+    /// `attr_max.<name>=<number>`: keep items whose attribute is a number <= this (items
+    /// without a number fail).
+    #[serde(default)]
+    #[param(value_type = Object, style = DeepObject)]
+    pub attr_max: BTreeMap<String, f64>,
+    /// Keep items whose `region` attribute holds this, and items without one.
+    pub region: Option<String>,
+    /// Keep items whose `language` attribute holds this, and items without one.
+    pub language: Option<String>,
+    /// Boost rules to turn on besides the variant's (repeatable).
+    #[serde(default)]
+    pub boost: Vec<String>,
     #[serde(default)]
     pub explain: bool,
 }
@@ -77,6 +377,33 @@ pub struct TrendingParams {
     pub category: Option<String>,
     /// How many items (1..=200, default 20).
     pub k: Option<i64>,
+    /// `attr.<name>=<value>`, or `attr[<name>]=<value>` (repeatable): keep items whose
+    /// attribute `<name>` has one of the values. Values of one name are ORed, names are
+    /// ANDed; a list attribute matches any of its strings, a number its shortest spelling
+    /// (`42`, `4.5`), a boolean `true`/`false`. The name must be `region`, `language` or
+    /// declared in `[catalog] filterable`, else 422 naming the parameter.
+    #[serde(default)]
+    #[param(value_type = Object, style = DeepObject)]
+    pub attr: BTreeMap<String, Vec<String>>,
+    /// `attr_not.<name>=<value>` (repeatable): drop items whose attribute has one of the
+    /// values; items without the attribute stay.
+    #[serde(default)]
+    #[param(value_type = Object, style = DeepObject)]
+    pub attr_not: BTreeMap<String, Vec<String>>,
+    /// `attr_min.<name>=<number>`: keep items whose attribute is a number >= this (items
+    /// without a number fail).
+    #[serde(default)]
+    #[param(value_type = Object, style = DeepObject)]
+    pub attr_min: BTreeMap<String, f64>,
+    /// `attr_max.<name>=<number>`: keep items whose attribute is a number <= this (items
+    /// without a number fail).
+    #[serde(default)]
+    #[param(value_type = Object, style = DeepObject)]
+    pub attr_max: BTreeMap<String, f64>,
+    /// Keep items whose `region` attribute holds this, and items without one.
+    pub region: Option<String>,
+    /// Keep items whose `language` attribute holds this, and items without one.
+    pub language: Option<String>,
 }
 
 const RECOMMEND_KEYS: &[&str] = &[
@@ -90,6 +417,9 @@ const RECOMMEND_KEYS: &[&str] = &[
     "price_max",
     "exclude",
     "explain",
+    "boost",
+    "region",
+    "language",
 ];
 const SIMILAR_KEYS: &[&str] = &[
     "k",
@@ -100,11 +430,14 @@ const SIMILAR_KEYS: &[&str] = &[
     "price_max",
     "exclude",
     "explain",
+    "boost",
+    "region",
+    "language",
 ];
 
 impl RecommendParams {
     pub fn from_query(q: &QueryPairs) -> Result<Self, AppError> {
-        q.allow_only(RECOMMEND_KEYS)?;
+        q.allow_only_or_prefixed(RECOMMEND_KEYS, ATTR_PREFIXES)?;
         Ok(RecommendParams {
             user_id: q.one("user_id")?.map(str::to_string),
             session_id: q.one("session_id")?.map(str::to_string),
@@ -115,12 +448,15 @@ impl RecommendParams {
             price_min: q.parse("price_min", "a number")?,
             price_max: q.parse("price_max", "a number")?,
             exclude: q.many("exclude"),
+            boost: q.many("boost"),
             explain: q.parse("explain", "true or false")?.unwrap_or(false),
+            ..Self::with_attributes(AttrParams::from_query(q)?)
         })
     }
 
     /// The validated parts: who, how many, and the filter.
-    pub fn validate(self) -> Result<Validated, AppError> {
+    pub fn validate(mut self) -> Result<Validated, AppError> {
+        let attributes = self.attr_params();
         let user = self
             .user_id
             .map(|u| UserId::parse(u).map_err(|e| AppError::invalid("user_id", e.to_string())))
@@ -137,6 +473,7 @@ impl RecommendParams {
             available_only: self.available_only,
             price_min: self.price_min,
             price_max: self.price_max,
+            attributes,
             exclude: self.exclude,
         })?;
         Ok(Validated {
@@ -145,13 +482,14 @@ impl RecommendParams {
             k: validate_k(self.k)?,
             filter,
             explain: self.explain,
+            boosts: self.boost,
         })
     }
 }
 
 impl SimilarParams {
     pub fn from_query(q: &QueryPairs) -> Result<Self, AppError> {
-        q.allow_only(SIMILAR_KEYS)?;
+        q.allow_only_or_prefixed(SIMILAR_KEYS, ATTR_PREFIXES)?;
         Ok(SimilarParams {
             k: q.parse("k", "an integer")?,
             category: q.many("category"),
@@ -160,11 +498,14 @@ impl SimilarParams {
             price_min: q.parse("price_min", "a number")?,
             price_max: q.parse("price_max", "a number")?,
             exclude: q.many("exclude"),
+            boost: q.many("boost"),
             explain: q.parse("explain", "true or false")?.unwrap_or(false),
+            ..Self::with_attributes(AttrParams::from_query(q)?)
         })
     }
 
-    pub fn validate(self) -> Result<Validated, AppError> {
+    pub fn validate(mut self) -> Result<Validated, AppError> {
+        let attributes = self.attr_params();
         Ok(Validated {
             user: None,
             session: None,
@@ -175,23 +516,27 @@ impl SimilarParams {
                 available_only: self.available_only,
                 price_min: self.price_min,
                 price_max: self.price_max,
+                attributes,
                 exclude: self.exclude,
             })?,
             explain: self.explain,
+            boosts: self.boost,
         })
     }
 }
 
 impl TrendingParams {
     pub fn from_query(q: &QueryPairs) -> Result<Self, AppError> {
-        q.allow_only(&["category", "k"])?;
+        q.allow_only_or_prefixed(&["category", "k", "region", "language"], ATTR_PREFIXES)?;
         Ok(TrendingParams {
             category: q.one("category")?.map(str::to_string),
             k: q.parse("k", "an integer")?,
+            ..Self::with_attributes(AttrParams::from_query(q)?)
         })
     }
 
-    pub fn validate(self) -> Result<Validated, AppError> {
+    pub fn validate(mut self) -> Result<Validated, AppError> {
+        let attributes = self.attr_params();
         Ok(Validated {
             user: None,
             session: None,
@@ -199,9 +544,11 @@ impl TrendingParams {
             filter: build_filter(FilterParts {
                 category: self.category.into_iter().collect(),
                 available_only: Some(true),
+                attributes,
                 ..Default::default()
             })?,
             explain: false,
+            boosts: Vec::new(),
         })
     }
 }
@@ -212,6 +559,8 @@ pub struct Validated {
     pub k: usize,
     pub filter: Filter,
     pub explain: bool,
+    /// Boost rule names the request asked for (`boost=`), resolved by [`resolve_boosts`].
+    pub boosts: Vec<String>,
 }
 
 pub fn validate_k(k: Option<i64>) -> Result<usize, AppError> {
@@ -233,6 +582,7 @@ struct FilterParts {
     price_min: Option<f64>,
     price_max: Option<f64>,
     exclude: Vec<String>,
+    attributes: AttrParams,
 }
 
 fn build_filter(p: FilterParts) -> Result<Filter, AppError> {
@@ -280,6 +630,7 @@ fn build_filter(p: FilterParts) -> Result<Filter, AppError> {
         price_max,
         created_after: None,
         exclude_items,
+        attributes: p.attributes.validate()?,
     })
 }
 
@@ -310,6 +661,10 @@ pub struct RecommendedItem {
     pub categories: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub price: Option<f32>,
+    /// The item's attributes (absent when it has none).
+    #[serde(default, skip_serializing_if = "Attributes::is_empty")]
+    #[schema(value_type = HashMap<String, AttrValue>)]
+    pub attributes: Attributes,
     /// The score's components (with `explain=true`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub explanation: Option<Components>,
@@ -346,6 +701,7 @@ impl RecommendationsResponse {
                     title: x.entry.item.title.clone(),
                     categories: x.entry.item.categories.clone(),
                     price: x.entry.item.price,
+                    attributes: x.entry.item.attributes.clone(),
                     explanation: explain.then_some(x.components),
                 })
                 .collect(),
@@ -371,6 +727,12 @@ pub struct ItemInput {
     pub created_at: Option<i64>,
     /// A popularity prior (interaction count); default 0.
     pub popularity: Option<f32>,
+    /// Attributes by name: a string, a list of strings, a number or a boolean. Names are
+    /// ASCII letters, digits and `_` (starting with a letter or `_`); only filterable names
+    /// (`region`, `language`, `[catalog] filterable`) can be filtered on.
+    #[serde(default)]
+    #[schema(value_type = HashMap<String, AttrValue>)]
+    pub attributes: Attributes,
 }
 
 fn yes() -> bool {
@@ -411,6 +773,14 @@ impl ItemInput {
                 ))
             }
         };
+        check_attributes(&self.attributes).map_err(|(name, reason)| {
+            let f = if name.is_empty() {
+                field("attributes")
+            } else {
+                field(&format!("attributes.{name}"))
+            };
+            AppError::invalid(f, reason)
+        })?;
         let item = Item {
             item_id,
             title: self.title,
@@ -420,6 +790,7 @@ impl ItemInput {
             available: self.available,
             year: self.year,
             created_at: Some(self.created_at.unwrap_or(now_s)),
+            attributes: self.attributes,
         };
         Ok((item, popularity))
     }
@@ -458,6 +829,9 @@ pub struct ItemView {
     pub year: Option<i32>,
     pub created_at: Option<i64>,
     pub popularity: f32,
+    #[serde(default, skip_serializing_if = "Attributes::is_empty")]
+    #[schema(value_type = HashMap<String, AttrValue>)]
+    pub attributes: Attributes,
 }
 
 impl From<&CatalogEntry> for ItemView {
@@ -472,6 +846,7 @@ impl From<&CatalogEntry> for ItemView {
             year: e.item.year,
             created_at: e.item.created_at,
             popularity: e.popularity,
+            attributes: e.item.attributes.clone(),
         }
     }
 }
@@ -488,6 +863,22 @@ pub struct OnboardingInput {
     pub liked_items: Vec<String>,
     /// How many recommendations to return (1..=200, default 20).
     pub k: Option<i64>,
+    /// Recommend only items sold in this region (or naming no region).
+    pub region: Option<String>,
+    /// Recommend only items offered in this language (or naming no language).
+    pub language: Option<String>,
+}
+
+impl OnboardingInput {
+    /// The region and language conditions of the recommendations.
+    pub fn attr_filter(&self) -> Result<AttrFilter, AppError> {
+        AttrParams {
+            region: self.region.clone(),
+            language: self.language.clone(),
+            ..Default::default()
+        }
+        .validate()
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -577,6 +968,28 @@ mod tests {
     }
 
     #[test]
+    fn boosts_resolve_the_variant_and_the_request_and_name_an_unknown_one() {
+        let rules = BoostRules::default();
+        let names =
+            |v: &[(String, BoostRule)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+        let got = resolve_boosts(
+            &rules,
+            &["bury_low_stock".into(), "gone".into()],
+            &["promoted".into(), "bury_low_stock".into()],
+        )
+        .unwrap();
+        assert_eq!(names(&got), ["bury_low_stock", "promoted"]);
+        match resolve_boosts(
+            &rules,
+            &["gone".into()],
+            &["promoted".into(), "sparkle".into()],
+        ) {
+            Err(AppError::Invalid { field, .. }) => assert_eq!(field, "boost[1]"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn item_input_names_the_bad_field() {
         let input = ItemInput {
             item_id: "x".into(),
@@ -588,6 +1001,7 @@ mod tests {
             year: None,
             created_at: None,
             popularity: None,
+            attributes: Attributes::new(),
         };
         match input.validate("items[4]", 0) {
             Err(AppError::Invalid { field, .. }) => assert_eq!(field, "items[4].price"),

@@ -4,10 +4,15 @@
 //! The vectors imitate trained item embeddings, which cluster by category: each item belongs
 //! to one of [`CLUSTERS`] categories and lies near that category's centre. A filter keeping a
 //! fraction F selects whole categories, the hard case for filtered graph search.
+//!
+//! Items also carry two attributes, filtered on at the same selectivities: `tier`, one of
+//! 100 values spread over the catalog independently of the vectors (as region or language
+//! would be), and `brand`, one per category (so a brand filter selects whole clusters, as a
+//! brand that makes one kind of product does).
 
 use super::exact::ExactCollection;
 use super::{build_version, IndexError, IndexPoint, Payload, VectorIndex};
-use crate::domain::{Filter, ItemId};
+use crate::domain::{AttrValue, Filter, ItemId};
 use indicatif::ProgressBar;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -19,6 +24,8 @@ use std::time::Instant;
 pub const CLUSTERS: usize = 100;
 /// Neighbours asked for per query.
 pub const K: usize = 100;
+/// The attribute names of the generated catalog (to declare filterable).
+pub const ATTRIBUTES: [&str; 2] = ["tier", "brand"];
 /// Spread of items around their cluster centre, per dimension.
 const NOISE: f32 = 0.08;
 
@@ -54,6 +61,17 @@ pub struct FilteredStats {
     pub stats: QueryStats,
 }
 
+/// Latency and recall under an attribute filter (`attr.tier` or `attr.brand`).
+#[derive(Debug, Clone, Serialize)]
+pub struct AttributeFilteredStats {
+    /// `tier` (independent of the vectors) or `brand` (whole clusters).
+    pub attribute: String,
+    pub selectivity: f64,
+    pub fraction: f64,
+    #[serde(flatten)]
+    pub stats: QueryStats,
+}
+
 /// The JSON line `tandem bench ann` prints.
 #[derive(Debug, Clone, Serialize)]
 pub struct AnnBenchReport {
@@ -68,6 +86,8 @@ pub struct AnnBenchReport {
     pub unfiltered: QueryStats,
     /// One entry per requested selectivity.
     pub filtered: Vec<FilteredStats>,
+    /// Per requested selectivity, an attribute filter on `tier` and one on `brand`.
+    pub attribute_filtered: Vec<AttributeFilteredStats>,
     /// Milliseconds from the start of a single-item upsert until a search finds it.
     pub upsert_visible_ms: f64,
     /// Resident memory after the build, before the exact oracle is built (MB).
@@ -112,6 +132,40 @@ impl Generator {
         format!("c{c:03}")
     }
 
+    /// The `tier` of item `i`: one of 100, spread evenly and independently of the category.
+    pub fn tier_of(i: usize) -> usize {
+        (i / CLUSTERS * 37 + i * 7) % 100
+    }
+
+    pub fn tier(t: usize) -> String {
+        format!("t{t:02}")
+    }
+
+    /// The `brand` of the items of category `c`.
+    pub fn brand(c: usize) -> String {
+        format!("b{c:03}")
+    }
+
+    /// A filter keeping about `fraction` of the items by an attribute (`tier` or `brand`),
+    /// and the fraction it keeps of `n` items.
+    pub fn attribute_filter(attribute: &str, fraction: f64, n: usize) -> (Filter, f64) {
+        let values = ((fraction * 100.0).round() as usize).clamp(1, 100);
+        let (names, kept): (Vec<String>, usize) = if attribute == "brand" {
+            (
+                (0..values).map(Self::brand).collect(),
+                (0..n).filter(|i| i % CLUSTERS < values).count(),
+            )
+        } else {
+            (
+                (0..values).map(Self::tier).collect(),
+                (0..n).filter(|&i| Self::tier_of(i) < values).count(),
+            )
+        };
+        let mut filter = Filter::default();
+        filter.attributes.any.insert(attribute.to_string(), names);
+        (filter, kept as f64 / n.max(1) as f64)
+    }
+
     fn near(&self, rng: &mut StdRng, c: usize) -> Vec<f32> {
         unit(
             self.centres[c]
@@ -138,6 +192,14 @@ impl Generator {
                     popularity: 0.0,
                     tags: Vec::new(),
                     year: None,
+                    attributes: [
+                        (
+                            "tier".to_string(),
+                            AttrValue::Text(Self::tier(Self::tier_of(i))),
+                        ),
+                        ("brand".to_string(), AttrValue::Text(Self::brand(c))),
+                    ]
+                    .into(),
                 },
             }
         })
@@ -259,6 +321,14 @@ pub async fn run(
     for (_, f) in &filters {
         filtered_runs.push(run_queries(index, &queries, f).await?);
     }
+    let mut attribute_runs = Vec::new();
+    for &selectivity in &params.filter_selectivity {
+        for attribute in ["tier", "brand"] {
+            let (f, fraction) = Generator::attribute_filter(attribute, selectivity, params.items);
+            let run = run_queries(index, &queries, &f).await?;
+            attribute_runs.push((attribute, selectivity, fraction, f, run));
+        }
+    }
 
     // Single-item upsert visibility.
     let probe = IndexPoint {
@@ -273,6 +343,7 @@ pub async fn run(
             popularity: 0.0,
             tags: Vec::new(),
             year: None,
+            attributes: Default::default(),
         },
     };
     let probe_filter = Filter {
@@ -335,6 +406,15 @@ pub async fn run(
             stats: stats(&found, &truth(f)?, ms),
         });
     }
+    let mut attribute_filtered = Vec::new();
+    for (attribute, selectivity, fraction, f, (found, ms)) in attribute_runs {
+        attribute_filtered.push(AttributeFilteredStats {
+            attribute: attribute.to_string(),
+            selectivity,
+            fraction,
+            stats: stats(&found, &truth(&f)?, ms),
+        });
+    }
     let (_, peak_rss_mb) = rss_mb();
     Ok(AnnBenchReport {
         backend: backend.to_string(),
@@ -347,6 +427,7 @@ pub async fn run(
         finalize_secs: build.finalize_secs,
         unfiltered,
         filtered,
+        attribute_filtered,
         upsert_visible_ms,
         serving_rss_mb,
         peak_rss_mb,

@@ -527,8 +527,16 @@ impl CategoryBlocks {
     }
 
     /// The exact `k` best points passing `filter` (which includes at least one category),
-    /// as (point id, cosine score), best first. `q` is normalised by the caller.
-    pub fn search(&self, q: &[f32], filter: &Filter, k: usize) -> Vec<(Uuid, f32)> {
+    /// as (point id, cosine score), best first. `q` is normalised by the caller. Rows carry
+    /// no attributes: `attributes_pass` answers the filter's attribute conditions (the
+    /// caller looks the payload up), for the rows good enough to keep only.
+    pub fn search(
+        &self,
+        q: &[f32],
+        filter: &Filter,
+        k: usize,
+        attributes_pass: Option<&(dyn Fn(&Uuid) -> bool + Sync)>,
+    ) -> Vec<(Uuid, f32)> {
         let rf = RowFilter {
             available_only: filter.available_only,
             price_min: filter.price_min.unwrap_or(f32::NEG_INFINITY),
@@ -572,7 +580,11 @@ impl CategoryBlocks {
                 );
                 // The row's fields are read only for a score good enough to keep.
                 for &(j, s) in &passed {
-                    if s >= approx.floor && rf.fields_pass(&rows[j]) && rf.lookups_pass(&rows[j]) {
+                    if s >= approx.floor
+                        && rf.fields_pass(&rows[j])
+                        && rf.lookups_pass(&rows[j])
+                        && attributes_pass.is_none_or(|pass| pass(&rows[j].id))
+                    {
                         approx.push(s, first + j);
                     }
                 }
@@ -625,6 +637,7 @@ mod tests {
                 popularity: 0.0,
                 tags: Vec::new(),
                 year: None,
+                attributes: Default::default(),
             },
         }
     }
@@ -653,7 +666,7 @@ mod tests {
             point("c", &["y"], [0.0, 1.0], None),
             point("d", &["z"], [1.0, 0.01], None),
         ]);
-        let hits = b.search(&[1.0, 0.0], &cats(&["x", "y"]), 10);
+        let hits = b.search(&[1.0, 0.0], &cats(&["x", "y"]), 10, None);
         assert_eq!(ids(&hits), vec![pid("a"), pid("b"), pid("c")]);
         assert_eq!(b.rows_to_scan(&cats(&["x", "y", "x"])), Some(4));
         assert_eq!(b.rows_to_scan(&Filter::default()), None);
@@ -669,14 +682,17 @@ mod tests {
         // "a" moves to category y.
         b.upsert(&[point("a", &["y"], [1.0, 0.0], Some(10.0))]);
         assert_eq!(
-            ids(&b.search(&[1.0, 0.0], &cats(&["x"]), 10)),
+            ids(&b.search(&[1.0, 0.0], &cats(&["x"]), 10, None)),
             vec![pid("b")]
         );
         let cheap = Filter {
             price_max: Some(15.0),
             ..cats(&["x", "y"])
         };
-        assert_eq!(ids(&b.search(&[1.0, 0.0], &cheap, 10)), vec![pid("a")]);
+        assert_eq!(
+            ids(&b.search(&[1.0, 0.0], &cheap, 10, None)),
+            vec![pid("a")]
+        );
         b.patch(
             &pid("a"),
             &PayloadPatch {
@@ -688,9 +704,9 @@ mod tests {
             available_only: true,
             ..cats(&["x", "y"])
         };
-        assert_eq!(ids(&b.search(&[1.0, 0.0], &live, 10)), vec![pid("b")]);
+        assert_eq!(ids(&b.search(&[1.0, 0.0], &live, 10, None)), vec![pid("b")]);
         b.delete([pid("b")]);
-        assert!(b.search(&[1.0, 0.0], &live, 10).is_empty());
+        assert!(b.search(&[1.0, 0.0], &live, 10, None).is_empty());
         assert!(b.vector(&pid("a")).is_some());
         assert!(b.vector(&pid("b")).is_none());
     }
@@ -708,7 +724,7 @@ mod tests {
             exclude_items: vec![ItemId::parse("a").unwrap()],
             ..cats(&["x"])
         };
-        assert_eq!(ids(&b.search(&[1.0, 0.0], &f, 10)), vec![pid("c")]);
+        assert_eq!(ids(&b.search(&[1.0, 0.0], &f, 10, None)), vec![pid("c")]);
     }
 
     #[test]
@@ -747,7 +763,7 @@ mod tests {
 
     fn assert_exact(b: &CategoryBlocks, points: &[IndexPoint], q: &[f32], k: usize) {
         let want = brute_force(points, q, k);
-        let hits = b.search(q, &cats(&["x"]), k);
+        let hits = b.search(q, &cats(&["x"]), k, None);
         assert_eq!(ids(&hits), ids(&want));
         for ((_, got), (_, want)) in hits.iter().zip(&want) {
             assert!((got - want).abs() < 1e-5, "scores are the f32 ones");

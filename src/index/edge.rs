@@ -27,19 +27,19 @@ use super::payloads::{self, PayloadStore, F_AVAILABLE, F_CATEGORIES, F_CREATED_A
 use super::plan::{Plan, PlanConfig};
 use super::validate::{check_dim, check_points, check_query, check_version_name, normalized};
 use super::{Hit, IndexError, IndexPoint, Payload, PayloadPatch, ScrollPage, VectorIndex};
-use crate::domain::{point_id, Filter, ItemId};
+use crate::domain::{point_id, AttrFilter, Filter, ItemId};
 use async_trait::async_trait;
 use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 use qdrant_edge::external::ordered_float::OrderedFloat;
 use qdrant_edge::{
     BoolIndexParams, Condition, CountRequest, CreateIndex, Distance, EdgeConfig,
     EdgeOptimizersConfig, EdgeShard, EdgeVectorParams, FieldCondition, FieldIndexOperations,
-    FloatIndexParams, HasIdCondition, HnswIndexConfig, IntegerIndexParams, JsonPath,
-    KeywordIndexParams, Match, NamedQuery, PayloadFieldSchema, PayloadOps, PayloadSchemaParams,
-    PointId, PointInsertOperations, PointOperations, PointStruct, QuantizationConfig,
-    QuantizationSearchParams, QueryEnum, QueryRequest, Range, ScalarQuantizationConfig, ScalarType,
-    ScoringQuery, ScrollRequest, SearchParams, SetPayloadOp, UpdateOperation, VectorStructInternal,
-    WithPayloadInterface, WithVector,
+    FloatIndexParams, HasIdCondition, HnswIndexConfig, IntegerIndexParams, IsEmptyCondition,
+    JsonPath, KeywordIndexParams, Match, NamedQuery, PayloadFieldSchema, PayloadOps,
+    PayloadSchemaParams, PointId, PointInsertOperations, PointOperations, PointStruct,
+    QuantizationConfig, QuantizationSearchParams, QueryEnum, QueryRequest, Range,
+    ScalarQuantizationConfig, ScalarType, ScoringQuery, ScrollRequest, SearchParams, SetPayloadOp,
+    UpdateOperation, VectorStructInternal, WithPayloadInterface, WithVector,
 };
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -86,6 +86,9 @@ pub struct EdgeOptions {
     /// engine; 0 turns the blocks off (and saves their memory: up to 5 × dim + 4 bytes per
     /// point).
     pub scan_max_points: usize,
+    /// Attribute names that get payload indexes in collections created from now on
+    /// (`[catalog] filterable` with `region` and `language`).
+    pub filterable: Vec<String>,
 }
 
 impl Default for EdgeOptions {
@@ -99,6 +102,7 @@ impl Default for EdgeOptions {
             indexing_threads: 0,
             quantization: true,
             scan_max_points: 200_000,
+            filterable: crate::config::CatalogSettings::default().indexed_names(),
         }
     }
 }
@@ -450,6 +454,7 @@ impl Collection {
         k: usize,
         plan: Plan,
         cfg: &PlanConfig,
+        exact: bool,
     ) -> Result<Vec<(Uuid, f32)>, IndexError> {
         // An exact plan asks for a plain scan by cardinality rather than with `exact: true`,
         // which would ignore the quantized vectors. The planner picks it for sets of at most
@@ -471,7 +476,7 @@ impl Collection {
             offset: 0,
             params: Some(SearchParams {
                 hnsw_ef: Some(ef),
-                exact: false,
+                exact,
                 quantization: Some(QuantizationSearchParams {
                     ignore: false,
                     rescore: Some(true),
@@ -535,7 +540,15 @@ impl Collection {
         if blocks.rows_to_scan(filter)? > max_points {
             return None;
         }
-        Some(blocks.search(&normalized(q), filter, k))
+        let attrs = &filter.attributes;
+        let attributes_pass = |id: &Uuid| {
+            self.payloads
+                .get(id)
+                .is_some_and(|p| attrs.matches(&p.attributes))
+        };
+        let check: Option<&(dyn Fn(&Uuid) -> bool + Sync)> =
+            (!attrs.is_empty()).then_some(&attributes_pass);
+        Some(blocks.search(&normalized(q), filter, k, check))
     }
 
     fn planned_search(
@@ -552,8 +565,13 @@ impl Collection {
             _ => None,
         };
         let plan = cfg.plan(total, estimate, filter.include_categories.len(), k);
+        // An attribute filter keeping up to `attr_exact_max_points` is scanned exactly
+        // (see `PlanConfig::attr_exact_max_points`).
+        let exact = !filter.attributes.is_empty()
+            && matches!(plan, Plan::Graph { .. })
+            && estimate.is_some_and(|e| e <= cfg.attr_exact_max_points);
         if plan != Plan::PerCategory {
-            return self.query(q, edge_filter, k, plan, cfg);
+            return self.query(q, edge_filter, k, plan, cfg, exact);
         }
         // One search per category, each planned by its own cardinality, run in parallel on
         // the rayon pool and merged by best score (an item in two included categories is
@@ -569,7 +587,10 @@ impl Collection {
                 let f = to_edge_filter(&one).expect("a category filter is not empty");
                 let est = self.count_estimate(&f)?;
                 let p = cfg.plan(total, Some(est), 1, k);
-                self.query(q, Some(f), k, p, cfg)
+                let exact = !filter.attributes.is_empty()
+                    && matches!(p, Plan::Graph { .. })
+                    && est <= cfg.attr_exact_max_points;
+                self.query(q, Some(f), k, p, cfg, exact)
             })
             .collect::<Result<_, _>>()?;
         let mut best: HashMap<Uuid, f32> = HashMap::new();
@@ -711,6 +732,7 @@ fn counts_something(f: &Filter) -> bool {
         || f.price_min.is_some()
         || f.price_max.is_some()
         || f.created_after.is_some()
+        || !f.attributes.is_empty()
 }
 
 fn key(name: &str) -> JsonPath {
@@ -762,6 +784,7 @@ fn to_edge_filter(f: &Filter) -> Option<qdrant_edge::Filter> {
             },
         )));
     }
+    attribute_conditions(&f.attributes, &mut must, &mut must_not);
     if !f.exclude_items.is_empty() {
         let ids: HasIdCondition = f
             .exclude_items
@@ -781,14 +804,73 @@ fn to_edge_filter(f: &Filter) -> Option<qdrant_edge::Filter> {
     })
 }
 
+/// The attribute conditions as engine conditions, on the keyword and number fields that
+/// `payloads::to_json` writes.
+fn attribute_conditions(a: &AttrFilter, must: &mut Vec<Condition>, must_not: &mut Vec<Condition>) {
+    let any_of = |name: &str, values: &[String]| {
+        Condition::Field(FieldCondition::new_match(
+            key(&payloads::attr_keyword_path(name)),
+            Match::from(values.to_vec()),
+        ))
+    };
+    for (name, values) in &a.any {
+        must.push(any_of(name, values));
+    }
+    for (name, values) in &a.none {
+        must_not.push(any_of(name, values));
+    }
+    for (name, values) in &a.any_or_unset {
+        let unset = Condition::IsEmpty(IsEmptyCondition::from(key(&payloads::attr_keyword_path(
+            name,
+        ))));
+        let mut either = qdrant_edge::Filter::new_should(any_of(name, values));
+        either.should.get_or_insert_with(Vec::new).push(unset);
+        must.push(Condition::Filter(either));
+    }
+    let names: std::collections::BTreeSet<&String> = a.min.keys().chain(a.max.keys()).collect();
+    for name in names {
+        must.push(Condition::Field(FieldCondition::new_range(
+            key(&payloads::attr_number_path(name)),
+            Range {
+                lt: None,
+                gt: None,
+                gte: a.min.get(name).map(|&m| OrderedFloat(m)),
+                lte: a.max.get(name).map(|&m| OrderedFloat(m)),
+            },
+        )));
+    }
+}
+
 /// Payload indexes on the four filterable fields. Only `categories` gets payload-aware HNSW
 /// links: category filters select whole clusters of a trained model's vectors, which is
 /// where the filtered graph needs them. `available` matches nearly every point and prices and
 /// dates are range filters, so links for them would build several more full-size graphs
 /// (at 1M items, most of `optimize()`) for filters that the planner and the payload index
 /// already answer.
-fn payload_index_ops() -> Vec<UpdateOperation> {
+///
+/// Each filterable attribute gets a keyword index on its keywords and a float index on its
+/// number, neither with links: an attribute filter is estimated by its index and then either
+/// scanned exactly (small sets) or searched with a wider beam, as [`super::plan`] decides.
+fn payload_index_ops(filterable: &[String]) -> Vec<UpdateOperation> {
     let no_links = Some(false);
+    let attributes = filterable.iter().flat_map(|name| {
+        [
+            (
+                payloads::attr_keyword_path(name),
+                PayloadSchemaParams::Keyword(KeywordIndexParams {
+                    enable_hnsw: no_links,
+                    ..Default::default()
+                }),
+            ),
+            (
+                payloads::attr_number_path(name),
+                PayloadSchemaParams::Float(FloatIndexParams {
+                    enable_hnsw: no_links,
+                    ..Default::default()
+                }),
+            ),
+        ]
+    });
     [
         (
             F_CATEGORIES,
@@ -819,9 +901,11 @@ fn payload_index_ops() -> Vec<UpdateOperation> {
         ),
     ]
     .into_iter()
+    .map(|(field, params)| (field.to_string(), params))
+    .chain(attributes)
     .map(|(field, params)| {
         UpdateOperation::FieldIndexOperation(FieldIndexOperations::CreateIndex(CreateIndex {
-            field_name: key(field),
+            field_name: key(&field),
             field_schema: Some(PayloadFieldSchema::FieldParams(params)),
         }))
     })
@@ -1048,7 +1132,7 @@ impl VectorIndex for EdgeIndex {
         // Payload indexes come first, so that the graph gets its payload-aware links.
         let indexed = c
             .write(WriteOp::Update {
-                ops: payload_index_ops(),
+                ops: payload_index_ops(&self.opts.filterable),
                 durable: true,
             })
             .await;

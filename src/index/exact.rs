@@ -449,6 +449,7 @@ mod tests {
                 popularity: 0.0,
                 tags: Vec::new(),
                 year: None,
+                attributes: Default::default(),
             },
         };
         c.upsert(vec![

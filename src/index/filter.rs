@@ -62,7 +62,8 @@ impl<'a> CompiledFilter<'a> {
                 return false;
             }
         }
-        self.excluded.is_empty() || !self.excluded.contains(p.item_id.as_str())
+        (self.excluded.is_empty() || !self.excluded.contains(p.item_id.as_str()))
+            && f.attributes.matches(&p.attributes)
     }
 }
 
@@ -74,7 +75,7 @@ pub fn payload_matches(filter: &Filter, p: &Payload) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{Item, ItemId};
+    use crate::domain::{AttrFilter, AttrValue, Item, ItemId};
     use proptest::prelude::*;
 
     const CATS: [&str; 4] = ["a", "b", "c", "d"];
@@ -86,8 +87,9 @@ mod tests {
             any::<bool>(),
             proptest::option::of(0.0f32..20.0),
             proptest::option::of(0i64..20),
+            attributes_strategy(),
         )
-            .prop_map(|(id, cats, available, price, created_at)| Payload {
+            .prop_map(|(id, cats, available, price, created_at, attrs)| Payload {
                 item_id: ItemId::parse(format!("i{id}")).unwrap(),
                 categories: cats.into_iter().map(|c| CATS[c].to_string()).collect(),
                 available,
@@ -97,6 +99,48 @@ mod tests {
                 popularity: 0.0,
                 tags: Vec::new(),
                 year: None,
+                attributes: attrs,
+            })
+    }
+
+    const NAMES: [&str; 3] = ["brand", "region", "size"];
+    const VALUES: [&str; 4] = ["x", "y", "z", "3"];
+
+    fn attributes_strategy() -> impl Strategy<Value = crate::domain::Attributes> {
+        let value = prop_oneof![
+            (0usize..4).prop_map(|v| AttrValue::Text(VALUES[v].into())),
+            proptest::collection::vec(0usize..4, 0..3)
+                .prop_map(|l| AttrValue::List(l.into_iter().map(|v| VALUES[v].into()).collect())),
+            (0u8..6).prop_map(|n| AttrValue::Number(f64::from(n))),
+            any::<bool>().prop_map(AttrValue::Bool),
+        ];
+        proptest::collection::btree_map((0usize..3).prop_map(|n| NAMES[n].to_string()), value, 0..3)
+    }
+
+    fn attr_filter_strategy() -> impl Strategy<Value = AttrFilter> {
+        let names = || (0usize..3).prop_map(|n| NAMES[n].to_string());
+        let values = || {
+            proptest::collection::vec(
+                prop_oneof![
+                    (0usize..4).prop_map(|v| VALUES[v].to_string()),
+                    Just("true".into())
+                ],
+                1..3,
+            )
+        };
+        (
+            proptest::collection::btree_map(names(), values(), 0..2),
+            proptest::collection::btree_map(names(), values(), 0..2),
+            proptest::collection::btree_map(names(), 0.0f64..6.0, 0..2),
+            proptest::collection::btree_map(names(), 0.0f64..6.0, 0..2),
+            proptest::collection::btree_map(names(), values(), 0..2),
+        )
+            .prop_map(|(any, none, min, max, any_or_unset)| AttrFilter {
+                any,
+                none,
+                min,
+                max,
+                any_or_unset,
             })
     }
 
@@ -109,19 +153,23 @@ mod tests {
             proptest::option::of(0.0f32..20.0),
             proptest::option::of(0i64..20),
             proptest::collection::vec(0u8..6, 0..3),
+            attr_filter_strategy(),
         )
-            .prop_map(|(inc, exc, avail, pmin, pmax, after, ex)| Filter {
-                include_categories: inc.into_iter().map(|c| CATS[c].to_string()).collect(),
-                exclude_categories: exc.into_iter().map(|c| CATS[c].to_string()).collect(),
-                available_only: avail,
-                price_min: pmin,
-                price_max: pmax,
-                created_after: after,
-                exclude_items: ex
-                    .into_iter()
-                    .map(|i| ItemId::parse(format!("i{i}")).unwrap())
-                    .collect(),
-            })
+            .prop_map(
+                |(inc, exc, avail, pmin, pmax, after, ex, attributes)| Filter {
+                    include_categories: inc.into_iter().map(|c| CATS[c].to_string()).collect(),
+                    exclude_categories: exc.into_iter().map(|c| CATS[c].to_string()).collect(),
+                    available_only: avail,
+                    price_min: pmin,
+                    price_max: pmax,
+                    created_after: after,
+                    exclude_items: ex
+                        .into_iter()
+                        .map(|i| ItemId::parse(format!("i{i}")).unwrap())
+                        .collect(),
+                    attributes,
+                },
+            )
     }
 
     proptest! {
@@ -133,6 +181,7 @@ mod tests {
             item.available = p.available;
             item.price = p.price;
             item.created_at = p.created_at;
+            item.attributes = p.attributes.clone();
             prop_assert_eq!(payload_matches(&f, &p), f.matches(&item));
         }
     }

@@ -26,6 +26,8 @@ pub struct Payload {
     /// Qdrant server, a new replica loads its catalog from the collection (see `cluster`).
     pub tags: Vec<String>,
     pub year: Option<i32>,
+    /// The item's attributes; filters read them (see `payloads` for how they are stored).
+    pub attributes: crate::domain::Attributes,
 }
 
 /// A vector with its payload, ready to upsert.
@@ -48,6 +50,7 @@ impl Payload {
             popularity,
             tags: item.tags.clone(),
             year: item.year,
+            attributes: item.attributes.clone(),
         }
     }
 
@@ -62,6 +65,7 @@ impl Payload {
             available: self.available,
             year: self.year,
             created_at: self.created_at,
+            attributes: self.attributes.clone(),
         }
     }
 }
@@ -226,10 +230,15 @@ pub async fn open(
             edge::EdgeOptions {
                 indexing_threads: settings.index.indexing_threads,
                 scan_max_points: settings.index.scan_max_points,
+                filterable: settings.catalog.indexed_names(),
                 ..edge::EdgeOptions::default()
             },
         )?),
-        IndexBackend::Qdrant => Arc::new(qdrant::QdrantIndex::connect(&settings.index).await?),
+        IndexBackend::Qdrant => Arc::new(
+            qdrant::QdrantIndex::connect(&settings.index)
+                .await?
+                .with_filterable(settings.catalog.indexed_names()),
+        ),
         IndexBackend::Exact => Arc::new(exact::ExactIndex::new()),
     })
 }

@@ -3,7 +3,7 @@
 //! the engine costs milliseconds per query (QDRANT_EDGE.md, pitfall 7).
 
 use super::{IndexError, Payload, PayloadPatch};
-use crate::domain::{point_id, ItemId};
+use crate::domain::{point_id, Attributes, ItemId};
 use parking_lot::RwLock;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -17,6 +17,24 @@ pub const F_CATEGORIES: &str = "categories";
 pub const F_AVAILABLE: &str = "available";
 pub const F_PRICE: &str = "price";
 pub const F_CREATED_AT: &str = "created_at";
+/// The item's attributes as given (read back into the payload).
+pub const F_ATTRIBUTES: &str = "attributes";
+/// Per attribute, the strings an equality filter compares with ([`crate::domain::AttrValue::keywords`]):
+/// one keyword-indexed field per filterable name, whatever the value's type.
+pub const F_ATTR_KEYWORDS: &str = "attr_kw";
+/// Per numeric attribute, its value: one float-indexed field per filterable name.
+pub const F_ATTR_NUMBERS: &str = "attr_num";
+
+/// The payload path of an attribute's keywords (`attr_kw.brand`). Names are checked to be
+/// `[A-Za-z0-9_]` when items are written, so the path needs no quoting.
+pub fn attr_keyword_path(name: &str) -> String {
+    format!("{F_ATTR_KEYWORDS}.{name}")
+}
+
+/// The payload path of a numeric attribute (`attr_num.size`).
+pub fn attr_number_path(name: &str) -> String {
+    format!("{F_ATTR_NUMBERS}.{name}")
+}
 
 /// The JSON object stored in the engine. Prices are widened to f64 exactly (`f64::from`), and
 /// filter bounds are widened the same way, so `price >= min` gives the same answer in the
@@ -39,6 +57,23 @@ pub fn to_json(p: &Payload) -> Map<String, Value> {
     }
     if let Some(y) = p.year {
         m.insert("year".into(), json!(y));
+    }
+    if !p.attributes.is_empty() {
+        m.insert(F_ATTRIBUTES.into(), json!(p.attributes));
+        let keywords: Map<String, Value> = p
+            .attributes
+            .iter()
+            .map(|(name, v)| (name.clone(), json!(v.keywords())))
+            .collect();
+        let numbers: Map<String, Value> = p
+            .attributes
+            .iter()
+            .filter_map(|(name, v)| Some((name.clone(), json!(v.number()?))))
+            .collect();
+        m.insert(F_ATTR_KEYWORDS.into(), Value::Object(keywords));
+        if !numbers.is_empty() {
+            m.insert(F_ATTR_NUMBERS.into(), Value::Object(numbers));
+        }
     }
     m
 }
@@ -77,6 +112,8 @@ struct Stored {
     tags: Vec<String>,
     #[serde(default)]
     year: Option<i32>,
+    #[serde(default)]
+    attributes: Attributes,
 }
 
 fn yes() -> bool {
@@ -97,6 +134,7 @@ pub fn from_json(m: Map<String, Value>) -> Result<Payload, IndexError> {
         popularity: s.popularity as f32,
         tags: s.tags,
         year: s.year,
+        attributes: s.attributes,
     })
 }
 
@@ -169,6 +207,7 @@ impl PayloadStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::AttrValue;
 
     #[test]
     fn json_round_trip() {
@@ -182,13 +221,28 @@ mod tests {
             popularity: 3.0,
             tags: vec!["classic".into()],
             year: Some(1999),
+            attributes: [
+                ("brand".to_string(), AttrValue::Text("Acme".into())),
+                ("size".to_string(), AttrValue::Number(42.0)),
+                ("promoted".to_string(), AttrValue::Bool(true)),
+                (
+                    "region".to_string(),
+                    AttrValue::List(vec!["eu".into(), "us".into()]),
+                ),
+            ]
+            .into(),
         };
+        let json = to_json(&p);
+        assert_eq!(json[F_ATTR_KEYWORDS]["size"], json!(["42"]));
+        assert_eq!(json[F_ATTR_KEYWORDS]["promoted"], json!(["true"]));
+        assert_eq!(json[F_ATTR_NUMBERS], json!({"size": 42.0}));
         assert_eq!(from_json(to_json(&p)).unwrap(), p);
         let bare = Payload {
             price: None,
             created_at: None,
             tags: Vec::new(),
             year: None,
+            attributes: Attributes::new(),
             ..p
         };
         assert_eq!(from_json(to_json(&bare)).unwrap(), bare);

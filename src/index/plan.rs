@@ -21,6 +21,11 @@ pub struct PlanConfig {
     /// (At 0.5, a filter excluding half the categories missed 3.2-3.8 % of the exact top 10
     /// in `edge_recall_against_exact`, over its 3 % budget; below 0.9 the beam is widened.)
     pub broad_fraction: f64,
+    /// A filter with attribute conditions that keeps at most this many points is searched
+    /// exactly, by the engine's payload index: an attribute can select whole clusters (a
+    /// brand that makes one kind of product), where a filtered graph search loses recall
+    /// and the category blocks cannot help. About 7 ms for 100k of 1M points (BENCHMARKS.md).
+    pub attr_exact_max_points: usize,
 }
 
 impl Default for PlanConfig {
@@ -31,6 +36,7 @@ impl Default for PlanConfig {
             exact_max_points: 20_000,
             fanout_max: 16,
             broad_fraction: 0.9,
+            attr_exact_max_points: 200_000,
         }
     }
 }

@@ -22,7 +22,7 @@ use super::plan::PlanConfig;
 use super::validate::{check_dim, check_points, check_query, check_version_name};
 use super::{Hit, IndexError, IndexPoint, Payload, PayloadPatch, ScrollPage, VectorIndex};
 use crate::config::IndexSettings;
-use crate::domain::{point_id, Filter, ItemId};
+use crate::domain::{point_id, AttrFilter, Filter, ItemId};
 use async_trait::async_trait;
 use parking_lot::RwLock;
 use qdrant_client::qdrant::{
@@ -93,6 +93,8 @@ pub struct QdrantIndex {
     dims: RwLock<HashMap<String, usize>>,
     /// The alias as last resolved; see [`ALIAS_TTL`].
     live: RwLock<Option<LiveAlias>>,
+    /// Attribute names that get payload indexes in collections created from now on.
+    filterable: Vec<String>,
 }
 
 /// Whether an error is worth retrying: the server is briefly unavailable, overloaded or slow.
@@ -158,7 +160,15 @@ impl QdrantIndex {
             thresholds: Thresholds::default(),
             dims: RwLock::new(HashMap::new()),
             live: RwLock::new(None),
+            filterable: crate::config::CatalogSettings::default().indexed_names(),
         })
+    }
+
+    /// Collections created from now on index these attribute names
+    /// (`CatalogSettings::indexed_names`).
+    pub fn with_filterable(mut self, names: Vec<String>) -> Self {
+        self.filterable = names;
+        self
     }
 
     /// Collections created from now on get these thresholds.
@@ -409,6 +419,7 @@ impl QdrantIndex {
         vector: &[f32],
         filter: Option<qdrant_client::qdrant::Filter>,
         k: usize,
+        exact: bool,
     ) -> QueryPoints {
         // The server plans filtered searches itself (a payload-index scan under its
         // full-scan threshold, else the graph, with payload-aware links per category); tandem
@@ -422,6 +433,7 @@ impl QdrantIndex {
             .params(
                 SearchParamsBuilder::default()
                     .hnsw_ef(self.plan.base_ef(k) as u64)
+                    .exact(exact)
                     .quantization(
                         QuantizationSearchParamsBuilder::default()
                             .rescore(true)
@@ -451,9 +463,10 @@ impl QdrantIndex {
         if k == 0 {
             return Ok(Vec::new());
         }
+        let exact = self.attributes_need_exact(name, filter).await?;
         let fan_out = (2..=self.plan.fanout_max).contains(&filter.include_categories.len());
         if !fan_out {
-            let req = self.query_request(name, vector, to_qdrant_filter(filter), k);
+            let req = self.query_request(name, vector, to_qdrant_filter(filter), k, exact);
             let res = self
                 .retry("search", || self.client.query(req.clone()))
                 .await?;
@@ -467,7 +480,7 @@ impl QdrantIndex {
                     include_categories: vec![c.clone()],
                     ..filter.clone()
                 };
-                self.query_request(name, vector, to_qdrant_filter(&one), k)
+                self.query_request(name, vector, to_qdrant_filter(&one), k, exact)
             })
             .collect();
         let batch = QueryBatchPointsBuilder::new(name, requests);
@@ -489,6 +502,27 @@ impl QdrantIndex {
         merged.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.item_id.cmp(&b.item_id)));
         merged.truncate(k);
         Ok(merged)
+    }
+
+    /// Whether a search under `filter` should be exact: it has attribute conditions and
+    /// keeps at most `attr_exact_max_points` points by the server's estimate (one more
+    /// round trip, for attribute filters only). An attribute can select whole clusters,
+    /// where the server's filtered graph search loses recall (see `plan.rs`).
+    async fn attributes_need_exact(&self, name: &str, filter: &Filter) -> Result<bool, IndexError> {
+        if filter.attributes.is_empty() {
+            return Ok(false);
+        }
+        let Some(f) = to_qdrant_filter(filter) else {
+            return Ok(false);
+        };
+        let res = self
+            .retry("count", || {
+                self.client
+                    .count(CountPointsBuilder::new(name).filter(f.clone()).exact(false))
+            })
+            .await?;
+        let estimate = res.result.map(|r| r.count as usize).unwrap_or(0);
+        Ok(estimate <= self.plan.attr_exact_max_points)
     }
 
     /// The stored points of `ids`, in the order of `ids`, [`FETCH_CHUNK`] per request.
@@ -636,6 +670,7 @@ fn to_qdrant_filter(f: &Filter) -> Option<qdrant_client::qdrant::Filter> {
             },
         ));
     }
+    attribute_conditions(&f.attributes, &mut must, &mut must_not);
     if !f.exclude_items.is_empty() {
         must_not.push(Condition::has_id(f.exclude_items.iter().map(pid)));
     }
@@ -647,6 +682,35 @@ fn to_qdrant_filter(f: &Filter) -> Option<qdrant_client::qdrant::Filter> {
         must_not,
         ..Default::default()
     })
+}
+
+/// The attribute conditions, on the keyword and number fields `payloads::to_json` writes (the
+/// same translation as `edge.rs`).
+fn attribute_conditions(a: &AttrFilter, must: &mut Vec<Condition>, must_not: &mut Vec<Condition>) {
+    let any_of = |name: &str, values: &[String]| {
+        Condition::matches(payloads::attr_keyword_path(name), values.to_vec())
+    };
+    for (name, values) in &a.any {
+        must.push(any_of(name, values));
+    }
+    for (name, values) in &a.none {
+        must_not.push(any_of(name, values));
+    }
+    for (name, values) in &a.any_or_unset {
+        let unset = Condition::is_empty(payloads::attr_keyword_path(name));
+        must.push(qdrant_client::qdrant::Filter::should([any_of(name, values), unset]).into());
+    }
+    let names: std::collections::BTreeSet<&String> = a.min.keys().chain(a.max.keys()).collect();
+    for name in names {
+        must.push(Condition::range(
+            payloads::attr_number_path(name),
+            Range {
+                gte: a.min.get(name).copied(),
+                lte: a.max.get(name).copied(),
+                ..Default::default()
+            },
+        ));
+    }
 }
 
 fn json_of(
@@ -745,7 +809,7 @@ impl VectorIndex for QdrantIndex {
         .await?;
         // Payload indexes before any point, so that the graph gets its payload-aware links;
         // as in `edge.rs`, only `categories` gets them.
-        let indexes: [(&str, FieldType, payload_index_params::IndexParams); 4] = [
+        let builtin: [(&str, FieldType, payload_index_params::IndexParams); 4] = [
             (
                 F_CATEGORIES,
                 FieldType::Keyword,
@@ -769,10 +833,32 @@ impl VectorIndex for QdrantIndex {
                     .into(),
             ),
         ];
+        // Each filterable attribute: a keyword index on its keywords, a float index on its
+        // number, no graph links (as in `edge.rs`).
+        let attributes = self.filterable.iter().flat_map(|name| {
+            [
+                (
+                    payloads::attr_keyword_path(name),
+                    FieldType::Keyword,
+                    KeywordIndexParamsBuilder::default()
+                        .enable_hnsw(false)
+                        .into(),
+                ),
+                (
+                    payloads::attr_number_path(name),
+                    FieldType::Float,
+                    FloatIndexParamsBuilder::default().enable_hnsw(false).into(),
+                ),
+            ]
+        });
+        let indexes = builtin
+            .into_iter()
+            .map(|(f, t, p)| (f.to_string(), t, p))
+            .chain(attributes);
         for (field, ty, params) in indexes {
             self.retry("create_field_index", || {
                 self.client.create_field_index(
-                    CreateFieldIndexCollectionBuilder::new(&name, field, ty)
+                    CreateFieldIndexCollectionBuilder::new(&name, &field, ty)
                         .field_index_params(params.clone())
                         .wait(true),
                 )

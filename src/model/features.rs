@@ -286,20 +286,117 @@ pub struct ItemFeatures {
     pub content: Vec<(u32, f32)>,
 }
 
-/// Lower-cased words of a title without its trailing "(1995)", at least two characters long.
+/// Case-folded words of a title without its trailing "(1995)", in any script:
+/// - words are runs of letters and digits (with their combining marks, so that an Arabic or
+///   Hebrew word with vowel marks, or a decomposed "é", stays one word), of at least two
+///   characters;
+/// - marks and the Arabic tatweel are dropped (they are optional in the script), and the
+///   word is case-folded: lower case, Greek final sigma and tonos folded (`ΟΔΥΣΣΕΑΣ` and
+///   `Οδυσσέας` give the same token), `ß` as `ss`;
+/// - Chinese, Japanese and Korean write no spaces between words, so a run of those
+///   characters gives its overlapping character pairs (`星球大战` → 星球, 球大, 大战), or the
+///   character itself when it stands alone.
+///
+/// Titles in Latin script without marks tokenize as they always did, so older checkpoints
+/// see the same tokens for them.
 pub fn title_tokens(title: &str) -> Vec<String> {
     let title = strip_year(title).0;
     let mut out: Vec<String> = Vec::new();
-    for w in title.split(|c: char| !c.is_alphanumeric()) {
-        if w.chars().count() < 2 {
-            continue;
-        }
-        let w = w.to_lowercase();
+    let mut push = |w: String| {
         if !out.contains(&w) {
             out.push(w);
         }
+    };
+    for w in title.split(|c: char| !(c.is_alphanumeric() || is_mark(c))) {
+        let folded = fold_word(w);
+        let chars: Vec<char> = folded.chars().collect();
+        // Runs of CJK and of other characters, each tokenized its own way.
+        let mut start = 0;
+        while start < chars.len() {
+            let cjk = is_cjk(chars[start]);
+            let end = (start..chars.len())
+                .find(|&i| is_cjk(chars[i]) != cjk)
+                .unwrap_or(chars.len());
+            let run = &chars[start..end];
+            if cjk {
+                if run.len() == 1 {
+                    push(run[0].to_string());
+                }
+                for pair in run.windows(2) {
+                    push(pair.iter().collect());
+                }
+            } else if run.len() >= 2 {
+                push(run.iter().collect());
+            }
+            start = end;
+        }
     }
     out
+}
+
+/// Lower case, then the full case folds that lower case leaves out, without marks.
+fn fold_word(w: &str) -> String {
+    let mut out = String::with_capacity(w.len());
+    for c in w.chars().filter(|&c| !is_mark(c) && c != '\u{0640}') {
+        for l in c.to_lowercase() {
+            match l {
+                'ς' => out.push('σ'),
+                'ß' => out.push_str("ss"),
+                'ά' => out.push('α'),
+                'έ' => out.push('ε'),
+                'ή' => out.push('η'),
+                'ί' | 'ϊ' | 'ΐ' => out.push('ι'),
+                'ό' => out.push('ο'),
+                'ύ' | 'ϋ' | 'ΰ' => out.push('υ'),
+                'ώ' => out.push('ω'),
+                l => out.push(l),
+            }
+        }
+    }
+    out
+}
+
+/// Combining marks of the scripts catalogs commonly use (Latin diacritics written apart,
+/// Hebrew points, Arabic harakat, Devanagari signs, Japanese voicing marks) and the joiners
+/// that Persian and Indic text place inside words.
+fn is_mark(c: char) -> bool {
+    matches!(c,
+        '\u{0300}'..='\u{036F}'
+        | '\u{0483}'..='\u{0489}'
+        | '\u{0591}'..='\u{05BD}'
+        | '\u{05BF}' | '\u{05C1}' | '\u{05C2}' | '\u{05C4}' | '\u{05C5}' | '\u{05C7}'
+        | '\u{0610}'..='\u{061A}'
+        | '\u{064B}'..='\u{065F}'
+        | '\u{0670}'
+        | '\u{06D6}'..='\u{06DC}'
+        | '\u{06DF}'..='\u{06E4}'
+        | '\u{06E7}' | '\u{06E8}'
+        | '\u{06EA}'..='\u{06ED}'
+        | '\u{0900}'..='\u{0903}'
+        | '\u{093A}'..='\u{094F}'
+        | '\u{0951}'..='\u{0957}'
+        | '\u{0962}' | '\u{0963}'
+        | '\u{1AB0}'..='\u{1AFF}'
+        | '\u{1DC0}'..='\u{1DFF}'
+        | '\u{200C}' | '\u{200D}'
+        | '\u{20D0}'..='\u{20FF}'
+        | '\u{3099}' | '\u{309A}'
+        | '\u{FE20}'..='\u{FE2F}'
+    )
+}
+
+/// Han ideographs, kana (with the prolonged-sound mark) and Hangul: scripts written without
+/// spaces between words.
+fn is_cjk(c: char) -> bool {
+    matches!(c,
+        '\u{3040}'..='\u{30FF}'
+        | '\u{31F0}'..='\u{31FF}'
+        | '\u{3400}'..='\u{4DBF}'
+        | '\u{4E00}'..='\u{9FFF}'
+        | '\u{F900}'..='\u{FAFF}'
+        | '\u{FF66}'..='\u{FF9F}'
+        | '\u{20000}'..='\u{2FA1F}'
+    )
 }
 
 /// Splits "Heat (1995)" into ("Heat", Some(1995)).
@@ -456,5 +553,67 @@ mod tests {
         assert_eq!(feats.content.len(), 5);
         let cat_weight: f32 = feats.content[..2].iter().map(|(_, w)| w).sum();
         assert!((cat_weight - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn latin_titles_tokenize_as_before() {
+        assert_eq!(
+            title_tokens("The Lord of the Rings: The Two Towers (2002)"),
+            ["the", "lord", "of", "rings", "two", "towers"]
+        );
+        assert_eq!(title_tokens("Amélie (2001)"), ["amélie"]);
+        assert_eq!(title_tokens("WALL·E"), ["wall"]);
+    }
+
+    #[test]
+    fn chinese_and_japanese_titles_give_character_pairs() {
+        assert_eq!(title_tokens("星球大战 (1977)"), ["星球", "球大", "大战"]);
+        // Kanji and kana mixed, the prolonged-sound mark kept inside katakana words, and
+        // the middle dot between words a separator.
+        assert_eq!(
+            title_tokens("千と千尋の神隠し"),
+            ["千と", "と千", "千尋", "尋の", "の神", "神隠", "隠し"]
+        );
+        assert_eq!(
+            title_tokens("スター・ウォーズ"),
+            ["スタ", "ター", "ウォ", "ォー", "ーズ"]
+        );
+        // A lone ideograph is a word; a CJK run next to Latin letters splits from them.
+        assert_eq!(title_tokens("猫 Cat"), ["猫", "cat"]);
+        assert_eq!(title_tokens("東京Story"), ["東京", "story"]);
+        // Full-width digits are digits.
+        assert_eq!(title_tokens("ＡＢ１２"), ["ａｂ１２"]);
+    }
+
+    #[test]
+    fn greek_titles_fold_case_sigma_and_tonos() {
+        let upper = title_tokens("Η ΟΔΥΣΣΕΙΑ ΤΟΥ ΟΔΥΣΣΕΑ");
+        let lower = title_tokens("η Οδύσσεια του Οδυσσέα");
+        assert_eq!(upper, ["οδυσσεια", "του", "οδυσσεα"]);
+        assert_eq!(upper, lower);
+        // Final sigma folds to σ, so a word ends the same however it is cased.
+        assert_eq!(title_tokens("ΚΟΣΜΟΣ"), title_tokens("κόσμος"));
+        assert_eq!(title_tokens("κόσμος"), ["κοσμοσ"]);
+    }
+
+    #[test]
+    fn arabic_titles_keep_words_whole_without_marks() {
+        // With harakat (vowel marks) and tatweel the words are the same as without them.
+        let plain = title_tokens("الملك الأسد");
+        assert_eq!(plain, ["الملك", "الأسد"]);
+        assert_eq!(title_tokens("المَلِك الأَسَد"), plain);
+        assert_eq!(title_tokens("المـلك الأسد"), plain);
+        // Arabic-Indic digits are digits.
+        assert_eq!(title_tokens("رقم ١٢"), ["رقم", "١٢"]);
+    }
+
+    #[test]
+    fn casefolding_is_unicode_aware() {
+        assert_eq!(title_tokens("STRASSE Straße"), ["strasse"]);
+        assert_eq!(title_tokens("ÉCOLE école"), ["école"]);
+        // A decomposed é (e + U+0301) stays one word, folded like the precomposed one
+        // without its mark.
+        assert_eq!(title_tokens("Cafe\u{301} Noir"), ["cafe", "noir"]);
+        assert_eq!(title_tokens("ПРИВЕТ привет"), ["привет"]);
     }
 }
