@@ -56,21 +56,46 @@ pub async fn authorize_catalog_write(
             format!("catalog writes are disabled: set the {ADMIN_KEY_ENV} environment variable to a secret and send it in the X-API-Key header"),
         );
     };
+    match wrong_key(&want, &req, "catalog writes need") {
+        Some(refused) => refused,
+        None => next.run(req).await,
+    }
+}
+
+/// The Gorse-compatible API (`/api/...`): once a key is configured every call needs it in
+/// `X-API-Key` (401 without it or with a wrong one), as Gorse does with its `api_key`; with
+/// no key configured it is open, except for its catalog writes, which keep the rule above.
+pub async fn authorize_if_configured(
+    State(key): State<CatalogKey>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let refused = key
+        .digest
+        .and_then(|want| wrong_key(&want, &req, "the Gorse API (/api) needs"));
+    match refused {
+        Some(refused) => refused,
+        None => next.run(req).await,
+    }
+}
+
+/// The 401 for a missing or wrong key; `None` when it is right.
+fn wrong_key(want: &[u8; 32], req: &Request, what: &str) -> Option<Response> {
     let Some(given) = req.headers().get(API_KEY_HEADER) else {
-        return refuse(
+        return Some(refuse(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            "catalog writes need the X-API-Key header".into(),
-        );
+            format!("{what} the X-API-Key header"),
+        ));
     };
     let given: [u8; 32] = Sha256::digest(given.as_bytes()).into();
-    if bool::from(given.ct_eq(&want)) {
-        next.run(req).await
+    if bool::from(given.ct_eq(want)) {
+        None
     } else {
-        refuse(
+        Some(refuse(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "wrong X-API-Key".into(),
-        )
+        ))
     }
 }
