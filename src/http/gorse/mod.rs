@@ -133,6 +133,16 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/latest/", get(latest))
         .route("/latest/{category}", get(latest_in))
         .route_layer(api_key)
+        // The extractors' own rejections (a path segment that is not UTF-8) are tandem's
+        // 422: Gorse answers bad input with 400.
+        .route_layer(axum::middleware::map_response(gorse_status))
+}
+
+async fn gorse_status(mut r: Response) -> Response {
+    if r.status() == StatusCode::UNPROCESSABLE_ENTITY {
+        *r.status_mut() = StatusCode::BAD_REQUEST;
+    }
+    r
 }
 
 // ---- query parameters -------------------------------------------------------------------
@@ -152,10 +162,10 @@ fn n_offset(q: &QueryPairs) -> GResult<(usize, usize)> {
     let offset = q
         .parse::<usize>("offset", "a non-negative integer")?
         .unwrap_or(0);
-    if n + offset > MAX_K as usize {
+    if n.saturating_add(offset) > MAX_K as usize {
         return Err(invalid(
             "offset",
-            format!("n + offset must be at most {MAX_K}, got {}", n + offset),
+            format!("n + offset must be at most {MAX_K}, got {n} + {offset}"),
         ));
     }
     Ok((n, offset))
@@ -909,6 +919,7 @@ pub async fn list_feedback(
     responses(
         (status = 200, body = Vec<GorseFeedback>),
         (status = 400, body = ErrorBody),
+        (status = 404, description = "no route: an empty path segment", body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
         (status = 503, body = ErrorBody),
     ))]
@@ -933,6 +944,7 @@ pub async fn user_feedback_of_type(
     responses(
         (status = 200, body = Vec<GorseFeedback>),
         (status = 400, body = ErrorBody),
+        (status = 404, description = "no route: an empty path segment", body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
         (status = 503, body = ErrorBody),
     ))]
@@ -983,6 +995,7 @@ async fn remove_feedback(
     responses(
         (status = 200, body = Vec<GorseFeedback>),
         (status = 400, body = ErrorBody),
+        (status = 404, description = "no route: an empty path segment", body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
         (status = 503, body = ErrorBody),
     ))]
@@ -999,6 +1012,7 @@ pub async fn get_feedback_pair(
     responses(
         (status = 200, body = RowAffected),
         (status = 400, body = ErrorBody),
+        (status = 404, description = "no route: an empty path segment", body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
         (status = 503, body = ErrorBody),
     ))]
@@ -1037,6 +1051,7 @@ pub async fn get_feedback_typed(
     responses(
         (status = 200, body = RowAffected),
         (status = 400, body = ErrorBody),
+        (status = 404, description = "no route: an empty path segment", body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
         (status = 503, body = ErrorBody),
     ))]
@@ -1108,6 +1123,7 @@ fn wants_scores(headers: &HeaderMap) -> bool {
     responses(
         (status = 200, body = RecommendBody),
         (status = 400, body = ErrorBody),
+        (status = 404, description = "no route: an empty path segment", body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
         (status = 503, body = ErrorBody),
     ))]
@@ -1132,6 +1148,7 @@ pub async fn recommend(
     responses(
         (status = 200, body = RecommendBody),
         (status = 400, body = ErrorBody),
+        (status = 404, description = "no route: an empty path segment", body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
         (status = 503, body = ErrorBody),
     ))]
@@ -1161,6 +1178,13 @@ async fn recommend_for(
         Some(d) => parse_go_duration(d, "write-back-delay")?,
         None => 0,
     };
+    let max_ms = (s.settings.session.max_future_secs as i64).saturating_mul(1000);
+    if !(0..=max_ms).contains(&delay_ms) {
+        return Err(invalid(
+            "write-back-delay",
+            format!("must be at most session.max_future_secs ({} s)", max_ms / 1000),
+        ));
+    }
     // What the user gave feedback on is not recommended again (Gorse's rule), newest first
     // up to the filter's bound.
     let mut seen = s.users.user_feedback(&user).await?;
@@ -1226,6 +1250,7 @@ pub async fn session_recommend(
     responses(
         (status = 200, body = Vec<Scored>),
         (status = 400, body = ErrorBody),
+        (status = 404, description = "no route: an empty path segment", body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
         (status = 413, body = ErrorBody),
         (status = 415, description = "the body is not sent as application/json", body = ErrorBody),
@@ -1361,6 +1386,7 @@ pub async fn popular(
     responses(
         (status = 200, body = Vec<Scored>),
         (status = 400, body = ErrorBody),
+        (status = 404, description = "no route: an empty path segment", body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
     ))]
 pub async fn popular_in(
@@ -1402,6 +1428,7 @@ pub async fn latest(State(s): State<AppState>, q: QueryPairs) -> GResult<Json<Ve
     responses(
         (status = 200, body = Vec<Scored>),
         (status = 400, body = ErrorBody),
+        (status = 404, description = "no route: an empty path segment", body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
     ))]
 pub async fn latest_in(

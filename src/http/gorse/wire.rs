@@ -162,12 +162,28 @@ pub struct Scored {
 }
 
 /// `GET /api/recommend/...`: item ids, or with `X-API-Version: 2` ids and scores.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum RecommendBody {
     Ids(Vec<String>),
     Scored(Vec<Scored>),
 }
+
+/// Either list, as `anyOf`: an empty list is both, which a derived `oneOf` would refuse.
+impl utoipa::PartialSchema for RecommendBody {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{AnyOfBuilder, ArrayBuilder, ObjectBuilder, Type};
+        AnyOfBuilder::new()
+            .item(ArrayBuilder::new().items(ObjectBuilder::new().schema_type(Type::String)))
+            .item(ArrayBuilder::new().items(<Scored as utoipa::PartialSchema>::schema()))
+            .description(Some(
+                "item ids; with `X-API-Version: 2` objects with the id and its score",
+            ))
+            .into()
+    }
+}
+
+impl ToSchema for RecommendBody {}
 
 /// A page of items; `Cursor` is empty on the last page.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
