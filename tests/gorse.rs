@@ -180,7 +180,7 @@ async fn gorse_items_map_onto_the_catalog_and_pages_visit_each_once() {
         .call("POST", "/api/items", Some(json!([{"ItemId": "ok"}, {"ItemId": "x", "Labels": ["\u{7}"]}])))
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
-    assert_eq!(err["field"], "items[1].Labels");
+    assert_eq!(err["field"], "items[1].Labels[0]");
     let (status, err) = g.call("GET", "/api/items?n=0", None).await;
     assert_eq!((status, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("n")));
     g.app.stop().await;
