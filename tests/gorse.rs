@@ -142,16 +142,26 @@ async fn gorse_items_map_onto_the_catalog_and_pages_visit_each_once() {
         .await;
     let (_, v1) = g.app.get("/v1/items/g-1").await;
     assert_eq!(v1["available"], false);
-    g.ok("PATCH", "/api/item/g-1", Some(json!({"Comment": "Renamed"})))
-        .await;
+    g.ok(
+        "PATCH",
+        "/api/item/g-1",
+        Some(json!({"Comment": "Renamed"})),
+    )
+    .await;
     let got = g.ok("GET", "/api/item/g-1", None).await;
-    assert_eq!((got["Comment"].as_str(), got["IsHidden"].as_bool()), (Some("Renamed"), Some(true)));
+    assert_eq!(
+        (got["Comment"].as_str(), got["IsHidden"].as_bool()),
+        (Some("Renamed"), Some(true))
+    );
 
     // A batch, then paging: every item exactly once, in pages of 7.
     let batch: Vec<Value> = (2..=4)
         .map(|i| json!({"ItemId": format!("g-{i}"), "Categories": ["Gorse-Only"], "Timestamp": ""}))
         .collect();
-    assert_eq!(g.ok("POST", "/api/items", Some(json!(batch))).await["RowAffected"], 3);
+    assert_eq!(
+        g.ok("POST", "/api/items", Some(json!(batch))).await["RowAffected"],
+        3
+    );
     let paged = g.all_item_ids(7).await;
     let unique_ids: HashSet<&String> = paged.iter().collect();
     let (_, ready) = g.app.get("/readyz").await;
@@ -161,28 +171,56 @@ async fn gorse_items_map_onto_the_catalog_and_pages_visit_each_once() {
     // gorsejs sends the cursor as `Cursor`.
     let first = g.ok("GET", "/api/items?n=2", None).await;
     let cursor = first["Cursor"].as_str().unwrap();
-    let second = g.ok("GET", &format!("/api/items?n=2&Cursor={cursor}"), None).await;
-    assert_eq!(second["Items"][0]["ItemId"].as_str(), Some(paged[2].as_str()));
+    let second = g
+        .ok("GET", &format!("/api/items?n=2&Cursor={cursor}"), None)
+        .await;
+    assert_eq!(
+        second["Items"][0]["ItemId"].as_str(),
+        Some(paged[2].as_str())
+    );
 
     // Deleted: 404 from then on.
-    assert_eq!(g.ok("DELETE", "/api/item/g-2", None).await["RowAffected"], 1);
-    assert_eq!(g.call("GET", "/api/item/g-2", None).await.0, StatusCode::NOT_FOUND);
-    assert_eq!(g.call("DELETE", "/api/item/g-2", None).await.0, StatusCode::NOT_FOUND);
-    assert_eq!(g.call("GET", "/api/item/nope", None).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        g.ok("DELETE", "/api/item/g-2", None).await["RowAffected"],
+        1
+    );
+    assert_eq!(
+        g.call("GET", "/api/item/g-2", None).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        g.call("DELETE", "/api/item/g-2", None).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        g.call("GET", "/api/item/nope", None).await.0,
+        StatusCode::NOT_FOUND
+    );
 
     // Bad input: Gorse's 400, naming the field in Gorse's terms.
     let (status, err) = g
-        .call("POST", "/api/item", Some(json!({"ItemId": "g-9", "Timestamp": "soon"})))
+        .call(
+            "POST",
+            "/api/item",
+            Some(json!({"ItemId": "g-9", "Timestamp": "soon"})),
+        )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
     assert_eq!(err["field"], "item.Timestamp");
     let (status, err) = g
-        .call("POST", "/api/items", Some(json!([{"ItemId": "ok"}, {"ItemId": "x", "Labels": ["\u{7}"]}])))
+        .call(
+            "POST",
+            "/api/items",
+            Some(json!([{"ItemId": "ok"}, {"ItemId": "x", "Labels": ["\u{7}"]}])),
+        )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
     assert_eq!(err["field"], "items[1].Labels[0]");
     let (status, err) = g.call("GET", "/api/items?n=0", None).await;
-    assert_eq!((status, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("n")));
+    assert_eq!(
+        (status, err["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("n"))
+    );
     g.app.stop().await;
 }
 
@@ -208,28 +246,49 @@ async fn gorse_recommendations_keep_to_the_category_and_never_show_hidden_or_see
     let v = g.ok("POST", "/api/feedback", Some(json!(feedback))).await;
     assert_eq!(v["RowAffected"], 3);
     // The user was inserted with the feedback, as Gorse does.
-    assert_eq!(g.ok("GET", "/api/user/alice", None).await["UserId"], "alice");
+    assert_eq!(
+        g.ok("GET", "/api/user/alice", None).await["UserId"],
+        "alice"
+    );
     assert_eq!(g.source("alice").await, "personal");
 
     // By category, with scores (X-API-Version: 2): only that category.
     let path = format!("/api/recommend/alice/{category}?n=10");
     let (status, recs) = g
-        .call_with("GET", &path, None, &[("x-api-key", KEY), ("X-API-Version", "2")])
+        .call_with(
+            "GET",
+            &path,
+            None,
+            &[("x-api-key", KEY), ("X-API-Version", "2")],
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{recs}");
     assert!(!recs.as_array().unwrap().is_empty());
     assert!(recs[0]["Score"].is_number());
     for id in ids(&recs) {
-        assert!(g.categories_of(&id).await.contains(&category), "{id} is not in {category}");
-        assert!(!liked.contains(&&id), "{id} was given feedback and came back");
+        assert!(
+            g.categories_of(&id).await.contains(&category),
+            "{id} is not in {category}"
+        );
+        assert!(
+            !liked.contains(&&id),
+            "{id} was given feedback and came back"
+        );
     }
 
     // Hide the first recommendation: it never comes back, from any list.
     let plain = g.ok("GET", "/api/recommend/alice/?n=10", None).await;
     let hidden = ids(&plain)[0].clone();
-    assert!(plain[0].is_string(), "without X-API-Version: 2 the answer is ids");
-    g.ok("PATCH", &format!("/api/item/{hidden}"), Some(json!({"IsHidden": true})))
-        .await;
+    assert!(
+        plain[0].is_string(),
+        "without X-API-Version: 2 the answer is ids"
+    );
+    g.ok(
+        "PATCH",
+        &format!("/api/item/{hidden}"),
+        Some(json!({"IsHidden": true})),
+    )
+    .await;
     for path in [
         "/api/recommend/alice?n=50".to_string(),
         format!("/api/recommend/alice/{category}?n=50"),
@@ -249,7 +308,10 @@ async fn gorse_recommendations_keep_to_the_category_and_never_show_hidden_or_see
         let v = g.ok("GET", &path, None).await;
         assert!(!ids(&v).is_empty(), "{path} is empty");
         for id in ids(&v) {
-            assert!(g.categories_of(&id).await.contains(&category), "{path}: {id}");
+            assert!(
+                g.categories_of(&id).await.contains(&category),
+                "{path}: {id}"
+            );
         }
     }
     // Offsets page the ranked lists.
@@ -258,7 +320,9 @@ async fn gorse_recommendations_keep_to_the_category_and_never_show_hidden_or_see
     assert_eq!(&ten[5..], &tail[..]);
 
     // write-back-type: what was returned is recorded as that feedback, and not returned again.
-    let first = ids(&g.ok("GET", "/api/recommend/alice?n=5&write-back-type=read", None).await);
+    let first = ids(&g
+        .ok("GET", "/api/recommend/alice?n=5&write-back-type=read", None)
+        .await);
     let read = g.ok("GET", "/api/user/alice/feedback/read", None).await;
     let read_ids: HashSet<String> = read
         .as_array()
@@ -268,7 +332,10 @@ async fn gorse_recommendations_keep_to_the_category_and_never_show_hidden_or_see
         .collect();
     assert_eq!(read_ids, first.iter().cloned().collect());
     let next = ids(&g.ok("GET", "/api/recommend/alice?n=20", None).await);
-    assert!(first.iter().all(|i| !next.contains(i)), "written-back items came back");
+    assert!(
+        first.iter().all(|i| !next.contains(i)),
+        "written-back items came back"
+    );
 
     // Session recommendations: from the given feedback, never one of its items.
     let session = g
@@ -280,7 +347,10 @@ async fn gorse_recommendations_keep_to_the_category_and_never_show_hidden_or_see
         .await;
     assert_eq!(ids(&session).len(), 5);
     assert!(!ids(&session).contains(liked[1]));
-    assert_eq!(g.call("GET", "/api/item/nope/neighbors", None).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        g.call("GET", "/api/item/nope/neighbors", None).await.0,
+        StatusCode::NOT_FOUND
+    );
     g.app.stop().await;
 }
 
@@ -288,7 +358,8 @@ async fn gorse_recommendations_keep_to_the_category_and_never_show_hidden_or_see
 async fn deleting_feedback_or_a_user_removes_it_from_recommendations() {
     let g = spawn(Some(KEY)).await;
     let item = g.all_item_ids(1).await[0].clone();
-    let one = |ty: &str| json!({"FeedbackType": ty, "UserId": "bob", "ItemId": item, "Timestamp": ""});
+    let one =
+        |ty: &str| json!({"FeedbackType": ty, "UserId": "bob", "ItemId": item, "Timestamp": ""});
     g.ok("POST", "/api/feedback", Some(one("like"))).await;
     assert_eq!(g.source("bob").await, "personal");
     let listed = g.ok("GET", "/api/feedback?n=10", None).await;
@@ -296,26 +367,44 @@ async fn deleting_feedback_or_a_user_removes_it_from_recommendations() {
     assert_eq!(listed["Feedback"][0]["UserId"], "bob");
     // Deleting it: recommendations no longer know anything about bob.
     assert_eq!(
-        g.ok("DELETE", &format!("/api/feedback/bob/{item}"), None).await["RowAffected"],
+        g.ok("DELETE", &format!("/api/feedback/bob/{item}"), None)
+            .await["RowAffected"],
         1
     );
     assert_eq!(g.source("bob").await, "trending");
     assert_eq!(g.ok("GET", "/api/user/bob/feedback", None).await, json!([]));
 
     // Of two types on one item, deleting one (gorsejs' path) leaves the other in use.
-    g.ok("POST", "/api/feedback", Some(json!([one("like"), one("an-unknown-type")])))
+    g.ok(
+        "POST",
+        "/api/feedback",
+        Some(json!([one("like"), one("an-unknown-type")])),
+    )
+    .await;
+    g.ok("DELETE", &format!("/api/feedback/like/bob/{item}"), None)
         .await;
-    g.ok("DELETE", &format!("/api/feedback/like/bob/{item}"), None).await;
     assert_eq!(g.source("bob").await, "personal");
     let left = g.ok("GET", "/api/user/bob/feedback", None).await;
     assert_eq!(left[0]["FeedbackType"], "an-unknown-type");
 
     // Deleting the user: gone, with its feedback and its activity.
-    assert_eq!(g.ok("DELETE", "/api/user/bob", None).await["RowAffected"], 1);
-    assert_eq!(g.call("GET", "/api/user/bob", None).await.0, StatusCode::NOT_FOUND);
-    assert_eq!(g.call("DELETE", "/api/user/bob", None).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        g.ok("DELETE", "/api/user/bob", None).await["RowAffected"],
+        1
+    );
+    assert_eq!(
+        g.call("GET", "/api/user/bob", None).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        g.call("DELETE", "/api/user/bob", None).await.0,
+        StatusCode::NOT_FOUND
+    );
     assert_eq!(g.source("bob").await, "trending");
-    assert_eq!(g.ok("GET", "/api/feedback", None).await["Feedback"], json!([]));
+    assert_eq!(
+        g.ok("GET", "/api/feedback", None).await["Feedback"],
+        json!([])
+    );
     g.app.stop().await;
 }
 
@@ -325,16 +414,36 @@ async fn users_page_once_and_patch() {
     let users: Vec<Value> = (0..25)
         .map(|i| json!({"UserId": format!("user-{i:02}"), "Labels": ["l"], "Comment": "c"}))
         .collect();
-    assert_eq!(g.ok("POST", "/api/users", Some(json!(users))).await["RowAffected"], 25);
-    g.ok("POST", "/api/user", Some(json!({"UserId": "solo"}))).await;
-    g.ok("PATCH", "/api/user/solo", Some(json!({"Comment": "edited"}))).await;
+    assert_eq!(
+        g.ok("POST", "/api/users", Some(json!(users))).await["RowAffected"],
+        25
+    );
+    g.ok("POST", "/api/user", Some(json!({"UserId": "solo"})))
+        .await;
+    g.ok(
+        "PATCH",
+        "/api/user/solo",
+        Some(json!({"Comment": "edited"})),
+    )
+    .await;
     let solo = g.ok("GET", "/api/user/solo", None).await;
-    assert_eq!((solo["Comment"].as_str(), solo["Labels"].clone()), (Some("edited"), json!([])));
+    assert_eq!(
+        (solo["Comment"].as_str(), solo["Labels"].clone()),
+        (Some("edited"), json!([]))
+    );
     let mut seen = Vec::new();
     let mut cursor = String::new();
     loop {
-        let page = g.ok("GET", &format!("/api/users?n=4&cursor={cursor}"), None).await;
-        seen.extend(page["Users"].as_array().unwrap().iter().map(|u| u["UserId"].as_str().unwrap().to_string()));
+        let page = g
+            .ok("GET", &format!("/api/users?n=4&cursor={cursor}"), None)
+            .await;
+        seen.extend(
+            page["Users"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|u| u["UserId"].as_str().unwrap().to_string()),
+        );
         cursor = page["Cursor"].as_str().unwrap().to_string();
         if cursor.is_empty() {
             break;
@@ -342,25 +451,45 @@ async fn users_page_once_and_patch() {
     }
     assert_eq!(seen.len(), 26);
     assert_eq!(seen.iter().collect::<HashSet<_>>().len(), 26);
-    assert_eq!(g.call("PATCH", "/api/user/ghost", Some(json!({}))).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        g.call("PATCH", "/api/user/ghost", Some(json!({}))).await.0,
+        StatusCode::NOT_FOUND
+    );
     g.app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_key_guards_every_gorse_route_once_configured() {
     let g = spawn(Some(KEY)).await;
-    for (method, path) in [("GET", "/api/items"), ("GET", "/api/recommend/x/"), ("POST", "/api/user")] {
+    for (method, path) in [
+        ("GET", "/api/items"),
+        ("GET", "/api/recommend/x/"),
+        ("POST", "/api/user"),
+    ] {
         let body = (method == "POST").then(|| json!({"UserId": "x"}));
         let (status, _) = g.call_with(method, path, body.clone(), &[]).await;
-        assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path} without a key");
-        let (status, err) = g.call_with(method, path, body, &[("x-api-key", "wrong")]).await;
-        assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path} with a wrong key");
+        assert_eq!(
+            status,
+            StatusCode::UNAUTHORIZED,
+            "{method} {path} without a key"
+        );
+        let (status, err) = g
+            .call_with(method, path, body, &[("x-api-key", "wrong")])
+            .await;
+        assert_eq!(
+            status,
+            StatusCode::UNAUTHORIZED,
+            "{method} {path} with a wrong key"
+        );
         assert_eq!(err["code"], "unauthorized");
     }
     g.app.stop().await;
     // Without a key the Gorse API is open, as Gorse is, but item writes stay off, as on /v1.
     let open = spawn(None).await;
-    assert_eq!(open.call_with("GET", "/api/items", None, &[]).await.0, StatusCode::OK);
+    assert_eq!(
+        open.call_with("GET", "/api/items", None, &[]).await.0,
+        StatusCode::OK
+    );
     let (status, _) = open
         .call_with("POST", "/api/item", Some(json!({"ItemId": "x"})), &[])
         .await;
@@ -419,7 +548,10 @@ async fn history(s: &dyn SessionStore, user: &str) -> Vec<String> {
 type Stores = (Arc<dyn SessionStore>, Arc<dyn UserStore>);
 
 /// The contract; `reopen` is a restart (the memory store replays its log).
-async fn contract(settings: &Settings, open: impl Fn() -> futures::future::BoxFuture<'static, Stores>) {
+async fn contract(
+    settings: &Settings,
+    open: impl Fn() -> futures::future::BoxFuture<'static, Stores>,
+) {
     let _ = settings;
     let (sessions, users) = open().await;
     // Users: upsert, read, page in id order, each once.
@@ -432,11 +564,21 @@ async fn contract(settings: &Settings, open: impl Fn() -> futures::future::BoxFu
         })
         .collect();
     users.put_users(&all).await.unwrap();
-    assert_eq!(users.user(&uid("c")).await.unwrap().unwrap().labels, ["label-c"]);
+    assert_eq!(
+        users.user(&uid("c")).await.unwrap().unwrap().labels,
+        ["label-c"]
+    );
     assert!(users.user(&uid("zz")).await.unwrap().is_none());
     let first = users.users_after(None, 2).await.unwrap();
-    let rest = users.users_after(Some(&first[1].user_id), 10).await.unwrap();
-    let order: Vec<String> = first.iter().chain(&rest).map(|u| u.user_id.to_string()).collect();
+    let rest = users
+        .users_after(Some(&first[1].user_id), 10)
+        .await
+        .unwrap();
+    let order: Vec<String> = first
+        .iter()
+        .chain(&rest)
+        .map(|u| u.user_id.to_string())
+        .collect();
     assert_eq!(order, ["a", "b", "c", "d", "e"]);
 
     // Feedback: keyed by (user, item, type), paged in that order.
@@ -453,7 +595,10 @@ async fn contract(settings: &Settings, open: impl Fn() -> futures::future::BoxFu
         ])
         .await
         .unwrap();
-    users.put_feedback(&[record("star", "a", "i1")]).await.unwrap(); // replaces, not adds
+    users
+        .put_feedback(&[record("star", "a", "i1")])
+        .await
+        .unwrap(); // replaces, not adds
     let page = users.feedback_after(None, 2).await.unwrap();
     let rest = users
         .feedback_after(Some(&page[1].key()), 10)
@@ -462,21 +607,38 @@ async fn contract(settings: &Settings, open: impl Fn() -> futures::future::BoxFu
     let keys: Vec<(String, String, String)> = page
         .iter()
         .chain(&rest)
-        .map(|r| (r.user_id.to_string(), r.item_id.to_string(), r.feedback_type.clone()))
+        .map(|r| {
+            (
+                r.user_id.to_string(),
+                r.item_id.to_string(),
+                r.feedback_type.clone(),
+            )
+        })
         .collect();
     let expect = |u: &str, i: &str, t: &str| (u.to_string(), i.to_string(), t.to_string());
     assert_eq!(
         keys,
-        [expect("a", "i1", "like"), expect("a", "i1", "star"), expect("a", "i2", "star"), expect("b", "i1", "star")]
+        [
+            expect("a", "i1", "like"),
+            expect("a", "i1", "star"),
+            expect("a", "i2", "star"),
+            expect("b", "i1", "star")
+        ]
     );
     assert_eq!(users.user_feedback(&uid("a")).await.unwrap().len(), 3);
     assert_eq!(history(sessions.as_ref(), "a").await, ["i1", "i2"]);
 
     // Deleting one type of two keeps the item in the history; the last one takes it out.
-    let gone = users.delete_feedback(&uid("a"), &iid("i1"), Some("like")).await.unwrap();
+    let gone = users
+        .delete_feedback(&uid("a"), &iid("i1"), Some("like"))
+        .await
+        .unwrap();
     assert_eq!(gone.len(), 1);
     assert_eq!(history(sessions.as_ref(), "a").await, ["i1", "i2"]);
-    users.delete_feedback(&uid("a"), &iid("i1"), None).await.unwrap();
+    users
+        .delete_feedback(&uid("a"), &iid("i1"), None)
+        .await
+        .unwrap();
     assert_eq!(history(sessions.as_ref(), "a").await, ["i2"]);
 
     // Deleting a user: its record, feedback and activity; others untouched.
@@ -535,6 +697,8 @@ async fn user_store_contract_redis() {
         Box::pin(async move { session::open_with_users(&s).await.unwrap() })
     })
     .await;
-    let store = session::RedisStore::connect(&settings.session).await.unwrap();
+    let store = session::RedisStore::connect(&settings.session)
+        .await
+        .unwrap();
     store.delete_all_keys().await.unwrap();
 }

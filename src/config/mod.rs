@@ -116,10 +116,7 @@ impl Default for GorseSettings {
             ("impression", Impression),
         ];
         GorseSettings {
-            feedback_types: table
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect(),
+            feedback_types: table.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
             unknown_feedback_type: View,
         }
     }

@@ -362,10 +362,7 @@ impl State {
             }
             LogRecord::DeleteUser { user } => {
                 self.users.remove(user);
-                let keys: Vec<String> = self
-                    .feedback_keys_of(user)
-                    .into_iter()
-                    .collect();
+                let keys: Vec<String> = self.feedback_keys_of(user).into_iter().collect();
                 let gone = keys
                     .iter()
                     .filter_map(|k| self.feedback.remove(k))

@@ -967,8 +967,8 @@ impl RedisStore {
         let mut pipe = redis::pipe();
         for (key, raw) in keys.iter().zip([recent, history]) {
             for entry in raw {
-                let names_it = serde_json::from_str::<RecentItem>(&entry)
-                    .is_ok_and(|r| &r.item_id == item);
+                let names_it =
+                    serde_json::from_str::<RecentItem>(&entry).is_ok_and(|r| &r.item_id == item);
                 if names_it {
                     pipe.cmd("LREM").arg(key).arg(0).arg(entry).ignore();
                 }
@@ -1088,7 +1088,9 @@ impl UserStore for RedisStore {
         self.remove_feedback(&feedback).await?;
         let mut pipe = redis::pipe();
         pipe.atomic();
-        pipe.cmd("HDEL").arg(self.gorse_key("users")).arg(id.as_str());
+        pipe.cmd("HDEL")
+            .arg(self.gorse_key("users"))
+            .arg(id.as_str());
         pipe.cmd("ZREM")
             .arg(self.gorse_key("user_ids"))
             .arg(id.as_str())

@@ -81,10 +81,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         axum::middleware::from_fn_with_state(key.clone(), super::auth::authorize_catalog_write);
     let api_key = axum::middleware::from_fn_with_state(key, super::auth::authorize_if_configured);
     Router::new()
-        .route(
-            "/item",
-            post(insert_item).route_layer(catalog_key.clone()),
-        )
+        .route("/item", post(insert_item).route_layer(catalog_key.clone()))
         .route(
             "/items",
             get(list_items).merge(post(insert_items).route_layer(catalog_key.clone())),
@@ -107,7 +104,10 @@ pub fn router(state: AppState) -> Router<AppState> {
             get(get_user).patch(patch_user).delete(delete_user),
         )
         .route("/user/{user_id}/feedback", get(user_feedback))
-        .route("/user/{user_id}/feedback/{feedback_type}", get(user_feedback_of_type))
+        .route(
+            "/user/{user_id}/feedback/{feedback_type}",
+            get(user_feedback_of_type),
+        )
         .route(
             "/feedback",
             get(list_feedback).post(insert_feedback).put(put_feedback),
@@ -152,7 +152,10 @@ fn count(q: &QueryPairs, default: usize, max: usize) -> GResult<usize> {
     match q.parse::<usize>("n", "a positive integer")? {
         None => Ok(default),
         Some(n) if (1..=max).contains(&n) => Ok(n),
-        Some(n) => Err(invalid("n", format!("must be between 1 and {max}, got {n}"))),
+        Some(n) => Err(invalid(
+            "n",
+            format!("must be between 1 and {max}, got {n}"),
+        )),
     }
 }
 
@@ -236,7 +239,10 @@ fn parse_time(raw: Option<&str>, field: &str, now_ms: i64) -> GResult<i64> {
         }
     }
     if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
-        return Ok(d.and_time(chrono::NaiveTime::MIN).and_utc().timestamp_millis());
+        return Ok(d
+            .and_time(chrono::NaiveTime::MIN)
+            .and_utc()
+            .timestamp_millis());
     }
     Err(invalid(
         field,
@@ -769,7 +775,9 @@ fn feedback_events(
             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
             .ok_or_else(|| invalid(format!("{at}.Timestamp"), "is out of range"))?;
         let input = EventInput {
-            event_id: Some(uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, id_seed.as_bytes()).to_string()),
+            event_id: Some(
+                uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, id_seed.as_bytes()).to_string(),
+            ),
             user_id: Some(f.user_id),
             item_id: Some(f.item_id),
             event_type: Some(event_type.as_str().to_string()),
@@ -965,8 +973,7 @@ async fn pair_feedback(
 ) -> GResult<Vec<GorseFeedback>> {
     let user = parse_user(user_id, "user_id")?;
     let item = parse_item(item_id, "item_id")?;
-    Ok(s
-        .users
+    Ok(s.users
         .user_feedback(&user)
         .await?
         .into_iter()
@@ -1064,7 +1071,13 @@ pub async fn delete_feedback_typed(
 
 // ---- recommendations --------------------------------------------------------------------
 
-fn request(s: &AppState, request_id: String, user: Option<UserId>, k: usize, filter: Filter) -> RecommendRequest {
+fn request(
+    s: &AppState,
+    request_id: String,
+    user: Option<UserId>,
+    k: usize,
+    filter: Filter,
+) -> RecommendRequest {
     let assignment = s.assign(user.as_ref(), None);
     RecommendRequest {
         request_id,
@@ -1182,7 +1195,10 @@ async fn recommend_for(
     if !(0..=max_ms).contains(&delay_ms) {
         return Err(invalid(
             "write-back-delay",
-            format!("must be at most session.max_future_secs ({} s)", max_ms / 1000),
+            format!(
+                "must be at most session.max_future_secs ({} s)",
+                max_ms / 1000
+            ),
         ));
     }
     // What the user gave feedback on is not recommended again (Gorse's rule), newest first
@@ -1210,10 +1226,12 @@ async fn recommend_for(
                 comment: None,
             })
             .collect();
-        write_feedback(s, input, true).await.map_err(|e| match e.0 {
-            AppError::Invalid { reason, .. } => invalid("write-back-type", reason),
-            other => GorseError(other),
-        })?;
+        write_feedback(s, input, true)
+            .await
+            .map_err(|e| match e.0 {
+                AppError::Invalid { reason, .. } => invalid("write-back-type", reason),
+                other => GorseError(other),
+            })?;
     }
     Ok(Json(if wants_scores(headers) {
         RecommendBody::Scored(items)
@@ -1279,7 +1297,11 @@ async fn session_for(
     let now = event::now_ms();
     let mut times = Vec::with_capacity(feedback.len());
     for (i, f) in feedback.iter().enumerate() {
-        times.push(parse_time(f.timestamp.as_deref(), &format!("feedback[{i}].Timestamp"), now)?);
+        times.push(parse_time(
+            f.timestamp.as_deref(),
+            &format!("feedback[{i}].Timestamp"),
+            now,
+        )?);
     }
     let mut order: Vec<usize> = (0..feedback.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(times[i]));
@@ -1359,7 +1381,13 @@ async fn neighbors_of(
     q.allow_only(&["n", "offset"])?;
     let (n, offset) = n_offset(q)?;
     let item = parse_item(item_id, "item_id")?;
-    let req = request(s, rid, None, n + offset, visible_in(category.filter(|c| !c.is_empty())));
+    let req = request(
+        s,
+        rid,
+        None,
+        n + offset,
+        visible_in(category.filter(|c| !c.is_empty())),
+    );
     let recs = s.recommender.similar(&item, &req).await?;
     Ok(Json(scored(recs, offset)))
 }
@@ -1406,7 +1434,13 @@ async fn popular_of(
 ) -> GResult<Json<Vec<Scored>>> {
     q.allow_only(&["n", "offset"])?;
     let (n, offset) = n_offset(q)?;
-    let req = request(s, rid, None, n + offset, visible_in(category.filter(|c| !c.is_empty())));
+    let req = request(
+        s,
+        rid,
+        None,
+        n + offset,
+        visible_in(category.filter(|c| !c.is_empty())),
+    );
     Ok(Json(scored(s.recommender.trending(&req).await, offset)))
 }
 
