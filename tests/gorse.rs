@@ -251,7 +251,11 @@ async fn gorse_recommendations_keep_to_the_category_and_never_show_hidden_or_see
         g.ok("GET", "/api/user/alice", None).await["UserId"],
         "alice"
     );
-    assert_ne!(g.source("alice").await, "trending", "alice's feedback is used");
+    assert_ne!(
+        g.source("alice").await,
+        "trending",
+        "alice's feedback is used"
+    );
 
     // By category, with scores (X-API-Version: 2): only that category.
     let path = format!("/api/recommend/alice/{category}?n=10");
@@ -460,7 +464,7 @@ async fn users_page_once_and_patch() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_key_guards_every_gorse_route_once_configured() {
+async fn the_key_guards_every_gorse_route() {
     let g = spawn(Some(KEY)).await;
     for (method, path) in [
         ("GET", "/api/items"),
@@ -485,17 +489,24 @@ async fn the_key_guards_every_gorse_route_once_configured() {
         assert_eq!(err["code"], "unauthorized");
     }
     g.app.stop().await;
-    // Without a key the Gorse API is open, as Gorse is, but item writes stay off, as on /v1.
-    let open = spawn(None).await;
-    assert_eq!(
-        open.call_with("GET", "/api/items", None, &[]).await.0,
-        StatusCode::OK
-    );
-    let (status, _) = open
-        .call_with("POST", "/api/item", Some(json!({"ItemId": "x"})), &[])
-        .await;
-    assert_eq!(status, StatusCode::FORBIDDEN);
-    open.app.stop().await;
+    // Without a key configured the Gorse API is off, reads and writes alike.
+    let off = spawn(None).await;
+    for (method, path) in [
+        ("GET", "/api/items"),
+        ("GET", "/api/feedback"),
+        ("DELETE", "/api/user/x"),
+    ] {
+        let (status, err) = off
+            .call_with(method, path, None, &[("x-api-key", "anything")])
+            .await;
+        assert_eq!(
+            status,
+            StatusCode::FORBIDDEN,
+            "{method} {path} without a configured key"
+        );
+        assert_eq!(err["code"], "catalog_writes_disabled");
+    }
+    off.app.stop().await;
 }
 
 // ---- the store's contract, on both backends ----------------------------------------------

@@ -1,7 +1,8 @@
 //! Who may write the catalog. `POST /v1/items`, `PATCH` and `DELETE /v1/items/{item_id}`
 //! change what every visitor is served, so they need the `X-API-Key` header with the admin key
 //! (`TANDEM_ADMIN_KEY`): 401 without it or with a wrong one, and 403 when no key is configured
-//! at all (catalog writes are then off, as the admin API is). Reads, recommendations, events
+//! at all (catalog writes are then off, as the admin API is). Every call of the Gorse API
+//! (`/api/...`, `http::gorse`) is under the same rule. Reads, recommendations, events
 //! and onboarding stay open: browsers send them.
 
 use super::admin::{ADMIN_KEY_ENV, API_KEY_HEADER};
@@ -53,49 +54,24 @@ pub async fn authorize_catalog_write(
         return refuse(
             StatusCode::FORBIDDEN,
             "catalog_writes_disabled",
-            format!("catalog writes are disabled: set the {ADMIN_KEY_ENV} environment variable to a secret and send it in the X-API-Key header"),
+            format!("catalog writes and the Gorse API are disabled: set the {ADMIN_KEY_ENV} environment variable to a secret and send it in the X-API-Key header"),
         );
     };
-    match wrong_key(&want, &req, "catalog writes need") {
-        Some(refused) => refused,
-        None => next.run(req).await,
-    }
-}
-
-/// The Gorse-compatible API (`/api/...`): once a key is configured every call needs it in
-/// `X-API-Key` (401 without it or with a wrong one), as Gorse does with its `api_key`; with
-/// no key configured it is open, except for its catalog writes, which keep the rule above.
-pub async fn authorize_if_configured(
-    State(key): State<CatalogKey>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let refused = key
-        .digest
-        .and_then(|want| wrong_key(&want, &req, "the Gorse API (/api) needs"));
-    match refused {
-        Some(refused) => refused,
-        None => next.run(req).await,
-    }
-}
-
-/// The 401 for a missing or wrong key; `None` when it is right.
-fn wrong_key(want: &[u8; 32], req: &Request, what: &str) -> Option<Response> {
     let Some(given) = req.headers().get(API_KEY_HEADER) else {
-        return Some(refuse(
+        return refuse(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            format!("{what} the X-API-Key header"),
-        ));
+            "catalog writes and the Gorse API need the X-API-Key header".into(),
+        );
     };
     let given: [u8; 32] = Sha256::digest(given.as_bytes()).into();
-    if bool::from(given.ct_eq(want)) {
-        None
+    if bool::from(given.ct_eq(&want)) {
+        next.run(req).await
     } else {
-        Some(refuse(
+        refuse(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "wrong X-API-Key".into(),
-        ))
+        )
     }
 }

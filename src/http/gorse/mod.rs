@@ -5,8 +5,10 @@
 //! and recommendations through the pipeline; what is new is Gorse's shapes, its status codes
 //! (400 for bad input rather than 422) and the users and feedback records (`session::users`).
 //!
-//! Keys: with `TANDEM_ADMIN_KEY` set every `/api` call needs it in `X-API-Key` (401
-//! otherwise); item writes need it in any case, as `/v1`'s do (403 when none is configured).
+//! Keys: every `/api` call needs the admin key (`TANDEM_ADMIN_KEY`) in `X-API-Key`, by the
+//! catalog writes' rule (`auth`): 401 without it or with a wrong one, 403 when none is
+//! configured. Gorse without a key is open; this API lists and deletes users' feedback and
+//! writes the catalog, so here it is off instead.
 
 pub mod wire;
 
@@ -77,22 +79,13 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> GorseError {
 /// what the SDKs send when the category is empty (`/api/recommend/bob/`).
 pub fn router(state: AppState) -> Router<AppState> {
     let key = super::auth::CatalogKey::new(state.settings.admin_key.0.as_deref());
-    let catalog_key =
-        axum::middleware::from_fn_with_state(key.clone(), super::auth::authorize_catalog_write);
-    let api_key = axum::middleware::from_fn_with_state(key, super::auth::authorize_if_configured);
+    let api_key = axum::middleware::from_fn_with_state(key, super::auth::authorize_catalog_write);
     Router::new()
-        .route("/item", post(insert_item).route_layer(catalog_key.clone()))
-        .route(
-            "/items",
-            get(list_items).merge(post(insert_items).route_layer(catalog_key.clone())),
-        )
+        .route("/item", post(insert_item))
+        .route("/items", get(list_items).post(insert_items))
         .route(
             "/item/{item_id}",
-            get(get_item).merge(
-                axum::routing::patch(patch_item)
-                    .delete(delete_item)
-                    .route_layer(catalog_key),
-            ),
+            get(get_item).patch(patch_item).delete(delete_item),
         )
         .route("/item/{item_id}/neighbors", get(neighbors))
         .route("/item/{item_id}/neighbors/", get(neighbors))
@@ -401,7 +394,7 @@ async fn upsert(s: &AppState, items: Vec<GorseItem>, at: &str) -> GResult<Json<R
         (status = 200, body = RowAffected),
         (status = 400, body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
-        (status = 403, description = "no API key is configured: catalog writes are disabled", body = ErrorBody),
+        (status = 403, description = "no API key is configured: the Gorse API is off", body = ErrorBody),
         (status = 413, body = ErrorBody),
         (status = 415, description = "the body is not sent as application/json", body = ErrorBody),
         (status = 503, body = ErrorBody),
@@ -417,7 +410,7 @@ pub async fn insert_item(State(s): State<AppState>, req: Request) -> GResult<Jso
         (status = 200, body = RowAffected),
         (status = 400, body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
-        (status = 403, description = "no API key is configured: catalog writes are disabled", body = ErrorBody),
+        (status = 403, description = "no API key is configured: the Gorse API is off", body = ErrorBody),
         (status = 413, body = ErrorBody),
         (status = 415, description = "the body is not sent as application/json", body = ErrorBody),
         (status = 503, body = ErrorBody),
@@ -441,6 +434,7 @@ fn known_item(s: &AppState, raw: String) -> GResult<Arc<CatalogEntry>> {
         (status = 200, body = GorseItemView),
         (status = 400, body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
+        (status = 403, description = "no API key is configured: the Gorse API is off", body = ErrorBody),
         (status = 404, body = ErrorBody),
     ))]
 pub async fn get_item(
@@ -458,7 +452,7 @@ pub async fn get_item(
         (status = 200, body = RowAffected),
         (status = 400, body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
-        (status = 403, description = "no API key is configured: catalog writes are disabled", body = ErrorBody),
+        (status = 403, description = "no API key is configured: the Gorse API is off", body = ErrorBody),
         (status = 404, body = ErrorBody),
         (status = 413, body = ErrorBody),
         (status = 415, description = "the body is not sent as application/json", body = ErrorBody),
@@ -509,7 +503,7 @@ pub async fn patch_item(
         (status = 200, body = RowAffected),
         (status = 400, body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
-        (status = 403, description = "no API key is configured: catalog writes are disabled", body = ErrorBody),
+        (status = 403, description = "no API key is configured: the Gorse API is off", body = ErrorBody),
         (status = 404, body = ErrorBody),
         (status = 503, body = ErrorBody),
     ))]
@@ -534,6 +528,7 @@ pub async fn delete_item(
         (status = 200, body = ItemPage),
         (status = 400, body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
+        (status = 403, description = "no API key is configured: the Gorse API is off", body = ErrorBody),
     ))]
 pub async fn list_items(State(s): State<AppState>, q: QueryPairs) -> GResult<Json<ItemPage>> {
     q.allow_only(&["n", "cursor", "Cursor", "q"])?;
@@ -586,6 +581,7 @@ fn user_record(at: &str, u: GorseUser) -> GResult<UserRecord> {
         (status = 200, body = RowAffected),
         (status = 400, body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
+        (status = 403, description = "no API key is configured: the Gorse API is off", body = ErrorBody),
         (status = 413, body = ErrorBody),
         (status = 415, description = "the body is not sent as application/json", body = ErrorBody),
         (status = 503, body = ErrorBody),
@@ -603,6 +599,7 @@ pub async fn insert_user(State(s): State<AppState>, req: Request) -> GResult<Jso
         (status = 200, body = RowAffected),
         (status = 400, body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
+        (status = 403, description = "no API key is configured: the Gorse API is off", body = ErrorBody),
         (status = 413, body = ErrorBody),
         (status = 415, description = "the body is not sent as application/json", body = ErrorBody),
         (status = 503, body = ErrorBody),
@@ -641,6 +638,7 @@ async fn known_user(s: &AppState, raw: String) -> GResult<UserRecord> {
         (status = 200, body = GorseUser),
         (status = 400, body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
+        (status = 403, description = "no API key is configured: the Gorse API is off", body = ErrorBody),
         (status = 404, body = ErrorBody),
         (status = 503, body = ErrorBody),
     ))]
@@ -658,6 +656,7 @@ pub async fn get_user(
         (status = 200, body = RowAffected),
         (status = 400, body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
+        (status = 403, description = "no API key is configured: the Gorse API is off", body = ErrorBody),
         (status = 404, body = ErrorBody),
         (status = 413, body = ErrorBody),
         (status = 415, description = "the body is not sent as application/json", body = ErrorBody),
@@ -689,6 +688,7 @@ pub async fn patch_user(
         (status = 200, body = RowAffected),
         (status = 400, body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
+        (status = 403, description = "no API key is configured: the Gorse API is off", body = ErrorBody),
         (status = 404, body = ErrorBody),
         (status = 503, body = ErrorBody),
     ))]
@@ -713,6 +713,7 @@ pub async fn delete_user(
         (status = 200, body = UserPage),
         (status = 400, body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
+        (status = 403, description = "no API key is configured: the Gorse API is off", body = ErrorBody),
         (status = 503, body = ErrorBody),
     ))]
 pub async fn list_users(State(s): State<AppState>, q: QueryPairs) -> GResult<Json<UserPage>> {
@@ -865,6 +866,7 @@ async fn feedback_body(s: &AppState, req: Request) -> GResult<Vec<GorseFeedback>
         (status = 200, body = RowAffected),
         (status = 400, body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
+        (status = 403, description = "no API key is configured: the Gorse API is off", body = ErrorBody),
         (status = 413, body = ErrorBody),
         (status = 415, description = "the body is not sent as application/json", body = ErrorBody),
         (status = 503, body = ErrorBody),
@@ -884,6 +886,7 @@ pub async fn insert_feedback(
         (status = 200, body = RowAffected),
         (status = 400, body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
+        (status = 403, description = "no API key is configured: the Gorse API is off", body = ErrorBody),
         (status = 413, body = ErrorBody),
         (status = 415, description = "the body is not sent as application/json", body = ErrorBody),
         (status = 503, body = ErrorBody),
@@ -904,6 +907,7 @@ pub async fn put_feedback(State(s): State<AppState>, req: Request) -> GResult<Js
         (status = 200, body = FeedbackPage),
         (status = 400, body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
+        (status = 403, description = "no API key is configured: the Gorse API is off", body = ErrorBody),
         (status = 503, body = ErrorBody),
     ))]
 pub async fn list_feedback(
@@ -929,6 +933,7 @@ pub async fn list_feedback(
         (status = 400, body = ErrorBody),
         (status = 404, description = "no route: an empty path segment", body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
+        (status = 403, description = "no API key is configured: the Gorse API is off", body = ErrorBody),
         (status = 503, body = ErrorBody),
     ))]
 pub async fn user_feedback_of_type(
@@ -954,6 +959,7 @@ pub async fn user_feedback_of_type(
         (status = 400, body = ErrorBody),
         (status = 404, description = "no route: an empty path segment", body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
+        (status = 403, description = "no API key is configured: the Gorse API is off", body = ErrorBody),
         (status = 503, body = ErrorBody),
     ))]
 pub async fn user_feedback(
@@ -1004,6 +1010,7 @@ async fn remove_feedback(
         (status = 400, body = ErrorBody),
         (status = 404, description = "no route: an empty path segment", body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
+        (status = 403, description = "no API key is configured: the Gorse API is off", body = ErrorBody),
         (status = 503, body = ErrorBody),
     ))]
 pub async fn get_feedback_pair(
@@ -1021,6 +1028,7 @@ pub async fn get_feedback_pair(
         (status = 400, body = ErrorBody),
         (status = 404, description = "no route: an empty path segment", body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
+        (status = 403, description = "no API key is configured: the Gorse API is off", body = ErrorBody),
         (status = 503, body = ErrorBody),
     ))]
 pub async fn delete_feedback_pair(
@@ -1037,6 +1045,7 @@ pub async fn delete_feedback_pair(
         (status = 200, body = GorseFeedback),
         (status = 400, body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
+        (status = 403, description = "no API key is configured: the Gorse API is off", body = ErrorBody),
         (status = 404, body = ErrorBody),
         (status = 503, body = ErrorBody),
     ))]
@@ -1060,6 +1069,7 @@ pub async fn get_feedback_typed(
         (status = 400, body = ErrorBody),
         (status = 404, description = "no route: an empty path segment", body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
+        (status = 403, description = "no API key is configured: the Gorse API is off", body = ErrorBody),
         (status = 503, body = ErrorBody),
     ))]
 pub async fn delete_feedback_typed(
@@ -1138,6 +1148,7 @@ fn wants_scores(headers: &HeaderMap) -> bool {
         (status = 400, body = ErrorBody),
         (status = 404, description = "no route: an empty path segment", body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
+        (status = 403, description = "no API key is configured: the Gorse API is off", body = ErrorBody),
         (status = 503, body = ErrorBody),
     ))]
 pub async fn recommend(
@@ -1163,6 +1174,7 @@ pub async fn recommend(
         (status = 400, body = ErrorBody),
         (status = 404, description = "no route: an empty path segment", body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
+        (status = 403, description = "no API key is configured: the Gorse API is off", body = ErrorBody),
         (status = 503, body = ErrorBody),
     ))]
 pub async fn recommend_in(
@@ -1249,6 +1261,7 @@ async fn recommend_for(
         (status = 200, body = Vec<Scored>),
         (status = 400, body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
+        (status = 403, description = "no API key is configured: the Gorse API is off", body = ErrorBody),
         (status = 413, body = ErrorBody),
         (status = 415, description = "the body is not sent as application/json", body = ErrorBody),
     ))]
@@ -1270,6 +1283,7 @@ pub async fn session_recommend(
         (status = 400, body = ErrorBody),
         (status = 404, description = "no route: an empty path segment", body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
+        (status = 403, description = "no API key is configured: the Gorse API is off", body = ErrorBody),
         (status = 413, body = ErrorBody),
         (status = 415, description = "the body is not sent as application/json", body = ErrorBody),
     ))]
@@ -1342,6 +1356,7 @@ async fn session_for(
         (status = 200, body = Vec<Scored>),
         (status = 400, body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
+        (status = 403, description = "no API key is configured: the Gorse API is off", body = ErrorBody),
         (status = 404, body = ErrorBody),
     ))]
 pub async fn neighbors(
@@ -1360,6 +1375,7 @@ pub async fn neighbors(
         (status = 200, body = Vec<Scored>),
         (status = 400, body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
+        (status = 403, description = "no API key is configured: the Gorse API is off", body = ErrorBody),
         (status = 404, body = ErrorBody),
     ))]
 pub async fn neighbors_in(
@@ -1399,6 +1415,7 @@ async fn neighbors_of(
         (status = 200, body = Vec<Scored>),
         (status = 400, body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
+        (status = 403, description = "no API key is configured: the Gorse API is off", body = ErrorBody),
     ))]
 pub async fn popular(
     State(s): State<AppState>,
@@ -1416,6 +1433,7 @@ pub async fn popular(
         (status = 400, body = ErrorBody),
         (status = 404, description = "no route: an empty path segment", body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
+        (status = 403, description = "no API key is configured: the Gorse API is off", body = ErrorBody),
     ))]
 pub async fn popular_in(
     State(s): State<AppState>,
@@ -1451,6 +1469,7 @@ async fn popular_of(
         (status = 200, body = Vec<Scored>),
         (status = 400, body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
+        (status = 403, description = "no API key is configured: the Gorse API is off", body = ErrorBody),
     ))]
 pub async fn latest(State(s): State<AppState>, q: QueryPairs) -> GResult<Json<Vec<Scored>>> {
     latest_of(&s, None, &q)
@@ -1464,6 +1483,7 @@ pub async fn latest(State(s): State<AppState>, q: QueryPairs) -> GResult<Json<Ve
         (status = 400, body = ErrorBody),
         (status = 404, description = "no route: an empty path segment", body = ErrorBody),
         (status = 401, description = "X-API-Key is missing or wrong", body = ErrorBody),
+        (status = 403, description = "no API key is configured: the Gorse API is off", body = ErrorBody),
     ))]
 pub async fn latest_in(
     State(s): State<AppState>,
