@@ -182,9 +182,9 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// The public API's bodies are JSON, and only JSON: a `POST`, `PUT` or `PATCH` under `/v1/`
-/// (or Gorse's `/api/`) without `Content-Type: application/json` gets 415. A browser sends a cross-site form or
-/// `text/plain` post without a CORS preflight, so accepting any type would let any web page
-/// make its visitors' browsers write to tandem.
+/// (or Gorse's `/api/`) without `Content-Type: application/json` gets 415. A browser sends a
+/// cross-site form or `text/plain` post without a CORS preflight, so accepting any type would
+/// let any web page make its visitors' browsers write to tandem.
 async fn require_json(req: Request, next: Next) -> Response {
     use axum::http::Method;
     let has_body = matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH);
