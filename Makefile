@@ -12,7 +12,7 @@ RELEASE_DIR := $(TARGET_DIR)/release
 BIND ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: run test bench lint fmt demo-data check-split bench-session bench-serve test-ui
+.PHONY: run test bench lint fmt demo-data check-split bench-session bench-serve test-ui test-gorse
 
 ## run: the full demo on the embedded default: the demo catalog (generated if absent), indexed
 ## with the shipped models/demo checkpoint into the embedded Qdrant under data/ (at the first
@@ -31,7 +31,7 @@ demo-data:
 ## else one started for the run. The qdrant
 ## backend's cases run against the server at QDRANT_URL; when it is unset and a server binary
 ## is found (QDRANT_BIN, ../shared/bin/qdrant), one is started for the run and stopped after
-test: prereqs test-ui
+test: prereqs test-ui test-gorse
 	scripts/redis-server.sh run scripts/qdrant-server.sh run $(CARGO) test --all-targets
 
 ## prereqs: what make test needs beyond Rust (one line says what to install); Redis itself is
@@ -57,6 +57,12 @@ test-ui:
 	$(CARGO) build --bin tandem
 	cd tests/ui && npm ci --no-audit --no-fund --silent
 	TANDEM_BIN=$(TANDEM) node tests/ui/run.mjs
+
+## test-gorse: the published Gorse SDKs (pygorse 0.5.1 in a venv, gorsejs 0.4.8 via npm ci),
+## unchanged, against a tandem server on a free port (tests/gorse/run.sh)
+test-gorse:
+	$(CARGO) build --bin tandem
+	TANDEM_BIN=$(TANDEM) tests/gorse/run.sh
 
 bench:
 	$(CARGO) build --release --bin tandem

@@ -35,6 +35,9 @@ trap cleanup EXIT
 "$BIN" train --data "$WORK/catalog" --out "$WORK/model" --epochs 1 --dim 16 --hidden 32 >/dev/null 2>&1
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 BASE="http://127.0.0.1:$PORT"
+# A key, sent with every request, so that catalog writes and the Gorse API (/api) are fuzzed
+# too rather than refused.
+FUZZ_KEY="fuzz-$(date +%s)-$$"
 
 # Memory session backend and embedded index under a throw-away data dir; the concurrency limit
 # is raised so that schemathesis' workers never see a 429 they would count as noise.
@@ -43,6 +46,7 @@ TANDEM_DATA_DIR="$WORK/data" \
 TANDEM_MODEL_PATH="$WORK/model" \
 TANDEM_SERVER__CATALOG_DIR="$WORK/catalog" \
 TANDEM_SESSION__BACKEND=memory \
+TANDEM_ADMIN_KEY="$FUZZ_KEY" \
 RUST_LOG=${RUST_LOG:-warn} \
   "$BIN" serve >"$WORK/server.log" 2>&1 &
 SERVER_PID=$!
@@ -60,6 +64,7 @@ echo "fuzzing $BASE/openapi.json: $EXAMPLES examples per operation, seed $SEED"
 status=0
 "$VENV/bin/schemathesis" run "$BASE/openapi.json" \
   --checks not_a_server_error,response_schema_conformance,content_type_conformance,status_code_conformance \
+  --header "X-API-Key: $FUZZ_KEY" \
   --max-examples "$EXAMPLES" \
   --seed "$SEED" \
   --workers 2 \

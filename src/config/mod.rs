@@ -65,6 +65,8 @@ pub struct Settings {
     pub registry: RegistrySettings,
     /// A/B experiments (`[[experiments]]`); `PUT /admin/experiments` replaces them at run time.
     pub experiments: Vec<Experiment>,
+    /// The Gorse-compatible API under `/api` (`[gorse]`).
+    pub gorse: GorseSettings,
     /// The admin API key, from `TANDEM_ADMIN_KEY` only (never from the file, never printed).
     #[serde(skip)]
     pub admin_key: AdminKey,
@@ -84,6 +86,57 @@ impl std::fmt::Debug for AdminKey {
         } else {
             "None"
         })
+    }
+}
+
+/// `[gorse]`: how the Gorse-compatible API (`/api/...`, `http::gorse`) maps Gorse's
+/// feedback types onto tandem's event types. Feedback of every type is kept as sent (the
+/// feedback routes list it with its own type); what recommendations learn from it is the
+/// event type it maps to, with that type's weight in `session.event_weights`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GorseSettings {
+    /// Gorse feedback type -> tandem event type (`TANDEM_GORSE__FEEDBACK_TYPES__STAR=purchase`
+    /// changes one of the defaults).
+    pub feedback_types: std::collections::BTreeMap<String, crate::domain::EventType>,
+    /// The event type of a feedback type missing from the table: `view` (weight 1 by
+    /// default), or `impression` to keep unknown types without any signal.
+    pub unknown_feedback_type: crate::domain::EventType,
+}
+
+impl Default for GorseSettings {
+    fn default() -> Self {
+        use crate::domain::EventType::*;
+        let table = [
+            ("star", Rating),
+            ("rating", Rating),
+            ("like", Click),
+            ("favorite", Click),
+            ("share", Click),
+            ("click", Click),
+            ("read", View),
+            ("view", View),
+            ("cart", AddToCart),
+            ("add_to_cart", AddToCart),
+            ("purchase", Purchase),
+            ("buy", Purchase),
+            ("order", Purchase),
+            ("impression", Impression),
+        ];
+        GorseSettings {
+            feedback_types: table.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            unknown_feedback_type: View,
+        }
+    }
+}
+
+impl GorseSettings {
+    /// The event type a Gorse feedback type is recorded as.
+    pub fn event_type(&self, feedback_type: &str) -> crate::domain::EventType {
+        self.feedback_types
+            .get(feedback_type)
+            .copied()
+            .unwrap_or(self.unknown_feedback_type)
     }
 }
 
@@ -236,6 +289,7 @@ impl Default for Settings {
             boosts: BoostRules::default(),
             registry: RegistrySettings::default(),
             experiments: Vec::new(),
+            gorse: GorseSettings::default(),
             admin_key: AdminKey::default(),
         }
     }

@@ -4,6 +4,7 @@
 //! the key or with a wrong one, and 403 when no key is configured at all (catalog writes are
 //! then off, as the admin API is). Reads, recommendations, events and onboarding stay open:
 //! browsers send them.
+//! Every call of the Gorse API (`/api/...`, `http::gorse`) is under the catalog-write rule.
 
 use super::error::AppError;
 use axum::extract::{Request, State};
@@ -41,7 +42,7 @@ pub async fn authorize_catalog_write(
         key.digest,
         req.headers(),
         AppError::CatalogWritesDisabled,
-        "catalog writes need the X-API-Key header",
+        "catalog writes and the Gorse API need the X-API-Key header",
     );
     match checked {
         Ok(()) => next.run(req).await,

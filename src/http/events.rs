@@ -6,7 +6,7 @@ use super::error::AppError;
 use super::extract::parse_json;
 use super::AppState;
 use crate::session::event::{self, EventError, EventInput, EventLimits};
-use crate::session::Event;
+use crate::session::{AppendOutcome, Event};
 
 pub fn parse_events(s: &AppState, body: &[u8]) -> Result<Vec<Event>, AppError> {
     let limits = EventLimits {
@@ -22,13 +22,35 @@ pub fn parse_events(s: &AppState, body: &[u8]) -> Result<Vec<Event>, AppError> {
         let input: EventInput = parse_json(body)?;
         vec![input.validate(now, &limits).map_err(invalid)?]
     };
+    fill_categories(s, &mut events);
+    Ok(events)
+}
+
+/// Each event's item categories, from the catalog, so per-category trending can count it.
+pub fn fill_categories(s: &AppState, events: &mut [Event]) {
     let entries = s.catalog.get_many(events.iter().map(|e| &e.item_id));
     for (e, entry) in events.iter_mut().zip(entries) {
         if let Some(entry) = entry {
             e.categories = entry.item.categories.clone();
         }
     }
-    Ok(events)
+}
+
+/// Appends validated events (durable when this returns Ok), counts them, and attributes them
+/// to experiments: `POST /v1/events` and the Gorse edge's feedback both write through here.
+pub async fn ingest(s: &AppState, events: Vec<Event>) -> Result<AppendOutcome, AppError> {
+    let outcome = s.sessions.append(&events).await.inspect_err(|e| {
+        let unavailable = matches!(e, crate::session::SessionError::Unavailable(_));
+        crate::telemetry::record_events_refused(unavailable, events.len());
+    })?;
+    crate::telemetry::record_events(outcome.accepted, outcome.duplicates);
+    // Resent duplicates must not count twice; a batch mixing new and resent events (a retry
+    // of a half-failed batch) cannot tell which is which, so it is left out of the counts.
+    if outcome.duplicates == 0 {
+        let experiments = s.experiments.clone();
+        tokio::spawn(async move { experiments.attribute(&events).await });
+    }
+    Ok(outcome)
 }
 
 fn invalid(e: EventError) -> AppError {

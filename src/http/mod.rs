@@ -8,6 +8,7 @@ pub mod auth;
 pub mod error;
 mod events;
 pub mod extract;
+pub mod gorse;
 pub mod openapi;
 mod routes;
 pub mod state;
@@ -162,6 +163,8 @@ pub fn router(state: AppState) -> Router {
         .merge(stats::routes(live.clone()))
         .merge(ui::routes())
         .nest("/admin", admin::router(state.clone()))
+        // Gorse's REST API, for its published SDKs (see `gorse`).
+        .nest("/api", gorse::router(state.clone()))
         // On matched routes only: an unknown path or method keeps its 404 or 405.
         .route_layer(axum::middleware::from_fn(require_json))
         .fallback(no_route)
@@ -179,13 +182,14 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// The public API's bodies are JSON, and only JSON: a `POST`, `PUT` or `PATCH` under `/v1/`
-/// without `Content-Type: application/json` gets 415. A browser sends a cross-site form or
-/// `text/plain` post without a CORS preflight, so accepting any type would let any web page
-/// make its visitors' browsers write to tandem.
+/// (or Gorse's `/api/`) without `Content-Type: application/json` gets 415. A browser sends a
+/// cross-site form or `text/plain` post without a CORS preflight, so accepting any type would
+/// let any web page make its visitors' browsers write to tandem.
 async fn require_json(req: Request, next: Next) -> Response {
     use axum::http::Method;
     let has_body = matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH);
-    if has_body && req.uri().path().starts_with("/v1/") && !is_json(req.headers()) {
+    let public = req.uri().path().starts_with("/v1/") || req.uri().path().starts_with("/api/");
+    if has_body && public && !is_json(req.headers()) {
         return AppError::UnsupportedMediaType.into_response();
     }
     next.run(req).await

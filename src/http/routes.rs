@@ -370,17 +370,7 @@ pub async fn post_events(State(s): State<AppState>, req: Request) -> ApiResult<i
     let events = super::events::parse_events(&s, &bytes).inspect_err(|_| {
         crate::telemetry::record_events_refused(false, 1);
     })?;
-    let outcome = s.sessions.append(&events).await.inspect_err(|e| {
-        let unavailable = matches!(e, crate::session::SessionError::Unavailable(_));
-        crate::telemetry::record_events_refused(unavailable, events.len());
-    })?;
-    crate::telemetry::record_events(outcome.accepted, outcome.duplicates);
-    // Resent duplicates must not count twice; a batch mixing new and resent events (a retry
-    // of a half-failed batch) cannot tell which is which, so it is left out of the counts.
-    if outcome.duplicates == 0 {
-        let experiments = s.experiments.clone();
-        tokio::spawn(async move { experiments.attribute(&events).await });
-    }
+    let outcome = super::events::ingest(&s, events).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(EventsAccepted {

@@ -14,7 +14,7 @@ use crate::lifecycle::{Lifecycle, LifecycleError};
 use crate::model::{ModelError, TwoTower};
 use crate::pipeline::{self, Recommender};
 use crate::registry::Registry;
-use crate::session::{SessionError, SessionStore};
+use crate::session::{SessionError, SessionStore, UserStore};
 use arc_swap::ArcSwap;
 use futures::FutureExt;
 use std::path::PathBuf;
@@ -55,6 +55,7 @@ struct Opened {
     model: TwoTower,
     index: Arc<dyn VectorIndex>,
     sessions: Arc<dyn SessionStore>,
+    users: Arc<dyn UserStore>,
     catalog: Arc<Catalog>,
     registry: Arc<Registry>,
     /// The directory `model` was loaded from (the registry adopts it if it does not know it
@@ -72,6 +73,8 @@ pub struct AppState {
     pub model: Arc<ArcSwap<TwoTower>>,
     pub index: Arc<dyn VectorIndex>,
     pub sessions: Arc<dyn SessionStore>,
+    /// The Gorse edge's users and feedback records, in the session store's backend.
+    pub users: Arc<dyn UserStore>,
     pub catalog: Arc<Catalog>,
     /// The catalog's write path (`POST`, `PATCH`, `DELETE /v1/items`).
     pub items: Arc<ItemWriter>,
@@ -137,8 +140,9 @@ impl AppState {
                 ..guard_budgets(&settings, settings.server.index_budget_ms)
             },
         ));
+        let (sessions, users) = crate::session::open_with_users(&settings).await?;
         let sessions: Arc<dyn SessionStore> = Arc::new(GuardedSession::new(
-            crate::session::open(&settings).await?,
+            sessions,
             guard_budgets(&settings, settings.server.session_budget_ms),
         ));
         let catalog_dir = settings.server.catalog_dir.clone();
@@ -192,6 +196,7 @@ impl AppState {
             model,
             index,
             sessions,
+            users,
             catalog: Arc::new(catalog),
             registry,
             model_source: model_path,
@@ -212,6 +217,7 @@ impl AppState {
             model,
             index,
             sessions,
+            users,
             catalog,
             registry,
             model_source,
@@ -264,6 +270,7 @@ impl AppState {
             model,
             index,
             sessions,
+            users,
             catalog,
             items,
             recommender,

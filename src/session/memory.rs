@@ -11,6 +11,7 @@
 //! sum (`TrendingCounts`), and session reads on the request path must not wait for it.
 
 use super::log::{EventLog, LogError};
+use super::users::{user_feedback_prefix, FeedbackRecord, UserRecord, UserStore};
 use super::{Actor, AppendOutcome, Event, RecentItem, SessionError, SessionStore};
 use crate::config::SessionSettings;
 use crate::domain::{IdMap, ItemId, UserId};
@@ -35,6 +36,21 @@ enum LogRecord {
         at_ms: i64,
         user: UserId,
         items: Vec<RecentItem>,
+    },
+    /// The Gorse edge's users and feedback (`session::users`).
+    PutUsers {
+        users: Vec<UserRecord>,
+    },
+    DeleteUser {
+        user: UserId,
+    },
+    PutFeedback {
+        records: Vec<FeedbackRecord>,
+    },
+    DeleteFeedback {
+        user: UserId,
+        item: ItemId,
+        feedback_type: Option<String>,
     },
 }
 
@@ -69,6 +85,10 @@ struct State {
     /// that start again from zero with the process, like the cache.
     counters: HashMap<String, HashMap<String, i64>>,
     appends: u64,
+    /// The Gorse edge's users by id, and feedback by key (`FeedbackRecord::key`): ordered,
+    /// for paging.
+    users: BTreeMap<UserId, UserRecord>,
+    feedback: BTreeMap<String, FeedbackRecord>,
 }
 
 /// One trending key's counters: the weighted count of each item per time bucket, and each
@@ -195,6 +215,9 @@ impl MemoryStore {
                 }) => {
                     state.seed(&user, &items, settings);
                 }
+                Ok(record) => {
+                    state.apply_users(&record);
+                }
                 // A record that checksums but does not decode was written by a newer
                 // version; keep it in the file and skip it here.
                 Err(_) => bad_records += 1,
@@ -318,6 +341,79 @@ impl State {
             h.push_front(item.clone());
         }
         h.truncate(s.history_cap);
+    }
+
+    /// Applies a users-and-feedback record (`session::users`); returns the feedback a
+    /// deletion removed. In log order on replay as when it was written, so a feedback given
+    /// again after a deletion stays.
+    fn apply_users(&mut self, record: &LogRecord) -> Vec<FeedbackRecord> {
+        match record {
+            LogRecord::PutUsers { users } => {
+                for u in users {
+                    self.users.insert(u.user_id.clone(), u.clone());
+                }
+                Vec::new()
+            }
+            LogRecord::PutFeedback { records } => {
+                for r in records {
+                    self.feedback.insert(r.key(), r.clone());
+                }
+                Vec::new()
+            }
+            LogRecord::DeleteUser { user } => {
+                self.users.remove(user);
+                let keys: Vec<String> = self.feedback_keys_of(user).into_iter().collect();
+                let gone = keys
+                    .iter()
+                    .filter_map(|k| self.feedback.remove(k))
+                    .collect();
+                self.recent.remove(&Actor::User(user.clone()));
+                self.history.remove(user);
+                gone
+            }
+            LogRecord::DeleteFeedback {
+                user,
+                item,
+                feedback_type,
+            } => {
+                let prefix = format!("{}{item}\u{1f}", user_feedback_prefix(user));
+                let keys: Vec<String> = self
+                    .feedback
+                    .range(prefix.clone()..)
+                    .take_while(|(k, _)| k.starts_with(&prefix))
+                    .filter(|(_, r)| feedback_type.as_ref().is_none_or(|t| &r.feedback_type == t))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                let gone: Vec<FeedbackRecord> = keys
+                    .iter()
+                    .filter_map(|k| self.feedback.remove(k))
+                    .collect();
+                let left = self
+                    .feedback
+                    .range(prefix.clone()..)
+                    .next()
+                    .is_some_and(|(k, _)| k.starts_with(&prefix));
+                if !left {
+                    if let Some(l) = self.recent.get_mut(&Actor::User(user.clone())) {
+                        l.items.retain(|r| &r.item_id != item);
+                    }
+                    if let Some(h) = self.history.get_mut(user) {
+                        h.retain(|r| &r.item_id != item);
+                    }
+                }
+                gone
+            }
+            LogRecord::Event { .. } | LogRecord::SeedHistory { .. } => Vec::new(),
+        }
+    }
+
+    fn feedback_keys_of(&self, user: &UserId) -> Vec<String> {
+        let prefix = user_feedback_prefix(user);
+        self.feedback
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 
     /// Occasional sweep of expired lists and cache entries, so that memory follows live
@@ -562,6 +658,111 @@ impl SessionStore for MemoryStore {
     async fn ping(&self) -> Result<(), SessionError> {
         // The store is in-process; the only thing that can be down is the log.
         self.log.check().map_err(SessionError::from)
+    }
+}
+
+impl MemoryStore {
+    /// Logs a users-and-feedback record, applies it, and returns once it is durable.
+    async fn write_users(&self, record: LogRecord) -> Result<Vec<FeedbackRecord>, SessionError> {
+        let payload = Self::encode(&record)?;
+        let (seq, gone) = {
+            let mut st = self.state.lock();
+            let seq = self.log.enqueue(&[payload])?;
+            (seq, st.apply_users(&record))
+        };
+        self.log.wait_durable(seq).await?;
+        Ok(gone)
+    }
+}
+
+#[async_trait]
+impl UserStore for MemoryStore {
+    async fn put_users(&self, users: &[UserRecord]) -> Result<(), SessionError> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        self.write_users(LogRecord::PutUsers {
+            users: users.to_vec(),
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn user(&self, id: &UserId) -> Result<Option<UserRecord>, SessionError> {
+        Ok(self.state.lock().users.get(id).cloned())
+    }
+
+    async fn users_after(
+        &self,
+        after: Option<&UserId>,
+        n: usize,
+    ) -> Result<Vec<UserRecord>, SessionError> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let st = self.state.lock();
+        let from = after.map_or(Unbounded, Excluded);
+        Ok(st
+            .users
+            .range((from, Unbounded))
+            .take(n)
+            .map(|(_, u)| u.clone())
+            .collect())
+    }
+
+    async fn delete_user(&self, id: &UserId) -> Result<bool, SessionError> {
+        let known = self.state.lock().users.contains_key(id);
+        self.write_users(LogRecord::DeleteUser { user: id.clone() })
+            .await?;
+        Ok(known)
+    }
+
+    async fn put_feedback(&self, records: &[FeedbackRecord]) -> Result<(), SessionError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        self.write_users(LogRecord::PutFeedback {
+            records: records.to_vec(),
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn feedback_after(
+        &self,
+        after: Option<&str>,
+        n: usize,
+    ) -> Result<Vec<FeedbackRecord>, SessionError> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let st = self.state.lock();
+        let from = after.map_or(Unbounded, |a| Excluded(a.to_string()));
+        Ok(st
+            .feedback
+            .range((from, Unbounded))
+            .take(n)
+            .map(|(_, r)| r.clone())
+            .collect())
+    }
+
+    async fn user_feedback(&self, user: &UserId) -> Result<Vec<FeedbackRecord>, SessionError> {
+        let st = self.state.lock();
+        Ok(st
+            .feedback_keys_of(user)
+            .iter()
+            .filter_map(|k| st.feedback.get(k).cloned())
+            .collect())
+    }
+
+    async fn delete_feedback(
+        &self,
+        user: &UserId,
+        item: &ItemId,
+        feedback_type: Option<&str>,
+    ) -> Result<Vec<FeedbackRecord>, SessionError> {
+        self.write_users(LogRecord::DeleteFeedback {
+            user: user.clone(),
+            item: item.clone(),
+            feedback_type: feedback_type.map(str::to_string),
+        })
+        .await
     }
 }
 

@@ -7,10 +7,12 @@ pub mod export;
 pub mod log;
 pub mod memory;
 pub mod redis;
+pub mod users;
 
 pub use self::redis::RedisStore;
 pub use event::{validate_batch, EventError, EventInput, EventLimits, TimestampInput};
 pub use memory::MemoryStore;
+pub use users::{FeedbackRecord, UserRecord, UserStore};
 
 use crate::config::{SessionBackend, SessionSettings, Settings};
 use crate::domain::{EventType, ItemId, SessionId, UserId};
@@ -22,6 +24,13 @@ use std::time::Duration;
 /// Opens the session store the settings choose: the memory store over
 /// `<data_dir>/events.log` (replaying it), or Redis at `session.redis_url`.
 pub async fn open(settings: &Settings) -> Result<Arc<dyn SessionStore>, SessionError> {
+    Ok(open_with_users(settings).await?.0)
+}
+
+/// Like [`open`], with the same store's users and feedback (`users`) for the Gorse edge.
+pub async fn open_with_users(
+    settings: &Settings,
+) -> Result<(Arc<dyn SessionStore>, Arc<dyn UserStore>), SessionError> {
     match settings.session.backend {
         SessionBackend::Memory => {
             let session = settings.session.clone();
@@ -29,9 +38,13 @@ pub async fn open(settings: &Settings) -> Result<Arc<dyn SessionStore>, SessionE
             let store = tokio::task::spawn_blocking(move || MemoryStore::open(&session, &path))
                 .await
                 .map_err(|e| SessionError::Backend(format!("opening the event log: {e}")))??;
-            Ok(Arc::new(store))
+            let store = Arc::new(store);
+            Ok((store.clone(), store))
         }
-        SessionBackend::Redis => Ok(Arc::new(RedisStore::connect(&settings.session).await?)),
+        SessionBackend::Redis => {
+            let store = Arc::new(RedisStore::connect(&settings.session).await?);
+            Ok((store.clone(), store))
+        }
     }
 }
 

@@ -22,6 +22,10 @@
 //!   left the window, once, whichever replica gets there first. The scripts name the bucket
 //!   keys from `T`, which the hash tag keeps in the declared keys' slot.
 //! - `P:cache:<key>`: the candidate cache (SET PX).
+//! - The Gorse edge's users and feedback (`session::users`), in one slot: `P:{gorse}:users`
+//!   (a hash, id -> JSON) with `P:{gorse}:user_ids` (a sorted set of the ids, all at score 0,
+//!   paged with ZRANGEBYLEX), and `P:{gorse}:feedback` with `P:{gorse}:feedback_keys` alike,
+//!   keyed by `FeedbackRecord::key`.
 //!
 //! With `session.redis_cluster = true`, `redis_url` lists seed nodes of a Redis Cluster
 //! (comma-separated) and the store talks to it through the crate's cluster client, which
@@ -33,6 +37,7 @@
 //! degrade instead of hanging. The `ConnectionManager` reconnects on the next call after
 //! Redis comes back.
 
+use super::users::{FeedbackRecord, UserRecord, UserStore};
 use super::{Actor, AppendOutcome, Event, RecentItem, SessionError, SessionStore};
 use crate::config::SessionSettings;
 use crate::domain::{ItemId, UserId};
@@ -880,5 +885,300 @@ impl SessionStore for RedisStore {
             redis::cmd("PING").query_async::<()>(&mut con).await
         })
         .await
+    }
+}
+
+/// The lexical range of every member that starts with `prefix` (its last character is the
+/// unit separator, so the first string after the range ends in the next character, a space).
+fn prefix_range(prefix: &str) -> (String, String) {
+    let stem = prefix.strip_suffix('\u{1f}').unwrap_or(prefix);
+    (format!("[{prefix}"), format!("({stem} "))
+}
+
+impl RedisStore {
+    fn gorse_key(&self, name: &str) -> String {
+        self.key(&format!("{{gorse}}:{name}"))
+    }
+
+    /// Members of the sorted set `zset` in `[min, max]` (ZRANGEBYLEX syntax), at most `n`,
+    /// with their JSON records from the hash `hash`.
+    async fn lex_records<T: serde::de::DeserializeOwned>(
+        &self,
+        what: &str,
+        zset: &str,
+        hash: &str,
+        (min, max): (String, String),
+        n: usize,
+    ) -> Result<Vec<T>, SessionError> {
+        let ids: Vec<String> = self
+            .bounded(what, async {
+                let mut con = self.manager().await?;
+                redis::cmd("ZRANGEBYLEX")
+                    .arg(zset)
+                    .arg(&min)
+                    .arg(&max)
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(n.min(i64::MAX as usize) as i64)
+                    .query_async(&mut con)
+                    .await
+            })
+            .await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let raw: Vec<Option<String>> = self
+            .bounded(what, async {
+                let mut con = self.manager().await?;
+                redis::cmd("HMGET")
+                    .arg(hash)
+                    .arg(&ids)
+                    .query_async(&mut con)
+                    .await
+            })
+            .await?;
+        // A member without its record was deleted between the two reads: skipped.
+        raw.into_iter()
+            .flatten()
+            .map(|json| {
+                serde_json::from_str(&json)
+                    .map_err(|e| SessionError::Backend(format!("{what}: a stored record: {e}")))
+            })
+            .collect()
+    }
+
+    /// Removes `item` from a user's recent list and history: each stored entry that names it
+    /// is removed by its exact text (LREM), so entries pushed meanwhile stay.
+    async fn forget_item(&self, user: &UserId, item: &ItemId) -> Result<(), SessionError> {
+        let keys = [
+            self.recent_key(&Actor::User(user.clone())),
+            self.history_key(user),
+        ];
+        let mut read = redis::pipe();
+        for k in &keys {
+            read.cmd("LRANGE").arg(k).arg(0).arg(-1);
+        }
+        let (recent, history): (Vec<String>, Vec<String>) = self
+            .bounded("read activity to forget", async {
+                let mut con = self.manager().await?;
+                read.query_async(&mut con).await
+            })
+            .await?;
+        let mut pipe = redis::pipe();
+        for (key, raw) in keys.iter().zip([recent, history]) {
+            for entry in raw {
+                let names_it =
+                    serde_json::from_str::<RecentItem>(&entry).is_ok_and(|r| &r.item_id == item);
+                if names_it {
+                    pipe.cmd("LREM").arg(key).arg(0).arg(entry).ignore();
+                }
+            }
+        }
+        self.bounded("forget an item", async {
+            let mut con = self.manager().await?;
+            pipe.query_async::<()>(&mut con).await
+        })
+        .await
+    }
+
+    async fn remove_feedback(&self, records: &[FeedbackRecord]) -> Result<(), SessionError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = records.iter().map(FeedbackRecord::key).collect();
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.cmd("HDEL")
+            .arg(self.gorse_key("feedback"))
+            .arg(&keys)
+            .ignore();
+        pipe.cmd("ZREM")
+            .arg(self.gorse_key("feedback_keys"))
+            .arg(&keys)
+            .ignore();
+        self.bounded("delete feedback", async {
+            let mut con = self.manager().await?;
+            pipe.query_async::<()>(&mut con).await
+        })
+        .await
+    }
+
+    async fn feedback_with_prefix(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<FeedbackRecord>, SessionError> {
+        self.lex_records(
+            "read feedback",
+            &self.gorse_key("feedback_keys"),
+            &self.gorse_key("feedback"),
+            prefix_range(prefix),
+            usize::MAX,
+        )
+        .await
+    }
+}
+
+#[async_trait]
+impl UserStore for RedisStore {
+    async fn put_users(&self, users: &[UserRecord]) -> Result<(), SessionError> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for u in users {
+            let json = serde_json::to_string(u)
+                .map_err(|e| SessionError::Backend(format!("encoding a user: {e}")))?;
+            pipe.cmd("HSET")
+                .arg(self.gorse_key("users"))
+                .arg(u.user_id.as_str())
+                .arg(json)
+                .ignore();
+            pipe.cmd("ZADD")
+                .arg(self.gorse_key("user_ids"))
+                .arg(0)
+                .arg(u.user_id.as_str())
+                .ignore();
+        }
+        self.bounded("write users", async {
+            let mut con = self.manager().await?;
+            pipe.query_async::<()>(&mut con).await
+        })
+        .await
+    }
+
+    async fn user(&self, id: &UserId) -> Result<Option<UserRecord>, SessionError> {
+        let raw: Option<String> = self
+            .bounded("read a user", async {
+                let mut con = self.manager().await?;
+                redis::cmd("HGET")
+                    .arg(self.gorse_key("users"))
+                    .arg(id.as_str())
+                    .query_async(&mut con)
+                    .await
+            })
+            .await?;
+        raw.map(|json| {
+            serde_json::from_str(&json)
+                .map_err(|e| SessionError::Backend(format!("a stored user: {e}")))
+        })
+        .transpose()
+    }
+
+    async fn users_after(
+        &self,
+        after: Option<&UserId>,
+        n: usize,
+    ) -> Result<Vec<UserRecord>, SessionError> {
+        let min = after.map_or("-".to_string(), |a| format!("({a}"));
+        self.lex_records(
+            "read users",
+            &self.gorse_key("user_ids"),
+            &self.gorse_key("users"),
+            (min, "+".to_string()),
+            n,
+        )
+        .await
+    }
+
+    async fn delete_user(&self, id: &UserId) -> Result<bool, SessionError> {
+        let feedback = self
+            .feedback_with_prefix(&super::users::user_feedback_prefix(id))
+            .await?;
+        self.remove_feedback(&feedback).await?;
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.cmd("HDEL")
+            .arg(self.gorse_key("users"))
+            .arg(id.as_str());
+        pipe.cmd("ZREM")
+            .arg(self.gorse_key("user_ids"))
+            .arg(id.as_str())
+            .ignore();
+        let (removed,): (i64,) = self
+            .bounded("delete a user", async {
+                let mut con = self.manager().await?;
+                pipe.query_async(&mut con).await
+            })
+            .await?;
+        let mut activity = redis::pipe();
+        activity
+            .cmd("DEL")
+            .arg(self.recent_key(&Actor::User(id.clone())))
+            .arg(self.history_key(id))
+            .ignore();
+        self.bounded("delete a user's activity", async {
+            let mut con = self.manager().await?;
+            activity.query_async::<()>(&mut con).await
+        })
+        .await?;
+        Ok(removed > 0)
+    }
+
+    async fn put_feedback(&self, records: &[FeedbackRecord]) -> Result<(), SessionError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for r in records {
+            let json = serde_json::to_string(r)
+                .map_err(|e| SessionError::Backend(format!("encoding feedback: {e}")))?;
+            let key = r.key();
+            pipe.cmd("HSET")
+                .arg(self.gorse_key("feedback"))
+                .arg(&key)
+                .arg(json)
+                .ignore();
+            pipe.cmd("ZADD")
+                .arg(self.gorse_key("feedback_keys"))
+                .arg(0)
+                .arg(&key)
+                .ignore();
+        }
+        self.bounded("write feedback", async {
+            let mut con = self.manager().await?;
+            pipe.query_async::<()>(&mut con).await
+        })
+        .await
+    }
+
+    async fn feedback_after(
+        &self,
+        after: Option<&str>,
+        n: usize,
+    ) -> Result<Vec<FeedbackRecord>, SessionError> {
+        let min = after.map_or("-".to_string(), |a| format!("({a}"));
+        self.lex_records(
+            "read feedback",
+            &self.gorse_key("feedback_keys"),
+            &self.gorse_key("feedback"),
+            (min, "+".to_string()),
+            n,
+        )
+        .await
+    }
+
+    async fn user_feedback(&self, user: &UserId) -> Result<Vec<FeedbackRecord>, SessionError> {
+        self.feedback_with_prefix(&super::users::user_feedback_prefix(user))
+            .await
+    }
+
+    async fn delete_feedback(
+        &self,
+        user: &UserId,
+        item: &ItemId,
+        feedback_type: Option<&str>,
+    ) -> Result<Vec<FeedbackRecord>, SessionError> {
+        let prefix = format!("{}{item}\u{1f}", super::users::user_feedback_prefix(user));
+        let on_item = self.feedback_with_prefix(&prefix).await?;
+        let (gone, kept): (Vec<_>, Vec<_>) = on_item
+            .into_iter()
+            .partition(|r| feedback_type.is_none_or(|t| r.feedback_type == t));
+        self.remove_feedback(&gone).await?;
+        if kept.is_empty() {
+            self.forget_item(user, item).await?;
+        }
+        Ok(gone)
     }
 }
