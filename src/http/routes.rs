@@ -274,6 +274,7 @@ pub async fn delete_item(
     responses(
         (status = 415, description = "the body is not sent as application/json", body = ErrorBody),
         (status = 200, body = OnboardingResponse),
+        (status = 404, description = "a liked item is not in the catalog", body = ErrorBody),
         (status = 422, body = ErrorBody),
         (status = 503, description = "the session store did not answer", body = ErrorBody),
     ))]
@@ -316,7 +317,10 @@ pub async fn onboarding(
         let entry = s
             .catalog
             .get(&id)
-            .ok_or_else(|| AppError::invalid(&field, format!("unknown item {id}")))?;
+            .ok_or_else(|| AppError::UnknownItemIn {
+                field: field.clone(),
+                id: id.to_string(),
+            })?;
         liked.push(entry);
     }
     let now_ms = chrono::Utc::now().timestamp_millis();

@@ -19,7 +19,10 @@ pub const MAX_LIST: usize = 500;
 pub const MAX_CATEGORIES: usize = 32;
 /// Largest `POST /v1/items` batch.
 pub const MAX_ITEMS_BATCH: usize = 1_000;
-const MAX_NAME_LEN: usize = 256;
+/// Longest category or tag name, in characters.
+pub const MAX_NAME_LEN: usize = 256;
+/// Longest item title, in characters.
+pub const MAX_TITLE_LEN: usize = 4_096;
 
 /// Query of `GET /v1/recommendations`; the `POST` body has the same fields.
 #[derive(Debug, Default, Deserialize, ToSchema, IntoParams)]
@@ -248,16 +251,11 @@ fn build_filter(p: FilterParts) -> Result<Filter, AppError> {
             )),
         }
     };
+    // A range with `price_min` above `price_max` is empty: it matches no item (an answer
+    // with no items), as any other filter that nothing passes. The schema can state each
+    // bound but not their order, so refusing it would refuse requests the schema allows.
     let price_min = price("price_min", p.price_min)?;
     let price_max = price("price_max", p.price_max)?;
-    if let (Some(lo), Some(hi)) = (price_min, price_max) {
-        if lo > hi {
-            return Err(AppError::invalid(
-                "price_min",
-                format!("{lo} is greater than price_max {hi}"),
-            ));
-        }
-    }
     if p.exclude.len() > MAX_LIST {
         return Err(AppError::invalid(
             "exclude",
@@ -291,7 +289,10 @@ fn check_names(field: &str, names: &[String]) -> Result<(), AppError> {
         ));
     }
     for (i, n) in names.iter().enumerate() {
-        if n.trim().is_empty() || n.len() > MAX_NAME_LEN || n.chars().any(char::is_control) {
+        if n.trim().is_empty()
+            || n.chars().count() > MAX_NAME_LEN
+            || n.chars().any(char::is_control)
+        {
             return Err(AppError::invalid(
                 format!("{field}[{i}]"),
                 format!("{n:?} must be 1..={MAX_NAME_LEN} printable characters"),
@@ -383,10 +384,11 @@ impl ItemInput {
         let field = |f: &str| format!("{at}.{f}");
         let item_id = ItemId::parse(self.item_id)
             .map_err(|e| AppError::invalid(field("item_id"), e.to_string()))?;
-        if self.title.len() > 4_096 || self.title.chars().any(char::is_control) {
+        if self.title.chars().count() > MAX_TITLE_LEN || self.title.chars().any(char::is_control)
+        {
             return Err(AppError::invalid(
                 field("title"),
-                "must be at most 4096 printable characters",
+                format!("must be at most {MAX_TITLE_LEN} printable characters"),
             ));
         }
         check_names(&field("categories"), &self.categories)?;

@@ -188,7 +188,7 @@ impl EventInput {
             ));
         }
         if let Some(v) = &self.variant {
-            if v.is_empty() || v.len() > MAX_ID_LEN || v.chars().any(char::is_control) {
+            if v.is_empty() || v.chars().count() > MAX_ID_LEN || v.chars().any(char::is_control) {
                 return Err(EventError::invalid(
                     "variant",
                     format!("must be 1 to {MAX_ID_LEN} characters without control characters"),
@@ -196,6 +196,9 @@ impl EventInput {
             }
         }
         if let Some(c) = &self.context {
+            if !c.is_object() {
+                return Err(EventError::invalid("context", "must be a JSON object"));
+            }
             let len = serde_json::to_vec(c).map(|b| b.len()).unwrap_or(usize::MAX);
             if len > MAX_CONTEXT_BYTES {
                 return Err(EventError::invalid(
