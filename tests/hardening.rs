@@ -56,7 +56,12 @@ async fn an_item_delete_whose_request_is_dropped_still_finishes_everywhere() {
         .search(&victim.vector, &Filter::default(), 5)
         .await
         .unwrap();
-    let anchor = hits.iter().find(|h| h.item_id != id).unwrap().item_id.clone();
+    let anchor = hits
+        .iter()
+        .find(|h| h.item_id != id)
+        .unwrap()
+        .item_id
+        .clone();
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -73,24 +78,46 @@ async fn an_item_delete_whose_request_is_dropped_still_finishes_everywhere() {
             .iter()
             .any(|i| i["item_id"] == id.as_str())
     };
-    let before: serde_json::Value = http.get(&similar).send().await.unwrap().json().await.unwrap();
+    let before: serde_json::Value = http
+        .get(&similar)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert!(served(before), "the item is served before the delete");
 
     // One poll starts the delete; then its caller is gone.
     drop(state.items.delete(&id).now_or_never());
 
-    eventually("the dropped delete reaches the engine and the catalog", Duration::from_secs(10), || {
-        let (state, id) = (state.clone(), id.clone());
-        async move {
-            let in_engine = !state.index.fetch(&[id.clone()]).await.unwrap().is_empty();
-            let in_catalog = state.catalog.get(&id).is_some();
-            !in_engine && !in_catalog
-        }
-    })
+    eventually(
+        "the dropped delete reaches the engine and the catalog",
+        Duration::from_secs(10),
+        || {
+            let (state, id) = (state.clone(), id.clone());
+            async move {
+                let in_engine = !state.index.fetch(&[id.clone()]).await.unwrap().is_empty();
+                let in_catalog = state.catalog.get(&id).is_some();
+                !in_engine && !in_catalog
+            }
+        },
+    )
     .await;
-    let after: serde_json::Value = http.get(&similar).send().await.unwrap().json().await.unwrap();
+    let after: serde_json::Value = http
+        .get(&similar)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert!(!served(after), "a deleted item is never served");
-    let one = http.get(format!("{base}/v1/items/{id}")).send().await.unwrap();
+    let one = http
+        .get(format!("{base}/v1/items/{id}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(one.status(), StatusCode::NOT_FOUND);
     let _ = stop.send(());
     server.await.unwrap().unwrap();
@@ -323,7 +350,10 @@ async fn trickling_bodies_cannot_make_other_clients_get_429() {
     let addr = app.base.trim_start_matches("http://").to_string();
 
     let (_, trending) = app.get("/v1/trending?k=1").await;
-    let item = trending["items"][0]["item_id"].as_str().unwrap().to_string();
+    let item = trending["items"][0]["item_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     const SLOW: usize = 300;
     let started = Instant::now();

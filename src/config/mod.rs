@@ -592,7 +592,10 @@ impl Settings {
             ));
         }
         if server.body_timeout_ms == 0 {
-            return Err(invalid("server.body_timeout_ms", "must be at least 1".into()));
+            return Err(invalid(
+                "server.body_timeout_ms",
+                "must be at least 1".into(),
+            ));
         }
         for (field, v) in [
             ("server.session_budget_ms", server.session_budget_ms),

@@ -85,9 +85,9 @@ impl AppError {
             AppError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             AppError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
-            AppError::NotFound { .. } | AppError::UnknownItemIn { .. } | AppError::NoRoute { .. } => {
-                StatusCode::NOT_FOUND
-            }
+            AppError::NotFound { .. }
+            | AppError::UnknownItemIn { .. }
+            | AppError::NoRoute { .. } => StatusCode::NOT_FOUND,
             AppError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             AppError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             AppError::Timeout { .. } | AppError::Unavailable { .. } => {

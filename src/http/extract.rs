@@ -42,20 +42,18 @@ pub async fn read_bytes(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(AppError::PayloadTooLarge { limit });
     }
-    axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|e| {
-            let mut source: Option<&dyn std::error::Error> = Some(&e);
-            while let Some(s) = source {
-                if s.to_string().contains("length limit") {
-                    return AppError::PayloadTooLarge { limit };
-                }
-                source = s.source();
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let mut source: Option<&dyn std::error::Error> = Some(&e);
+        while let Some(s) = source {
+            if s.to_string().contains("length limit") {
+                return AppError::PayloadTooLarge { limit };
             }
-            AppError::MalformedJson {
-                reason: format!("could not read the body: {e}"),
-            }
-        })
+            source = s.source();
+        }
+        AppError::MalformedJson {
+            reason: format!("could not read the body: {e}"),
+        }
+    })
 }
 
 /// Parses JSON, naming the field at fault: `items[2].price: invalid type: string "x", expected f32`.

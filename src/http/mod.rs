@@ -168,7 +168,10 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
         // Outside the guard: a body is read before its request takes a slot.
-        .layer(axum::middleware::from_fn_with_state(state.clone(), read_body_first))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            read_body_first,
+        ))
         .layer(axum::middleware::from_fn(observe))
         // Outside the guard, so that a 429 or a 503 counts in the live figures too.
         .layer(axum::middleware::from_fn_with_state(live, stats::track))

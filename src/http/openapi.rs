@@ -123,7 +123,8 @@ pub fn state_rules(doc: &mut Value) {
     if let Some(paths) = doc["paths"].as_object_mut() {
         for op in paths.values_mut().filter_map(Value::as_object_mut) {
             for op in op.values_mut() {
-                let Some(params) = op["parameters"].as_array_mut() else {
+                // `get_mut`, not indexing: indexing would add `parameters: null`.
+                let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) else {
                     continue;
                 };
                 for p in params {
@@ -140,6 +141,23 @@ pub fn state_rules(doc: &mut Value) {
                         _ => continue,
                     };
                     merge(&mut p["schema"], rule);
+                }
+            }
+        }
+    }
+    // Past 64 KiB the HTTP parser refuses a URL itself (414, no body): a long `exclude` list
+    // of long ids can reach it, and no JSON Schema keyword can bound a whole query string.
+    if let Some(paths) = doc["paths"].as_object_mut() {
+        for op in paths.values_mut().filter_map(Value::as_object_mut) {
+            for op in op.values_mut() {
+                let has_query = op
+                    .get("parameters")
+                    .and_then(Value::as_array)
+                    .is_some_and(|ps| ps.iter().any(|p| p["in"] == "query"));
+                if has_query {
+                    op["responses"]["414"] = json!({
+                        "description": "the URL is longer than 64 KiB (a long `exclude` list: `POST /v1/recommendations` takes the same fields in a body)"
+                    });
                 }
             }
         }
@@ -190,8 +208,14 @@ pub fn state_rules(doc: &mut Value) {
     ]);
 
     let onboarding = &mut schemas["OnboardingInput"];
-    merge(&mut onboarding["properties"]["categories"], list(name(), MAX_CATEGORIES));
-    merge(&mut onboarding["properties"]["liked_items"], list(id(), MAX_LIST));
+    merge(
+        &mut onboarding["properties"]["categories"],
+        list(name(), MAX_CATEGORIES),
+    );
+    merge(
+        &mut onboarding["properties"]["liked_items"],
+        list(id(), MAX_LIST),
+    );
     merge(&mut onboarding["properties"]["k"], nullable(k()));
     onboarding["anyOf"] = json!([
         {"required": ["categories"], "properties": {"categories": {"minItems": 1}}},
@@ -201,7 +225,10 @@ pub fn state_rules(doc: &mut Value) {
     let event = &mut schemas["EventInput"];
     let types: Vec<&str> = EventType::ALL.iter().map(|t| t.as_str()).collect();
     let props = &mut event["properties"];
-    merge(&mut props["event_id"], json!({"type": ["string", "null"], "pattern": UUID}));
+    merge(
+        &mut props["event_id"],
+        json!({"type": ["string", "null"], "pattern": UUID}),
+    );
     for f in ["user_id", "session_id", "variant"] {
         merge(&mut props[f], nullable(id()));
     }
@@ -244,7 +271,9 @@ fn timestamp_rule(latest_ms: Option<i64>) -> Value {
     // RFC 3339, days 1-28 so that every match is a real date, years before the current one
     // when the server states it.
     let years = match latest_ms {
-        Some(ms) => years_before(chrono::DateTime::from_timestamp_millis(ms).map_or(2000, |d| d.year())),
+        Some(ms) => {
+            years_before(chrono::DateTime::from_timestamp_millis(ms).map_or(2000, |d| d.year()))
+        }
         None => "\\d{4}".to_string(),
     };
     let rfc3339 = format!(
@@ -269,20 +298,31 @@ fn years_before(year: i32) -> String {
         }
         let prefix: String = digits[..i].iter().map(|d| d.to_string()).collect();
         let rest = 3 - i;
-        let tail = if rest > 0 { format!("\\d{{{rest}}}") } else { String::new() };
+        let tail = if rest > 0 {
+            format!("\\d{{{rest}}}")
+        } else {
+            String::new()
+        };
         alts.push(format!("{prefix}[0-{}]{tail}", digits[i] - 1));
     }
     format!("({})", alts.join("|"))
 }
 
 /// The rules of the running server (see [`serve_openapi`]).
-pub fn live_rules(doc: &mut Value, categories: &[String], max_batch: usize, now_ms: i64, max_future_ms: i64) {
+pub fn live_rules(
+    doc: &mut Value,
+    categories: &[String],
+    max_batch: usize,
+    now_ms: i64,
+    max_future_ms: i64,
+) {
     if !categories.is_empty() {
         let known = json!({"type": "string", "enum": categories});
         if let Some(paths) = doc["paths"].as_object_mut() {
             for op in paths.values_mut().filter_map(Value::as_object_mut) {
                 for op in op.values_mut() {
-                    let Some(params) = op["parameters"].as_array_mut() else {
+                    let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut)
+                    else {
                         continue;
                     };
                     for p in params {

@@ -314,13 +314,10 @@ pub async fn onboarding(
     for (i, raw) in input.liked_items.into_iter().enumerate() {
         let field = format!("liked_items[{i}]");
         let id = ItemId::parse(raw).map_err(|e| AppError::invalid(&field, e.to_string()))?;
-        let entry = s
-            .catalog
-            .get(&id)
-            .ok_or_else(|| AppError::UnknownItemIn {
-                field: field.clone(),
-                id: id.to_string(),
-            })?;
+        let entry = s.catalog.get(&id).ok_or_else(|| AppError::UnknownItemIn {
+            field: field.clone(),
+            id: id.to_string(),
+        })?;
         liked.push(entry);
     }
     let now_ms = chrono::Utc::now().timestamp_millis();

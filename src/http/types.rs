@@ -384,8 +384,7 @@ impl ItemInput {
         let field = |f: &str| format!("{at}.{f}");
         let item_id = ItemId::parse(self.item_id)
             .map_err(|e| AppError::invalid(field("item_id"), e.to_string()))?;
-        if self.title.chars().count() > MAX_TITLE_LEN || self.title.chars().any(char::is_control)
-        {
+        if self.title.chars().count() > MAX_TITLE_LEN || self.title.chars().any(char::is_control) {
             return Err(AppError::invalid(
                 field("title"),
                 format!("must be at most {MAX_TITLE_LEN} printable characters"),

@@ -978,7 +978,11 @@ impl EdgeIndex {
         };
         let freed = drop_unread_wal(&dir.join(SHARD_DIR))?;
         if freed > 0 {
-            tracing::info!(collection = name, bytes = freed, "dropped the engine's unread WAL");
+            tracing::info!(
+                collection = name,
+                bytes = freed,
+                "dropped the engine's unread WAL"
+            );
         }
         let shard = EdgeShard::load(&dir.join(SHARD_DIR), None).map_err(|e| {
             let e = e.to_string();
@@ -1329,7 +1333,10 @@ mod tests {
             drop(live);
             drop(index);
         }
-        assert!(sizes[0] > WAL_SEGMENT_BYTES as u64, "{sizes:?}: a round fills more than one segment");
+        assert!(
+            sizes[0] > WAL_SEGMENT_BYTES as u64,
+            "{sizes:?}: a round fills more than one segment"
+        );
         assert!(
             sizes.iter().all(|&s| s <= sizes[0]),
             "WAL bytes at the end of each round: {sizes:?}"
@@ -1357,9 +1364,14 @@ mod tests {
         let gone = ItemId::parse("gone").unwrap();
         let found = |hits: &[Hit]| hits.iter().any(|h| h.item_id == gone);
         let q = [1.0, 0.0, 0.0, 0.0];
-        assert!(found(&index.search(&q, &Filter::default(), 10).await.unwrap()));
+        assert!(found(
+            &index.search(&q, &Filter::default(), 10).await.unwrap()
+        ));
         // One poll sends the delete to the writer thread; then the caller goes away.
-        assert!(index.delete(std::slice::from_ref(&gone)).now_or_never().is_none());
+        assert!(index
+            .delete(std::slice::from_ref(&gone))
+            .now_or_never()
+            .is_none());
         let live = index.live().unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {

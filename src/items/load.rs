@@ -230,13 +230,22 @@ async fn replay_unflushed(
     );
     let mut last_log = Instant::now();
     for (n, chunk) in pending.chunks(REPLAY_BATCH).enumerate() {
-        let points = embed_points(model, chunk.iter().map(|(i, p)| (i, *p)), EMBED_BATCH, |_| {})
-            .map_err(|source| model_error(model, source))?;
+        let points = embed_points(
+            model,
+            chunk.iter().map(|(i, p)| (i, *p)),
+            EMBED_BATCH,
+            |_| {},
+        )
+        .map_err(|source| model_error(model, source))?;
         index.upsert_buffered(points).await?;
         if last_log.elapsed() >= Duration::from_secs(5) {
             last_log = Instant::now();
             let done = (n * REPLAY_BATCH + chunk.len()).min(pending.len());
-            tracing::info!(replayed = done, of = pending.len(), "replaying item upserts");
+            tracing::info!(
+                replayed = done,
+                of = pending.len(),
+                "replaying item upserts"
+            );
         }
     }
     index.flush().await?;

@@ -370,7 +370,10 @@ pub fn read_segments(
             return Ok(records.len() as u64);
         }
     }
-    Err(LogError::io(path, "the log kept rotating while it was read; retry"))
+    Err(LogError::io(
+        path,
+        "the log kept rotating while it was read; retry",
+    ))
 }
 
 /// The sealed segments of the log at `path` (`<path>.NNNNNNNN`), oldest first.
@@ -441,8 +444,12 @@ fn rotate(path: &Path, keep: usize) -> Result<File, LogError> {
     if keep > 0 && sealed.len() + 1 > keep {
         for (_, old) in &sealed[..sealed.len() + 1 - keep] {
             match std::fs::remove_file(old) {
-                Ok(()) => tracing::warn!(segment = %old.display(), keep, "event log: deleted a sealed segment past session.log_keep_segments"),
-                Err(e) => tracing::warn!(segment = %old.display(), error = %e, "event log: could not delete an old segment"),
+                Ok(()) => {
+                    tracing::warn!(segment = %old.display(), keep, "event log: deleted a sealed segment past session.log_keep_segments")
+                }
+                Err(e) => {
+                    tracing::warn!(segment = %old.display(), error = %e, "event log: could not delete an old segment")
+                }
             }
         }
         sync_dir()?;
