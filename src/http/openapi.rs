@@ -345,8 +345,9 @@ pub fn live_rules(
         }
         schemas["OnboardingInput"]["properties"]["categories"]["items"] = known.clone();
     }
-    doc["components"]["schemas"]["EventInput"]["properties"]["timestamp"] =
-        timestamp_rule(Some(now_ms.saturating_add(max_future_ms)));
+    doc["components"]["schemas"]["EventInput"]["properties"]["timestamp"] = timestamp_rule(Some(
+        crate::session::event::latest_allowed_ms(now_ms, max_future_ms),
+    ));
     doc["paths"]["/v1/events"]["post"]["requestBody"]["content"]["application/json"]["schema"]
         ["oneOf"][1]["maxItems"] = json!(max_batch);
 }

@@ -34,6 +34,7 @@ pub struct RecommendParams {
     /// An anonymous (or logged-in) browsing session.
     pub session_id: Option<String>,
     /// How many items (1..=200, default 20).
+    #[serde(default, deserialize_with = "integral")]
     pub k: Option<i64>,
     /// Keep only items in any of these categories (repeatable).
     #[serde(default)]
@@ -215,6 +216,24 @@ pub struct Validated {
     pub k: usize,
     pub filter: Filter,
     pub explain: bool,
+}
+
+/// An optional integer that also takes a JSON number without a fraction (`106.0`): JSON
+/// Schema counts it as an integer, so a client generated from the schema may send one.
+fn integral<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    use serde::de::Error;
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    if let Some(i) = n.as_i64() {
+        return Ok(Some(i));
+    }
+    match n.as_f64() {
+        Some(f) if f.fract() == 0.0 && f.abs() < 9.0e18 => Ok(Some(f as i64)),
+        _ => Err(D::Error::custom(format!(
+            "invalid type: {n}, expected an integer"
+        ))),
+    }
 }
 
 pub fn validate_k(k: Option<i64>) -> Result<usize, AppError> {
@@ -488,6 +507,7 @@ pub struct OnboardingInput {
     #[serde(default)]
     pub liked_items: Vec<String>,
     /// How many recommendations to return (1..=200, default 20).
+    #[serde(default, deserialize_with = "integral")]
     pub k: Option<i64>,
 }
 
