@@ -97,7 +97,12 @@ async fn an_item_delete_whose_request_is_dropped_still_finishes_everywhere() {
         || {
             let (state, id) = (state.clone(), id.clone());
             async move {
-                let in_engine = !state.index.fetch(&[id.clone()]).await.unwrap().is_empty();
+                let in_engine = !state
+                    .index
+                    .fetch(std::slice::from_ref(&id))
+                    .await
+                    .unwrap()
+                    .is_empty();
                 let in_catalog = state.catalog.get(&id).is_some();
                 !in_engine && !in_catalog
             }
@@ -246,7 +251,7 @@ async fn a_crash_replay_larger_than_one_batch_is_written_in_bounded_batches() {
     let added: Vec<(Item, f32)> = (0..pending)
         .map(|i| {
             let mut item = Item::new(
-                ItemId::parse(&format!("added-{i}")).unwrap(),
+                ItemId::parse(format!("added-{i}")).unwrap(),
                 format!("Added {i}"),
             );
             item.categories = vec!["Books".into()];
