@@ -586,9 +586,15 @@ mod tests {
         assert_eq!(check(&[("k", "ten")]), "k");
         assert_eq!(check(&[("price_min", "-1")]), "price_min");
         assert_eq!(check(&[("price_max", "NaN")]), "price_max");
+        // An inverted range is an empty one (it matches nothing), not an error.
+        let inverted =
+            RecommendParams::from_query(&query(&[("price_min", "5"), ("price_max", "1")]))
+                .unwrap()
+                .validate()
+                .unwrap();
         assert_eq!(
-            check(&[("price_min", "5"), ("price_max", "1")]),
-            "price_min"
+            (inverted.filter.price_min, inverted.filter.price_max),
+            (Some(5.0), Some(1.0))
         );
         assert_eq!(check(&[("colour", "red")]), "colour");
         assert_eq!(check(&[("user_id", "")]), "user_id");
