@@ -32,7 +32,7 @@ fn check_id(s: &str) -> Result<(), DomainError> {
     if s.is_empty() {
         return Err(DomainError::Empty);
     }
-    if s.len() > MAX_ID_LEN {
+    if s.len() > MAX_ID_LEN && s.chars().count() > MAX_ID_LEN {
         return Err(DomainError::TooLong);
     }
     if s.chars().any(char::is_control) {

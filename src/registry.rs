@@ -28,6 +28,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 const REGISTRY_FILE: &str = "registry.json";
+/// The registry as it was before the last write: the copy a start-up falls back to when
+/// `registry.json` is damaged (one write behind).
+const PREVIOUS_FILE: &str = "registry.json.prev";
+/// Where a damaged `registry.json` is moved, for an operator to look at.
+const DAMAGED_FILE: &str = "registry.json.damaged";
 /// Files a checkpoint directory holds (see `model::checkpoint`).
 const CHECKPOINT_FILES: [&str; 2] = ["model.safetensors", "manifest.json"];
 
@@ -124,24 +129,52 @@ pub struct Registry {
     /// Versions an enabled experiment serves: they keep their collections (set from the
     /// experiments at start-up and on every change, so not saved).
     pinned: Mutex<Vec<String>>,
+    /// Why `registry.json` could not be read at start-up, when the registry fell back to
+    /// its previous copy (or to an empty registry).
+    recovered: Option<String>,
 }
 
 impl Registry {
     /// Opens (or creates) the registry of one process, in the model store `dir`. A version
     /// left `indexing` by a crash goes back to `registered` with the reason, since its
     /// half-built collection is gone.
+    ///
+    /// A damaged `registry.json` does not stop the start-up: it is moved aside to
+    /// `registry.json.damaged`, and the registry is the copy kept before the last write
+    /// (`registry.json.prev`, one write behind), or an empty one if that is damaged too;
+    /// either way an error is logged, `tandem_registry_recovered` is 1, and
+    /// [`Registry::recovered`] says why.
     pub fn open(dir: &Path, keep_last: usize) -> Result<Self, RegistryError> {
         let dir = dir.to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|e| storage(&dir, e))?;
         let file = dir.join(REGISTRY_FILE);
-        let mut state: State = match std::fs::read_to_string(&file) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| RegistryError::Storage {
-                path: file.display().to_string(),
-                reason: e.to_string(),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
-            Err(e) => return Err(storage(&file, e)),
+        let (mut state, recovered) = match read_state(&file)? {
+            Ok(state) => (state, None),
+            Err(reason) => {
+                let damaged = dir.join(DAMAGED_FILE);
+                std::fs::rename(&file, &damaged).map_err(|e| storage(&damaged, e))?;
+                let previous = dir.join(PREVIOUS_FILE);
+                let state = match read_state(&previous)? {
+                    Ok(state) => {
+                        tracing::error!(
+                            file = %file.display(), moved_to = %damaged.display(), %reason,
+                            "the model registry is damaged; serving from its previous copy {} (one write behind): check the active model",
+                            previous.display()
+                        );
+                        state
+                    }
+                    Err(prev) => {
+                        tracing::error!(
+                            file = %file.display(), moved_to = %damaged.display(), %reason, previous = %prev,
+                            "the model registry and its previous copy are damaged; starting with an empty registry (model_path serves): register the models again"
+                        );
+                        State::default()
+                    }
+                };
+                (state, Some(reason))
+            }
         };
+        crate::telemetry::set_registry_recovered(recovered.is_some());
         for m in &mut state.models {
             if m.status == ModelStatus::Indexing {
                 m.status = ModelStatus::Registered;
@@ -156,9 +189,15 @@ impl Registry {
             store: Store::File,
             state: Mutex::new(state),
             pinned: Mutex::new(Vec::new()),
+            recovered,
         };
         registry.save_file(&registry.state.lock())?;
         Ok(registry)
+    }
+
+    /// Why the registry file could not be read at start-up, if it could not (see `open`).
+    pub fn recovered(&self) -> Option<&str> {
+        self.recovered.as_deref()
     }
 
     /// Opens the registry the replicas share: the document in Redis, the checkpoints in the
@@ -176,6 +215,7 @@ impl Registry {
             },
             state: Mutex::new(State::default()),
             pinned: Mutex::new(Vec::new()),
+            recovered: None,
         };
         registry.reload()?;
         Ok(registry)
@@ -444,10 +484,16 @@ impl Registry {
         std::fs::create_dir_all(&tmp).map_err(|e| storage(&tmp, e))?;
         for f in CHECKPOINT_FILES {
             std::fs::copy(from.join(f), tmp.join(f)).map_err(|e| storage(&from.join(f), e))?;
+            // Durable before the registry names it: the registry file is fsynced next.
+            std::fs::File::open(tmp.join(f))
+                .and_then(|c| c.sync_all())
+                .map_err(|e| storage(&tmp.join(f), e))?;
         }
+        sync_dir(&tmp).map_err(|e| storage(&tmp, e))?;
         let dest = self.model_dir(version);
         let _ = std::fs::remove_dir_all(&dest);
-        std::fs::rename(&tmp, &dest).map_err(|e| storage(&dest, e))
+        std::fs::rename(&tmp, &dest).map_err(|e| storage(&dest, e))?;
+        sync_dir(&self.dir).map_err(|e| storage(&self.dir, e))
     }
 
     /// Changes the document and keeps it: in one process under the lock, then to the file;
@@ -520,12 +566,24 @@ impl Registry {
         result.map_err(|e| unavailable(e.to_string()))
     }
 
+    /// Writes the document durably: the new text to a temporary file, fsynced; the current
+    /// file kept as `registry.json.prev` (a hard link: no moment without a `registry.json`);
+    /// the new one renamed into place; and the folder fsynced, so that the renames survive a
+    /// power loss too (without it a crash could bring back an older or empty file).
     fn save_file(&self, st: &State) -> Result<(), RegistryError> {
         let file = self.dir.join(REGISTRY_FILE);
         let tmp = self.dir.join(format!("{REGISTRY_FILE}.tmp"));
         let text = serde_json::to_string_pretty(st).expect("registry serializes");
-        std::fs::write(&tmp, text).map_err(|e| storage(&tmp, e))?;
-        std::fs::rename(&tmp, &file).map_err(|e| storage(&file, e))
+        write_synced(&tmp, text.as_bytes()).map_err(|e| storage(&tmp, e))?;
+        if file.exists() {
+            let prev_tmp = self.dir.join(format!("{PREVIOUS_FILE}.tmp"));
+            let prev = self.dir.join(PREVIOUS_FILE);
+            let _ = std::fs::remove_file(&prev_tmp);
+            std::fs::hard_link(&file, &prev_tmp).map_err(|e| storage(&prev_tmp, e))?;
+            std::fs::rename(&prev_tmp, &prev).map_err(|e| storage(&prev, e))?;
+        }
+        std::fs::rename(&tmp, &file).map_err(|e| storage(&file, e))?;
+        sync_dir(&self.dir).map_err(|e| storage(&self.dir, e))
     }
 }
 
@@ -586,6 +644,29 @@ fn valid_version(v: &str) -> bool {
 
 fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// The registry file: `Ok(Ok(state))` (an empty one when there is no file), `Ok(Err(why))`
+/// when it is there but damaged, `Err` when it cannot be read at all.
+fn read_state(file: &Path) -> Result<Result<State, String>, RegistryError> {
+    match std::fs::read(file) {
+        Ok(bytes) => Ok(serde_json::from_slice(&bytes).map_err(|e| e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Ok(State::default())),
+        Err(e) => Err(storage(file, e)),
+    }
+}
+
+/// Writes `bytes` to a new file and fsyncs it.
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// Fsyncs a folder, so that the names created or renamed in it are durable.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// The shared document, or an empty registry when there is none yet.

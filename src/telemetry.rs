@@ -40,6 +40,8 @@ pub const MODEL_ACTIVE: &str = "tandem_model_active";
 pub const DEGRADED: &str = "tandem_degraded_total";
 pub const DEPENDENCY_UP: &str = "tandem_dependency_up";
 pub const RUNTIME_LAG: &str = "tandem_runtime_lag_seconds";
+/// 1 when the start-up found `registry.json` damaged and fell back (see `Registry::open`).
+pub const REGISTRY_RECOVERED: &str = "tandem_registry_recovered";
 
 /// A timer firing this much late is logged: every request on the runtime waited as long.
 const LAG_WARN: Duration = Duration::from_millis(50);
@@ -134,6 +136,8 @@ pub enum Rejection {
     Overload,
     Timeout,
     BodyTooLarge,
+    /// The body did not arrive within `server.body_timeout_ms`.
+    BodyTimeout,
 }
 
 impl Rejection {
@@ -142,6 +146,7 @@ impl Rejection {
             Rejection::Overload => "overload",
             Rejection::Timeout => "timeout",
             Rejection::BodyTooLarge => "body_too_large",
+            Rejection::BodyTimeout => "body_timeout",
         }
     }
 }
@@ -200,6 +205,11 @@ pub fn set_model_version(version: &str) {
 /// A response served with a shortcut; `cause` is the name that appears in `degraded:[..]`.
 pub fn record_degraded(cause: &str) {
     metrics::counter!(DEGRADED, "cause" => cause.to_string()).increment(1);
+}
+
+/// Whether the model registry was read from its fallback at start-up.
+pub fn set_registry_recovered(recovered: bool) {
+    metrics::gauge!(REGISTRY_RECOVERED).set(if recovered { 1.0 } else { 0.0 });
 }
 
 /// Whether a dependency currently answers (its breaker is closed).

@@ -204,6 +204,12 @@ pub struct SessionSettings {
     pub key_prefix: String,
     /// The memory backend's event log file; empty means `<data_dir>/events.log`.
     pub log_path: PathBuf,
+    /// The memory backend's log file is sealed into a segment (`events.log.00000001`, ...)
+    /// once it holds this many bytes; export and start-up read across the segments.
+    pub log_segment_bytes: u64,
+    /// Most sealed log segments kept; the oldest beyond it are deleted, with their events
+    /// (0: keep every one, the default: the log is the record of every event).
+    pub log_keep_segments: usize,
     /// Most entries kept in a user's or session's recent list.
     pub recent_cap: usize,
     /// Seconds a user's recent list lives after its last event.
@@ -317,6 +323,8 @@ impl Default for SessionSettings {
             redis_cluster: false,
             key_prefix: "tandem".into(),
             log_path: PathBuf::new(),
+            log_segment_bytes: 64 << 20,
+            log_keep_segments: 0,
             recent_cap: 50,
             user_recent_ttl_secs: 7.0 * 86400.0,
             session_recent_ttl_secs: 1800.0,
@@ -347,8 +355,12 @@ pub struct ServerSettings {
     pub max_body_bytes: usize,
     /// Requests served at once; the next one gets 429 instead of queueing without bound.
     pub max_concurrency: usize,
-    /// Whole-request budget; a slower request gets 503.
+    /// Whole-request budget; a slower request gets 503. It starts once the body is read.
     pub request_timeout_ms: u64,
+    /// Time to receive a request's whole body, read before the request takes one of the
+    /// `max_concurrency` slots; a slower body gets 408. A client trickling its body so costs
+    /// a connection for this long, never a slot.
+    pub body_timeout_ms: u64,
     /// Candidates fetched from the index before re-ranking. 100, not 200: on the
     /// ml-latest-small replay (`examples/rerank_value.rs --k-candidates`) 200 changed no
     /// metric, and it costs about a third more CPU per request at 1M items (BENCHMARKS.md).
@@ -387,6 +399,7 @@ impl Default for ServerSettings {
             max_body_bytes: 1 << 20,
             max_concurrency: 512,
             request_timeout_ms: 2_000,
+            body_timeout_ms: 1_000,
             k_candidates: 100,
             cache_ttl_ms: 30_000,
             recent_limit: 20,
@@ -800,6 +813,12 @@ impl Settings {
                 "must be at least 1".into(),
             ));
         }
+        if server.body_timeout_ms == 0 {
+            return Err(invalid(
+                "server.body_timeout_ms",
+                "must be at least 1".into(),
+            ));
+        }
         for (field, v) in [
             ("server.session_budget_ms", server.session_budget_ms),
             ("server.index_budget_ms", server.index_budget_ms),
@@ -872,6 +891,9 @@ impl SessionSettings {
             })
         };
         let positive = |v: f64| v.is_finite() && v > 0.0;
+        if self.log_segment_bytes < 4096 {
+            return invalid("log_segment_bytes", "must be at least 4096");
+        }
         if self.recent_cap == 0 {
             return invalid("recent_cap", "must be at least 1");
         }

@@ -28,8 +28,15 @@ pub enum AppError {
     MalformedJson { reason: String },
     #[error("body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// The body did not arrive within `server.body_timeout_ms` (a client trickling it).
+    #[error("the request body did not arrive within {ms} ms")]
+    BodyTimeout { ms: u64 },
     #[error("{what} {id:?} not found")]
     NotFound { what: &'static str, id: String },
+    /// A body names an item that does not exist (an onboarding `liked_items` entry): 404 like
+    /// an unknown item in a path, with the field that named it.
+    #[error("unknown item {id:?}")]
+    UnknownItemIn { field: String, id: String },
     /// A registered-model operation that the registry's state does not allow now (already
     /// active, busy with another switch, nothing to roll back...).
     #[error("{message}")]
@@ -83,7 +90,10 @@ impl AppError {
             AppError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             AppError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            AppError::NotFound { .. } | AppError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            AppError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            AppError::NotFound { .. }
+            | AppError::UnknownItemIn { .. }
+            | AppError::NoRoute { .. } => StatusCode::NOT_FOUND,
             AppError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             AppError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             AppError::Timeout { .. } | AppError::Unavailable { .. } => {
@@ -104,7 +114,8 @@ impl AppError {
             AppError::UnsupportedMediaType => "unsupported_media_type",
             AppError::Unauthorized(_) => "unauthorized",
             AppError::PayloadTooLarge { .. } => "payload_too_large",
-            AppError::NotFound { .. } => "not_found",
+            AppError::BodyTimeout { .. } => "body_timeout",
+            AppError::NotFound { .. } | AppError::UnknownItemIn { .. } => "not_found",
             AppError::NoRoute { .. } => "no_route",
             AppError::MethodNotAllowed { .. } => "method_not_allowed",
             AppError::Overloaded => "overloaded",
@@ -116,8 +127,10 @@ impl AppError {
 
     pub fn field(&self) -> Option<&str> {
         match self {
-            AppError::Invalid { field, .. } => Some(field),
-            AppError::MalformedJson { .. } | AppError::PayloadTooLarge { .. } => Some("body"),
+            AppError::Invalid { field, .. } | AppError::UnknownItemIn { field, .. } => Some(field),
+            AppError::MalformedJson { .. }
+            | AppError::PayloadTooLarge { .. }
+            | AppError::BodyTimeout { .. } => Some("body"),
             AppError::InvalidCheckpoint { .. } => Some("path"),
             AppError::UnsupportedMediaType => Some("content-type"),
             AppError::NotFound { .. }

@@ -25,28 +25,35 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
 /// The raw body bytes, refused with 413 past the limit (by the declared length when there is
 /// one, so an oversized upload is refused before it is read).
 pub async fn read_body(req: Request, limit: usize) -> Result<axum::body::Bytes, AppError> {
-    let declared = req
-        .headers()
+    let (parts, body) = req.into_parts();
+    read_bytes(&parts.headers, body, limit).await
+}
+
+/// The bytes of a body of a request with `headers`, at most `limit` of them.
+pub async fn read_bytes(
+    headers: &axum::http::HeaderMap,
+    body: axum::body::Body,
+    limit: usize,
+) -> Result<axum::body::Bytes, AppError> {
+    let declared = headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(AppError::PayloadTooLarge { limit });
     }
-    axum::body::to_bytes(req.into_body(), limit)
-        .await
-        .map_err(|e| {
-            let mut source: Option<&dyn std::error::Error> = Some(&e);
-            while let Some(s) = source {
-                if s.to_string().contains("length limit") {
-                    return AppError::PayloadTooLarge { limit };
-                }
-                source = s.source();
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let mut source: Option<&dyn std::error::Error> = Some(&e);
+        while let Some(s) = source {
+            if s.to_string().contains("length limit") {
+                return AppError::PayloadTooLarge { limit };
             }
-            AppError::MalformedJson {
-                reason: format!("could not read the body: {e}"),
-            }
-        })
+            source = s.source();
+        }
+        AppError::MalformedJson {
+            reason: format!("could not read the body: {e}"),
+        }
+    })
 }
 
 /// Parses JSON, naming the field at fault: `items[2].price: invalid type: string "x", expected f32`.

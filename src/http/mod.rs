@@ -170,6 +170,11 @@ pub fn router(state: AppState) -> Router {
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
+        // Outside the guard: a body is read before its request takes a slot.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            read_body_first,
+        ))
         .layer(axum::middleware::from_fn(observe))
         // Outside the guard, so that a 429 or a 503 counts in the live figures too.
         .layer(axum::middleware::from_fn_with_state(live, stats::track))
@@ -219,6 +224,39 @@ async fn drop_unfit_request_id(mut req: Request, next: Next) -> Response {
         req.headers_mut().remove(REQUEST_ID);
     }
     next.run(req).await
+}
+
+/// A request's body is read whole before the request takes one of the `max_concurrency`
+/// slots, within `server.body_timeout_ms` (408 past it) and `server.max_body_bytes` (413):
+/// a client that sends its headers and then trickles its body costs a connection for that
+/// long, never a slot, so a few hundred of them cannot make everyone else get 429.
+async fn read_body_first(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    use axum::http::Method;
+    if !matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH) {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let ms = s.settings.server.body_timeout_ms;
+    let read = extract::read_bytes(&parts.headers, body, s.settings.server.max_body_bytes);
+    match tokio::time::timeout(Duration::from_millis(ms), read).await {
+        Ok(Ok(bytes)) => next.run(Request::from_parts(parts, bytes.into())).await,
+        Ok(Err(e)) => {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                telemetry::record_rejection(telemetry::Rejection::BodyTooLarge);
+            }
+            e.into_response()
+        }
+        Err(_) => {
+            telemetry::record_rejection(telemetry::Rejection::BodyTimeout);
+            let mut r = AppError::BodyTimeout { ms }.into_response();
+            // The rest of the body may still be on its way: do not read it, close.
+            r.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                HeaderValue::from_static("close"),
+            );
+            r
+        }
+    }
 }
 
 /// Overload and slowness get clear statuses: past `max_concurrency` requests in flight the

@@ -263,6 +263,7 @@ pub async fn delete_item(
     responses(
         (status = 415, description = "the body is not sent as application/json", body = ErrorBody),
         (status = 200, body = OnboardingResponse),
+        (status = 404, description = "a liked item is not in the catalog", body = ErrorBody),
         (status = 422, body = ErrorBody),
         (status = 503, description = "the session store did not answer", body = ErrorBody),
     ))]
@@ -303,10 +304,10 @@ pub async fn onboarding(
     for (i, raw) in input.liked_items.into_iter().enumerate() {
         let field = format!("liked_items[{i}]");
         let id = ItemId::parse(raw).map_err(|e| AppError::invalid(&field, e.to_string()))?;
-        let entry = s
-            .catalog
-            .get(&id)
-            .ok_or_else(|| AppError::invalid(&field, format!("unknown item {id}")))?;
+        let entry = s.catalog.get(&id).ok_or_else(|| AppError::UnknownItemIn {
+            field: field.clone(),
+            id: id.to_string(),
+        })?;
         liked.push(entry);
     }
     let onboarded = s

@@ -43,6 +43,8 @@ pub enum ServeError {
     },
     #[error("model registry: {0}")]
     Lifecycle(#[from] LifecycleError),
+    #[error("the registry's active model {version} has no checkpoint folder {dir}: restore the folder (or mount the model store); tandem does not fall back to model_path, which would serve another model marked active")]
+    MissingActiveModel { version: String, dir: String },
     #[error("{0}")]
     Cluster(#[from] ClusterError),
     #[error("server: {0}")]
@@ -113,15 +115,25 @@ impl AppState {
         );
         // After an activation the registry's active version is what serves, across restarts
         // and on every replica; `model_path` is the first model only.
+        // A registry whose active version has no checkpoint folder (a lost volume, a folder
+        // removed by hand) stops the start-up: falling back to `model_path` would serve
+        // another model and mark it active over the live collection.
         let model_path = match registry.active() {
-            Some(active) if registry.model_dir(&active.version).is_dir() => {
+            Some(active) => {
+                let dir = registry.model_dir(&active.version);
+                if !dir.is_dir() {
+                    return Err(ServeError::MissingActiveModel {
+                        version: active.version,
+                        dir: dir.display().to_string(),
+                    });
+                }
                 tracing::info!(
                     version = active.version,
                     "serving the registry's active model"
                 );
-                registry.model_dir(&active.version)
+                dir
             }
-            _ => settings.model_path.clone(),
+            None => settings.model_path.clone(),
         };
         let model = TwoTower::load(&model_path).map_err(|e| ServeError::Model {
             path: model_path.display().to_string(),

@@ -24,7 +24,10 @@ pub const MAX_LIST: usize = 500;
 pub const MAX_CATEGORIES: usize = 32;
 /// Largest `POST /v1/items` batch.
 pub const MAX_ITEMS_BATCH: usize = 1_000;
-const MAX_NAME_LEN: usize = 256;
+/// Longest category or tag name, in characters.
+pub const MAX_NAME_LEN: usize = 256;
+/// Longest item title, in characters.
+pub const MAX_TITLE_LEN: usize = 4_096;
 
 /// Query of `GET /v1/recommendations`; the `POST` body has the same fields.
 #[derive(Debug, Default, Deserialize, ToSchema, IntoParams)]
@@ -36,6 +39,7 @@ pub struct RecommendParams {
     /// An anonymous (or logged-in) browsing session.
     pub session_id: Option<String>,
     /// How many items (1..=200, default 20).
+    #[serde(default, deserialize_with = "integral")]
     pub k: Option<i64>,
     /// Keep only items in any of these categories (repeatable).
     #[serde(default)]
@@ -563,6 +567,24 @@ pub struct Validated {
     pub boosts: Vec<String>,
 }
 
+/// An optional integer that also takes a JSON number without a fraction (`106.0`): JSON
+/// Schema counts it as an integer, so a client generated from the schema may send one.
+fn integral<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    use serde::de::Error;
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    if let Some(i) = n.as_i64() {
+        return Ok(Some(i));
+    }
+    match n.as_f64() {
+        Some(f) if f.fract() == 0.0 && f.abs() < 9.0e18 => Ok(Some(f as i64)),
+        _ => Err(D::Error::custom(format!(
+            "invalid type: {n}, expected an integer"
+        ))),
+    }
+}
+
 pub fn validate_k(k: Option<i64>) -> Result<usize, AppError> {
     let k = k.unwrap_or(DEFAULT_K);
     if !(1..=MAX_K).contains(&k) {
@@ -598,16 +620,11 @@ fn build_filter(p: FilterParts) -> Result<Filter, AppError> {
             )),
         }
     };
+    // A range with `price_min` above `price_max` is empty: it matches no item (an answer
+    // with no items), as any other filter that nothing passes. The schema can state each
+    // bound but not their order, so refusing it would refuse requests the schema allows.
     let price_min = price("price_min", p.price_min)?;
     let price_max = price("price_max", p.price_max)?;
-    if let (Some(lo), Some(hi)) = (price_min, price_max) {
-        if lo > hi {
-            return Err(AppError::invalid(
-                "price_min",
-                format!("{lo} is greater than price_max {hi}"),
-            ));
-        }
-    }
     if p.exclude.len() > MAX_LIST {
         return Err(AppError::invalid(
             "exclude",
@@ -642,7 +659,10 @@ fn check_names(field: &str, names: &[String]) -> Result<(), AppError> {
         ));
     }
     for (i, n) in names.iter().enumerate() {
-        if n.trim().is_empty() || n.len() > MAX_NAME_LEN || n.chars().any(char::is_control) {
+        if n.trim().is_empty()
+            || n.chars().count() > MAX_NAME_LEN
+            || n.chars().any(char::is_control)
+        {
             return Err(AppError::invalid(
                 format!("{field}[{i}]"),
                 format!("{n:?} must be 1..={MAX_NAME_LEN} printable characters"),
@@ -745,10 +765,10 @@ impl ItemInput {
         let field = |f: &str| format!("{at}.{f}");
         let item_id = ItemId::parse(self.item_id)
             .map_err(|e| AppError::invalid(field("item_id"), e.to_string()))?;
-        if self.title.len() > 4_096 || self.title.chars().any(char::is_control) {
+        if self.title.chars().count() > MAX_TITLE_LEN || self.title.chars().any(char::is_control) {
             return Err(AppError::invalid(
                 field("title"),
-                "must be at most 4096 printable characters",
+                format!("must be at most {MAX_TITLE_LEN} printable characters"),
             ));
         }
         check_names(&field("categories"), &self.categories)?;
@@ -862,6 +882,7 @@ pub struct OnboardingInput {
     #[serde(default)]
     pub liked_items: Vec<String>,
     /// How many recommendations to return (1..=200, default 20).
+    #[serde(default, deserialize_with = "integral")]
     pub k: Option<i64>,
     /// Recommend only items sold in this region (or naming no region).
     pub region: Option<String>,
@@ -956,9 +977,15 @@ mod tests {
         assert_eq!(check(&[("k", "ten")]), "k");
         assert_eq!(check(&[("price_min", "-1")]), "price_min");
         assert_eq!(check(&[("price_max", "NaN")]), "price_max");
+        // An inverted range is an empty one (it matches nothing), not an error.
+        let inverted =
+            RecommendParams::from_query(&query(&[("price_min", "5"), ("price_max", "1")]))
+                .unwrap()
+                .validate()
+                .unwrap();
         assert_eq!(
-            check(&[("price_min", "5"), ("price_max", "1")]),
-            "price_min"
+            (inverted.filter.price_min, inverted.filter.price_max),
+            (Some(5.0), Some(1.0))
         );
         assert_eq!(check(&[("colour", "red")]), "colour");
         assert_eq!(check(&[("user_id", "")]), "user_id");

@@ -39,7 +39,7 @@ use qdrant_edge::{
     PayloadSchemaParams, PointId, PointInsertOperations, PointOperations, PointStruct,
     QuantizationConfig, QuantizationSearchParams, QueryEnum, QueryRequest, Range,
     ScalarQuantizationConfig, ScalarType, ScoringQuery, ScrollRequest, SearchParams, SetPayloadOp,
-    UpdateOperation, VectorStructInternal, WithPayloadInterface, WithVector,
+    UpdateOperation, VectorStructInternal, WalOptions, WithPayloadInterface, WithVector,
 };
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -253,6 +253,66 @@ fn acknowledge(shard: &EdgeShard, pending: &mut Vec<Pending>, need_flush: &mut b
         let r = r.and_then(|_| flushed.clone());
         let _ = reply.send(r);
     }
+}
+
+/// Capacity of one segment of the engine's WAL (qdrant-edge's default is 32 MiB, each file
+/// allocated whole): the WAL of a collection holds at most what one process wrote since it
+/// opened it (see [`drop_unread_wal`]), so smaller files keep an idle collection small.
+const WAL_SEGMENT_BYTES: usize = 4 << 20;
+
+/// qdrant-edge 0.7 writes every update to its WAL but never reads it back: `EdgeShard::load`
+/// loads the segments alone (flushed data lives there; an unflushed write is lost on a crash
+/// whatever the WAL holds, which is why the catalog journal exists), and the shard offers no
+/// way to acknowledge or truncate it (its `wal` field is private). Left alone it grows with
+/// every write for as long as the collection lives (368 MB after 1M points). So before a
+/// collection is opened its WAL is removed, and the engine starts an empty one: the WAL is
+/// bounded by what one process writes between two starts. Done under the WAL's own lock (a
+/// `flock` on its directory, as the engine takes it), so a WAL that another process holds is
+/// left alone, and the load that follows names that process. Returns the bytes freed.
+fn drop_unread_wal(shard_dir: &Path) -> Result<u64, IndexError> {
+    let wal = shard_dir.join("wal");
+    let handle = match std::fs::File::open(&wal) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(io(format!("cannot open {}", wal.display()))(e)),
+    };
+    match handle.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => return Ok(0),
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(io(format!("cannot lock {}", wal.display()))(e))
+        }
+    }
+    let bytes = wal_bytes(shard_dir);
+    std::fs::remove_dir_all(&wal).map_err(io(format!("cannot remove {}", wal.display())))?;
+    Ok(bytes)
+}
+
+/// The bytes of the files in a shard's WAL directory.
+fn wal_bytes(shard_dir: &Path) -> u64 {
+    std::fs::read_dir(shard_dir.join("wal"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Runs one write of a collection (the engine's update and the in-memory mirrors that
+/// follow it: payloads, category blocks) on a task of its own, and awaits it. The engine
+/// takes a write on its writer thread as soon as it is sent, and the mirrors are updated
+/// when its reply comes back: a caller's future dropped in between (a request timeout, a
+/// client gone, a budget) would leave the engine and the mirrors disagreeing, so that a
+/// deleted item could still be found by a scan of the blocks. A spawned task is never
+/// dropped half way: the write finishes as one unit whatever happens to the caller.
+async fn whole(
+    write: impl std::future::Future<Output = Result<(), IndexError>> + Send + 'static,
+) -> Result<(), IndexError> {
+    tokio::spawn(write)
+        .await
+        .map_err(|e| IndexError::Backend(format!("index write task: {e}")))?
 }
 
 /// One opened collection version.
@@ -1000,6 +1060,14 @@ impl EdgeIndex {
             }
             Err(e) => return Err(io(format!("cannot read {}", meta_path.display()))(e)),
         };
+        let freed = drop_unread_wal(&dir.join(SHARD_DIR))?;
+        if freed > 0 {
+            tracing::info!(
+                collection = name,
+                bytes = freed,
+                "dropped the engine's unread WAL"
+            );
+        }
         let shard = EdgeShard::load(&dir.join(SHARD_DIR), None).map_err(|e| {
             let e = e.to_string();
             // The WAL's file lock is taken: another process (a running `tandem serve`, most
@@ -1036,6 +1104,11 @@ impl EdgeIndex {
         let builder = EdgeConfig::builder()
             .vector("", EdgeVectorParams::builder(dim, Distance::Cosine).build())
             .hnsw_config(hnsw)
+            .wal_options(WalOptions {
+                segment_capacity: WAL_SEGMENT_BYTES,
+                segment_queue_len: 0,
+                retain_closed: std::num::NonZeroUsize::MIN,
+            })
             .optimizers(EdgeOptimizersConfig {
                 indexing_threshold: self.opts.indexing_threshold_kb,
                 ..EdgeOptimizersConfig::default()
@@ -1056,11 +1129,13 @@ impl EdgeIndex {
 #[async_trait]
 impl VectorIndex for EdgeIndex {
     async fn upsert(&self, points: Vec<IndexPoint>) -> Result<(), IndexError> {
-        self.live()?.upsert(points, true).await
+        let c = self.live()?;
+        whole(async move { c.upsert(points, true).await }).await
     }
 
     async fn upsert_buffered(&self, points: Vec<IndexPoint>) -> Result<(), IndexError> {
-        self.live()?.upsert(points, false).await
+        let c = self.live()?;
+        whole(async move { c.upsert(points, false).await }).await
     }
 
     async fn flush(&self) -> Result<(), IndexError> {
@@ -1073,11 +1148,13 @@ impl VectorIndex for EdgeIndex {
     }
 
     async fn delete(&self, ids: &[ItemId]) -> Result<(), IndexError> {
-        self.live()?.delete(ids).await
+        let (c, ids) = (self.live()?, ids.to_vec());
+        whole(async move { c.delete(&ids).await }).await
     }
 
     async fn set_payload(&self, id: &ItemId, patch: &PayloadPatch) -> Result<(), IndexError> {
-        self.live()?.set_payload(id, patch).await
+        let (c, id, patch) = (self.live()?, id.clone(), patch.clone());
+        whole(async move { c.set_payload(&id, &patch).await }).await
     }
 
     async fn search(
@@ -1153,7 +1230,8 @@ impl VectorIndex for EdgeIndex {
 
     async fn upsert_into(&self, version: &str, points: Vec<IndexPoint>) -> Result<(), IndexError> {
         // Not flushed per batch: a version is not live until finalized, and finalize flushes.
-        self.collection(version)?.upsert(points, false).await
+        let c = self.collection(version)?;
+        whole(async move { c.upsert(points, false).await }).await
     }
 
     async fn search_in(
@@ -1176,7 +1254,8 @@ impl VectorIndex for EdgeIndex {
     }
 
     async fn delete_from(&self, version: &str, ids: &[ItemId]) -> Result<(), IndexError> {
-        self.collection(version)?.delete(ids).await
+        let (c, ids) = (self.collection(version)?, ids.to_vec());
+        whole(async move { c.delete(&ids).await }).await
     }
 
     async fn set_payload_in(
@@ -1185,7 +1264,8 @@ impl VectorIndex for EdgeIndex {
         id: &ItemId,
         patch: &PayloadPatch,
     ) -> Result<(), IndexError> {
-        self.collection(version)?.set_payload(id, patch).await
+        let (c, id, patch) = (self.collection(version)?, id.clone(), patch.clone());
+        whole(async move { c.set_payload(&id, &patch).await }).await
     }
 
     async fn finalize_version(&self, version: &str) -> Result<(), IndexError> {
@@ -1283,6 +1363,120 @@ impl Drop for Collection {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::FutureExt;
+
+    fn point(id: &str, v: [f32; 4]) -> IndexPoint {
+        IndexPoint {
+            vector: v.to_vec(),
+            payload: Payload {
+                item_id: ItemId::parse(id).unwrap(),
+                categories: vec!["c".into()],
+                available: true,
+                price: None,
+                created_at: None,
+                title: id.into(),
+                popularity: 0.0,
+                tags: Vec::new(),
+                year: None,
+                attributes: Default::default(),
+            },
+        }
+    }
+
+    /// The engine never truncates its WAL; opening a collection drops the unread one, so
+    /// over many write+flush rounds, each ended by a restart, the WAL stays the size of one
+    /// round instead of growing with every write.
+    #[tokio::test]
+    async fn the_engine_wal_stays_bounded_over_many_write_and_flush_rounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("index");
+        let mut sizes = Vec::new();
+        for round in 0..4 {
+            let index = EdgeIndex::open(&root, EdgeOptions::default()).unwrap();
+            if round == 0 {
+                index.create_version("v1", 64).await.unwrap();
+                index.switch_to("v1").await.unwrap();
+            }
+            // About 6 MiB of WAL a round: more than one segment.
+            for batch in 0..20 {
+                let points = (0..1_000)
+                    .map(|i| {
+                        let mut v = [0.0f32; 64];
+                        v[(i + batch) % 64] = 1.0;
+                        v[(i * 7 + round) % 64] += 0.5;
+                        IndexPoint {
+                            vector: v.to_vec(),
+                            ..point(&format!("i{round}-{batch}-{i}"), [0.0; 4])
+                        }
+                    })
+                    .collect();
+                index.upsert(points).await.unwrap(); // durable: flushed
+            }
+            let live = index.live().unwrap();
+            sizes.push(wal_bytes(&live.dir.join(SHARD_DIR)));
+            assert_eq!(live.payloads.len(), (round + 1) * 20_000, "round {round}");
+            drop(live);
+            drop(index);
+        }
+        assert!(
+            sizes[0] > WAL_SEGMENT_BYTES as u64,
+            "{sizes:?}: a round fills more than one segment"
+        );
+        assert!(
+            sizes.iter().all(|&s| s <= sizes[0]),
+            "WAL bytes at the end of each round: {sizes:?}"
+        );
+    }
+
+    /// A delete whose caller is dropped right after the engine got it (a request timeout, a
+    /// client gone) still finishes as one unit: the engine, the payload copy and the category
+    /// blocks agree, and a search never returns the deleted item. Before writes ran on a task
+    /// of their own, the dropped future left the item in the blocks and the payloads, and
+    /// every search kept finding it.
+    #[tokio::test]
+    async fn a_delete_dropped_mid_way_still_removes_the_item_everywhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = EdgeIndex::open(&dir.path().join("index"), EdgeOptions::default()).unwrap();
+        index.create_version("v1", 4).await.unwrap();
+        index.switch_to("v1").await.unwrap();
+        index
+            .upsert(vec![
+                point("keep", [1.0, 0.0, 0.0, 0.0]),
+                point("gone", [0.9, 0.1, 0.0, 0.0]),
+            ])
+            .await
+            .unwrap();
+        let gone = ItemId::parse("gone").unwrap();
+        let found = |hits: &[Hit]| hits.iter().any(|h| h.item_id == gone);
+        let q = [1.0, 0.0, 0.0, 0.0];
+        assert!(found(
+            &index.search(&q, &Filter::default(), 10).await.unwrap()
+        ));
+        // One poll sends the delete to the writer thread; then the caller goes away.
+        assert!(index
+            .delete(std::slice::from_ref(&gone))
+            .now_or_never()
+            .is_none());
+        let live = index.live().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let engine = live.shard.count(CountRequest {
+                filter: None,
+                exact: true,
+            });
+            let in_engine = engine.unwrap();
+            let served = found(&index.search(&q, &Filter::default(), 10).await.unwrap());
+            if in_engine == 1 && live.payloads.len() == 1 && !served {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "after a dropped delete: {in_engine} points in the engine, {} payloads, deleted item served: {served}",
+                live.payloads.len()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 
     #[tokio::test]
     async fn an_engine_panic_that_kills_the_writer_fails_the_readiness_count() {

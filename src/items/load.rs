@@ -202,10 +202,18 @@ pub fn read_catalog(dir: &Path) -> Result<Vec<Item>, LoadError> {
     Ok(crate::data::read_items(&file)?)
 }
 
+/// Journal lines per index write when a crash replay is written back. Each batch is one
+/// buffered upsert under the index's write budget (the request timeout, 2 s): the whole
+/// replay in one call would outgrow that budget once it is large (a 10 s flush interval at a
+/// few thousand upserts a second leaves tens of thousands of lines), time out, and stop the
+/// start-up again at every restart.
+pub const REPLAY_BATCH: usize = 1_000;
+
 /// Item upserts acknowledged before the process stopped whose index write may not have been
 /// flushed (the journal past its flush mark, see [`CatalogJournal`]): embedded and written to
-/// the index again, durably. On an empty index there is nothing to repair: the whole
-/// catalog, journal included, is indexed next.
+/// the index again in batches of [`REPLAY_BATCH`], then flushed once, and only then is the
+/// flush mark moved (a crash during the replay replays it again). On an empty index there
+/// is nothing to repair: the whole catalog, journal included, is indexed next.
 async fn replay_unflushed(
     journal: &CatalogJournal,
     index: &dyn VectorIndex,
@@ -217,16 +225,30 @@ async fn replay_unflushed(
     }
     tracing::info!(
         items = pending.len(),
+        batch = REPLAY_BATCH,
         "replaying item upserts that may not have reached the index before the last stop"
     );
-    let points = embed_points(
-        model,
-        pending.iter().map(|(i, p)| (i, *p)),
-        EMBED_BATCH,
-        |_| {},
-    )
-    .map_err(|source| model_error(model, source))?;
-    index.upsert(points).await?;
+    let mut last_log = Instant::now();
+    for (n, chunk) in pending.chunks(REPLAY_BATCH).enumerate() {
+        let points = embed_points(
+            model,
+            chunk.iter().map(|(i, p)| (i, *p)),
+            EMBED_BATCH,
+            |_| {},
+        )
+        .map_err(|source| model_error(model, source))?;
+        index.upsert_buffered(points).await?;
+        if last_log.elapsed() >= Duration::from_secs(5) {
+            last_log = Instant::now();
+            let done = (n * REPLAY_BATCH + chunk.len()).min(pending.len());
+            tracing::info!(
+                replayed = done,
+                of = pending.len(),
+                "replaying item upserts"
+            );
+        }
+    }
+    index.flush().await?;
     journal.mark_flushed(end)?;
     Ok(())
 }

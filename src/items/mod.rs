@@ -11,7 +11,11 @@
 //! 6. with several replicas it is announced on the shared stream ([`crate::cluster`]), and
 //!    every other replica applies it to its own catalog ([`ItemWriter::apply_remote`]).
 //!
-//! The write is acknowledged only after all of them.
+//! The write is acknowledged only after all of them, and it runs as one unit on a task of its
+//! own ([`unit`]): the request only awaits it, so a request that times out or whose client
+//! goes away cannot stop a write half way (the index changed, the catalog not), which would
+//! leave a deleted item served from the catalog or a patch seen by one copy only. A write
+//! that fails part way answers an error (503 for a dependency) and a retry converges.
 //!
 //! Start-up ([`load`]): the embedded index replays the journal past its flush mark, indexes
 //! the catalog file into an empty index, and loads the catalog from the file plus the index;
@@ -88,8 +92,31 @@ pub struct ItemWriter {
 }
 
 impl ItemWriter {
-    /// Embeds `items` with the serving model and writes them everywhere (see the module doc).
-    pub async fn upsert(&self, items: Vec<(Item, f32)>) -> Result<Upserted, WriteError> {
+    /// Embeds `items` with the serving model and writes them everywhere (see the module doc),
+    /// as one unit whatever happens to the caller.
+    pub async fn upsert(self: &Arc<Self>, items: Vec<(Item, f32)>) -> Result<Upserted, WriteError> {
+        let me = self.clone();
+        unit(async move { me.upsert_now(items).await }).await
+    }
+
+    /// Changes availability and/or price, as one unit whatever happens to the caller.
+    pub async fn patch(
+        self: &Arc<Self>,
+        id: &ItemId,
+        patch: ItemPatch,
+    ) -> Result<Arc<CatalogEntry>, WriteError> {
+        let (me, id) = (self.clone(), id.clone());
+        unit(async move { me.patch_now(&id, patch).await }).await
+    }
+
+    /// Removes an item from the index and the catalog, as one unit whatever happens to the
+    /// caller.
+    pub async fn delete(self: &Arc<Self>, id: &ItemId) -> Result<(), WriteError> {
+        let (me, id) = (self.clone(), id.clone());
+        unit(async move { me.delete_now(&id).await }).await
+    }
+
+    async fn upsert_now(&self, items: Vec<(Item, f32)>) -> Result<Upserted, WriteError> {
         let model = self.model.load_full();
         let entries = embed_entries(&model, items).await?;
         let points: Vec<IndexPoint> = entries.iter().map(point_of).collect();
@@ -166,8 +193,7 @@ impl ItemWriter {
         }
     }
 
-    /// Changes availability and/or price.
-    pub async fn patch(
+    async fn patch_now(
         &self,
         id: &ItemId,
         patch: ItemPatch,
@@ -197,8 +223,7 @@ impl ItemWriter {
         Ok(updated)
     }
 
-    /// Removes an item from the index and the catalog.
-    pub async fn delete(&self, id: &ItemId) -> Result<(), WriteError> {
+    async fn delete_now(&self, id: &ItemId) -> Result<(), WriteError> {
         self.known(id)?;
         let ids = std::slice::from_ref(id);
         self.durably(async {
@@ -390,6 +415,16 @@ pub fn embed_points<'a>(
         progress(points.len());
     }
     Ok(points)
+}
+
+/// Runs one item write on a task of its own and awaits it: dropping the caller's future (a
+/// request timeout, a client gone) leaves the write running to its end.
+async fn unit<T: Send + 'static>(
+    write: impl std::future::Future<Output = Result<T, WriteError>> + Send + 'static,
+) -> Result<T, WriteError> {
+    tokio::spawn(write)
+        .await
+        .map_err(|e| WriteError::Task(e.to_string()))?
 }
 
 /// Runs blocking work (journal I/O, the item tower) on the blocking pool.

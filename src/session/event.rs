@@ -67,6 +67,17 @@ pub enum TimestampInput {
     Rfc3339(String),
 }
 
+/// The latest event time accepted at `now_ms`: `max_future_ms` past the end of the current
+/// hour (UTC). A whole hour, so that the bound `/openapi.json` states when it is served is
+/// the bound the server applies for the rest of that hour (a bound that moved with every
+/// millisecond could never be stated exactly).
+pub fn latest_allowed_ms(now_ms: i64, max_future_ms: i64) -> i64 {
+    const HOUR_MS: i64 = 3_600_000;
+    (now_ms.div_euclid(HOUR_MS) + 1)
+        .saturating_mul(HOUR_MS)
+        .saturating_add(max_future_ms)
+}
+
 /// Limits applied while validating, from `SessionSettings`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EventLimits {
@@ -176,7 +187,7 @@ impl EventInput {
             None => now_ms,
             Some(t) => parse_timestamp(&t)?,
         };
-        if timestamp_ms > now_ms.saturating_add(limits.max_future_ms) {
+        if timestamp_ms > latest_allowed_ms(now_ms, limits.max_future_ms) {
             return Err(EventError::invalid(
                 "timestamp",
                 format!(
@@ -188,7 +199,7 @@ impl EventInput {
             ));
         }
         if let Some(v) = &self.variant {
-            if v.is_empty() || v.len() > MAX_ID_LEN || v.chars().any(char::is_control) {
+            if v.is_empty() || v.chars().count() > MAX_ID_LEN || v.chars().any(char::is_control) {
                 return Err(EventError::invalid(
                     "variant",
                     format!("must be 1 to {MAX_ID_LEN} characters without control characters"),
@@ -196,6 +207,9 @@ impl EventInput {
             }
         }
         if let Some(c) = &self.context {
+            if !c.is_object() {
+                return Err(EventError::invalid("context", "must be a JSON object"));
+            }
             let len = serde_json::to_vec(c).map(|b| b.len()).unwrap_or(usize::MAX);
             if len > MAX_CONTEXT_BYTES {
                 return Err(EventError::invalid(

@@ -10,6 +10,12 @@
 //! the next round writes all of them and fsyncs once (group commit), so throughput grows with
 //! concurrency while each caller still returns only after its own records are on disk.
 //!
+//! Rotation: once the file reaches [`Rotation::segment_bytes`] after a round, the writer
+//! seals it (renames it to `<path>.00000001`, `.00000002`, ..., oldest first) and starts a
+//! new file at `path`; readers (start-up replay, export) read the sealed segments in order,
+//! then the live file. With [`Rotation::keep_segments`] above 0 the oldest sealed segments
+//! beyond that many are deleted (a retention limit the operator chose; 0 keeps them all).
+//!
 //! Recovery: a crash can leave a torn record at the tail (a partial header, a partial payload,
 //! or a checksum mismatch). Nothing in it was acknowledged, because acknowledgement follows
 //! fsync. `open` truncates such a tail and logs a warning. Damage in the middle of the file
@@ -21,6 +27,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use tokio::sync::watch;
 
@@ -61,9 +68,21 @@ struct Request {
     frames: Vec<u8>,
 }
 
+/// When the live file is sealed into a segment, and how many sealed segments are kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rotation {
+    /// Seal the live file once it holds this many bytes (0: never).
+    pub segment_bytes: u64,
+    /// Most sealed segments kept; the oldest beyond it are deleted (0: keep every one).
+    pub keep_segments: usize,
+}
+
 /// An open event log. Cheap to share behind an `Arc`; `append` may be called concurrently.
 pub struct EventLog {
     path: PathBuf,
+    /// Held for reading by readers of the whole log and for writing by a rotation, so that a
+    /// reader never sees a segment twice or misses one.
+    segments: Arc<parking_lot::RwLock<()>>,
     /// Assigns sequence numbers in the order requests enter the channel.
     sender: parking_lot::Mutex<(u64, Option<mpsc::Sender<Request>>)>,
     durable: watch::Sender<Durable>,
@@ -89,6 +108,16 @@ impl EventLog {
     /// processes cannot interleave records. Blocking: call from `spawn_blocking`.
     pub fn open(
         path: &Path,
+        replay: impl FnMut(&[u8]) -> Result<(), LogError>,
+    ) -> Result<(Self, Recovery), LogError> {
+        Self::open_rotating(path, Rotation::default(), replay)
+    }
+
+    /// [`EventLog::open`], sealing the live file into segments as `rotation` says; the
+    /// sealed segments are replayed first, oldest first.
+    pub fn open_rotating(
+        path: &Path,
+        rotation: Rotation,
         mut replay: impl FnMut(&[u8]) -> Result<(), LogError>,
     ) -> Result<(Self, Recovery), LogError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -107,11 +136,19 @@ impl EventLog {
                 format!("is locked by another process (is another tandem running?): {e}"),
             )
         })?;
+        let mut sealed = Recovery::default();
+        for (_, segment) in sealed_segments(path)? {
+            let f = File::open(&segment).map_err(|e| LogError::io(&segment, e))?;
+            let s = scan(&segment, &f, u64::MAX, &mut replay)?;
+            sealed.records += s.records;
+            sealed.damaged_regions += s.damaged_regions;
+            sealed.skipped_bytes += s.skipped_bytes;
+        }
         let scan = scan(path, &file, u64::MAX, |p| replay(p))?;
         let mut recovery = Recovery {
-            records: scan.records,
-            damaged_regions: scan.damaged_regions,
-            skipped_bytes: scan.skipped_bytes,
+            records: sealed.records + scan.records,
+            damaged_regions: sealed.damaged_regions + scan.damaged_regions,
+            skipped_bytes: sealed.skipped_bytes + scan.skipped_bytes,
             ..Recovery::default()
         };
         if scan.damaged_regions > 0 {
@@ -169,13 +206,26 @@ impl EventLog {
         });
         let thread_durable = durable.clone();
         let thread_path = path.to_path_buf();
+        let segments = Arc::new(parking_lot::RwLock::new(()));
+        let thread_segments = segments.clone();
         let writer = std::thread::Builder::new()
             .name("tandem-event-log".into())
-            .spawn(move || write_loop(sink, len, &thread_path, rx, thread_durable))
+            .spawn(move || {
+                write_loop(
+                    sink,
+                    len,
+                    &thread_path,
+                    rx,
+                    thread_durable,
+                    rotation,
+                    &thread_segments,
+                )
+            })
             .map_err(|e| LogError::io(path, e))?;
         Ok((
             EventLog {
                 path: path.to_path_buf(),
+                segments,
                 sender: parking_lot::Mutex::new((0, Some(tx))),
                 durable,
                 writer: Some(writer),
@@ -254,9 +304,14 @@ impl EventLog {
         self.durable.borrow().len
     }
 
-    /// Reads every durable record in order. Blocking.
-    pub fn read(&self, f: impl FnMut(&[u8]) -> Result<(), LogError>) -> Result<u64, LogError> {
-        read_file(&self.path, self.durable_len(), f)
+    /// Reads every durable record in order, across the sealed segments. Blocking.
+    pub fn read(&self, mut f: impl FnMut(&[u8]) -> Result<(), LogError>) -> Result<u64, LogError> {
+        let _no_rotation = self.segments.read();
+        let mut records = 0;
+        for (_, segment) in sealed_segments(&self.path)? {
+            records += read_file(&segment, u64::MAX, &mut f)?;
+        }
+        Ok(records + read_file(&self.path, self.durable_len(), &mut f)?)
     }
 }
 
@@ -280,6 +335,126 @@ pub fn read_file(
     let file = File::open(path).map_err(|e| LogError::io(path, e))?;
     let scan = scan(path, &file, limit, |p| f(p))?;
     Ok(scan.records)
+}
+
+/// Reads the intact records of a log across its sealed segments and its live file, in
+/// order, without opening it for writing (export while a server owns it). A rotation by the
+/// server during the read is noticed (the segments changed) and the read starts again, so no
+/// record is missed or read twice. Blocking.
+pub fn read_segments(
+    path: &Path,
+    mut f: impl FnMut(&[u8]) -> Result<(), LogError>,
+) -> Result<u64, LogError> {
+    for _ in 0..5 {
+        let before = sealed_segments(path)?;
+        let mut records = Vec::new();
+        for (_, segment) in &before {
+            read_file(segment, u64::MAX, |p| {
+                records.push(p.to_vec());
+                Ok(())
+            })?;
+        }
+        match read_file(path, u64::MAX, |p| {
+            records.push(p.to_vec());
+            Ok(())
+        }) {
+            Ok(_) => {}
+            // Between a rotation's rename and the new file.
+            Err(_) if !path.exists() => {}
+            Err(e) => return Err(e),
+        }
+        if sealed_segments(path)? == before {
+            for r in &records {
+                f(r)?;
+            }
+            return Ok(records.len() as u64);
+        }
+    }
+    Err(LogError::io(
+        path,
+        "the log kept rotating while it was read; retry",
+    ))
+}
+
+/// The sealed segments of the log at `path` (`<path>.NNNNNNNN`), oldest first.
+pub fn sealed_segments(path: &Path) -> Result<Vec<(u64, PathBuf)>, LogError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return Ok(Vec::new());
+    };
+    let prefix = format!("{name}.");
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(LogError::io(dir, e)),
+    };
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| LogError::io(dir, e))?;
+        let file_name = entry.file_name();
+        let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+            continue;
+        };
+        if rest.len() == 8 && rest.bytes().all(|b| b.is_ascii_digit()) {
+            found.push((rest.parse::<u64>().expect("8 digits"), entry.path()));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+fn segment_path(path: &Path, n: u64) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(format!(".{n:08}"));
+    PathBuf::from(p)
+}
+
+/// Seals the live file at `path` as the next segment and starts a new live file (locked,
+/// with the magic, fsynced, the directory fsynced); then deletes the oldest sealed segments
+/// beyond `keep` (when `keep` > 0). Returns the new live file.
+fn rotate(path: &Path, keep: usize) -> Result<File, LogError> {
+    let sealed = sealed_segments(path)?;
+    let next = sealed.last().map_or(1, |(n, _)| n + 1);
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let sync_dir = || {
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| LogError::io(&dir, e))
+    };
+    let target = segment_path(path, next);
+    std::fs::rename(path, &target).map_err(|e| LogError::io(&target, e))?;
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| LogError::io(path, e))?;
+    file.try_lock().map_err(|e| LogError::io(path, e))?;
+    file.write_all(MAGIC)
+        .and_then(|_| file.sync_all())
+        .map_err(|e| LogError::io(path, e))?;
+    sync_dir()?;
+    tracing::info!(file = %path.display(), sealed = %target.display(), "event log rotated");
+    if keep > 0 && sealed.len() + 1 > keep {
+        for (_, old) in &sealed[..sealed.len() + 1 - keep] {
+            match std::fs::remove_file(old) {
+                Ok(()) => {
+                    tracing::warn!(segment = %old.display(), keep, "event log: deleted a sealed segment past session.log_keep_segments")
+                }
+                Err(e) => {
+                    tracing::warn!(segment = %old.display(), error = %e, "event log: could not delete an old segment")
+                }
+            }
+        }
+        sync_dir()?;
+    }
+    Ok(file)
 }
 
 struct Scan {
@@ -488,6 +663,8 @@ fn write_loop(
     path: &Path,
     rx: mpsc::Receiver<Request>,
     durable: watch::Sender<Durable>,
+    rotation: Rotation,
+    segments: &parking_lot::RwLock<()>,
 ) {
     let mut buf = Vec::with_capacity(1 << 20);
     // Blocks until a request arrives; ends when the log is dropped and the queue is drained.
@@ -512,6 +689,20 @@ fn write_loop(
                     d.seq = last_seq;
                     d.len = len;
                 });
+                if rotation.segment_bytes > 0 && len >= rotation.segment_bytes {
+                    let _readers_wait = segments.write();
+                    match rotate(path, rotation.keep_segments) {
+                        Ok(new) => {
+                            file = Box::new(new);
+                            len = HEADER_LEN as u64;
+                            durable.send_modify(|d| d.len = len);
+                        }
+                        // The records are durable where they are; the next round tries again.
+                        Err(e) => {
+                            tracing::error!(file = %path.display(), error = %e, "event log rotation failed; still appending to the current file")
+                        }
+                    }
+                }
             }
             Err(e) => {
                 tracing::error!(file = %path.display(), error = %e, "event log write failed; refusing further appends");
@@ -534,6 +725,75 @@ mod tests {
         })
         .unwrap();
         (out, rec, log)
+    }
+
+    /// The live file is sealed into segments by size, so no one file grows without bound;
+    /// the live reader, the export reader and a restart all read every record, in order,
+    /// across the segments; and a retention limit keeps that many sealed segments.
+    #[tokio::test]
+    async fn the_log_rotates_by_size_and_every_reader_reads_across_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.log");
+        let record = |i: usize| format!("record {i:05} {}", "x".repeat(90)).into_bytes();
+        let rotation = Rotation {
+            segment_bytes: 4096,
+            keep_segments: 0,
+        };
+        let all: Vec<Vec<u8>> = (0..600).map(record).collect();
+        {
+            let (log, _) = EventLog::open_rotating(&path, rotation, |_| Ok(())).unwrap();
+            for chunk in all.chunks(10) {
+                log.append(chunk).await.unwrap();
+            }
+            let sealed = sealed_segments(&path).unwrap();
+            assert!(sealed.len() >= 10, "{} segments", sealed.len());
+            for (_, seg) in &sealed {
+                let len = std::fs::metadata(seg).unwrap().len();
+                assert!(len < 4096 + 2_000, "{} is {len} bytes", seg.display());
+            }
+            assert!(std::fs::metadata(&path).unwrap().len() < 4096 + 2_000);
+            let mut live = Vec::new();
+            log.read(|p| {
+                live.push(p.to_vec());
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(live, all, "the server's own reader");
+            let mut exported = Vec::new();
+            read_segments(&path, |p| {
+                exported.push(p.to_vec());
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(exported, all, "export while the server owns the log");
+        }
+        let mut replayed = Vec::new();
+        let (log, rec) = EventLog::open_rotating(&path, rotation, |p| {
+            replayed.push(p.to_vec());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(replayed, all, "a restart");
+        assert_eq!(rec.records, 600);
+        drop(log);
+        // Keeping 3 sealed segments: the next rotation deletes the older ones.
+        let keep = Rotation {
+            segment_bytes: 4096,
+            keep_segments: 3,
+        };
+        let (log, _) = EventLog::open_rotating(&path, keep, |_| Ok(())).unwrap();
+        for chunk in (600..700).map(record).collect::<Vec<_>>().chunks(10) {
+            log.append(chunk).await.unwrap();
+        }
+        assert_eq!(sealed_segments(&path).unwrap().len(), 3);
+        let mut kept = Vec::new();
+        log.read(|p| {
+            kept.push(p.to_vec());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(kept.last(), Some(&record(699)));
+        assert!(kept.len() < 700);
     }
 
     #[tokio::test]

@@ -201,7 +201,11 @@ impl MemoryStore {
         let mut trending = Trending::default();
         let now = now_ms();
         let mut bad_records = 0u64;
-        let (log, _recovery) = EventLog::open(log_path, |payload| {
+        let rotation = super::log::Rotation {
+            segment_bytes: settings.log_segment_bytes,
+            keep_segments: settings.log_keep_segments,
+        };
+        let (log, _recovery) = EventLog::open_rotating(log_path, rotation, |payload| {
             match serde_json::from_slice::<LogRecord>(payload) {
                 Ok(LogRecord::Event { at_ms, event }) => {
                     state.remember(event.event_id, 0, at_ms);
@@ -244,7 +248,7 @@ impl MemoryStore {
         to_ms: i64,
     ) -> Result<Vec<Event>, SessionError> {
         let mut out = Vec::new();
-        super::log::read_file(path, u64::MAX, |p| {
+        super::log::read_segments(path, |p| {
             collect_event(p, from_ms, to_ms, &mut out);
             Ok(())
         })?;
