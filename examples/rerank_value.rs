@@ -137,7 +137,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             vector,
             payload: Payload {
                 item_id: it.item_id.clone(),
-                categories: it.genres.clone(),
+                categories: it.categories.clone(),
                 available: it.available,
                 price: it.price,
                 created_at: it.created_at,

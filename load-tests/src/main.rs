@@ -285,7 +285,7 @@ fn read_catalog(args: &Args) -> anyhow::Result<Catalog> {
                 expected: String::new(),
             });
         }
-        categories.extend(item.genres.iter().cloned());
+        categories.extend(item.categories.iter().cloned());
         ids.push(item.item_id.to_string());
         Ok(())
     });

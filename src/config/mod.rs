@@ -5,8 +5,10 @@
 //! `TANDEM_SESSION__REDIS_URL=redis://..`. Top-level keys are plain: `TANDEM_DATA_DIR`.
 
 pub mod experiments;
+pub mod retrain;
 
 pub use experiments::{Experiment, Unit, Variant};
+pub use retrain::RetrainSettings;
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -60,6 +62,8 @@ pub struct Settings {
     pub registry: RegistrySettings,
     /// A/B experiments (`[[experiments]]`); `PUT /admin/experiments` replaces them at run time.
     pub experiments: Vec<Experiment>,
+    /// The offline retrain loop (`[retrain]`, see `crate::retrain`).
+    pub retrain: RetrainSettings,
     /// The admin API key, from `TANDEM_ADMIN_KEY` only (never from the file, never printed).
     #[serde(skip)]
     pub admin_key: AdminKey,
@@ -226,6 +230,7 @@ impl Default for Settings {
             rerank: RerankSettings::default(),
             registry: RegistrySettings::default(),
             experiments: Vec::new(),
+            retrain: RetrainSettings::default(),
             admin_key: AdminKey::default(),
         }
     }
@@ -599,6 +604,7 @@ impl Settings {
             ));
         }
         experiments::validate(&self.experiments)?;
+        self.retrain.validate()?;
         self.session.validate()?;
         Ok(())
     }

@@ -98,6 +98,11 @@ const server = spawn(path.join(ROOT, "scripts", "run-demo.sh"), [raw, `127.0.0.1
     TANDEM_DATA_DIR: path.join(work, "data"),
     TANDEM_INDEX__BACKEND: "embedded",
     TANDEM_SESSION__BACKEND: "memory",
+    // The retrain test: the generated history spans a year, so the held-out slice is the
+    // last 60 days (the default 1 d holds too few users to score), and one epoch keeps it short.
+    TANDEM_RETRAIN__WINDOW: "400d",
+    TANDEM_RETRAIN__HOLDOUT: "60d",
+    TANDEM_RETRAIN__EPOCHS: "1",
   },
   stdio: ["ignore", "pipe", "pipe"],
 });
@@ -412,6 +417,44 @@ await test("admin prepares a registered model for an experiment, showing progres
   await shoot(page, "admin-prepared");
 });
 
+await test("admin retrains on demand, showing its stages, then the run in the history and the gate chart", async (page) => {
+  await page.goto(`${base}/admin`);
+  await page.getByLabel("Admin key").fill(ADMIN_KEY);
+  await page.getByRole("button", { name: "Unlock" }).click();
+  await until(page, () => /when its recall@20 beats/.test(document.getElementById("retrain-settings").textContent), null, "the retrain settings");
+  await page.getByRole("button", { name: "Retrain now" }).click();
+  // The stages show while it runs (the list keeps the finished ones with their times).
+  await until(page, () => document.querySelectorAll('#retrain-progress li[data-state="done"]').length > 0
+    && document.querySelector('#retrain-progress li[data-state="running"]') !== null
+    && document.getElementById("retrain-now").disabled, null, "a finished stage, the running one, and the button off meanwhile", 60_000);
+  await until(page, () => document.querySelector("#retrain-table tr[data-run]") !== null, null, "the run in the history", 180_000);
+  const row = page.locator("#retrain-table tbody tr").first();
+  const decision = await row.getAttribute("data-decision");
+  const text = await row.innerText();
+  log(`     run: ${text.replace(/\s+/g, " ").slice(0, 240)}`);
+  assert(decision === "promoted" || decision === "held_back", `the run was scored (not failed): ${text}`);
+  assert(/gather .* split .* train .* gate/.test(text), `the row gives the time per stage: ${text}`);
+  assert(/recall@20 \d\.\d{4} vs \d\.\d{4}/.test(text), `the row compares candidate and active: ${text}`);
+  await until(page, () => /Run rt-.*: (promoted|held back)/.test(document.getElementById("retrain-status").textContent), null, "the run's outcome");
+  // A control run (shuffled items) from the API: the gate must hold it back, and the page shows it.
+  const r = await fetch(`${base}/admin/retrain`, { method: "POST", headers: { "Content-Type": "application/json", "X-API-Key": ADMIN_KEY }, body: JSON.stringify({ shuffle_items: true }) });
+  assert(r.status === 202, `POST /admin/retrain: HTTP ${r.status} ${await r.text()}`);
+  const control = (await r.json()).id;
+  await page.waitForTimeout(11_000); // the page notices a run it did not start within 10 s
+  await until(page, (id) => document.querySelector(`#retrain-table tr[data-run="${id}"]`) !== null, control, "the control run in the history", 180_000);
+  const controlDecision = await page.locator(`#retrain-table tr[data-run="${control}"]`).getAttribute("data-decision");
+  assert(controlDecision === "held_back", `the shuffled-items control run is held back, not ${controlDecision}`);
+  // The chart: one point per scored candidate and metric, drawn in the page (inline SVG).
+  const chart = page.locator('svg[data-chart="gate"]');
+  assert((await chart.count()) === 1, "the gate chart is drawn");
+  const points = await chart.locator("circle[data-run]").evaluateAll((cs) => cs.map((c) => c.dataset.run));
+  assert(new Set(points).size === 2 && points.includes(control), `both candidates are on the chart: ${JSON.stringify(points)}`);
+  assert((await chart.locator("path[data-series]").count()) >= 2, "the metrics are drawn as lines");
+  const external = await page.evaluate(() => performance.getEntriesByType("resource").map((e) => e.name).filter((n) => !n.startsWith(location.origin)));
+  assert(external.length === 0, `the page loaded external resources: ${external}`);
+  await shoot(page, "admin-retrain");
+});
+
 await test("admin shows live latency and cache figures from GET /v1/stats", async (page) => {
   await page.goto(`${base}/admin`);
   // The earlier tests made API requests, so the window holds a p99; the page polls every 2 s.
@@ -419,6 +462,16 @@ await test("admin shows live latency and cache figures from GET /v1/stats", asyn
   const stats = await (await fetch(`${base}/v1/stats`)).json();
   assert(stats.window.requests > 0 && stats.window.p99_ms > 0, `GET /v1/stats has no recent requests: ${JSON.stringify(stats)}`);
   assert(stats.cache.hits + stats.cache.misses > 0, "personal recommendations were counted as cache hits or misses");
+  // The 15-minute charts: requests/s, p50/p99, errors and cache hit rate, one point per 10 s.
+  for (const id of ["rps", "latency", "errors", "cache"]) {
+    await until(page, (c) => document.querySelector(`#live-charts svg[data-chart="${c}"]`) !== null, id, `the ${id} chart`);
+  }
+  const rps = await page.locator('#live-charts svg[data-chart="rps"] path[data-series]').getAttribute("d");
+  const drawn = rps ? rps.split(/[ML]/).filter(Boolean).length : 0;
+  assert(Math.abs(drawn - stats.series.length) <= 1, `one point per 10 s of the series: ${drawn} points for ${stats.series.length}`);
+  assert(stats.series.some((p) => p.requests > 0 && p.p99_ms > 0), `the series holds the recent requests: ${JSON.stringify(stats.series.slice(-3))}`);
+  assert((await page.locator('#live-charts svg[data-chart="latency"] path[data-series="p99"]').count()) === 1, "p99 is charted");
+  await shoot(page, "admin-live");
 });
 
 await browser.close();
