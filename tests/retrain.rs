@@ -49,7 +49,8 @@ fn fixture(dir: &Path) -> (PathBuf, PathBuf, Vec<Interaction>) {
         &data,
     )
     .unwrap();
-    let d = tandem::data::Dataset::load(&data).unwrap();
+    let mut d = tandem::data::Dataset::load(&data).unwrap();
+    live_times(&mut d.interactions);
     let mut times: Vec<i64> = d.interactions.iter().map(|r| r.timestamp).collect();
     times.sort_unstable();
     let cut = times[times.len() * 3 / 10];
@@ -93,6 +94,26 @@ fn fixture(dir: &Path) -> (PathBuf, PathBuf, Vec<Interaction>) {
     (data, ckpt, d.interactions)
 }
 
+/// The generator gives each user a timeline of their own across a year and more, so its
+/// last days hold one or two users: too few to score. Live traffic has every user active
+/// through the same weeks, so each user's rows are spread, in their order, over the same 100
+/// days (plus a per-user offset under an hour).
+fn live_times(rows: &mut [Interaction]) {
+    let mut by_user: std::collections::HashMap<String, Vec<usize>> = Default::default();
+    for (i, r) in rows.iter().enumerate() {
+        by_user.entry(r.user_id.to_string()).or_default().push(i);
+    }
+    let start = 1_735_689_600; // 2025-01-01
+    for (u, mut idx) in by_user {
+        idx.sort_by_key(|&i| rows[i].timestamp);
+        let n = idx.len() as i64;
+        let offset = u.bytes().map(i64::from).sum::<i64>() % 3_600;
+        for (k, i) in idx.into_iter().enumerate() {
+            rows[i].timestamp = start + k as i64 * 100 * DAY / n + offset;
+        }
+    }
+}
+
 fn settings(dir: &Path, data: &Path, ckpt: &Path) -> Settings {
     let mut s = Settings {
         data_dir: dir.join("srv"),
@@ -104,7 +125,7 @@ fn settings(dir: &Path, data: &Path, ckpt: &Path) -> Settings {
     s.session.backend = SessionBackend::Memory;
     s.server.catalog_dir = data.to_path_buf();
     s.retrain.window = "400d".into();
-    s.retrain.holdout = "40d".into();
+    s.retrain.holdout = "10d".into();
     s.retrain.margin = 0.05;
     s.retrain.epochs = 4;
     s.retrain.min_rows = 100;
@@ -303,7 +324,7 @@ async fn a_better_candidate_is_promoted_and_a_worse_one_held_back_while_serving_
     assert!(!held.is_empty());
     let from = first["holdout_from"].as_i64().unwrap();
     let newest = rows.iter().map(|r| r.timestamp).max().unwrap();
-    assert_eq!(from, newest - 40 * DAY + 1);
+    assert_eq!(from, newest - 10 * DAY + 1);
     let trained_keys: HashSet<_> = trained.iter().map(key).collect();
     let held_keys: HashSet<_> = held.iter().map(key).collect();
     assert!(
@@ -318,7 +339,7 @@ async fn a_better_candidate_is_promoted_and_a_worse_one_held_back_while_serving_
         .collect();
     assert_eq!(
         held_keys, expected_held,
-        "the slice is exactly the newest 40 days of events"
+        "the slice is exactly the newest 10 days of events"
     );
     let all: HashSet<_> = rows.iter().map(key).collect();
     assert_eq!(
