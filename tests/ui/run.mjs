@@ -74,6 +74,25 @@ function freePort() {
 const work = mkdtempSync(path.join(os.tmpdir(), "tandem-ui-"));
 const raw = path.join(work, "raw");
 run(["generate", "--out", raw, "--items", "1500", "--users", "300", "--interactions", "15000", "--seed", "7"], "demo catalog");
+// The history as live traffic: the generator gives each user a timeline of their own over a
+// year and more (its last days hold one or two users), and the retrain test holds out the
+// newest days. So each user's events are spread, in their order, over the 90 days before now.
+{
+  const file = path.join(raw, "interactions.csv");
+  const [header, ...lines] = readFileSync(file, "utf8").trim().split("\n");
+  const cols = header.split(",");
+  const ts = cols.indexOf("timestamp");
+  const rows = lines.map((l) => l.split(","));
+  const byUser = new Map();
+  rows.forEach((r, i) => { if (!byUser.has(r[0])) byUser.set(r[0], []); byUser.get(r[0]).push(i); });
+  const span = 90 * 86_400;
+  const end = Math.floor(Date.now() / 1000) - 3_600;
+  for (const idx of byUser.values()) {
+    idx.sort((a, b) => Number(rows[a][ts]) - Number(rows[b][ts]));
+    idx.forEach((i, k) => { rows[i][ts] = String(end - span + Math.floor((k * span) / idx.length)); });
+  }
+  writeFileSync(file, [header, ...rows.map((r) => r.join(","))].join("\n") + "\n");
+}
 let model = path.join(ROOT, "models", "demo");
 if (!existsSync(path.join(model, "manifest.json"))) {
   model = path.join(work, "model");
@@ -98,10 +117,9 @@ const server = spawn(path.join(ROOT, "scripts", "run-demo.sh"), [raw, `127.0.0.1
     TANDEM_DATA_DIR: path.join(work, "data"),
     TANDEM_INDEX__BACKEND: "embedded",
     TANDEM_SESSION__BACKEND: "memory",
-    // The retrain test: the generated history spans a year, so the held-out slice is the
-    // last 60 days (the default 1 d holds too few users to score), and one epoch keeps it short.
-    TANDEM_RETRAIN__WINDOW: "400d",
-    TANDEM_RETRAIN__HOLDOUT: "60d",
+    // The retrain test holds out the newest 10 days of the 90-day history (the default 1 d
+    // holds few of the 300 demo users), and one epoch keeps it short.
+    TANDEM_RETRAIN__HOLDOUT: "10d",
     TANDEM_RETRAIN__EPOCHS: "1",
   },
   stdio: ["ignore", "pipe", "pipe"],
@@ -438,8 +456,9 @@ await test("admin retrains on demand, showing its stages, then the run in the hi
   await until(page, () => /Run rt-.*: (promoted|held back)/.test(document.getElementById("retrain-status").textContent), null, "the run's outcome");
   // A control run (shuffled items) from the API: the gate must hold it back, and the page shows it.
   const r = await fetch(`${base}/admin/retrain`, { method: "POST", headers: { "Content-Type": "application/json", "X-API-Key": ADMIN_KEY }, body: JSON.stringify({ shuffle_items: true }) });
-  assert(r.status === 202, `POST /admin/retrain: HTTP ${r.status} ${await r.text()}`);
-  const control = (await r.json()).id;
+  const body = await r.text();
+  assert(r.status === 202, `POST /admin/retrain: HTTP ${r.status} ${body}`);
+  const control = JSON.parse(body).id;
   await page.waitForTimeout(11_000); // the page notices a run it did not start within 10 s
   await until(page, (id) => document.querySelector(`#retrain-table tr[data-run="${id}"]`) !== null, control, "the control run in the history", 180_000);
   const controlDecision = await page.locator(`#retrain-table tr[data-run="${control}"]`).getAttribute("data-decision");
@@ -456,6 +475,8 @@ await test("admin retrains on demand, showing its stages, then the run in the hi
 });
 
 await test("admin shows live latency and cache figures from GET /v1/stats", async (page) => {
+  // Recent requests for the one-minute window (the retrain test above may take longer).
+  for (let u = 1; u <= 5; u++) await fetch(`${base}/v1/recommendations?user_id=${u}&k=5`);
   await page.goto(`${base}/admin`);
   // The earlier tests made API requests, so the window holds a p99; the page polls every 2 s.
   await until(page, () => /ms$/.test(document.querySelector("#live div:nth-child(3) dd")?.textContent || ""), null, "a live p99 figure");
