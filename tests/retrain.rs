@@ -500,6 +500,37 @@ async fn promote_experiment_starts_an_ab_test_with_the_candidate_as_challenger()
     app.stop().await;
 }
 
+/// `[retrain] every`: the server runs the loop by itself on each tick (ticks fall on
+/// multiples of the period since the epoch, so this waits up to a minute).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_retrains_by_itself_on_its_schedule() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, ckpt, rows) = fixture(dir.path());
+    let mut s = settings(dir.path(), &data, &ckpt);
+    s.retrain.every = "1m".into();
+    let app = TestApp::spawn(s).await;
+    post_events(&app, &rows).await;
+    let (_, st) = admin(&app, reqwest::Method::GET, "/admin/retrain", None).await;
+    assert_eq!(st["every"], "1m");
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    let report = loop {
+        let (_, st) = admin(&app, reqwest::Method::GET, "/admin/retrain", None).await;
+        if let Some(r) = st["runs"].as_array().and_then(|r| r.first()) {
+            break r.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no scheduled run within 180 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(report["trigger"], "schedule", "{report:#}");
+    assert_eq!(report["decision"], "promoted", "{report:#}");
+    let (_, models) = admin(&app, reqwest::Method::GET, "/admin/models", None).await;
+    assert_eq!(models["active"], report["candidate"]);
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn retrain_needs_the_admin_key() {
     let dir = tempfile::tempdir().unwrap();
