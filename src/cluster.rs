@@ -88,6 +88,11 @@ pub struct Keys {
     /// Held by the replica running an activation, preparation or rollback: one at a time
     /// across the replicas.
     pub lifecycle: String,
+    /// Held by the replica running a retrain (`crate::retrain`): one run at a time.
+    pub retrain: String,
+    /// Prefix of the per-tick keys of the retrain schedule: the replica that sets a tick's
+    /// key runs that tick.
+    pub retrain_tick: String,
 }
 
 impl Keys {
@@ -98,6 +103,8 @@ impl Keys {
             experiments: format!("{prefix}:{{cluster}}:experiments"),
             bootstrap: format!("{prefix}:{{cluster}}:bootstrap"),
             lifecycle: format!("{prefix}:{{cluster}}:lifecycle"),
+            retrain: format!("{prefix}:{{cluster}}:retrain"),
+            retrain_tick: format!("{prefix}:{{cluster}}:retrain-tick"),
         }
     }
 }

@@ -18,6 +18,8 @@
 //!   experiments), so that several replicas behind a load balancer serve as one.
 //! - [`registry`], [`lifecycle`], [`experiment`]: registered checkpoints, zero-downtime
 //!   activation and rollback, A/B experiments; driven by the admin API (`http::admin`).
+//! - [`retrain`]: the offline loop (gather, split by time, train, gate, promote, record),
+//!   on demand or on the `[retrain] every` schedule.
 //! - [`telemetry`], [`degrade`]: operations. Logs, `/metrics` and its metric names; time
 //!   budgets and circuit breakers that turn a slow or absent Redis or Qdrant into a degraded
 //!   answer instead of an error.
@@ -43,6 +45,7 @@ pub mod model;
 pub mod pipeline;
 pub mod registry;
 pub mod rerank;
+pub mod retrain;
 pub mod session;
 pub mod telemetry;
 pub mod vector;

@@ -55,6 +55,62 @@ enum Command {
     /// Manage model versions on a running server over its admin API (for scripts and CI):
     /// list, register, activate, rollback.
     Models(ModelsArgs),
+    /// Retrain from the logged events, score the candidate against the active model on a
+    /// held-out slice, and promote it only when it is better (runs on the server).
+    #[command(long_about = RETRAIN_ABOUT)]
+    Retrain(RetrainArgs),
+}
+
+const RETRAIN_ABOUT: &str = "\
+Retrain from the logged events, score the candidate against the active model on a held-out \
+slice, and promote it only when it is better. The server runs the loop (it holds the event \
+log, the registry and the serving model); this command starts a run there, prints each stage \
+as it starts, and prints the run's report as JSON. The server also runs it by itself every \
+`[retrain] every` (off by default).
+
+The loop, with its `[retrain]` settings:
+  1. gather   the event log since the run that trained the active model (all of it otherwise),
+              plus the active model's own training data (its manifest's data.source), within
+              `window` (default 90d) before the newest event; duplicates dropped.
+  2. split    the last `holdout` (default 1d) is this run's test set and is never trained on.
+              Users with history before it are scored on it; users new in it are scored as
+              new users (first 5 events known).
+  3. train    as `tandem train --data` with validation, with the active model's settings from
+              its manifest (`epochs` overrides its epoch count).
+  4. gate     both models ranked and scored on the held-out slice by `tandem eval`'s scorer
+              (Recall@20, NDCG@10, new-user and cold-item recall); the candidate passes when
+              its `metric` (default recall@20) beats the active model's by `margin`
+              (relative, default 0.01 = 1%).
+  5. promote  a passing candidate is registered, then per `promote`: activate (default; the
+              zero-downtime switch), experiment (an A/B test with it as the challenger at
+              `experiment_share`), or register-only.
+  6. record   the report (data counts, both models' metrics, the decision and why, the time
+              of each stage) goes to the registry: `tandem models list`, GET /admin/models,
+              GET /admin/retrain, the admin page, and the tandem_retrain_* metrics.
+
+Whatever fails (no events, a training error, a gate that cannot be scored), the active model \
+keeps serving and the run is recorded as failed with the reason. The run's files (train/, \
+holdout.csv, model/) stay under <data_dir>/retrain/<run id>/. Exit status: 0 when the run \
+promoted or held back its candidate, 1 when it failed.";
+
+#[derive(Args)]
+struct RetrainArgs {
+    /// The server's base URL.
+    #[arg(long, env = "TANDEM_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// The admin key (the server's TANDEM_ADMIN_KEY).
+    #[arg(long, env = "TANDEM_ADMIN_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// A control run that checks the gate: the candidate trains with the item ids shuffled,
+    /// so the gate must hold it back.
+    #[arg(long)]
+    shuffle_items: bool,
+    /// Return once the run has started instead of waiting for its report.
+    #[arg(long)]
+    no_wait: bool,
+    /// Give up waiting after this many seconds (the run goes on on the server).
+    #[arg(long, default_value_t = 6 * 3600)]
+    timeout_secs: u64,
 }
 
 #[derive(Args)]
@@ -325,6 +381,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ExportEvents(args) => export_events(&settings, &args)?,
         Command::ReplayEvents(args) => replay_events(&args)?,
         Command::Models(args) => models(args)?,
+        Command::Retrain(args) => retrain(args)?,
         Command::Split(args) => {
             let s = split::split(&args.data, &args.out)?;
             println!(
@@ -477,6 +534,55 @@ fn models(args: ModelsArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
         anyhow::Ok(())
     })
+}
+
+/// `tandem retrain`: starts a run on the server and follows it to its report.
+fn retrain(args: RetrainArgs) -> anyhow::Result<()> {
+    use tandem::http::admin_client::AdminClient;
+    use tandem::retrain::{Decision, RetrainRequest};
+    let client = AdminClient::new(&args.url, args.api_key);
+    let request = RetrainRequest {
+        shuffle_items: args.shuffle_items,
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    let report = rt.block_on(async {
+        let started = client.retrain(&request).await?;
+        eprintln!("retrain {} started", started.id);
+        if args.no_wait {
+            println!("{}", serde_json::to_string_pretty(&started)?);
+            return anyhow::Ok(None);
+        }
+        let mut last = String::new();
+        let report = client
+            .wait_retrain(
+                &started.id,
+                std::time::Duration::from_secs(args.timeout_secs),
+                |p| {
+                    if p.stage != last {
+                        let done: Vec<String> = p
+                            .done
+                            .iter()
+                            .map(|s| format!("{} {:.1}s", s.stage, s.seconds))
+                            .collect();
+                        eprintln!("{}: {} (done: {})", p.id, p.stage, done.join(", "));
+                        last = p.stage.clone();
+                    }
+                },
+            )
+            .await?;
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        anyhow::Ok(Some(report))
+    })?;
+    if let Some(r) = report {
+        eprintln!(
+            "retrain {}: {:?} in {:.1}s: {}",
+            r.id, r.decision, r.seconds, r.reason
+        );
+        if r.decision == Decision::Failed {
+            anyhow::bail!("retrain {} failed: {}", r.id, r.reason);
+        }
+    }
+    Ok(())
 }
 
 /// Prints a build's phase and count to stderr each time it changes.

@@ -116,6 +116,9 @@ struct State {
     models: Vec<ModelRecord>,
     /// Versions in the order they became active, the current one last; rollback pops it.
     history: Vec<String>,
+    /// The offline loop's run reports, oldest first (`crate::retrain`).
+    #[serde(default)]
+    retrain_runs: Vec<crate::retrain::RetrainReport>,
 }
 
 /// The registry. Every method is quick (file copies and a small JSON write), so callers on
@@ -474,6 +477,27 @@ impl Registry {
             tracing::info!(version, "model version garbage-collected");
         }
         Ok(collections)
+    }
+
+    /// The retrain runs' reports, oldest first.
+    pub fn retrain_runs(&self) -> Vec<crate::retrain::RetrainReport> {
+        self.state.lock().retrain_runs.clone()
+    }
+
+    /// Keeps a retrain run's report (replacing one with the same id), and the newest `keep`
+    /// of them.
+    pub fn record_retrain(
+        &self,
+        report: crate::retrain::RetrainReport,
+        keep: usize,
+    ) -> Result<(), RegistryError> {
+        self.mutate(|st| {
+            st.retrain_runs.retain(|r| r.id != report.id);
+            st.retrain_runs.push(report.clone());
+            let excess = st.retrain_runs.len().saturating_sub(keep.max(1));
+            st.retrain_runs.drain(..excess);
+            Ok(())
+        })
     }
 
     fn copy_in(&self, from: &Path, version: &str) -> Result<(), RegistryError> {

@@ -16,6 +16,10 @@
 //! | `tandem_degraded_total` | counter | `cause` (`session`, `index`, `cache`, `trending`, `model`) |
 //! | `tandem_dependency_up` | gauge | `dependency` (`session`, `index`): 0 while its breaker is open |
 //! | `tandem_runtime_lag_seconds` | histogram | none: how late a 10 ms timer on the async runtime fired |
+//! | `tandem_retrain_runs_total` | counter | `decision` (`promoted`, `held_back`, `failed`) |
+//! | `tandem_retrain_stage_seconds` | gauge | `stage` (`gather`, `split`, `train`, `gate`, `promote`): the last run's |
+//! | `tandem_retrain_gate` | gauge | `model` (`candidate`, `active`), `metric`: the last gate's scores |
+//! | `tandem_retrain_last_run_timestamp_seconds` | gauge | none: when the last run finished |
 //!
 //! Per-variant experiment counters (`tandem_experiment_{impressions,clicks,purchases}_total`,
 //! `tandem_experiment_latency_seconds`) are recorded by `experiment::export_metrics` into the
@@ -42,6 +46,10 @@ pub const DEPENDENCY_UP: &str = "tandem_dependency_up";
 pub const RUNTIME_LAG: &str = "tandem_runtime_lag_seconds";
 /// 1 when the start-up found `registry.json` damaged and fell back (see `Registry::open`).
 pub const REGISTRY_RECOVERED: &str = "tandem_registry_recovered";
+pub const RETRAIN_RUNS: &str = "tandem_retrain_runs_total";
+pub const RETRAIN_STAGE_SECONDS: &str = "tandem_retrain_stage_seconds";
+pub const RETRAIN_GATE: &str = "tandem_retrain_gate";
+pub const RETRAIN_LAST_RUN: &str = "tandem_retrain_last_run_timestamp_seconds";
 
 /// A timer firing this much late is logged: every request on the runtime waited as long.
 const LAG_WARN: Duration = Duration::from_millis(50);
@@ -200,6 +208,31 @@ pub fn set_model_version(version: &str) {
     }
     metrics::gauge!(MODEL_ACTIVE, "version" => version.to_string()).set(1.0);
     *active = Some(version.to_string());
+}
+
+/// A finished retrain run: its decision, the time of each stage and both models' gate
+/// metrics (gauges, so a dashboard charts them across runs).
+pub fn record_retrain(report: &crate::retrain::RetrainReport) {
+    let decision = match report.decision {
+        crate::retrain::Decision::Promoted => "promoted",
+        crate::retrain::Decision::HeldBack => "held_back",
+        crate::retrain::Decision::Failed => "failed",
+    };
+    metrics::counter!(RETRAIN_RUNS, "decision" => decision).increment(1);
+    for s in &report.stages {
+        metrics::gauge!(RETRAIN_STAGE_SECONDS, "stage" => s.stage.clone()).set(s.seconds);
+    }
+    for (model, values) in [
+        ("candidate", &report.candidate_metrics),
+        ("active", &report.active_metrics),
+    ] {
+        for metric in crate::config::retrain::GATE_METRICS {
+            if let Some(v) = values.get(metric) {
+                metrics::gauge!(RETRAIN_GATE, "model" => model, "metric" => metric).set(*v);
+            }
+        }
+    }
+    metrics::gauge!(RETRAIN_LAST_RUN).set(chrono::Utc::now().timestamp() as f64);
 }
 
 /// A response served with a shortcut; `cause` is the name that appears in `degraded:[..]`.

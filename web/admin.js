@@ -1,5 +1,7 @@
-// The admin dashboard: models (activate, prepare, roll back, indexing progress), experiments
-// (CTR and conversion per variant with confidence intervals) and live serving figures.
+// The admin dashboard: models (activate, prepare, roll back, indexing progress), retraining
+// (run now with its stages, run history, a chart of the gate metrics), experiments (CTR and
+// conversion per variant with confidence intervals) and live serving figures with 15-minute
+// charts.
 // The admin key lives in sessionStorage only: never in a URL, never in localStorage.
 "use strict";
 (() => {
@@ -190,6 +192,108 @@
     loadModels();
   });
 
+
+  // ---- retraining ------------------------------------------------------------------------
+  const STAGES = ["gather", "split", "train", "gate", "promote", "record"];
+  const GATE = [["recall@20", "Recall@20"], ["ndcg@10", "NDCG@10"], ["newuser_recall@20", "new-user R@20"], ["cold_recall@20", "cold-item R@20"]];
+  let pollRetrain = null;
+  // The run this page started, until its report arrives.
+  let watching = null;
+  const fmt4 = (v) => (typeof v === "number" ? v.toFixed(4) : "–");
+  const secs = (v) => `${Number(v || 0).toFixed(1)} s`;
+
+  function drawProgress(run) {
+    const list = $("retrain-progress");
+    if (!run) { list.hidden = true; return; }
+    const done = new Map((run.done || []).map((s) => [s.stage, s.seconds]));
+    list.replaceChildren(...STAGES.map((st) => {
+      const state = done.has(st) ? "done" : st === run.stage ? "running" : "pending";
+      const text = state === "done" ? `${st} ✓ ${secs(done.get(st))}` : state === "running" ? `${st}…` : st;
+      return el("li", { "data-stage": st, "data-state": state }, text);
+    }));
+    list.hidden = false;
+  }
+
+  function drawRuns(runs) {
+    if (!runs.length) {
+      $("retrain-runs").replaceChildren(el("p", { class: "muted" }, "No runs yet."));
+      $("retrain-chart").replaceChildren();
+      return;
+    }
+    const rows = runs.slice().reverse().map((r) => {
+      const metric = r.gate_metric || "recall@20";
+      const c = (r.candidate_metrics || {})[metric];
+      const a = (r.active_metrics || {})[metric];
+      const counts = r.counts || {};
+      const stages = (r.stages || []).map((s) => `${s.stage} ${secs(s.seconds)}`).join(" · ");
+      return el("tr", { "data-run": r.id, "data-decision": r.decision },
+        el("th", { scope: "row" }, r.id),
+        el("td", {}, (r.started_at || "").replace("T", " ").slice(0, 19)),
+        el("td", {}, r.trigger + (r.shuffled_items ? " (shuffled control)" : "")),
+        el("td", {}, el("span", { class: `badge ${r.decision}` }, r.decision.replace("_", " ")), el("div", { class: "muted" }, r.reason || "")),
+        el("td", {}, `${metric} ${fmt4(c)} vs ${fmt4(a)}`),
+        el("td", {}, `${counts.train_rows ?? 0} / ${counts.holdout_rows ?? 0}`),
+        el("td", {}, `${stages}${stages ? " · " : ""}total ${secs(r.seconds)}`));
+    });
+    $("retrain-runs").replaceChildren(el("table", { id: "retrain-table" },
+      el("caption", { class: "visually-hidden" }, "Retrain runs, newest first"),
+      el("thead", {}, el("tr", {}, ...["Run", "Started", "Trigger", "Decision", "Candidate vs active", "Rows train / held out", "Time per stage"].map((h) => el("th", { scope: "col" }, h)))),
+      el("tbody", {}, ...rows)));
+    // The chart: each scored run is one x position, labelled by its candidate version.
+    const scored = runs.filter((r) => r.candidate_metrics && Object.keys(r.candidate_metrics).length);
+    if (!scored.length) { $("retrain-chart").replaceChildren(el("p", { class: "muted" }, "No scored candidate yet.")); return; }
+    const series = GATE.map(([k, name]) => ({ name: `candidate ${name}`, values: scored.map((r) => r.candidate_metrics[k] ?? null) }));
+    series.push({ name: "active Recall@20", dashed: true, values: scored.map((r) => (r.active_metrics || {})["recall@20"] ?? null) });
+    const chart = lineChart({ id: "gate", title: "Held-out metrics of each candidate (dashed: the model it was compared with)", count: scored.length,
+      xLabel: `${scored.length} candidate${scored.length === 1 ? "" : "s"}, oldest left`, yFormat: (v) => v.toFixed(3), series,
+      pointAttrs: (i) => ({ "data-run": scored[i].id, "data-decision": scored[i].decision }) });
+    $("retrain-chart").replaceChildren(chart);
+  }
+
+  async function loadRetrain() {
+    let data;
+    try {
+      ({ data } = await admin("GET", "/admin/retrain"));
+    } catch (e) {
+      const [msg, cls] = explain(e, "Retraining");
+      say("retrain-status", msg, cls);
+      return;
+    }
+    const every = data.every && data.every !== "off" ? `every ${data.every}` : "on demand only ([retrain] every is off)";
+    say("retrain-settings", `Runs ${every}; a candidate is promoted (${data.promote}) when its ${data.metric} beats the active model's by ${(100 * data.margin).toFixed(1)}%.`);
+    const runs = data.runs || [];
+    drawRuns(runs);
+    drawProgress(data.running);
+    $("retrain-now").disabled = !!data.running;
+    if (data.running) {
+      say("retrain-status", `Run ${data.running.id} (${data.running.trigger}): ${data.running.stage}, ${secs(data.running.elapsed_s)} so far.`);
+    } else if (watching) {
+      const r = runs.find((x) => x.id === watching);
+      if (r) {
+        say("retrain-status", `Run ${r.id}: ${r.decision.replace("_", " ")}. ${r.reason}`, r.decision === "failed" ? "error" : "");
+        watching = null;
+        loadModels();
+      }
+    }
+    clearTimeout(pollRetrain);
+    pollRetrain = data.running || watching ? setTimeout(loadRetrain, 1000) : null;
+  }
+
+  $("retrain-now").addEventListener("click", async () => {
+    const b = $("retrain-now");
+    b.disabled = true;
+    try {
+      const { data } = await admin("POST", "/admin/retrain", { body: {} });
+      watching = data.id;
+      say("retrain-status", `Run ${data.id} started.`);
+    } catch (e) {
+      const [msg, cls] = explain(e, "Retrain");
+      say("retrain-status", msg, cls);
+      b.disabled = false;
+    }
+    loadRetrain();
+  });
+
   // ---- experiments -----------------------------------------------------------------------
   const pct = (x) => (x === undefined || x === null ? "–" : `${(100 * x).toFixed(2)}%`);
   // A rate is {value, ci_low, ci_high} (a Wilson 95% interval); value is null with no traffic.
@@ -237,6 +341,69 @@
     $("experiments").replaceChildren(...blocks);
   }
 
+
+  // ---- charts: inline SVG, drawn here (no external resources) ---------------------------
+  const SVG_NS = "http://www.w3.org/2000/svg";
+  function svg(name, attrs, ...kids) {
+    const n = document.createElementNS(SVG_NS, name);
+    for (const [k, v] of Object.entries(attrs || {})) n.setAttribute(k, String(v));
+    n.append(...kids);
+    return n;
+  }
+  // A line chart of `series` ([{name, values, dashed?}], values may hold nulls: gaps) over
+  // `count` x positions, with the y axis from 0 to the largest value. Returns a <figure>.
+  function lineChart({ id, title, series, count, xLabel, yFormat, pointAttrs }) {
+    const W = 320, H = 150, L = 40, R = 8, T = 8, B = 22;
+    const all = series.flatMap((s) => s.values).filter((v) => typeof v === "number" && isFinite(v));
+    const top = Math.max(...all, 0) || 1;
+    const x = (i) => L + (count <= 1 ? (W - L - R) / 2 : (i * (W - L - R)) / (count - 1));
+    const y = (v) => T + (H - T - B) * (1 - v / top);
+    const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": title, "data-chart": id });
+    root.append(svg("line", { class: "axis", x1: L, y1: H - B, x2: W - R, y2: H - B }),
+      svg("line", { class: "axis", x1: L, y1: T, x2: L, y2: H - B }),
+      svg("text", { x: L - 4, y: T + 8, "text-anchor": "end" }, yFormat(top)),
+      svg("text", { x: L - 4, y: H - B, "text-anchor": "end" }, yFormat(0)),
+      svg("text", { x: W - R, y: H - 6, "text-anchor": "end" }, xLabel));
+    series.forEach((s, k) => {
+      let d = "";
+      let pen = false;
+      s.values.forEach((v, i) => {
+        if (typeof v !== "number" || !isFinite(v)) { pen = false; return; }
+        d += `${pen ? "L" : "M"}${x(i).toFixed(1)},${y(v).toFixed(1)}`;
+        pen = true;
+      });
+      if (d) root.append(svg("path", { class: `line s${k}${s.dashed ? " dashed" : ""}`, d, "data-series": s.name }));
+      if (pointAttrs) {
+        s.values.forEach((v, i) => {
+          if (typeof v !== "number" || !isFinite(v)) return;
+          const c = svg("circle", { class: `s${k}`, cx: x(i).toFixed(1), cy: y(v).toFixed(1), r: 3, ...pointAttrs(i, s) });
+          c.append(svg("title", {}, `${s.name}: ${yFormat(v)}`));
+          root.append(c);
+        });
+      }
+    });
+    const legend = el("ul", { class: "legend" }, ...series.map((s, k) =>
+      el("li", {}, el("span", { class: `swatch s${k}` }), s.name)));
+    return el("figure", { class: "chart" }, el("figcaption", {}, title), root, legend);
+  }
+
+  // The last 15 minutes, one point per 10 s, so an activation or a retrain shows in the curve.
+  function drawLiveCharts(series) {
+    if (!series.length) return;
+    const n = series.length;
+    const span = `last ${Math.max(1, Math.round(series[0].ago_s / 60))} min`;
+    const val = (k) => series.map((p) => (p[k] === undefined ? null : p[k]));
+    $("live-charts").replaceChildren(
+      lineChart({ id: "rps", title: "Requests/s", count: n, xLabel: span, yFormat: (v) => v.toFixed(1),
+        series: [{ name: "requests/s", values: val("rps") }] }),
+      lineChart({ id: "latency", title: "Latency (ms)", count: n, xLabel: span, yFormat: (v) => v.toFixed(1),
+        series: [{ name: "p50", values: val("p50_ms") }, { name: "p99", values: val("p99_ms") }] }),
+      lineChart({ id: "errors", title: "Errors (5xx) per 10 s", count: n, xLabel: span, yFormat: (v) => v.toFixed(0),
+        series: [{ name: "errors", values: val("errors") }] }),
+      lineChart({ id: "cache", title: "Cache hit rate (%)", count: n, xLabel: span, yFormat: (v) => v.toFixed(0),
+        series: [{ name: "hit rate", values: series.map((p) => (p.cache_hit_rate === null || p.cache_hit_rate === undefined ? null : 100 * p.cache_hit_rate)) }] }));
+  }
+
   // ---- live figures (public, no key needed) ----------------------------------------------
   async function loadLive() {
     try {
@@ -252,6 +419,7 @@
         ["Requests total", data.requests_total ?? "–"],
       ];
       $("live").replaceChildren(...figures.map(([k, v]) => el("div", {}, el("dt", {}, k), el("dd", {}, v))));
+      drawLiveCharts(data.series || []);
       say("live-status", `Last ${Math.round(data.window_s || 60)} s · updated ${new Date().toLocaleTimeString()}`);
     } catch (e) {
       const [msg, cls] = explain(e, "Live serving figures");
@@ -267,6 +435,7 @@
     const status = await loadModels();
     if (status === 401 || status === 403) return;
     loadExperiments();
+    loadRetrain();
   }
 
   $("key-form").addEventListener("submit", (ev) => {
@@ -279,10 +448,14 @@
     sessionStorage.removeItem(KEY);
     $("models").replaceChildren();
     $("experiments").replaceChildren();
+    $("retrain-runs").replaceChildren();
+    $("retrain-chart").replaceChildren();
     say("auth", "Key forgotten.");
   });
 
   unlock();
   loadLive();
   setInterval(loadLive, 2000);
+  // A scheduled run (or one started elsewhere) shows up without a reload.
+  setInterval(() => { if (key() && !pollRetrain) loadRetrain(); }, 10000);
 })();

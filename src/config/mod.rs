@@ -5,8 +5,10 @@
 //! `TANDEM_SESSION__REDIS_URL=redis://..`. Top-level keys are plain: `TANDEM_DATA_DIR`.
 
 pub mod experiments;
+pub mod retrain;
 
 pub use experiments::{Experiment, Unit, Variant};
+pub use retrain::RetrainSettings;
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -67,6 +69,8 @@ pub struct Settings {
     pub experiments: Vec<Experiment>,
     /// The Gorse-compatible API under `/api` (`[gorse]`).
     pub gorse: GorseSettings,
+    /// The offline retrain loop (`[retrain]`, see `crate::retrain`).
+    pub retrain: RetrainSettings,
     /// The admin API key, from `TANDEM_ADMIN_KEY` only (never from the file, never printed).
     #[serde(skip)]
     pub admin_key: AdminKey,
@@ -296,6 +300,7 @@ impl Default for Settings {
             registry: RegistrySettings::default(),
             experiments: Vec::new(),
             gorse: GorseSettings::default(),
+            retrain: RetrainSettings::default(),
             admin_key: AdminKey::default(),
         }
     }
@@ -858,6 +863,7 @@ impl Settings {
             ));
         }
         experiments::validate(&self.experiments)?;
+        self.retrain.validate()?;
         self.session.validate()?;
         Ok(())
     }

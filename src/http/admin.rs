@@ -11,6 +11,7 @@ use crate::config::Experiment;
 use crate::experiment::ExperimentReport;
 use crate::lifecycle::{ActivateOutcome, LifecycleError};
 use crate::registry::{ModelRecord, ModelStatus, RegistryError};
+use crate::retrain::{RetrainError, RetrainReport, RetrainRequest, RunProgress};
 use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
@@ -28,6 +29,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/models/{version}/prepare", post(prepare))
         .route("/experiments", get(list_experiments).put(put_experiments))
         .route("/experiments/{name}", get(experiment_report))
+        .route("/retrain", get(retrain_status).post(start_retrain))
         .layer(axum::middleware::from_fn_with_state(state, authorize))
 }
 
@@ -51,6 +53,10 @@ pub struct ModelList {
     pub active: Option<String>,
     /// Every registered version, oldest first.
     pub models: Vec<ModelRecord>,
+    /// The retrain loop's run reports, oldest first (`GET /admin/retrain` has the run in
+    /// progress too).
+    #[serde(default)]
+    pub retrain_runs: Vec<RetrainReport>,
 }
 
 async fn list_models(State(s): State<AppState>) -> Json<ModelList> {
@@ -59,7 +65,11 @@ async fn list_models(State(s): State<AppState>) -> Json<ModelList> {
         .iter()
         .find(|m| m.status == ModelStatus::Active)
         .map(|m| m.version.clone());
-    Json(ModelList { active, models })
+    Json(ModelList {
+        active,
+        models,
+        retrain_runs: s.lifecycle.registry().retrain_runs(),
+    })
 }
 
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
@@ -169,10 +179,22 @@ async fn put_experiments(
             }
         }
     }
+    apply_experiments(&s, body.experiments).await?;
+    Ok(Json(ExperimentSet {
+        experiments: s.experiments.list(),
+    }))
+}
+
+/// Makes `experiments` the running set (already validated): the admin API's `PUT` and the
+/// retrain loop's `promote = "experiment"` both come here.
+pub(crate) async fn apply_experiments(
+    s: &AppState,
+    experiments: Vec<Experiment>,
+) -> Result<(), AppError> {
     // Every replica first (they apply it within a second), then this one: the models
     // first, so that the first request assigned to a new arm finds it serving.
     if let Some(bus) = &s.bus {
-        bus.set_experiments(&body.experiments)
+        bus.set_experiments(&experiments)
             .await
             .map_err(|e| AppError::Unavailable {
                 dependency: "the replicas' shared store",
@@ -180,12 +202,10 @@ async fn put_experiments(
             })?;
     }
     s.lifecycle
-        .pin(crate::config::experiments::pinned_models(&body.experiments))
+        .pin(crate::config::experiments::pinned_models(&experiments))
         .await;
-    s.experiments.replace(body.experiments);
-    Ok(Json(ExperimentSet {
-        experiments: s.experiments.list(),
-    }))
+    s.experiments.replace(experiments);
+    Ok(())
 }
 
 async fn experiment_report(
@@ -193,4 +213,68 @@ async fn experiment_report(
     Path(name): Path<String>,
 ) -> Result<Json<ExperimentReport>, AppError> {
     Ok(Json(s.experiments.report(&name).await?))
+}
+
+/// `GET /admin/retrain`: the run in progress, every recorded run, and the loop's settings.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RetrainStatus {
+    pub running: Option<RunProgress>,
+    /// Oldest first.
+    pub runs: Vec<RetrainReport>,
+    /// `[retrain] every` ("off" when the server does not run it by itself).
+    pub every: String,
+    pub metric: String,
+    pub margin: f64,
+    pub promote: crate::config::retrain::Promote,
+}
+
+async fn retrain_status(State(s): State<AppState>) -> Json<RetrainStatus> {
+    let r = &s.settings.retrain;
+    Json(RetrainStatus {
+        running: s.retrain.progress(),
+        runs: s.lifecycle.registry().retrain_runs(),
+        every: r.every.clone(),
+        metric: r.metric.clone(),
+        margin: r.margin,
+        promote: r.promote,
+    })
+}
+
+/// `POST /admin/retrain`: starts a run in the background (202 with its id); `GET
+/// /admin/retrain` shows its stages, then its report. 409 while a run is in progress. The
+/// body is optional: `{"shuffle_items": true}` is a control run whose candidate the gate
+/// must hold back.
+async fn start_retrain(
+    State(s): State<AppState>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<RunProgress>), AppError> {
+    let request: RetrainRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        RetrainRequest::default()
+    } else {
+        let de = &mut serde_json::Deserializer::from_slice(&body);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let field = if path == "." {
+                "body".to_string()
+            } else {
+                path
+            };
+            AppError::invalid(field, e.inner().to_string())
+        })?
+    };
+    let (progress, _) =
+        s.retrain
+            .start(s.clone(), "admin", request)
+            .await
+            .map_err(|e| match e {
+                RetrainError::Busy(_) | RetrainError::BusyElsewhere => AppError::Conflict {
+                    code: "busy",
+                    message: e.to_string(),
+                },
+                RetrainError::Shared(detail) => AppError::Unavailable {
+                    dependency: "the replicas' shared store",
+                    detail,
+                },
+            })?;
+    Ok((StatusCode::ACCEPTED, Json(progress)))
 }

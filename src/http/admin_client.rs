@@ -1,7 +1,7 @@
 //! A typed client of the admin API, behind `tandem models ...` (scripts and CI pipelines) and
 //! the lifecycle tests.
 
-use super::admin::{ActivateResponse, ModelList, RollbackResponse};
+use super::admin::{ActivateResponse, ModelList, RetrainStatus, RollbackResponse};
 use super::auth::API_KEY_HEADER;
 use super::error::ErrorBody;
 use crate::registry::{ModelRecord, ModelStatus};
@@ -148,6 +148,48 @@ impl AdminClient {
                 });
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Starts a retrain run on the server (`POST /admin/retrain`); returns its id and stage.
+    pub async fn retrain(
+        &self,
+        request: &crate::retrain::RetrainRequest,
+    ) -> Result<crate::retrain::RunProgress, ClientError> {
+        self.send(self.http.post(self.url("/admin/retrain")).json(request))
+            .await
+    }
+
+    pub async fn retrain_status(&self) -> Result<RetrainStatus, ClientError> {
+        self.send(self.http.get(self.url("/admin/retrain"))).await
+    }
+
+    /// Polls `GET /admin/retrain` until run `id` has its report, calling `progress` with the
+    /// run in progress at each poll.
+    pub async fn wait_retrain(
+        &self,
+        id: &str,
+        timeout: Duration,
+        mut progress: impl FnMut(&crate::retrain::RunProgress),
+    ) -> Result<crate::retrain::RetrainReport, ClientError> {
+        let started = Instant::now();
+        loop {
+            let status = self.retrain_status().await?;
+            if let Some(report) = status.runs.into_iter().rev().find(|r| r.id == id) {
+                return Ok(report);
+            }
+            if let Some(p) = status.running.as_ref().filter(|p| p.id == id) {
+                progress(p);
+            }
+            if started.elapsed() > timeout {
+                return Err(ClientError::Timeout {
+                    what: "retrain",
+                    version: id.into(),
+                    secs: timeout.as_secs(),
+                    status: status.running.map_or_else(|| "unknown".into(), |p| p.stage),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 

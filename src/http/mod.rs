@@ -68,6 +68,7 @@ pub async fn run(
         .journal
         .clone()
         .map(|j| crate::items::load::spawn_flusher(state.index.clone(), j));
+    let retrain_schedule = crate::retrain::spawn_scheduler(state.clone());
     let grace = Duration::from_millis(state.settings.server.shutdown_grace_ms);
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
@@ -105,6 +106,9 @@ pub async fn run(
         }
     };
     lag_monitor.abort();
+    if let Some(r) = retrain_schedule {
+        r.abort();
+    }
     if let Some(f) = flusher {
         f.abort();
     }

@@ -90,6 +90,8 @@ pub struct AppState {
     pub experiments: Arc<Experiments>,
     /// The replicas' shared stream, when this server is one of several (`Settings::shared`).
     pub bus: Option<Arc<Bus>>,
+    /// The offline retrain loop (`POST /admin/retrain` and the `[retrain] every` schedule).
+    pub retrain: Arc<crate::retrain::Retrainer>,
     /// The task following the other replicas' changes; stopped with the server.
     pub follower: Arc<parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
@@ -290,6 +292,7 @@ impl AppState {
             experiments,
             stats: Arc::new(super::stats::ServerStats::new()),
             bus,
+            retrain: Arc::default(),
             follower: Arc::default(),
         })
     }

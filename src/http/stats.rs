@@ -22,6 +22,9 @@ const SLOTS: u64 = 6;
 const SLOT_SECS: u64 = 10;
 /// Latencies are recorded in microseconds, up to a minute.
 const MAX_MICROS: u64 = 60_000_000;
+/// The admin page's charts: the last 15 minutes in points of [`SLOT_SECS`]. Their
+/// histograms keep 2 significant digits (a 1% step, about 20 KB each) rather than 3.
+const SERIES_SLOTS: u64 = 90;
 
 /// Counters shared by the request middleware, the handlers that know about the cache, and
 /// `GET /v1/stats`. One per server (tests start many in one process).
@@ -32,6 +35,32 @@ pub struct ServerStats {
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
     window: Mutex<Vec<Slot>>,
+    series: Mutex<Vec<SeriesSlot>>,
+}
+
+struct SeriesSlot {
+    epoch: u64,
+    requests: u64,
+    errors: u64,
+    cache_hits: u64,
+    cache_misses: u64,
+    latency: Histogram<u64>,
+}
+
+impl SeriesSlot {
+    /// The slot of `epoch`, emptied first if it held an older one.
+    fn at(ring: &mut [SeriesSlot], epoch: u64) -> &mut SeriesSlot {
+        let slot = &mut ring[(epoch % SERIES_SLOTS) as usize];
+        if slot.epoch != epoch {
+            slot.epoch = epoch;
+            slot.requests = 0;
+            slot.errors = 0;
+            slot.cache_hits = 0;
+            slot.cache_misses = 0;
+            slot.latency.reset();
+        }
+        slot
+    }
 }
 
 struct Slot {
@@ -53,6 +82,25 @@ pub struct StatsSnapshot {
     pub window_s: f64,
     pub window: WindowStats,
     pub cache: CacheStats,
+    /// The last 15 minutes, oldest first, one point per 10 s (fewer just after start), for
+    /// the admin page's charts.
+    pub series: Vec<SeriesPoint>,
+}
+
+/// Ten seconds of serving.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct SeriesPoint {
+    /// How long ago the point's 10 s began, in seconds (the newest point is still filling).
+    pub ago_s: f64,
+    pub requests: u64,
+    pub rps: f64,
+    /// 5xx answers.
+    pub errors: u64,
+    /// Absent when the point holds no request.
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    /// Absent without a personalised request.
+    pub cache_hit_rate: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -105,6 +153,19 @@ impl ServerStats {
             cache_hits: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
             window: Mutex::new(slots),
+            series: Mutex::new(
+                (0..SERIES_SLOTS)
+                    .map(|_| SeriesSlot {
+                        epoch: u64::MAX,
+                        requests: 0,
+                        errors: 0,
+                        cache_hits: 0,
+                        cache_misses: 0,
+                        latency: Histogram::new_with_bounds(1, MAX_MICROS, 2)
+                            .expect("valid histogram bounds"),
+                    })
+                    .collect(),
+            ),
         }
     }
 
@@ -121,6 +182,14 @@ impl ServerStats {
             &self.cache_misses
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        let epoch = self.epoch(Instant::now());
+        let mut series = self.series.lock();
+        let slot = SeriesSlot::at(&mut series, epoch);
+        if hit {
+            slot.cache_hits += 1;
+        } else {
+            slot.cache_misses += 1;
+        }
     }
 
     /// Counts a recommendation's candidate source: `cached` is a cache hit, `personal` a
@@ -152,6 +221,12 @@ impl ServerStats {
         slot.errors += u64::from(server_error);
         // Clamped into the histogram's range above, so this cannot fail.
         let _ = slot.latency.record(micros);
+        drop(window);
+        let mut series = self.series.lock();
+        let point = SeriesSlot::at(&mut series, epoch);
+        point.requests += 1;
+        point.errors += u64::from(server_error);
+        let _ = point.latency.record(micros);
     }
 
     fn epoch(&self, now: Instant) -> u64 {
@@ -199,7 +274,43 @@ impl ServerStats {
                 misses,
                 hit_rate: (hits + misses > 0).then(|| hits as f64 / (hits + misses) as f64),
             },
+            series: self.series_at(uptime, epoch),
         }
+    }
+
+    /// One point per slot from 15 minutes ago (or the start) to now; a slot no request
+    /// touched is a point of zeros.
+    fn series_at(&self, uptime: f64, epoch: u64) -> Vec<SeriesPoint> {
+        let first = epoch.saturating_sub(SERIES_SLOTS - 1);
+        let ring = self.series.lock();
+        (first..=epoch)
+            .map(|e| {
+                let begin = (e * SLOT_SECS) as f64;
+                // The newest slot is still filling: its rate is over the time it has had.
+                let span = (uptime - begin).clamp(1e-3, SLOT_SECS as f64);
+                let slot = &ring[(e % SERIES_SLOTS) as usize];
+                let live = slot.epoch == e;
+                let requests = if live { slot.requests } else { 0 };
+                let pct = |q: f64| {
+                    (live && requests > 0)
+                        .then(|| slot.latency.value_at_quantile(q) as f64 / 1000.0)
+                };
+                let fetches = if live {
+                    slot.cache_hits + slot.cache_misses
+                } else {
+                    0
+                };
+                SeriesPoint {
+                    ago_s: (uptime - begin).max(0.0),
+                    requests,
+                    rps: requests as f64 / span,
+                    errors: if live { slot.errors } else { 0 },
+                    p50_ms: pct(0.50),
+                    p99_ms: pct(0.99),
+                    cache_hit_rate: (fetches > 0).then(|| slot.cache_hits as f64 / fetches as f64),
+                }
+            })
+            .collect()
     }
 }
 
@@ -280,6 +391,38 @@ mod tests {
         assert_eq!(snap.window.errors, 0);
         assert!(snap.window.max_ms.unwrap() < 4.0);
         assert!((50.0..=60.0).contains(&snap.window_s), "{}", snap.window_s);
+    }
+
+    #[test]
+    fn the_series_keeps_fifteen_minutes_in_ten_second_points() {
+        let t0 = Instant::now();
+        let s = ServerStats::starting_at(t0);
+        // A burst of errors 2 minutes in, and slow requests 14 minutes in.
+        for i in 0..20 {
+            s.record_at(t0 + Duration::from_secs(125) + ms(i * 100), ms(1), true);
+        }
+        for _ in 0..10 {
+            s.record_at(t0 + Duration::from_secs(845), ms(40), false);
+        }
+        let snap = s.snapshot_at(t0 + Duration::from_secs(16 * 60));
+        assert_eq!(snap.series.len(), 90, "15 minutes of 10 s points");
+        let at = |ago: f64| {
+            snap.series
+                .iter()
+                .find(|p| (p.ago_s - ago).abs() < 0.5)
+                .unwrap_or_else(|| panic!("no point {ago} s ago"))
+        };
+        let burst = at(960.0 - 120.0);
+        assert_eq!((burst.requests, burst.errors), (20, 20));
+        assert!((burst.rps - 2.0).abs() < 1e-9, "{}", burst.rps);
+        let slow = at(960.0 - 840.0);
+        let p99 = slow.p99_ms.unwrap();
+        assert!((39.0..41.0).contains(&p99), "{p99}");
+        assert!(at(10.0).p50_ms.is_none(), "a quiet point has no latency");
+        assert!(
+            snap.series.windows(2).all(|w| w[0].ago_s > w[1].ago_s),
+            "oldest first"
+        );
     }
 
     #[test]

@@ -74,6 +74,25 @@ function freePort() {
 const work = mkdtempSync(path.join(os.tmpdir(), "tandem-ui-"));
 const raw = path.join(work, "raw");
 run(["generate", "--out", raw, "--items", "1500", "--users", "300", "--interactions", "15000", "--seed", "7"], "demo catalog");
+// The history as live traffic: the generator gives each user a timeline of their own over a
+// year and more (its last days hold one or two users), and the retrain test holds out the
+// newest days. So each user's events are spread, in their order, over the 90 days before now.
+{
+  const file = path.join(raw, "interactions.csv");
+  const [header, ...lines] = readFileSync(file, "utf8").trim().split("\n");
+  const cols = header.split(",");
+  const ts = cols.indexOf("timestamp");
+  const rows = lines.map((l) => l.split(","));
+  const byUser = new Map();
+  rows.forEach((r, i) => { if (!byUser.has(r[0])) byUser.set(r[0], []); byUser.get(r[0]).push(i); });
+  const span = 90 * 86_400;
+  const end = Math.floor(Date.now() / 1000) - 3_600;
+  for (const idx of byUser.values()) {
+    idx.sort((a, b) => Number(rows[a][ts]) - Number(rows[b][ts]));
+    idx.forEach((i, k) => { rows[i][ts] = String(end - span + Math.floor((k * span) / idx.length)); });
+  }
+  writeFileSync(file, [header, ...rows.map((r) => r.join(","))].join("\n") + "\n");
+}
 let model = path.join(ROOT, "models", "demo");
 if (!existsSync(path.join(model, "manifest.json"))) {
   model = path.join(work, "model");
@@ -98,6 +117,10 @@ const server = spawn(path.join(ROOT, "scripts", "run-demo.sh"), [raw, `127.0.0.1
     TANDEM_DATA_DIR: path.join(work, "data"),
     TANDEM_INDEX__BACKEND: "embedded",
     TANDEM_SESSION__BACKEND: "memory",
+    // The retrain test holds out the newest 10 days of the 90-day history (the default 1 d
+    // holds few of the 300 demo users), and one epoch keeps it short.
+    TANDEM_RETRAIN__HOLDOUT: "10d",
+    TANDEM_RETRAIN__EPOCHS: "1",
   },
   stdio: ["ignore", "pipe", "pipe"],
 });
@@ -412,13 +435,64 @@ await test("admin prepares a registered model for an experiment, showing progres
   await shoot(page, "admin-prepared");
 });
 
+await test("admin retrains on demand, showing its stages, then the run in the history and the gate chart", async (page) => {
+  await page.goto(`${base}/admin`);
+  await page.getByLabel("Admin key").fill(ADMIN_KEY);
+  await page.getByRole("button", { name: "Unlock" }).click();
+  await until(page, () => /when its recall@20 beats/.test(document.getElementById("retrain-settings").textContent), null, "the retrain settings");
+  await page.getByRole("button", { name: "Retrain now" }).click();
+  // The stages show while it runs (the list keeps the finished ones with their times).
+  await until(page, () => document.querySelectorAll('#retrain-progress li[data-state="done"]').length > 0
+    && document.querySelector('#retrain-progress li[data-state="running"]') !== null
+    && document.getElementById("retrain-now").disabled, null, "a finished stage, the running one, and the button off meanwhile", 60_000);
+  await until(page, () => document.querySelector("#retrain-table tr[data-run]") !== null, null, "the run in the history", 180_000);
+  const row = page.locator("#retrain-table tbody tr").first();
+  const decision = await row.getAttribute("data-decision");
+  const text = await row.innerText();
+  log(`     run: ${text.replace(/\s+/g, " ").slice(0, 240)}`);
+  assert(decision === "promoted" || decision === "held_back", `the run was scored (not failed): ${text}`);
+  assert(/gather .* split .* train .* gate/.test(text), `the row gives the time per stage: ${text}`);
+  assert(/recall@20 \d\.\d{4} vs \d\.\d{4}/.test(text), `the row compares candidate and active: ${text}`);
+  await until(page, () => /Run rt-.*: (promoted|held back)/.test(document.getElementById("retrain-status").textContent), null, "the run's outcome");
+  // A control run (shuffled items) from the API: the gate must hold it back, and the page shows it.
+  const r = await fetch(`${base}/admin/retrain`, { method: "POST", headers: { "Content-Type": "application/json", "X-API-Key": ADMIN_KEY }, body: JSON.stringify({ shuffle_items: true }) });
+  const body = await r.text();
+  assert(r.status === 202, `POST /admin/retrain: HTTP ${r.status} ${body}`);
+  const control = JSON.parse(body).id;
+  await page.waitForTimeout(11_000); // the page notices a run it did not start within 10 s
+  await until(page, (id) => document.querySelector(`#retrain-table tr[data-run="${id}"]`) !== null, control, "the control run in the history", 180_000);
+  const controlDecision = await page.locator(`#retrain-table tr[data-run="${control}"]`).getAttribute("data-decision");
+  assert(controlDecision === "held_back", `the shuffled-items control run is held back, not ${controlDecision}`);
+  // The chart: one point per scored candidate and metric, drawn in the page (inline SVG).
+  const chart = page.locator('svg[data-chart="gate"]');
+  assert((await chart.count()) === 1, "the gate chart is drawn");
+  const points = await chart.locator("circle[data-run]").evaluateAll((cs) => cs.map((c) => c.dataset.run));
+  assert(new Set(points).size === 2 && points.includes(control), `both candidates are on the chart: ${JSON.stringify(points)}`);
+  assert((await chart.locator("path[data-series]").count()) >= 2, "the metrics are drawn as lines");
+  const external = await page.evaluate(() => performance.getEntriesByType("resource").map((e) => e.name).filter((n) => !n.startsWith(location.origin)));
+  assert(external.length === 0, `the page loaded external resources: ${external}`);
+  await shoot(page, "admin-retrain");
+});
+
 await test("admin shows live latency and cache figures from GET /v1/stats", async (page) => {
+  // Recent requests for the one-minute window (the retrain test above may take longer).
+  for (let u = 1; u <= 5; u++) await fetch(`${base}/v1/recommendations?user_id=${u}&k=5`);
   await page.goto(`${base}/admin`);
   // The earlier tests made API requests, so the window holds a p99; the page polls every 2 s.
   await until(page, () => /ms$/.test(document.querySelector("#live div:nth-child(3) dd")?.textContent || ""), null, "a live p99 figure");
   const stats = await (await fetch(`${base}/v1/stats`)).json();
   assert(stats.window.requests > 0 && stats.window.p99_ms > 0, `GET /v1/stats has no recent requests: ${JSON.stringify(stats)}`);
   assert(stats.cache.hits + stats.cache.misses > 0, "personal recommendations were counted as cache hits or misses");
+  // The 15-minute charts: requests/s, p50/p99, errors and cache hit rate, one point per 10 s.
+  for (const id of ["rps", "latency", "errors", "cache"]) {
+    await until(page, (c) => document.querySelector(`#live-charts svg[data-chart="${c}"]`) !== null, id, `the ${id} chart`);
+  }
+  const rps = await page.locator('#live-charts svg[data-chart="rps"] path[data-series]').getAttribute("d");
+  const drawn = rps ? rps.split(/[ML]/).filter(Boolean).length : 0;
+  assert(Math.abs(drawn - stats.series.length) <= 1, `one point per 10 s of the series: ${drawn} points for ${stats.series.length}`);
+  assert(stats.series.some((p) => p.requests > 0 && p.p99_ms > 0), `the series holds the recent requests: ${JSON.stringify(stats.series.slice(-3))}`);
+  assert((await page.locator('#live-charts svg[data-chart="latency"] path[data-series="p99"]').count()) === 1, "p99 is charted");
+  await shoot(page, "admin-live");
 });
 
 await browser.close();
