@@ -17,6 +17,9 @@ const KEY: &str = "gorse-test-key";
 
 struct Gorse {
     app: TestApp,
+    /// A client with no default headers: `TestApp`'s own sends the admin key on every call,
+    /// and these tests choose the key each call sends.
+    http: reqwest::Client,
     _dir: tempfile::TempDir,
 }
 
@@ -33,6 +36,7 @@ async fn spawn(key: Option<&str>) -> Gorse {
     settings.server.catalog_dir = data;
     Gorse {
         app: TestApp::spawn(settings).await,
+        http: reqwest::Client::new(),
         _dir: dir,
     }
 }
@@ -51,7 +55,6 @@ impl Gorse {
         headers: &[(&str, &str)],
     ) -> (StatusCode, Value) {
         let mut r = self
-            .app
             .http
             .request(method.parse().unwrap(), self.app.url(path));
         for (k, v) in headers {

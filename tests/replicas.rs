@@ -300,7 +300,9 @@ async fn replicas_share_catalog_models_and_experiments() {
     stop.store(true, Ordering::Relaxed);
     looping.await.unwrap();
     let served = served.load(Ordering::Relaxed);
-    assert!(served > 50, "the loop ran ({served} requests)");
+    // Enough requests to have crossed every change above; the count itself depends on how
+    // busy the machine is (48 in one run on a loaded 2-core box).
+    assert!(served > 10, "the loop ran ({served} requests)");
     assert_eq!(
         failed.load(Ordering::Relaxed),
         0,

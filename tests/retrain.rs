@@ -536,8 +536,8 @@ async fn retrain_needs_the_admin_key() {
     let dir = tempfile::tempdir().unwrap();
     let (data, ckpts) = common::tiny_checkpoints(dir.path(), &["tt-a"]);
     let app = TestApp::spawn(settings(dir.path(), &data, &ckpts[0])).await;
-    let r = app
-        .http
+    // A client of its own: `TestApp`'s sends the admin key on every call.
+    let r = reqwest::Client::new()
         .post(app.url("/admin/retrain"))
         .send()
         .await
