@@ -94,6 +94,33 @@ pub async fn serve_openapi(State(s): State<AppState>) -> Json<Value> {
     let mut doc = document();
     let names: Vec<String> = s.catalog.categories().into_iter().map(|(c, _)| c).collect();
     let session = &s.settings.session;
+    // Only filterable names may be filtered on (another is a 422).
+    let mut filterable = vec!["region".to_string(), "language".to_string()];
+    filterable.extend(s.settings.catalog.filterable.iter().cloned());
+    let names_rule = json!({"type": "string", "enum": filterable});
+    if let Some(paths) = doc["paths"].as_object_mut() {
+        for op in paths.values_mut().filter_map(Value::as_object_mut) {
+            for op in op.values_mut() {
+                let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) else {
+                    continue;
+                };
+                for p in params {
+                    if let Some(f @ ("attr" | "attr_not" | "attr_min" | "attr_max")) =
+                        p["name"].as_str()
+                    {
+                        let rule = attr_filter(f, names_rule.clone());
+                        merge(&mut p["schema"], rule);
+                    }
+                }
+            }
+        }
+    }
+    let recommend = &mut doc["components"]["schemas"]["RecommendParams"]["properties"];
+    for f in ["attr", "attr_not", "attr_min", "attr_max"] {
+        if recommend.get(f).is_some() {
+            merge(&mut recommend[f], attr_filter_body(f, names_rule.clone()));
+        }
+    }
     live_rules(
         &mut doc,
         &names,
@@ -116,6 +143,44 @@ fn id() -> Value {
 
 fn name() -> Value {
     json!({"type": "string", "minLength": 1, "maxLength": MAX_NAME_LEN, "pattern": NAME})
+}
+
+/// An attribute's name (`domain::Attributes`): ASCII letters, digits and `_`, starting with a
+/// letter or `_`, at most 64 characters.
+fn attr_name() -> Value {
+    json!({"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]{0,63}$"})
+}
+
+/// A request's attribute filter (`attr.<name>=...`): names as `names` allows, values names
+/// (`attr`, `attr_not`) or numbers (`attr_min`, `attr_max`).
+fn attr_filter(field: &str, names: Value) -> Value {
+    let value = if field.ends_with("_min") || field.ends_with("_max") {
+        json!({"type": "number"})
+    } else {
+        name()
+    };
+    json!({"type": "object", "propertyNames": names, "additionalProperties": value})
+}
+
+/// [`attr_filter`] in a JSON body, where `attr` and `attr_not` take lists of values.
+fn attr_filter_body(field: &str, names: Value) -> Value {
+    let value = if field.ends_with("_min") || field.ends_with("_max") {
+        json!({"type": "number"})
+    } else {
+        json!({"type": "array", "items": name(), "minItems": 1, "maxItems": MAX_CATEGORIES})
+    };
+    json!({"type": "object", "propertyNames": names, "additionalProperties": value})
+}
+
+/// A boost rule's name: the built-in rules' (settings may define more, which the server
+/// accepts too).
+fn boost_name() -> Value {
+    let names: Vec<String> = crate::config::BoostRules::default()
+        .names()
+        .into_iter()
+        .map(String::from)
+        .collect();
+    json!({"type": "string", "enum": names})
 }
 
 fn k() -> Value {
@@ -153,7 +218,17 @@ fn merge(target: &mut Value, rule: Value) {
 pub fn state_rules(doc: &mut Value) {
     // Query and path parameters, by name.
     if let Some(paths) = doc["paths"].as_object_mut() {
-        for op in paths.values_mut().filter_map(Value::as_object_mut) {
+        for (path, op) in paths.iter_mut() {
+            let Some(op) = op.as_object_mut() else {
+                continue;
+            };
+            // Gorse's pages (`n` records of a listing) go to 10,000; its lists to 200.
+            let pages = ["/api/items", "/api/users", "/api/feedback"];
+            let max_n = if pages.contains(&path.as_str()) {
+                10_000
+            } else {
+                MAX_K
+            };
             for op in op.values_mut() {
                 // `get_mut`, not indexing: indexing would add `parameters: null`.
                 let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) else {
@@ -164,6 +239,13 @@ pub fn state_rules(doc: &mut Value) {
                     let rule = match p["name"].as_str() {
                         Some("item_id" | "user_id" | "session_id") => id(),
                         Some("k") => k(),
+                        Some("n") => json!({"type": "integer", "minimum": 1, "maximum": max_n}),
+                        Some("offset") => json!({"type": "integer", "minimum": 0}),
+                        Some("region" | "language") => name(),
+                        Some("boost") => list(boost_name(), MAX_LIST),
+                        Some(f @ ("attr" | "attr_not" | "attr_min" | "attr_max")) => {
+                            attr_filter(f, attr_name())
+                        }
                         Some("category" | "exclude_category") if is_array => {
                             list(name(), MAX_CATEGORIES)
                         }
@@ -204,6 +286,15 @@ pub fn state_rules(doc: &mut Value) {
         merge(&mut recommend[f], list(name(), MAX_CATEGORIES));
     }
     merge(&mut recommend["exclude"], list(id(), MAX_LIST));
+    for f in ["region", "language"] {
+        merge(&mut recommend[f], nullable(name()));
+    }
+    merge(&mut recommend["boost"], list(boost_name(), MAX_LIST));
+    for f in ["attr", "attr_not", "attr_min", "attr_max"] {
+        if recommend.get(f).is_some() {
+            merge(&mut recommend[f], attr_filter_body(f, attr_name()));
+        }
+    }
     for f in ["price_min", "price_max"] {
         merge(&mut recommend[f], nullable(non_negative()));
     }
@@ -219,6 +310,10 @@ pub fn state_rules(doc: &mut Value) {
     }
     merge(&mut item["price"], nullable(non_negative()));
     merge(&mut item["popularity"], nullable(non_negative()));
+    merge(
+        &mut item["attributes"],
+        json!({"propertyNames": attr_name()}),
+    );
     merge(
         &mut item["year"],
         json!({"type": ["integer", "null"], "minimum": i32::MIN, "maximum": i32::MAX}),
@@ -249,6 +344,9 @@ pub fn state_rules(doc: &mut Value) {
         list(id(), MAX_LIST),
     );
     merge(&mut onboarding["properties"]["k"], nullable(k()));
+    for f in ["region", "language"] {
+        merge(&mut onboarding["properties"][f], nullable(name()));
+    }
     onboarding["anyOf"] = json!([
         {"required": ["categories"], "properties": {"categories": {"minItems": 1}}},
         {"required": ["liked_items"], "properties": {"liked_items": {"minItems": 1}}},
@@ -276,6 +374,26 @@ pub fn state_rules(doc: &mut Value) {
         {"required": ["user_id"], "properties": {"user_id": id()}},
         {"required": ["session_id"], "properties": {"session_id": id()}},
     ]);
+    // The Gorse edge's bodies, checked as `/v1`'s are (ids, and categories and labels as names).
+    for (schema, id_fields) in [
+        ("GorseItem", &["ItemId"][..]),
+        ("GorseItemPatch", &[][..]),
+        ("GorseUser", &["UserId"][..]),
+        ("GorseUserPatch", &[][..]),
+        ("GorseFeedback", &["UserId", "ItemId"][..]),
+    ] {
+        let props = &mut schemas[schema]["properties"];
+        for f in id_fields {
+            merge(&mut props[*f], id());
+        }
+        // (Users' labels are not checked as names: a user's record is answered as stored.)
+        for f in ["Categories", "Labels"] {
+            if props.get(f).is_some() && schema.starts_with("GorseItem") {
+                merge(&mut props[f], nullable(list(name(), MAX_CATEGORIES)));
+            }
+        }
+    }
+
     // One event or a batch of them.
     doc["paths"]["/v1/events"]["post"]["requestBody"]["content"]["application/json"]["schema"] = json!({
         "oneOf": [

@@ -249,14 +249,8 @@ impl AttrParams {
                 out.insert(name, bound);
             }
         }
-        for (name, lo) in &f.min {
-            if f.max.get(name).is_some_and(|hi| lo > hi) {
-                return Err(AppError::invalid(
-                    format!("attr_min.{name}"),
-                    format!("{lo} is greater than attr_max.{name}"),
-                ));
-            }
-        }
+        // `attr_min` above `attr_max` keeps nothing, as an inverted price range does: an empty
+        // answer, not an error (the schema states each bound, not their order).
         for (field, value) in [(REGION, self.region), (LANGUAGE, self.language)] {
             if let Some(v) = value {
                 check_names(field, std::slice::from_ref(&v)).map_err(|_| {
@@ -569,6 +563,14 @@ pub struct Validated {
 
 /// An optional integer that also takes a JSON number without a fraction (`106.0`): JSON
 /// Schema counts it as an integer, so a client generated from the schema may send one.
+/// [`integral`] for an `i32` (a year).
+fn integral_i32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i32>, D::Error> {
+    use serde::de::Error;
+    integral(d)?
+        .map(|v| i32::try_from(v).map_err(|_| D::Error::custom(format!("{v} is out of range"))))
+        .transpose()
+}
+
 fn integral<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
     use serde::de::Error;
     let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
@@ -742,8 +744,10 @@ pub struct ItemInput {
     pub price: Option<f64>,
     #[serde(default = "yes")]
     pub available: bool,
+    #[serde(default, deserialize_with = "integral_i32")]
     pub year: Option<i32>,
     /// Unix seconds; default now.
+    #[serde(default, deserialize_with = "integral")]
     pub created_at: Option<i64>,
     /// A popularity prior (interaction count); default 0.
     pub popularity: Option<f32>,

@@ -111,8 +111,10 @@ impl FeatureConfig {
     }
 
     pub fn year_bucket(&self, year: i32) -> usize {
-        let b = (year - self.year_min).div_euclid(self.year_step);
-        b.clamp(0, self.year_buckets as i32 - 1) as usize
+        // In i64: any i32 year is valid input (`year: -2147483647` overflowed the i32 and
+        // answered 500).
+        let b = (i64::from(year) - i64::from(self.year_min)).div_euclid(i64::from(self.year_step));
+        b.clamp(0, self.year_buckets as i64 - 1) as usize
     }
 
     pub fn price_bucket(&self, price: f32) -> usize {
@@ -615,5 +617,14 @@ mod tests {
         // without its mark.
         assert_eq!(title_tokens("Cafe\u{301} Noir"), ["cafe", "noir"]);
         assert_eq!(title_tokens("ПРИВЕТ привет"), ["привет"]);
+    }
+
+    #[test]
+    fn every_i32_year_has_a_bucket() {
+        let c = FeatureConfig::default();
+        assert_eq!(c.year_bucket(i32::MIN), 0);
+        assert_eq!(c.year_bucket(-2_147_483_647), 0);
+        assert_eq!(c.year_bucket(i32::MAX), c.year_buckets - 1);
+        assert_eq!(c.year_bucket(1999), ((1999 - 1900) / 5) as usize);
     }
 }

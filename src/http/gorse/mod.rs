@@ -310,6 +310,16 @@ async fn body<T: serde::de::DeserializeOwned>(s: &AppState, req: Request) -> GRe
     Ok(super::extract::parse_json(&bytes)?)
 }
 
+/// A PATCH body: a JSON object (serde would also take a struct's fields as an array, so
+/// `[null, null]` patched nothing and answered `RowAffected: 1`).
+async fn object_body<T: serde::de::DeserializeOwned>(s: &AppState, req: Request) -> GResult<T> {
+    let bytes = read_body(req, s.settings.server.max_body_bytes).await?;
+    if !serde_json::from_slice::<serde_json::Value>(&bytes).is_ok_and(|v| v.is_object()) {
+        return Err(invalid("body", "must be a JSON object"));
+    }
+    Ok(super::extract::parse_json(&bytes)?)
+}
+
 // ---- items ------------------------------------------------------------------------------
 
 /// A Gorse item as tandem's item input: the `/v1/items` validation applies as it is, with
@@ -465,7 +475,7 @@ pub async fn patch_item(
     req: Request,
 ) -> GResult<Json<RowAffected>> {
     let entry = known_item(&s, item_id)?;
-    let patch: GorseItemPatch = body(&s, req).await?;
+    let patch: GorseItemPatch = object_body(&s, req).await?;
     let content = patch.categories.is_some()
         || patch.labels.is_some()
         || patch.comment.is_some()
@@ -669,7 +679,7 @@ pub async fn patch_user(
     req: Request,
 ) -> GResult<Json<RowAffected>> {
     let current = known_user(&s, user_id).await?;
-    let patch: GorseUserPatch = body(&s, req).await?;
+    let patch: GorseUserPatch = object_body(&s, req).await?;
     let record = user_record(
         "user",
         GorseUser {
