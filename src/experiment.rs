@@ -86,6 +86,26 @@ impl Experiments {
         self.current.store(Arc::new(experiments));
     }
 
+    /// Makes `experiments` (already validated) the running set everywhere: every replica
+    /// first (they apply it within a second), then this one, its models pinned first so that
+    /// the first request assigned to a new arm finds it serving. The admin API's `PUT` and the
+    /// retrain loop's `promote = "experiment"` both come here.
+    pub async fn apply(
+        &self,
+        experiments: Vec<Experiment>,
+        bus: Option<&crate::cluster::Bus>,
+        lifecycle: &crate::lifecycle::Lifecycle,
+    ) -> Result<(), crate::cluster::ClusterError> {
+        if let Some(bus) = bus {
+            bus.set_experiments(&experiments).await?;
+        }
+        lifecycle
+            .pin(crate::config::experiments::pinned_models(&experiments))
+            .await;
+        self.replace(experiments);
+        Ok(())
+    }
+
     /// The assignment of a request, or `None` when no experiment runs or the request has no
     /// id to hash (it then gets control).
     pub fn assign(&self, user: Option<&UserId>, session: Option<&SessionId>) -> Option<Assignment> {

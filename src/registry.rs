@@ -118,7 +118,7 @@ struct State {
     history: Vec<String>,
     /// The offline loop's run reports, oldest first (`crate::retrain`).
     #[serde(default)]
-    retrain_runs: Vec<crate::retrain::RetrainReport>,
+    retrain_runs: Vec<crate::retrain::report::RetrainReport>,
 }
 
 /// The registry. Every method is quick (file copies and a small JSON write), so callers on
@@ -480,7 +480,7 @@ impl Registry {
     }
 
     /// The retrain runs' reports, oldest first.
-    pub fn retrain_runs(&self) -> Vec<crate::retrain::RetrainReport> {
+    pub fn retrain_runs(&self) -> Vec<crate::retrain::report::RetrainReport> {
         self.state.lock().retrain_runs.clone()
     }
 
@@ -488,7 +488,7 @@ impl Registry {
     /// of them.
     pub fn record_retrain(
         &self,
-        report: crate::retrain::RetrainReport,
+        report: crate::retrain::report::RetrainReport,
         keep: usize,
     ) -> Result<(), RegistryError> {
         self.mutate(|st| {

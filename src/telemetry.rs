@@ -212,11 +212,11 @@ pub fn set_model_version(version: &str) {
 
 /// A finished retrain run: its decision, the time of each stage and both models' gate
 /// metrics (gauges, so a dashboard charts them across runs).
-pub fn record_retrain(report: &crate::retrain::RetrainReport) {
+pub fn record_retrain(report: &crate::retrain::report::RetrainReport) {
     let decision = match report.decision {
-        crate::retrain::Decision::Promoted => "promoted",
-        crate::retrain::Decision::HeldBack => "held_back",
-        crate::retrain::Decision::Failed => "failed",
+        crate::retrain::report::Decision::Promoted => "promoted",
+        crate::retrain::report::Decision::HeldBack => "held_back",
+        crate::retrain::report::Decision::Failed => "failed",
     };
     metrics::counter!(RETRAIN_RUNS, "decision" => decision).increment(1);
     for s in &report.stages {

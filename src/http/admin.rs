@@ -179,33 +179,16 @@ async fn put_experiments(
             }
         }
     }
-    apply_experiments(&s, body.experiments).await?;
+    s.experiments
+        .apply(body.experiments, s.bus.as_deref(), &s.lifecycle)
+        .await
+        .map_err(|e| AppError::Unavailable {
+            dependency: "the replicas' shared store",
+            detail: e.to_string(),
+        })?;
     Ok(Json(ExperimentSet {
         experiments: s.experiments.list(),
     }))
-}
-
-/// Makes `experiments` the running set (already validated): the admin API's `PUT` and the
-/// retrain loop's `promote = "experiment"` both come here.
-pub(crate) async fn apply_experiments(
-    s: &AppState,
-    experiments: Vec<Experiment>,
-) -> Result<(), AppError> {
-    // Every replica first (they apply it within a second), then this one: the models
-    // first, so that the first request assigned to a new arm finds it serving.
-    if let Some(bus) = &s.bus {
-        bus.set_experiments(&experiments)
-            .await
-            .map_err(|e| AppError::Unavailable {
-                dependency: "the replicas' shared store",
-                detail: e.to_string(),
-            })?;
-    }
-    s.lifecycle
-        .pin(crate::config::experiments::pinned_models(&experiments))
-        .await;
-    s.experiments.replace(experiments);
-    Ok(())
 }
 
 async fn experiment_report(
@@ -262,19 +245,19 @@ async fn start_retrain(
             AppError::invalid(field, e.inner().to_string())
         })?
     };
-    let (progress, _) =
-        s.retrain
-            .start(s.clone(), "admin", request)
-            .await
-            .map_err(|e| match e {
-                RetrainError::Busy(_) | RetrainError::BusyElsewhere => AppError::Conflict {
-                    code: "busy",
-                    message: e.to_string(),
-                },
-                RetrainError::Shared(detail) => AppError::Unavailable {
-                    dependency: "the replicas' shared store",
-                    detail,
-                },
-            })?;
+    let (progress, _) = s
+        .retrain
+        .start(s.retrain_parts(), "admin", request)
+        .await
+        .map_err(|e| match e {
+            RetrainError::Busy(_) | RetrainError::BusyElsewhere => AppError::Conflict {
+                code: "busy",
+                message: e.to_string(),
+            },
+            RetrainError::Shared(detail) => AppError::Unavailable {
+                dependency: "the replicas' shared store",
+                detail,
+            },
+        })?;
     Ok((StatusCode::ACCEPTED, Json(progress)))
 }

@@ -68,7 +68,7 @@ pub async fn run(
         .journal
         .clone()
         .map(|j| crate::items::load::spawn_flusher(state.index.clone(), j));
-    let retrain_schedule = crate::retrain::spawn_scheduler(state.clone());
+    let retrain_schedule = crate::retrain::spawn_scheduler(state.retrain_parts());
     let grace = Duration::from_millis(state.settings.server.shutdown_grace_ms);
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {

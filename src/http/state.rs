@@ -297,6 +297,20 @@ impl AppState {
         })
     }
 
+    /// What the retrain loop reads and changes (`crate::retrain`, which knows nothing of HTTP).
+    pub fn retrain_parts(&self) -> crate::retrain::Serving {
+        crate::retrain::Serving {
+            settings: self.settings.clone(),
+            model: self.model.clone(),
+            sessions: self.sessions.clone(),
+            catalog: self.catalog.clone(),
+            lifecycle: self.lifecycle.clone(),
+            experiments: self.experiments.clone(),
+            bus: self.bus.clone(),
+            retrain: self.retrain.clone(),
+        }
+    }
+
     /// Experiments another replica set: their models first, as `PUT /admin/experiments`
     /// does.
     async fn apply_experiments(&self, set: Vec<Experiment>) {

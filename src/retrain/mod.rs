@@ -33,12 +33,12 @@ use crate::config::retrain::{Promote, RetrainSettings};
 use crate::config::{Experiment, Unit, Variant, CONTROL_VARIANT};
 use crate::domain::{Interaction, Item, ItemId, UserId};
 use crate::eval::{self, On, Split};
-use crate::http::AppState;
 use crate::model::{TrainConfig, TwoTower};
 use crate::registry::ModelStatus;
 use parking_lot::Mutex;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+pub use report::{DataCounts, Decision, RetrainReport, StageTime};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -47,91 +47,27 @@ use std::time::{Duration, Instant};
 
 /// The protocol's onboarding length for a new user (`tandem split`): the first 5 rows are
 /// known, the rest are the truth; a new user needs at least 6.
+pub mod report;
+
+/// What the loop reads and changes on the server it runs in.
+#[derive(Clone)]
+pub struct Serving {
+    pub settings: Arc<crate::config::Settings>,
+    pub model: Arc<arc_swap::ArcSwap<TwoTower>>,
+    pub sessions: Arc<dyn crate::session::SessionStore>,
+    pub catalog: Arc<crate::catalog::Catalog>,
+    pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
+    pub experiments: Arc<crate::experiment::Experiments>,
+    pub bus: Option<Arc<crate::cluster::Bus>>,
+    pub retrain: Arc<Retrainer>,
+}
+
 const NEW_USER_ONBOARD: usize = 5;
 /// How long the cross-replica "a run is in progress" lease lives without renewal.
 const RUN_LEASE: Duration = Duration::from_secs(60);
 
 /// The stages of a run, in order.
 pub const STAGES: [&str; 6] = ["gather", "split", "train", "gate", "promote", "record"];
-
-/// What a run decided.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Decision {
-    /// The candidate beat the active model and was promoted (`promote` says how).
-    Promoted,
-    /// The candidate did not beat the active model by the margin; nothing changed.
-    HeldBack,
-    /// The run could not finish (`reason` says why); the active model is unchanged.
-    Failed,
-}
-
-/// Rows at each step of a run.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct DataCounts {
-    /// Interactions read from the event log (zero-weight events such as impressions left out).
-    pub events: usize,
-    /// Rows of the active model's training data.
-    pub model_rows: usize,
-    /// Distinct rows inside the window: the union of the two, duplicates dropped.
-    pub rows: usize,
-    /// Rows the candidate was trained on (before the held-out slice).
-    pub train_rows: usize,
-    /// Rows of the held-out slice.
-    pub holdout_rows: usize,
-    pub users: usize,
-    /// Catalog items.
-    pub items: usize,
-    /// Users the gate scored with history before the slice, and new users among them.
-    pub test_users: usize,
-    pub new_users: usize,
-}
-
-/// How long one stage took.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct StageTime {
-    pub stage: String,
-    pub seconds: f64,
-}
-
-/// One run's report, as the registry keeps it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct RetrainReport {
-    /// Also the candidate's model version.
-    pub id: String,
-    /// `schedule` or `admin` (`POST /admin/retrain`, `tandem retrain`, the admin page).
-    pub trigger: String,
-    /// RFC 3339.
-    pub started_at: String,
-    pub finished_at: String,
-    pub decision: Decision,
-    /// Why, in words: the gate's comparison, what the promotion did, or what failed.
-    pub reason: String,
-    pub promote: Promote,
-    /// The candidate's version, once trained.
-    pub candidate: Option<String>,
-    /// The version it was compared with (the one serving when the run started).
-    pub active: Option<String>,
-    pub gate_metric: String,
-    pub margin: f64,
-    pub counts: DataCounts,
-    /// The candidate's and the active model's metrics on the held-out slice (`tandem eval`'s
-    /// keys), when the gate ran.
-    #[schema(value_type = Object)]
-    pub candidate_metrics: BTreeMap<String, f64>,
-    #[schema(value_type = Object)]
-    pub active_metrics: BTreeMap<String, f64>,
-    pub stages: Vec<StageTime>,
-    pub seconds: f64,
-    /// Newest row gathered, and the start of the held-out slice (unix seconds): the candidate
-    /// trained on nothing at or after `holdout_from`.
-    pub newest: Option<i64>,
-    pub holdout_from: Option<i64>,
-    /// A control run: the candidate was trained with the item ids shuffled.
-    pub shuffled_items: bool,
-    /// The run's files: `train/` (items.csv, interactions.csv), `holdout.csv`, `model/`.
-    pub dir: String,
-}
 
 /// A run in progress, as `GET /admin/retrain` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -246,7 +182,7 @@ impl Retrainer {
     /// replicas, on another replica.
     pub async fn start(
         self: &Arc<Self>,
-        state: AppState,
+        state: Serving,
         trigger: &str,
         request: RetrainRequest,
     ) -> Result<(RunProgress, tokio::task::JoinHandle<RetrainReport>), RetrainError> {
@@ -288,7 +224,7 @@ impl Retrainer {
 /// Runs the scheduled loop every `[retrain] every` until aborted. Ticks fall on multiples of
 /// the period since the Unix epoch, so every replica computes the same tick, and the first
 /// replica to claim a tick in Redis (a key that lives one period) is the one that runs it.
-pub fn spawn_scheduler(state: AppState) -> Option<tokio::task::JoinHandle<()>> {
+pub fn spawn_scheduler(state: Serving) -> Option<tokio::task::JoinHandle<()>> {
     let every = state.settings.retrain.every()?;
     tracing::info!(every = state.settings.retrain.every, "retrain scheduled");
     Some(tokio::spawn(async move {
@@ -338,7 +274,7 @@ pub fn spawn_scheduler(state: AppState) -> Option<tokio::task::JoinHandle<()>> {
 }
 
 /// One whole run; never fails: a failure is a report with `decision: failed`.
-async fn run(state: &AppState, t: &SharedTracker, request: &RetrainRequest) -> RetrainReport {
+async fn run(state: &Serving, t: &SharedTracker, request: &RetrainRequest) -> RetrainReport {
     let settings = state.settings.retrain.clone();
     let id = t.lock().id.clone();
     let dir = state.settings.data_dir.join("retrain").join(&id);
@@ -379,7 +315,7 @@ async fn run(state: &AppState, t: &SharedTracker, request: &RetrainRequest) -> R
 }
 
 async fn execute(
-    state: &AppState,
+    state: &Serving,
     t: &SharedTracker,
     request: &RetrainRequest,
     settings: &RetrainSettings,
@@ -833,7 +769,7 @@ fn model_rows(source: &Path) -> Result<Vec<Interaction>, String> {
 
 /// Registers the candidate and promotes it as `[retrain] promote` says; returns what it did.
 async fn promote(
-    state: &AppState,
+    state: &Serving,
     s: &RetrainSettings,
     model_dir: &Path,
     version: &str,
@@ -893,7 +829,9 @@ async fn promote(
             });
             crate::config::experiments::validate(&all)
                 .map_err(|e| format!("the experiment for {version}: {e}"))?;
-            crate::http::admin::apply_experiments(state, all)
+            state
+                .experiments
+                .apply(all, state.bus.as_deref(), &state.lifecycle)
                 .await
                 .map_err(|e| format!("starting the experiment: {e}"))?;
             Ok(format!(
@@ -907,7 +845,7 @@ async fn promote(
 /// Waits until `version` has `status`; an activation that failed (back to registered with
 /// `last_error`) or a timeout is an error.
 async fn wait_for(
-    state: &AppState,
+    state: &Serving,
     version: &str,
     status: ModelStatus,
     timeout: Duration,
@@ -940,7 +878,7 @@ async fn wait_for(
 }
 
 /// Keeps the report in the registry and the metrics.
-fn record(state: &AppState, report: &RetrainReport) {
+fn record(state: &Serving, report: &RetrainReport) {
     if let Err(e) = state
         .lifecycle
         .registry()
