@@ -27,38 +27,11 @@ if ! cmp -s "$HERE/requirements.txt" "$VENV/.installed" 2>/dev/null; then
 fi
 (cd "$HERE" && npm ci --no-audit --no-fund --silent)
 
-WORK=$(mktemp -d)
-SERVER_PID=
-cleanup() {
-  if [ -n "$SERVER_PID" ]; then kill -TERM "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-log "generating a catalog and training a tiny model"
-"$BIN" generate --out "$WORK/catalog" --items 300 --users 60 --interactions 3000 --seed 5 >/dev/null
-"$BIN" train --data "$WORK/catalog" --out "$WORK/model" --epochs 1 --dim 16 --hidden 32 >/dev/null 2>&1
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-export GORSE_ENDPOINT="http://127.0.0.1:$PORT"
+. scripts/test-server.sh
+log "generating a catalog, training a tiny model, starting the server"
 export GORSE_API_KEY="gorse-sdk-test-key"
-
-TANDEM_BIND="127.0.0.1:$PORT" \
-TANDEM_DATA_DIR="$WORK/data" \
-TANDEM_MODEL_PATH="$WORK/model" \
-TANDEM_SERVER__CATALOG_DIR="$WORK/catalog" \
-TANDEM_SESSION__BACKEND=memory \
-TANDEM_ADMIN_KEY="$GORSE_API_KEY" \
-RUST_LOG=${RUST_LOG:-warn} \
-  "$BIN" serve >"$WORK/server.log" 2>&1 &
-SERVER_PID=$!
-for _ in $(seq 1 600); do
-  if curl -fsS "$GORSE_ENDPOINT/readyz" >/dev/null 2>&1; then break; fi
-  if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-    echo "tandem serve exited before it was ready:"; cat "$WORK/server.log"; exit 1
-  fi
-  sleep 0.2
-done
-curl -fsS "$GORSE_ENDPOINT/readyz" >/dev/null || { echo "tandem serve not ready after 120 s"; cat "$WORK/server.log"; exit 1; }
+start_test_server 5 "$GORSE_API_KEY"
+export GORSE_ENDPOINT="$BASE"
 log "server ready at $GORSE_ENDPOINT"
 
 status=0
