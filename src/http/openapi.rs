@@ -98,23 +98,12 @@ pub async fn serve_openapi(State(s): State<AppState>) -> Json<Value> {
     let mut filterable = vec!["region".to_string(), "language".to_string()];
     filterable.extend(s.settings.catalog.filterable.iter().cloned());
     let names_rule = json!({"type": "string", "enum": filterable});
-    if let Some(paths) = doc["paths"].as_object_mut() {
-        for op in paths.values_mut().filter_map(Value::as_object_mut) {
-            for op in op.values_mut() {
-                let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) else {
-                    continue;
-                };
-                for p in params {
-                    if let Some(f @ ("attr" | "attr_not" | "attr_min" | "attr_max")) =
-                        p["name"].as_str()
-                    {
-                        let rule = attr_filter(f, names_rule.clone());
-                        merge(&mut p["schema"], rule);
-                    }
-                }
-            }
+    each_parameter(&mut doc, |_, p| {
+        if let Some(f @ ("attr" | "attr_not" | "attr_min" | "attr_max")) = p["name"].as_str() {
+            let rule = attr_filter(f, names_rule.clone());
+            merge(&mut p["schema"], rule);
         }
-    }
+    });
     let recommend = &mut doc["components"]["schemas"]["RecommendParams"]["properties"];
     for f in ["attr", "attr_not", "attr_min", "attr_max"] {
         if recommend.get(f).is_some() {
@@ -204,6 +193,25 @@ fn nullable(mut rule: Value) -> Value {
     rule
 }
 
+/// Calls `f` with each operation's path and each of its parameters.
+fn each_parameter(doc: &mut Value, mut f: impl FnMut(&str, &mut Value)) {
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for (path, item) in paths.iter_mut() {
+        for op in item
+            .as_object_mut()
+            .into_iter()
+            .flat_map(|ops| ops.values_mut())
+        {
+            // `get_mut`, not indexing: indexing would add `parameters: null`.
+            if let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) {
+                params.iter_mut().for_each(|p| f(path, p));
+            }
+        }
+    }
+}
+
 /// Sets each key of `rule` on `target`, keeping the keys it does not name (a description).
 fn merge(target: &mut Value, rule: Value) {
     if let (Some(t), Value::Object(r)) = (target.as_object_mut(), rule) {
@@ -217,48 +225,29 @@ fn merge(target: &mut Value, rule: Value) {
 /// server are added when it is served ([`live_rules`]).
 pub fn state_rules(doc: &mut Value) {
     // Query and path parameters, by name.
-    if let Some(paths) = doc["paths"].as_object_mut() {
-        for (path, op) in paths.iter_mut() {
-            let Some(op) = op.as_object_mut() else {
-                continue;
-            };
-            // Gorse's pages (`n` records of a listing) go to 10,000; its lists to 200.
-            let pages = ["/api/items", "/api/users", "/api/feedback"];
-            let max_n = if pages.contains(&path.as_str()) {
-                10_000
-            } else {
-                MAX_K
-            };
-            for op in op.values_mut() {
-                // `get_mut`, not indexing: indexing would add `parameters: null`.
-                let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) else {
-                    continue;
-                };
-                for p in params {
-                    let is_array = p["schema"]["type"] == "array";
-                    let rule = match p["name"].as_str() {
-                        Some("item_id" | "user_id" | "session_id") => id(),
-                        Some("k") => k(),
-                        Some("n") => json!({"type": "integer", "minimum": 1, "maximum": max_n}),
-                        Some("offset") => json!({"type": "integer", "minimum": 0}),
-                        Some("region" | "language") => name(),
-                        Some("boost") => list(boost_name(), MAX_LIST),
-                        Some(f @ ("attr" | "attr_not" | "attr_min" | "attr_max")) => {
-                            attr_filter(f, attr_name())
-                        }
-                        Some("category" | "exclude_category") if is_array => {
-                            list(name(), MAX_CATEGORIES)
-                        }
-                        Some("category") => name(),
-                        Some("exclude") => list(id(), MAX_LIST),
-                        Some("price_min" | "price_max") => non_negative(),
-                        _ => continue,
-                    };
-                    merge(&mut p["schema"], rule);
-                }
+    each_parameter(doc, |path, p| {
+        // Gorse's pages (`n` records of a listing) go to 10,000; its lists to 200.
+        let pages = ["/api/items", "/api/users", "/api/feedback"];
+        let max_n = if pages.contains(&path) { 10_000 } else { MAX_K };
+        let is_array = p["schema"]["type"] == "array";
+        let rule = match p["name"].as_str() {
+            Some("item_id" | "user_id" | "session_id") => id(),
+            Some("k") => k(),
+            Some("n") => json!({"type": "integer", "minimum": 1, "maximum": max_n}),
+            Some("offset") => json!({"type": "integer", "minimum": 0}),
+            Some("region" | "language") => name(),
+            Some("boost") => list(boost_name(), MAX_LIST),
+            Some(f @ ("attr" | "attr_not" | "attr_min" | "attr_max")) => {
+                attr_filter(f, attr_name())
             }
-        }
-    }
+            Some("category" | "exclude_category") if is_array => list(name(), MAX_CATEGORIES),
+            Some("category") => name(),
+            Some("exclude") => list(id(), MAX_LIST),
+            Some("price_min" | "price_max") => non_negative(),
+            _ => return,
+        };
+        merge(&mut p["schema"], rule);
+    });
     // Past 64 KiB the HTTP parser refuses a URL itself (414, no body): a long `exclude` list
     // of long ids can reach it, and no JSON Schema keyword can bound a whole query string.
     if let Some(paths) = doc["paths"].as_object_mut() {
@@ -468,27 +457,17 @@ pub fn live_rules(
 ) {
     if !categories.is_empty() {
         let known = json!({"type": "string", "enum": categories});
-        if let Some(paths) = doc["paths"].as_object_mut() {
-            for op in paths.values_mut().filter_map(Value::as_object_mut) {
-                for op in op.values_mut() {
-                    let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut)
-                    else {
-                        continue;
-                    };
-                    for p in params {
-                        if !matches!(p["name"].as_str(), Some("category" | "exclude_category")) {
-                            continue;
-                        }
-                        let schema = &mut p["schema"];
-                        if schema["type"] == "array" {
-                            schema["items"] = known.clone();
-                        } else {
-                            merge(schema, known.clone());
-                        }
-                    }
-                }
+        each_parameter(doc, |_, p| {
+            if !matches!(p["name"].as_str(), Some("category" | "exclude_category")) {
+                return;
             }
-        }
+            let schema = &mut p["schema"];
+            if schema["type"] == "array" {
+                schema["items"] = known.clone();
+            } else {
+                merge(schema, known.clone());
+            }
+        });
         let schemas = &mut doc["components"]["schemas"];
         for f in ["category", "exclude_category"] {
             schemas["RecommendParams"]["properties"][f]["items"] = known.clone();
