@@ -11,7 +11,7 @@
 use crate::arms::{Arm, Arms};
 use crate::catalog::{Catalog, CatalogEntry};
 use crate::config::experiments::Assignment;
-use crate::config::{BoostRules, ServerSettings, CONTROL_VARIANT};
+use crate::config::{BoostRules, ServerSettings, WarnedNames, CONTROL_VARIANT};
 use crate::domain::{EventType, Filter, IdMap, IdSet, ItemId, SessionId, UserId};
 use crate::experiment::Experiments;
 use crate::index::VectorIndex;
@@ -273,6 +273,8 @@ pub struct Recommender {
     experiments: Arc<Experiments>,
     arms: Arc<Arms>,
     trending: TrendingCache,
+    /// The unknown boost rule names a variant's list was already logged for.
+    unknown_boosts: WarnedNames,
 }
 
 impl Recommender {
@@ -297,6 +299,7 @@ impl Recommender {
             experiments,
             arms,
             trending: TrendingCache::default(),
+            unknown_boosts: WarnedNames::default(),
         }
     }
 
@@ -368,7 +371,7 @@ impl Recommender {
     /// (at #1, as its own nearest neighbour) tells them nothing, as with purchased items.
     pub async fn onboard(&self, o: &OnboardRequest) -> Result<Onboarded, PipelineError> {
         let now_ms = chrono::Utc::now().timestamp_millis();
-        let seeds = self.seeds(&o.categories, &o.liked, now_ms);
+        let seeds = self.seeds(&o.categories, &o.liked, &o.attributes, now_ms);
         if seeds.is_empty() {
             return Err(PipelineError::NothingToSeed);
         }
@@ -455,11 +458,14 @@ impl Recommender {
     // ---- the steps ----------------------------------------------------------------------
 
     /// Onboarding's seeds, newest first: the liked items, then round-robin over the chosen
-    /// categories, their most popular available items.
+    /// categories, their most popular available items that keep to the request's region,
+    /// language and attribute rules (a seed becomes history, and the user tower pools it:
+    /// an item the user cannot buy would pull the first pages towards its region's items).
     fn seeds(
         &self,
         categories: &[String],
         liked: &[Arc<CatalogEntry>],
+        attributes: &crate::domain::AttrFilter,
         now_ms: i64,
     ) -> Vec<RecentItem> {
         let mut seeds: Vec<RecentItem> = Vec::new();
@@ -491,6 +497,7 @@ impl Recommender {
                 let filter = Filter {
                     include_categories: vec![c.clone()],
                     available_only: true,
+                    attributes: attributes.clone(),
                     ..Default::default()
                 };
                 let mut top = self.catalog.popular(&filter, SEED_POOL);
@@ -922,7 +929,9 @@ impl Recommender {
         let rerank = self.experiments.weights();
         let weights = rerank.for_variant(&r.variant);
         // The variant's boost rules, then the ones the request asked for.
-        let mut boosts = self.boosts.for_variant(&weights.boosts);
+        let mut boosts = self
+            .boosts
+            .for_variant(&weights.boosts, &self.unknown_boosts);
         for (name, rule) in &r.req.boosts {
             if !boosts.iter().any(|(n, _)| n == name) {
                 boosts.push((name.clone(), rule.clone()));

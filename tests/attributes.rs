@@ -305,6 +305,92 @@ async fn region_and_language_keep_items_that_name_them_or_nothing() {
     assert!(assert_all_pass("POST", &body, &f, &catalog) > 0, "{body}");
 }
 
+/// Onboarding keeps to the visitor's region and language in what it seeds as history, not
+/// only in the page it answers: a seed from another region would be pooled into the user
+/// vector of every later request. (Seeds were the categories' most popular items whatever
+/// their region.) A variant's boost rules apply to the onboarding page as to any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboarding_seeds_keep_to_the_region_and_the_variant_boosts_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, models) = tiny_checkpoints(dir.path(), &["attrs-v1"]);
+    let catalog = catalog_attributes(&data);
+    let mut s = settings(dir.path(), &data, &models[0]);
+    // Every item is a candidate, and the control variant lifts promoted items far up.
+    s.server.k_candidates = 400;
+    s.boosts.0.insert(
+        "promoted".into(),
+        BoostRule::Promoted {
+            weight: 50.0,
+            cap: 2,
+            attribute: "promoted".into(),
+        },
+    );
+    s.rerank
+        .0
+        .get_mut("control")
+        .unwrap()
+        .boosts
+        .push("promoted".into());
+    let app = TestApp::spawn(s).await;
+    let categories = ["Books", "Electronics", "Home"];
+    let sold_in = |id: &str, region: &str| {
+        catalog[id]
+            .get("region")
+            .is_none_or(|v| v.is_unset() || v.keywords().contains(&region.to_string()))
+    };
+    for region in ["jp", "br"] {
+        let user = unique("onb-seed");
+        let r = app
+            .http
+            .post(app.url(&format!("/v1/users/{user}/onboarding")))
+            .json(&json!({"categories": categories, "region": region, "k": 20}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let body: Value = r.json().await.unwrap();
+        let seeded: Vec<&str> = body["seeded_items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert!(!seeded.is_empty(), "{body}");
+        for id in &seeded {
+            assert!(
+                sold_in(id, region),
+                "seed {id} is not sold in {region}: {:?}",
+                catalog[*id]
+            );
+        }
+    }
+    // The variant's rule: the first places go to promoted items (as many as the cap lets).
+    let promoted_available = tandem::data::format::read_items(&data.join("items.csv"))
+        .unwrap()
+        .into_iter()
+        .filter(|i| i.available && i.attributes.get("promoted") == Some(&AttrValue::Bool(true)))
+        .count();
+    assert!(promoted_available >= 2, "the generator promotes 2% of 300");
+    let user = unique("onb-boost");
+    let r = app
+        .http
+        .post(app.url(&format!("/v1/users/{user}/onboarding")))
+        .json(&json!({"categories": categories, "k": 20}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let body: Value = r.json().await.unwrap();
+    let ids = item_ids(&body["recommendations"]);
+    for id in &ids[..2] {
+        assert_eq!(
+            catalog[id].get("promoted"),
+            Some(&AttrValue::Bool(true)),
+            "{ids:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undeclared_or_malformed_filters_get_422_naming_the_parameter() {
     let dir = tempfile::tempdir().unwrap();

@@ -556,8 +556,10 @@ impl BoostRules {
     }
 
     /// The rules a variant's list names (`rerank.<variant>.boosts`), in its order, each once.
-    /// An unknown name is skipped with a warning: a variant's typo must not fail requests.
-    pub fn for_variant(&self, names: &[String]) -> Vec<(String, BoostRule)> {
+    /// An unknown name is skipped: a variant's typo must not fail requests. It is logged the
+    /// first time `warned` meets it, not on every request the variant serves (which, at
+    /// thousands of requests a second, buried the log and cost a formatted line each).
+    pub fn for_variant(&self, names: &[String], warned: &WarnedNames) -> Vec<(String, BoostRule)> {
         let mut out: Vec<(String, BoostRule)> = Vec::new();
         for name in names {
             match self.get(name) {
@@ -565,12 +567,25 @@ impl BoostRules {
                     out.push((name.clone(), rule.clone()))
                 }
                 Some(_) => {}
-                None => {
+                None if warned.first_time(name) => {
                     tracing::warn!(rule = %name, "the variant names an unknown boost rule; skipped")
                 }
+                None => {}
             }
         }
         out
+    }
+}
+
+/// The names a warning was already logged for, so that each is logged once.
+#[derive(Debug, Default)]
+pub struct WarnedNames(parking_lot::Mutex<std::collections::BTreeSet<String>>);
+
+impl WarnedNames {
+    /// True the first time `name` is seen, false after.
+    pub fn first_time(&self, name: &str) -> bool {
+        let mut seen = self.0.lock();
+        !seen.contains(name) && seen.insert(name.to_string())
     }
 }
 
@@ -983,6 +998,45 @@ fn set_path(doc: &mut toml::Table, path: &[String], value: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `Write` into a shared buffer: what a test subscriber logged.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<parking_lot::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A variant that names a rule the settings lack still serves (the rule is skipped), and
+    /// the warning is logged once, not once per request.
+    #[test]
+    fn a_variants_unknown_boost_rule_is_skipped_and_logged_once() {
+        let rules = BoostRules::default();
+        let warned = WarnedNames::default();
+        let log = Captured::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let names: Vec<String> = vec!["promoted".into(), "sparkle".into(), "promoted".into()];
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..50 {
+                let got = rules.for_variant(&names, &warned);
+                let got: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
+                assert_eq!(got, ["promoted"]);
+            }
+        });
+        let text = String::from_utf8(log.0.lock().clone()).unwrap();
+        assert_eq!(text.matches("unknown boost rule").count(), 1, "{text}");
+        assert!(text.contains("sparkle"));
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs

@@ -134,18 +134,16 @@ impl<S: Send + Sync> FromRequestParts<S> for QueryPairs {
 impl QueryPairs {
     /// Refuses keys outside `allowed`, so a typo (`catgory=`) is an error, not ignored.
     pub fn allow_only(&self, allowed: &[&str]) -> Result<(), AppError> {
-        for (k, _) in &self.0 {
-            if !allowed.contains(&k.as_str()) {
-                return Err(AppError::invalid(
-                    k.clone(),
-                    format!(
-                        "unknown query parameter; expected one of: {}",
-                        allowed.join(", ")
-                    ),
-                ));
-            }
+        match self.0.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
+            Some((k, _)) => Err(AppError::invalid(
+                k.clone(),
+                format!(
+                    "unknown query parameter; expected one of: {}",
+                    allowed.join(", ")
+                ),
+            )),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Like [`Self::allow_only`], also letting through keys that start with one of
@@ -160,24 +158,21 @@ impl QueryPairs {
                 .iter()
                 .any(|p| k.len() > p.len() && k.starts_with(p))
         };
-        QueryPairs(
-            self.0
-                .iter()
-                .filter(|(k, _)| !prefixed(k))
-                .cloned()
-                .collect(),
-        )
-        .allow_only(allowed)
-        .map_err(|e| match e {
-            AppError::Invalid { field, reason } => AppError::Invalid {
-                field,
-                reason: format!(
-                    "{reason}, or an attribute filter ({}<name>)",
+        let unknown = self
+            .0
+            .iter()
+            .find(|(k, _)| !allowed.contains(&k.as_str()) && !prefixed(k));
+        match unknown {
+            Some((k, _)) => Err(AppError::invalid(
+                k.clone(),
+                format!(
+                    "unknown query parameter; expected one of: {}, or an attribute filter ({}<name>)",
+                    allowed.join(", "),
                     prefixes.join("<name>, ")
                 ),
-            },
-            e => e,
-        })
+            )),
+            None => Ok(()),
+        }
     }
 
     /// A key that may appear at most once.

@@ -30,7 +30,7 @@ pub async fn get_recommendations(
     State(s): State<AppState>,
     RequestId(rid): RequestId,
     q: QueryPairs,
-) -> ApiResult<Json<RecommendationsResponse>> {
+) -> ApiResult<RecommendationsBody> {
     recommend(&s, rid, RecommendParams::from_query(&q)?).await
 }
 
@@ -47,7 +47,7 @@ pub async fn post_recommendations(
     State(s): State<AppState>,
     RequestId(rid): RequestId,
     ApiJson(params): ApiJson<RecommendParams>,
-) -> ApiResult<Json<RecommendationsResponse>> {
+) -> ApiResult<RecommendationsBody> {
     recommend(&s, rid, params).await
 }
 
@@ -55,7 +55,7 @@ async fn recommend(
     s: &AppState,
     request_id: String,
     params: RecommendParams,
-) -> ApiResult<Json<RecommendationsResponse>> {
+) -> ApiResult<RecommendationsBody> {
     let v = params.validate()?;
     known_categories(s, &v.filter)?;
     let req = RecommendRequest {
@@ -64,11 +64,11 @@ async fn recommend(
         session: v.session,
         k: v.k,
         filter: v.filter,
-        boosts: resolve_boosts(&s.settings.boosts, &[], &v.boosts)?,
+        boosts: resolve_boosts(&s.settings.boosts, &v.boosts)?,
     };
     let recs = s.recommender.recommend(&req).await;
     s.stats.record_source(recs.source);
-    Ok(Json(RecommendationsResponse::new(recs, v.explain)))
+    Ok(RecommendationsBody::new(recs, v.explain))
 }
 
 /// Items similar to one item, under the same filters.
@@ -84,7 +84,7 @@ pub async fn similar(
     RequestId(rid): RequestId,
     ApiPath(item_id): ApiPath<String>,
     q: QueryPairs,
-) -> ApiResult<Json<RecommendationsResponse>> {
+) -> ApiResult<RecommendationsBody> {
     let item = parse_item_id(item_id)?;
     let v = SimilarParams::from_query(&q)?.validate()?;
     known_categories(&s, &v.filter)?;
@@ -94,10 +94,10 @@ pub async fn similar(
         session: None,
         k: v.k,
         filter: v.filter,
-        boosts: resolve_boosts(&s.settings.boosts, &[], &v.boosts)?,
+        boosts: resolve_boosts(&s.settings.boosts, &v.boosts)?,
     };
     let recs = s.recommender.similar(&item, &req).await?;
-    Ok(Json(RecommendationsResponse::new(recs, v.explain)))
+    Ok(RecommendationsBody::new(recs, v.explain))
 }
 
 /// Trending items, globally or in one category.
@@ -108,7 +108,7 @@ pub async fn trending(
     State(s): State<AppState>,
     RequestId(rid): RequestId,
     q: QueryPairs,
-) -> ApiResult<Json<RecommendationsResponse>> {
+) -> ApiResult<RecommendationsBody> {
     let v = TrendingParams::from_query(&q)?.validate()?;
     known_categories(&s, &v.filter)?;
     let req = RecommendRequest {
@@ -119,10 +119,10 @@ pub async fn trending(
         filter: v.filter,
         boosts: Vec::new(),
     };
-    Ok(Json(RecommendationsResponse::new(
+    Ok(RecommendationsBody::new(
         s.recommender.trending(&req).await,
         false,
-    )))
+    ))
 }
 
 /// Adds or replaces items: each is embedded with the item tower and indexed before the answer,

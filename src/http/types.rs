@@ -291,16 +291,13 @@ pub fn check_filterable(filter: &Filter, catalog: &CatalogSettings) -> Result<()
     Ok(())
 }
 
-/// The boost rules in force: the variant's (`rerank.<variant>.boosts`), then the requested
-/// ones. An unknown requested name is 422 naming `boost[i]`; an unknown name in a variant's
-/// list (an experiment's arm set at run time) is the operator's, not the caller's: it is
-/// skipped with a warning.
+/// The boost rules a request asked for (`boost=`), in its order, each once; an unknown name
+/// is 422 naming `boost[i]`. The pipeline adds the rules of the variant it assigns.
 pub fn resolve_boosts(
     rules: &BoostRules,
-    variant: &[String],
     requested: &[String],
 ) -> Result<Vec<(String, BoostRule)>, AppError> {
-    let mut out = rules.for_variant(variant);
+    let mut out: Vec<(String, BoostRule)> = Vec::new();
     for (i, name) in requested.iter().enumerate() {
         let Some(rule) = rules.get(name) else {
             return Err(AppError::invalid(
@@ -731,6 +728,107 @@ impl RecommendationsResponse {
     }
 }
 
+/// A [`RecommendationsResponse`] as the recommendation endpoints write it: the same JSON,
+/// serialized straight from the catalog's entries. Building the owned response copied every
+/// item's title, categories and attributes (a dozen allocations per item, 20 items a request)
+/// only to serialize and drop them.
+pub struct RecommendationsBody {
+    recs: Recommendations,
+    explain: bool,
+}
+
+/// Bytes reserved for a response before it is written: a 20-item answer is 3-5 kB, and
+/// growing the buffer from axum's 128 bytes copies it five times.
+const BODY_CAPACITY: usize = 4_096;
+
+impl RecommendationsBody {
+    pub fn new(recs: Recommendations, explain: bool) -> Self {
+        RecommendationsBody { recs, explain }
+    }
+}
+
+/// [`RecommendedItem`]'s fields, borrowed; the field order and the skip rules are the same.
+#[derive(Serialize)]
+struct RecommendedItemRef<'a> {
+    item_id: &'a str,
+    score: f32,
+    title: &'a str,
+    categories: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    price: Option<f32>,
+    #[serde(skip_serializing_if = "Attributes::is_empty")]
+    attributes: &'a Attributes,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    explanation: Option<&'a Components>,
+}
+
+/// [`RecommendationsResponse`]'s fields, borrowed.
+#[derive(Serialize)]
+struct RecommendationsRef<'a> {
+    request_id: &'a str,
+    model_version: &'a str,
+    variant: &'a str,
+    source: Source,
+    degraded: &'a [Degraded],
+    #[serde(serialize_with = "serialize_items")]
+    items: (&'a [crate::rerank::Ranked], bool),
+}
+
+fn serialize_items<S: serde::Serializer>(
+    items: &(&[crate::rerank::Ranked], bool),
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    let (items, explain) = *items;
+    s.collect_seq(items.iter().map(|x| {
+        let item = &x.entry.item;
+        RecommendedItemRef {
+            item_id: item.item_id.as_str(),
+            score: x.score,
+            title: &item.title,
+            categories: &item.categories,
+            price: item.price,
+            attributes: &item.attributes,
+            explanation: explain.then_some(&x.components),
+        }
+    }))
+}
+
+impl Serialize for RecommendationsBody {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let r = &self.recs;
+        RecommendationsRef {
+            request_id: &r.request_id,
+            model_version: &r.model_version,
+            variant: &r.variant,
+            source: r.source,
+            degraded: &r.degraded,
+            items: (&r.items, self.explain),
+        }
+        .serialize(s)
+    }
+}
+
+impl axum::response::IntoResponse for RecommendationsBody {
+    fn into_response(self) -> axum::response::Response {
+        use axum::http::{header, HeaderValue};
+        let mut buf = Vec::with_capacity(BODY_CAPACITY);
+        match serde_json::to_writer(&mut buf, &self) {
+            Ok(()) => (
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )],
+                buf,
+            )
+                .into_response(),
+            Err(e) => AppError::Internal {
+                detail: format!("response encoding: {e}"),
+            }
+            .into_response(),
+        }
+    }
+}
+
 /// An item to add or replace; it is embedded with the item tower and indexed at once.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -998,23 +1096,89 @@ mod tests {
         assert_eq!(check(&[("explain", "maybe")]), "explain");
     }
 
+    /// The body the endpoints write, serialized from borrowed entries, is the JSON of the
+    /// owned response type that clients (and the schema) read: every field, in order, with
+    /// the same fields left out.
     #[test]
-    fn boosts_resolve_the_variant_and_the_request_and_name_an_unknown_one() {
+    fn the_written_body_is_the_response_type_json() {
+        use crate::rerank::{Components, Ranked};
+        let entry = |id: &str, price: Option<f32>, attrs: &[(&str, AttrValue)]| {
+            let mut item = Item::new(ItemId::parse(id).unwrap(), format!("title \"{id}\" é"));
+            item.categories = vec!["Drama".into(), "Comedy".into()];
+            item.price = price;
+            item.attributes = attrs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect();
+            std::sync::Arc::new(CatalogEntry {
+                item,
+                popularity: 1.0,
+                vector: vec![1.0, 0.0].into_boxed_slice(),
+            })
+        };
+        let recs = Recommendations {
+            request_id: "req-1".into(),
+            model_version: "m1".into(),
+            variant: "control".into(),
+            source: Source::Personal,
+            degraded: vec![Degraded::Session, Degraded::Trending],
+            items: vec![
+                Ranked {
+                    entry: entry(
+                        "a",
+                        Some(9.5),
+                        &[
+                            ("brand", AttrValue::Text("acme".into())),
+                            ("region", AttrValue::List(vec!["eu".into(), "us".into()])),
+                            ("stock", AttrValue::Number(3.0)),
+                            ("promoted", AttrValue::Bool(true)),
+                        ],
+                    ),
+                    score: 0.75,
+                    components: Components {
+                        ann: 0.5,
+                        boosts: [("promoted".to_string(), 0.25)].into(),
+                        ..Components::default()
+                    },
+                },
+                Ranked {
+                    entry: entry("b", None, &[]),
+                    score: -0.125,
+                    components: Components::default(),
+                },
+            ],
+        };
+        for explain in [false, true] {
+            let written =
+                serde_json::to_string(&RecommendationsBody::new(recs.clone(), explain)).unwrap();
+            let owned = serde_json::to_string(&RecommendationsResponse::new(recs.clone(), explain))
+                .unwrap();
+            assert_eq!(written, owned, "explain={explain}");
+        }
+        let back: RecommendationsResponse = serde_json::from_str(
+            &serde_json::to_string(&RecommendationsBody::new(recs, true)).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(back.items[0].attributes["stock"], AttrValue::Number(3.0));
+        assert!(back.items[1].attributes.is_empty() && back.items[1].price.is_none());
+    }
+
+    #[test]
+    fn boosts_resolve_the_request_and_name_an_unknown_one() {
         let rules = BoostRules::default();
         let names =
             |v: &[(String, BoostRule)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
         let got = resolve_boosts(
             &rules,
-            &["bury_low_stock".into(), "gone".into()],
-            &["promoted".into(), "bury_low_stock".into()],
+            &[
+                "promoted".into(),
+                "bury_low_stock".into(),
+                "promoted".into(),
+            ],
         )
         .unwrap();
-        assert_eq!(names(&got), ["bury_low_stock", "promoted"]);
-        match resolve_boosts(
-            &rules,
-            &["gone".into()],
-            &["promoted".into(), "sparkle".into()],
-        ) {
+        assert_eq!(names(&got), ["promoted", "bury_low_stock"]);
+        match resolve_boosts(&rules, &["promoted".into(), "sparkle".into()]) {
             Err(AppError::Invalid { field, .. }) => assert_eq!(field, "boost[1]"),
             other => panic!("{other:?}"),
         }
