@@ -16,7 +16,7 @@
 use crate::config::{BoostRule, RerankWeights};
 use crate::domain::{AttrValue, CatalogEntry, EventType, IdMap, IdSet, Item};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 /// Recency half-life, in positions, of the category affinity (the model pools with the same).
@@ -98,11 +98,20 @@ pub fn rerank(ctx: &Context<'_>, candidates: Vec<Candidate>) -> Vec<Ranked> {
     let dim = candidates.first().map_or(0, |c| c.entry.vector.len());
     let window_rows = Rows::new(window.iter().map(|s| &s.entry.vector[..]), dim);
     let mut sims = Vec::with_capacity(window.len());
-    let mut seen = IdSet::with_capacity_and_hasher(candidates.len(), Default::default());
+    // Which candidates to score: not purchased, and each id once (the first). The ids are
+    // borrowed, not copied: this runs for every candidate of every request.
+    let keep: Vec<bool> = {
+        let mut seen: HashSet<&str, foldhash::fast::RandomState> =
+            HashSet::with_capacity_and_hasher(candidates.len(), Default::default());
+        candidates
+            .iter()
+            .map(|c| !ctx.purchased.contains(c.entry.id()) && seen.insert(c.entry.id().as_str()))
+            .collect()
+    };
     let mut scored: Vec<Ranked> = candidates
         .into_iter()
-        .filter(|c| !ctx.purchased.contains(c.entry.id()))
-        .filter(|c| seen.insert(c.entry.id().clone()))
+        .zip(keep)
+        .filter_map(|(c, keep)| keep.then_some(c))
         .map(|c| {
             let mut comp = Components {
                 ann: c.ann_score,
@@ -255,8 +264,13 @@ fn mmr(mut pool: Vec<Ranked>, lambda: f32, category_repeat: f32, depth: usize) -
     // Max similarity of each pooled candidate to everything picked so far, kept up to date
     // incrementally so each step costs one dot product per remaining candidate.
     let mut redundancy = vec![f32::MIN; pool.len()];
-    // How many of the picked items are in each category (a page has a handful).
-    let mut picked_in: Vec<(String, usize)> = Vec::new();
+    // Each pooled candidate's categories as small numbers, named once here, so that the
+    // steps below count and compare integers (every step visits every candidate) rather
+    // than strings.
+    let (category_ids, offsets) = category_ids(&pool);
+    let categories_of = |i: usize| &category_ids[offsets[i]..offsets[i + 1]];
+    // How many of the picked items are in each category.
+    let mut picked_in = vec![0usize; category_ids.iter().max().map_or(0, |&m| m as usize + 1)];
     for step in 0..depth {
         let mut best: Option<usize> = None;
         let mut best_val = f32::MIN;
@@ -268,13 +282,9 @@ fn mmr(mut pool: Vec<Ranked>, lambda: f32, category_repeat: f32, depth: usize) -
             let repeat = if step == 0 || category_repeat <= 0.0 {
                 0.0
             } else {
-                let most = r
-                    .entry
-                    .item
-                    .categories
+                let most = categories_of(i)
                     .iter()
-                    .filter_map(|g| picked_in.iter().find(|(c, _)| c == g))
-                    .map(|(_, n)| *n)
+                    .map(|&c| picked_in[c as usize])
                     .max()
                     .unwrap_or(0);
                 // Only a share past half the page costs: a user who chose three
@@ -291,11 +301,8 @@ fn mmr(mut pool: Vec<Ranked>, lambda: f32, category_repeat: f32, depth: usize) -
         let Some(best) = best else { break };
         taken[best] = true;
         order.push(best);
-        for g in &pool[best].entry.item.categories {
-            match picked_in.iter_mut().find(|(c, _)| c == g) {
-                Some((_, n)) => *n += 1,
-                None => picked_in.push((g.clone(), 1)),
-            }
+        for &c in categories_of(best) {
+            picked_in[c as usize] += 1;
         }
         pool[best].components.redundancy = if step == 0 { 0.0 } else { redundancy[best] };
         rows.similarities(rows.row(best), &mut sims);
@@ -309,6 +316,33 @@ fn mmr(mut pool: Vec<Ranked>, lambda: f32, category_repeat: f32, depth: usize) -
     let mut out: Vec<Ranked> = order.iter().filter_map(|&i| slots[i].take()).collect();
     out.extend(slots.into_iter().flatten());
     out
+}
+
+/// The pool's categories numbered in order of first appearance: all candidates' category
+/// numbers in one list, and where each candidate's start (candidate `i` has
+/// `ids[offsets[i]..offsets[i + 1]]`). An item lists a category at most once.
+fn category_ids(pool: &[Ranked]) -> (Vec<u32>, Vec<usize>) {
+    let mut names: Vec<&str> = Vec::new();
+    let mut ids = Vec::with_capacity(pool.len());
+    let mut offsets = Vec::with_capacity(pool.len() + 1);
+    offsets.push(0);
+    for r in pool {
+        let start = ids.len();
+        for g in &r.entry.item.categories {
+            let id = match names.iter().position(|n| *n == g.as_str()) {
+                Some(id) => id,
+                None => {
+                    names.push(g);
+                    names.len() - 1
+                }
+            } as u32;
+            if !ids[start..].contains(&id) {
+                ids.push(id);
+            }
+        }
+        offsets.push(ids.len());
+    }
+    (ids, offsets)
 }
 
 /// Vectors as the rows of one matrix, so that the similarities of one vector to all of them
