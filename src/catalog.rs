@@ -151,7 +151,9 @@ struct PopularList {
     /// The walk stopped after this many matches...
     asked: usize,
     /// ...and found these, best first (fewer than `asked`: the whole catalog was walked).
-    ids: Vec<ItemId>,
+    /// Shared, so that a cache hit (most requests with the popularity prior) does not copy
+    /// every id.
+    ids: Arc<[ItemId]>,
     /// The rank of the last id when the walk stopped early; an entry that matches and ranks
     /// above it belongs in the list.
     last: Option<Rank>,

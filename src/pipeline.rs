@@ -736,17 +736,23 @@ impl Recommender {
             return found;
         }
         if prior.weight(history_len) > 0.0 {
-            let seen: IdSet = found.iter().map(|c| c.entry.id().clone()).collect();
             let mut popular = self.catalog.popular(&r.req.filter, POPULAR_CANDIDATES);
             if let Some(arm) = &r.arm {
                 // Scored against the arm's user vector, so in the arm's space.
                 popular = self.arms.in_space(arm, popular).await.unwrap_or_default();
             }
-            for entry in popular {
-                if !seen.contains(entry.id()) && entry.vector.len() == user.len() {
-                    let ann_score = crate::vector::similarity(user, &entry.vector);
-                    found.push(Candidate { entry, ann_score });
-                }
+            // The ids already found, borrowed (this runs on most personal requests).
+            let fresh: Vec<Arc<CatalogEntry>> = {
+                let seen: HashSet<&str, foldhash::fast::RandomState> =
+                    found.iter().map(|c| c.entry.id().as_str()).collect();
+                popular
+                    .into_iter()
+                    .filter(|e| !seen.contains(e.id().as_str()) && e.vector.len() == user.len())
+                    .collect()
+            };
+            for entry in fresh {
+                let ann_score = crate::vector::similarity(user, &entry.vector);
+                found.push(Candidate { entry, ann_score });
             }
         }
         for c in &mut found {

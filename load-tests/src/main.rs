@@ -83,6 +83,16 @@ struct Args {
     /// rec_filtered 20, event 20, similar 5, upsert 5). Weights are relative, not percent.
     #[arg(long, default_value = "", value_parser = parse_mix)]
     mix: Mix,
+    /// The attribute filters of `rec_attribute`, one picked per request: query-string
+    /// fragments separated by commas (`attr.brand=Aldon,attr.brand=Brisa`; a name other than
+    /// `region` and `language` must be in the server's `[catalog] filterable`).
+    #[arg(long, default_value = "region=eu,region=us,region=uk,region=jp,region=br", value_parser = parse_attr_filters)]
+    attr_filters: AttrFilters,
+    /// The server's process id: the report then gives the CPU time the server and this
+    /// generator used during the timed run, per request (from /proc; the two share the box,
+    /// so CPU per request is the comparison that a loaded machine does not distort much).
+    #[arg(long)]
+    server_pid: Option<u32>,
     /// Bare-search baseline: `--url` is a Qdrant REST URL and the recommendation scenarios
     /// search this collection (or alias) directly; the other scenarios must weigh 0.
     #[arg(long)]
@@ -92,12 +102,32 @@ struct Args {
     bare_k: usize,
 }
 
+/// `--attr-filters`: query-string fragments, each `name=value` with both parts non-empty.
+#[derive(Clone, Debug)]
+struct AttrFilters(Vec<String>);
+
+fn parse_attr_filters(s: &str) -> Result<AttrFilters, String> {
+    let parts: Vec<String> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok(format!("{k}={}", encode(v))),
+            _ => Err(format!("{p:?}: expected name=value")),
+        })
+        .collect::<Result<_, _>>()?;
+    if parts.is_empty() {
+        return Err("give at least one filter".into());
+    }
+    Ok(AttrFilters(parts))
+}
+
 /// The largest weight `--mix` takes (so that the sum cannot overflow).
 const MAX_WEIGHT: u32 = 1_000_000;
 
 /// Relative weight of each scenario, in the order of [`Scenario::ALL`].
 #[derive(Clone, Debug)]
-struct Mix([u32; 6]);
+struct Mix([u32; 7]);
 
 impl Default for Mix {
     fn default() -> Self {
@@ -141,16 +171,20 @@ enum Scenario {
     Event,
     Similar,
     Upsert,
+    /// A known user's recommendations with one attribute filter (`--attr-filters`); not in
+    /// the issue's mix (weight 0 unless `--mix rec_attribute=N`).
+    RecAttribute,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 6] = [
+    const ALL: [Scenario; 7] = [
         Scenario::RecKnownUser,
         Scenario::RecSession,
         Scenario::RecFiltered,
         Scenario::Event,
         Scenario::Similar,
         Scenario::Upsert,
+        Scenario::RecAttribute,
     ];
 
     /// The issue's mix, in percent: 70 recommendations (30 known users, 20 sessions, 20
@@ -163,6 +197,7 @@ impl Scenario {
             Scenario::Event => 20,
             Scenario::Similar => 5,
             Scenario::Upsert => 5,
+            Scenario::RecAttribute => 0,
         }
     }
 
@@ -174,6 +209,7 @@ impl Scenario {
             Scenario::Event => "event",
             Scenario::Similar => "similar",
             Scenario::Upsert => "upsert",
+            Scenario::RecAttribute => "rec_attribute",
         }
     }
 
@@ -619,6 +655,7 @@ async fn run(args: Args, catalog: Arc<Catalog>) -> anyhow::Result<()> {
     }
     let cache_before = candidate_cache(&client, &base).await;
 
+    let cpu_before = Cpu::now(args.server_pid);
     let started = Instant::now();
     let stats = if args.rate > 0.0 {
         open_loop(&args, &client, &base, &catalog).await?
@@ -626,7 +663,8 @@ async fn run(args: Args, catalog: Arc<Catalog>) -> anyhow::Result<()> {
         closed_loop(&args, &client, &base, &catalog).await?
     };
     let elapsed = started.elapsed().as_secs_f64();
-    report(&args, &stats, elapsed);
+    let cpu = Cpu::now(args.server_pid).since(&cpu_before);
+    report(&args, &stats, elapsed, &cpu);
     let cache_after = candidate_cache(&client, &base).await;
     let (hits, misses) = (
         cache_after.0 - cache_before.0,
@@ -664,7 +702,7 @@ async fn run_bare(
             .iter()
             .zip(&args.mix.0)
             .all(|(s, &w)| w == 0 || recs.contains(s)),
-        "--qdrant-collection: only the rec_* scenarios can have a weight"
+        "--qdrant-collection: only rec_known_user, rec_session and rec_filtered can have a weight"
     );
     let mut catalog = Arc::try_unwrap(catalog).unwrap_or_else(|c| Catalog {
         ids: c.ids.clone(),
@@ -692,13 +730,15 @@ async fn run_bare(
             closed_loop(&warm_args, client, base, &catalog).await?;
         }
     }
+    let cpu_before = Cpu::now(args.server_pid);
     let started = Instant::now();
     let stats = if args.rate > 0.0 {
         open_loop(args, client, base, &catalog).await?
     } else {
         closed_loop(args, client, base, &catalog).await?
     };
-    report(args, &stats, started.elapsed().as_secs_f64());
+    let cpu = Cpu::now(args.server_pid).since(&cpu_before);
+    report(args, &stats, started.elapsed().as_secs_f64(), &cpu);
     Ok(())
 }
 
@@ -754,6 +794,13 @@ fn build(
             }
             client.get(url(&q))
         }
+        Scenario::RecAttribute => {
+            let u = rng.gen_range(0..args.users.max(1));
+            let f = &args.attr_filters.0[rng.gen_range(0..args.attr_filters.0.len())];
+            client.get(url(&format!(
+                "/v1/recommendations?user_id=load-u{u}&k=20&{f}"
+            )))
+        }
         Scenario::Event => {
             let a = actor(rng.gen_range(0..args.users + args.sessions), args.users);
             client
@@ -791,7 +838,44 @@ fn encode(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
-fn report(args: &Args, stats: &Stats, elapsed: f64) {
+/// CPU seconds (user + system) of the server and of this process, from /proc.
+#[derive(Debug, Default, Clone, Copy)]
+struct Cpu {
+    server: Option<f64>,
+    generator: Option<f64>,
+}
+
+impl Cpu {
+    fn now(server_pid: Option<u32>) -> Cpu {
+        Cpu {
+            server: server_pid.and_then(|p| process_cpu_secs(&p.to_string())),
+            generator: process_cpu_secs("self"),
+        }
+    }
+
+    fn since(&self, before: &Cpu) -> Cpu {
+        let d = |a: Option<f64>, b: Option<f64>| Some(a? - b?);
+        Cpu {
+            server: d(self.server, before.server),
+            generator: d(self.generator, before.generator),
+        }
+    }
+}
+
+/// utime + stime of /proc/PID/stat (fields 14 and 15, after the parenthesised name), in
+/// seconds; `None` when unreadable (not Linux, no such process).
+fn process_cpu_secs(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After ")": state is field 3, so utime (14) and stime (15) are at 11 and 12.
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| ticks / hz as f64)
+}
+
+fn report(args: &Args, stats: &Stats, elapsed: f64, cpu: &Cpu) {
     let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let ok = stats.total.len();
     let mode = if args.rate > 0.0 {
@@ -834,6 +918,21 @@ fn report(args: &Args, stats: &Stats, elapsed: f64) {
     for e in &stats.error_samples {
         println!("error: {e}");
     }
+    let per_request = |secs: Option<f64>| secs.filter(|_| ok > 0).map(|s| s * 1e3 / ok as f64);
+    if let Some(ms) = per_request(cpu.server) {
+        println!(
+            "server CPU during the run: {:.1} s, {ms:.3} ms per request ({:.2} cores)",
+            cpu.server.unwrap_or_default(),
+            cpu.server.unwrap_or_default() / elapsed
+        );
+    }
+    if let Some(ms) = per_request(cpu.generator) {
+        println!(
+            "generator CPU during the run: {:.1} s, {ms:.3} ms per request ({:.2} cores)",
+            cpu.generator.unwrap_or_default(),
+            cpu.generator.unwrap_or_default() / elapsed
+        );
+    }
     let json = json!({
         "label": args.label,
         "ok": ok,
@@ -844,6 +943,8 @@ fn report(args: &Args, stats: &Stats, elapsed: f64) {
         "p90_ms": ms(&stats.total, 0.9),
         "p99_ms": ms(&stats.total, 0.99),
         "p999_ms": ms(&stats.total, 0.999),
+        "server_cpu_ms_per_request": per_request(cpu.server),
+        "generator_cpu_ms_per_request": per_request(cpu.generator),
         "concurrency": args.concurrency,
         "rate": args.rate,
         "mix": Scenario::ALL.iter().zip(&args.mix.0).map(|(s, w)| (s.name(), *w)).collect::<BTreeMap<_, _>>(),
@@ -943,13 +1044,24 @@ mod tests {
 
     #[test]
     fn mix_overrides_named_scenarios_and_keeps_the_rest() {
-        assert_eq!(parse_mix("").unwrap().0, [30, 20, 20, 20, 5, 5]);
-        let m = parse_mix("event=0, upsert=0").unwrap();
-        assert_eq!(m.0, [30, 20, 20, 0, 5, 0]);
+        assert_eq!(parse_mix("").unwrap().0, [30, 20, 20, 20, 5, 5, 0]);
+        let m = parse_mix("event=0, upsert=0, rec_attribute=10").unwrap();
+        assert_eq!(m.0, [30, 20, 20, 0, 5, 0, 10]);
         let mut rng = StdRng::seed_from_u64(1);
         let picked: Vec<Scenario> = (0..2_000).map(|_| Scenario::pick(&mut rng, &m)).collect();
         assert!(!picked.contains(&Scenario::Event) && !picked.contains(&Scenario::Upsert));
-        assert!(picked.contains(&Scenario::Similar));
+        assert!(picked.contains(&Scenario::Similar) && picked.contains(&Scenario::RecAttribute));
+        assert!(!(0..2_000)
+            .map(|_| Scenario::pick(&mut rng, &parse_mix("").unwrap()))
+            .any(|s| s == Scenario::RecAttribute));
+    }
+
+    #[test]
+    fn attribute_filters_are_query_fragments() {
+        let f = parse_attr_filters("region=eu, attr.brand=Rivet & Co").unwrap();
+        assert_eq!(f.0, ["region=eu", "attr.brand=Rivet+%26+Co"]);
+        assert!(parse_attr_filters("region").is_err());
+        assert!(parse_attr_filters(" , ").is_err());
     }
 
     #[test]
