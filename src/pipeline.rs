@@ -609,23 +609,30 @@ impl Recommender {
     fn merge_activity(&self, mut all: Vec<RecentItem>) -> Activity {
         all.sort_by_key(|r| std::cmp::Reverse(r.timestamp_ms));
         let mut activity = Activity::default();
-        let mut seen = IdSet::default();
         let entries = self.catalog.get_many(all.iter().map(|r| &r.item_id));
-        for (r, entry) in all.into_iter().zip(entries) {
-            match r.event_type {
-                EventType::Purchase => {
-                    activity.purchased.insert(r.item_id.clone());
+        // Each item's newest event is its place in the history; impressions are not interest.
+        // (Marked on borrowed ids: this runs on every personal request, over up to
+        // `recent_limit + history_limit` events.)
+        let newest: Vec<bool> = {
+            let mut seen: HashSet<&str, foldhash::fast::RandomState> =
+                HashSet::with_capacity_and_hasher(all.len(), Default::default());
+            all.iter()
+                .map(|r| r.event_type != EventType::Impression && seen.insert(r.item_id.as_str()))
+                .collect()
+        };
+        for ((r, entry), newest) in all.into_iter().zip(entries).zip(newest) {
+            let set = match r.event_type {
+                EventType::Purchase => Some(&mut activity.purchased),
+                EventType::View | EventType::Click => Some(&mut activity.viewed),
+                _ => None,
+            };
+            if let Some(set) = set {
+                if !set.contains(&r.item_id) {
+                    set.insert(r.item_id.clone());
                 }
-                EventType::View | EventType::Click => {
-                    activity.viewed.insert(r.item_id.clone());
-                }
-                _ => {}
             }
-            // Impressions are not interest; unknown (deleted) items have no features.
-            if r.event_type == EventType::Impression || !seen.insert(r.item_id.clone()) {
-                continue;
-            }
-            if let Some(e) = entry {
+            // Unknown (deleted) items have no features.
+            if let (true, Some(e)) = (newest, entry) {
                 if activity.events.len() < self.settings.history_limit {
                     activity.events.push((e, r));
                 }
