@@ -7,7 +7,8 @@
 # Environment, all optional:
 #   RAW=DIR        the catalog to serve (default DIR/raw, generated with 50k items if absent)
 #   STORE=DIR      one store for both builds (a 1M index is built once, by the first start)
-#   MODEL=DIR      the checkpoint (default models/demo)
+#   MODEL=DIR      the checkpoint both sides serve (default models/demo); BEFORE_MODEL /
+#                  AFTER_MODEL override it per side, to compare two models on one build
 #   MIX=...        tandem-load's --mix; ATTR_FILTERS=... its --attr-filters
 #   CONCURRENCY=N  connections (default 4); PORT (default 18333)
 #   FILTERABLE='["brand"]'  [catalog] filterable of the servers
@@ -17,6 +18,7 @@ DIR=$1; BEFORE=$2; AFTER=$3; ROUNDS=${4:-2}; SECS=${5:-30}
 PORT=${PORT:-18333}
 RAW=${RAW:-$DIR/raw}
 MODEL=${MODEL:-models/demo}
+BEFORE_MODEL=${BEFORE_MODEL:-$MODEL}; AFTER_MODEL=${AFTER_MODEL:-$MODEL}
 CONCURRENCY=${CONCURRENCY:-4}
 export TANDEM_ADMIN_KEY=bench33-key
 mkdir -p "$DIR"
@@ -26,9 +28,9 @@ load_args=()
 [ -n "${MIX:-}" ] && load_args+=(--mix "$MIX")
 [ -n "${ATTR_FILTERS:-}" ] && load_args+=(--attr-filters "$ATTR_FILTERS")
 run() {
-  local label=$1 bin=$2
+  local label=$1 bin=$2 model=$3
   export TANDEM_DATA_DIR="${STORE:-$DIR/store-$label}" TANDEM_INDEX__BACKEND=embedded TANDEM_SESSION__BACKEND=memory
-  "$bin/tandem" serve --catalog "$RAW" --model "$MODEL" --bind "127.0.0.1:$PORT" >"$DIR/serve-$label.log" 2>&1 &
+  "$bin/tandem" serve --catalog "$RAW" --model "$model" --bind "127.0.0.1:$PORT" >"$DIR/serve-$label.log" 2>&1 &
   local pid=$!
   for _ in $(seq 1 1800); do curl -sf "127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && break; sleep 1; done
   local t0; t0=$(awk '{print $14+$15}' /proc/$pid/stat)
@@ -42,4 +44,4 @@ run() {
   sed -n '/requests ok/,$p' "$DIR/load-$label.out"
   kill $pid; wait $pid 2>/dev/null || true
 }
-for r in $(seq 1 "$ROUNDS"); do run before "$BEFORE"; run after "$AFTER"; done
+for r in $(seq 1 "$ROUNDS"); do run before "$BEFORE" "$BEFORE_MODEL"; run after "$AFTER" "$AFTER_MODEL"; done

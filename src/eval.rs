@@ -480,10 +480,9 @@ impl<'a> Ranker<'a> {
 pub fn top_k(scores: &[f32], k: usize, keep: impl Fn(usize) -> bool) -> Vec<usize> {
     let mut best: Vec<(f32, usize)> = Vec::with_capacity(k + 1);
     for (i, &s) in scores.iter().enumerate() {
-        if !keep(i) || s.is_nan() {
-            continue;
-        }
-        if best.len() == k && s <= best[k - 1].0 {
+        // The cheap threshold test first: `keep` (a hash lookup in evaluation) then runs for
+        // the few items that would enter the list, not for the whole catalog.
+        if s.is_nan() || (best.len() == k && s <= best[k - 1].0) || !keep(i) {
             continue;
         }
         let pos = best.partition_point(|&(b, _)| b >= s);

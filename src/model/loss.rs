@@ -20,6 +20,27 @@ pub struct LogitBias {
     pub masked: Vec<(u32, u32)>,
 }
 
+impl LogitBias {
+    /// Errors unless it fits an `[n, n]` score matrix: one bias per column (or none), masked
+    /// cells off the diagonal and sorted by row.
+    pub fn check(&self, n: usize) -> Result<()> {
+        if !(self.columns.is_empty() || self.columns.len() == n) {
+            candle_core::bail!("in-batch loss needs one bias per column ({n})");
+        }
+        if self.masked.windows(2).any(|w| w[0].0 > w[1].0)
+            || self
+                .masked
+                .iter()
+                .any(|&(r, c)| r as usize >= n || c as usize >= n || r == c)
+        {
+            candle_core::bail!(
+                "in-batch loss: masked cells must be off-diagonal and sorted by row"
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Mean over rows of `-log softmax(scores[r] * inv_temp + columns)[r]`, with the masked cells
 /// excluded, a scalar.
 pub fn in_batch_softmax_loss(
@@ -28,19 +49,10 @@ pub fn in_batch_softmax_loss(
     inv_temp: f32,
 ) -> Result<Tensor> {
     let (n, m) = scores.dims2()?;
-    if n != m || !(bias.columns.is_empty() || bias.columns.len() == n) {
-        candle_core::bail!(
-            "in-batch loss needs square scores and one bias per column, got {n}x{m}"
-        );
+    if n != m {
+        candle_core::bail!("in-batch loss needs square scores, got {n}x{m}");
     }
-    if bias.masked.windows(2).any(|w| w[0].0 > w[1].0)
-        || bias
-            .masked
-            .iter()
-            .any(|&(r, c)| r as usize >= n || c as usize >= n || r == c)
-    {
-        candle_core::bail!("in-batch loss: masked cells must be off-diagonal and sorted by row");
-    }
+    bias.check(n)?;
     scores.contiguous()?.apply_op1(InBatchSoftmax {
         bias,
         inv_temp,
@@ -76,42 +88,91 @@ struct InBatchSoftmax {
     probs: parking_lot::Mutex<Option<Vec<f32>>>,
 }
 
-impl InBatchSoftmax {
-    /// Row `r`'s softmax into `out`; returns the row's loss `lse - logit[r]`.
-    fn row(&self, scores: &[f32], r: usize, masked: &[(u32, u32)], out: &mut [f32]) -> f32 {
-        let n = self.n;
-        let s = &scores[r * n..(r + 1) * n];
-        if self.bias.columns.is_empty() {
-            for (o, &x) in out.iter_mut().zip(s) {
-                *o = x * self.inv_temp;
-            }
-        } else {
-            for ((o, &x), &b) in out.iter_mut().zip(s).zip(&self.bias.columns) {
-                *o = x * self.inv_temp + b;
-            }
+/// Row `r`'s softmax of `scores[r] * inv_temp + columns` (the `masked` cells of the row taken
+/// out) into `out`; returns the row's loss `lse - logit[r]`. `s` is the row, `n` long.
+fn softmax_row(
+    s: &[f32],
+    r: usize,
+    bias: &LogitBias,
+    inv_temp: f32,
+    masked: &[(u32, u32)],
+    out: &mut [f32],
+) -> f32 {
+    if bias.columns.is_empty() {
+        for (o, &x) in out.iter_mut().zip(s) {
+            *o = x * inv_temp;
         }
-        for &(_, c) in masked {
-            out[c as usize] = f32::NEG_INFINITY;
+    } else {
+        for ((o, &x), &b) in out.iter_mut().zip(s).zip(&bias.columns) {
+            *o = x * inv_temp + b;
         }
-        let max = out.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let own = out[r];
-        let mut sum = 0f32;
-        for o in out.iter_mut() {
-            let e = fast_exp(*o - max);
-            *o = e;
-            sum += e;
-        }
-        for &(_, c) in masked {
-            sum -= out[c as usize];
-            out[c as usize] = 0.0;
-        }
-        let inv = 1.0 / sum;
-        for o in out.iter_mut() {
-            *o *= inv;
-        }
-        max + sum.ln() - own
     }
+    for &(_, c) in masked {
+        out[c as usize] = f32::NEG_INFINITY;
+    }
+    let max = out.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let own = out[r];
+    let mut sum = 0f32;
+    for o in out.iter_mut() {
+        let e = fast_exp(*o - max);
+        *o = e;
+        sum += e;
+    }
+    for &(_, c) in masked {
+        sum -= out[c as usize];
+        out[c as usize] = 0.0;
+    }
+    let inv = 1.0 / sum;
+    for o in out.iter_mut() {
+        *o *= inv;
+    }
+    max + sum.ln() - own
+}
 
+/// The forward pass over plain slices: the softmax of every row of the `[n, n]` `scores`
+/// into `probs` (same shape), and the mean loss. Rows run on the rayon pool.
+///
+/// The caller checks the shapes and `bias` (see [`in_batch_softmax_loss`]).
+pub fn softmax_loss_forward(
+    scores: &[f32],
+    n: usize,
+    bias: &LogitBias,
+    inv_temp: f32,
+    probs: &mut [f32],
+) -> f32 {
+    let masked = &bias.masked;
+    // Collected, then summed in order, so the reported loss does not depend on scheduling.
+    let losses: Vec<f32> = probs[..n * n]
+        .par_chunks_mut(n)
+        .enumerate()
+        .map(|(r, p)| {
+            let lo = masked.partition_point(|m| (m.0 as usize) < r);
+            let hi = masked.partition_point(|m| (m.0 as usize) <= r);
+            let s = &scores[r * n..(r + 1) * n];
+            softmax_row(s, r, bias, inv_temp, &masked[lo..hi], p)
+        })
+        .collect();
+    let total: f64 = losses.iter().map(|&l| l as f64).sum();
+    (total / n as f64) as f32
+}
+
+/// The backward pass in place: `probs` (from [`softmax_loss_forward`]) becomes the gradient
+/// of `weight` times the mean loss with respect to the scores, `(probs - onehot) * weight *
+/// inv_temp / n`.
+pub fn softmax_loss_backward(probs: &mut [f32], n: usize, inv_temp: f32, weight: f32) {
+    let scale = weight * inv_temp / n as f32;
+    probs[..n * n]
+        .par_chunks_mut(n)
+        .enumerate()
+        .for_each(|(r, row)| {
+            for v in row.iter_mut() {
+                *v *= scale;
+            }
+            row[r] -= scale;
+        });
+}
+
+impl InBatchSoftmax {
     fn scores<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
         let CpuStorage::F32(data) = storage else {
             candle_core::bail!("in-batch loss needs f32 scores");
@@ -132,20 +193,8 @@ impl CustomOp1 for InBatchSoftmax {
         let n = self.n;
         let scores = Self::scores(storage, layout)?;
         let mut probs = vec![0f32; n * n];
-        let masked = &self.bias.masked;
-        // Rows are independent: split them over the pool (the second core in training).
-        let losses: Vec<f32> = probs
-            .par_chunks_mut(n)
-            .enumerate()
-            .map(|(r, p)| {
-                let lo = masked.partition_point(|m| (m.0 as usize) < r);
-                let hi = masked.partition_point(|m| (m.0 as usize) <= r);
-                self.row(scores, r, &masked[lo..hi], p)
-            })
-            .collect();
-        let total: f64 = losses.iter().map(|&l| l as f64).sum();
+        let loss = softmax_loss_forward(scores, n, &self.bias, self.inv_temp, &mut probs);
         *self.probs.lock() = Some(probs);
-        let loss = (total / n as f64) as f32;
         Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
     }
 
@@ -154,13 +203,7 @@ impl CustomOp1 for InBatchSoftmax {
         let Some(mut grad) = self.probs.lock().take() else {
             candle_core::bail!("in-batch loss: backward ran twice or before forward");
         };
-        let scale = grad_res.to_scalar::<f32>()? * self.inv_temp / n as f32;
-        grad.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
-            for v in row.iter_mut() {
-                *v *= scale;
-            }
-            row[r] -= scale;
-        });
+        softmax_loss_backward(&mut grad, n, self.inv_temp, grad_res.to_scalar::<f32>()?);
         Ok(Some(Tensor::from_vec(grad, (n, n), arg.device())?))
     }
 }

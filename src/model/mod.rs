@@ -4,6 +4,7 @@
 //! - [`towers`]: the network (shared embedding table, item MLP, user MLP), `load(vb, cfg)`.
 //! - [`two_tower`]: [`TwoTower`], a loaded checkpoint: `embed_items`, `embed_user`.
 //! - [`loss`]: the in-batch sampled softmax as one fused op.
+//! - [`step`]: the training step by hand (forward, backward, fused AdamW) on reused buffers.
 //! - [`train`]: in-batch sampled softmax with logQ correction, AdamW, early stopping.
 //! - [`checkpoint`]: `model.safetensors` + `manifest.json`, checked on load.
 //!
@@ -12,6 +13,7 @@
 pub mod checkpoint;
 pub mod features;
 pub mod loss;
+pub mod step;
 pub mod towers;
 pub mod train;
 pub mod two_tower;

@@ -61,6 +61,15 @@ impl Mlp {
         })
     }
 
+    /// From its four tensors: `fc1` `[hidden, input]` and `[hidden]`, `fc2` `[output, hidden]`
+    /// and `[output]`.
+    pub fn from_tensors(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Result<Self> {
+        Ok(Mlp {
+            fc1: Linear::new(w1, Some(b1)),
+            fc2: Linear::new(w2, Some(b2)),
+        })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.fc2.forward(&self.fc1.forward(x)?.relu()?)
     }
@@ -140,7 +149,7 @@ impl Bag {
     /// of every output row's columns, so no two write the same float and no entry is
     /// visited twice per column. (Splitting by entries would need atomics or per-thread
     /// copies of `out`, which in the backward pass is as large as the table slice.)
-    fn scatter(&self, input: &[f32], out: &mut [f32], width: usize, transpose: bool) {
+    pub(super) fn scatter(&self, input: &[f32], out: &mut [f32], width: usize, transpose: bool) {
         let threads = rayon::current_num_threads().min(width / 16).max(1);
         if threads == 1 || self.rows.len() * width < PARALLEL_SCATTER_MIN {
             self.scatter_columns(

@@ -2,11 +2,13 @@
 //! sampled softmax with temperature and a logQ correction for item frequency; duplicates of a
 //! row's target elsewhere in the batch are masked out, not counted as negatives.
 //!
-//! The dense layers train with candle's AdamW. The embedding table trains with a lazy
-//! (row-sparse) AdamW written here: each step only touches the rows its batch uses, so a step
-//! costs the same for a 10k or a 1M catalog. Per step, the touched rows are copied into a
-//! small leaf tensor, candle computes its gradient, and the update is applied to the master
-//! table in place.
+//! The step itself (forward, backward) is written by hand over reused buffers
+//! ([`super::step`]); it computes what the serving network's candle graph computes, which a
+//! test checks. The dense layers train with one fused AdamW pass over their flat vector. The
+//! embedding table trains with a lazy (row-sparse) AdamW: each step only touches the rows its
+//! batch uses, so a step costs the same for a 10k or a 1M catalog. Per step, the touched rows
+//! are copied into a small leaf buffer, the step computes their gradient, and the update is
+//! applied to the master table in place.
 //!
 //! With validation, training runs twice: a first fit on the validation slice chooses the
 //! number of epochs by Recall@20 (early stopping), and a second fit on all known data uses
@@ -18,13 +20,12 @@ use super::checkpoint::{
     DataInfo, Manifest, Metrics, PopularityPrior, SimilarQuery, TrainingInfo, FORMAT_VERSION,
 };
 use super::features::{FeatureConfig, Featurizer, IdTable, ItemFeatures, PoolingConfig};
-use super::loss::{in_batch_softmax_loss, LogitBias};
-use super::towers::{length_bucket, Bag, Mlp, NetConfig, TwoTowerNet};
+use super::loss::LogitBias;
+use super::step::{adamw, AdamHyper, Batch, DenseLayout, DenseParams, Step};
+use super::towers::{length_bucket, Bag, NetConfig};
 use super::{ModelError, TwoTower};
 use crate::domain::{EventType, Interaction, Item, ItemId, UserId};
 use crate::eval::{self, On, Split};
-use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{Optimizer, VarBuilder, VarMap};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -550,7 +551,15 @@ struct SparseTable {
     data: Vec<f32>,
     m: Vec<f32>,
     v: Vec<f32>,
+    /// Scratch for [`SparseTable::update`]'s check that a step's rows are distinct.
+    seen: Vec<bool>,
 }
+
+/// Base pointers of the table's three arrays, shared by the update's workers.
+struct TablePtrs(*mut f32, *mut f32, *mut f32);
+// SAFETY: the workers of `SparseTable::update` write disjoint rows through them (checked
+// distinct first), and the parallel loop ends before the table is used again.
+unsafe impl Sync for TablePtrs {}
 
 impl SparseTable {
     fn new(rows: usize, width: usize, rng: &mut StdRng) -> Self {
@@ -561,115 +570,62 @@ impl SparseTable {
             data: (0..rows * width).map(|_| rng.gen_range(-a..a)).collect(),
             m: vec![0.0; rows * width],
             v: vec![0.0; rows * width],
+            seen: vec![false; rows],
         }
     }
 
-    fn gather(&self, rows: &[u32], device: &Device) -> candle_core::Result<Tensor> {
+    /// AdamW on the given rows only (`grad` holds one row per entry of `rows`), with the
+    /// global step's bias correction. Rows are split over the thread pool; they must be
+    /// distinct (a batch lists each of its rows once), which is checked.
+    fn update(&mut self, rows: &[u32], grad: &[f32], h: &AdamHyper) {
+        use rayon::prelude::*;
         let w = self.width;
-        let mut out = Vec::with_capacity(rows.len() * w);
+        assert_eq!(grad.len(), rows.len() * w, "one gradient row per table row");
         for &r in rows {
-            out.extend_from_slice(&self.data[r as usize * w..(r as usize + 1) * w]);
+            let seen = &mut self.seen[r as usize];
+            assert!(!*seen, "table row {r} listed twice in one step");
+            *seen = true;
         }
-        Tensor::from_vec(out, (rows.len(), w), device)
-    }
-
-    /// AdamW on the given rows only, with the global step's bias correction.
-    fn update(&mut self, rows: &[u32], grad: &[f32], step: usize, cfg: &TrainConfig) {
-        let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
-        let lr = cfg.lr as f32;
-        let decay = 1.0 - lr * cfg.weight_decay as f32;
-        let c1 = 1.0 / (1.0 - b1.powi(step as i32));
-        let c2 = 1.0 / (1.0 - b2.powi(step as i32));
-        let w = self.width;
-        for (k, &r) in rows.iter().enumerate() {
-            let base = r as usize * w;
-            let g = &grad[k * w..(k + 1) * w];
-            for (j, &gj) in g.iter().enumerate() {
-                let i = base + j;
-                let m = b1 * self.m[i] + (1.0 - b1) * gj;
-                let v = b2 * self.v[i] + (1.0 - b2) * gj * gj;
-                self.m[i] = m;
-                self.v[i] = v;
-                self.data[i] = self.data[i] * decay - lr * (m * c1) / ((v * c2).sqrt() + eps);
-            }
+        for &r in rows {
+            self.seen[r as usize] = false;
         }
+        let ptrs = TablePtrs(
+            self.data.as_mut_ptr(),
+            self.m.as_mut_ptr(),
+            self.v.as_mut_ptr(),
+        );
+        let ptrs = &ptrs;
+        const ROWS: usize = 256;
+        rows.par_chunks(ROWS)
+            .zip(grad.par_chunks(ROWS * w))
+            .for_each(|(rows, grad)| {
+                for (&r, g) in rows.iter().zip(grad.chunks_exact(w)) {
+                    let at = r as usize * w;
+                    // SAFETY: `r` is a row of the table (`seen` was indexed by it above), so
+                    // `at..at + w` is in bounds of all three arrays, and rows are distinct, so
+                    // no other worker touches these floats.
+                    let (t, m, v) = unsafe {
+                        (
+                            std::slice::from_raw_parts_mut(ptrs.0.add(at), w),
+                            std::slice::from_raw_parts_mut(ptrs.1.add(at), w),
+                            std::slice::from_raw_parts_mut(ptrs.2.add(at), w),
+                        )
+                    };
+                    adamw(t, m, v, g, h);
+                }
+            });
     }
-}
-
-/// Dense parameters (towers and length embeddings) with PyTorch-style uniform init.
-fn init_dense(varmap: &VarMap, net: &NetConfig, rng: &mut StdRng) -> candle_core::Result<()> {
-    let dev = Device::Cpu;
-    let mut put = |name: String, shape: Vec<usize>, bound: f32| -> candle_core::Result<()> {
-        let n: usize = shape.iter().product();
-        let data: Vec<f32> = (0..n).map(|_| rng.gen_range(-bound..bound)).collect();
-        let t = Tensor::from_vec(data, shape, &dev)?;
-        varmap
-            .data()
-            .lock()
-            .expect("varmap lock")
-            .insert(name, Var::from_tensor(&t)?);
-        Ok(())
-    };
-    put(
-        "user_tower.length_embeddings".into(),
-        vec![net.length_buckets, net.input_dim],
-        0.05 * 3f32.sqrt(),
-    )?;
-    for tower in ["item_tower", "user_tower"] {
-        let b1 = 1.0 / (net.input_dim as f32).sqrt();
-        let b2 = 1.0 / (net.hidden as f32).sqrt();
-        put(
-            format!("{tower}.fc1.weight"),
-            vec![net.hidden, net.input_dim],
-            b1,
-        )?;
-        put(format!("{tower}.fc1.bias"), vec![net.hidden], b1)?;
-        put(format!("{tower}.fc2.weight"), vec![net.dim, net.hidden], b2)?;
-        put(format!("{tower}.fc2.bias"), vec![net.dim], b2)?;
-    }
-    Ok(())
-}
-
-/// The dense layers, loaded from the varmap (they share storage with its vars).
-struct DenseParts {
-    length_embeddings: Tensor,
-    item_mlp: Mlp,
-    user_mlp: Mlp,
-}
-
-fn dense_parts(varmap: &VarMap, net: &NetConfig) -> candle_core::Result<DenseParts> {
-    let vb = VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu);
-    Ok(DenseParts {
-        length_embeddings: vb
-            .pp("user_tower")
-            .get((net.length_buckets, net.input_dim), "length_embeddings")?,
-        item_mlp: Mlp::load(vb.pp("item_tower"), net.input_dim, net.hidden, net.dim)?,
-        user_mlp: Mlp::load(vb.pp("user_tower"), net.input_dim, net.hidden, net.dim)?,
-    })
 }
 
 /// A snapshot of the current parameters as a servable model.
 fn snapshot(
     table: &SparseTable,
-    dense: &DenseParts,
-    net: &NetConfig,
+    dense: &DenseParams,
     ids: &IdTable,
     manifest: &Manifest,
 ) -> candle_core::Result<TwoTower> {
-    let copy = |t: &Tensor| t.copy();
-    let rebuild = |m: &Mlp| -> candle_core::Result<Mlp> { m.deep_copy() };
-    let twotower = TwoTowerNet {
-        cfg: *net,
-        embeddings: Tensor::from_vec(table.data.clone(), (net.rows, net.input_dim), &Device::Cpu)?,
-        length_embeddings: copy(&dense.length_embeddings)?,
-        item_mlp: rebuild(&dense.item_mlp)?,
-        user_mlp: rebuild(&dense.user_mlp)?,
-    };
-    Ok(TwoTower::from_parts(
-        twotower,
-        ids.clone(),
-        manifest.clone(),
-    ))
+    let net = dense.layout.to_net(&dense.values, &table.data)?;
+    Ok(TwoTower::from_parts(net, ids.clone(), manifest.clone()))
 }
 
 /// Reusable per-step buffers, so batch assembly allocates little.
@@ -680,17 +636,6 @@ struct BatchBuilder {
     /// Local index of a catalog item among this step's history items.
     item_local: Vec<u32>,
     items: Vec<u32>,
-}
-
-struct Batch {
-    rows: Vec<u32>,
-    item_bag: Bag,
-    target_bag: Bag,
-    /// Content-only rows of each target (empty without the content loss).
-    content_bag: Bag,
-    history: Bag,
-    lengths: Vec<u32>,
-    targets: Vec<u32>,
 }
 
 impl BatchBuilder {
@@ -800,6 +745,7 @@ impl BatchBuilder {
         for &r in &rows {
             self.row_local[r as usize] = u32::MAX;
         }
+        let bias = logit_bias(&targets, p);
         Batch {
             rows,
             item_bag,
@@ -808,8 +754,42 @@ impl BatchBuilder {
             history,
             lengths,
             targets,
+            bias,
         }
     }
+}
+
+/// The loss's logit bias for a batch's targets: column `j`'s logQ correction (kept finite
+/// for a zero count, which targets cannot have), and for every target that appears more than
+/// once, the other columns with that target masked in each of its rows (they are positives,
+/// not negatives).
+fn logit_bias(targets: &[u32], p: &Prepared) -> LogitBias {
+    let columns: Vec<f32> = targets
+        .iter()
+        .map(|&t| p.logq_correction[t as usize])
+        .map(|c| if c.is_finite() { c } else { 0.0 })
+        .collect();
+    let mut by_target: Vec<(u32, u32)> = targets
+        .iter()
+        .enumerate()
+        .map(|(j, &t)| (t, j as u32))
+        .collect();
+    by_target.sort_unstable();
+    let mut masked = Vec::new();
+    for same in by_target
+        .chunk_by(|a, b| a.0 == b.0)
+        .filter(|c| c.len() > 1)
+    {
+        for &(_, r) in same {
+            for &(_, j) in same {
+                if j != r {
+                    masked.push((r, j));
+                }
+            }
+        }
+    }
+    masked.sort_unstable();
+    LogitBias { columns, masked }
 }
 
 /// One fit. `val` enables per-epoch validation and early stopping; `val_report` (from an
@@ -833,17 +813,8 @@ pub fn fit(
     };
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut table = SparseTable::new(net.rows, net.input_dim, &mut rng);
-    let varmap = VarMap::new();
-    init_dense(&varmap, &net, &mut rng)?;
-    let dense = dense_parts(&varmap, &net)?;
-    let mut opt = candle_nn::AdamW::new(
-        varmap.all_vars(),
-        candle_nn::ParamsAdamW {
-            lr: cfg.lr,
-            weight_decay: cfg.weight_decay,
-            ..Default::default()
-        },
-    )?;
+    let mut dense = DenseParams::new(DenseLayout::new(&net), &mut rng);
+    let mut work = Step::default();
 
     let mut manifest = Manifest {
         format_version: FORMAT_VERSION,
@@ -919,7 +890,7 @@ pub fn fit(
     let mut train_time = 0.0f64;
     let mut step = 0usize;
     let mut best: Option<(f64, usize)> = None;
-    let inv_temp = 1.0 / cfg.temperature;
+    let inv_temp = (1.0 / cfg.temperature) as f32;
     for epoch in 1..=cfg.epochs {
         bar.set_prefix(format!("epoch {epoch}/{}", cfg.epochs));
         order.shuffle(&mut rng);
@@ -940,22 +911,17 @@ pub fn fit(
             });
             for batch in rx {
                 step += 1;
-                let leaf = Var::from_tensor(&table.gather(&batch.rows, &Device::Cpu)?)?;
-                let step_net = TwoTowerNet {
-                    cfg: net,
-                    embeddings: leaf.as_tensor().clone(),
-                    length_embeddings: dense.length_embeddings.clone(),
-                    item_mlp: dense.item_mlp.clone(),
-                    user_mlp: dense.user_mlp.clone(),
-                };
-                let loss = batch_loss(&step_net, &batch, p, inv_temp, cfg.content_loss)?;
-                let grads = loss.backward()?;
-                opt.step(&grads)?;
-                if let Some(g) = grads.get(leaf.as_tensor()) {
-                    let g: Vec<f32> = g.flatten_all()?.to_vec1()?;
-                    table.update(&batch.rows, &g, step, cfg);
-                }
-                loss_sum += loss.to_scalar::<f32>()? as f64 * batch.targets.len() as f64;
+                let loss = work.run(
+                    &table.data,
+                    &dense,
+                    &batch,
+                    inv_temp,
+                    cfg.content_loss as f32,
+                )?;
+                let h = AdamHyper::new(cfg.lr, cfg.weight_decay, step);
+                dense.update(&work.grad, &h);
+                table.update(&batch.rows, &work.d_leaf, &h);
+                loss_sum += loss as f64 * batch.targets.len() as f64;
                 bar.inc(1);
             }
             Ok(())
@@ -968,7 +934,7 @@ pub fn fit(
         let mut msg = format!("loss {loss:.4} {eps:.0} ex/s");
         let mut stop = false;
         if let Some(val) = val {
-            let model = snapshot(&table, &dense, &net, &p.ids, &manifest)?;
+            let model = snapshot(&table, &dense, &p.ids, &manifest)?;
             let users: Vec<UserId> = val.scored_users();
             let lists = eval::recommend(&model, val, &users, eval::MAX_K).map_err(eval_to_model)?;
             let metrics = eval::score(&lists, val);
@@ -1001,66 +967,7 @@ pub fn fit(
     if let (Some(val), Some(best)) = (val, &report.best_model) {
         report.prior = Some(tune_prior(best, val)?);
     }
-    let mut model = snapshot(&table, &dense, &net, &p.ids, &manifest)?;
+    let mut model = snapshot(&table, &dense, &p.ids, &manifest)?;
     model.fit_popularity_direction(items)?;
     Ok((model, report))
-}
-
-/// In-batch sampled softmax with the logQ correction; other rows with the same target item
-/// are masked out (they are positives, not negatives).
-fn batch_loss(
-    net: &TwoTowerNet,
-    b: &Batch,
-    p: &Prepared,
-    inv_temp: f64,
-    content_loss: f64,
-) -> candle_core::Result<Tensor> {
-    let item_inputs = net.item_inputs(&b.item_bag)?;
-    let users = net.user_tower(&net.user_inputs(&item_inputs, &b.history, &b.lengths)?)?;
-    let targets = net.item_tower(&net.item_inputs(&b.target_bag)?)?;
-    // Column j's logQ correction (kept finite for a zero count, which targets cannot have).
-    let columns: Vec<f32> = b
-        .targets
-        .iter()
-        .map(|&t| p.logq_correction[t as usize])
-        .map(|c| if c.is_finite() { c } else { 0.0 })
-        .collect();
-    // Every row whose target appears more than once masks the other columns with that target.
-    let mut by_target: Vec<(u32, u32)> = b
-        .targets
-        .iter()
-        .enumerate()
-        .map(|(j, &t)| (t, j as u32))
-        .collect();
-    by_target.sort_unstable();
-    let mut masked = Vec::new();
-    for same in by_target
-        .chunk_by(|a, b| a.0 == b.0)
-        .filter(|c| c.len() > 1)
-    {
-        for &(_, r) in same {
-            for &(_, j) in same {
-                if j != r {
-                    masked.push((r, j));
-                }
-            }
-        }
-    }
-    masked.sort_unstable();
-    let scores = users.matmul(&targets.t()?)?;
-    let bias = std::sync::Arc::new(LogitBias { columns, masked });
-    let loss = in_batch_softmax_loss(&scores, bias.clone(), inv_temp as f32)?;
-    if content_loss <= 0.0 {
-        return Ok(loss);
-    }
-    // Content alignment: target r's content-only vector against every target's full vector,
-    // duplicates of r's item masked as above, no logQ (the negatives are items, not draws).
-    let content = net.item_tower(&net.item_inputs(&b.content_bag)?)?;
-    let aligned = content.matmul(&targets.t()?)?;
-    let mask = std::sync::Arc::new(LogitBias {
-        columns: Vec::new(),
-        masked: bias.masked.clone(),
-    });
-    let aux = in_batch_softmax_loss(&aligned, mask, inv_temp as f32)?;
-    loss + (aux * content_loss)?
 }
