@@ -1068,6 +1068,7 @@ impl EdgeIndex {
                 "dropped the engine's unread WAL"
             );
         }
+        let stage = Instant::now();
         let shard = EdgeShard::load(&dir.join(SHARD_DIR), None).map_err(|e| {
             let e = e.to_string();
             // The WAL's file lock is taken: another process (a running `tandem serve`, most
@@ -1083,8 +1084,11 @@ impl EdgeIndex {
                 IndexError::Backend(format!("cannot open collection {name:?}: {e}"))
             }
         })?;
+        crate::telemetry::startup_stage("engine opened", stage);
         let c = Arc::new(Collection::start(name, meta.dim, dir, shard, &self.opts)?);
+        let stage = Instant::now();
         c.load_payloads()?;
+        crate::telemetry::startup_stage("payloads and blocks loaded", stage);
         open.insert(name.to_string(), c.clone());
         Ok(c)
     }
