@@ -103,6 +103,17 @@ impl AppState {
     /// replicas' changes from the moment its load began.
     pub async fn build(settings: Settings) -> Result<Self, ServeError> {
         let started = std::time::Instant::now();
+        // One process reads its catalog file while the index opens (at 1M items each takes
+        // seconds); replicas load theirs from the shared collection.
+        let catalog_file = (!settings.shared()).then(|| {
+            let dir = settings.server.catalog_dir.clone();
+            tokio::task::spawn_blocking(move || {
+                let stage = std::time::Instant::now();
+                let items = crate::items::load::read_catalog(&dir);
+                crate::telemetry::startup_stage("catalog file read", stage);
+                items
+            })
+        });
         let bus = match settings.shared() {
             true => Some(Bus::connect(&settings).await?),
             false => None,
@@ -184,9 +195,22 @@ impl AppState {
             }
             None => {
                 let journal = CatalogJournal::new(journal_path(&settings.data_dir));
-                let catalog =
-                    crate::items::load::load_local(index.as_ref(), &model, &catalog_dir, &journal)
-                        .await?;
+                let file = match catalog_file {
+                    Some(read) => read.await.map_err(|e| {
+                        ServeError::Io(std::io::Error::other(format!(
+                            "reading the catalog file: {e}"
+                        )))
+                    })??,
+                    None => crate::items::load::read_catalog(&catalog_dir)?,
+                };
+                let catalog = crate::items::load::load_local_from(
+                    index.as_ref(),
+                    &model,
+                    &catalog_dir,
+                    &journal,
+                    file,
+                )
+                .await?;
                 (catalog, Some(Arc::new(journal)), None)
             }
         };
