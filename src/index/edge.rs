@@ -832,8 +832,7 @@ impl Collection {
                 .collect();
             loaders
                 .into_iter()
-                .map(|t| t.join().expect("a payload loader does not panic"))
-                .collect::<Result<(), IndexError>>()
+                .try_for_each(|t| t.join().expect("a payload loader does not panic"))
         })?;
         if let Some(b) = &self.blocks {
             b.write().fit_due();

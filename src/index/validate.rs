@@ -78,6 +78,17 @@ pub fn normalized(v: &[f32]) -> Vec<f32> {
     }
 }
 
+/// [`normalized`], sharing `v` itself when it is unit length already (to float precision),
+/// as the item tower's vectors are: the RAM copies then hold one allocation per item.
+pub fn unit(v: &super::Vector) -> super::Vector {
+    let norm2: f32 = v.iter().map(|x| x * x).sum();
+    if (norm2 - 1.0).abs() <= 1e-6 || norm2 == 0.0 {
+        v.clone()
+    } else {
+        normalized(v).into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,16 +109,5 @@ mod tests {
         let n = normalized(&[3.0, 4.0]);
         assert!((n[0] - 0.6).abs() < 1e-6 && (n[1] - 0.8).abs() < 1e-6);
         assert_eq!(normalized(&[0.0, 0.0]), vec![0.0, 0.0]);
-    }
-}
-
-/// [`normalized`], sharing `v` itself when it is unit length already (to float precision),
-/// as the item tower's vectors are: the RAM copies then hold one allocation per item.
-pub fn unit(v: &super::Vector) -> super::Vector {
-    let norm2: f32 = v.iter().map(|x| x * x).sum();
-    if (norm2 - 1.0).abs() <= 1e-6 || norm2 == 0.0 {
-        v.clone()
-    } else {
-        normalized(v).into()
     }
 }
