@@ -4,6 +4,7 @@
 # Starts BIN serve on RAW_DIR's catalog with the store STORE_DIR (a first start when the
 # store is empty, a restart when a server used it before), polls /readyz every 0.2 s, and
 # once ready waits SETTLE_SECONDS (default 10), then prints one JSON line: seconds to ready,
+# the server's CPU seconds (user + system) until then,
 # RssAnon and RssFile (kB, /proc/PID/status), and the resident kB per kind of mapping from
 # /proc/PID/smaps (the engine's files by directory, the heap and anonymous mappings). The
 # server is stopped with SIGTERM (a clean stop) at the end. Run it under the benchmark lock.
@@ -28,11 +29,13 @@ until curl -sf "127.0.0.1:$PORT/readyz" >/dev/null 2>&1; do
   sleep 0.2
 done
 ready=$(date +%s.%N)
+cpu_ticks=$(awk '{print $14 + $15}' /proc/$pid/stat)
 sleep "$SETTLE"
 status=$(cat /proc/$pid/status)
-python3 - "$pid" "$LABEL" "$start" "$ready" <<'EOF'
+python3 - "$pid" "$LABEL" "$start" "$ready" "$cpu_ticks" <<'EOF'
 import json, re, sys
 pid, label, start, ready = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+cpu_secs = int(sys.argv[5]) / 100  # user + system clock ticks at /readyz (USER_HZ = 100)
 status = open(f"/proc/{pid}/status").read()
 field = lambda n: int(re.search(rf"^{n}:\s+(\d+)", status, re.M).group(1))
 kinds = {}
@@ -63,6 +66,7 @@ top = dict(sorted(((k, v) for k, v in kinds.items() if v >= 1024), key=lambda kv
 print(json.dumps({
     "label": label,
     "ready_secs": round(ready - start, 2),
+    "cpu_secs_to_ready": cpu_secs,
     "rss_anon_kb": field("RssAnon"),
     "rss_file_kb": field("RssFile"),
     "vm_hwm_kb": field("VmHWM"),
