@@ -135,7 +135,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .iter()
         .zip(vectors)
         .map(|(it, vector)| IndexPoint {
-            vector,
+            vector: vector.into(),
             payload: Payload {
                 tags: Vec::new(),
                 year: None,

@@ -124,15 +124,15 @@ impl Arms {
             return Some(entries);
         }
         let ids: Vec<ItemId> = entries.iter().map(|e| e.id().clone()).collect();
-        let fetched = match self.index.fetch_from(&arm.collection, &ids).await {
+        let fetched = match self.index.fetch_live(Some(&arm.collection), &ids).await {
             Ok(f) => f,
             Err(e) => {
                 tracing::warn!(arm = %arm.collection, error = %e, "experiment arm: fetch");
                 return None;
             }
         };
-        let mut vectors: HashMap<ItemId, Vec<f32>> =
-            fetched.into_iter().map(|(p, v)| (p.item_id, v)).collect();
+        let mut vectors: HashMap<ItemId, crate::index::Vector> =
+            fetched.into_iter().map(|p| (p.item_id, p.vector)).collect();
         Some(
             entries
                 .into_iter()
@@ -141,7 +141,7 @@ impl Arms {
                     Some(Arc::new(CatalogEntry {
                         item: e.item.clone(),
                         popularity: e.popularity,
-                        vector: vector.into_boxed_slice(),
+                        vector,
                     }))
                 })
                 .collect(),

@@ -10,7 +10,9 @@
 //! (half-open); its success closes the breaker, so recovery takes at most about one cooldown.
 
 use crate::domain::{Filter, ItemId, UserId};
-use crate::index::{Hit, IndexError, IndexPoint, Payload, PayloadPatch, ScrollPage, VectorIndex};
+use crate::index::{
+    Hit, IndexError, IndexPoint, LivePoint, Payload, PayloadPatch, ScrollPage, Vector, VectorIndex,
+};
 use crate::session::{Actor, AppendOutcome, Event, RecentItem, SessionError, SessionStore};
 use crate::telemetry;
 use async_trait::async_trait;
@@ -470,7 +472,7 @@ impl VectorIndex for GuardedIndex {
         .await
     }
 
-    async fn fetch(&self, ids: &[ItemId]) -> Result<Vec<(Payload, Vec<f32>)>, IndexError> {
+    async fn fetch(&self, ids: &[ItemId]) -> Result<Vec<(Payload, Vector)>, IndexError> {
         self.guarded("fetch", self.budgets.read, self.inner.fetch(ids))
             .await
     }
@@ -478,6 +480,19 @@ impl VectorIndex for GuardedIndex {
     async fn count(&self) -> Result<usize, IndexError> {
         self.guarded("count", self.budgets.write, self.inner.count())
             .await
+    }
+
+    async fn fetch_live(
+        &self,
+        version: Option<&str>,
+        ids: &[ItemId],
+    ) -> Result<Vec<LivePoint>, IndexError> {
+        self.guarded(
+            "fetch",
+            self.budgets.read,
+            self.inner.fetch_live(version, ids),
+        )
+        .await
     }
 
     async fn create_version(&self, version: &str, dim: usize) -> Result<(), IndexError> {
@@ -507,7 +522,7 @@ impl VectorIndex for GuardedIndex {
         &self,
         version: &str,
         ids: &[ItemId],
-    ) -> Result<Vec<(Payload, Vec<f32>)>, IndexError> {
+    ) -> Result<Vec<(Payload, Vector)>, IndexError> {
         self.guarded(
             "fetch",
             self.budgets.read,

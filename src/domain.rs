@@ -190,8 +190,9 @@ pub struct CatalogEntry {
     pub item: Item,
     /// Interaction count (or a live counter); the cold-start prior and the fallback order.
     pub popularity: f32,
-    /// The item-tower vector (L2-normalised), the same one the index holds.
-    pub vector: Box<[f32]>,
+    /// The item-tower vector (L2-normalised), the same one the index holds: shared with the
+    /// embedded index's RAM copy rather than copied (`crate::index::Vector`).
+    pub vector: std::sync::Arc<[f32]>,
 }
 
 impl CatalogEntry {
@@ -221,8 +222,127 @@ impl Item {
     }
 }
 
-/// An item's attributes by name, in name order (so that they serialize the same every time).
-pub type Attributes = std::collections::BTreeMap<String, AttrValue>;
+/// An item's attributes by name, in name order (so that they serialize the same every time),
+/// with a map's reading API (`get`, `insert`, iteration by name) and its JSON form (an
+/// object). A sorted list rather than a `BTreeMap`: the map's first node takes about 640
+/// bytes however few attributes an item has, and the serving catalog holds one per item (at
+/// 1M items, about 400 MB more than the list; issue 37). Items have a handful of attributes
+/// (at most [`MAX_ATTRS`]), so a binary search finds one as fast.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Attributes(Vec<(String, AttrValue)>);
+
+impl Attributes {
+    pub fn new() -> Self {
+        Attributes(Vec::new())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn find(&self, name: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(n, _)| n.as_str().cmp(name))
+    }
+
+    pub fn get(&self, name: &str) -> Option<&AttrValue> {
+        self.find(name).ok().map(|i| &self.0[i].1)
+    }
+
+    pub fn contains_key(&self, name: &str) -> bool {
+        self.find(name).is_ok()
+    }
+
+    /// Sets `name`; returns the value it replaced.
+    pub fn insert(&mut self, name: String, value: AttrValue) -> Option<AttrValue> {
+        match self.find(&name) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
+            Err(i) => {
+                self.0.insert(i, (name, value));
+                None
+            }
+        }
+    }
+
+    /// The attributes in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &AttrValue)> {
+        self.0.iter().map(|(n, v)| (n, v))
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.0.iter().map(|(n, _)| n)
+    }
+}
+
+impl std::ops::Index<&str> for Attributes {
+    type Output = AttrValue;
+    /// The value of `name`; panics if there is none, as a map's index does.
+    fn index(&self, name: &str) -> &AttrValue {
+        self.get(name)
+            .unwrap_or_else(|| panic!("no attribute {name:?}"))
+    }
+}
+
+impl FromIterator<(String, AttrValue)> for Attributes {
+    /// A later value for a name replaces an earlier one, as a map's `collect` does.
+    fn from_iter<I: IntoIterator<Item = (String, AttrValue)>>(iter: I) -> Self {
+        let mut all: Vec<(String, AttrValue)> = iter.into_iter().collect();
+        // Stable: equal names keep their order, and the last of them is kept.
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut out: Vec<(String, AttrValue)> = Vec::with_capacity(all.len());
+        for (n, v) in all {
+            match out.last_mut() {
+                Some(last) if last.0 == n => last.1 = v,
+                _ => out.push((n, v)),
+            }
+        }
+        out.shrink_to_fit();
+        Attributes(out)
+    }
+}
+
+impl<const N: usize> From<[(String, AttrValue); N]> for Attributes {
+    fn from(pairs: [(String, AttrValue); N]) -> Self {
+        pairs.into_iter().collect()
+    }
+}
+
+impl IntoIterator for Attributes {
+    type Item = (String, AttrValue);
+    type IntoIter = std::vec::IntoIter<(String, AttrValue)>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a Attributes {
+    type Item = (&'a String, &'a AttrValue);
+    type IntoIter = std::iter::Map<
+        std::slice::Iter<'a, (String, AttrValue)>,
+        fn(&'a (String, AttrValue)) -> (&'a String, &'a AttrValue),
+    >;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(n, v)| (n, v))
+    }
+}
+
+impl Serialize for Attributes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Attributes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Through a map: duplicate names keep the last value, as they always did.
+        Ok(BTreeMap::<String, AttrValue>::deserialize(d)?
+            .into_iter()
+            .collect())
+    }
+}
 
 /// Longest attribute name; names are `[A-Za-z0-9_]`, so that each is a plain payload path.
 pub const MAX_ATTR_NAME: usize = 64;
@@ -370,6 +490,16 @@ pub struct AttrFilter {
     pub any_or_unset: BTreeMap<String, Vec<String>>,
 }
 
+/// A lookup by attribute name, spelled like `Attributes::get` so that
+/// [`AttrFilter::matches_with`] reads as `matches` did.
+struct Getter<F>(F);
+
+impl<'a, F: Fn(&str) -> Option<&'a AttrValue>> Getter<F> {
+    fn get(&self, name: &str) -> Option<&'a AttrValue> {
+        (self.0)(name)
+    }
+}
+
 impl AttrFilter {
     pub fn is_empty(&self) -> bool {
         self.any.is_empty()
@@ -391,6 +521,12 @@ impl AttrFilter {
 
     /// Whether an item with these attributes passes: the oracle of every backend.
     pub fn matches(&self, attrs: &Attributes) -> bool {
+        self.matches_with(|name| attrs.get(name))
+    }
+
+    /// [`Self::matches`] on attributes kept in another shape: `get` finds one by name.
+    pub fn matches_with<'a>(&self, get: impl Fn(&str) -> Option<&'a AttrValue>) -> bool {
+        let attrs = Getter(get);
         let has_any = |name: &String, values: &[String]| {
             attrs.get(name).is_some_and(|v| v.has_any_of(values))
         };

@@ -25,7 +25,7 @@
 use crate::arms::{Arm, Arms};
 use crate::catalog::{Catalog, CatalogEntry};
 use crate::domain::ItemId;
-use crate::index::{IndexError, IndexPoint, VectorIndex};
+use crate::index::{IndexError, IndexPoint, Vector, VectorIndex};
 use crate::model::{ModelError, TwoTower};
 use crate::registry::{ModelRecord, ModelStatus, Progress, Registry, RegistryError};
 use arc_swap::ArcSwap;
@@ -98,7 +98,7 @@ struct Built {
     collection: String,
     snapshot: Vec<Arc<CatalogEntry>>,
     /// The new vectors by id, for the catalog to move to after a switch.
-    fresh: HashMap<ItemId, Box<[f32]>>,
+    fresh: HashMap<ItemId, Vector>,
 }
 
 struct Running {
@@ -677,15 +677,10 @@ impl Lifecycle {
         // Keep the new vectors by id: the catalog moves to them after a switch. A million
         // entries take most of a second to copy and hash: not on a runtime worker.
         let (points, fresh) = off_runtime(move || {
-            let fresh: HashMap<ItemId, Box<[f32]>> = match then {
+            let fresh: HashMap<ItemId, Vector> = match then {
                 Then::Switch => points
                     .iter()
-                    .map(|p| {
-                        (
-                            p.payload.item_id.clone(),
-                            p.vector.clone().into_boxed_slice(),
-                        )
-                    })
+                    .map(|p| (p.payload.item_id.clone(), p.vector.clone()))
                     .collect(),
                 Then::Keep => HashMap::new(),
             };
@@ -715,7 +710,7 @@ impl Lifecycle {
         &self,
         model: &Arc<TwoTower>,
         snapshot: Vec<Arc<CatalogEntry>>,
-        fresh: HashMap<ItemId, Box<[f32]>>,
+        fresh: HashMap<ItemId, Vector>,
     ) -> Result<(), LifecycleError> {
         let catalog = self.catalog.clone();
         let stopping = self.stopping.clone();
@@ -744,13 +739,7 @@ impl Lifecycle {
             self.index
                 .upsert(points_now(&self.catalog, chunk, &vectors))
                 .await?;
-            self.catalog.set_vectors(
-                chunk
-                    .iter()
-                    .cloned()
-                    .zip(vectors)
-                    .map(|(e, v)| (e, v.into_boxed_slice())),
-            );
+            self.catalog.set_vectors(chunk.iter().cloned().zip(vectors));
         }
         if !entries.is_empty() {
             tracing::info!(
@@ -860,14 +849,8 @@ impl Reconciler {
         });
     }
 
-    async fn fetch(
-        &self,
-        ids: &[ItemId],
-    ) -> Result<Vec<(crate::index::Payload, Vec<f32>)>, IndexError> {
-        match &self.arm {
-            None => self.index.fetch(ids).await,
-            Some(c) => self.index.fetch_from(c, ids).await,
-        }
+    async fn fetch(&self, ids: &[ItemId]) -> Result<Vec<crate::index::LivePoint>, IndexError> {
+        self.index.fetch_live(self.arm.as_deref(), ids).await
     }
 
     async fn set_payload(
@@ -888,7 +871,7 @@ impl Reconciler {
         }
     }
 
-    fn set_vectors(&self, vectors: impl IntoIterator<Item = (Arc<CatalogEntry>, Box<[f32]>)>) {
+    fn set_vectors(&self, vectors: impl IntoIterator<Item = (Arc<CatalogEntry>, Vector)>) {
         if self.arm.is_none() || self.read_only {
             self.catalog.set_vectors(vectors);
         }
@@ -903,23 +886,23 @@ impl Reconciler {
             }
             let chunk_started = Instant::now();
             let ids: Vec<ItemId> = chunk.iter().map(|e| e.id().clone()).collect();
-            let stored: HashMap<ItemId, (crate::index::Payload, Vec<f32>)> = self
+            let stored: HashMap<ItemId, crate::index::LivePoint> = self
                 .fetch(&ids)
                 .await?
                 .into_iter()
-                .map(|(p, v)| (p.item_id.clone(), (p, v)))
+                .map(|p| (p.item_id.clone(), p))
                 .collect();
             let mut moved = Vec::with_capacity(chunk.len());
             for e in chunk {
                 match stored.get(e.id()) {
-                    Some((payload, vector)) => {
+                    Some(stored) => {
                         if self.arm.is_none() || self.read_only {
-                            moved.push((e.clone(), vector.clone().into_boxed_slice()));
+                            moved.push((e.clone(), stored.vector.clone()));
                         }
-                        let current = e.payload();
+                        let current = &e.item;
                         if !self.read_only
-                            && (payload.available != current.available
-                                || payload.price != current.price)
+                            && (stored.available != current.available
+                                || stored.price != current.price)
                         {
                             let patch = crate::index::PayloadPatch {
                                 available: Some(current.available),
@@ -950,13 +933,7 @@ impl Reconciler {
                 })?;
             self.upsert(points_now(&self.catalog, chunk, &vectors))
                 .await?;
-            self.set_vectors(
-                chunk
-                    .iter()
-                    .cloned()
-                    .zip(vectors)
-                    .map(|(e, v)| (e, v.into_boxed_slice())),
-            );
+            self.set_vectors(chunk.iter().cloned().zip(vectors));
         }
         Ok(n)
     }
@@ -969,7 +946,7 @@ impl Reconciler {
 fn move_unchanged(
     catalog: &Catalog,
     snapshot: &[Arc<CatalogEntry>],
-    mut fresh: HashMap<ItemId, Box<[f32]>>,
+    mut fresh: HashMap<ItemId, Vector>,
     stopping: &AtomicBool,
 ) -> Result<(Vec<Arc<CatalogEntry>>, Vec<ItemId>), LifecycleError> {
     let before: HashMap<&ItemId, &Arc<CatalogEntry>> =
@@ -1010,7 +987,7 @@ fn move_unchanged(
 fn points_now(
     catalog: &Catalog,
     read: &[Arc<CatalogEntry>],
-    vectors: &[Vec<f32>],
+    vectors: &[Vector],
 ) -> Vec<IndexPoint> {
     read.iter()
         .zip(vectors)
@@ -1048,6 +1025,6 @@ async fn embed(
 }
 
 /// The vectors of embedded points, in order.
-fn vectors_of(points: Vec<IndexPoint>) -> Vec<Vec<f32>> {
+fn vectors_of(points: Vec<IndexPoint>) -> Vec<Vector> {
     points.into_iter().map(|p| p.vector).collect()
 }

@@ -438,7 +438,7 @@ mod tests {
         Arc::new(CatalogEntry {
             item,
             popularity: 0.0,
-            vector: vec![vector[0] / n, vector[1] / n].into_boxed_slice(),
+            vector: vec![vector[0] / n, vector[1] / n].into(),
         })
     }
 
@@ -603,7 +603,7 @@ mod tests {
             Arc::new(CatalogEntry {
                 item,
                 popularity: 0.0,
-                vector: v.into_boxed_slice(),
+                vector: v.into(),
             })
         };
         let clicked = on_axis("x-click".into(), "x", 0, 0.0);
@@ -663,7 +663,7 @@ mod tests {
         let a = entry("a", "x", [1.0, 0.0]);
         let mut odd = CatalogEntry::clone(&a);
         odd.item.item_id = ItemId::parse("odd").unwrap();
-        odd.vector = vec![1.0, 0.0, 0.0].into_boxed_slice();
+        odd.vector = vec![1.0, 0.0, 0.0].into();
         let out = rerank(&f.ctx(), vec![cand(&a, 0.5), cand(&Arc::new(odd), 0.4)]);
         assert_eq!(out.len(), 2);
         assert_eq!(crate::vector::similarity(&[1.0], &[1.0, 2.0]), 0.0);

@@ -250,6 +250,33 @@ pub fn set_dependency_up(dependency: &'static str, up: bool) {
     metrics::gauge!(DEPENDENCY_UP, "dependency" => dependency).set(if up { 1.0 } else { 0.0 });
 }
 
+/// The process's resident memory in kB, anonymous and file-backed (`RssAnon`, `RssFile` of
+/// `/proc/self/status`); zeros where there is no procfs.
+pub fn resident_kb() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (field("RssAnon:"), field("RssFile:"))
+}
+
+/// Logs the end of one start-up stage: its wall time and the resident memory after it, so
+/// that a slow or large start can be read off the log stage by stage (issue 37).
+pub fn startup_stage(stage: &'static str, started: std::time::Instant) {
+    let (anon, file) = resident_kb();
+    tracing::info!(
+        stage,
+        secs = started.elapsed().as_secs_f64(),
+        rss_anon_mb = anon / 1024,
+        rss_file_mb = file / 1024,
+        "start-up stage done"
+    );
+}
+
 /// Logs to stderr, `info` unless `RUST_LOG` says otherwise; JSON lines when
 /// `TANDEM_LOG_FORMAT=json`. Span fields (the request span carries `request_id`) appear on
 /// every line logged inside the span, in both formats.

@@ -1208,7 +1208,8 @@ impl tandem::index::VectorIndex for Outage {
     async fn fetch(
         &self,
         ids: &[ItemId],
-    ) -> Result<Vec<(tandem::index::Payload, Vec<f32>)>, tandem::index::IndexError> {
+    ) -> Result<Vec<(tandem::index::Payload, tandem::index::Vector)>, tandem::index::IndexError>
+    {
         self.check()?;
         self.inner.fetch(ids).await
     }
@@ -1242,7 +1243,8 @@ impl tandem::index::VectorIndex for Outage {
         &self,
         version: &str,
         ids: &[ItemId],
-    ) -> Result<Vec<(tandem::index::Payload, Vec<f32>)>, tandem::index::IndexError> {
+    ) -> Result<Vec<(tandem::index::Payload, tandem::index::Vector)>, tandem::index::IndexError>
+    {
         self.check()?;
         self.inner.fetch_from(version, ids).await
     }

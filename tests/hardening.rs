@@ -166,7 +166,10 @@ impl VectorIndex for Recording {
     async fn search(&self, v: &[f32], f: &Filter, k: usize) -> Result<Vec<Hit>, IndexError> {
         self.inner.search(v, f, k).await
     }
-    async fn fetch(&self, ids: &[ItemId]) -> Result<Vec<(Payload, Vec<f32>)>, IndexError> {
+    async fn fetch(
+        &self,
+        ids: &[ItemId],
+    ) -> Result<Vec<(Payload, tandem::index::Vector)>, IndexError> {
         self.inner.fetch(ids).await
     }
     async fn count(&self) -> Result<usize, IndexError> {
@@ -191,7 +194,7 @@ impl VectorIndex for Recording {
         &self,
         version: &str,
         ids: &[ItemId],
-    ) -> Result<Vec<(Payload, Vec<f32>)>, IndexError> {
+    ) -> Result<Vec<(Payload, tandem::index::Vector)>, IndexError> {
         self.inner.fetch_from(version, ids).await
     }
     async fn delete_from(&self, version: &str, ids: &[ItemId]) -> Result<(), IndexError> {

@@ -104,7 +104,7 @@ fn payload(item: &str, cats: &[&str]) -> Payload {
 
 fn point(item: &str, vector: &[f32], cats: &[&str]) -> IndexPoint {
     IndexPoint {
-        vector: vector.to_vec(),
+        vector: vector.into(),
         payload: payload(item, cats),
     }
 }
@@ -582,7 +582,7 @@ async fn a_version_beside_the_live_one_is_searched_and_written_on_its_own() {
         let arm: Vec<IndexPoint> = live
             .iter()
             .map(|p| IndexPoint {
-                vector: p.vector.iter().map(|x| -x).collect(),
+                vector: p.vector.iter().map(|x| -x).collect::<Vec<f32>>().into(),
                 payload: p.payload.clone(),
             })
             .collect();
@@ -602,7 +602,7 @@ async fn a_version_beside_the_live_one_is_searched_and_written_on_its_own() {
         );
         let fetched = b.index.fetch_from("v2", &[id("item7")]).await.unwrap();
         let norm = arm[7].vector.iter().map(|x| x * x).sum::<f32>().sqrt();
-        for (got, want) in fetched[0].1.iter().zip(&arm[7].vector) {
+        for (got, want) in fetched[0].1.iter().zip(arm[7].vector.iter()) {
             assert!(
                 (got - want / norm).abs() < 1e-5,
                 "{}: {:?}",
@@ -665,7 +665,9 @@ async fn failed_build_keeps_the_old_version_live() {
             .await
             .unwrap());
         let mut bad = catalog();
-        bad[30].vector[2] = f32::NAN;
+        let mut v = bad[30].vector.to_vec();
+        v[2] = f32::NAN;
+        bad[30].vector = v.into();
         let err = build_version(
             b.index.as_ref(),
             "v2",
@@ -1041,7 +1043,7 @@ async fn scroll_pages_through_every_point() {
             .collect();
         live_with(idx, "v1", points.clone()).await;
 
-        let mut seen: Vec<(Payload, Vec<f32>)> = Vec::new();
+        let mut seen: Vec<(Payload, tandem::index::Vector)> = Vec::new();
         let mut cursor = None;
         let mut pages = 0;
         loop {
@@ -1079,7 +1081,7 @@ async fn scroll_pages_through_every_point() {
             };
             assert_eq!(*p, want.payload, "{}", b.name);
             let norm = want.vector.iter().map(|x| x * x).sum::<f32>().sqrt();
-            for (got, w) in v.iter().zip(&want.vector) {
+            for (got, w) in v.iter().zip(want.vector.iter()) {
                 assert!((got - w / norm).abs() < 1e-5, "{}: {v:?}", b.name);
             }
         }
@@ -1516,4 +1518,109 @@ async fn attribute_filters_never_return_a_violating_item_and_keep_recall() {
         println!("{name}: attribute filters recall@{TOP} {recall:.4} over {wanted} results");
         assert!(recall >= 0.95, "{name}: recall@{TOP} {recall:.4} < 0.95");
     }
+}
+
+/// A restart of the embedded index (issue 37: the RAM copy keeps only ids, live fields,
+/// filterable attributes and one shared vector per point, and is reloaded by one scroll per
+/// core) gives the same answers as before it: the same hits for category, attribute, price
+/// and no filters, whole payloads from `fetch` (titles, tags, attributes that cannot be
+/// filtered on), and the live fields from `fetch_live`.
+#[tokio::test]
+async fn edge_restart_answers_as_before_with_whole_payloads() {
+    use tandem::domain::AttrValue;
+    use tandem::index::bench::Generator;
+    let gen = Generator::new(16, 21);
+    let mut points = attribute_catalog(&gen, 3_000);
+    for (i, p) in points.iter_mut().enumerate() {
+        p.payload.title = format!("item number {i}");
+        p.payload.tags = vec![format!("tag{}", i % 7)];
+        p.payload.popularity = (i % 13) as f32;
+        // Not filterable in these options (nor are "tier" and "brand"): kept in the
+        // engine's payload only.
+        p.payload
+            .attributes
+            .insert("colour".into(), AttrValue::Text(format!("c{}", i % 4)));
+    }
+    let opts = || EdgeOptions {
+        filterable: vec!["region".into(), "language".into(), "size".into()],
+        ..EdgeOptions::default()
+    };
+    let filters = {
+        let mut region = Filter::default();
+        region
+            .attributes
+            .any_or_unset
+            .insert("region".into(), vec!["us".into()]);
+        let mut sized = Filter {
+            include_categories: vec![Generator::category(3), Generator::category(4)],
+            price_max: Some(60.0),
+            ..Filter::default()
+        };
+        // Categories 3 and 4 hold items i with i % 100 in {3, 4}: sizes 3 and 4.
+        sized.attributes.min.insert("size".into(), 2.0);
+        sized.attributes.max.insert("size".into(), 10.0);
+        vec![
+            Filter::default(),
+            Filter {
+                include_categories: vec![Generator::category(7)],
+                available_only: true,
+                ..Filter::default()
+            },
+            region,
+            sized,
+        ]
+    };
+    let queries = gen.queries(8);
+    let sample: Vec<ItemId> = (0..3_000)
+        .step_by(97)
+        .map(|i| id(&format!("i{i}")))
+        .collect();
+    let answers = |index: Arc<EdgeIndex>| {
+        let (filters, queries, sample) = (filters.clone(), queries.clone(), sample.clone());
+        async move {
+            let mut hits = Vec::new();
+            for f in &filters {
+                for q in &queries {
+                    hits.push(ids(&index.search(q, f, 20).await.unwrap()));
+                }
+            }
+            let fetched = index.fetch(&sample).await.unwrap();
+            let live = index.fetch_live(None, &sample).await.unwrap();
+            (hits, fetched, live, index.count().await.unwrap())
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("index");
+    let before = {
+        let index = Arc::new(EdgeIndex::open(&root, opts()).unwrap());
+        live_with(index.as_ref(), "v1", points.clone()).await;
+        answers(index).await
+    }; // dropped: the process "restarts"
+    let after = answers(Arc::new(EdgeIndex::open(&root, opts()).unwrap())).await;
+    assert_eq!(after.3, 3_000);
+    assert!(
+        before.0.iter().all(|h| !h.is_empty()),
+        "every query finds items"
+    );
+    assert_eq!(after.0, before.0, "the same hits after the restart");
+    let by_id: std::collections::HashMap<ItemId, &IndexPoint> = points
+        .iter()
+        .map(|p| (p.payload.item_id.clone(), p))
+        .collect();
+    assert_eq!(after.1.len(), sample.len());
+    for ((payload, vector), live) in after.1.iter().zip(&after.2) {
+        let given = by_id[&payload.item_id];
+        assert_eq!(payload, &given.payload, "the whole payload comes back");
+        assert_eq!(live.item_id, payload.item_id);
+        assert_eq!(
+            (live.available, live.price, live.popularity),
+            (payload.available, payload.price, payload.popularity)
+        );
+        assert_eq!(&live.vector, vector);
+        let norm = given.vector.iter().map(|x| x * x).sum::<f32>().sqrt();
+        for (got, want) in vector.iter().zip(given.vector.iter()) {
+            assert!((got - want / norm).abs() < 1e-5, "the stored unit vector");
+        }
+    }
+    assert_eq!(after.1, before.1);
 }

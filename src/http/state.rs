@@ -102,6 +102,18 @@ impl AppState {
     /// the catalog come from the shared Redis and Qdrant, and the replica follows the other
     /// replicas' changes from the moment its load began.
     pub async fn build(settings: Settings) -> Result<Self, ServeError> {
+        let started = std::time::Instant::now();
+        // One process reads its catalog file while the index opens (at 1M items each takes
+        // seconds); replicas load theirs from the shared collection.
+        let catalog_file = (!settings.shared()).then(|| {
+            let dir = settings.server.catalog_dir.clone();
+            tokio::task::spawn_blocking(move || {
+                let stage = std::time::Instant::now();
+                let items = crate::items::load::read_catalog(&dir);
+                crate::telemetry::startup_stage("catalog file read", stage);
+                items
+            })
+        });
         let bus = match settings.shared() {
             true => Some(Bus::connect(&settings).await?),
             false => None,
@@ -142,6 +154,8 @@ impl AppState {
             source: Box::new(e),
         })?;
         tracing::info!(version = model.version(), dim = model.dim(), "model loaded");
+        crate::telemetry::startup_stage("model", started);
+        let stage = std::time::Instant::now();
         crate::telemetry::set_model_version(model.version());
         // Budgets and circuit breakers in front of both dependencies: a slow or absent Redis
         // or Qdrant then degrades answers instead of failing or stalling them.
@@ -154,6 +168,7 @@ impl AppState {
                 ..guard_budgets(&settings, settings.server.index_budget_ms)
             },
         ));
+        crate::telemetry::startup_stage("index opened", stage);
         let (sessions, users) = crate::session::open_with_users(&settings).await?;
         let sessions: Arc<dyn SessionStore> = Arc::new(GuardedSession::new(
             sessions,
@@ -180,12 +195,26 @@ impl AppState {
             }
             None => {
                 let journal = CatalogJournal::new(journal_path(&settings.data_dir));
-                let catalog =
-                    crate::items::load::load_local(index.as_ref(), &model, &catalog_dir, &journal)
-                        .await?;
+                let file = match catalog_file {
+                    Some(read) => read.await.map_err(|e| {
+                        ServeError::Io(std::io::Error::other(format!(
+                            "reading the catalog file: {e}"
+                        )))
+                    })??,
+                    None => crate::items::load::read_catalog(&catalog_dir)?,
+                };
+                let catalog = crate::items::load::load_local_from(
+                    index.as_ref(),
+                    &model,
+                    &catalog_dir,
+                    &journal,
+                    file,
+                )
+                .await?;
                 (catalog, Some(Arc::new(journal)), None)
             }
         };
+        crate::telemetry::startup_stage("sessions and catalog", stage);
         if let Some(entry) = catalog.any() {
             if entry.vector.len() != model.dim() {
                 return Err(ServeError::DimMismatch {
@@ -221,6 +250,7 @@ impl AppState {
         if let Some(from) = follow_from {
             state.follow_replicas(from);
         }
+        crate::telemetry::startup_stage("whole start-up", started);
         Ok(state)
     }
 

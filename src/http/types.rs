@@ -1113,7 +1113,7 @@ mod tests {
             std::sync::Arc::new(CatalogEntry {
                 item,
                 popularity: 1.0,
-                vector: vec![1.0, 0.0].into_boxed_slice(),
+                vector: vec![1.0, 0.0].into(),
             })
         };
         let recs = Recommendations {

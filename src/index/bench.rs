@@ -181,7 +181,7 @@ impl Generator {
         (0..n).map(move |i| {
             let c = i % CLUSTERS;
             IndexPoint {
-                vector: self.near(&mut rng, c),
+                vector: self.near(&mut rng, c).into(),
                 payload: Payload {
                     item_id: ItemId::parse(format!("i{i}")).expect("generated ids are valid"),
                     categories: vec![Self::category(c)],
@@ -332,7 +332,7 @@ pub async fn run(
 
     // Single-item upsert visibility.
     let probe = IndexPoint {
-        vector: gen.queries(1).pop().expect("one query"),
+        vector: gen.queries(1).pop().expect("one query").into(),
         payload: Payload {
             item_id: ItemId::parse("probe").expect("valid id"),
             categories: vec!["probe".into()],

@@ -30,7 +30,7 @@
 //! goes on scanning its old codes ([`CategoryBlocks::start_fits`]).
 
 use super::exact::TopK;
-use super::{IndexPoint, Payload, PayloadPatch};
+use super::{IndexPoint, Payload, PayloadPatch, Vector};
 use crate::domain::{point_id, Filter};
 use crate::vector::{dot, dot_rows, i8_rows_at_least, quantize_i8, symmetric_eigen};
 use rayon::prelude::*;
@@ -210,11 +210,12 @@ impl Codes {
     }
 }
 
-/// One category's rows: row `i` of `rows` is `vectors[i * dim..(i + 1) * dim]`, and
-/// `codes` holds its int8 codes for the scan.
+/// One category's rows: row `i` of `rows` has the unit vector `vectors[i]`, and `codes` holds
+/// its int8 codes for the scan. The vectors are not copied: they are the collection's RAM
+/// copy, which the catalog shares too (only the few rows of a shortlist are read here).
 #[derive(Debug, Default)]
 struct Block {
-    vectors: Vec<f32>,
+    vectors: Vec<Vector>,
     codes: Codes,
     /// The codes of a new fit, filled a chunk of rows at a time (rows `0..next.len()` so far)
     /// and swapped in for `codes` when every row has them.
@@ -228,10 +229,10 @@ struct Block {
 }
 
 impl Block {
-    fn put(&mut self, dim: usize, row: Row, v: &[f32]) {
+    fn put(&mut self, row: Row, v: &Vector) {
         match self.at.get(&row.id) {
             Some(&i) => {
-                self.vectors[i * dim..(i + 1) * dim].copy_from_slice(v);
+                self.vectors[i] = v.clone();
                 self.codes.set(i, v);
                 if let Some(next) = self.next.as_mut().filter(|n| i < n.len()) {
                     next.set(i, v);
@@ -241,7 +242,7 @@ impl Block {
             None => {
                 self.at.insert(row.id, self.rows.len());
                 self.rows.push(row);
-                self.vectors.extend_from_slice(v);
+                self.vectors.push(v.clone());
                 self.codes.push(v);
             }
         }
@@ -257,7 +258,7 @@ impl Block {
     fn sample(&self, dim: usize) -> Vec<f32> {
         let step = self.rows.len().div_ceil(COVARIANCE_SAMPLE).max(1);
         let mut sample = Vec::with_capacity(self.rows.len().div_ceil(step) * dim);
-        for v in self.vectors.chunks_exact(dim).step_by(step) {
+        for v in self.vectors.iter().step_by(step) {
             sample.extend_from_slice(v);
         }
         sample
@@ -265,13 +266,13 @@ impl Block {
 
     /// Encodes up to `max_rows` more rows with the new fit; once every row has them, scans
     /// switch to them. Returns whether the fit is done.
-    fn continue_fit(&mut self, dim: usize, max_rows: usize) -> bool {
+    fn continue_fit(&mut self, max_rows: usize) -> bool {
         let Some(next) = self.next.as_mut() else {
             return true;
         };
         let from = next.len();
         let to = self.rows.len().min(from.saturating_add(max_rows));
-        for v in self.vectors[from * dim..to * dim].chunks_exact(dim) {
+        for v in &self.vectors[from..to] {
             next.push(v);
         }
         if to < self.rows.len() {
@@ -286,30 +287,22 @@ impl Block {
     /// Moves the last row into the hole, so the block stays contiguous.
     fn remove(&mut self, dim: usize, id: &Uuid) {
         let Some(i) = self.at.remove(id) else { return };
-        let last = self.rows.len() - 1;
-        if i != last {
-            let (head, tail) = self.vectors.split_at_mut(last * dim);
-            head[i * dim..(i + 1) * dim].copy_from_slice(&tail[..dim]);
-            self.rows.swap(i, last);
+        let rows_before = self.rows.len();
+        self.rows.swap_remove(i);
+        self.vectors.swap_remove(i);
+        if i < self.rows.len() {
             self.at.insert(self.rows[i].id, i);
         }
         self.codes.swap_remove(dim, i);
         if let Some(next) = self.next.as_mut().filter(|n| i < n.len()) {
-            if next.len() == self.rows.len() {
+            if next.len() == rows_before {
                 // The moved row was encoded with the new fit too.
                 next.swap_remove(dim, i);
             } else {
                 // It was not yet: encode its new place.
-                next.set(i, &self.vectors[i * dim..(i + 1) * dim]);
+                next.set(i, &self.vectors[i]);
             }
         }
-        self.rows.pop();
-        self.vectors.truncate(last * dim);
-    }
-
-    #[cfg(test)]
-    fn vector(&self, dim: usize, i: usize) -> &[f32] {
-        &self.vectors[i * dim..(i + 1) * dim]
     }
 }
 
@@ -417,12 +410,9 @@ impl CategoryBlocks {
             if p.payload.categories.is_empty() {
                 continue;
             }
-            let v = super::validate::normalized(&p.vector);
+            let v = super::validate::unit(&p.vector);
             for c in &p.payload.categories {
-                self.blocks
-                    .entry(c.clone())
-                    .or_default()
-                    .put(self.dim, row, &v);
+                self.blocks.entry(c.clone()).or_default().put(row, &v);
             }
         }
     }
@@ -455,10 +445,9 @@ impl CategoryBlocks {
     /// 1,000 rows), so that a caller sharing the blocks with searches can release its lock
     /// between chunks; returns whether the fit is done (scans then use the new codes).
     pub fn continue_fit(&mut self, category: &str, max_rows: usize) -> bool {
-        let dim = self.dim;
         self.blocks
             .get_mut(category)
-            .is_none_or(|b| b.continue_fit(dim, max_rows))
+            .is_none_or(|b| b.continue_fit(max_rows))
     }
 
     /// Fits every block that is due, in place: for callers that hold the blocks alone.
@@ -505,7 +494,7 @@ impl CategoryBlocks {
     pub fn vector(&self, id: &Uuid) -> Option<&[f32]> {
         self.blocks
             .values()
-            .find_map(|b| b.at.get(id).map(|&i| b.vector(self.dim, i)))
+            .find_map(|b| b.at.get(id).map(|&i| &b.vectors[i][..]))
     }
 
     /// Rows a search under `filter` would scan; `None` when the filter includes no category,
@@ -591,7 +580,7 @@ impl CategoryBlocks {
             }
             let mut top = TopK::new(k);
             for i in approx.into_rows() {
-                top.push(dot(q, &b.vectors[i * dim..(i + 1) * dim]), i);
+                top.push(dot(q, &b.vectors[i]), i);
             }
             top.into_sorted()
                 .into_iter()
@@ -626,7 +615,7 @@ mod tests {
 
     fn point(id: &str, cats: &[&str], v: [f32; 2], price: Option<f32>) -> IndexPoint {
         IndexPoint {
-            vector: v.to_vec(),
+            vector: v.to_vec().into(),
             payload: Payload {
                 item_id: ItemId::parse(id).unwrap(),
                 categories: cats.iter().map(|c| c.to_string()).collect(),
@@ -772,7 +761,7 @@ mod tests {
 
     fn in_x(n: usize, vector: Vec<f32>) -> IndexPoint {
         IndexPoint {
-            vector,
+            vector: vector.into(),
             payload: point(&format!("i{n}"), &["x"], [0.0, 0.0], None).payload,
         }
     }
@@ -965,7 +954,7 @@ mod tests {
         assert!(block.next.is_none() && !block.fitting);
         // The same codes as a fresh encoding of the final rows with the new fit.
         let mut expected = Codes::of_fit(fit);
-        for v in block.vectors.chunks_exact(dim) {
+        for v in &block.vectors {
             expected.push(v);
         }
         assert_eq!(block.codes.codes, expected.codes);

@@ -13,7 +13,10 @@
 //! - Nothing builds the HNSW graph by itself: `finalize_version` runs `optimize()` on the
 //!   writer thread while searches continue.
 //! - Payloads read back from the engine cost milliseconds, so results are filled from
-//!   tandem's RAM copy ([`PayloadStore`]), rebuilt by a scroll when a version is opened.
+//!   tandem's RAM copy ([`PointStore`]: item ids, live fields, filterable attributes and
+//!   the vectors, which the category blocks and the catalog share), rebuilt by a scroll when
+//!   a version is opened. Whole payloads (titles, tags) are read from the engine only by
+//!   `fetch` and `scroll`.
 //! - Broad filters that match whole clusters defeat filtered graph search, and the engine's
 //!   exact scan of a filtered set is slow, so a filter on categories that hold at most
 //!   `scan_max_points` points is answered exactly from tandem's per-category RAM blocks
@@ -23,10 +26,12 @@
 //!   Collections built before it keep their config when reopened.
 
 use super::blocks::{CategoryBlocks, Fit};
-use super::payloads::{self, PayloadStore, F_AVAILABLE, F_CATEGORIES, F_CREATED_AT, F_PRICE};
+use super::payloads::{
+    self, PointStore, RamPoint, F_AVAILABLE, F_CATEGORIES, F_CREATED_AT, F_PRICE,
+};
 use super::plan::{Plan, PlanConfig};
-use super::validate::{check_dim, check_points, check_query, check_version_name, normalized};
-use super::{Hit, IndexError, IndexPoint, Payload, PayloadPatch, ScrollPage, VectorIndex};
+use super::validate::{check_dim, check_points, check_query, check_version_name, normalized, unit};
+use super::{Hit, IndexError, IndexPoint, Payload, PayloadPatch, ScrollPage, Vector, VectorIndex};
 use crate::domain::{point_id, AttrFilter, Filter, ItemId};
 use async_trait::async_trait;
 use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
@@ -243,6 +248,67 @@ fn release_freed_memory() {
     }
 }
 
+/// Unmaps, from this process, the pages of a collection's files that opening it read once
+/// and serving does not read: the payload storage (read back only by `fetch` and `scroll`)
+/// and the full-precision vectors (graph walks and scans score on the int8 copy in RAM; the
+/// few rows a query re-scores fault back in). Opening a 1M collection scrolls every payload
+/// and vector (about 600 MB of files), and those pages would otherwise stay resident in the
+/// process for as long as it runs. They stay in the page cache (the kernel reclaims them
+/// when it needs to) and are read again on demand, so nothing changes but what this process
+/// holds mapped. Only shared mappings are released: they hold no changes that are not in the
+/// file, whereas a private mapping's changed pages would be lost. Returns the bytes released
+/// from mappings (an upper bound on the resident bytes freed).
+fn release_read_once_pages(shard_dir: &Path) -> u64 {
+    #[cfg(target_os = "linux")]
+    {
+        let Ok(dir) = std::fs::canonicalize(shard_dir) else {
+            return 0;
+        };
+        let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+            return 0;
+        };
+        let mut released = 0;
+        for line in maps.lines() {
+            // start-end perms offset device inode path
+            let mut fields = line.splitn(6, ' ');
+            let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
+                continue;
+            };
+            let path = Path::new(fields.nth(3).unwrap_or("").trim_start());
+            let read_once = ["payload_storage", "vector_storage"]
+                .iter()
+                .any(|part| path.components().any(|c| c.as_os_str() == *part));
+            if !perms.ends_with('s') || !read_once || !path.starts_with(&dir) {
+                continue;
+            }
+            let Some((start, end)) = range.split_once('-') else {
+                continue;
+            };
+            let (Ok(start), Ok(end)) = (
+                usize::from_str_radix(start, 16),
+                usize::from_str_radix(end, 16),
+            ) else {
+                continue;
+            };
+            // SAFETY: the range is a whole mapping of this process, as listed by the kernel;
+            // MADV_DONTNEED on a shared file mapping only drops page-table entries (a later
+            // access reads the page from the file again) and changes no memory contents.
+            let ok = unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED)
+            } == 0;
+            if ok {
+                released += (end - start) as u64;
+            }
+        }
+        released
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = shard_dir;
+        0
+    }
+}
+
 fn acknowledge(shard: &EdgeShard, pending: &mut Vec<Pending>, need_flush: &mut bool) {
     let flushed = if std::mem::take(need_flush) {
         flush(shard)
@@ -321,7 +387,10 @@ struct Collection {
     dim: usize,
     dir: PathBuf,
     shard: Arc<EdgeShard>,
-    payloads: PayloadStore,
+    /// What tandem keeps of each point in RAM (see [`RamPoint`]).
+    points: PointStore,
+    /// The attribute names filters can name (the RAM copy keeps those attributes only).
+    filterable: Vec<String>,
     /// `None` when `scan_max_points` is 0.
     blocks: Option<Arc<RwLock<CategoryBlocks>>>,
     writer: Mutex<Option<mpsc::Sender<WriteCmd>>>,
@@ -348,7 +417,8 @@ impl Collection {
             dim,
             dir,
             shard,
-            payloads: PayloadStore::default(),
+            points: PointStore::default(),
+            filterable: opts.filterable.clone(),
             blocks: (opts.scan_max_points > 0)
                 .then(|| Arc::new(RwLock::new(CategoryBlocks::new(dim)))),
             writer: Mutex::new(Some(tx)),
@@ -386,12 +456,21 @@ impl Collection {
 
     async fn upsert(&self, points: Vec<IndexPoint>, durable: bool) -> Result<(), IndexError> {
         check_points(&points, self.dim)?;
+        // Unit length once, here: the RAM copy and the blocks then hold the same allocation
+        // (the caller's own, when the item tower made it unit length already).
+        let points: Vec<IndexPoint> = points
+            .into_iter()
+            .map(|p| IndexPoint {
+                vector: unit(&p.vector),
+                payload: p.payload,
+            })
+            .collect();
         let structs = points
             .iter()
             .map(|p| {
                 PointStruct::new(
                     PointId::Uuid(point_id(&p.payload.item_id)),
-                    p.vector.clone(),
+                    p.vector.to_vec(),
                     serde_json::Value::Object(payloads::to_json(&p.payload)),
                 )
                 .into()
@@ -409,9 +488,17 @@ impl Collection {
             b.write().upsert(&points);
             self.fit_blocks_in_background(b);
         }
-        self.payloads
-            .insert_many(points.into_iter().map(|p| p.payload));
+        self.keep(points);
         Ok(())
+    }
+
+    /// Puts points (with unit vectors) in the RAM copy.
+    fn keep(&self, points: Vec<IndexPoint>) {
+        self.points.insert_many(
+            points
+                .into_iter()
+                .map(|p| RamPoint::of(p.payload, p.vector, &self.filterable)),
+        );
     }
 
     /// Fits again the category blocks that writes have doubled, on the blocking pool: the
@@ -465,13 +552,13 @@ impl Collection {
         if let Some(b) = &self.blocks {
             b.write().delete(ids.iter().map(point_id));
         }
-        self.payloads.remove_many(ids);
+        self.points.remove_many(ids);
         Ok(())
     }
 
     async fn set_payload(&self, id: &ItemId, patch: &PayloadPatch) -> Result<(), IndexError> {
         let fields = payloads::patch_json(patch);
-        if fields.is_empty() || !self.payloads.contains(id) {
+        if fields.is_empty() || !self.points.contains(id) {
             return Ok(()); // nothing to set, or an unknown item: a no-op, as in Qdrant
         }
         // By a has-id filter, not by point id: a delete that raced past the check above then
@@ -493,7 +580,7 @@ impl Collection {
         if let Some(b) = &self.blocks {
             b.write().patch(&point_id(id), patch);
         }
-        self.payloads.patch(id, patch);
+        self.points.patch(id, patch);
         Ok(())
     }
 
@@ -571,19 +658,14 @@ impl Collection {
         }
         let scored = match self.scan_blocks(q, filter, k, opts.scan_max_points) {
             Some(found) => found,
-            None => self.planned_search(q, filter, k, &opts.plan, self.payloads.len())?,
+            None => self.planned_search(q, filter, k, &opts.plan, self.points.len())?,
         };
-        let found = self.payloads.get_many(scored.iter().map(|(id, _)| id));
+        let found = self.points.item_ids(scored.iter().map(|(id, _)| id));
         Ok(scored
             .into_iter()
             .zip(found)
             // A point written to the engine but not yet to the RAM copy is still in flight.
-            .filter_map(|((_, score), payload)| {
-                payload.map(|p| Hit {
-                    score,
-                    item_id: p.item_id.clone(),
-                })
-            })
+            .filter_map(|((_, score), item_id)| item_id.map(|item_id| Hit { score, item_id }))
             .collect())
     }
 
@@ -602,9 +684,9 @@ impl Collection {
         }
         let attrs = &filter.attributes;
         let attributes_pass = |id: &Uuid| {
-            self.payloads
-                .get(id)
-                .is_some_and(|p| attrs.matches(&p.attributes))
+            self.points
+                .with(id, |p| p.attributes_pass(attrs))
+                .unwrap_or(false)
         };
         let check: Option<&(dyn Fn(&Uuid) -> bool + Sync)> =
             (!attrs.is_empty()).then_some(&attributes_pass);
@@ -664,29 +746,38 @@ impl Collection {
         Ok(merged)
     }
 
-    fn fetch(&self, ids: &[ItemId]) -> Result<Vec<(Payload, Vec<f32>)>, IndexError> {
+    /// The points of `ids`, in the order of `ids`: payloads read back from the engine (the
+    /// RAM copy keeps only part of them), vectors from the RAM copy.
+    fn fetch(&self, ids: &[ItemId]) -> Result<Vec<(Payload, Vector)>, IndexError> {
         let pids: Vec<PointId> = ids.iter().map(|i| PointId::Uuid(point_id(i))).collect();
         let records = self
             .shard
             .retrieve(
                 &pids,
-                Some(WithPayloadInterface::Bool(false)),
-                Some(WithVector::Bool(true)),
+                Some(WithPayloadInterface::Bool(true)),
+                Some(WithVector::Bool(false)),
             )
             .map_err(backend("fetch"))?;
-        let mut out = Vec::with_capacity(records.len());
+        let mut by_id: HashMap<Uuid, Payload> = HashMap::with_capacity(records.len());
         for r in records {
-            let PointId::Uuid(u) = r.id else { continue };
-            let Some(payload) = self.payloads.get(&u) else {
-                continue;
-            };
-            let payload = Payload::clone(&payload);
-            let Some(vector) = dense(r.vector) else {
-                continue;
-            };
-            out.push((payload, vector));
+            if let (PointId::Uuid(u), Some(p)) = (r.id, r.payload) {
+                by_id.insert(u, payloads::from_json(p.0)?);
+            }
         }
-        Ok(out)
+        let uuids: Vec<Uuid> = ids.iter().map(point_id).collect();
+        let vectors = self.points.vectors(&uuids);
+        // A point in the engine but not yet in the RAM copy is a write still in flight.
+        Ok(uuids
+            .iter()
+            .zip(vectors)
+            .filter_map(|(u, v)| Some((by_id.remove(u)?, v?)))
+            .collect())
+    }
+
+    /// The live fields and vectors of `ids` from the RAM copy, in the order of `ids`.
+    fn fetch_live(&self, ids: &[ItemId]) -> Vec<super::LivePoint> {
+        let uuids: Vec<Uuid> = ids.iter().map(point_id).collect();
+        self.points.live(&uuids)
     }
 
     /// One page of points in point-id order, from `offset` (inclusive), with the payloads
@@ -698,19 +789,21 @@ impl Collection {
                 offset: offset.map(PointId::Uuid),
                 limit: Some(limit.max(1)),
                 filter: None,
-                with_payload: Some(WithPayloadInterface::Bool(false)),
-                with_vector: WithVector::Bool(true),
+                with_payload: Some(WithPayloadInterface::Bool(true)),
+                with_vector: WithVector::Bool(false),
                 order_by: None,
             })
             .map_err(backend("scroll"))?;
         let mut out = Vec::with_capacity(records.len());
         for r in records {
-            let PointId::Uuid(u) = r.id else { continue };
-            // A point in the engine but not yet in the RAM copy is a write still in flight.
-            let (Some(payload), Some(vector)) = (self.payloads.get(&u), dense(r.vector)) else {
+            let (PointId::Uuid(u), Some(p)) = (r.id, r.payload) else {
                 continue;
             };
-            out.push((Payload::clone(&payload), vector));
+            // A point in the engine but not yet in the RAM copy is a write still in flight.
+            let Some(vector) = self.points.with(&u, |p| p.vector.clone()) else {
+                continue;
+            };
+            out.push((payloads::from_json(p.0)?, vector));
         }
         let next = match next {
             Some(PointId::Uuid(u)) => Some(u.to_string()),
@@ -724,51 +817,90 @@ impl Collection {
         Ok((out, next))
     }
 
-    /// Rebuilds the RAM copies (payloads, and the category blocks' vectors) from the engine
-    /// (after a reopen).
+    /// Rebuilds the RAM copies (payloads and vectors, and the category blocks) from the
+    /// engine (after a reopen). The engine reads and decodes every payload of the collection
+    /// here, one at a time (the bulk of a restart at 1M points), so the point-id space is
+    /// split in one range per core and each range is scrolled on a thread of its own.
     fn load_payloads(&self) -> Result<(), IndexError> {
-        let mut offset = None;
         let started = Instant::now();
-        loop {
-            let (records, next) = self
-                .shard
-                .scroll(ScrollRequest {
-                    offset,
-                    limit: Some(SCROLL_PAGE),
-                    filter: None,
-                    with_payload: Some(WithPayloadInterface::Bool(true)),
-                    with_vector: WithVector::Bool(self.blocks.is_some()),
-                    order_by: None,
-                })
-                .map_err(backend("scroll"))?;
-            let mut batch = Vec::with_capacity(records.len());
-            for r in records {
-                if let Some(p) = r.payload {
-                    let payload = payloads::from_json(p.0)?;
-                    let vector = dense(r.vector).unwrap_or_default();
-                    batch.push(IndexPoint { vector, payload });
-                }
-            }
-            if let Some(b) = &self.blocks {
-                let mut b = b.write();
-                b.upsert(&batch);
-                b.fit_due();
-            }
-            self.payloads
-                .insert_many(batch.into_iter().map(|p| p.payload));
-            match next {
-                Some(n) => offset = Some(n),
-                None => break,
-            }
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+        let ranges = id_ranges(threads);
+        std::thread::scope(|scope| {
+            let loaders: Vec<_> = ranges
+                .iter()
+                .map(|&(from, to)| scope.spawn(move || self.load_range(from, to)))
+                .collect();
+            loaders
+                .into_iter()
+                .try_for_each(|t| t.join().expect("a payload loader does not panic"))
+        })?;
+        if let Some(b) = &self.blocks {
+            b.write().fit_due();
         }
         tracing::info!(
             version = %self.name,
-            points = self.payloads.len(),
+            points = self.points.len(),
+            threads,
             secs = started.elapsed().as_secs_f64(),
             "loaded payloads"
         );
         Ok(())
     }
+
+    /// Loads the points with ids in `from..to` (`to: None`: to the end) into the RAM copies.
+    fn load_range(&self, from: Uuid, to: Option<Uuid>) -> Result<(), IndexError> {
+        let mut offset = Some(PointId::Uuid(from));
+        while let Some(at) = offset {
+            let (records, next) = self
+                .shard
+                .scroll(ScrollRequest {
+                    offset: Some(at),
+                    limit: Some(SCROLL_PAGE),
+                    filter: None,
+                    with_payload: Some(WithPayloadInterface::Bool(true)),
+                    with_vector: WithVector::Bool(true),
+                    order_by: None,
+                })
+                .map_err(backend("scroll"))?;
+            let in_range = |id: &PointId| match (id, to) {
+                (PointId::Uuid(u), Some(to)) => *u < to,
+                (PointId::Uuid(_), None) => true,
+                (PointId::NumId(_), _) => false,
+            };
+            let mut batch = Vec::with_capacity(records.len());
+            for r in records {
+                if !in_range(&r.id) {
+                    break;
+                }
+                if let (Some(p), Some(v)) = (r.payload, dense(r.vector)) {
+                    batch.push(IndexPoint {
+                        vector: unit(&v.into()),
+                        payload: payloads::from_json(p.0)?,
+                    });
+                }
+            }
+            if let Some(b) = &self.blocks {
+                b.write().upsert(&batch);
+            }
+            self.keep(batch);
+            offset = next.filter(in_range);
+        }
+        Ok(())
+    }
+}
+
+/// `n` ranges that cover the point-id (UUID) space in order, as (first id, end: the next
+/// range's first id, `None` for the last).
+fn id_ranges(n: usize) -> Vec<(Uuid, Option<Uuid>)> {
+    let n = n.max(1) as u128;
+    let step = u128::MAX / n;
+    (0..n)
+        .map(|i| {
+            let from = Uuid::from_u128(i * step);
+            let to = (i + 1 < n).then(|| Uuid::from_u128((i + 1) * step));
+            (from, to)
+        })
+        .collect()
 }
 
 /// The dense vector of a record read back from the engine.
@@ -1068,6 +1200,7 @@ impl EdgeIndex {
                 "dropped the engine's unread WAL"
             );
         }
+        let stage = Instant::now();
         let shard = EdgeShard::load(&dir.join(SHARD_DIR), None).map_err(|e| {
             let e = e.to_string();
             // The WAL's file lock is taken: another process (a running `tandem serve`, most
@@ -1083,8 +1216,17 @@ impl EdgeIndex {
                 IndexError::Backend(format!("cannot open collection {name:?}: {e}"))
             }
         })?;
+        crate::telemetry::startup_stage("engine opened", stage);
         let c = Arc::new(Collection::start(name, meta.dim, dir, shard, &self.opts)?);
+        let stage = Instant::now();
         c.load_payloads()?;
+        let released = release_read_once_pages(&c.dir.join(SHARD_DIR));
+        tracing::debug!(
+            collection = name,
+            bytes = released,
+            "released read-once pages"
+        );
+        crate::telemetry::startup_stage("payloads and blocks loaded", stage);
         open.insert(name.to_string(), c.clone());
         Ok(c)
     }
@@ -1166,8 +1308,20 @@ impl VectorIndex for EdgeIndex {
         self.live()?.search(vector, filter, k, &self.opts)
     }
 
-    async fn fetch(&self, ids: &[ItemId]) -> Result<Vec<(Payload, Vec<f32>)>, IndexError> {
+    async fn fetch(&self, ids: &[ItemId]) -> Result<Vec<(Payload, Vector)>, IndexError> {
         self.live()?.fetch(ids)
+    }
+
+    async fn fetch_live(
+        &self,
+        version: Option<&str>,
+        ids: &[ItemId],
+    ) -> Result<Vec<super::LivePoint>, IndexError> {
+        let c = match version {
+            Some(v) => self.collection(v)?,
+            None => self.live()?,
+        };
+        Ok(c.fetch_live(ids))
     }
 
     /// Also the readiness probe's question: a live collection whose writer thread died (an
@@ -1181,7 +1335,7 @@ impl VectorIndex for EdgeIndex {
                 live.name
             )));
         }
-        Ok(live.payloads.len())
+        Ok(live.points.len())
     }
 
     async fn create_version(&self, version: &str, dim: usize) -> Result<(), IndexError> {
@@ -1249,7 +1403,7 @@ impl VectorIndex for EdgeIndex {
         &self,
         version: &str,
         ids: &[ItemId],
-    ) -> Result<Vec<(Payload, Vec<f32>)>, IndexError> {
+    ) -> Result<Vec<(Payload, Vector)>, IndexError> {
         self.collection(version)?.fetch(ids)
     }
 
@@ -1367,7 +1521,7 @@ mod tests {
 
     fn point(id: &str, v: [f32; 4]) -> IndexPoint {
         IndexPoint {
-            vector: v.to_vec(),
+            vector: v.to_vec().into(),
             payload: Payload {
                 item_id: ItemId::parse(id).unwrap(),
                 categories: vec!["c".into()],
@@ -1405,7 +1559,7 @@ mod tests {
                         v[(i + batch) % 64] = 1.0;
                         v[(i * 7 + round) % 64] += 0.5;
                         IndexPoint {
-                            vector: v.to_vec(),
+                            vector: v.to_vec().into(),
                             ..point(&format!("i{round}-{batch}-{i}"), [0.0; 4])
                         }
                     })
@@ -1414,7 +1568,7 @@ mod tests {
             }
             let live = index.live().unwrap();
             sizes.push(wal_bytes(&live.dir.join(SHARD_DIR)));
-            assert_eq!(live.payloads.len(), (round + 1) * 20_000, "round {round}");
+            assert_eq!(live.points.len(), (round + 1) * 20_000, "round {round}");
             drop(live);
             drop(index);
         }
@@ -1466,15 +1620,57 @@ mod tests {
             });
             let in_engine = engine.unwrap();
             let served = found(&index.search(&q, &Filter::default(), 10).await.unwrap());
-            if in_engine == 1 && live.payloads.len() == 1 && !served {
+            if in_engine == 1 && live.points.len() == 1 && !served {
                 break;
             }
             assert!(
                 Instant::now() < deadline,
                 "after a dropped delete: {in_engine} points in the engine, {} payloads, deleted item served: {served}",
-                live.payloads.len()
+                live.points.len()
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// One copy of each vector (issue 37): the RAM copy and the category blocks keep the
+    /// allocation a unit vector came in (the item tower's), and `fetch_live`, which the
+    /// catalog loads from, hands out that same one; a vector that is not unit length is
+    /// stored normalised, once.
+    #[tokio::test]
+    async fn a_unit_vector_is_held_once_by_the_ram_copy_the_blocks_and_the_catalog() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = EdgeIndex::open(&dir.path().join("index"), EdgeOptions::default()).unwrap();
+        index.create_version("v1", 4).await.unwrap();
+        index.switch_to("v1").await.unwrap();
+        let unit: Vector = vec![0.6, 0.8, 0.0, 0.0].into();
+        let long: Vector = vec![0.0, 0.0, 3.0, 4.0].into();
+        index
+            .upsert(vec![
+                IndexPoint {
+                    vector: unit.clone(),
+                    ..point("unit", [0.0; 4])
+                },
+                IndexPoint {
+                    vector: long.clone(),
+                    ..point("long", [0.0; 4])
+                },
+            ])
+            .await
+            .unwrap();
+        let ids = [
+            ItemId::parse("unit").unwrap(),
+            ItemId::parse("long").unwrap(),
+        ];
+        let live = index.fetch_live(None, &ids).await.unwrap();
+        assert!(Arc::ptr_eq(&live[0].vector, &unit));
+        assert_eq!(&live[1].vector[..], &[0.0, 0.0, 0.6, 0.8]);
+        let again = index.fetch_live(None, &ids).await.unwrap();
+        assert!(Arc::ptr_eq(&again[1].vector, &live[1].vector));
+        let c = index.live().unwrap();
+        let blocks = c.blocks.as_ref().unwrap().read();
+        for (id, held) in ids.iter().zip(&live) {
+            let row = blocks.vector(&point_id(id)).unwrap();
+            assert_eq!(row.as_ptr(), held.vector.as_ptr(), "{id}: the block's row");
         }
     }
 

@@ -8,7 +8,7 @@
 
 use super::filter::CompiledFilter;
 use super::validate::{check_dim, check_points, check_query, check_version_name, normalized};
-use super::{Hit, IndexError, IndexPoint, Payload, PayloadPatch, ScrollPage, VectorIndex};
+use super::{Hit, IndexError, IndexPoint, Payload, PayloadPatch, ScrollPage, Vector, VectorIndex};
 use crate::domain::{Filter, ItemId};
 use crate::vector::dot;
 use async_trait::async_trait;
@@ -214,13 +214,13 @@ impl ExactCollection {
             .collect())
     }
 
-    pub fn fetch(&self, ids: &[ItemId]) -> Vec<(Payload, Vec<f32>)> {
+    pub fn fetch(&self, ids: &[ItemId]) -> Vec<(Payload, Vector)> {
         ids.iter()
             .filter_map(|id| self.rows.get(id))
             .map(|&row| {
                 (
                     self.payloads[row].clone(),
-                    self.vectors[row * self.dim..(row + 1) * self.dim].to_vec(),
+                    self.vectors[row * self.dim..(row + 1) * self.dim].into(),
                 )
             })
             .collect()
@@ -238,7 +238,7 @@ impl ExactCollection {
         for (_, &row) in rows.by_ref().take(limit.max(1)) {
             page.push((
                 self.payloads[row].clone(),
-                self.vectors[row * self.dim..(row + 1) * self.dim].to_vec(),
+                self.vectors[row * self.dim..(row + 1) * self.dim].into(),
             ));
         }
         let next = rows.next().map(|(id, _)| id.to_string());
@@ -303,7 +303,7 @@ impl VectorIndex for ExactIndex {
         self.live()?.read().search(vector, filter, k)
     }
 
-    async fn fetch(&self, ids: &[ItemId]) -> Result<Vec<(Payload, Vec<f32>)>, IndexError> {
+    async fn fetch(&self, ids: &[ItemId]) -> Result<Vec<(Payload, Vector)>, IndexError> {
         Ok(self.live()?.read().fetch(ids))
     }
 
@@ -345,7 +345,7 @@ impl VectorIndex for ExactIndex {
         &self,
         version: &str,
         ids: &[ItemId],
-    ) -> Result<Vec<(Payload, Vec<f32>)>, IndexError> {
+    ) -> Result<Vec<(Payload, Vector)>, IndexError> {
         Ok(self.version(version)?.read().fetch(ids))
     }
 
@@ -438,7 +438,7 @@ mod tests {
     fn delete_keeps_rows_consistent() {
         let mut c = ExactCollection::new(2);
         let pt = |id: &str, v: [f32; 2]| IndexPoint {
-            vector: v.to_vec(),
+            vector: v.to_vec().into(),
             payload: Payload {
                 item_id: ItemId::parse(id).unwrap(),
                 categories: vec![],

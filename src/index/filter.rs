@@ -115,6 +115,7 @@ mod tests {
             any::<bool>().prop_map(AttrValue::Bool),
         ];
         proptest::collection::btree_map((0usize..3).prop_map(|n| NAMES[n].to_string()), value, 0..3)
+            .prop_map(|m| m.into_iter().collect())
     }
 
     fn attr_filter_strategy() -> impl Strategy<Value = AttrFilter> {

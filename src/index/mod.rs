@@ -30,10 +30,15 @@ pub struct Payload {
     pub attributes: crate::domain::Attributes,
 }
 
+/// An item vector, shared rather than copied: the catalog entry, the embedded index's RAM
+/// copy and its category blocks hold the same allocation (at 1M items × d = 64 each copy is
+/// 256 MB; issue 37).
+pub type Vector = std::sync::Arc<[f32]>;
+
 /// A vector with its payload, ready to upsert.
 #[derive(Debug, Clone, PartialEq)]
 pub struct IndexPoint {
-    pub vector: Vec<f32>,
+    pub vector: Vector,
     pub payload: Payload,
 }
 
@@ -70,6 +75,31 @@ impl Payload {
     }
 }
 
+/// An item's live fields and stored vector: what the catalog load, reconciliation and the
+/// experiment arms read back from a collection ([`VectorIndex::fetch_live`]), without the
+/// content (title, tags, attributes) that the catalog has from its own sources. The embedded
+/// engine keeps only these in RAM, so it answers them without reading its files.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LivePoint {
+    pub item_id: ItemId,
+    pub available: bool,
+    pub price: Option<f32>,
+    pub popularity: f32,
+    pub vector: Vector,
+}
+
+impl LivePoint {
+    fn of(p: Payload, vector: Vector) -> LivePoint {
+        LivePoint {
+            item_id: p.item_id,
+            available: p.available,
+            price: p.price,
+            popularity: p.popularity,
+            vector,
+        }
+    }
+}
+
 /// A partial payload update: the fields that are `Some` are set.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PayloadPatch {
@@ -92,7 +122,7 @@ pub struct Hit {
 
 /// One page of [`VectorIndex::scroll`]: the points (payload and stored vector), and the
 /// cursor of the next page (`None` after the last page).
-pub type ScrollPage = (Vec<(Payload, Vec<f32>)>, Option<String>);
+pub type ScrollPage = (Vec<(Payload, Vector)>, Option<String>);
 
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
@@ -141,8 +171,25 @@ pub trait VectorIndex: Send + Sync {
         k: usize,
     ) -> Result<Vec<Hit>, IndexError>;
     /// The stored vectors of the given items; unknown ids are absent from the result.
-    async fn fetch(&self, ids: &[ItemId]) -> Result<Vec<(Payload, Vec<f32>)>, IndexError>;
+    async fn fetch(&self, ids: &[ItemId]) -> Result<Vec<(Payload, Vector)>, IndexError>;
     async fn count(&self) -> Result<usize, IndexError>;
+    /// The live fields and stored vectors of the given items in `version` (the live
+    /// collection when `None`), in the order of `ids`; unknown ids are absent. `fetch`
+    /// without the rest of the payload: backends that keep these apart answer it cheaper.
+    async fn fetch_live(
+        &self,
+        version: Option<&str>,
+        ids: &[ItemId],
+    ) -> Result<Vec<LivePoint>, IndexError> {
+        let fetched = match version {
+            None => self.fetch(ids).await?,
+            Some(v) => self.fetch_from(v, ids).await?,
+        };
+        Ok(fetched
+            .into_iter()
+            .map(|(p, v)| LivePoint::of(p, v))
+            .collect())
+    }
 
     /// Creates an empty collection version with vectors of `dim` dimensions.
     async fn create_version(&self, version: &str, dim: usize) -> Result<(), IndexError>;
@@ -164,7 +211,7 @@ pub trait VectorIndex: Send + Sync {
         &self,
         version: &str,
         ids: &[ItemId],
-    ) -> Result<Vec<(Payload, Vec<f32>)>, IndexError>;
+    ) -> Result<Vec<(Payload, Vector)>, IndexError>;
     /// `delete` in a version that need not be live.
     async fn delete_from(&self, version: &str, ids: &[ItemId]) -> Result<(), IndexError>;
     /// `set_payload` in a version that need not be live.

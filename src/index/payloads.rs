@@ -1,14 +1,14 @@
-//! The payload as the Qdrant engines store it (a JSON object), and tandem's own in-RAM copy
-//! keyed by point id. Search results are filled from the RAM copy: reading payloads back from
-//! the engine costs milliseconds per query (QDRANT_EDGE.md, pitfall 7).
+//! The payload as the Qdrant engines store it (a JSON object), and what the embedded engine's
+//! collections keep of it in RAM, keyed by point id ([`PointStore`]). Search results are
+//! filled from the RAM copy: reading payloads back from the engine costs milliseconds per
+//! query (QDRANT_EDGE.md, pitfall 7).
 
-use super::{IndexError, Payload, PayloadPatch};
-use crate::domain::{point_id, Attributes, ItemId};
+use super::{IndexError, LivePoint, Payload, PayloadPatch, Vector};
+use crate::domain::{point_id, AttrFilter, AttrValue, Attributes, ItemId};
 use parking_lot::RwLock;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
-use std::sync::Arc;
 use uuid::Uuid;
 
 /// Payload field names; the filter translation and the payload indexes use the same names.
@@ -151,17 +151,73 @@ pub fn apply_patch(p: &mut Payload, patch: &PayloadPatch) {
     }
 }
 
-/// tandem's RAM copy of one collection's payloads, keyed by point id.
-#[derive(Debug, Default)]
-pub struct PayloadStore {
-    map: RwLock<HashMap<Uuid, Arc<Payload>>>,
+/// What tandem keeps in RAM of one point of an embedded collection: what a search needs
+/// (the item id of a hit, the filterable attributes that a category scan checks), the live
+/// fields and the unit vector, which the category blocks and the catalog share
+/// ([`super::Vector`]). Titles, tags and the other attributes stay in the engine's payload
+/// (the catalog holds its own copy): at 1M items the whole payloads took about a kilobyte
+/// per point here, most of it the attribute maps (issue 37).
+#[derive(Debug, Clone)]
+pub struct RamPoint {
+    pub item_id: ItemId,
+    pub available: bool,
+    pub price: Option<f32>,
+    pub popularity: f32,
+    /// The attributes that filters can name, by name; the others are left out.
+    attributes: Box<[(String, AttrValue)]>,
+    pub vector: Vector,
 }
 
-impl PayloadStore {
-    pub fn insert_many(&self, payloads: impl IntoIterator<Item = Payload>) {
+impl RamPoint {
+    /// The RAM part of `p`, keeping the attributes named in `filterable`.
+    pub fn of(p: Payload, vector: Vector, filterable: &[String]) -> RamPoint {
+        let attributes = p
+            .attributes
+            .into_iter()
+            .filter(|(name, _)| filterable.contains(name))
+            .collect();
+        RamPoint {
+            item_id: p.item_id,
+            available: p.available,
+            price: p.price,
+            popularity: p.popularity,
+            attributes,
+            vector,
+        }
+    }
+
+    /// Whether the point passes an attribute filter (on filterable names, as requests are).
+    pub fn attributes_pass(&self, filter: &AttrFilter) -> bool {
+        filter.matches_with(|name| {
+            self.attributes
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v)
+        })
+    }
+
+    pub fn live(&self) -> LivePoint {
+        LivePoint {
+            item_id: self.item_id.clone(),
+            available: self.available,
+            price: self.price,
+            popularity: self.popularity,
+            vector: self.vector.clone(),
+        }
+    }
+}
+
+/// tandem's RAM copy of one collection's points ([`RamPoint`]), keyed by point id.
+#[derive(Debug, Default)]
+pub struct PointStore {
+    map: RwLock<HashMap<Uuid, RamPoint>>,
+}
+
+impl PointStore {
+    pub fn insert_many(&self, points: impl IntoIterator<Item = RamPoint>) {
         let mut map = self.map.write();
-        for p in payloads {
-            map.insert(point_id(&p.item_id), Arc::new(p));
+        for p in points {
+            map.insert(point_id(&p.item_id), p);
         }
     }
 
@@ -174,21 +230,47 @@ impl PayloadStore {
 
     pub fn patch(&self, id: &ItemId, patch: &PayloadPatch) {
         if let Some(p) = self.map.write().get_mut(&point_id(id)) {
-            apply_patch(Arc::make_mut(p), patch);
+            if let Some(a) = patch.available {
+                p.available = a;
+            }
+            if let Some(price) = patch.price {
+                p.price = Some(price);
+            }
+            if let Some(pop) = patch.popularity {
+                p.popularity = pop;
+            }
         }
     }
 
-    pub fn get(&self, id: &Uuid) -> Option<Arc<Payload>> {
-        self.map.read().get(id).cloned()
+    /// Runs `f` on a point, under the store's read lock.
+    pub fn with<T>(&self, id: &Uuid, f: impl FnOnce(&RamPoint) -> T) -> Option<T> {
+        self.map.read().get(id).map(f)
     }
 
-    /// Looks up many ids under one lock; unknown ids give `None`.
-    pub fn get_many<'a>(
-        &self,
-        ids: impl IntoIterator<Item = &'a Uuid>,
-    ) -> Vec<Option<Arc<Payload>>> {
+    /// The item ids of many points under one lock; unknown ids give `None`.
+    pub fn item_ids<'a>(&self, ids: impl IntoIterator<Item = &'a Uuid>) -> Vec<Option<ItemId>> {
         let map = self.map.read();
-        ids.into_iter().map(|id| map.get(id).cloned()).collect()
+        ids.into_iter()
+            .map(|id| map.get(id).map(|p| p.item_id.clone()))
+            .collect()
+    }
+
+    /// The live fields of many points under one lock, in their order; unknown ids are
+    /// skipped.
+    pub fn live<'a>(&self, ids: impl IntoIterator<Item = &'a Uuid>) -> Vec<LivePoint> {
+        let map = self.map.read();
+        ids.into_iter()
+            .filter_map(|id| map.get(id))
+            .map(RamPoint::live)
+            .collect()
+    }
+
+    /// The stored vectors of many points under one lock; unknown ids give `None`.
+    pub fn vectors<'a>(&self, ids: impl IntoIterator<Item = &'a Uuid>) -> Vec<Option<Vector>> {
+        let map = self.map.read();
+        ids.into_iter()
+            .map(|id| map.get(id).map(|p| p.vector.clone()))
+            .collect()
     }
 
     pub fn contains(&self, id: &ItemId) -> bool {

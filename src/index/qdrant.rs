@@ -20,7 +20,7 @@
 use super::payloads::{self, F_AVAILABLE, F_CATEGORIES, F_CREATED_AT, F_ITEM_ID, F_PRICE};
 use super::plan::PlanConfig;
 use super::validate::{check_dim, check_points, check_query, check_version_name};
-use super::{Hit, IndexError, IndexPoint, Payload, PayloadPatch, ScrollPage, VectorIndex};
+use super::{Hit, IndexError, IndexPoint, Payload, PayloadPatch, ScrollPage, Vector, VectorIndex};
 use crate::config::IndexSettings;
 use crate::domain::{point_id, AttrFilter, Filter, ItemId};
 use async_trait::async_trait;
@@ -332,7 +332,7 @@ impl QdrantIndex {
                 .map(|p| {
                     PointStruct::new(
                         point_id(&p.payload.item_id).to_string(),
-                        p.vector.clone(),
+                        p.vector.to_vec(),
                         qdrant_client::Payload::from(payloads::to_json(&p.payload)),
                     )
                 })
@@ -530,7 +530,7 @@ impl QdrantIndex {
         &self,
         name: &str,
         ids: &[ItemId],
-    ) -> Result<Vec<(Payload, Vec<f32>)>, IndexError> {
+    ) -> Result<Vec<(Payload, Vector)>, IndexError> {
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(FETCH_CHUNK) {
             let pids: Vec<PointId> = chunk.iter().map(pid).collect();
@@ -543,13 +543,16 @@ impl QdrantIndex {
                     )
                 })
                 .await?;
-            let mut by_id: HashMap<String, (Payload, Vec<f32>)> = HashMap::new();
+            let mut by_id: HashMap<String, (Payload, Vector)> = HashMap::new();
             for p in res.result {
                 let Some(id) = uuid_of(p.id) else { continue };
                 let Some(vector) = dense_of(p.vectors) else {
                     continue;
                 };
-                by_id.insert(id, (payloads::from_json(json_of(p.payload))?, vector));
+                by_id.insert(
+                    id,
+                    (payloads::from_json(json_of(p.payload))?, vector.into()),
+                );
             }
             out.extend(
                 chunk
@@ -592,7 +595,7 @@ impl QdrantIndex {
             let Some(vector) = dense_of(p.vectors) else {
                 continue;
             };
-            page.push((payloads::from_json(json_of(p.payload))?, vector));
+            page.push((payloads::from_json(json_of(p.payload))?, vector.into()));
         }
         let next = match res.next_page_offset {
             None => None,
@@ -755,7 +758,7 @@ impl VectorIndex for QdrantIndex {
             .await
     }
 
-    async fn fetch(&self, ids: &[ItemId]) -> Result<Vec<(Payload, Vec<f32>)>, IndexError> {
+    async fn fetch(&self, ids: &[ItemId]) -> Result<Vec<(Payload, Vector)>, IndexError> {
         self.on_live(|_| self.fetch_on(&self.alias, ids)).await
     }
 
@@ -891,7 +894,7 @@ impl VectorIndex for QdrantIndex {
         &self,
         version: &str,
         ids: &[ItemId],
-    ) -> Result<Vec<(Payload, Vec<f32>)>, IndexError> {
+    ) -> Result<Vec<(Payload, Vector)>, IndexError> {
         let (name, _) = self.version_collection(version).await?;
         self.fetch_on(&name, ids)
             .await

@@ -78,6 +78,17 @@ pub fn normalized(v: &[f32]) -> Vec<f32> {
     }
 }
 
+/// [`normalized`], sharing `v` itself when it is unit length already (to float precision),
+/// as the item tower's vectors are: the RAM copies then hold one allocation per item.
+pub fn unit(v: &super::Vector) -> super::Vector {
+    let norm2: f32 = v.iter().map(|x| x * x).sum();
+    if (norm2 - 1.0).abs() <= 1e-6 || norm2 == 0.0 {
+        v.clone()
+    } else {
+        normalized(v).into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -283,7 +283,7 @@ impl ItemWriter {
             self.catalog.upsert(items.iter().map(|u| CatalogEntry {
                 item: u.item.clone(),
                 popularity: u.popularity,
-                vector: u.vector.clone().into_boxed_slice(),
+                vector: u.vector.clone().into(),
             }));
             return Ok(());
         }
@@ -359,7 +359,7 @@ fn apply_patch(catalog: &Catalog, id: &ItemId, patch: ItemPatch) -> Option<Arc<C
 
 fn point_of(e: &CatalogEntry) -> IndexPoint {
     IndexPoint {
-        vector: e.vector.to_vec(),
+        vector: e.vector.clone(),
         payload: e.payload(),
     }
 }
@@ -386,7 +386,7 @@ async fn embed_entries(
         .map(|((item, popularity), point)| CatalogEntry {
             item,
             popularity,
-            vector: point.vector.into_boxed_slice(),
+            vector: point.vector,
         })
         .collect())
 }
@@ -408,7 +408,7 @@ pub fn embed_points<'a>(
         let vectors = model.embed_items(&plain)?;
         for ((item, popularity), vector) in chunk.iter().zip(vectors) {
             points.push(IndexPoint {
-                vector,
+                vector: vector.into(),
                 payload: Payload::of(item, *popularity),
             });
         }
