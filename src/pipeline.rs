@@ -460,7 +460,8 @@ impl Recommender {
     /// Onboarding's seeds, newest first: the liked items, then round-robin over the chosen
     /// categories, their most popular available items that keep to the request's region,
     /// language and attribute rules (a seed becomes history, and the user tower pools it:
-    /// an item the user cannot buy would pull the first pages towards its region's items).
+    /// an item the user cannot buy would pull the first pages towards its region's items);
+    /// a category none of whose items keeps to them is seeded without them.
     fn seeds(
         &self,
         categories: &[String],
@@ -501,6 +502,17 @@ impl Recommender {
                     ..Default::default()
                 };
                 let mut top = self.catalog.popular(&filter, SEED_POOL);
+                if top.is_empty() && !attributes.is_empty() {
+                    // No item of the category keeps to the rules (a region the shop has not
+                    // stocked it in): its popular items still say what the user chose, and
+                    // the answer itself keeps to the rules. Refusing would tell the user
+                    // that the category is empty, which it is not.
+                    let unruled = Filter {
+                        attributes: Default::default(),
+                        ..filter
+                    };
+                    top = self.catalog.popular(&unruled, SEED_POOL);
+                }
                 top.sort_by(|a, b| purity(b).total_cmp(&purity(a)));
                 top
             })

@@ -391,6 +391,44 @@ async fn onboarding_seeds_keep_to_the_region_and_the_variant_boosts_apply() {
     }
 }
 
+/// A category that the shop has not stocked in the visitor's region still onboards: its items
+/// seed the history (they say what the user chose), and the first page keeps to the region.
+/// Found by `make fuzz-api`: the seeds' region rule answered 422 "no available item is in any
+/// of these categories" for a category that had available items.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboarding_a_category_not_stocked_in_the_region_still_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, models) = tiny_checkpoints(dir.path(), &["attrs-v1"]);
+    let app = TestApp::spawn(settings(dir.path(), &data, &models[0])).await;
+    let r = app
+        .http
+        .post(app.url("/v1/items"))
+        .header("x-api-key", KEY)
+        .json(
+            &json!({"items": [{"item_id": "atlas-1", "title": "Sky atlas",
+            "categories": ["Atlases"], "attributes": {"region": ["eu"]}}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
+    let user = unique("onb-unstocked");
+    let r = app
+        .http
+        .post(app.url(&format!("/v1/users/{user}/onboarding")))
+        .json(&json!({"categories": ["Atlases"], "region": "jp", "k": 10}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["seeded_items"], json!(["atlas-1"]), "{body}");
+    for item in body["recommendations"]["items"].as_array().unwrap() {
+        assert_ne!(item["item_id"], "atlas-1", "not sold in jp: {body}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undeclared_or_malformed_filters_get_422_naming_the_parameter() {
     let dir = tempfile::tempdir().unwrap();
