@@ -160,15 +160,7 @@ impl ExactCollection {
             return false;
         };
         let p = &mut self.payloads[row];
-        if let Some(a) = patch.available {
-            p.available = a;
-        }
-        if let Some(price) = patch.price {
-            p.price = Some(price);
-        }
-        if let Some(pop) = patch.popularity {
-            p.popularity = pop;
-        }
+        patch.apply(&mut p.available, &mut p.price, &mut p.popularity);
         true
     }
 

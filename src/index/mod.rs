@@ -108,6 +108,21 @@ pub struct PayloadPatch {
     pub popularity: Option<f32>,
 }
 
+impl PayloadPatch {
+    /// Sets the live fields that the patch names, wherever a backend keeps them.
+    pub fn apply(&self, available: &mut bool, price: &mut Option<f32>, popularity: &mut f32) {
+        if let Some(a) = self.available {
+            *available = a;
+        }
+        if let Some(p) = self.price {
+            *price = Some(p);
+        }
+        if let Some(p) = self.popularity {
+            *popularity = p;
+        }
+    }
+}
+
 /// One search result. `score` is cosine similarity (higher is closer).
 ///
 /// A hit names the item only: the serving process holds the catalog in memory, keyed by item

@@ -138,19 +138,6 @@ pub fn from_json(m: Map<String, Value>) -> Result<Payload, IndexError> {
     })
 }
 
-/// Applies a patch to a payload in place.
-pub fn apply_patch(p: &mut Payload, patch: &PayloadPatch) {
-    if let Some(a) = patch.available {
-        p.available = a;
-    }
-    if let Some(price) = patch.price {
-        p.price = Some(price);
-    }
-    if let Some(pop) = patch.popularity {
-        p.popularity = pop;
-    }
-}
-
 /// What tandem keeps in RAM of one point of an embedded collection: what a search needs
 /// (the item id of a hit, the filterable attributes that a category scan checks), the live
 /// fields and the unit vector, which the category blocks and the catalog share
@@ -230,15 +217,7 @@ impl PointStore {
 
     pub fn patch(&self, id: &ItemId, patch: &PayloadPatch) {
         if let Some(p) = self.map.write().get_mut(&point_id(id)) {
-            if let Some(a) = patch.available {
-                p.available = a;
-            }
-            if let Some(price) = patch.price {
-                p.price = Some(price);
-            }
-            if let Some(pop) = patch.popularity {
-                p.popularity = pop;
-            }
+            patch.apply(&mut p.available, &mut p.price, &mut p.popularity);
         }
     }
 
