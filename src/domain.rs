@@ -354,13 +354,58 @@ pub const REGION: &str = "region";
 pub const LANGUAGE: &str = "language";
 
 /// One attribute value: a string, a list of strings, a number or a boolean.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum AttrValue {
     Bool(bool),
     Number(f64),
     Text(String),
     List(Vec<String>),
+}
+
+/// By the JSON type, directly: the derived form of an untagged enum buffers every value and
+/// tries each variant in turn, which was most of the time of reading a 1M-item catalog file
+/// with attributes (issue 37). The same values are accepted.
+impl<'de> Deserialize<'de> for AttrValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = AttrValue;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string, a list of strings, a number or a boolean")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<AttrValue, E> {
+                Ok(AttrValue::Bool(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<AttrValue, E> {
+                Ok(AttrValue::Number(v as f64))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<AttrValue, E> {
+                Ok(AttrValue::Number(v as f64))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<AttrValue, E> {
+                Ok(AttrValue::Number(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<AttrValue, E> {
+                Ok(AttrValue::Text(v.to_string()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<AttrValue, E> {
+                Ok(AttrValue::Text(v))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<AttrValue, A::Error> {
+                let mut list = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(MAX_ATTRS));
+                while let Some(s) = seq.next_element::<String>()? {
+                    list.push(s);
+                }
+                list.shrink_to_fit();
+                Ok(AttrValue::List(list))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 impl AttrValue {

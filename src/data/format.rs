@@ -261,13 +261,18 @@ impl Row<'_> {
     }
 }
 
-/// Splits a `|`-separated list, dropping empty entries.
+/// Splits a `|`-separated list, dropping empty entries. Without spare capacity: a collected
+/// list of one or two names would otherwise reserve four, and the serving catalog keeps
+/// two such lists per item (issue 37).
 pub fn split_list(s: &str) -> Vec<String> {
-    s.split('|')
+    let mut list: Vec<String> = s
+        .split('|')
         .map(str::trim)
         .filter(|g| !g.is_empty())
         .map(str::to_string)
-        .collect()
+        .collect();
+    list.shrink_to_fit();
+    list
 }
 
 fn parse_item_row(row: &Row<'_>) -> Result<Item, DataError> {

@@ -124,6 +124,10 @@ pub async fn run(
     if let Some(f) = state.follower.lock().take() {
         f.abort();
     }
+    // The next start reads the index's RAM copy back from this instead of every payload.
+    if let Err(e) = state.index.save_snapshot().await {
+        tracing::warn!(error = %e, "saving the index's RAM snapshot; the next start rebuilds it");
+    }
     drop(state);
     tracing::info!("server stopped");
     result

@@ -417,6 +417,50 @@ impl CategoryBlocks {
         }
     }
 
+    /// Adds a point read back from a snapshot of the collection (`super::snapshot`) to the
+    /// blocks of its categories, as [`Self::upsert`] would, without looking for it in other
+    /// blocks (the blocks are being filled from empty) or hashing its item id again.
+    pub fn insert_loaded(
+        &mut self,
+        id: Uuid,
+        categories: &[String],
+        available: bool,
+        price: Option<f32>,
+        created_at: Option<i64>,
+        vector: &Vector,
+    ) {
+        let row = Row {
+            id,
+            available,
+            price: price.unwrap_or(f32::NAN),
+            created_at: created_at.unwrap_or(i64::MIN),
+        };
+        for c in categories {
+            match self.blocks.get_mut(c) {
+                Some(b) => b.put(row, vector),
+                None => self.blocks.entry(c.clone()).or_default().put(row, vector),
+            }
+        }
+    }
+
+    /// What a snapshot of the collection keeps of the blocks: the category names, and per
+    /// point the numbers (into those names) of the blocks holding it and its creation time
+    /// (`i64::MIN`: none).
+    pub fn memberships(&self) -> (Vec<String>, HashMap<Uuid, (Vec<u32>, i64)>) {
+        let mut names: Vec<String> = self.blocks.keys().cloned().collect();
+        names.sort();
+        let mut by_id: HashMap<Uuid, (Vec<u32>, i64)> = HashMap::new();
+        for (n, name) in names.iter().enumerate() {
+            for row in &self.blocks[name].rows {
+                let e = by_id
+                    .entry(row.id)
+                    .or_insert_with(|| (Vec::new(), row.created_at));
+                e.0.push(n as u32);
+            }
+        }
+        (names, by_id)
+    }
+
     /// The blocks that have doubled since they were last fitted, each with a sample of its
     /// rows to fit on ([`Fit::of_sample`]); they are not offered again until the fit is done
     /// ([`Self::begin_fit`], [`Self::continue_fit`]). Until then they keep scanning with

@@ -176,6 +176,12 @@ pub trait VectorIndex: Send + Sync {
     async fn flush(&self) -> Result<(), IndexError> {
         Ok(())
     }
+    /// Writes down what the next start would otherwise rebuild from the collection's
+    /// payloads (the embedded engine's RAM copy, see `snapshot`), if it can be exact: on a
+    /// clean stop. Backends that rebuild nothing do nothing.
+    async fn save_snapshot(&self) -> Result<(), IndexError> {
+        Ok(())
+    }
     async fn delete(&self, ids: &[ItemId]) -> Result<(), IndexError>;
     async fn set_payload(&self, id: &ItemId, patch: &PayloadPatch) -> Result<(), IndexError>;
     /// The `k` nearest items that pass `filter`, best first.
@@ -271,6 +277,7 @@ pub mod filter;
 pub mod payloads;
 pub mod plan;
 pub mod qdrant;
+pub mod snapshot;
 pub mod validate;
 
 pub use build::{build_unswitched, build_version, BuildReport};

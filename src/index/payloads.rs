@@ -151,7 +151,7 @@ pub struct RamPoint {
     pub price: Option<f32>,
     pub popularity: f32,
     /// The attributes that filters can name, by name; the others are left out.
-    attributes: Box<[(String, AttrValue)]>,
+    pub(super) attributes: Box<[(String, AttrValue)]>,
     pub vector: Vector,
 }
 
@@ -206,6 +206,18 @@ impl PointStore {
         for p in points {
             map.insert(point_id(&p.item_id), p);
         }
+    }
+
+    /// Puts points whose point ids are known already (a load from a snapshot).
+    pub fn insert_loaded(&self, points: impl ExactSizeIterator<Item = (Uuid, RamPoint)>) {
+        let mut map = self.map.write();
+        map.reserve(points.len());
+        map.extend(points);
+    }
+
+    /// Runs `f` on every point, under the store's read lock (a snapshot being written).
+    pub fn with_all<T>(&self, f: impl FnOnce(&HashMap<Uuid, RamPoint>) -> T) -> T {
+        f(&self.map.read())
     }
 
     pub fn remove_many(&self, ids: &[ItemId]) {
