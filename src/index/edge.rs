@@ -344,6 +344,11 @@ const WAL_SEGMENT_BYTES: usize = 4 << 20;
 /// bounded by what one process writes between two starts. Done under the WAL's own lock (a
 /// `flock` on its directory, as the engine takes it), so a WAL that another process holds is
 /// left alone, and the load that follows names that process. Returns the bytes freed.
+///
+/// The new WAL goes on numbering where the segments are ([`continue_wal_numbering`]): the
+/// engine numbers each write by its WAL position and skips a write to a point whose stored
+/// version is newer, so a WAL started again at 0 made it drop, silently, a later process's
+/// patches and deletes of the points an earlier process wrote.
 fn drop_unread_wal(shard_dir: &Path) -> Result<u64, IndexError> {
     let wal = shard_dir.join("wal");
     let handle = match std::fs::File::open(&wal) {
@@ -359,8 +364,54 @@ fn drop_unread_wal(shard_dir: &Path) -> Result<u64, IndexError> {
         }
     }
     let bytes = wal_bytes(shard_dir);
+    let next = segments_version(shard_dir)? + 1;
     std::fs::remove_dir_all(&wal).map_err(io(format!("cannot remove {}", wal.display())))?;
+    continue_wal_numbering(&wal, next)?;
     Ok(bytes)
+}
+
+/// The newest write any of a shard's segments has applied: the largest `version` in their
+/// `segment.json` (qdrant-edge 0.7's segment state file), 0 without segments.
+fn segments_version(shard_dir: &Path) -> Result<u64, IndexError> {
+    let dir = shard_dir.join("segments");
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(io(format!("cannot list {}", dir.display()))(e)),
+    };
+    let mut newest = 0;
+    for entry in entries {
+        let path = entry
+            .map_err(io(format!("cannot list {}", dir.display())))?
+            .path()
+            .join("segment.json");
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io(format!("cannot read {}", path.display()))(e)),
+        };
+        let state: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| IndexError::Backend(format!("{}: {e}", path.display())))?;
+        newest = newest.max(state["version"].as_u64().unwrap_or(0));
+    }
+    Ok(newest)
+}
+
+/// Creates an empty WAL in `wal` whose first write gets number `next`: one closed segment
+/// named `closed-<next>` that holds no entry (the layout of qdrant-edge 0.7's
+/// `Wal::generate_empty_wal_starting_at_index`, which the crate does not export: the magic
+/// `wal`, format 0, a CRC seed, then zeros, where an entry would start).
+fn continue_wal_numbering(wal: &Path, next: u64) -> Result<(), IndexError> {
+    const EMPTY_SEGMENT_BYTES: usize = 4096;
+    let mut segment = vec![0u8; EMPTY_SEGMENT_BYTES];
+    segment[..3].copy_from_slice(b"wal");
+    segment[4..8].copy_from_slice(&0x7a6e_d3c1u32.to_le_bytes());
+    let path = wal.join(format!("closed-{next}"));
+    std::fs::create_dir(wal)
+        .and_then(|_| std::fs::write(&path, &segment))
+        .and_then(|_| std::fs::File::open(&path)?.sync_all())
+        .and_then(|_| std::fs::File::open(wal)?.sync_all())
+        .map_err(io(format!("cannot create {}", path.display())))
 }
 
 /// The bytes of the files in a shard's WAL directory.
@@ -2092,9 +2143,8 @@ mod tests {
         let index = EdgeIndex::open(&root, EdgeOptions::default()).unwrap();
         assert!(index.loaded_from_snapshot("v1").unwrap());
         assert_eq!(answers(&index, &ids).await, built);
-        // Writes after the snapshot: it goes before the first of them is applied. (They are
-        // on points this process wrote: the engine drops a later process's writes to points
-        // an earlier one wrote, whatever the snapshot does; see the final report of issue 37.)
+        // Writes after the snapshot, to points of this process and of the first one: the
+        // snapshot goes before the first of them is applied.
         index.upsert(varied_points(40..44)).await.unwrap();
         assert!(!snap.exists());
         let patch = PayloadPatch {
@@ -2102,7 +2152,9 @@ mod tests {
             ..Default::default()
         };
         index.set_payload(&ids[41], &patch).await.unwrap();
+        index.set_payload(&ids[3], &patch).await.unwrap();
         index.delete(&ids[42..43]).await.unwrap();
+        index.delete(&ids[4..5]).await.unwrap();
         let written = answers(&index, &ids).await;
         assert_ne!(written, built);
         // A crash-like stop: no snapshot is saved.
@@ -2151,6 +2203,39 @@ mod tests {
             assert!(!index.loaded_from_snapshot("v1").unwrap(), "stale by {why}");
             assert_eq!(answers(&index, &ids).await, patched, "stale by {why}");
         }
+    }
+
+    /// The engine numbers writes by their WAL position and skips a write older than the
+    /// point's stored version. The WAL is dropped at every open: started again at 0, a
+    /// restarted process's patches and deletes of the points an earlier one wrote were
+    /// acknowledged, then silently skipped, and the next restart had the old values back.
+    #[tokio::test]
+    async fn a_later_process_patches_and_deletes_points_an_earlier_one_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("index");
+        let ids: Vec<ItemId> = (0..41)
+            .map(|i| ItemId::parse(format!("i{i}")).unwrap())
+            .collect();
+        let index = EdgeIndex::open(&root, EdgeOptions::default()).unwrap();
+        index.create_version("v1", 4).await.unwrap();
+        index.upsert_into("v1", varied_points(0..40)).await.unwrap();
+        index.finalize_version("v1").await.unwrap();
+        index.switch_to("v1").await.unwrap();
+        drop(index);
+        // From the engine, not the snapshot.
+        let _ = std::fs::remove_file(root.join("v1").join(snapshot::FILE));
+        let index = EdgeIndex::open(&root, EdgeOptions::default()).unwrap();
+        let patch = PayloadPatch {
+            price: Some(2.5),
+            ..Default::default()
+        };
+        index.set_payload(&ids[3], &patch).await.unwrap();
+        index.delete(&ids[4..5]).await.unwrap();
+        let written = answers(&index, &ids).await;
+        drop(index);
+        let index = EdgeIndex::open(&root, EdgeOptions::default()).unwrap();
+        assert!(!index.loaded_from_snapshot("v1").unwrap());
+        assert_eq!(answers(&index, &ids).await, written);
     }
 
     #[tokio::test]
