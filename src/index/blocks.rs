@@ -128,6 +128,10 @@ fn principal_basis(dim: usize, vectors: &[f32], mean: &[f32]) -> Vec<f32> {
         .collect()
 }
 
+/// The blocks holding one point (numbers into a list of category names) and its creation
+/// time (`i64::MIN`: none); see [`CategoryBlocks::memberships`].
+pub type Membership = (Vec<u32>, i64);
+
 /// The filterable fields of one row.
 #[derive(Debug, Clone, Copy)]
 struct Row {
@@ -446,10 +450,10 @@ impl CategoryBlocks {
     /// What a snapshot of the collection keeps of the blocks: the category names, and per
     /// point the numbers (into those names) of the blocks holding it and its creation time
     /// (`i64::MIN`: none).
-    pub fn memberships(&self) -> (Vec<String>, HashMap<Uuid, (Vec<u32>, i64)>) {
+    pub fn memberships(&self) -> (Vec<String>, HashMap<Uuid, Membership>) {
         let mut names: Vec<String> = self.blocks.keys().cloned().collect();
         names.sort();
-        let mut by_id: HashMap<Uuid, (Vec<u32>, i64)> = HashMap::new();
+        let mut by_id: HashMap<Uuid, Membership> = HashMap::new();
         for (n, name) in names.iter().enumerate() {
             for row in &self.blocks[name].rows {
                 let e = by_id
