@@ -273,7 +273,9 @@ pub mod plan;
 pub mod qdrant;
 pub mod validate;
 
-pub use build::{build_unswitched, build_version, BuildReport};
+pub use build::{
+    build_unswitched, build_unswitched_batched, build_version, build_version_batched, BuildReport,
+};
 
 use crate::config::{IndexBackend, Settings};
 use std::path::Path;
