@@ -184,6 +184,7 @@ fn writer_loop(shard: Arc<EdgeShard>, rx: mpsc::Receiver<WriteCmd>) {
                     // Acknowledge what came before, then optimize with nothing in flight.
                     acknowledge(&shard, &mut pending, &mut need_flush);
                     let started = Instant::now();
+                    let cpu = crate::telemetry::process_cpu_secs();
                     let heartbeat = Heartbeat::start("building the HNSW graph");
                     let r = shard
                         .optimize()
@@ -191,7 +192,12 @@ fn writer_loop(shard: Arc<EdgeShard>, rx: mpsc::Receiver<WriteCmd>) {
                         .map_err(|e| e.to_string())
                         .and_then(|_| flush(&shard));
                     drop(heartbeat);
-                    tracing::info!(secs = started.elapsed().as_secs_f64(), "index optimized");
+                    tracing::info!(
+                        secs = started.elapsed().as_secs_f64(),
+                        // The whole process's, which at start-up is the build's.
+                        cpu_secs = crate::telemetry::process_cpu_secs() - cpu,
+                        "index optimized"
+                    );
                     release_freed_memory();
                     let _ = cmd.reply.send(r);
                 }
