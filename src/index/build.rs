@@ -187,8 +187,8 @@ async fn fill_and_finalize(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::index::exact::ExactIndex;
     use crate::domain::ItemId;
+    use crate::index::exact::ExactIndex;
     use crate::index::Payload;
 
     fn point(id: &str) -> IndexPoint {

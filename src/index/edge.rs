@@ -1753,10 +1753,7 @@ mod tests {
             let categories = schema
                 .get(&key(F_CATEGORIES))
                 .unwrap_or_else(|| panic!("no index on categories: {schema:?}"));
-            let enabled = categories
-                .params
-                .as_ref()
-                .is_none_or(|p| p.enable_hnsw());
+            let enabled = categories.params.as_ref().is_none_or(|p| p.enable_hnsw());
             assert_eq!(enabled, links, "scan_max_points {scan_max_points}");
             for (field, info) in &schema {
                 if field.to_string() != F_CATEGORIES {
