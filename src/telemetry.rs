@@ -264,13 +264,35 @@ pub fn resident_kb() -> (u64, u64) {
     (field("RssAnon:"), field("RssFile:"))
 }
 
-/// Logs the end of one start-up stage: its wall time and the resident memory after it, so
-/// that a slow or large start can be read off the log stage by stage (issue 37).
+/// CPU seconds (user + system) this process has used so far, all threads; 0 where
+/// `/proc/self/stat` cannot be read. On a shared box a stage's wall time depends on what else
+/// runs; its CPU time much less.
+pub fn process_cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces, so split after its ')'):
+    // utime and stime are the 12th and 13th, in clock ticks (USER_HZ, 100 on Linux).
+    let ticks: u64 = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|t| t.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0);
+    ticks as f64 / 100.0
+}
+
+/// Logs the end of one start-up stage: its wall time, the process's CPU seconds so far and
+/// the resident memory after it, so that a slow or large start can be read off the log stage
+/// by stage (issue 37).
 pub fn startup_stage(stage: &'static str, started: std::time::Instant) {
     let (anon, file) = resident_kb();
     tracing::info!(
         stage,
         secs = started.elapsed().as_secs_f64(),
+        process_cpu_secs = process_cpu_secs(),
         rss_anon_mb = anon / 1024,
         rss_file_mb = file / 1024,
         "start-up stage done"
@@ -328,6 +350,25 @@ fn colour_logs(stderr_is_terminal: bool, no_color: bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The process's CPU seconds grow with work done (the start-up stage log reports them).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn process_cpu_seconds_grow_with_work() {
+        let before = process_cpu_secs();
+        // Spin until the CPU time moves (a loaded box may give this thread little of it).
+        let started = std::time::Instant::now();
+        let mut x = 0u64;
+        while process_cpu_secs() - before < 0.05 {
+            for _ in 0..1_000_000 {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "CPU time stuck at {before}"
+            );
+        }
+    }
 
     /// One test owns the global recorder, so the assertions cannot race another test's install.
     #[test]

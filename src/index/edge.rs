@@ -193,6 +193,7 @@ fn writer_loop(shard: Arc<EdgeShard>, snap: Arc<SnapshotFile>, rx: mpsc::Receive
                     // Acknowledge what came before, then optimize with nothing in flight.
                     acknowledge(&shard, &mut pending, &mut need_flush);
                     let started = Instant::now();
+                    let cpu = crate::telemetry::process_cpu_secs();
                     let heartbeat = Heartbeat::start("building the HNSW graph");
                     let r = shard
                         .optimize()
@@ -200,7 +201,12 @@ fn writer_loop(shard: Arc<EdgeShard>, snap: Arc<SnapshotFile>, rx: mpsc::Receive
                         .map_err(|e| e.to_string())
                         .and_then(|_| flush(&shard));
                     drop(heartbeat);
-                    tracing::info!(secs = started.elapsed().as_secs_f64(), "index optimized");
+                    tracing::info!(
+                        secs = started.elapsed().as_secs_f64(),
+                        // The whole process's, which at start-up is the build's.
+                        cpu_secs = crate::telemetry::process_cpu_secs() - cpu,
+                        "index optimized"
+                    );
                     release_freed_memory();
                     let _ = cmd.reply.send(r);
                 }
@@ -822,7 +828,7 @@ impl Collection {
         }
         let scored = match self.scan_blocks(q, filter, k, opts.scan_max_points) {
             Some(found) => found,
-            None => self.planned_search(q, filter, k, &opts.plan, self.points.len())?,
+            None => self.planned_search(q, filter, k, opts, self.points.len())?,
         };
         let found = self.points.item_ids(scored.iter().map(|(id, _)| id));
         Ok(scored
@@ -862,9 +868,10 @@ impl Collection {
         q: &[f32],
         filter: &Filter,
         k: usize,
-        cfg: &PlanConfig,
+        opts: &EdgeOptions,
         total: usize,
     ) -> Result<Vec<(Uuid, f32)>, IndexError> {
+        let cfg = &opts.plan;
         let edge_filter = to_edge_filter(filter);
         let estimate = match &edge_filter {
             Some(f) if counts_something(filter) => Some(self.count_estimate(f)?),
@@ -881,7 +888,9 @@ impl Collection {
         }
         // One search per category, each planned by its own cardinality, run in parallel on
         // the rayon pool and merged by best score (an item in two included categories is
-        // found twice; keep it once).
+        // found twice; keep it once). A category the blocks hold few enough points of is
+        // scanned there (exact, and the engine has no category links then: see
+        // `category_links`).
         let per_category: Vec<Vec<(Uuid, f32)>> = filter
             .include_categories
             .par_iter()
@@ -890,6 +899,9 @@ impl Collection {
                     include_categories: vec![cat.clone()],
                     ..filter.clone()
                 };
+                if let Some(found) = self.scan_blocks(q, &one, k, opts.scan_max_points) {
+                    return Ok(found);
+                }
                 let f = to_edge_filter(&one).expect("a category filter is not empty");
                 let est = self.count_estimate(&f)?;
                 let p = cfg.plan(total, Some(est), 1, k);
@@ -1360,17 +1372,22 @@ fn attribute_conditions(a: &AttrFilter, must: &mut Vec<Condition>, must_not: &mu
     }
 }
 
-/// Payload indexes on the four filterable fields. Only `categories` gets payload-aware HNSW
-/// links: category filters select whole clusters of a trained model's vectors, which is
-/// where the filtered graph needs them. `available` matches nearly every point and prices and
-/// dates are range filters, so links for them would build several more full-size graphs
-/// (at 1M items, most of `optimize()`) for filters that the planner and the payload index
-/// already answer.
+/// Payload indexes on the four filterable fields. `available` matches nearly every point and
+/// prices and dates are range filters, so payload-aware HNSW links for them would build
+/// several more full-size graphs (at 1M items, most of `optimize()`) for filters that the
+/// planner and the payload index already answer.
+///
+/// `categories` gets links only when `category_links` is set (see [`category_links`]): a
+/// category filter selects whole clusters of a trained model's vectors, where a filtered
+/// graph walk needs the extra links of each category's sub-graph; but when tandem's category
+/// blocks answer those filters, the engine never walks them, and building them (one
+/// sub-graph per category above the engine's full-scan threshold, about as many points
+/// again as the main graph) was about half of the first start at 1M.
 ///
 /// Each filterable attribute gets a keyword index on its keywords and a float index on its
 /// number, neither with links: an attribute filter is estimated by its index and then either
 /// scanned exactly (small sets) or searched with a wider beam, as [`super::plan`] decides.
-fn payload_index_ops(filterable: &[String]) -> Vec<UpdateOperation> {
+fn payload_index_ops(filterable: &[String], category_links: bool) -> Vec<UpdateOperation> {
     let no_links = Some(false);
     let attributes = filterable.iter().flat_map(|name| {
         [
@@ -1393,7 +1410,10 @@ fn payload_index_ops(filterable: &[String]) -> Vec<UpdateOperation> {
     [
         (
             F_CATEGORIES,
-            PayloadSchemaParams::Keyword(KeywordIndexParams::default()),
+            PayloadSchemaParams::Keyword(KeywordIndexParams {
+                enable_hnsw: (!category_links).then_some(false),
+                ..Default::default()
+            }),
         ),
         (
             F_AVAILABLE,
@@ -1429,6 +1449,17 @@ fn payload_index_ops(filterable: &[String]) -> Vec<UpdateOperation> {
         }))
     })
     .collect()
+}
+
+/// Whether new collections build payload-aware HNSW links for `categories`: only when the
+/// category blocks are off (`scan_max_points` 0), so that category filters go to the engine.
+/// With the blocks on, a filter on categories holding at most `scan_max_points` points is
+/// scanned from them, and a wider one fans out per category to them (see
+/// `Collection::planned_search`); only a single category larger than `scan_max_points` (none
+/// in the 1M demo catalog, whose largest holds about 15 %) walks the main graph under the
+/// filter, with the planner's wider beam.
+fn category_links(opts: &EdgeOptions) -> bool {
+    opts.scan_max_points == 0
 }
 
 /// The `edge` backend: versioned collections under one root directory.
@@ -1736,10 +1767,11 @@ impl VectorIndex for EdgeIndex {
             shard,
             &self.opts,
         )?);
-        // Payload indexes come first, so that the graph gets its payload-aware links.
+        // Payload indexes come first, so that the graph gets its payload-aware links (when
+        // there are any: see `category_links`).
         let indexed = c
             .write(WriteOp::Update {
-                ops: payload_index_ops(&self.opts.filterable),
+                ops: payload_index_ops(&self.opts.filterable, category_links(&self.opts)),
                 durable: true,
             })
             .await;
@@ -2261,5 +2293,38 @@ mod tests {
             matches!(err, IndexError::Unavailable(ref m) if m.contains("writer thread")),
             "{err}"
         );
+    }
+
+    /// Issue 37: with the category blocks on, the engine builds no payload-aware links for
+    /// `categories` (the blocks answer category filters; at 1M those sub-graphs were about
+    /// half of the HNSW build); with the blocks off, category filters walk the engine's
+    /// graph and keep them.
+    #[tokio::test]
+    async fn category_links_are_built_only_when_the_blocks_are_off() {
+        for (scan_max_points, links) in [(200_000, false), (0, true)] {
+            let dir = tempfile::tempdir().unwrap();
+            let opts = EdgeOptions {
+                scan_max_points,
+                ..EdgeOptions::default()
+            };
+            let index = EdgeIndex::open(&dir.path().join("index"), opts).unwrap();
+            index.create_version("v1", 4).await.unwrap();
+            index
+                .upsert_into("v1", vec![point("a", [1.0, 0.0, 0.0, 0.0])])
+                .await
+                .unwrap();
+            let schema = index.collection("v1").unwrap().shard.info().payload_schema;
+            let categories = schema
+                .get(&key(F_CATEGORIES))
+                .unwrap_or_else(|| panic!("no index on categories: {schema:?}"));
+            let enabled = categories.params.as_ref().is_none_or(|p| p.enable_hnsw());
+            assert_eq!(enabled, links, "scan_max_points {scan_max_points}");
+            for (field, info) in &schema {
+                if field.to_string() != F_CATEGORIES {
+                    let enabled = info.params.as_ref().is_none_or(|p| p.enable_hnsw());
+                    assert!(!enabled, "{field}: no payload-aware links");
+                }
+            }
+        }
     }
 }

@@ -331,8 +331,10 @@ pub fn collection_name(model_version: &str) -> String {
 
 /// Embeds the catalog with the item tower and builds a new live collection version from it,
 /// with popularity counted from the catalog dir's interactions (when there are any). Used at
-/// start-up on an empty index and by `tandem index`. If it fails midway the live version is
-/// unchanged (see `index::build_version`).
+/// start-up on an empty index and by `tandem index`. The item tower embeds each batch while
+/// the engine writes the one before (issue 37: at 1M items the two stages took 31 s and 84 s
+/// one after the other on a loaded box). If it fails midway the live version is unchanged
+/// (see `index::build_version`).
 pub async fn index_catalog(
     index: &dyn VectorIndex,
     model: &TwoTower,
@@ -340,35 +342,42 @@ pub async fn index_catalog(
     dir: &Path,
 ) -> Result<(), LoadError> {
     tracing::info!(items = items.len(), "indexing the catalog");
-    let started = Instant::now();
     let popularity = count_interactions(dir)?;
-    let mut last_log = Instant::now();
-    let points = embed_points(
-        model,
-        items.iter().map(|i| {
-            let p = popularity.get(&i.item_id).copied().unwrap_or(0.0);
-            (i, p)
-        }),
-        EMBED_BATCH,
-        |done| {
-            if last_log.elapsed() >= Duration::from_secs(5) {
-                last_log = Instant::now();
-                tracing::info!(embedded = done, of = items.len(), "embedding the catalog");
-            }
-        },
-    )
-    .map_err(|source| model_error(model, source))?;
-    crate::telemetry::startup_stage("catalog embedded", started);
-    let bar = indicatif::ProgressBar::new(points.len() as u64);
-    let report = crate::index::build_version(
+    let mut embed_secs = 0.0;
+    let mut failed: Option<ModelError> = None;
+    let batches = items.chunks(EMBED_BATCH).map(|chunk| {
+        let started = Instant::now();
+        let points = embed_points(
+            model,
+            chunk.iter().map(|i| {
+                let p = popularity.get(&i.item_id).copied().unwrap_or(0.0);
+                (i, p)
+            }),
+            EMBED_BATCH,
+            |_| {},
+        );
+        embed_secs += started.elapsed().as_secs_f64();
+        points.map_err(|e| {
+            let message = format!("the item tower failed: {e}");
+            failed = Some(e);
+            IndexError::Backend(message)
+        })
+    });
+    let bar = indicatif::ProgressBar::new(items.len() as u64);
+    let built = crate::index::build_version_batched(
         index,
         &collection_name(model.version()),
         model.dim(),
-        points.into_iter(),
+        batches,
         &bar,
     )
-    .await?;
+    .await;
+    if let Some(source) = failed {
+        return Err(model_error(model, source));
+    }
+    let report = built?;
     tracing::info!(
+        embed_secs,
         upsert_secs = report.upsert_secs,
         finalize_secs = report.finalize_secs,
         "catalog indexed"
