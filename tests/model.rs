@@ -300,7 +300,10 @@ fn an_item_seen_once_is_served_its_content_vector() {
             .collect()
     };
     let (once, twice) = (with_count(1), with_count(2));
-    assert!(!once.is_empty() && !twice.is_empty(), "the planted data has both");
+    assert!(
+        !once.is_empty() && !twice.is_empty(),
+        "the planted data has both"
+    );
     for (items, has_id_row) in [(&once, false), (&twice, true)] {
         let full = f.model.embed_items(items).unwrap();
         let content = f.model.embed_content(items).unwrap();
