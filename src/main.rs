@@ -762,8 +762,8 @@ struct HyperArgs {
     /// Most recent events pooled by the user tower.
     #[arg(long, default_value_t = 50)]
     max_history: usize,
-    /// Items with fewer training interactions get no id embedding.
-    #[arg(long, default_value_t = 1)]
+    /// Items with fewer training interactions get no id embedding (content only).
+    #[arg(long, default_value_t = TrainConfig::default().min_item_count)]
     min_item_count: usize,
     /// Popularity bucket given to items unseen in training (a prior; 1 = "seen once").
     #[arg(long, default_value_t = 1)]

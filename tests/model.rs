@@ -280,6 +280,46 @@ fn cold_items_and_new_users_land_near_their_category() {
     assert!(empty.iter().all(|x| x.is_finite()));
 }
 
+/// The default recipe gives an item seen once in training no id row (`min_item_count` 2): a
+/// row trained by one example stays near its random start, and on ml-latest-small those items
+/// ranked below brand-new ones (BENCHMARKS.md, issue 31, fourth session). Such an item is
+/// served its content-only vector, as a brand-new item is; an item seen twice keeps its row.
+#[test]
+fn an_item_seen_once_is_served_its_content_vector() {
+    let f = fixture();
+    let mut counts: HashMap<&ItemId, usize> = HashMap::new();
+    for r in &f.split.train {
+        *counts.entry(&r.item_id).or_default() += 1;
+    }
+    let with_count = |n: usize| -> Vec<Item> {
+        f.split
+            .items
+            .iter()
+            .filter(|it| counts.get(&it.item_id).copied().unwrap_or(0) == n)
+            .cloned()
+            .collect()
+    };
+    let (once, twice) = (with_count(1), with_count(2));
+    assert!(
+        !once.is_empty() && !twice.is_empty(),
+        "the planted data has both"
+    );
+    for (items, has_id_row) in [(&once, false), (&twice, true)] {
+        let full = f.model.embed_items(items).unwrap();
+        let content = f.model.embed_content(items).unwrap();
+        for ((it, v), c) in items.iter().zip(&full).zip(&content) {
+            let f_id = f.model.featurizer().features(it).id_row;
+            assert_eq!(f_id.is_some(), has_id_row, "{}", it.item_id.as_str());
+            if has_id_row {
+                assert_ne!(v, c, "{}", it.item_id.as_str());
+            } else {
+                assert_eq!(v, c, "{} is served its content vector", it.item_id.as_str());
+                assert_eq!(f.model.popularity(it), 0.0);
+            }
+        }
+    }
+}
+
 fn saved_checkpoint() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     fixture().model.save(dir.path()).unwrap();

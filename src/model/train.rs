@@ -51,7 +51,10 @@ pub struct TrainConfig {
     pub id_dropout: f64,
     /// Weight of the logQ correction (1 = full).
     pub logq: f64,
-    /// Items with fewer training rows than this get no id row.
+    /// Items with fewer training rows than this get no id row: their vector is their
+    /// content-only vector, as a brand-new item's is. A row trained by a single example
+    /// stays near its random start and only adds noise (on ml-latest-small items seen once
+    /// ranked below never-seen ones at 1; see BENCHMARKS.md, issue 31, fourth session).
     pub min_item_count: usize,
     /// Weight of the content alignment loss: each target's content-only vector (no id row,
     /// the unseen popularity bucket: the vector a brand-new twin would get) must pick out
@@ -90,7 +93,7 @@ impl Default for TrainConfig {
             temperature: 0.1,
             id_dropout: 0.25,
             logq: 1.0,
-            min_item_count: 1,
+            min_item_count: 2,
             content_loss: 0.0,
             similar_popularity_removal: 0.0,
             similar_content_weight: 1.0,
