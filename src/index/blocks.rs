@@ -662,21 +662,9 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     fn point(id: &str, cats: &[&str], v: [f32; 2], price: Option<f32>) -> IndexPoint {
-        IndexPoint {
-            vector: v.to_vec().into(),
-            payload: Payload {
-                item_id: ItemId::parse(id).unwrap(),
-                categories: cats.iter().map(|c| c.to_string()).collect(),
-                available: true,
-                price,
-                created_at: None,
-                title: id.into(),
-                popularity: 0.0,
-                tags: Vec::new(),
-                year: None,
-                attributes: Default::default(),
-            },
-        }
+        let mut p = IndexPoint::for_test(id, cats, &v);
+        p.payload.price = price;
+        p
     }
 
     fn ids(hits: &[(Uuid, f32)]) -> Vec<Uuid> {

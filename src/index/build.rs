@@ -187,26 +187,10 @@ async fn fill_and_finalize(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::ItemId;
     use crate::index::exact::ExactIndex;
-    use crate::index::Payload;
 
     fn point(id: &str) -> IndexPoint {
-        IndexPoint {
-            vector: vec![1.0, 0.0].into(),
-            payload: Payload {
-                item_id: ItemId::parse(id).unwrap(),
-                categories: vec!["c".into()],
-                available: true,
-                price: None,
-                created_at: None,
-                title: id.into(),
-                popularity: 0.0,
-                tags: Vec::new(),
-                year: None,
-                attributes: Default::default(),
-            },
-        }
+        IndexPoint::for_test(id, &["c"], &[1.0, 0.0])
     }
 
     /// A producer that fails midway (the item tower, say) aborts the build: the half-built

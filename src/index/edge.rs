@@ -1936,21 +1936,7 @@ mod tests {
     use futures::FutureExt;
 
     fn point(id: &str, v: [f32; 4]) -> IndexPoint {
-        IndexPoint {
-            vector: v.to_vec().into(),
-            payload: Payload {
-                item_id: ItemId::parse(id).unwrap(),
-                categories: vec!["c".into()],
-                available: true,
-                price: None,
-                created_at: None,
-                title: id.into(),
-                popularity: 0.0,
-                tags: Vec::new(),
-                year: None,
-                attributes: Default::default(),
-            },
-        }
+        IndexPoint::for_test(id, &["c"], &v)
     }
 
     /// The engine never truncates its WAL; opening a collection drops the unread one, so

@@ -429,21 +429,7 @@ mod tests {
     #[test]
     fn delete_keeps_rows_consistent() {
         let mut c = ExactCollection::new(2);
-        let pt = |id: &str, v: [f32; 2]| IndexPoint {
-            vector: v.to_vec().into(),
-            payload: Payload {
-                item_id: ItemId::parse(id).unwrap(),
-                categories: vec![],
-                available: true,
-                price: None,
-                created_at: None,
-                title: id.into(),
-                popularity: 0.0,
-                tags: Vec::new(),
-                year: None,
-                attributes: Default::default(),
-            },
-        };
+        let pt = |id: &str, v: [f32; 2]| IndexPoint::for_test(id, &[], &v);
         c.upsert(vec![
             pt("a", [1.0, 0.0]),
             pt("b", [0.0, 1.0]),

@@ -42,6 +42,19 @@ pub struct IndexPoint {
     pub payload: Payload,
 }
 
+#[cfg(test)]
+impl IndexPoint {
+    /// A test point: an available item titled by its id, in `categories`, at `vector`.
+    pub(crate) fn for_test(id: &str, categories: &[&str], vector: &[f32]) -> IndexPoint {
+        let mut item = Item::new(crate::domain::ItemId::parse(id).unwrap(), id);
+        item.categories = categories.iter().map(|c| c.to_string()).collect();
+        IndexPoint {
+            vector: vector.into(),
+            payload: Payload::of(&item, 0.0),
+        }
+    }
+}
+
 impl Payload {
     /// The payload of a catalog item with the given popularity.
     pub fn of(item: &Item, popularity: f32) -> Payload {
