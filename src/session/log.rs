@@ -685,17 +685,15 @@ fn write_loop(
         match result {
             Ok(()) => {
                 len += buf.len() as u64;
-                durable.send_modify(|d| {
-                    d.seq = last_seq;
-                    d.len = len;
-                });
+                // Rotate before acknowledging, so that when an append returns its records
+                // are where they stay (sealed, or in the live file) and the live file exists.
+                let mut _readers_wait = None;
                 if rotation.segment_bytes > 0 && len >= rotation.segment_bytes {
-                    let _readers_wait = segments.write();
+                    _readers_wait = Some(segments.write());
                     match rotate(path, rotation.keep_segments) {
                         Ok(new) => {
                             file = Box::new(new);
                             len = HEADER_LEN as u64;
-                            durable.send_modify(|d| d.len = len);
                         }
                         // The records are durable where they are; the next round tries again.
                         Err(e) => {
@@ -703,6 +701,10 @@ fn write_loop(
                         }
                     }
                 }
+                durable.send_modify(|d| {
+                    d.seq = last_seq;
+                    d.len = len;
+                });
             }
             Err(e) => {
                 tracing::error!(file = %path.display(), error = %e, "event log write failed; refusing further appends");
@@ -794,6 +796,32 @@ mod tests {
         .unwrap();
         assert_eq!(kept.last(), Some(&record(699)));
         assert!(kept.len() < 700);
+    }
+
+    /// Once an append returns, a rotation it caused is over: its records are in a sealed
+    /// segment and the new live file is there. (The writer used to acknowledge first and
+    /// rotate after, so a reader right after an append could find no live file.)
+    #[tokio::test]
+    async fn an_append_returns_after_the_rotation_it_caused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.log");
+        let rotation = Rotation {
+            segment_bytes: 64,
+            keep_segments: 0,
+        };
+        let (log, _) = EventLog::open_rotating(&path, rotation, |_| Ok(())).unwrap();
+        for i in 0..300 {
+            log.append(&[format!("record {i:05} {}", "x".repeat(60)).into_bytes()])
+                .await
+                .unwrap();
+            let live = std::fs::metadata(&path).map(|m| m.len());
+            assert_eq!(live.ok(), Some(HEADER_LEN as u64), "after append {i}");
+            assert_eq!(
+                sealed_segments(&path).unwrap().len(),
+                i + 1,
+                "after append {i}"
+            );
+        }
     }
 
     #[tokio::test]
