@@ -79,7 +79,7 @@ pub async fn build_unswitched(
 }
 
 /// [`build_unswitched`] from batches made on demand (see [`build_version_batched`]).
-pub async fn build_unswitched_batched(
+async fn build_unswitched_batched(
     index: &dyn VectorIndex,
     version: &str,
     dim: usize,

@@ -459,6 +459,9 @@ struct SnapshotFile {
 struct SnapState {
     /// The file may exist: it goes before the next write is applied.
     on_disk: bool,
+    /// The file holds this RAM copy (it was read from it, or written by this process, and
+    /// no write came since): a clean stop need not write it again.
+    current: bool,
     /// Writes applied to the engine since the collection was opened.
     applied: u64,
 }
@@ -470,6 +473,7 @@ impl SnapshotFile {
             path,
             state: Mutex::new(SnapState {
                 on_disk,
+                current: false,
                 applied: 0,
             }),
         }
@@ -494,6 +498,7 @@ impl SnapshotFile {
             })?;
             s.on_disk = false;
         }
+        s.current = false;
         Ok(())
     }
 }
@@ -1009,6 +1014,9 @@ impl Collection {
         };
         let applied = {
             let s = self.snapshot.state.lock();
+            if s.current {
+                return skip("the snapshot on disk is current");
+            }
             if self.in_flight.load(Ordering::SeqCst) > 0 {
                 return skip("a write is under way");
             }
@@ -1046,6 +1054,7 @@ impl Collection {
         // that the file is there to remove.
         snapshot::install(&tmp, path).map_err(io(format!("cannot install {}", path.display())))?;
         s.on_disk = true;
+        s.current = true;
         drop(s);
         tracing::info!(
             version = %self.name,
@@ -1104,6 +1113,7 @@ impl Collection {
             self.points.insert_loaded(ram.into_iter());
         });
         self.from_snapshot.store(true, Ordering::SeqCst);
+        self.snapshot.state.lock().current = true;
         Ok(n)
     }
 
@@ -2077,6 +2087,16 @@ mod tests {
     }
 
     /// Points in two categories with prices, creation times and a filterable attribute.
+    /// An index at `root` whose live version `v1` holds `varied_points(0..40)`, finalized.
+    async fn live_v1_of_40_points(root: &Path) -> EdgeIndex {
+        let index = EdgeIndex::open(root, EdgeOptions::default()).unwrap();
+        index.create_version("v1", 4).await.unwrap();
+        index.upsert_into("v1", varied_points(0..40)).await.unwrap();
+        index.finalize_version("v1").await.unwrap();
+        index.switch_to("v1").await.unwrap();
+        index
+    }
+
     fn varied_points(ids: std::ops::Range<usize>) -> Vec<IndexPoint> {
         ids.map(|i| {
             let mut v = [0.1f32; 4];
@@ -2149,11 +2169,7 @@ mod tests {
         let ids: Vec<ItemId> = (0..46)
             .map(|i| ItemId::parse(format!("i{i}")).unwrap())
             .collect();
-        let index = EdgeIndex::open(&root, EdgeOptions::default()).unwrap();
-        index.create_version("v1", 4).await.unwrap();
-        index.upsert_into("v1", varied_points(0..40)).await.unwrap();
-        index.finalize_version("v1").await.unwrap();
-        index.switch_to("v1").await.unwrap();
+        let index = live_v1_of_40_points(&root).await;
         assert!(snap.exists(), "finalizing a version writes its snapshot");
         let built = answers(&index, &ids).await;
         drop(index);
@@ -2234,11 +2250,7 @@ mod tests {
         let ids: Vec<ItemId> = (0..41)
             .map(|i| ItemId::parse(format!("i{i}")).unwrap())
             .collect();
-        let index = EdgeIndex::open(&root, EdgeOptions::default()).unwrap();
-        index.create_version("v1", 4).await.unwrap();
-        index.upsert_into("v1", varied_points(0..40)).await.unwrap();
-        index.finalize_version("v1").await.unwrap();
-        index.switch_to("v1").await.unwrap();
+        let index = live_v1_of_40_points(&root).await;
         drop(index);
         // From the engine, not the snapshot.
         let _ = std::fs::remove_file(root.join("v1").join(snapshot::FILE));

@@ -293,9 +293,7 @@ pub mod qdrant;
 pub mod snapshot;
 pub mod validate;
 
-pub use build::{
-    build_unswitched, build_unswitched_batched, build_version, build_version_batched, BuildReport,
-};
+pub use build::{build_unswitched, build_version, build_version_batched, BuildReport};
 
 use crate::config::{IndexBackend, Settings};
 use std::path::Path;
