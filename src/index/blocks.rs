@@ -288,6 +288,22 @@ impl Block {
         true
     }
 
+    /// Fits a block filled without codes (at [`MIN_FIT_ROWS`] rows or more, as
+    /// [`CategoryBlocks::fit_due`] would) and encodes every row.
+    fn encode_all(&mut self, dim: usize) {
+        let mut codes = Codes::default();
+        if self.rows.len() >= MIN_FIT_ROWS {
+            codes = Codes::of_fit(Fit::of_sample(dim, &self.sample(dim)));
+            self.centred_at = self.rows.len();
+        }
+        codes.codes.reserve(self.rows.len() * codes.width(dim));
+        codes.scales.reserve(self.rows.len());
+        for v in &self.vectors {
+            codes.push(v);
+        }
+        self.codes = codes;
+    }
+
     /// Moves the last row into the hole, so the block stays contiguous.
     fn remove(&mut self, dim: usize, id: &Uuid) {
         let Some(i) = self.at.remove(id) else { return };
@@ -390,6 +406,16 @@ impl RowFilter<'_> {
     }
 }
 
+/// A point as [`CategoryBlocks::from_loaded`] takes it.
+pub struct LoadedRow<'a> {
+    pub id: Uuid,
+    pub categories: &'a [u32],
+    pub available: bool,
+    pub price: Option<f32>,
+    pub created_at: Option<i64>,
+    pub vector: &'a Vector,
+}
+
 /// Every categorised point's vector, by category.
 #[derive(Debug)]
 pub struct CategoryBlocks {
@@ -421,29 +447,39 @@ impl CategoryBlocks {
         }
     }
 
-    /// Adds a point read back from a snapshot of the collection (`super::snapshot`) to the
-    /// blocks of its categories, as [`Self::upsert`] would, without looking for it in other
-    /// blocks (the blocks are being filled from empty) or hashing its item id again.
-    pub fn insert_loaded(
-        &mut self,
-        id: Uuid,
-        categories: &[String],
-        available: bool,
-        price: Option<f32>,
-        created_at: Option<i64>,
-        vector: &Vector,
-    ) {
-        let row = Row {
-            id,
-            available,
-            price: price.unwrap_or(f32::NAN),
-            created_at: created_at.unwrap_or(i64::MIN),
-        };
-        for c in categories {
-            match self.blocks.get_mut(c) {
-                Some(b) => b.put(row, vector),
-                None => self.blocks.entry(c.clone()).or_default().put(row, vector),
+    /// The blocks of points read back from a snapshot of the collection
+    /// (`super::snapshot`), as [`Self::upsert`] and [`Self::fit_due`] would leave them: a
+    /// point's `categories` are numbers into `names`. Each row is encoded once, with its
+    /// block's fit, and the blocks are fitted and encoded on every core.
+    pub fn from_loaded<'a>(
+        dim: usize,
+        names: &[String],
+        points: impl Iterator<Item = LoadedRow<'a>>,
+    ) -> Self {
+        let mut blocks: Vec<Block> = names.iter().map(|_| Block::default()).collect();
+        for p in points {
+            let row = Row {
+                id: p.id,
+                available: p.available,
+                price: p.price.unwrap_or(f32::NAN),
+                created_at: p.created_at.unwrap_or(i64::MIN),
+            };
+            for &c in p.categories {
+                let b = &mut blocks[c as usize];
+                b.at.insert(row.id, b.rows.len());
+                b.rows.push(row);
+                b.vectors.push(p.vector.clone());
             }
+        }
+        blocks.par_iter_mut().for_each(|b| b.encode_all(dim));
+        CategoryBlocks {
+            dim,
+            blocks: names
+                .iter()
+                .cloned()
+                .zip(blocks)
+                .filter(|(_, b)| !b.rows.is_empty())
+                .collect(),
         }
     }
 
@@ -898,6 +934,68 @@ mod tests {
                     crate::index::validate::normalized(&q)
                 })
                 .collect()
+        }
+    }
+
+    /// A restart's blocks (issue 37): built from what a snapshot keeps (memberships, the
+    /// rows' fields and vectors) with one encoding per row, they hold the same codes as the
+    /// blocks the snapshot was taken of, fitted or not, and answer the same.
+    #[test]
+    fn blocks_rebuilt_from_a_snapshot_scan_as_the_blocks_it_was_taken_of() {
+        let shape = LowRank::new(12);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        let mut points: Vec<IndexPoint> = (0..2_000).map(|n| shape.row(n, &mut rng)).collect();
+        // A small block ("y", not fitted) whose rows are in "x" too, some with prices.
+        for (i, p) in points.iter_mut().enumerate().take(40) {
+            p.payload.categories.push("y".into());
+            p.payload.price = (i % 2 == 0).then_some(i as f32);
+        }
+        let mut saved = CategoryBlocks::new(LowRank::DIM);
+        saved.upsert(&points);
+        saved.fit_due();
+        let (names, members) = saved.memberships();
+        // Every point is in "x": its rows, in their order (so that the fits sum the same rows
+        // in the same order), and the unit vectors the RAM copy would hold.
+        let x = &saved.blocks["x"];
+        let rows = x.rows.iter().zip(&x.vectors).map(|(r, vector)| {
+            let (categories, created_at) = &members[&r.id];
+            LoadedRow {
+                id: r.id,
+                categories,
+                available: r.available,
+                price: (!r.price.is_nan()).then_some(r.price),
+                created_at: (*created_at != i64::MIN).then_some(*created_at),
+                vector,
+            }
+        });
+        let rebuilt = CategoryBlocks::from_loaded(LowRank::DIM, &names, rows);
+        for name in ["x", "y"] {
+            let (a, b) = (&saved.blocks[name], &rebuilt.blocks[name]);
+            assert_eq!(a.rows.len(), b.rows.len(), "{name}");
+            assert_eq!(a.centred_at, b.centred_at, "{name}");
+            assert_eq!(a.at, b.at, "{name}");
+            assert_eq!(a.codes.mean, b.codes.mean, "{name}");
+            assert_eq!(a.codes.basis, b.codes.basis, "{name}");
+            assert_eq!(a.codes.codes, b.codes.codes, "{name}");
+            assert_eq!(a.codes.scales, b.codes.scales, "{name}");
+        }
+        assert!(!rebuilt.blocks["x"].codes.basis.is_empty(), "x is fitted");
+        let cheap_y = Filter {
+            price_max: Some(20.0),
+            ..cats(&["y"])
+        };
+        for q in shape.queries(6, &mut rng) {
+            for f in [
+                cats(&["x"]),
+                cats(&["y"]),
+                cats(&["x", "y"]),
+                cheap_y.clone(),
+            ] {
+                assert_eq!(
+                    saved.search(&q, &f, 50, None),
+                    rebuilt.search(&q, &f, 50, None)
+                );
+            }
         }
     }
 

@@ -25,7 +25,7 @@
 //!   walks and scans score on it and re-score the best `2 × k` on the full vectors.
 //!   Collections built before it keep their config when reopened.
 
-use super::blocks::{CategoryBlocks, Fit};
+use super::blocks::{CategoryBlocks, Fit, LoadedRow};
 use super::payloads::{
     self, PointStore, RamPoint, F_AVAILABLE, F_CATEGORIES, F_CREATED_AT, F_PRICE,
 };
@@ -525,6 +525,50 @@ impl Drop for WriteTicket<'_> {
             self.collection.ram_unsure.store(true, Ordering::SeqCst);
         }
         self.collection.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// RAM copies made from a collection's snapshot while its engine loads (about 1.5 s of work
+/// at 1M points, off the start-up's path); [`Collection::install_snapshot`] checks the
+/// snapshot against the engine before it uses them.
+struct Prepared {
+    points: HashMap<Uuid, RamPoint>,
+    /// `None` when the blocks are off.
+    blocks: Option<CategoryBlocks>,
+    /// Up to [`SNAPSHOT_SAMPLE`] points spread over the snapshot, with their category
+    /// names, to compare with the engine's payloads.
+    sample: Vec<(SnapPoint, Vec<String>)>,
+}
+
+impl Prepared {
+    /// Reads the snapshot at `path` and fills the RAM copies from it. `Err`: why it
+    /// cannot be used.
+    fn of(path: &Path, dim: usize, filterable: &[String], blocks: bool) -> Result<Self, String> {
+        let snap = snapshot::read(path, dim, filterable)?.ok_or("there is none")?;
+        let step = snap.points.len().div_ceil(SNAPSHOT_SAMPLE).max(1);
+        let sample = snap
+            .points
+            .iter()
+            .step_by(step)
+            .map(|p| (p.clone(), snap.names(p)))
+            .collect();
+        let blocks = blocks.then(|| {
+            let rows = snap.points.iter().map(|p| LoadedRow {
+                id: p.id,
+                categories: &p.categories,
+                available: p.ram.available,
+                price: p.ram.price,
+                created_at: p.created_at,
+                vector: &p.ram.vector,
+            });
+            CategoryBlocks::from_loaded(dim, &snap.categories, rows)
+        });
+        let points = snap.points.into_iter().map(|p| (p.id, p.ram)).collect();
+        Ok(Prepared {
+            points,
+            blocks,
+            sample,
+        })
     }
 }
 
@@ -1065,12 +1109,12 @@ impl Collection {
         Ok(true)
     }
 
-    /// Fills the RAM copies (points and category blocks) from the snapshot as `snapshot::read`
-    /// read it, if it is usable: whole, for this dimension and these filterable names, with as many points
-    /// as the engine holds, and agreeing with the engine on a sample of points. Checked
-    /// before anything is filled. `Err`: why the snapshot was not used.
-    fn load_snapshot(&self, read: Result<Option<Vec<SnapPoint>>, String>) -> Result<usize, String> {
-        let points = read?.ok_or("there is none")?;
+    /// Puts the RAM copies that [`Prepared::of`] made from the snapshot in place, if the
+    /// snapshot is usable: whole, for this dimension and these filterable names, with as many
+    /// points as the engine holds, and agreeing with the engine on a sample of points.
+    /// `Err`: why the snapshot was not used (the RAM copies are left empty).
+    fn install_snapshot(&self, prepared: Result<Prepared, String>) -> Result<usize, String> {
+        let prepared = prepared?;
         let engine = self
             .shard
             .count(CountRequest {
@@ -1078,51 +1122,24 @@ impl Collection {
                 exact: true,
             })
             .map_err(|e| format!("counting the engine's points: {e}"))?;
-        if engine != points.len() {
-            return Err(format!(
-                "it holds {} points, the engine {engine}",
-                points.len()
-            ));
+        let n = prepared.points.len();
+        if engine != n {
+            return Err(format!("it holds {n} points, the engine {engine}"));
         }
-        self.check_sample(&points)?;
-        let n = points.len();
-        let (ram, rows): (Vec<(Uuid, RamPoint)>, Vec<_>) = points
-            .into_iter()
-            .map(|p: SnapPoint| {
-                let row = (
-                    p.id,
-                    p.categories,
-                    p.ram.available,
-                    p.ram.price,
-                    p.created_at,
-                    p.ram.vector.clone(),
-                );
-                ((p.id, p.ram), row)
-            })
-            .unzip();
-        std::thread::scope(|scope| {
-            if let Some(b) = &self.blocks {
-                scope.spawn(move || {
-                    let mut b = b.write();
-                    for (id, categories, available, price, created_at, vector) in &rows {
-                        b.insert_loaded(*id, categories, *available, *price, *created_at, vector);
-                    }
-                    b.fit_due();
-                });
-            }
-            self.points.insert_loaded(ram.into_iter());
-        });
+        self.check_sample(&prepared.sample)?;
+        self.points.fill(prepared.points);
+        if let (Some(b), Some(built)) = (&self.blocks, prepared.blocks) {
+            *b.write() = built;
+        }
         self.from_snapshot.store(true, Ordering::SeqCst);
         self.snapshot.state.lock().current = true;
         Ok(n)
     }
 
-    /// Compares up to [`SNAPSHOT_SAMPLE`] points spread over the snapshot with the engine's
-    /// payloads: same item ids and live fields.
-    fn check_sample(&self, points: &[SnapPoint]) -> Result<(), String> {
-        let step = points.len().div_ceil(SNAPSHOT_SAMPLE).max(1);
-        let sample: Vec<&SnapPoint> = points.iter().step_by(step).collect();
-        let ids: Vec<PointId> = sample.iter().map(|p| PointId::Uuid(p.id)).collect();
+    /// Compares the sample of the snapshot's points with the engine's payloads: same item
+    /// ids and live fields.
+    fn check_sample(&self, sample: &[(SnapPoint, Vec<String>)]) -> Result<(), String> {
+        let ids: Vec<PointId> = sample.iter().map(|(p, _)| PointId::Uuid(p.id)).collect();
         let records = self
             .shard
             .retrieve(
@@ -1138,7 +1155,7 @@ impl Collection {
                 by_id.insert(u, p);
             }
         }
-        for p in sample {
+        for (p, categories_of_p) in sample {
             let Some(e) = by_id.get(&p.id) else {
                 return Err(format!("point {} is not in the engine", p.ram.item_id));
             };
@@ -1148,7 +1165,7 @@ impl Collection {
                 let mut categories = e.categories.clone();
                 categories.sort();
                 categories.dedup();
-                categories == p.categories
+                categories == *categories_of_p
                     && (p.categories.is_empty() || e.created_at == p.created_at)
             };
             let same = e.item_id == p.ram.item_id
@@ -1578,15 +1595,19 @@ impl EdgeIndex {
             );
         }
         let stage = Instant::now();
-        // The snapshot is read and decoded while the engine loads (about a second each at
-        // 1M points); it is checked against the engine afterwards.
-        let reading = {
-            let (path, dim, filterable) = (
-                dir.join(snapshot::FILE),
-                meta.dim,
-                self.opts.filterable.clone(),
-            );
-            std::thread::spawn(move || snapshot::read(&path, dim, &filterable))
+        // The snapshot is read and turned into the RAM copies while the engine loads (about
+        // 2 s each at 1M points); it is checked against the engine afterwards.
+        let preparing = {
+            let (path, dim) = (dir.join(snapshot::FILE), meta.dim);
+            let (filterable, blocks) =
+                (self.opts.filterable.clone(), self.opts.scan_max_points > 0);
+            std::thread::spawn(move || {
+                let prepared = Prepared::of(&path, dim, &filterable, blocks);
+                if prepared.is_ok() {
+                    crate::telemetry::startup_stage("RAM copies made from the snapshot", stage);
+                }
+                prepared
+            })
         };
         let shard = EdgeShard::load(&dir.join(SHARD_DIR), None).map_err(|e| {
             let e = e.to_string();
@@ -1605,12 +1626,11 @@ impl EdgeIndex {
         })?;
         crate::telemetry::startup_stage("engine opened", stage);
         let c = Arc::new(Collection::start(name, meta.dim, dir, shard, &self.opts)?);
-        let read = reading
+        let prepared = preparing
             .join()
             .unwrap_or_else(|_| Err("reading it panicked".to_string()));
-        crate::telemetry::startup_stage("RAM snapshot read", stage);
         let stage = Instant::now();
-        match c.load_snapshot(read) {
+        match c.install_snapshot(prepared) {
             Ok(points) => tracing::info!(
                 collection = name,
                 points,

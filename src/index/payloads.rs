@@ -208,11 +208,9 @@ impl PointStore {
         }
     }
 
-    /// Puts points whose point ids are known already (a load from a snapshot).
-    pub fn insert_loaded(&self, points: impl ExactSizeIterator<Item = (Uuid, RamPoint)>) {
-        let mut map = self.map.write();
-        map.reserve(points.len());
-        map.extend(points);
+    /// Replaces every point with `points`, keyed by point id (a load from a snapshot).
+    pub fn fill(&self, points: HashMap<Uuid, RamPoint>) {
+        *self.map.write() = points;
     }
 
     /// Runs `f` on every point, under the store's read lock (a snapshot being written).

@@ -17,6 +17,7 @@
 //! vector; last the CRC32 of everything before it.
 
 use super::payloads::RamPoint;
+use super::Vector;
 use crate::domain::{AttrValue, ItemId};
 use std::collections::HashMap;
 use std::io::{BufWriter, Write};
@@ -29,14 +30,32 @@ const FORMAT: u32 = 1;
 /// The file name of a collection's snapshot, beside its `meta.json`.
 pub const FILE: &str = "ram-snapshot.bin";
 
+/// What a snapshot holds: the category names, and every point.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub categories: Vec<String>,
+    pub points: Vec<SnapPoint>,
+}
+
 /// One point as the snapshot holds it.
 #[derive(Debug, Clone)]
 pub struct SnapPoint {
     pub id: Uuid,
     pub ram: RamPoint,
-    /// The categories whose blocks hold the point (empty when the blocks are off).
-    pub categories: Vec<String>,
+    /// The categories whose blocks hold the point, as numbers into
+    /// [`Snapshot::categories`] (empty when the blocks are off).
+    pub categories: Vec<u32>,
     pub created_at: Option<i64>,
+}
+
+impl Snapshot {
+    /// The names of a point's categories.
+    pub fn names(&self, p: &SnapPoint) -> Vec<String> {
+        p.categories
+            .iter()
+            .map(|&c| self.categories[c as usize].clone())
+            .collect()
+    }
 }
 
 /// Writes `bytes` to `out` and into the running checksum.
@@ -212,11 +231,7 @@ impl<'a> Reader<'a> {
 /// Reads a snapshot written by [`write`] for a collection of `dim` dimensions whose RAM copy
 /// keeps the attributes `filterable`. `Ok(None)`: there is no snapshot; `Err`: there is one
 /// but it cannot be used (the reason).
-pub fn read(
-    path: &Path,
-    dim: usize,
-    filterable: &[String],
-) -> Result<Option<Vec<SnapPoint>>, String> {
+pub fn read(path: &Path, dim: usize, filterable: &[String]) -> Result<Option<Snapshot>, String> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -225,7 +240,7 @@ pub fn read(
     decode(&bytes, dim, filterable).map(Some)
 }
 
-fn decode(bytes: &[u8], dim: usize, filterable: &[String]) -> Result<Vec<SnapPoint>, String> {
+fn decode(bytes: &[u8], dim: usize, filterable: &[String]) -> Result<Snapshot, String> {
     let Some(body_len) = bytes.len().checked_sub(4) else {
         return Err("truncated".into());
     };
@@ -268,14 +283,11 @@ fn decode(bytes: &[u8], dim: usize, filterable: &[String]) -> Result<Vec<SnapPoi
         let popularity = f32::from_le_bytes(r.array()?);
         let created_at = i64::from_le_bytes(r.array()?);
         let cats = (0..r.u32()?)
-            .map(|_| {
-                let i = r.u32()? as usize;
-                categories
-                    .get(i)
-                    .cloned()
-                    .ok_or_else(|| "a category out of range".to_string())
+            .map(|_| match r.u32()? {
+                c if (c as usize) < categories.len() => Ok(c),
+                _ => Err("a category out of range".to_string()),
             })
-            .collect::<Result<Vec<String>, _>>()?;
+            .collect::<Result<Vec<u32>, _>>()?;
         let n_attributes = r.u32()? as usize;
         let mut attributes = Vec::with_capacity(n_attributes.min(crate::domain::MAX_ATTRS));
         for _ in 0..n_attributes {
@@ -297,8 +309,8 @@ fn decode(bytes: &[u8], dim: usize, filterable: &[String]) -> Result<Vec<SnapPoi
             };
             attributes.push((name, value));
         }
-        let raw = r.take(dim * 4)?;
-        let vector: Vec<f32> = raw
+        let vector: Vector = r
+            .take(dim * 4)?
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
             .collect();
@@ -310,7 +322,7 @@ fn decode(bytes: &[u8], dim: usize, filterable: &[String]) -> Result<Vec<SnapPoi
                 price: (flags & 2 != 0).then_some(price),
                 popularity,
                 attributes: attributes.into_boxed_slice(),
-                vector: vector.into(),
+                vector,
             },
             categories: cats,
             created_at: (flags & 4 != 0).then_some(created_at),
@@ -319,7 +331,7 @@ fn decode(bytes: &[u8], dim: usize, filterable: &[String]) -> Result<Vec<SnapPoi
     if r.at != body.len() {
         return Err("trailing bytes after the last point".into());
     }
-    Ok(points)
+    Ok(Snapshot { categories, points })
 }
 
 #[cfg(test)]
@@ -367,13 +379,15 @@ mod tests {
         )
         .unwrap();
         install(&tmp, &path).unwrap();
-        let back = read(&path, 2, &filterable).unwrap().unwrap();
+        let snap = read(&path, 2, &filterable).unwrap().unwrap();
+        assert_eq!(snap.categories, cats);
+        let back = &snap.points;
         assert_eq!(back.len(), 2);
         assert_eq!(back[0].id, Uuid::from_u128(1));
         assert_eq!(back[0].ram.item_id.as_str(), "a");
         assert_eq!(back[0].ram.price, Some(9.5));
         assert!(back[0].ram.available);
-        assert_eq!(back[0].categories, cats);
+        assert_eq!(snap.names(&back[0]), cats);
         assert_eq!(back[0].created_at, Some(1_700_000_000));
         assert_eq!(back[0].ram.attributes, points[0].1.attributes);
         assert_eq!(&back[0].ram.vector[..], &[0.6, 0.8]);
