@@ -528,8 +528,8 @@ impl Drop for WriteTicket<'_> {
     }
 }
 
-/// RAM copies made from a collection's snapshot while its engine loads (about 1.5 s of work
-/// at 1M points, off the start-up's path); [`Collection::install_snapshot`] checks the
+/// RAM copies made from a collection's snapshot while its engine loads (at 1M points this
+/// work took 1.6-1.8 s after the engine's load); [`Collection::install_snapshot`] checks the
 /// snapshot against the engine before it uses them.
 struct Prepared {
     points: HashMap<Uuid, RamPoint>,
@@ -1595,8 +1595,8 @@ impl EdgeIndex {
             );
         }
         let stage = Instant::now();
-        // The snapshot is read and turned into the RAM copies while the engine loads (about
-        // 2 s each at 1M points); it is checked against the engine afterwards.
+        // The snapshot is read and turned into the RAM copies while the engine loads (seconds
+        // each at 1M points); it is checked against the engine afterwards.
         let preparing = {
             let (path, dim) = (dir.join(snapshot::FILE), meta.dim);
             let (filterable, blocks) =
@@ -1628,7 +1628,7 @@ impl EdgeIndex {
         let c = Arc::new(Collection::start(name, meta.dim, dir, shard, &self.opts)?);
         let prepared = preparing
             .join()
-            .unwrap_or_else(|_| Err("reading it panicked".to_string()));
+            .unwrap_or_else(|_| Err("making the RAM copies from it panicked".to_string()));
         let stage = Instant::now();
         match c.install_snapshot(prepared) {
             Ok(points) => tracing::info!(
