@@ -672,7 +672,7 @@ impl Recommender {
                 return None;
             }
         };
-        let list: Vec<(ItemId, f32)> = serde_json::from_slice(&bytes).ok()?;
+        let list = decode_candidates(&bytes)?;
         let entries = self.catalog.get_many(list.iter().map(|(id, _)| id));
         Some(
             list.into_iter()
@@ -829,8 +829,7 @@ impl Recommender {
     /// store as degraded.
     fn cache_candidates(&self, key: &Option<String>, found: &[Candidate]) {
         let Some(key) = key.clone() else { return };
-        let list: Vec<(&ItemId, f32)> = found.iter().map(|c| (c.entry.id(), c.ann_score)).collect();
-        let bytes = serde_json::to_vec(&list).expect("ids and floats serialize");
+        let bytes = encode_candidates(found);
         let ttl = Duration::from_millis(self.settings.cache_ttl_ms);
         let sessions = self.sessions.clone();
         tokio::spawn(async move {
@@ -1031,6 +1030,36 @@ fn filter_excluding(filter: &Filter, ids: impl IntoIterator<Item = ItemId>) -> F
     f
 }
 
+/// The candidate cache's value: per candidate, in order, the id's length in bytes (u16), the
+/// id and the score (f32), little-endian. A cache hit reads back up to 200 candidates: this
+/// is a copy per id, where JSON was a parse of every id and score.
+fn encode_candidates(found: &[Candidate]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(found.len() * 16);
+    for c in found {
+        let id = c.entry.id().as_str().as_bytes();
+        let len = u16::try_from(id.len()).expect("ids are at most MAX_ID_LEN bytes");
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(id);
+        out.extend_from_slice(&c.ann_score.to_le_bytes());
+    }
+    out
+}
+
+/// The (id, score) pairs [`encode_candidates`] wrote; `None` for bytes it did not write (a
+/// JSON list an older version cached, say), which the caller takes as a miss.
+fn decode_candidates(mut bytes: &[u8]) -> Option<Vec<(ItemId, f32)>> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let (len, rest) = bytes.split_first_chunk::<2>()?;
+        let (id, rest) = rest.split_at_checked(u16::from_le_bytes(*len) as usize)?;
+        let (score, rest) = rest.split_first_chunk::<4>()?;
+        let id = ItemId::parse(std::str::from_utf8(id).ok()?).ok()?;
+        out.push((id, f32::from_le_bytes(*score)));
+        bytes = rest;
+    }
+    Some(out)
+}
+
 /// The candidate cache key: the user vector is a function of the model and the pooled
 /// activity, and the candidates of that plus the filter, so a key over exactly these inputs
 /// can never serve candidates computed from other inputs. New activity is a new key; the TTL
@@ -1051,4 +1080,37 @@ fn activity_fingerprint(model: &TwoTower, filter: &Filter, activity: &Activity) 
         h.update(r.event_type.as_str().as_bytes());
     }
     Some(format!("cand:{}", hex::encode(&h.finalize()[..16])))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Item;
+
+    #[test]
+    fn cached_candidates_read_back_as_written_and_other_bytes_are_a_miss() {
+        let found: Vec<Candidate> = [("a", 0.5), ("item-é", -1.25)]
+            .iter()
+            .map(|&(id, ann_score)| Candidate {
+                entry: Arc::new(CatalogEntry {
+                    item: Item::new(ItemId::parse(id).unwrap(), id),
+                    popularity: 0.0,
+                    vector: vec![1.0].into(),
+                }),
+                ann_score,
+            })
+            .collect();
+        let back = decode_candidates(&encode_candidates(&found)).unwrap();
+        let want: Vec<(ItemId, f32)> = found
+            .iter()
+            .map(|c| (c.entry.id().clone(), c.ann_score))
+            .collect();
+        assert_eq!(back, want);
+        assert_eq!(decode_candidates(&[]), Some(Vec::new()));
+        // What the cache held before: a JSON list.
+        assert_eq!(decode_candidates(br#"[["a",0.5]]"#), None);
+        let mut cut = encode_candidates(&found);
+        cut.pop();
+        assert_eq!(decode_candidates(&cut), None);
+    }
 }

@@ -356,8 +356,8 @@ struct Rows {
 impl Rows {
     /// A vector of another length than `dim` (a model swap in progress) becomes a row of
     /// zeros: unrelated to everything, as [`crate::vector::similarity`] has it.
-    fn new<'a>(vectors: impl Iterator<Item = &'a [f32]>, dim: usize) -> Rows {
-        let mut data = Vec::new();
+    fn new<'a>(vectors: impl ExactSizeIterator<Item = &'a [f32]>, dim: usize) -> Rows {
+        let mut data = Vec::with_capacity(vectors.len() * dim);
         let mut n = 0;
         for v in vectors {
             if v.len() == dim {
