@@ -31,7 +31,7 @@
 
 use super::exact::TopK;
 use super::{IndexPoint, Payload, PayloadPatch, Vector};
-use crate::domain::{point_id, Filter};
+use crate::domain::{point_id, Filter, Name};
 use crate::vector::{dot, dot_rows, i8_rows_at_least, quantize_i8, symmetric_eigen};
 use rayon::prelude::*;
 use std::collections::{HashMap, HashSet};
@@ -416,7 +416,7 @@ impl CategoryBlocks {
             }
             let v = super::validate::unit(&p.vector);
             for c in &p.payload.categories {
-                self.blocks.entry(c.clone()).or_default().put(row, &v);
+                self.blocks.entry(c.to_string()).or_default().put(row, &v);
             }
         }
     }
@@ -427,7 +427,7 @@ impl CategoryBlocks {
     pub fn insert_loaded(
         &mut self,
         id: Uuid,
-        categories: &[String],
+        categories: &[Name],
         available: bool,
         price: Option<f32>,
         created_at: Option<i64>,
@@ -440,9 +440,13 @@ impl CategoryBlocks {
             created_at: created_at.unwrap_or(i64::MIN),
         };
         for c in categories {
-            match self.blocks.get_mut(c) {
+            match self.blocks.get_mut(c.as_str()) {
                 Some(b) => b.put(row, vector),
-                None => self.blocks.entry(c.clone()).or_default().put(row, vector),
+                None => self
+                    .blocks
+                    .entry(c.to_string())
+                    .or_default()
+                    .put(row, vector),
             }
         }
     }
@@ -507,10 +511,10 @@ impl CategoryBlocks {
     }
 
     /// Removes the point from every block except those in `keep`.
-    fn remove_id(&mut self, id: &Uuid, keep: &[String]) {
+    fn remove_id(&mut self, id: &Uuid, keep: &[Name]) {
         let dim = self.dim;
         for (c, b) in self.blocks.iter_mut() {
-            if !keep.contains(c) {
+            if !keep.iter().any(|k| k == c) {
                 b.remove(dim, id);
             }
         }

@@ -1032,13 +1032,13 @@ impl Collection {
         let path = &self.snapshot.path;
         let tmp = self
             .points
-            .with_all(|map| {
+            .with_all(|points| {
                 snapshot::write_temp(
                     path,
                     self.dim,
                     &self.filterable,
-                    map.len(),
-                    map.iter(),
+                    points.len(),
+                    points.iter().map(|(id, p)| (id, p)),
                     |id| members.get(id).cloned(),
                     &names,
                 )
@@ -2107,7 +2107,7 @@ mod tests {
             p.payload.created_at = Some(1_700_000_000 + i as i64);
             p.payload.popularity = i as f32;
             p.payload.attributes = [(
-                "region".to_string(),
+                "region".into(),
                 crate::domain::AttrValue::List(vec![if i % 2 == 0 { "eu" } else { "us" }.into()]),
             )]
             .into();

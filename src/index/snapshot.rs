@@ -17,7 +17,7 @@
 //! vector; last the CRC32 of everything before it.
 
 use super::payloads::RamPoint;
-use crate::domain::{AttrValue, ItemId};
+use crate::domain::{AttrValue, ItemId, Name};
 use std::collections::HashMap;
 use std::io::{BufWriter, Write};
 use std::path::Path;
@@ -35,7 +35,7 @@ pub struct SnapPoint {
     pub id: Uuid,
     pub ram: RamPoint,
     /// The categories whose blocks hold the point (empty when the blocks are off).
-    pub categories: Vec<String>,
+    pub categories: Vec<Name>,
     pub created_at: Option<i64>,
 }
 
@@ -254,11 +254,13 @@ fn decode(bytes: &[u8], dim: usize, filterable: &[String]) -> Result<Vec<SnapPoi
             "written for filterable attributes {names:?}, now {filterable:?}"
         ));
     }
-    let categories: Vec<String> = (0..r.u32()?)
-        .map(|_| r.string())
+    let categories: Vec<Name> = (0..r.u32()?)
+        .map(|_| r.str().map(Name::new))
         .collect::<Result<_, _>>()?;
-    // Attribute names repeat on every point: one allocation per name, cloned.
-    let mut attr_names: HashMap<&str, String> = HashMap::new();
+    // Attribute names and values repeat on every point: each is looked up in the process's
+    // names once per read (while the catalog file, read meanwhile, looks up its own).
+    let mut seen: HashMap<&str, Name> = HashMap::new();
+    let mut name = |s| seen.entry(s).or_insert_with(|| Name::new(s)).clone();
     let mut points = Vec::with_capacity(n.min(body.len() / (dim * 4 + 16).max(1)));
     for _ in 0..n {
         let id = Uuid::from_bytes(r.array()?);
@@ -275,27 +277,23 @@ fn decode(bytes: &[u8], dim: usize, filterable: &[String]) -> Result<Vec<SnapPoi
                     .cloned()
                     .ok_or_else(|| "a category out of range".to_string())
             })
-            .collect::<Result<Vec<String>, _>>()?;
+            .collect::<Result<Vec<Name>, _>>()?;
         let n_attributes = r.u32()? as usize;
         let mut attributes = Vec::with_capacity(n_attributes.min(crate::domain::MAX_ATTRS));
         for _ in 0..n_attributes {
-            let name = r.str()?;
-            let name = attr_names
-                .entry(name)
-                .or_insert_with(|| name.to_string())
-                .clone();
+            let attr = name(r.str()?);
             let value = match r.u8()? {
                 0 => AttrValue::Bool(r.u8()? != 0),
                 1 => AttrValue::Number(f64::from_le_bytes(r.array()?)),
-                2 => AttrValue::Text(r.string()?),
+                2 => AttrValue::Text(name(r.str()?)),
                 3 => AttrValue::List(
                     (0..r.u32()?)
-                        .map(|_| r.string())
+                        .map(|_| r.str().map(&mut name))
                         .collect::<Result<_, _>>()?,
                 ),
                 k => return Err(format!("unknown attribute kind {k}")),
             };
-            attributes.push((name, value));
+            attributes.push((attr, value));
         }
         let raw = r.take(dim * 4)?;
         let vector: Vec<f32> = raw
@@ -333,13 +331,13 @@ mod tests {
             price,
             popularity: 2.5,
             attributes: vec![
-                ("language".to_string(), AttrValue::Text("en".into())),
+                ("language".into(), AttrValue::Text("en".into())),
                 (
-                    "region".to_string(),
+                    "region".into(),
                     AttrValue::List(vec!["eu".into(), "us".into()]),
                 ),
-                ("size".to_string(), AttrValue::Number(4.5)),
-                ("promoted".to_string(), AttrValue::Bool(true)),
+                ("size".into(), AttrValue::Number(4.5)),
+                ("promoted".into(), AttrValue::Bool(true)),
             ]
             .into_boxed_slice(),
             vector: vec![0.6, 0.8].into(),
