@@ -1,10 +1,12 @@
 //! Domain types shared by every layer. Input becomes these validated types at the boundary
 //! (CSV/JSONL readers, HTTP extractors); deeper code trusts them.
 
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::str::FromStr;
+use std::sync::{Arc, LazyLock};
 
 /// Sets and maps keyed by item id. The request path looks items up by the hundred (the
 /// catalog, the re-ranker's purchased, viewed and trending checks), so they hash with
@@ -41,18 +43,20 @@ fn check_id(s: &str) -> Result<(), DomainError> {
     Ok(())
 }
 
+/// Ids hold their string in an `Arc`: a copy (the catalog's maps, the index's RAM copy, every
+/// list of ids a request builds) shares the one allocation instead of making its own. At 1M
+/// items the catalog and the index held four copies of every item id (issue 37).
 macro_rules! string_id {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-        #[serde(transparent)]
-        pub struct $name(String);
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(Arc<str>);
 
         impl $name {
             pub fn parse(s: impl Into<String>) -> Result<Self, DomainError> {
                 let s = s.into();
                 check_id(&s)?;
-                Ok(Self(s))
+                Ok(Self(s.into()))
             }
             pub fn as_str(&self) -> &str {
                 &self.0
@@ -69,6 +73,12 @@ macro_rules! string_id {
             type Err = DomainError;
             fn from_str(s: &str) -> Result<Self, Self::Err> {
                 Self::parse(s)
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
             }
         }
 
@@ -94,6 +104,146 @@ string_id!(
     /// An anonymous session's id.
     SessionId
 );
+
+/// A string that many items repeat: a category, a tag, an attribute's name or value. Each
+/// distinct one is held once per process and shared by every item, index copy and filter
+/// that names it (at 1M items, a dozen such strings per item made a third of the serving
+/// catalog's memory; issue 37). Reads as a `str`, and serializes as one.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Name(Arc<str>);
+
+/// Every [`Name`] in use, each once.
+static NAMES: LazyLock<Mutex<Names>> = LazyLock::new(Mutex::default);
+
+#[derive(Default)]
+struct Names {
+    set: HashSet<Arc<str>, foldhash::fast::RandomState>,
+    /// The size of `set` after its last sweep; it is swept when it has doubled since.
+    swept_at: usize,
+}
+
+impl Name {
+    pub fn new(s: &str) -> Name {
+        let mut names = NAMES.lock();
+        if let Some(n) = names.set.get(s) {
+            return Name(n.clone());
+        }
+        if names.set.len() >= (2 * names.swept_at).max(1024) {
+            // Forget the names nothing holds any more (the items that had them changed or
+            // went); only the set holds such a name, so no other thread can be copying it.
+            names.set.retain(|n| Arc::strong_count(n) > 1);
+            names.swept_at = names.set.len();
+        }
+        let n: Arc<str> = s.into();
+        names.set.insert(n.clone());
+        Name(n)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for Name {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for Name {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for Name {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Name {
+    fn from(s: &str) -> Name {
+        Name::new(s)
+    }
+}
+
+impl From<String> for Name {
+    fn from(s: String) -> Name {
+        Name::new(&s)
+    }
+}
+
+impl From<&String> for Name {
+    fn from(s: &String) -> Name {
+        Name::new(s)
+    }
+}
+
+impl PartialEq<str> for Name {
+    fn eq(&self, other: &str) -> bool {
+        *self.0 == *other
+    }
+}
+
+impl PartialEq<&str> for Name {
+    fn eq(&self, other: &&str) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl PartialEq<String> for Name {
+    fn eq(&self, other: &String) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl PartialEq<Name> for String {
+    fn eq(&self, other: &Name) -> bool {
+        **self == *other.0
+    }
+}
+
+impl PartialEq<Name> for &str {
+    fn eq(&self, other: &Name) -> bool {
+        **self == *other.0
+    }
+}
+
+impl fmt::Debug for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for Name {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Name {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Name;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Name, E> {
+                Ok(Name::new(v))
+            }
+        }
+        d.deserialize_str(Visitor)
+    }
+}
 
 /// Namespace for UUID v5 point ids, so that an item id maps to the same Qdrant point everywhere.
 const POINT_NAMESPACE: uuid::Uuid =
@@ -162,9 +312,9 @@ pub struct Item {
     pub title: String,
     /// Categories; `genres` in the file format (MovieLens' name), which stays as it is.
     #[serde(rename = "genres", alias = "categories")]
-    pub categories: Vec<String>,
+    pub categories: Vec<Name>,
     #[serde(default)]
-    pub tags: Vec<String>,
+    pub tags: Vec<Name>,
     #[serde(default)]
     pub price: Option<f32>,
     #[serde(default = "default_true")]
@@ -229,7 +379,7 @@ impl Item {
 /// 1M items, about 400 MB more than the list; issue 37). Items have a handful of attributes
 /// (at most [`MAX_ATTRS`]), so a binary search finds one as fast.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Attributes(Vec<(String, AttrValue)>);
+pub struct Attributes(Vec<(Name, AttrValue)>);
 
 impl Attributes {
     pub fn new() -> Self {
@@ -257,7 +407,7 @@ impl Attributes {
     }
 
     /// Sets `name`; returns the value it replaced.
-    pub fn insert(&mut self, name: String, value: AttrValue) -> Option<AttrValue> {
+    pub fn insert(&mut self, name: Name, value: AttrValue) -> Option<AttrValue> {
         match self.find(&name) {
             Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
             Err(i) => {
@@ -268,11 +418,11 @@ impl Attributes {
     }
 
     /// The attributes in name order.
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &AttrValue)> {
+    pub fn iter(&self) -> impl Iterator<Item = (&Name, &AttrValue)> {
         self.0.iter().map(|(n, v)| (n, v))
     }
 
-    pub fn keys(&self) -> impl Iterator<Item = &String> {
+    pub fn keys(&self) -> impl Iterator<Item = &Name> {
         self.0.iter().map(|(n, _)| n)
     }
 }
@@ -286,13 +436,13 @@ impl std::ops::Index<&str> for Attributes {
     }
 }
 
-impl FromIterator<(String, AttrValue)> for Attributes {
+impl FromIterator<(Name, AttrValue)> for Attributes {
     /// A later value for a name replaces an earlier one, as a map's `collect` does.
-    fn from_iter<I: IntoIterator<Item = (String, AttrValue)>>(iter: I) -> Self {
-        let mut all: Vec<(String, AttrValue)> = iter.into_iter().collect();
+    fn from_iter<I: IntoIterator<Item = (Name, AttrValue)>>(iter: I) -> Self {
+        let mut all: Vec<(Name, AttrValue)> = iter.into_iter().collect();
         // Stable: equal names keep their order, and the last of them is kept.
         all.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut out: Vec<(String, AttrValue)> = Vec::with_capacity(all.len());
+        let mut out: Vec<(Name, AttrValue)> = Vec::with_capacity(all.len());
         for (n, v) in all {
             match out.last_mut() {
                 Some(last) if last.0 == n => last.1 = v,
@@ -304,25 +454,25 @@ impl FromIterator<(String, AttrValue)> for Attributes {
     }
 }
 
-impl<const N: usize> From<[(String, AttrValue); N]> for Attributes {
-    fn from(pairs: [(String, AttrValue); N]) -> Self {
+impl<const N: usize> From<[(Name, AttrValue); N]> for Attributes {
+    fn from(pairs: [(Name, AttrValue); N]) -> Self {
         pairs.into_iter().collect()
     }
 }
 
 impl IntoIterator for Attributes {
-    type Item = (String, AttrValue);
-    type IntoIter = std::vec::IntoIter<(String, AttrValue)>;
+    type Item = (Name, AttrValue);
+    type IntoIter = std::vec::IntoIter<(Name, AttrValue)>;
     fn into_iter(self) -> Self::IntoIter {
         self.0.into_iter()
     }
 }
 
 impl<'a> IntoIterator for &'a Attributes {
-    type Item = (&'a String, &'a AttrValue);
+    type Item = (&'a Name, &'a AttrValue);
     type IntoIter = std::iter::Map<
-        std::slice::Iter<'a, (String, AttrValue)>,
-        fn(&'a (String, AttrValue)) -> (&'a String, &'a AttrValue),
+        std::slice::Iter<'a, (Name, AttrValue)>,
+        fn(&'a (Name, AttrValue)) -> (&'a Name, &'a AttrValue),
     >;
     fn into_iter(self) -> Self::IntoIter {
         self.0.iter().map(|(n, v)| (n, v))
@@ -338,7 +488,7 @@ impl Serialize for Attributes {
 impl<'de> Deserialize<'de> for Attributes {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         // Through a map: duplicate names keep the last value, as they always did.
-        Ok(BTreeMap::<String, AttrValue>::deserialize(d)?
+        Ok(BTreeMap::<Name, AttrValue>::deserialize(d)?
             .into_iter()
             .collect())
     }
@@ -359,8 +509,10 @@ pub const LANGUAGE: &str = "language";
 pub enum AttrValue {
     Bool(bool),
     Number(f64),
-    Text(String),
-    List(Vec<String>),
+    #[schema(value_type = String)]
+    Text(Name),
+    #[schema(value_type = Vec<String>)]
+    List(Vec<Name>),
 }
 
 /// By the JSON type, directly: the derived form of an untagged enum buffers every value and
@@ -387,17 +539,14 @@ impl<'de> Deserialize<'de> for AttrValue {
                 Ok(AttrValue::Number(v))
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<AttrValue, E> {
-                Ok(AttrValue::Text(v.to_string()))
-            }
-            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<AttrValue, E> {
-                Ok(AttrValue::Text(v))
+                Ok(AttrValue::Text(Name::new(v)))
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(
                 self,
                 mut seq: A,
             ) -> Result<AttrValue, A::Error> {
                 let mut list = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(MAX_ATTRS));
-                while let Some(s) = seq.next_element::<String>()? {
+                while let Some(s) = seq.next_element::<Name>()? {
                     list.push(s);
                 }
                 list.shrink_to_fit();
@@ -413,8 +562,8 @@ impl AttrValue {
     /// string of a list, a number in its shortest spelling (`42`, `4.5`), `true`/`false`.
     pub fn keywords(&self) -> Vec<String> {
         match self {
-            AttrValue::Text(s) => vec![s.clone()],
-            AttrValue::List(l) => l.clone(),
+            AttrValue::Text(s) => vec![s.to_string()],
+            AttrValue::List(l) => l.iter().map(Name::to_string).collect(),
             AttrValue::Number(n) => vec![number_keyword(*n)],
             AttrValue::Bool(b) => vec![b.to_string()],
         }
@@ -428,8 +577,8 @@ impl AttrValue {
     /// Whether one of [`Self::keywords`] is among `values` (without building them).
     pub fn has_any_of(&self, values: &[String]) -> bool {
         match self {
-            AttrValue::Text(s) => values.contains(s),
-            AttrValue::List(l) => l.iter().any(|x| values.contains(x)),
+            AttrValue::Text(s) => values.iter().any(|v| v == s),
+            AttrValue::List(l) => l.iter().any(|x| values.iter().any(|v| v == x)),
             AttrValue::Number(n) => values.contains(&number_keyword(*n)),
             AttrValue::Bool(b) => values
                 .iter()
@@ -486,8 +635,8 @@ pub fn check_attributes(attrs: &Attributes) -> Result<(), (String, String)> {
         ));
     }
     for (name, value) in attrs {
-        check_attr_name(name).map_err(|r| (name.clone(), r))?;
-        let bad = |r: String| Err((name.clone(), r));
+        check_attr_name(name).map_err(|r| (name.to_string(), r))?;
+        let bad = |r: String| Err((name.to_string(), r));
         match value {
             AttrValue::Number(n) if !n.is_finite() => return bad(format!("{n} is not finite")),
             AttrValue::Text(s) if s.len() > MAX_ID_LEN || s.chars().any(char::is_control) => {
@@ -661,14 +810,14 @@ impl Filter {
             && !item
                 .categories
                 .iter()
-                .any(|g| self.include_categories.contains(g))
+                .any(|g| self.include_categories.iter().any(|c| c == g))
         {
             return false;
         }
         if item
             .categories
             .iter()
-            .any(|g| self.exclude_categories.contains(g))
+            .any(|g| self.exclude_categories.iter().any(|c| c == g))
         {
             return false;
         }
@@ -704,6 +853,23 @@ mod tests {
         assert_eq!(ItemId::parse("a\nb"), Err(DomainError::ControlChar));
         assert_eq!(ItemId::parse("x".repeat(300)), Err(DomainError::TooLong));
         assert_eq!(ItemId::parse("42").unwrap().as_str(), "42");
+    }
+
+    /// A name read twice is held once, also after the names nothing holds any more were
+    /// forgotten; it reads, compares and serializes as its string.
+    #[test]
+    fn names_are_shared_and_survive_sweeps() {
+        let kept = Name::new("names_are_shared: kept");
+        for i in 0..5_000 {
+            Name::new(&format!("names_are_shared: gone {i}"));
+        }
+        let again: Name = serde_json::from_str(r#""names_are_shared: kept""#).unwrap();
+        assert!(Arc::ptr_eq(&kept.0, &again.0));
+        assert_eq!(again, "names_are_shared: kept");
+        assert_eq!(
+            serde_json::to_string(&again).unwrap(),
+            r#""names_are_shared: kept""#
+        );
     }
 
     #[test]
@@ -742,7 +908,7 @@ mod tests {
     fn attrs(pairs: &[(&str, AttrValue)]) -> Attributes {
         pairs
             .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
+            .map(|(k, v)| (Name::new(k), v.clone()))
             .collect()
     }
 

@@ -488,7 +488,7 @@ impl Recommender {
             e.item
                 .categories
                 .iter()
-                .filter(|g| categories.contains(g))
+                .filter(|g| categories.iter().any(|c| c == *g))
                 .count() as f32
                 / n
         };

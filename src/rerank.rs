@@ -631,7 +631,7 @@ mod tests {
             let out = rerank(&ctx, cands.clone());
             let top: Vec<String> = out[..20]
                 .iter()
-                .map(|r| r.entry.item.categories[0].clone())
+                .map(|r| r.entry.item.categories[0].to_string())
                 .collect();
             let x = top.iter().filter(|g| *g == "x").count();
             let distinct = top.iter().collect::<HashSet<_>>().len();

@@ -134,7 +134,7 @@ async fn filters_hold_on_every_path(app: &TestApp, catalog: &BTreeMap<String, At
     let brands: Vec<String> = catalog
         .values()
         .filter_map(|a| match a.get("brand") {
-            Some(AttrValue::Text(b)) => Some(b.clone()),
+            Some(AttrValue::Text(b)) => Some(b.to_string()),
             _ => None,
         })
         .collect::<BTreeSet<_>>()

@@ -90,7 +90,7 @@ fn id(s: &str) -> ItemId {
 fn payload(item: &str, cats: &[&str]) -> Payload {
     Payload {
         item_id: id(item),
-        categories: cats.iter().map(|c| c.to_string()).collect(),
+        categories: cats.iter().map(|&c| c.into()).collect(),
         available: true,
         price: None,
         created_at: None,
@@ -1533,13 +1533,14 @@ async fn edge_restart_answers_as_before_with_whole_payloads() {
     let mut points = attribute_catalog(&gen, 3_000);
     for (i, p) in points.iter_mut().enumerate() {
         p.payload.title = format!("item number {i}");
-        p.payload.tags = vec![format!("tag{}", i % 7)];
+        p.payload.tags = vec![format!("tag{}", i % 7).into()];
         p.payload.popularity = (i % 13) as f32;
         // Not filterable in these options (nor are "tier" and "brand"): kept in the
         // engine's payload only.
-        p.payload
-            .attributes
-            .insert("colour".into(), AttrValue::Text(format!("c{}", i % 4)));
+        p.payload.attributes.insert(
+            "colour".into(),
+            AttrValue::Text(format!("c{}", i % 4).into()),
+        );
     }
     let opts = || EdgeOptions {
         filterable: vec!["region".into(), "language".into(), "size".into()],

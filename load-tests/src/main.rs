@@ -332,7 +332,7 @@ fn read_catalog(args: &Args) -> anyhow::Result<Catalog> {
     }
     Ok(Catalog {
         ids,
-        categories: categories.into_iter().collect(),
+        categories: categories.iter().map(|c| c.to_string()).collect(),
         vectors: Vec::new(),
     })
 }

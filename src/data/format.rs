@@ -2,7 +2,9 @@
 //! `.jsonl`). Readers check the header and every field, and report errors with the file, the
 //! line and the field. Writers stream, so that generators run in bounded memory.
 
-use crate::domain::{check_attributes, Attributes, EventType, Interaction, Item, ItemId, UserId};
+use crate::domain::{
+    check_attributes, Attributes, EventType, Interaction, Item, ItemId, Name, UserId,
+};
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -256,7 +258,7 @@ impl Row<'_> {
         }
     }
 
-    pub(crate) fn list(&self, name: &str) -> Vec<String> {
+    pub(crate) fn list(&self, name: &str) -> Vec<Name> {
         split_list(self.get(name).unwrap_or(""))
     }
 }
@@ -264,12 +266,12 @@ impl Row<'_> {
 /// Splits a `|`-separated list, dropping empty entries. Without spare capacity: a collected
 /// list of one or two names would otherwise reserve four, and the serving catalog keeps
 /// two such lists per item (issue 37).
-pub fn split_list(s: &str) -> Vec<String> {
-    let mut list: Vec<String> = s
+pub fn split_list(s: &str) -> Vec<Name> {
+    let mut list: Vec<Name> = s
         .split('|')
         .map(str::trim)
         .filter(|g| !g.is_empty())
-        .map(str::to_string)
+        .map(Name::new)
         .collect();
     list.shrink_to_fit();
     list

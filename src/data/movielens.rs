@@ -11,7 +11,7 @@
 //! shared evaluation split does the same), so item rows compare equal to it.
 
 use super::format::{CsvTable, DataError, InteractionWriter, ItemWriter};
-use crate::domain::{EventType, Interaction, Item, ItemId, UserId};
+use crate::domain::{EventType, Interaction, Item, ItemId, Name, UserId};
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -232,7 +232,12 @@ fn read_movies(
             .filter(|g| g != NO_GENRES)
             .collect();
         item.year = title_year(&item.title);
-        item.tags = tags.remove(raw_id).unwrap_or_default();
+        item.tags = tags
+            .remove(raw_id)
+            .unwrap_or_default()
+            .into_iter()
+            .map(Name::from)
+            .collect();
         items.push(item);
         Ok(())
     })?;
@@ -390,7 +395,7 @@ fn read_ml100k_items(file: &Path) -> Result<Vec<Item>, DataError> {
         let mut item = Item::new(item_id, p[1]);
         for (k, name) in ML100K_GENRES.iter().enumerate() {
             match p[5 + k].trim() {
-                "1" if k > 0 => item.categories.push(name.to_string()),
+                "1" if k > 0 => item.categories.push(Name::new(name)),
                 "0" | "1" => {}
                 other => {
                     return Err(id_error(

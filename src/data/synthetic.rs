@@ -32,7 +32,7 @@
 //! trained on them.
 
 use super::format::{DataError, InteractionWriter, ItemWriter};
-use crate::domain::{EventType, Interaction, Item, ItemId, UserId};
+use crate::domain::{EventType, Interaction, Item, ItemId, Name, UserId};
 use serde::Serialize;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -270,10 +270,10 @@ fn item_attributes(seed: u64, i: u64, brand: &str) -> crate::domain::Attributes 
     let mut rng = Rng::stream(seed, STREAM_ATTRS, i);
     let pick = |rng: &mut Rng, table: &[(&'static str, f64)]| {
         let weights: Vec<f64> = table.iter().map(|(_, w)| *w).collect();
-        table[rng.weighted(&weights)].0.to_string()
+        Name::new(table[rng.weighted(&weights)].0)
     };
     let mut a = crate::domain::Attributes::new();
-    a.insert("brand".into(), AttrValue::Text(brand.to_string()));
+    a.insert("brand".into(), AttrValue::Text(brand.into()));
     if !rng.chance(NO_REGION) {
         let mut regions = vec![pick(&mut rng, REGIONS)];
         if rng.chance(0.3) {
@@ -389,9 +389,9 @@ fn generate_catalog(cfg: &GenerateConfig, file: &Path) -> Result<Catalog, Genera
         } else {
             WINDOW_START - 1 - rng.below((3 * WINDOW_DAYS * DAY) as u64) as i64
         };
-        let mut tags = vec![style_name.to_string()];
+        let mut tags = vec![Name::new(style_name)];
         for _ in 0..1 + rng.below(2) {
-            let t = spec.tags[rng.below(spec.tags.len() as u64) as usize].to_string();
+            let t = Name::new(spec.tags[rng.below(spec.tags.len() as u64) as usize]);
             if !tags.contains(&t) {
                 tags.push(t);
             }
@@ -407,7 +407,7 @@ fn generate_catalog(cfg: &GenerateConfig, file: &Path) -> Result<Catalog, Genera
         let mut item = Item::new(id.clone(), title);
         item.categories = std::iter::once(primary)
             .chain(secondary)
-            .map(|c| CATEGORIES[c].name.to_string())
+            .map(|c| CATEGORIES[c].name.into())
             .collect();
         item.tags = tags;
         item.price = Some(((price * 100.0).round() / 100.0).max(0.5) as f32);

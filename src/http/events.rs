@@ -5,6 +5,7 @@
 use super::error::AppError;
 use super::extract::parse_json;
 use super::AppState;
+use crate::domain::Name;
 use crate::session::event::{self, EventError, EventInput, EventLimits};
 use crate::session::{AppendOutcome, Event};
 
@@ -31,7 +32,7 @@ pub fn fill_categories(s: &AppState, events: &mut [Event]) {
     let entries = s.catalog.get_many(events.iter().map(|e| &e.item_id));
     for (e, entry) in events.iter_mut().zip(entries) {
         if let Some(entry) = entry {
-            e.categories = entry.item.categories.clone();
+            e.categories = entry.item.categories.iter().map(Name::to_string).collect();
         }
     }
 }

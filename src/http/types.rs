@@ -7,7 +7,7 @@ use crate::catalog::CatalogEntry;
 use crate::config::{BoostRule, BoostRules, CatalogSettings};
 use crate::domain::{
     check_attr_name, check_attributes, keyword_of_request, AttrFilter, AttrValue, Attributes,
-    Filter, Item, ItemId, SessionId, UserId, LANGUAGE, REGION,
+    Filter, Item, ItemId, Name, SessionId, UserId, LANGUAGE, REGION,
 };
 use crate::pipeline::{Degraded, Recommendations, Source};
 use crate::rerank::Components;
@@ -677,7 +677,8 @@ pub struct RecommendedItem {
     pub item_id: String,
     pub score: f32,
     pub title: String,
-    pub categories: Vec<String>,
+    #[schema(value_type = Vec<String>)]
+    pub categories: Vec<Name>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub price: Option<f32>,
     /// The item's attributes (absent when it has none).
@@ -753,7 +754,7 @@ struct RecommendedItemRef<'a> {
     item_id: &'a str,
     score: f32,
     title: &'a str,
-    categories: &'a [String],
+    categories: &'a [Name],
     #[serde(skip_serializing_if = "Option::is_none")]
     price: Option<f32>,
     #[serde(skip_serializing_if = "Attributes::is_empty")]
@@ -906,8 +907,8 @@ impl ItemInput {
         let item = Item {
             item_id,
             title: self.title,
-            categories: self.categories,
-            tags: self.tags,
+            categories: self.categories.into_iter().map(Name::from).collect(),
+            tags: self.tags.into_iter().map(Name::from).collect(),
             price,
             available: self.available,
             year: self.year,
@@ -944,8 +945,10 @@ pub struct ItemPatch {
 pub struct ItemView {
     pub item_id: String,
     pub title: String,
-    pub categories: Vec<String>,
-    pub tags: Vec<String>,
+    #[schema(value_type = Vec<String>)]
+    pub categories: Vec<Name>,
+    #[schema(value_type = Vec<String>)]
+    pub tags: Vec<Name>,
     pub price: Option<f32>,
     pub available: bool,
     pub year: Option<i32>,
@@ -1108,7 +1111,7 @@ mod tests {
             item.price = price;
             item.attributes = attrs
                 .iter()
-                .map(|(k, v)| (k.to_string(), v.clone()))
+                .map(|&(k, ref v)| (k.into(), v.clone()))
                 .collect();
             std::sync::Arc::new(CatalogEntry {
                 item,

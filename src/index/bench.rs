@@ -184,7 +184,7 @@ impl Generator {
                 vector: self.near(&mut rng, c).into(),
                 payload: Payload {
                     item_id: ItemId::parse(format!("i{i}")).expect("generated ids are valid"),
-                    categories: vec![Self::category(c)],
+                    categories: vec![Self::category(c).into()],
                     available: true,
                     price: Some((i % 100) as f32),
                     created_at: Some(i as i64),
@@ -194,10 +194,10 @@ impl Generator {
                     year: None,
                     attributes: [
                         (
-                            "tier".to_string(),
-                            AttrValue::Text(Self::tier(Self::tier_of(i))),
+                            "tier".into(),
+                            AttrValue::Text(Self::tier(Self::tier_of(i)).into()),
                         ),
-                        ("brand".to_string(), AttrValue::Text(Self::brand(c))),
+                        ("brand".into(), AttrValue::Text(Self::brand(c).into())),
                     ]
                     .into(),
                 },

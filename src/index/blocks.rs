@@ -31,7 +31,7 @@
 
 use super::exact::TopK;
 use super::{IndexPoint, Payload, PayloadPatch, Vector};
-use crate::domain::{point_id, Filter};
+use crate::domain::{point_id, Filter, Name};
 use crate::vector::{dot, dot_rows, i8_rows_at_least, quantize_i8, symmetric_eigen};
 use rayon::prelude::*;
 use std::collections::{HashMap, HashSet};
@@ -442,7 +442,7 @@ impl CategoryBlocks {
             }
             let v = super::validate::unit(&p.vector);
             for c in &p.payload.categories {
-                self.blocks.entry(c.clone()).or_default().put(row, &v);
+                self.blocks.entry(c.to_string()).or_default().put(row, &v);
             }
         }
     }
@@ -543,10 +543,10 @@ impl CategoryBlocks {
     }
 
     /// Removes the point from every block except those in `keep`.
-    fn remove_id(&mut self, id: &Uuid, keep: &[String]) {
+    fn remove_id(&mut self, id: &Uuid, keep: &[Name]) {
         let dim = self.dim;
         for (c, b) in self.blocks.iter_mut() {
-            if !keep.contains(c) {
+            if !keep.iter().any(|k| k == c) {
                 b.remove(dim, id);
             }
         }

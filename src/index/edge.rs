@@ -532,7 +532,7 @@ impl Drop for WriteTicket<'_> {
 /// work took 1.6-1.8 s after the engine's load); [`Collection::install_snapshot`] checks the
 /// snapshot against the engine before it uses them.
 struct Prepared {
-    points: HashMap<Uuid, RamPoint>,
+    points: payloads::Points,
     /// `None` when the blocks are off.
     blocks: Option<CategoryBlocks>,
     /// Up to [`SNAPSHOT_SAMPLE`] points spread over the snapshot, with their category
@@ -563,7 +563,7 @@ impl Prepared {
             });
             CategoryBlocks::from_loaded(dim, &snap.categories, rows)
         });
-        let points = snap.points.into_iter().map(|p| (p.id, p.ram)).collect();
+        let points = payloads::Points::of_loaded(snap.points.into_iter().map(|p| (p.id, p.ram)));
         Ok(Prepared {
             points,
             blocks,
@@ -1076,13 +1076,13 @@ impl Collection {
         let path = &self.snapshot.path;
         let tmp = self
             .points
-            .with_all(|map| {
+            .with_all(|points| {
                 snapshot::write_temp(
                     path,
                     self.dim,
                     &self.filterable,
-                    map.len(),
-                    map.iter(),
+                    points.len(),
+                    points.iter().map(|(id, p)| (id, p)),
                     |id| members.get(id).cloned(),
                     &names,
                 )
@@ -2127,7 +2127,7 @@ mod tests {
             p.payload.created_at = Some(1_700_000_000 + i as i64);
             p.payload.popularity = i as f32;
             p.payload.attributes = [(
-                "region".to_string(),
+                "region".into(),
                 crate::domain::AttrValue::List(vec![if i % 2 == 0 { "eu" } else { "us" }.into()]),
             )]
             .into();

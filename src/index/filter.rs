@@ -37,14 +37,14 @@ impl<'a> CompiledFilter<'a> {
             && !p
                 .categories
                 .iter()
-                .any(|c| f.include_categories.contains(c))
+                .any(|c| f.include_categories.iter().any(|x| x == c))
         {
             return false;
         }
         if !f.exclude_categories.is_empty()
             && p.categories
                 .iter()
-                .any(|c| f.exclude_categories.contains(c))
+                .any(|c| f.exclude_categories.iter().any(|x| x == c))
         {
             return false;
         }
@@ -91,7 +91,7 @@ mod tests {
         )
             .prop_map(|(id, cats, available, price, created_at, attrs)| Payload {
                 item_id: ItemId::parse(format!("i{id}")).unwrap(),
-                categories: cats.into_iter().map(|c| CATS[c].to_string()).collect(),
+                categories: cats.into_iter().map(|c| CATS[c].into()).collect(),
                 available,
                 price,
                 created_at,
@@ -114,8 +114,8 @@ mod tests {
             (0u8..6).prop_map(|n| AttrValue::Number(f64::from(n))),
             any::<bool>().prop_map(AttrValue::Bool),
         ];
-        proptest::collection::btree_map((0usize..3).prop_map(|n| NAMES[n].to_string()), value, 0..3)
-            .prop_map(|m| m.into_iter().collect())
+        proptest::collection::btree_map((0usize..3).prop_map(|n| NAMES[n]), value, 0..3)
+            .prop_map(|m| m.into_iter().map(|(n, v)| (n.into(), v)).collect())
     }
 
     fn attr_filter_strategy() -> impl Strategy<Value = AttrFilter> {

@@ -6,7 +6,7 @@
 //! Collections are versioned: an index command or a model activation writes a new version,
 //! then switches the serving alias to it, so readers never see a half-built collection.
 
-use crate::domain::{Filter, Item, ItemId};
+use crate::domain::{Filter, Item, ItemId, Name};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Payload {
     pub item_id: ItemId,
-    pub categories: Vec<String>,
+    pub categories: Vec<Name>,
     pub available: bool,
     pub price: Option<f32>,
     /// Unix seconds.
@@ -24,7 +24,7 @@ pub struct Payload {
     pub popularity: f32,
     /// The rest of the item's content, so that the collection holds the whole item: with a
     /// Qdrant server, a new replica loads its catalog from the collection (see `cluster`).
-    pub tags: Vec<String>,
+    pub tags: Vec<Name>,
     pub year: Option<i32>,
     /// The item's attributes; filters read them (see `payloads` for how they are stored).
     pub attributes: crate::domain::Attributes,
@@ -47,7 +47,7 @@ impl IndexPoint {
     /// A test point: an available item titled by its id, in `categories`, at `vector`.
     pub(crate) fn for_test(id: &str, categories: &[&str], vector: &[f32]) -> IndexPoint {
         let mut item = Item::new(crate::domain::ItemId::parse(id).unwrap(), id);
-        item.categories = categories.iter().map(|c| c.to_string()).collect();
+        item.categories = categories.iter().map(|&c| c.into()).collect();
         IndexPoint {
             vector: vector.into(),
             payload: Payload::of(&item, 0.0),

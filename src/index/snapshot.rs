@@ -18,7 +18,7 @@
 
 use super::payloads::RamPoint;
 use super::Vector;
-use crate::domain::{AttrValue, ItemId};
+use crate::domain::{AttrValue, ItemId, Name};
 use std::collections::HashMap;
 use std::io::{BufWriter, Write};
 use std::path::Path;
@@ -272,8 +272,10 @@ fn decode(bytes: &[u8], dim: usize, filterable: &[String]) -> Result<Snapshot, S
     let categories: Vec<String> = (0..r.u32()?)
         .map(|_| r.string())
         .collect::<Result<_, _>>()?;
-    // Attribute names repeat on every point: one allocation per name, cloned.
-    let mut attr_names: HashMap<&str, String> = HashMap::new();
+    // Attribute names and values repeat on every point: each is looked up in the process's
+    // names once per read (while the catalog file, read meanwhile, looks up its own).
+    let mut seen: HashMap<&str, Name> = HashMap::new();
+    let mut name = |s| seen.entry(s).or_insert_with(|| Name::new(s)).clone();
     let mut points = Vec::with_capacity(n.min(body.len() / (dim * 4 + 16).max(1)));
     for _ in 0..n {
         let id = Uuid::from_bytes(r.array()?);
@@ -291,23 +293,19 @@ fn decode(bytes: &[u8], dim: usize, filterable: &[String]) -> Result<Snapshot, S
         let n_attributes = r.u32()? as usize;
         let mut attributes = Vec::with_capacity(n_attributes.min(crate::domain::MAX_ATTRS));
         for _ in 0..n_attributes {
-            let name = r.str()?;
-            let name = attr_names
-                .entry(name)
-                .or_insert_with(|| name.to_string())
-                .clone();
+            let attr = name(r.str()?);
             let value = match r.u8()? {
                 0 => AttrValue::Bool(r.u8()? != 0),
                 1 => AttrValue::Number(f64::from_le_bytes(r.array()?)),
-                2 => AttrValue::Text(r.string()?),
+                2 => AttrValue::Text(name(r.str()?)),
                 3 => AttrValue::List(
                     (0..r.u32()?)
-                        .map(|_| r.string())
+                        .map(|_| r.str().map(&mut name))
                         .collect::<Result<_, _>>()?,
                 ),
                 k => return Err(format!("unknown attribute kind {k}")),
             };
-            attributes.push((name, value));
+            attributes.push((attr, value));
         }
         let vector: Vector = r
             .take(dim * 4)?
@@ -345,13 +343,13 @@ mod tests {
             price,
             popularity: 2.5,
             attributes: vec![
-                ("language".to_string(), AttrValue::Text("en".into())),
+                ("language".into(), AttrValue::Text("en".into())),
                 (
-                    "region".to_string(),
+                    "region".into(),
                     AttrValue::List(vec!["eu".into(), "us".into()]),
                 ),
-                ("size".to_string(), AttrValue::Number(4.5)),
-                ("promoted".to_string(), AttrValue::Bool(true)),
+                ("size".into(), AttrValue::Number(4.5)),
+                ("promoted".into(), AttrValue::Bool(true)),
             ]
             .into_boxed_slice(),
             vector: vec![0.6, 0.8].into(),

@@ -2,6 +2,7 @@
 //! read them, and their mapping onto tandem's items (see the README's "Coming from Gorse").
 
 use crate::catalog::CatalogEntry;
+use crate::domain::Name;
 use crate::session::{FeedbackRecord, UserRecord};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -44,14 +45,14 @@ impl From<&CatalogEntry> for GorseItemView {
         GorseItemView {
             item_id: e.item.item_id.to_string(),
             is_hidden: !e.item.available,
-            categories: e.item.categories.clone(),
+            categories: e.item.categories.iter().map(Name::to_string).collect(),
             timestamp: e
                 .item
                 .created_at
                 .and_then(|s| chrono::DateTime::from_timestamp(s, 0))
                 .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
                 .unwrap_or_default(),
-            labels: e.item.tags.clone(),
+            labels: e.item.tags.iter().map(Name::to_string).collect(),
             comment: e.item.title.clone(),
         }
     }
