@@ -88,8 +88,10 @@ pub async fn load_local_from(
     }
     let started = Instant::now();
     let total = items.len();
+    let mut logged = 0;
     let (catalog, report) = Catalog::load(items, index, |done, total| {
-        if done % 100_000 < 2_000 || done == total {
+        if done >= logged + 100_000 || done == total {
+            logged = done;
             tracing::info!(done, total, "loading the catalog");
         }
     })
