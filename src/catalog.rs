@@ -575,12 +575,12 @@ mod tests {
         let live = |i: usize| {
             let mut it = item(i);
             it.price = Some(i as f32);
-            it.available = i % 5 != 0;
+            it.available = !i.is_multiple_of(5);
             CatalogEntry {
                 item: it,
                 popularity: (i % 4) as f32,
                 // Unit vectors, which the index stores as they are.
-                vector: if i % 2 == 0 {
+                vector: if i.is_multiple_of(2) {
                     vec![1.0, 0.0]
                 } else {
                     vec![0.0, 1.0]
