@@ -160,17 +160,9 @@ impl Entries {
                 BTreeSet::from_iter(ranks)
             },
             || {
-                // Counted by the names' interned pointers, then ordered by name: a tree of
-                // names compared as strings at each of a million steps took longer.
-                let mut counts: HashMap<*const u8, (Name, usize)> = HashMap::new();
-                for e in &all {
-                    for g in &e.item.categories {
-                        counts.entry(g.as_ptr()).or_insert_with(|| (g.clone(), 0)).1 += 1;
-                    }
-                }
                 let mut categories = BTreeMap::new();
-                for (name, n) in counts.into_values() {
-                    *categories.entry(name).or_insert(0) += n;
+                for e in &all {
+                    count_categories(&mut categories, e, true);
                 }
                 categories
             },
@@ -183,32 +175,20 @@ impl Entries {
         }
     }
 
-    fn count_categories(&mut self, entry: &CatalogEntry, add: bool) {
-        for g in &entry.item.categories {
-            if add {
-                *self.categories.entry(g.clone()).or_insert(0) += 1;
-            } else if let Some(n) = self.categories.get_mut(g) {
-                // A category whose last item went stays known (at 0): a page for it answers
-                // an empty list, not "unknown category", until the process restarts.
-                *n = n.saturating_sub(1);
-            }
-        }
-    }
-
     fn take(&mut self, id: &ItemId) -> Option<Arc<CatalogEntry>> {
         let removed = self.by_id.remove(id)?;
         self.by_popularity.remove(&rank(&removed));
-        self.count_categories(&removed, false);
+        count_categories(&mut self.categories, &removed, false);
         Some(removed)
     }
 
     /// Puts `entry` in place of whatever had its id, in both views; returns what it replaced.
     fn put(&mut self, entry: Arc<CatalogEntry>) -> Option<Arc<CatalogEntry>> {
         let new_rank = rank(&entry);
-        self.count_categories(&entry, true);
+        count_categories(&mut self.categories, &entry, true);
         let old = self.by_id.insert(entry);
         if let Some(old) = &old {
-            self.count_categories(old, false);
+            count_categories(&mut self.categories, old, false);
             let old_rank = rank(old);
             if old_rank == new_rank {
                 return Some(old.clone());
@@ -242,6 +222,19 @@ struct PopularList {
     /// The rank of the last id when the walk stopped early; an entry that matches and ranks
     /// above it belongs in the list.
     last: Option<Rank>,
+}
+
+/// Counts `entry` in (`add`) or out of the per-category counts.
+fn count_categories(categories: &mut BTreeMap<Name, usize>, entry: &CatalogEntry, add: bool) {
+    for g in &entry.item.categories {
+        if add {
+            *categories.entry(g.clone()).or_insert(0) += 1;
+        } else if let Some(n) = categories.get_mut(g) {
+            // A category whose last item went stays known (at 0): a page for it answers
+            // an empty list, not "unknown category", until the process restarts.
+            *n = n.saturating_sub(1);
+        }
+    }
 }
 
 /// A catalog entry of an item from the catalog file and its live fields from the index.
