@@ -250,72 +250,121 @@ fn live_entry(mut item: Item, live: LivePoint) -> CatalogEntry {
     }
 }
 
+/// Items per index lookup of a start-up load.
+pub const LOAD_BATCH: usize = 8_192;
+
+/// A start-up load of the catalog, batch by batch as the catalog file is read (see
+/// `items::load`): content (title, categories, tags, year) from the file, and the live fields
+/// (vector, availability, price, popularity) from the index, which API writes have updated.
+/// At 1M items each batch is paired while the rest of the file is still being read, rather
+/// than after it (issue 37).
+pub struct Loader {
+    map: ById,
+    report: LoadReport,
+    /// Items of the file handed over so far.
+    done: usize,
+}
+
+impl Loader {
+    /// A load expecting about `n` items.
+    pub fn with_capacity(n: usize) -> Self {
+        Loader {
+            map: ById::with_capacity(n),
+            report: LoadReport::default(),
+            done: 0,
+        }
+    }
+
+    /// Items of the file handed over so far.
+    pub fn done(&self) -> usize {
+        self.done
+    }
+
+    /// Pairs `batch` with what the index holds for its items; a later item with an id
+    /// replaces the earlier one, and an item the index does not hold is left out (and
+    /// counted in the report).
+    pub async fn add(
+        &mut self,
+        batch: Vec<Item>,
+        index: &dyn VectorIndex,
+    ) -> Result<(), CatalogError> {
+        let ids: Vec<ItemId> = batch.iter().map(|i| i.item_id.clone()).collect();
+        let fetched = index.fetch_live(None, &ids).await?;
+        drop(ids);
+        self.done += batch.len();
+        // `fetch_live` answers in the order of `ids`: when it found every item (the
+        // usual case) the two lists pair up without a map of the batch.
+        let in_order = fetched.len() == batch.len()
+            && fetched
+                .iter()
+                .zip(&batch)
+                .all(|(p, i)| p.item_id == i.item_id);
+        // The entries are made on every core.
+        let made: Vec<Arc<CatalogEntry>> = match in_order {
+            true => batch
+                .into_par_iter()
+                .zip(fetched)
+                .map(|(item, live)| Arc::new(live_entry(item, live)))
+                .collect(),
+            false => {
+                let by_id: HashMap<ItemId, LivePoint> = fetched
+                    .into_iter()
+                    .map(|p| (p.item_id.clone(), p))
+                    .collect();
+                let mut missing = 0;
+                let made = batch
+                    .into_iter()
+                    .filter_map(|item| {
+                        let live = by_id.get(&item.item_id).cloned();
+                        if live.is_none() {
+                            missing += 1;
+                        }
+                        Some(Arc::new(live_entry(item, live?)))
+                    })
+                    .collect();
+                self.report.missing_from_index += missing;
+                made
+            }
+        };
+        self.report.loaded += made.len();
+        for entry in made {
+            self.map.insert(entry);
+        }
+        Ok(())
+    }
+
+    /// The catalog, with its popularity order and category counts made on every core.
+    pub fn finish(self) -> (Catalog, LoadReport) {
+        let catalog = Catalog {
+            entries: RwLock::new(Entries::from_map(self.map)),
+            popular_cache: Mutex::default(),
+        };
+        (catalog, self.report)
+    }
+}
+
 impl Catalog {
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Builds the catalog from the items of a data dir and what the index holds for them:
-    /// content (title, categories, tags, year) from the file, and the live fields (vector,
-    /// availability, price, popularity) from the index, which API writes have updated.
+    /// Builds the catalog from the items of a data dir and what the index holds for them
+    /// (see [`Loader`]), in batches, calling `progress(done, total)` after each.
     pub async fn load(
         items: Vec<Item>,
         index: &dyn VectorIndex,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<(Self, LoadReport), CatalogError> {
-        const BATCH: usize = 8_192;
         let total = items.len();
-        let mut report = LoadReport::default();
-        let mut map = ById::with_capacity(total);
-        let mut done = 0;
+        let mut loader = Loader::with_capacity(total);
         let mut items = items.into_iter().peekable();
         while items.peek().is_some() {
-            let batch: Vec<Item> = items.by_ref().take(BATCH).collect();
-            let ids: Vec<ItemId> = batch.iter().map(|i| i.item_id.clone()).collect();
-            let fetched = index.fetch_live(None, &ids).await?;
-            done += batch.len();
-            // `fetch_live` answers in the order of `ids`: when it found every item (the
-            // usual case) the two lists pair up without a map of the batch.
-            let in_order = fetched.len() == batch.len()
-                && fetched
-                    .iter()
-                    .zip(&batch)
-                    .all(|(p, i)| p.item_id == i.item_id);
-            // The entries are made on every core (at 1M items the restart waits for them).
-            let made: Vec<Arc<CatalogEntry>> = match in_order {
-                true => batch
-                    .into_par_iter()
-                    .zip(fetched)
-                    .map(|(item, live)| Arc::new(live_entry(item, live)))
-                    .collect(),
-                false => {
-                    let by_id: HashMap<ItemId, LivePoint> = fetched
-                        .into_iter()
-                        .map(|p| (p.item_id.clone(), p))
-                        .collect();
-                    batch
-                        .into_iter()
-                        .filter_map(|item| {
-                            let live = by_id.get(&item.item_id).cloned();
-                            if live.is_none() {
-                                report.missing_from_index += 1;
-                            }
-                            Some(Arc::new(live_entry(item, live?)))
-                        })
-                        .collect()
-                }
-            };
-            report.loaded += made.len();
-            for entry in made {
-                map.insert(entry);
-            }
-            progress(done, total);
+            loader
+                .add(items.by_ref().take(LOAD_BATCH).collect(), index)
+                .await?;
+            progress(loader.done(), total);
         }
-        let catalog = Catalog {
-            entries: RwLock::new(Entries::from_map(map)),
-            popular_cache: Mutex::default(),
-        };
-        Ok((catalog, report))
+        Ok(loader.finish())
     }
 
     /// Every read takes the lock without queueing behind a waiting writer. A whole-catalog

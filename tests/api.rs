@@ -408,6 +408,96 @@ async fn items_added_through_the_api_survive_a_restart_with_the_embedded_index()
     assert_eq!(body["catalog_items"], CATEGORIES.len() * PER_CATEGORY + 1);
 }
 
+/// A restart pairs the catalog file with the index batch by batch as the file is read. Over a
+/// file of several batches (the last one partial), the items written through the API come
+/// back in place of the file's items and after them, the last write of an id wins, nothing
+/// is lost or doubled, and a bad row past the first batches still stops the start-up with
+/// an error that names its line and field.
+#[tokio::test]
+async fn a_restart_over_a_catalog_file_of_many_batches_keeps_every_item_and_api_write() {
+    use tandem::catalog::LOAD_BATCH;
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big");
+    std::fs::create_dir_all(&big).unwrap();
+    let n = LOAD_BATCH * 2 + LOAD_BATCH / 2;
+    let items: Vec<Item> = catalog()
+        .into_iter()
+        .cycle()
+        .take(n)
+        .enumerate()
+        .map(|(i, mut item)| {
+            item.item_id = ItemId::parse(format!("big-{i}")).unwrap();
+            item.title = format!("{} {i}", item.title);
+            item
+        })
+        .collect();
+    tandem::data::format::write_items(&big.join("items.csv"), &items, true).unwrap();
+    let tweak = |s: &mut Settings| {
+        s.index.backend = IndexBackend::Embedded;
+        s.server.catalog_dir = big.clone();
+    };
+    let app = spawn_app_in(dir, tweak).await;
+    let in_batch_two = format!("big-{}", LOAD_BATCH + 10);
+    let in_last_batch = format!("big-{}", n - 3);
+    for body in [
+        json!({"items": [{"item_id": in_batch_two, "title": "replaced orbit", "categories": ["SciFi"]}]}),
+        json!({"items": [{"item_id": "added-1", "title": "first write", "categories": ["Drama"]}]}),
+        json!({"items": [{"item_id": "added-1", "title": "second write", "categories": ["Drama"]}]}),
+    ] {
+        let (status, resp) = app.post("/v1/items", &body).await;
+        assert_eq!(status, StatusCode::OK, "{resp}");
+    }
+    let (status, _) = app
+        .send_json(
+            reqwest::Method::PATCH,
+            &format!("/v1/items/{in_last_batch}"),
+            &json!({"available": false}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let dir = app.stop().await;
+
+    let app = spawn_app_in(dir, tweak).await;
+    let (status, body) = app.get("/readyz").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["catalog_items"], n + 1);
+    let (_, body) = app.get(&format!("/v1/items/{in_batch_two}")).await;
+    assert_eq!(body["title"], "replaced orbit", "{body}");
+    assert_eq!(body["categories"], json!(["SciFi"]));
+    let (_, body) = app.get("/v1/items/added-1").await;
+    assert_eq!(body["title"], "second write", "{body}");
+    let (_, body) = app.get(&format!("/v1/items/{in_last_batch}")).await;
+    assert_eq!(body["available"], false, "{body}");
+    for i in [0, LOAD_BATCH - 1, LOAD_BATCH, n - 1] {
+        let (status, body) = app.get(&format!("/v1/items/big-{i}")).await;
+        assert_eq!(status, StatusCode::OK, "big-{i}: {body}");
+        assert_eq!(body["title"], items[i].title);
+    }
+    let dir = app.stop().await;
+
+    // A bad price on the file's last row: the restart stops and says where.
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(big.join("items.csv"))
+        .unwrap();
+    std::io::Write::write_all(&mut file, b"big-bad,Bad Price,Drama,,-3,true,,,\n").unwrap();
+    let mut settings = Settings {
+        data_dir: dir.path().join("data"),
+        model_path: model_dir().join("model"),
+        ..Settings::default()
+    };
+    settings.session.backend = SessionBackend::Memory;
+    tweak(&mut settings);
+    let err = match tandem::http::AppState::build(settings).await {
+        Ok(_) => panic!("a catalog file with a bad row started"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains(&format!("items.csv:{}: field `price`", n + 2)),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn onboarding_returns_the_chosen_categories_and_not_just_trending() {
     let app = spawn_app().await;

@@ -105,15 +105,8 @@ impl AppState {
         let started = std::time::Instant::now();
         // One process reads its catalog file while the index opens (at 1M items each takes
         // seconds); replicas load theirs from the shared collection.
-        let catalog_file = (!settings.shared()).then(|| {
-            let dir = settings.server.catalog_dir.clone();
-            tokio::task::spawn_blocking(move || {
-                let stage = std::time::Instant::now();
-                let items = crate::items::load::read_catalog(&dir);
-                crate::telemetry::startup_stage("catalog file read", stage);
-                items
-            })
-        });
+        let catalog_file = (!settings.shared())
+            .then(|| crate::items::load::CatalogFile::read(&settings.server.catalog_dir));
         let bus = match settings.shared() {
             true => Some(Bus::connect(&settings).await?),
             false => None,
@@ -195,14 +188,8 @@ impl AppState {
             }
             None => {
                 let journal = CatalogJournal::new(journal_path(&settings.data_dir));
-                let file = match catalog_file {
-                    Some(read) => read.await.map_err(|e| {
-                        ServeError::Io(std::io::Error::other(format!(
-                            "reading the catalog file: {e}"
-                        )))
-                    })??,
-                    None => crate::items::load::read_catalog(&catalog_dir)?,
-                };
+                let file = catalog_file
+                    .unwrap_or_else(|| crate::items::load::CatalogFile::read(&catalog_dir));
                 let catalog = crate::items::load::load_local_from(
                     index.as_ref(),
                     &model,

@@ -9,7 +9,7 @@
 //!   file under a Redis lease, so that replicas starting together index it once.
 
 use super::{embed_points, CatalogJournal, EMBED_BATCH, FLUSH_EVERY};
-use crate::catalog::{Catalog, CatalogEntry, CatalogError, LoadReport};
+use crate::catalog::{Catalog, CatalogEntry, CatalogError, LoadReport, Loader, LOAD_BATCH};
 use crate::cluster::Bus;
 use crate::data::DataError;
 use crate::domain::{Item, ItemId};
@@ -57,48 +57,138 @@ pub async fn load_local(
     catalog_dir: &Path,
     journal: &CatalogJournal,
 ) -> Result<Catalog, LoadError> {
-    let file = read_catalog(catalog_dir)?;
+    let file = CatalogFile::read(catalog_dir);
     load_local_from(index, model, catalog_dir, journal, file).await
 }
 
-/// [`load_local`] with the catalog file's items read already (the server reads the file
-/// while the index opens: at 1M items each takes seconds).
+/// [`load_local`] with the catalog file's read under way already (the server starts it
+/// before it opens the index: at 1M items each takes seconds).
 pub async fn load_local_from(
     index: &dyn VectorIndex,
     model: &TwoTower,
     catalog_dir: &Path,
     journal: &CatalogJournal,
-    file: Vec<Item>,
+    mut file: CatalogFile,
 ) -> Result<Catalog, LoadError> {
     let stage = Instant::now();
     replay_unflushed(journal, index, model).await?;
     crate::telemetry::startup_stage("journal replay", stage);
     let stage = Instant::now();
-    let mut items = file;
-    let added = journal.read()?;
+    let mut added = Added::new(journal.read()?);
     if !added.is_empty() {
         tracing::info!(items = added.len(), "replaying items added through the API");
-        items = merge_items(items, added);
     }
     crate::telemetry::startup_stage("journal read", stage);
-    if !items.is_empty() && index_is_empty(index).await? {
-        let stage = Instant::now();
-        index_catalog(index, model, &items, catalog_dir).await?;
-        crate::telemetry::startup_stage("catalog indexed", stage);
-    }
     let started = Instant::now();
-    let total = items.len();
     let mut logged = 0;
-    let (catalog, report) = Catalog::load(items, index, |done, total| {
-        if done >= logged + 100_000 || done == total {
+    let mut progress = |done: usize| {
+        if done >= logged + 100_000 {
             logged = done;
-            tracing::info!(done, total, "loading the catalog");
+            tracing::info!(done, "loading the catalog");
         }
-    })
-    .await?;
+    };
+    let (catalog, report, total) = match index.count().await {
+        Ok(0) | Err(IndexError::NoActiveVersion) => {
+            // A first start: the whole catalog is embedded and indexed, then loaded.
+            let mut items = file.all().await?;
+            added.replace_in(&mut items);
+            items.extend(added.rest());
+            if !items.is_empty() {
+                let stage = Instant::now();
+                index_catalog(index, model, &items, catalog_dir).await?;
+                crate::telemetry::startup_stage("catalog indexed", stage);
+            }
+            let total = items.len();
+            let (catalog, report) = Catalog::load(items, index, |done, _| progress(done)).await?;
+            (catalog, report, total)
+        }
+        Ok(points) => {
+            // A restart: each batch of the file is paired with the index as it is read.
+            let mut loader = Loader::with_capacity(points);
+            while let Some(mut batch) = file.next().await? {
+                added.replace_in(&mut batch);
+                loader.add(batch, index).await?;
+                progress(loader.done());
+            }
+            let rest = added.rest();
+            if !rest.is_empty() {
+                loader.add(rest, index).await?;
+            }
+            let total = loader.done();
+            let (catalog, report) = loader.finish();
+            (catalog, report, total)
+        }
+        Err(e) => return Err(e.into()),
+    };
     log_loaded(report, total, started);
     crate::telemetry::startup_stage("catalog loaded", started);
     Ok(catalog)
+}
+
+/// The catalog file, read on a thread of its own and handed over in batches as they are
+/// read, so that a restart pairs the first batches with the index while the file's end is
+/// still being parsed (issue 37).
+pub struct CatalogFile {
+    batches: tokio::sync::mpsc::UnboundedReceiver<Result<Vec<Item>, LoadError>>,
+}
+
+impl CatalogFile {
+    /// Starts reading the catalog file of `dir` (none when no dir is configured).
+    pub fn read(dir: &Path) -> Self {
+        let (tx, batches) = tokio::sync::mpsc::unbounded_channel();
+        let reader = {
+            let dir = dir.to_path_buf();
+            move || {
+                let stage = Instant::now();
+                let mut batch = Vec::with_capacity(LOAD_BATCH);
+                let read = for_each_catalog_item(&dir, |item| {
+                    batch.push(item);
+                    if batch.len() == LOAD_BATCH {
+                        // A closed channel means the start-up failed elsewhere: the rest is
+                        // not needed, and reading on is harmless.
+                        let _ = tx.send(Ok(std::mem::replace(
+                            &mut batch,
+                            Vec::with_capacity(LOAD_BATCH),
+                        )));
+                    }
+                });
+                match read {
+                    Ok(()) if batch.is_empty() => {}
+                    read => {
+                        let _ = tx.send(read.map(|()| batch));
+                    }
+                }
+                crate::telemetry::startup_stage("catalog file read", stage);
+            }
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("catalog-file".into())
+            .spawn(reader)
+        {
+            let (tx, batches) = tokio::sync::mpsc::unbounded_channel();
+            let _ = tx.send(Err(LoadError::Data(DataError::Io {
+                file: dir.to_path_buf(),
+                source: e,
+            })));
+            return CatalogFile { batches };
+        }
+        CatalogFile { batches }
+    }
+
+    /// The next batch, `None` after the last; the file's error, if it has one, in place of
+    /// the batch where the read stopped.
+    pub async fn next(&mut self) -> Result<Option<Vec<Item>>, LoadError> {
+        self.batches.recv().await.transpose()
+    }
+
+    /// Every item of the file.
+    pub async fn all(&mut self) -> Result<Vec<Item>, LoadError> {
+        let mut items = Vec::new();
+        while let Some(batch) = self.next().await? {
+            items.extend(batch);
+        }
+        Ok(items)
+    }
 }
 
 /// Replicas: the shared collection `collection` (the live one when `None`) is the catalog.
@@ -194,34 +284,84 @@ fn log_loaded(report: LoadReport, total: usize, started: Instant) {
     );
 }
 
-/// The catalog file's items, then the journaled ones; a later entry for an id replaces the
-/// earlier one in place.
-fn merge_items(base: Vec<Item>, added: Vec<Item>) -> Vec<Item> {
-    let mut at: HashMap<ItemId, usize> = HashMap::with_capacity(base.len());
-    let mut items = base;
-    for (i, item) in items.iter().enumerate() {
-        at.insert(item.item_id.clone(), i);
+/// The items added through the API (the journal), each in place of the catalog file's item
+/// with its id, or after the file's items; a later line for an id replaces the earlier one.
+struct Added {
+    at: HashMap<ItemId, usize>,
+    /// Each id's latest item, and whether the file had the id.
+    items: Vec<(Item, bool)>,
+}
+
+impl Added {
+    fn new(lines: Vec<Item>) -> Self {
+        let mut added = Added {
+            at: HashMap::new(),
+            items: Vec::new(),
+        };
+        for item in lines {
+            match added.at.get(&item.item_id) {
+                Some(&i) => added.items[i].0 = item,
+                None => {
+                    added.at.insert(item.item_id.clone(), added.items.len());
+                    added.items.push((item, false));
+                }
+            }
+        }
+        added
     }
-    for item in added {
-        match at.get(&item.item_id) {
-            Some(&i) => items[i] = item,
-            None => {
-                at.insert(item.item_id.clone(), items.len());
-                items.push(item);
+
+    fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Puts the added items in place of the file's items with their ids.
+    fn replace_in(&mut self, file: &mut [Item]) {
+        if self.at.is_empty() {
+            return;
+        }
+        for item in file {
+            if let Some(&i) = self.at.get(&item.item_id) {
+                *item = self.items[i].0.clone();
+                self.items[i].1 = true;
             }
         }
     }
-    items
+
+    /// The added items whose ids the file did not have.
+    fn rest(&mut self) -> Vec<Item> {
+        self.at.clear();
+        std::mem::take(&mut self.items)
+            .into_iter()
+            .filter(|(_, in_file)| !in_file)
+            .map(|(item, _)| item)
+            .collect()
+    }
+}
+
+/// Calls `f` with each item of a data dir's catalog file; none when no dir is configured.
+fn for_each_catalog_item(dir: &Path, f: impl FnMut(Item)) -> Result<(), LoadError> {
+    if dir.as_os_str().is_empty() {
+        tracing::warn!("server.catalog_dir is not set: the catalog starts empty; add items with POST /v1/items");
+        return Ok(());
+    }
+    let file = crate::data::find_file(dir, "items")?;
+    let mut f = f;
+    crate::data::for_each_item(&file, |item| {
+        f(item);
+        Ok(())
+    })?;
+    Ok(())
 }
 
 /// The items of a data dir's catalog file; none when no dir is configured.
 pub fn read_catalog(dir: &Path) -> Result<Vec<Item>, LoadError> {
-    if dir.as_os_str().is_empty() {
-        tracing::warn!("server.catalog_dir is not set: the catalog starts empty; add items with POST /v1/items");
-        return Ok(Vec::new());
-    }
-    let file = crate::data::find_file(dir, "items")?;
-    Ok(crate::data::read_items(&file)?)
+    let mut items = Vec::new();
+    for_each_catalog_item(dir, |item| items.push(item))?;
+    Ok(items)
 }
 
 /// Journal lines per index write when a crash replay is written back. Each batch is one
