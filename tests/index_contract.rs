@@ -1340,7 +1340,7 @@ fn attribute_catalog(gen: &tandem::index::bench::Generator, n: usize) -> Vec<Ind
             match i % 3 {
                 0 => {}
                 1 => {
-                    a.insert("region".into(), AttrValue::List(vec!["eu".into()]));
+                    a.insert("region".into(), AttrValue::List(vec!["eu".into()].into()));
                 }
                 _ => {
                     let r = if i % 2 == 0 {
@@ -1348,7 +1348,7 @@ fn attribute_catalog(gen: &tandem::index::bench::Generator, n: usize) -> Vec<Ind
                     } else {
                         vec!["us".into()]
                     };
-                    a.insert("region".into(), AttrValue::List(r));
+                    a.insert("region".into(), AttrValue::List(r.into()));
                 }
             }
             a.insert("size".into(), AttrValue::Number((i % 50) as f64));

@@ -282,7 +282,7 @@ fn item_attributes(seed: u64, i: u64, brand: &str) -> crate::domain::Attributes 
                 regions.push(second);
             }
         }
-        a.insert("region".into(), AttrValue::List(regions));
+        a.insert("region".into(), AttrValue::List(regions.into()));
     }
     if !rng.chance(NO_LANGUAGE) {
         a.insert(

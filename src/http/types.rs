@@ -1132,7 +1132,10 @@ mod tests {
                         Some(9.5),
                         &[
                             ("brand", AttrValue::Text("acme".into())),
-                            ("region", AttrValue::List(vec!["eu".into(), "us".into()])),
+                            (
+                                "region",
+                                AttrValue::List(vec!["eu".into(), "us".into()].into()),
+                            ),
                             ("stock", AttrValue::Number(3.0)),
                             ("promoted", AttrValue::Bool(true)),
                         ],

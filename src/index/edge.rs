@@ -2139,7 +2139,9 @@ mod tests {
             p.payload.popularity = i as f32;
             p.payload.attributes = [(
                 "region".into(),
-                crate::domain::AttrValue::List(vec![if i % 2 == 0 { "eu" } else { "us" }.into()]),
+                crate::domain::AttrValue::List(
+                    vec![if i % 2 == 0 { "eu" } else { "us" }.into()].into(),
+                ),
             )]
             .into();
             p

@@ -409,7 +409,7 @@ mod tests {
                 ("promoted".into(), AttrValue::Bool(true)),
                 (
                     "region".into(),
-                    AttrValue::List(vec!["eu".into(), "us".into()]),
+                    AttrValue::List(vec!["eu".into(), "us".into()].into()),
                 ),
             ]
             .into(),

@@ -354,7 +354,7 @@ mod tests {
                 ("language".into(), AttrValue::Text("en".into())),
                 (
                     "region".into(),
-                    AttrValue::List(vec!["eu".into(), "us".into()]),
+                    AttrValue::List(vec!["eu".into(), "us".into()].into()),
                 ),
                 ("size".into(), AttrValue::Number(4.5)),
                 ("promoted".into(), AttrValue::Bool(true)),
