@@ -261,7 +261,7 @@ pub const LOAD_BATCH: usize = 8_192;
 pub struct Loader {
     map: ById,
     report: LoadReport,
-    /// Items of the file handed over so far.
+    /// Items handed over so far.
     done: usize,
 }
 
@@ -275,7 +275,7 @@ impl Loader {
         }
     }
 
-    /// Items of the file handed over so far.
+    /// Items handed over so far.
     pub fn done(&self) -> usize {
         self.done
     }
@@ -290,7 +290,6 @@ impl Loader {
     ) -> Result<(), CatalogError> {
         let ids: Vec<ItemId> = batch.iter().map(|i| i.item_id.clone()).collect();
         let fetched = index.fetch_live(None, &ids).await?;
-        drop(ids);
         self.done += batch.len();
         // `fetch_live` answers in the order of `ids`: when it found every item (the
         // usual case) the two lists pair up without a map of the batch.

@@ -236,7 +236,7 @@ struct Block {
 
 /// A block's row numbers by point id: a table of `u32` row numbers, hashed by their rows'
 /// ids. A map from id to row number took 24 bytes a slot, about 38 a row at its load, in
-/// every block a point is in: 40 MB at 1M items (issue 37).
+/// every block a point is in: about 40 MB at 1M items (issue 37).
 #[derive(Debug, Default)]
 struct RowIds {
     table: HashTable<u32>,
@@ -520,7 +520,7 @@ impl CategoryBlocks {
         }
         blocks.par_iter_mut().for_each(|b| {
             // Without the spare room of growth by doubling: a quarter of these lists on
-            // average, 15 MB at 1M items.
+            // average, about 15 MB at 1M items.
             b.rows.shrink_to_fit();
             b.vectors.shrink_to_fit();
             b.encode_all(dim)

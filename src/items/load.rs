@@ -136,6 +136,7 @@ impl CatalogFile {
     /// Starts reading the catalog file of `dir` (none when no dir is configured).
     pub fn read(dir: &Path) -> Self {
         let (tx, batches) = tokio::sync::mpsc::unbounded_channel();
+        let failed = tx.clone();
         let reader = {
             let dir = dir.to_path_buf();
             move || {
@@ -165,12 +166,10 @@ impl CatalogFile {
             .name("catalog-file".into())
             .spawn(reader)
         {
-            let (tx, batches) = tokio::sync::mpsc::unbounded_channel();
-            let _ = tx.send(Err(LoadError::Data(DataError::Io {
+            let _ = failed.send(Err(LoadError::Data(DataError::Io {
                 file: dir.to_path_buf(),
                 source: e,
             })));
-            return CatalogFile { batches };
         }
         CatalogFile { batches }
     }
@@ -343,13 +342,12 @@ impl Added {
 }
 
 /// Calls `f` with each item of a data dir's catalog file; none when no dir is configured.
-fn for_each_catalog_item(dir: &Path, f: impl FnMut(Item)) -> Result<(), LoadError> {
+fn for_each_catalog_item(dir: &Path, mut f: impl FnMut(Item)) -> Result<(), LoadError> {
     if dir.as_os_str().is_empty() {
         tracing::warn!("server.catalog_dir is not set: the catalog starts empty; add items with POST /v1/items");
         return Ok(());
     }
     let file = crate::data::find_file(dir, "items")?;
-    let mut f = f;
     crate::data::for_each_item(&file, |item| {
         f(item);
         Ok(())
