@@ -97,23 +97,30 @@ impl ById {
         self.table.is_empty()
     }
 
-    fn get(&self, id: &ItemId) -> Option<&Arc<CatalogEntry>> {
-        self.table.find(self.hasher.hash_one(id), |e| e.id() == id)
+    /// Ids are hashed as strings, so that a lookup by a borrowed string (a cached candidate
+    /// list's bytes) needs no `ItemId` of its own.
+    fn hash(&self, id: &str) -> u64 {
+        self.hasher.hash_one(id)
+    }
+
+    fn get(&self, id: &str) -> Option<&Arc<CatalogEntry>> {
+        self.table.find(self.hash(id), |e| e.id().as_str() == id)
     }
 
     fn get_mut(&mut self, id: &ItemId) -> Option<&mut Arc<CatalogEntry>> {
-        self.table
-            .find_mut(self.hasher.hash_one(id), |e| e.id() == id)
+        let hash = self.hash(id.as_str());
+        self.table.find_mut(hash, |e| e.id() == id)
     }
 
     /// Puts `entry` in place of the entry with its id, if any, and returns that one.
     fn insert(&mut self, entry: Arc<CatalogEntry>) -> Option<Arc<CatalogEntry>> {
         let hasher = &self.hasher;
-        let hash = hasher.hash_one(entry.id());
-        match self
-            .table
-            .entry(hash, |e| e.id() == entry.id(), |e| hasher.hash_one(e.id()))
-        {
+        let hash = self.hash(entry.id().as_str());
+        match self.table.entry(
+            hash,
+            |e| e.id() == entry.id(),
+            |e| hasher.hash_one(e.id().as_str()),
+        ) {
             hashbrown::hash_table::Entry::Occupied(mut e) => {
                 Some(std::mem::replace(e.get_mut(), entry))
             }
@@ -125,9 +132,8 @@ impl ById {
     }
 
     fn remove(&mut self, id: &ItemId) -> Option<Arc<CatalogEntry>> {
-        let found = self
-            .table
-            .find_entry(self.hasher.hash_one(id), |e| e.id() == id);
+        let hash = self.hash(id.as_str());
+        let found = self.table.find_entry(hash, |e| e.id() == id);
         found.ok().map(|e| e.remove().0)
     }
 
@@ -412,17 +418,17 @@ impl Catalog {
     }
 
     pub fn get(&self, id: &ItemId) -> Option<Arc<CatalogEntry>> {
-        self.read().by_id.get(id).cloned()
+        self.read().by_id.get(id.as_str()).cloned()
     }
 
-    /// Resolves many ids under one lock; unknown ids are `None`.
-    pub fn get_many<'a>(
+    /// Resolves many ids (`ItemId`s or plain strings) under one lock; unknown ids are `None`.
+    pub fn get_many<'a, Id: AsRef<str> + ?Sized + 'a>(
         &self,
-        ids: impl IntoIterator<Item = &'a ItemId>,
+        ids: impl IntoIterator<Item = &'a Id>,
     ) -> Vec<Option<Arc<CatalogEntry>>> {
         let entries = self.read();
         ids.into_iter()
-            .map(|id| entries.by_id.get(id).cloned())
+            .map(|id| entries.by_id.get(id.as_ref()).cloned())
             .collect()
     }
 
@@ -467,7 +473,7 @@ impl Catalog {
         change: impl FnOnce(&mut CatalogEntry),
     ) -> Option<Arc<CatalogEntry>> {
         let mut all = self.entries.write();
-        let mut entry = CatalogEntry::clone(all.by_id.get(id)?);
+        let mut entry = CatalogEntry::clone(all.by_id.get(id.as_str())?);
         change(&mut entry);
         let updated = Arc::new(entry);
         let old = all.put(updated.clone());
@@ -549,7 +555,7 @@ impl Catalog {
         let walked: Vec<&Arc<CatalogEntry>> = all
             .by_popularity
             .iter()
-            .filter_map(|(_, id)| all.by_id.get(id))
+            .filter_map(|(_, id)| all.by_id.get(id.as_str()))
             .filter(|e| broad.matches(&e.item))
             .take(asked)
             .collect();

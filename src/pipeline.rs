@@ -1047,14 +1047,17 @@ fn encode_candidates(found: &[Candidate]) -> Vec<u8> {
 
 /// The (id, score) pairs [`encode_candidates`] wrote; `None` for bytes it did not write (a
 /// JSON list an older version cached, say), which the caller takes as a miss.
-fn decode_candidates(mut bytes: &[u8]) -> Option<Vec<(ItemId, f32)>> {
+///
+/// The ids stay borrowed from `bytes`: they are only looked up in the catalog, and a hit of a
+/// personal request reads a few hundred (issue 37: an `ItemId` each was two allocations).
+/// A string that is no item's id finds nothing.
+fn decode_candidates(mut bytes: &[u8]) -> Option<Vec<(&str, f32)>> {
     let mut out = Vec::new();
     while !bytes.is_empty() {
         let (len, rest) = bytes.split_first_chunk::<2>()?;
         let (id, rest) = rest.split_at_checked(u16::from_le_bytes(*len) as usize)?;
         let (score, rest) = rest.split_first_chunk::<4>()?;
-        let id = ItemId::parse(std::str::from_utf8(id).ok()?).ok()?;
-        out.push((id, f32::from_le_bytes(*score)));
+        out.push((std::str::from_utf8(id).ok()?, f32::from_le_bytes(*score)));
         bytes = rest;
     }
     Some(out)
@@ -1100,10 +1103,11 @@ mod tests {
                 ann_score,
             })
             .collect();
-        let back = decode_candidates(&encode_candidates(&found)).unwrap();
-        let want: Vec<(ItemId, f32)> = found
+        let bytes = encode_candidates(&found);
+        let back = decode_candidates(&bytes).unwrap();
+        let want: Vec<(&str, f32)> = found
             .iter()
-            .map(|c| (c.entry.id().clone(), c.ann_score))
+            .map(|c| (c.entry.id().as_str(), c.ann_score))
             .collect();
         assert_eq!(back, want);
         assert_eq!(decode_candidates(&[]), Some(Vec::new()));
