@@ -8,7 +8,7 @@
 //! consistent snapshot, and the next lookup sees the change.
 
 use crate::domain::{Filter, Item, ItemId, Name};
-use crate::index::{IndexError, LivePoint, Payload, VectorIndex};
+use crate::index::{IndexError, LivePoint, Payload, Vector, VectorIndex};
 use hashbrown::HashTable;
 use parking_lot::{Mutex, RwLock};
 use rayon::prelude::*;
@@ -491,7 +491,7 @@ impl Catalog {
     /// The new entries are made before the lock is taken, so that the lock is held for
     /// lookups and pointer swaps only (measured at 1M: copying 2,000 entries under it held
     /// requests' reads off for milliseconds per chunk).
-    pub fn set_vectors(&self, vectors: impl IntoIterator<Item = (Arc<CatalogEntry>, Arc<[f32]>)>) {
+    pub fn set_vectors(&self, vectors: impl IntoIterator<Item = (Arc<CatalogEntry>, Vector)>) {
         let moved: Vec<(Arc<CatalogEntry>, Arc<CatalogEntry>)> = vectors
             .into_iter()
             .map(|(read, v)| {
@@ -822,7 +822,7 @@ mod tests {
         c.upsert([rewritten]);
         c.remove(&ItemId::parse("removed").unwrap());
 
-        let new: Arc<[f32]> = vec![0.0, 1.0].into();
+        let new: Vector = vec![0.0, 1.0].into();
         c.set_vectors(read.into_iter().map(|e| (e, new.clone())));
         let vector = |id: &str| {
             c.get(&ItemId::parse(id).unwrap())

@@ -348,7 +348,7 @@ pub struct CatalogEntry {
     pub popularity: f32,
     /// The item-tower vector (L2-normalised), the same one the index holds: shared with the
     /// embedded index's RAM copy rather than copied (`crate::index::Vector`).
-    pub vector: std::sync::Arc<[f32]>,
+    pub vector: crate::vector::Vector,
 }
 
 impl CatalogEntry {

@@ -770,7 +770,7 @@ impl Recommender {
                     .collect()
             };
             for entry in fresh {
-                let ann_score = crate::vector::similarity(user, &entry.vector);
+                let ann_score = entry.vector.similarity(user);
                 found.push(Candidate { entry, ann_score });
             }
         }

@@ -15,6 +15,7 @@
 
 use crate::config::{BoostRule, RerankWeights};
 use crate::domain::{AttrValue, CatalogEntry, EventType, IdMap, IdSet, Item};
+use crate::vector::Vector;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -96,8 +97,10 @@ pub fn rerank(ctx: &Context<'_>, candidates: Vec<Candidate>) -> Vec<Ranked> {
     let window = &ctx.session[..ctx.session.len().min(w.session_window)];
     let affinity = category_affinity(window);
     let dim = candidates.first().map_or(0, |c| c.entry.vector.len());
-    let window_rows = Rows::new(window.iter().map(|s| &s.entry.vector[..]), dim);
+    let window_rows = Rows::new(window.iter().map(|s| &s.entry.vector), dim);
     let mut sims = Vec::with_capacity(window.len());
+    // Each candidate's vector as f32, for the window's similarities.
+    let mut vector = Vec::with_capacity(dim);
     // Which candidates to score: not purchased, and each id once (the first). The ids are
     // borrowed, not copied: this runs for every candidate of every request.
     let keep: Vec<bool> = {
@@ -118,7 +121,9 @@ pub fn rerank(ctx: &Context<'_>, candidates: Vec<Candidate>) -> Vec<Ranked> {
                 ..Components::default()
             };
             if !window.is_empty() {
-                window_rows.similarities(&c.entry.vector, &mut sims);
+                vector.clear();
+                c.entry.vector.extend_to(&mut vector);
+                window_rows.similarities(&vector, &mut sims);
                 let (mut max, mut sum) = (f32::MIN, 0.0);
                 for &sim in &sims {
                     max = max.max(sim);
@@ -256,7 +261,7 @@ fn mmr(mut pool: Vec<Ranked>, lambda: f32, category_repeat: f32, depth: usize) -
     let depth = depth.min(pool.len());
     // One matrix of the pool's vectors, so that each step scores all of them in one pass.
     let dim = pool[0].entry.vector.len();
-    let rows = Rows::new(pool.iter().map(|r| &r.entry.vector[..]), dim);
+    let rows = Rows::new(pool.iter().map(|r| &r.entry.vector), dim);
     let mut sims = Vec::with_capacity(pool.len());
     // Picks are marked, not removed, so that no step shifts the pool.
     let mut taken = vec![false; pool.len()];
@@ -356,12 +361,12 @@ struct Rows {
 impl Rows {
     /// A vector of another length than `dim` (a model swap in progress) becomes a row of
     /// zeros: unrelated to everything, as [`crate::vector::similarity`] has it.
-    fn new<'a>(vectors: impl ExactSizeIterator<Item = &'a [f32]>, dim: usize) -> Rows {
+    fn new<'a>(vectors: impl ExactSizeIterator<Item = &'a Vector>, dim: usize) -> Rows {
         let mut data = Vec::with_capacity(vectors.len() * dim);
         let mut n = 0;
         for v in vectors {
             if v.len() == dim {
-                data.extend_from_slice(v);
+                v.extend_to(&mut data);
             } else {
                 data.extend(std::iter::repeat_n(0.0, dim));
             }

@@ -1,5 +1,253 @@
 //! Vector arithmetic shared by the index scans, the re-ranker and the pipeline: the dot
-//! product that every similarity here is (vectors are L2-normalised, so it is the cosine).
+//! product that every similarity here is (vectors are L2-normalised, so it is the cosine),
+//! and [`Vector`], an item vector as the serving process keeps it.
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use std::sync::Arc;
+
+/// An item vector as the serving process keeps it: half-precision floats in one shared
+/// allocation. The catalog entry, the embedded index's RAM copy and its category blocks hold
+/// the same one, replaced (not changed) on update.
+///
+/// Why half precision: these vectors were the largest part of a restarted server's memory,
+/// 320 bytes each at d = 64 (256 bytes of f32 and the `Arc`'s counts, in mimalloc's 320-byte
+/// class), 320 MB at 1M items; in half precision they take 160 (issue 37). A component of a
+/// unit vector keeps a relative error under 2^-11, so a dot product with an f32 query moves
+/// by at most about 5e-4, and a unit vector's squared norm by at most about 1e-3. Values past
+/// ±65,504 become infinite, which the index's input checks reject; the model's vectors are
+/// unit length.
+///
+/// Read it as f32: [`Vector::dot`] for one similarity, [`Vector::extend_to`] to make rows of
+/// a matrix, [`Vector::to_vec`] for a copy.
+#[derive(Clone, PartialEq)]
+pub struct Vector(Arc<[f16]>);
+
+impl Vector {
+    /// Half-precision values given by their bit patterns (as [`Vector::bits`] gives them).
+    pub fn from_bits(bits: impl IntoIterator<Item = u16>) -> Vector {
+        Vector(bits.into_iter().map(f16::from_bits).collect())
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The values as f32 (exactly: every half-precision value is an f32).
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = f32> + '_ {
+        self.0.iter().map(|h| h.to_f32())
+    }
+
+    /// The values' bit patterns, for a file that keeps them as they are.
+    pub fn bits(&self) -> impl ExactSizeIterator<Item = u16> + '_ {
+        self.0.iter().map(|h| h.to_bits())
+    }
+
+    pub fn to_vec(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.len());
+        self.extend_to(&mut out);
+        out
+    }
+
+    /// Appends the values to `out` as f32 (eight at a time with F16C where the CPU has it).
+    pub fn extend_to(&self, out: &mut Vec<f32>) {
+        out.reserve(self.len());
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx") && std::is_x86_feature_detected!("f16c") {
+            // SAFETY: the CPU supports AVX and F16C, checked just above, and `out` has room
+            // for every value.
+            unsafe { widen_f16c(&self.0, out) };
+            return;
+        }
+        out.extend(self.iter());
+    }
+
+    /// The dot product with `q`, over their common length.
+    #[inline]
+    pub fn dot(&self, q: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
+            // SAFETY: the CPU supports AVX2, FMA and F16C, checked just above.
+            return unsafe { dot_f16_avx2(q, &self.0) };
+        }
+        q.iter()
+            .zip(self.0.iter())
+            .map(|(a, b)| a * b.to_f32())
+            .sum()
+    }
+
+    /// The cosine of the angle to the L2-normalised `q`, over their common length: the dot
+    /// product divided by this vector's own norm, so that a unit vector rounded slightly off
+    /// unit length by half precision scores as its direction does, as the engine and the
+    /// exact backend (which normalise in f32) score it. 0 for a zero vector.
+    pub fn cosine(&self, q: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        let (dot, norm2) = if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
+            // SAFETY: the CPU supports AVX2, FMA and F16C, checked just above.
+            unsafe { dot_norm2_f16_avx2(q, &self.0) }
+        } else {
+            dot_norm2_portable(q, &self.0)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let (dot, norm2) = dot_norm2_portable(q, &self.0);
+        if norm2 > 0.0 {
+            dot / norm2.sqrt()
+        } else {
+            0.0
+        }
+    }
+
+    /// Cosine similarity with the L2-normalised `q`; 0 for another length (a model swap in
+    /// progress), as [`similarity`] has it.
+    pub fn similarity(&self, q: &[f32]) -> f32 {
+        if self.len() != q.len() {
+            return 0.0;
+        }
+        self.dot(q)
+    }
+
+    /// Whether `a` and `b` are one allocation (not merely equal values).
+    pub fn ptr_eq(a: &Vector, b: &Vector) -> bool {
+        Arc::ptr_eq(&a.0, &b.0)
+    }
+}
+
+impl From<&[f32]> for Vector {
+    fn from(v: &[f32]) -> Vector {
+        let mut halves = vec![f16::ZERO; v.len()];
+        halves.convert_from_f32_slice(v);
+        Vector(halves.into())
+    }
+}
+
+impl From<Vec<f32>> for Vector {
+    fn from(v: Vec<f32>) -> Vector {
+        Vector::from(&v[..])
+    }
+}
+
+impl<const N: usize> From<[f32; N]> for Vector {
+    fn from(v: [f32; N]) -> Vector {
+        Vector::from(&v[..])
+    }
+}
+
+impl std::fmt::Debug for Vector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+/// `(q · h, h · h)` over the common length, one value at a time.
+fn dot_norm2_portable(q: &[f32], h: &[f16]) -> (f32, f32) {
+    q.iter().zip(h).fold((0.0, 0.0), |(d, n), (a, b)| {
+        let b = b.to_f32();
+        (d + a * b, n + b * b)
+    })
+}
+
+/// [`dot_norm2_portable`]: eight halves at a time widened to f32, one FMA accumulator for
+/// each sum.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_norm2_f16_avx2(q: &[f32], h: &[f16]) -> (f32, f32) {
+    use std::arch::x86_64::*;
+    let n = q.len().min(h.len());
+    let (pq, ph) = (q.as_ptr(), h.as_ptr() as *const u16);
+    let mut dot = _mm256_setzero_ps();
+    let mut norm2 = _mm256_setzero_ps();
+    let mut i = 0;
+    // SAFETY (all loads): i + 8 <= n, so every load stays inside both slices.
+    while i + 8 <= n {
+        let x = _mm256_cvtph_ps(_mm_loadu_si128(ph.add(i) as *const __m128i));
+        dot = _mm256_fmadd_ps(_mm256_loadu_ps(pq.add(i)), x, dot);
+        norm2 = _mm256_fmadd_ps(x, x, norm2);
+        i += 8;
+    }
+    let (mut d, mut nn) = (hsum(dot), hsum(norm2));
+    while i < n {
+        let x = h[i].to_f32();
+        d += *pq.add(i) * x;
+        nn += x * x;
+        i += 1;
+    }
+    (d, nn)
+}
+
+/// [`Vector::extend_to`] with F16C; `out` has room for `h.len()` more values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn widen_f16c(h: &[f16], out: &mut Vec<f32>) {
+    use std::arch::x86_64::*;
+    let (n, start) = (h.len(), out.len());
+    let (src, dst) = (h.as_ptr() as *const u16, out.as_mut_ptr().add(start));
+    let mut i = 0;
+    // SAFETY (all loads and stores): i + 8 <= n, so eight halves are read inside `h` and
+    // eight floats written inside the room `out` has past `start`.
+    while i + 8 <= n {
+        let wide = _mm256_cvtph_ps(_mm_loadu_si128(src.add(i) as *const __m128i));
+        _mm256_storeu_ps(dst.add(i), wide);
+        i += 8;
+    }
+    while i < n {
+        *dst.add(i) = h[i].to_f32();
+        i += 1;
+    }
+    // SAFETY: the `n` values past `start` are written.
+    out.set_len(start + n);
+}
+
+/// [`Vector::dot`]: eight halves at a time widened to f32 (`vcvtph2ps`), two FMA accumulators.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_f16_avx2(q: &[f32], h: &[f16]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = q.len().min(h.len());
+    let (pq, ph) = (q.as_ptr(), h.as_ptr() as *const u16);
+    let mut acc0 = _mm256_setzero_ps();
+    let mut acc1 = _mm256_setzero_ps();
+    let mut i = 0;
+    // SAFETY (all loads): i + 8 (or i + 16) <= n, so every load stays inside both slices
+    // (eight halves are the 16 bytes `_mm_loadu_si128` reads).
+    while i + 16 <= n {
+        let h0 = _mm256_cvtph_ps(_mm_loadu_si128(ph.add(i) as *const __m128i));
+        let h1 = _mm256_cvtph_ps(_mm_loadu_si128(ph.add(i + 8) as *const __m128i));
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pq.add(i)), h0, acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(pq.add(i + 8)), h1, acc1);
+        i += 16;
+    }
+    if i + 8 <= n {
+        let h0 = _mm256_cvtph_ps(_mm_loadu_si128(ph.add(i) as *const __m128i));
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pq.add(i)), h0, acc0);
+        i += 8;
+    }
+    let mut sum = hsum(_mm256_add_ps(acc0, acc1));
+    while i < n {
+        sum += *pq.add(i) * h[i].to_f32();
+        i += 1;
+    }
+    sum
+}
+
+/// The sum of the eight lanes of `acc`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn hsum(acc: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let lanes = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    let pairs = _mm_add_ps(lanes, _mm_movehl_ps(lanes, lanes));
+    _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)))
+}
 
 /// Dot product: AVX2 with FMA where the CPU has them (checked at run time, once per call: an
 /// atomic load), otherwise a portable loop written for auto-vectorization.
@@ -66,11 +314,7 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
         acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
         i += 8;
     }
-    let acc = _mm256_add_ps(acc0, acc1);
-    let lanes = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    let pairs = _mm_add_ps(lanes, _mm_movehl_ps(lanes, lanes));
-    let one = _mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1));
-    let mut sum = _mm_cvtss_f32(one);
+    let mut sum = hsum(_mm256_add_ps(acc0, acc1));
     while i < n {
         sum += *pa.add(i) * *pb.add(i);
         i += 1;
@@ -331,6 +575,45 @@ mod tests {
             assert!((dot(x, y) - naive).abs() < 1e-3, "n = {n}");
             assert!((dot_portable(x, y) - naive).abs() < 1e-3, "n = {n}");
         }
+    }
+
+    #[test]
+    fn a_half_precision_vector_keeps_its_values_and_dot_products_to_within_rounding() {
+        let a: Vec<f32> = (0..70).map(|i| (i as f32 * 0.37).sin() * 0.3).collect();
+        let b: Vec<f32> = (0..70).map(|i| (i as f32 * 0.11).cos() * 0.3).collect();
+        for n in [0, 1, 7, 8, 15, 16, 17, 37, 64, 70] {
+            let (x, y) = (&a[..n], &b[..n]);
+            let v = Vector::from(y);
+            assert_eq!(v.len(), n);
+            for (got, want) in v.iter().zip(y) {
+                assert!(
+                    (got - want).abs() <= want.abs() / 2048.0,
+                    "n = {n}: {got} vs {want}"
+                );
+            }
+            assert_eq!(v.to_vec(), v.iter().collect::<Vec<_>>());
+            // Against the f32 dot product of the rounded values, to float precision; against
+            // the unrounded ones, to within the rounding.
+            let rounded = dot(x, &v.to_vec());
+            assert!((v.dot(x) - rounded).abs() < 1e-5, "n = {n}");
+            assert!((v.dot(x) - dot(x, y)).abs() < 1e-3, "n = {n}");
+            assert_eq!(Vector::from_bits(v.bits()), v);
+        }
+        // The cosine divides by the vector's own norm, whatever its length.
+        let q = [0.6, 0.8, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+        for scale in [1.0, 0.999, 3.0] {
+            let v = Vector::from(q.map(|x| x * scale));
+            assert!((v.cosine(&q) - 1.0).abs() < 1e-6, "scale {scale}");
+        }
+        assert_eq!(Vector::from([0.0; 9]).cosine(&q), 0.0);
+        let mut out = vec![7.0];
+        Vector::from([0.5, -0.25]).extend_to(&mut out);
+        assert_eq!(out, [7.0, 0.5, -0.25]);
+        assert_eq!(
+            Vector::from([1.0, 2.0]).similarity(&[1.0]),
+            0.0,
+            "another length"
+        );
     }
 
     #[test]

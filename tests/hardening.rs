@@ -53,7 +53,7 @@ async fn an_item_delete_whose_request_is_dropped_still_finishes_everywhere() {
     // The item's nearest neighbour: the deleted item would top its similar items.
     let hits = state
         .index
-        .search(&victim.vector, &Filter::default(), 5)
+        .search(&victim.vector.to_vec(), &Filter::default(), 5)
         .await
         .unwrap();
     let anchor = hits

@@ -2105,15 +2105,15 @@ mod tests {
             ItemId::parse("long").unwrap(),
         ];
         let live = index.fetch_live(None, &ids).await.unwrap();
-        assert!(Arc::ptr_eq(&live[0].vector, &unit));
-        assert_eq!(&live[1].vector[..], &[0.0, 0.0, 0.6, 0.8]);
+        assert!(Vector::ptr_eq(&live[0].vector, &unit));
+        assert_eq!(live[1].vector, Vector::from([0.0, 0.0, 0.6, 0.8]));
         let again = index.fetch_live(None, &ids).await.unwrap();
-        assert!(Arc::ptr_eq(&again[1].vector, &live[1].vector));
+        assert!(Vector::ptr_eq(&again[1].vector, &live[1].vector));
         let c = index.live().unwrap();
         let blocks = c.blocks.as_ref().unwrap().read();
         for (id, held) in ids.iter().zip(&live) {
             let row = blocks.vector(&point_id(id)).unwrap();
-            assert_eq!(row.as_ptr(), held.vector.as_ptr(), "{id}: the block's row");
+            assert!(Vector::ptr_eq(row, &held.vector), "{id}: the block's row");
         }
     }
 

@@ -119,21 +119,34 @@ impl ExactCollection {
     pub fn upsert(&mut self, points: Vec<IndexPoint>) -> Result<(), IndexError> {
         check_points(&points, self.dim)?;
         for p in points {
-            let v = normalized(&p.vector);
-            match self.rows.get(&p.payload.item_id) {
-                Some(&row) => {
-                    self.vectors[row * self.dim..(row + 1) * self.dim].copy_from_slice(&v);
-                    self.payloads[row] = p.payload;
-                }
-                None => {
-                    self.rows
-                        .insert(p.payload.item_id.clone(), self.payloads.len());
-                    self.vectors.extend_from_slice(&v);
-                    self.payloads.push(p.payload);
-                }
-            }
+            self.put(p.payload, &p.vector.to_vec());
         }
         Ok(())
+    }
+
+    /// Upserts points with full-precision vectors, each `dim` long: `tandem bench ann`'s
+    /// oracle, exact on the vectors as generated rather than as the index holds them.
+    pub fn upsert_f32(&mut self, points: impl IntoIterator<Item = (Payload, Vec<f32>)>) {
+        for (payload, v) in points {
+            assert_eq!(v.len(), self.dim, "a vector of another dimension");
+            self.put(payload, &v);
+        }
+    }
+
+    fn put(&mut self, payload: Payload, v: &[f32]) {
+        let v = normalized(v);
+        match self.rows.get(&payload.item_id) {
+            Some(&row) => {
+                self.vectors[row * self.dim..(row + 1) * self.dim].copy_from_slice(&v);
+                self.payloads[row] = payload;
+            }
+            None => {
+                self.rows
+                    .insert(payload.item_id.clone(), self.payloads.len());
+                self.vectors.extend_from_slice(&v);
+                self.payloads.push(payload);
+            }
+        }
     }
 
     /// Removes rows by moving the last row into the hole, so the matrix stays contiguous.
@@ -440,7 +453,8 @@ mod tests {
         let got = c.fetch(&[ItemId::parse("c").unwrap(), ItemId::parse("a").unwrap()]);
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].0.item_id.as_str(), "c");
-        assert!((got[0].1[0] - std::f32::consts::FRAC_1_SQRT_2).abs() < 1e-6);
+        // The fetched vector is in half precision, as every vector handed out is.
+        assert!((got[0].1.to_vec()[0] - std::f32::consts::FRAC_1_SQRT_2).abs() < 1e-3);
         let hits = c.search(&[1.0, 0.0], &Filter::default(), 5).unwrap();
         let ids: Vec<&str> = hits.iter().map(|h| h.item_id.as_str()).collect();
         assert_eq!(ids, vec!["c", "b"]);

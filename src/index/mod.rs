@@ -31,9 +31,9 @@ pub struct Payload {
 }
 
 /// An item vector, shared rather than copied: the catalog entry, the embedded index's RAM
-/// copy and its category blocks hold the same allocation (at 1M items × d = 64 each copy is
-/// 256 MB; issue 37).
-pub type Vector = std::sync::Arc<[f32]>;
+/// copy and its category blocks hold the same allocation (at 1M items × d = 64 each copy
+/// would be 160 MB; issue 37), in half precision.
+pub use crate::vector::Vector;
 
 /// A vector with its payload, ready to upsert.
 #[derive(Debug, Clone, PartialEq)]

@@ -386,7 +386,10 @@ mod tests {
                 continue;
             }
             let p = &found[0];
-            assert_eq!((p.item_id.clone(), p.vector[0]), (id(i), i as f32));
+            assert_eq!(
+                (p.item_id.clone(), p.vector.to_vec()),
+                (id(i), vec![i as f32])
+            );
             assert_eq!(p.price, Some(if i == 7 { 2.0 } else { 1.0 }));
         }
     }

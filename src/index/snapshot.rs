@@ -14,7 +14,7 @@
 //! Layout (little endian): magic, format, dimension, point count, the filterable names, the
 //! category names, then per point its UUID, item id, flags (available, has a price, has a
 //! creation time), price, popularity, creation time, category numbers, attributes and
-//! vector; last the CRC32 of everything before it.
+//! vector (in half precision, as [`Vector`] holds it); last the CRC32 of everything before it.
 
 use super::payloads::RamPoint;
 use super::Vector;
@@ -25,7 +25,8 @@ use std::path::Path;
 use uuid::Uuid;
 
 const MAGIC: &[u8; 8] = b"TNDMRAM\0";
-const FORMAT: u32 = 1;
+/// 2: vectors in half precision (1 had f32).
+const FORMAT: u32 = 2;
 
 /// The file name of a collection's snapshot, beside its `meta.json`.
 pub const FILE: &str = "ram-snapshot.bin";
@@ -159,7 +160,7 @@ pub fn write_temp<'a>(
             if p.vector.len() != dim {
                 return Err(std::io::Error::other("a vector of another dimension"));
             }
-            for x in p.vector.iter() {
+            for x in p.vector.bits() {
                 w.put(&x.to_le_bytes())?;
             }
         }
@@ -315,11 +316,11 @@ fn decode(bytes: &[u8], dim: usize, filterable: &[String]) -> Result<Snapshot, S
             };
             attributes.push((attr, value));
         }
-        let vector: Vector = r
-            .take(dim * 4)?
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-            .collect();
+        let vector = Vector::from_bits(
+            r.take(dim * 2)?
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]])),
+        );
         points.push(SnapPoint {
             id,
             ram: RamPoint {
@@ -396,7 +397,7 @@ mod tests {
         assert_eq!(snap.names(&back[0]), cats);
         assert_eq!(back[0].created_at, Some(1_700_000_000));
         assert_eq!(back[0].ram.attributes, points[0].1.attributes);
-        assert_eq!(&back[0].ram.vector[..], &[0.6, 0.8]);
+        assert_eq!(back[0].ram.vector, Vector::from([0.6, 0.8]));
         assert_eq!(back[1].ram.price, None);
         assert!(!back[1].ram.available);
         assert!(back[1].categories.is_empty() && back[1].created_at.is_none());

@@ -78,16 +78,21 @@ pub fn normalized(v: &[f32]) -> Vec<f32> {
     }
 }
 
-/// [`normalized`], sharing `v` itself when it is unit length already (to float precision),
+/// [`normalized`], sharing `v` itself when it is unit length already (to half precision),
 /// as the item tower's vectors are: the RAM copies then hold one allocation per item.
 pub fn unit(v: &super::Vector) -> super::Vector {
     let norm2: f32 = v.iter().map(|x| x * x).sum();
-    if (norm2 - 1.0).abs() <= 1e-6 || norm2 == 0.0 {
+    if (norm2 - 1.0).abs() <= UNIT_NORM2_SLACK || norm2 == 0.0 {
         v.clone()
     } else {
-        normalized(v).into()
+        normalized(&v.to_vec()).into()
     }
 }
+
+/// How far from 1 the squared norm of a unit vector can be once rounded to half precision
+/// (at most about 1e-3: twice the rounding's relative error of 2^-11), with room to spare.
+/// Normalising such a vector again would only round it again, to another allocation.
+const UNIT_NORM2_SLACK: f32 = 2e-3;
 
 #[cfg(test)]
 mod tests {
