@@ -587,7 +587,7 @@ mod tests {
 
     fn entry(id: &str, genre: &str, popularity: f32) -> CatalogEntry {
         let mut item = Item::new(ItemId::parse(id).unwrap(), format!("title {id}"));
-        item.categories = vec![genre.into()];
+        item.categories = [genre.into()].into();
         CatalogEntry {
             item,
             popularity,
@@ -606,7 +606,7 @@ mod tests {
         let genres = ["Drama", "Comedy", "Horror"];
         let item = |i: usize| {
             let mut item = Item::new(ItemId::parse(format!("item-{i:05}")).unwrap(), "t");
-            item.categories = vec![genres[i % 3].into()];
+            item.categories = [genres[i % 3].into()].into();
             item.price = Some(1.0);
             item
         };
@@ -770,7 +770,7 @@ mod tests {
         assert_eq!(ids(c.popular(&only_x, 3)), ["i48", "new", "i44"]);
         // An item starts to match (changes category into x).
         c.update(&ItemId::parse("i49").unwrap(), |e| {
-            e.item.categories = vec!["x".into()]
+            e.item.categories = ["x".into()].into()
         });
         assert_eq!(ids(c.popular(&only_x, 3)), ["i49", "i48", "new"]);
         // Removal and an exclusion list.

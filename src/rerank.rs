@@ -438,7 +438,7 @@ mod tests {
 
     fn entry(id: &str, genre: &str, vector: [f32; 2]) -> Arc<CatalogEntry> {
         let mut item = Item::new(ItemId::parse(id).unwrap(), id);
-        item.categories = vec![genre.into()];
+        item.categories = [genre.into()].into();
         let n = (vector[0] * vector[0] + vector[1] * vector[1]).sqrt();
         Arc::new(CatalogEntry {
             item,
@@ -599,7 +599,7 @@ mod tests {
         // 8-d vectors: category i lies along axis i, its items tilted a little off it.
         let on_axis = |id: String, genre: &str, axis: usize, tilt: f32| {
             let mut item = Item::new(ItemId::parse(id).unwrap(), "t");
-            item.categories = vec![genre.into()];
+            item.categories = [genre.into()].into();
             let mut v = vec![0.0f32; 8];
             v[axis] = 1.0;
             v[7] = tilt;

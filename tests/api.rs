@@ -46,12 +46,12 @@ fn catalog() -> Vec<Item> {
                 ItemId::parse(id).unwrap(),
                 format!("{} {} {n}", w[n % 4], w[(n / 4) % 4]),
             );
-            item.categories = vec![(*cat).into()];
+            let mut categories = vec![(*cat).into()];
             if n % 7 == 3 {
-                item.categories
-                    .push(CATEGORIES[(c + 1) % CATEGORIES.len()].into());
+                categories.push(CATEGORIES[(c + 1) % CATEGORIES.len()].into());
             }
-            item.tags = vec![w[(n + 1) % 4].into()];
+            item.categories = categories.into();
+            item.tags = [w[(n + 1) % 4].into()].into();
             item.price = Some(((n * 37 + c * 11) % 120) as f32 + 0.99);
             item.available = n % 10 != 9;
             item.year = Some(1980 + (n as i32 % 40));
@@ -377,7 +377,7 @@ async fn a_new_item_shows_up_in_similar_within_a_second() {
     assert_eq!(status, StatusCode::OK);
     let view: ItemView = serde_json::from_value(body).unwrap();
     assert_eq!(view.price, Some(12.5));
-    assert_eq!(view.categories, anchor.categories);
+    assert_eq!(view.categories[..], anchor.categories[..]);
 }
 
 #[tokio::test]

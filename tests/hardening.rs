@@ -257,7 +257,7 @@ async fn a_crash_replay_larger_than_one_batch_is_written_in_bounded_batches() {
                 ItemId::parse(format!("added-{i}")).unwrap(),
                 format!("Added {i}"),
             );
-            item.categories = vec!["Books".into()];
+            item.categories = ["Books".into()].into();
             (item, 0.0)
         })
         .collect();

@@ -129,7 +129,7 @@ async fn payloads_of(index: &dyn VectorIndex, hits: &[tandem::index::Hit]) -> Ve
 
 fn as_item(p: &Payload) -> Item {
     let mut item = Item::new(p.item_id.clone(), p.title.clone());
-    item.categories = p.categories.clone();
+    item.categories = p.categories.as_slice().into();
     item.available = p.available;
     item.price = p.price;
     item.created_at = p.created_at;

@@ -26,7 +26,7 @@ fn item(i: usize) -> Item {
         ItemId::parse(format!("i{i}")).unwrap(),
         format!("Theme{c} Story {i} ({})", 1960 + 7 * c),
     );
-    it.categories = vec![format!("Cat{c}").into()];
+    it.categories = [format!("Cat{c}").into()].into();
     it
 }
 

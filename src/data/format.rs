@@ -258,23 +258,18 @@ impl Row<'_> {
         }
     }
 
-    pub(crate) fn list(&self, name: &str) -> Vec<Name> {
+    pub(crate) fn list(&self, name: &str) -> Box<[Name]> {
         split_list(self.get(name).unwrap_or(""))
     }
 }
 
-/// Splits a `|`-separated list, dropping empty entries. Without spare capacity: a collected
-/// list of one or two names would otherwise reserve four, and the serving catalog keeps
-/// two such lists per item (issue 37).
-pub fn split_list(s: &str) -> Vec<Name> {
-    let mut list: Vec<Name> = s
-        .split('|')
+/// Splits a `|`-separated list, dropping empty entries.
+pub fn split_list(s: &str) -> Box<[Name]> {
+    s.split('|')
         .map(str::trim)
         .filter(|g| !g.is_empty())
         .map(Name::new)
-        .collect();
-    list.shrink_to_fit();
-    list
+        .collect()
 }
 
 fn parse_item_row(row: &Row<'_>) -> Result<Item, DataError> {
@@ -588,8 +583,8 @@ mod tests {
     fn round_trip_items_and_interactions() {
         let dir = tempfile::tempdir().unwrap();
         let mut item = Item::new(ItemId::parse("i,1").unwrap(), "A \"quoted\", title");
-        item.categories = vec!["Drama".into(), "Comedy".into()];
-        item.tags = vec!["funny".into()];
+        item.categories = ["Drama".into(), "Comedy".into()].into();
+        item.tags = ["funny".into()].into();
         item.price = Some(9.5);
         item.available = false;
         item.year = Some(1995);

@@ -228,6 +228,7 @@ fn read_movies(
         let mut item = Item::new(item_id, title);
         item.categories = row
             .list("genres")
+            .into_vec()
             .into_iter()
             .filter(|g| g != NO_GENRES)
             .collect();
@@ -393,9 +394,10 @@ fn read_ml100k_items(file: &Path) -> Result<Vec<Item>, DataError> {
             ));
         }
         let mut item = Item::new(item_id, p[1]);
+        let mut categories = Vec::new();
         for (k, name) in ML100K_GENRES.iter().enumerate() {
             match p[5 + k].trim() {
-                "1" if k > 0 => item.categories.push(Name::new(name)),
+                "1" if k > 0 => categories.push(Name::new(name)),
                 "0" | "1" => {}
                 other => {
                     return Err(id_error(
@@ -407,6 +409,7 @@ fn read_ml100k_items(file: &Path) -> Result<Vec<Item>, DataError> {
                 }
             }
         }
+        item.categories = categories.into();
         // The title usually carries the year; the release date (`01-Jan-1995`) is the fallback.
         item.year = title_year(&item.title).or_else(|| {
             let d = p[2].trim();

@@ -409,7 +409,7 @@ fn generate_catalog(cfg: &GenerateConfig, file: &Path) -> Result<Catalog, Genera
             .chain(secondary)
             .map(|c| CATEGORIES[c].name.into())
             .collect();
-        item.tags = tags;
+        item.tags = tags.into();
         item.price = Some(((price * 100.0).round() / 100.0).max(0.5) as f32);
         item.available = !rng.chance(UNAVAILABLE);
         item.created_at = Some(created_at);

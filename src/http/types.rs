@@ -719,7 +719,7 @@ impl RecommendationsResponse {
                     item_id: x.entry.item.item_id.to_string(),
                     score: x.score,
                     title: x.entry.item.title.clone(),
-                    categories: x.entry.item.categories.clone(),
+                    categories: x.entry.item.categories.to_vec(),
                     price: x.entry.item.price,
                     attributes: x.entry.item.attributes.clone(),
                     explanation: explain.then_some(x.components),
@@ -964,8 +964,8 @@ impl From<&CatalogEntry> for ItemView {
         ItemView {
             item_id: e.item.item_id.to_string(),
             title: e.item.title.clone(),
-            categories: e.item.categories.clone(),
-            tags: e.item.tags.clone(),
+            categories: e.item.categories.to_vec(),
+            tags: e.item.tags.to_vec(),
             price: e.item.price,
             available: e.item.available,
             year: e.item.year,
@@ -1107,7 +1107,7 @@ mod tests {
         use crate::rerank::{Components, Ranked};
         let entry = |id: &str, price: Option<f32>, attrs: &[(&str, AttrValue)]| {
             let mut item = Item::new(ItemId::parse(id).unwrap(), format!("title \"{id}\" é"));
-            item.categories = vec!["Drama".into(), "Comedy".into()];
+            item.categories = ["Drama".into(), "Comedy".into()].into();
             item.price = price;
             item.attributes = attrs
                 .iter()

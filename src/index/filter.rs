@@ -178,7 +178,7 @@ mod tests {
         #[test]
         fn agrees_with_domain_filter(p in payload_strategy(), f in filter_strategy()) {
             let mut item = Item::new(p.item_id.clone(), "");
-            item.categories = p.categories.clone();
+            item.categories = p.categories.as_slice().into();
             item.available = p.available;
             item.price = p.price;
             item.created_at = p.created_at;

@@ -60,13 +60,13 @@ impl Payload {
     pub fn of(item: &Item, popularity: f32) -> Payload {
         Payload {
             item_id: item.item_id.clone(),
-            categories: item.categories.clone(),
+            categories: item.categories.to_vec(),
             available: item.available,
             price: item.price,
             created_at: item.created_at,
             title: item.title.clone(),
             popularity,
-            tags: item.tags.clone(),
+            tags: item.tags.to_vec(),
             year: item.year,
             attributes: item.attributes.clone(),
         }
@@ -77,8 +77,8 @@ impl Payload {
         Item {
             item_id: self.item_id.clone(),
             title: self.title.clone(),
-            categories: self.categories.clone(),
-            tags: self.tags.clone(),
+            categories: self.categories.as_slice().into(),
+            tags: self.tags.as_slice().into(),
             price: self.price,
             available: self.available,
             year: self.year,

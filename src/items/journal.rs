@@ -252,7 +252,7 @@ mod tests {
 
     fn item(id: &str, genre: &str) -> Item {
         let mut item = Item::new(ItemId::parse(id).unwrap(), format!("title {id}"));
-        item.categories = vec![genre.into()];
+        item.categories = [genre.into()].into();
         item
     }
 

@@ -548,7 +548,7 @@ mod tests {
     fn unseen_item_has_no_id_row_but_has_content() {
         let f = Featurizer::new(FeatureConfig::default(), IdTable::new(1 << 15));
         let mut item = Item::new(ItemId::parse("x").unwrap(), "Heat (1995)");
-        item.categories = vec!["Crime".into(), "Action".into()];
+        item.categories = ["Crime".into(), "Action".into()].into();
         let feats = f.features(&item);
         assert_eq!(feats.id_row, None);
         // two categories, one token, year, popularity
