@@ -99,8 +99,6 @@ pub fn rerank(ctx: &Context<'_>, candidates: Vec<Candidate>) -> Vec<Ranked> {
     let dim = candidates.first().map_or(0, |c| c.entry.vector.len());
     let window_rows = Rows::new(window.iter().map(|s| &s.entry.vector), dim);
     let mut sims = Vec::with_capacity(window.len());
-    // Each candidate's vector as f32, for the window's similarities.
-    let mut vector = Vec::with_capacity(dim);
     // Which candidates to score: not purchased, and each id once (the first). The ids are
     // borrowed, not copied: this runs for every candidate of every request.
     let keep: Vec<bool> = {
@@ -111,19 +109,24 @@ pub fn rerank(ctx: &Context<'_>, candidates: Vec<Candidate>) -> Vec<Ranked> {
             .map(|c| !ctx.purchased.contains(c.entry.id()) && seen.insert(c.entry.id().as_str()))
             .collect()
     };
-    let mut scored: Vec<Ranked> = candidates
+    let kept: Vec<Candidate> = candidates
         .into_iter()
         .zip(keep)
         .filter_map(|(c, keep)| keep.then_some(c))
-        .map(|c| {
+        .collect();
+    // Every candidate's vector as f32, widened once from half precision: the window's
+    // similarities and the MMR pass both read them.
+    let rows = Rows::new(kept.iter().map(|c| &c.entry.vector), dim);
+    let mut scored: Vec<Ranked> = kept
+        .into_iter()
+        .enumerate()
+        .map(|(row, c)| {
             let mut comp = Components {
                 ann: c.ann_score,
                 ..Components::default()
             };
             if !window.is_empty() {
-                vector.clear();
-                c.entry.vector.extend_to(&mut vector);
-                window_rows.similarities(&vector, &mut sims);
+                window_rows.similarities(rows.row(row), &mut sims);
                 let (mut max, mut sum) = (f32::MIN, 0.0);
                 for &sim in &sims {
                     max = max.max(sim);
@@ -168,11 +171,19 @@ pub fn rerank(ctx: &Context<'_>, candidates: Vec<Candidate>) -> Vec<Ranked> {
         })
         .collect();
     apply_capped_boosts(ctx.boosts, &mut scored);
-    scored.sort_by(|a, b| {
+    // Relevance order; `row_of[i]` is the row of the `i`-th.
+    let mut row_of: Vec<usize> = (0..scored.len()).collect();
+    row_of.sort_by(|&a, &b| {
+        let (a, b) = (&scored[a], &scored[b]);
         b.score
             .total_cmp(&a.score)
             .then_with(|| a.entry.id().cmp(b.entry.id()))
     });
+    let mut slots: Vec<Option<Ranked>> = scored.into_iter().map(Some).collect();
+    let scored: Vec<Ranked> = row_of
+        .iter()
+        .map(|&i| slots[i].take().expect("each row once"))
+        .collect();
     // The category term counters what a session does to a page (its category pulls the ANN,
     // session and affinity parts at once); without a session (strangers, similar items,
     // where sameness is the point) it stays off.
@@ -181,7 +192,14 @@ pub fn rerank(ctx: &Context<'_>, candidates: Vec<Candidate>) -> Vec<Ranked> {
     } else {
         w.category_repeat
     };
-    mmr(scored, w.mmr_lambda, category_repeat, ctx.mmr_depth)
+    mmr(
+        scored,
+        &rows,
+        &row_of,
+        w.mmr_lambda,
+        category_repeat,
+        ctx.mmr_depth,
+    )
 }
 
 /// A rule's part for one item, for the rules without a cap; `None` when it does not apply.
@@ -254,14 +272,21 @@ fn apply_capped_boosts(rules: &[(String, BoostRule)], scored: &mut [Ranked]) {
 /// they took all 20 places on the demo (BENCHMARKS.md, "Diversity after one click"). The
 /// category term grows with the category's share of the page, so the page settles where
 /// the clicked category holds about as much as its lead in relevance is worth.
-fn mmr(mut pool: Vec<Ranked>, lambda: f32, category_repeat: f32, depth: usize) -> Vec<Ranked> {
+///
+/// `rows` holds the pool's vectors, one matrix so that each step scores all of them in one
+/// pass; `pool[i]`'s is row `row_of[i]`.
+fn mmr(
+    mut pool: Vec<Ranked>,
+    rows: &Rows,
+    row_of: &[usize],
+    lambda: f32,
+    category_repeat: f32,
+    depth: usize,
+) -> Vec<Ranked> {
     if (lambda >= 1.0 && category_repeat <= 0.0) || depth == 0 || pool.len() < 2 {
         return pool;
     }
     let depth = depth.min(pool.len());
-    // One matrix of the pool's vectors, so that each step scores all of them in one pass.
-    let dim = pool[0].entry.vector.len();
-    let rows = Rows::new(pool.iter().map(|r| &r.entry.vector), dim);
     let mut sims = Vec::with_capacity(pool.len());
     // Picks are marked, not removed, so that no step shifts the pool.
     let mut taken = vec![false; pool.len()];
@@ -310,10 +335,10 @@ fn mmr(mut pool: Vec<Ranked>, lambda: f32, category_repeat: f32, depth: usize) -
             picked_in[c as usize] += 1;
         }
         pool[best].components.redundancy = if step == 0 { 0.0 } else { redundancy[best] };
-        rows.similarities(rows.row(best), &mut sims);
-        for (i, (red, sim)) in redundancy.iter_mut().zip(&sims).enumerate() {
+        rows.similarities(rows.row(row_of[best]), &mut sims);
+        for (i, red) in redundancy.iter_mut().enumerate() {
             if !taken[i] {
-                *red = red.max(*sim);
+                *red = red.max(sims[row_of[i]]);
             }
         }
     }
