@@ -385,7 +385,7 @@ struct Rows {
 
 impl Rows {
     /// A vector of another length than `dim` (a model swap in progress) becomes a row of
-    /// zeros: unrelated to everything, as [`crate::vector::similarity`] has it.
+    /// zeros: unrelated to everything, as [`Vector::similarity`] has it.
     fn new<'a>(vectors: impl ExactSizeIterator<Item = &'a Vector>, dim: usize) -> Rows {
         let mut data = Vec::with_capacity(vectors.len() * dim);
         let mut n = 0;
@@ -696,7 +696,7 @@ mod tests {
         odd.vector = vec![1.0, 0.0, 0.0].into();
         let out = rerank(&f.ctx(), vec![cand(&a, 0.5), cand(&Arc::new(odd), 0.4)]);
         assert_eq!(out.len(), 2);
-        assert_eq!(crate::vector::similarity(&[1.0], &[1.0, 2.0]), 0.0);
+        assert_eq!(Vector::from([1.0]).similarity(&[1.0, 2.0]), 0.0);
     }
 
     fn with_attr(id: &str, vector: [f32; 2], name: &str, v: AttrValue) -> Arc<CatalogEntry> {

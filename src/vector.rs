@@ -113,8 +113,8 @@ impl Vector {
         }
     }
 
-    /// Cosine similarity with the L2-normalised `q`; 0 for another length (a model swap in
-    /// progress), as [`similarity`] has it.
+    /// Cosine similarity with the L2-normalised `q`. Vectors of different lengths (a model
+    /// swap in progress) compare as unrelated (0) instead of panicking.
     pub fn similarity(&self, q: &[f32]) -> f32 {
         if self.len() != q.len() {
             return 0.0;
@@ -265,15 +265,6 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         return unsafe { dot_avx2(a, b) };
     }
     dot_portable(a, b)
-}
-
-/// Cosine similarity of two L2-normalised vectors. Vectors of different lengths (a model
-/// swap in progress) compare as unrelated instead of panicking.
-pub fn similarity(a: &[f32], b: &[f32]) -> f32 {
-    if a.len() != b.len() {
-        return 0.0;
-    }
-    dot(a, b)
 }
 
 /// Eight lanes summed independently, so that the compiler vectorizes it.
